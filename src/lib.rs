@@ -1,0 +1,7 @@
+//! restore-agent: a file-restore daemon speaking newline-delimited JSON-RPC 2.0.
+//!
+//! Layers, each importing only the ones below it:
+//! `transport` -> `rpc` -> `api` -> `restore` -> `pool` -> `store`, with
+//! `error` shared by all. `client` sits on `transport` and `rpc` framing.
+
+pub mod error;
