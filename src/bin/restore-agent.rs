@@ -20,7 +20,7 @@ use restore_agent::transport::{ListenAddr, Listener};
 struct Args {
     /// Where to listen: vsock:PORT, vsock:CID:PORT, unix:PATH, tcp:HOST:PORT or stdio (repeatable)
     #[arg(long = "listen", value_name = "ADDR")]
-    listen: Vec<ListenAddr>,
+    listen: Vec<String>,
     /// File holding the ticket clients must authenticate with
     #[arg(long, value_name = "PATH", default_value = "/ticket")]
     ticket_file: PathBuf,
@@ -72,12 +72,24 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), String> {
     let poweroff = args.poweroff_on_exit;
+    // Parsed here rather than by clap so that a bad address is one line.
+    let addrs = if args.listen.is_empty() {
+        vec![ListenAddr::Vsock {
+            cid: restore_agent::transport::addr::VSOCK_CID_ANY,
+            port: 807,
+        }]
+    } else {
+        args.listen
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()?
+    };
     let ticket = Ticket::load(&args.ticket_file)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(serve(args, ticket))?;
+    runtime.block_on(serve(args, addrs, ticket))?;
     // Connections that outlived the grace period must not keep the process.
     runtime.shutdown_timeout(Duration::from_millis(100));
     if poweroff {
@@ -86,15 +98,7 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(args: Args, ticket: Ticket) -> Result<(), String> {
-    let addrs = if args.listen.is_empty() {
-        vec![ListenAddr::Vsock {
-            cid: restore_agent::transport::addr::VSOCK_CID_ANY,
-            port: 807,
-        }]
-    } else {
-        args.listen.clone()
-    };
+async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(), String> {
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in &addrs {
         let listener = Listener::bind(addr)
