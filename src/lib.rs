@@ -4,4 +4,7 @@
 //! `transport` -> `rpc` -> `api` -> `restore` -> `pool` -> `store`, with
 //! `error` shared by all. `client` sits on `transport` and `rpc` framing.
 
+pub mod api;
 pub mod error;
+pub mod rpc;
+pub mod transport;

@@ -1,1 +1,155 @@
-fn main() {}
+//! The restore-agent daemon: parses the command line, loads the ticket, binds
+//! the listeners, and serves until `stop`, a signal, the idle watchdog, or the
+//! end of a stdio session.
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use restore_agent::rpc::auth::Ticket;
+use restore_agent::rpc::{Server, ServerConfig, Shared};
+use restore_agent::transport::{ListenAddr, Listener};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "restore-agent",
+    version,
+    about = "File-restore agent: JSON-RPC 2.0 over vsock, Unix, TCP or stdio"
+)]
+struct Args {
+    /// Where to listen: vsock:PORT, vsock:CID:PORT, unix:PATH, tcp:HOST:PORT or stdio (repeatable)
+    #[arg(long = "listen", value_name = "ADDR")]
+    listen: Vec<String>,
+    /// File holding the ticket clients must authenticate with
+    #[arg(long, value_name = "PATH", default_value = "/ticket")]
+    ticket_file: PathBuf,
+    /// Shut down after this many seconds without a request (0 = never)
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    idle_timeout: u64,
+    /// Close connections that have not authenticated within this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    auth_timeout: u64,
+    /// Delay before answering a wrong ticket
+    #[arg(long, value_name = "MS", default_value_t = 500)]
+    auth_fail_delay_ms: u64,
+    /// Most connections open at once
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
+    /// Longest request line in bytes
+    #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(64..))]
+    max_request_bytes: u64,
+    /// Most requests in one batch
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_batch: u64,
+    /// Power the machine off instead of exiting (for use as a VM's init process)
+    #[arg(long)]
+    poweroff_on_exit: bool,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let code = match run(args) {
+        Ok(()) => 0,
+        Err(msg) => {
+            eprintln!("restore-agent: {msg}");
+            2
+        }
+    };
+    ExitCode::from(code)
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let poweroff = args.poweroff_on_exit;
+    // Parsed here rather than by clap so that a bad address is one line.
+    let addrs = if args.listen.is_empty() {
+        vec![ListenAddr::Vsock {
+            cid: restore_agent::transport::addr::VSOCK_CID_ANY,
+            port: 807,
+        }]
+    } else {
+        args.listen
+            .iter()
+            .map(|a| a.parse())
+            .collect::<Result<_, _>>()?
+    };
+    let ticket = Ticket::load(&args.ticket_file)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(serve(args, addrs, ticket))?;
+    // Connections that outlived the grace period must not keep the process.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    if poweroff {
+        power_off();
+    }
+    Ok(())
+}
+
+async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(), String> {
+    let mut listeners = Vec::with_capacity(addrs.len());
+    for addr in &addrs {
+        let listener = Listener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        log::info!("listening on {}", listener.local_addr());
+        listeners.push(listener);
+    }
+    let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
+    let shared = Shared::new(idle);
+    let router = restore_agent::api::router(restore_agent::api::Agent {
+        shared: shared.clone(),
+    });
+    let cfg = ServerConfig {
+        auth_timeout: Duration::from_secs(args.auth_timeout),
+        auth_fail_delay: Duration::from_millis(args.auth_fail_delay_ms),
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        max_request_bytes: usize::try_from(args.max_request_bytes).unwrap_or(usize::MAX),
+        max_batch: usize::try_from(args.max_batch).unwrap_or(usize::MAX),
+        ..ServerConfig::default()
+    };
+    tokio::spawn(on_signals(shared.clone()));
+    Server::new(cfg, ticket, shared, router)
+        .run(listeners)
+        .await;
+    log::info!("stopped");
+    Ok(())
+}
+
+async fn on_signals(shared: std::sync::Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => log::info!("SIGTERM received"),
+        _ = int.recv() => log::info!("SIGINT received"),
+    }
+    shared.shutdown();
+}
+
+fn power_off() {
+    // SAFETY: sync and reboot have no memory-safety preconditions; reboot
+    // only returns on failure.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    log::error!("power off failed: {}", std::io::Error::last_os_error());
+}

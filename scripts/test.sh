@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs the test suite on a fresh machine: installs the system tools the tests
+# drive (socat, mkfs tools, partitioners, archivers) when they are missing,
+# fetches the OpenRPC meta-schema, then runs `cargo test`. Extra arguments go
+# to cargo test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# command -> Debian package that provides it
+declare -A tools=(
+  [socat]=socat [mkfs.ext4]=e2fsprogs [mkfs.vfat]=dosfstools [mcopy]=mtools
+  [sgdisk]=gdisk [sfdisk]=fdisk [mkntfs]=ntfs-3g [zstd]=zstd [unzip]=unzip
+  [tar]=tar [node]=nodejs [npm]=npm
+)
+missing=()
+for cmd in "${!tools[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 \
+    || missing+=("${tools[$cmd]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+export PATH="$PATH:/usr/sbin:/sbin"
+
+if [ -x scripts/fetch-openrpc-meta-schema.sh ]; then
+  scripts/fetch-openrpc-meta-schema.sh
+fi
+
+exec cargo test --locked "$@"

@@ -1,0 +1,315 @@
+//! One connection: the authentication phase (strictly one message at a time),
+//! then concurrent dispatch with at most `max_in_flight` requests running,
+//! and a single writer task so that response lines never interleave.
+
+use futures_util::StreamExt;
+use jsonrpsee::{ConnectionId, Extensions};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::FramedRead;
+
+use super::codes::{AUTH_FAILED, AUTH_REQUIRED, INVALID_PARAMS, INVALID_REQUEST};
+use super::envelope::{
+    error_line, error_object_line, parse_message, parse_request, result_head, result_line, Id,
+    Message,
+};
+use super::router::{Outcome, AUTHENTICATE};
+use super::server::Inner;
+use crate::transport::listener::Stream;
+use crate::transport::{Frame, LineDecoder};
+
+/// The result of a successful `authenticate`.
+const AUTH_RESULT: &str = concat!(
+    "{\"protocol\":1,\"agent\":\"restore-agent\",\"version\":\"",
+    env!("CARGO_PKG_VERSION"),
+    "\"}"
+);
+
+/// One response line: `head`, then `body` (a result too large to copy again),
+/// then `tail`; the writer adds the newline.
+struct Outgoing {
+    head: Vec<u8>,
+    body: Vec<u8>,
+    tail: &'static [u8],
+}
+
+impl Outgoing {
+    fn line(line: Vec<u8>) -> Outgoing {
+        Outgoing {
+            head: line,
+            body: Vec::new(),
+            tail: b"",
+        }
+    }
+
+    fn reply(id: &Id, outcome: Outcome) -> Outgoing {
+        match outcome {
+            Outcome::Result(body) => Outgoing {
+                head: result_head(id),
+                body,
+                tail: b"}",
+            },
+            Outcome::Error(err) => Outgoing::line(error_object_line(id, &err)),
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        let mut v = self.head;
+        v.extend_from_slice(&self.body);
+        v.extend_from_slice(self.tail);
+        v
+    }
+}
+
+type Frames = FramedRead<tokio::io::ReadHalf<Box<dyn Stream>>, LineDecoder>;
+type Sender = mpsc::Sender<Outgoing>;
+
+struct Conn {
+    id: ConnectionId,
+    ext: Extensions,
+    inner: Arc<Inner>,
+}
+
+pub(super) async fn serve(inner: Arc<Inner>, stream: Box<dyn Stream>, id: usize) {
+    let (rd, wr) = tokio::io::split(stream);
+    let mut frames =
+        FramedRead::with_capacity(rd, LineDecoder::new(inner.cfg.max_request_bytes), 64 << 10);
+    let (tx, rx) = mpsc::channel(inner.cfg.max_in_flight);
+    let mut writer = tokio::spawn(write_lines(wr, rx));
+    let mut ext = Extensions::new();
+    ext.insert(ConnectionId(id));
+    let conn = Arc::new(Conn {
+        id: ConnectionId(id),
+        ext,
+        inner,
+    });
+
+    if authenticate(&conn, &mut frames, &tx).await {
+        serve_requests(&conn, &mut frames, &tx).await;
+    }
+    drop(tx);
+    // A client that does not read its responses cannot hold up a shutdown.
+    let shutdown = conn.inner.shared.shutdown_token().clone();
+    let grace = conn.inner.cfg.shutdown_grace;
+    tokio::select! {
+        _ = &mut writer => {}
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => writer.abort(),
+    }
+}
+
+/// The gate: the first message must be a successful `authenticate` request.
+/// Returns whether it was; on any failure one error line is sent and the
+/// connection is to be closed.
+async fn authenticate(conn: &Conn, frames: &mut Frames, tx: &Sender) -> bool {
+    let cfg = &conn.inner.cfg;
+    let shutdown = conn.inner.shared.shutdown_token();
+    let frame = tokio::select! {
+        _ = shutdown.cancelled() => return false,
+        _ = tokio::time::sleep(cfg.auth_timeout) => {
+            log::info!("conn {}: not authenticated within {:?}, closing", conn.id.0, cfg.auth_timeout);
+            return false;
+        }
+        f = frames.next() => f,
+    };
+    let line = match frame {
+        Some(Ok(Frame::Line(line))) => line,
+        Some(Ok(Frame::TooLong)) => {
+            let _ = tx.send(Outgoing::line(auth_required(&Id::null()))).await;
+            return false;
+        }
+        None | Some(Err(_)) => return false,
+    };
+    let (reply, ok) = check_authenticate(conn, &line).await;
+    let _ = tx.send(Outgoing::line(reply)).await;
+    ok
+}
+
+fn auth_required(id: &Id) -> Vec<u8> {
+    error_line(id, AUTH_REQUIRED, "authentication required")
+}
+
+async fn check_authenticate(conn: &Conn, line: &[u8]) -> (Vec<u8>, bool) {
+    let raw = match parse_message(line) {
+        Ok(Message::Single(raw)) => raw,
+        Ok(Message::Batch(_)) | Err(_) => return (auth_required(&Id::null()), false),
+    };
+    let req = match parse_request(raw) {
+        Ok(req) => req,
+        Err(rejection) => return (auth_required(&rejection.id), false),
+    };
+    let Some(id) = req.id else {
+        return (auth_required(&Id::null()), false);
+    };
+    if req.method != AUTHENTICATE {
+        return (auth_required(&id), false);
+    }
+    let Some(ticket) = ticket_param(req.params) else {
+        let err = jsonrpsee::types::ErrorObjectOwned::owned(
+            INVALID_PARAMS,
+            "Invalid params",
+            Some("expected {\"ticket\": string} or [string]"),
+        );
+        return (
+            Outgoing::reply(&id, Outcome::error(err)).into_bytes(),
+            false,
+        );
+    };
+    if conn.inner.ticket.matches(ticket.as_bytes()) {
+        log::info!("conn {}: authenticated", conn.id.0);
+        conn.inner.shared.touch();
+        conn.inner.shared.count_request();
+        (result_line(&id, AUTH_RESULT), true)
+    } else {
+        log::warn!("conn {}: authentication failed (wrong ticket)", conn.id.0);
+        tokio::time::sleep(conn.inner.cfg.auth_fail_delay).await;
+        (error_line(&id, AUTH_FAILED, "authentication failed"), false)
+    }
+}
+
+/// The ticket from `{"ticket": "..."}` or `["..."]`.
+fn ticket_param(params: Option<&RawValue>) -> Option<String> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TicketParams {
+        Named { ticket: String },
+        Positional((String,)),
+    }
+    match serde_json::from_str(params?.get()).ok()? {
+        TicketParams::Named { ticket } | TicketParams::Positional((ticket,)) => Some(ticket),
+    }
+}
+
+/// After authentication: read lines while fewer than `max_in_flight`
+/// requests run, answer each from its own task, stop on EOF or shutdown, and
+/// give in-flight requests the grace period to finish.
+async fn serve_requests(conn: &Arc<Conn>, frames: &mut Frames, tx: &Sender) {
+    let cfg = &conn.inner.cfg;
+    let shutdown = conn.inner.shared.shutdown_token();
+    let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
+    loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let frame = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            f = frames.next() => f,
+        };
+        match frame {
+            Some(Ok(Frame::Line(line))) => {
+                tokio::spawn(answer(conn.clone(), line, tx.clone(), permit));
+            }
+            Some(Ok(Frame::TooLong)) => {
+                let line = error_line(
+                    &Id::null(),
+                    INVALID_REQUEST,
+                    "Invalid Request: line too long",
+                );
+                if tx.send(Outgoing::line(line)).await.is_err() {
+                    break;
+                }
+            }
+            None | Some(Err(_)) => break,
+        }
+    }
+    let all = u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX);
+    let grace = if shutdown.is_cancelled() {
+        cfg.shutdown_grace
+    } else {
+        Duration::MAX
+    };
+    let _ = tokio::time::timeout(grace, slots.acquire_many(all)).await;
+}
+
+async fn answer(conn: Arc<Conn>, line: bytes::BytesMut, tx: Sender, permit: OwnedSemaphorePermit) {
+    if let Some(out) = respond(&conn, &line).await {
+        let _ = tx.send(out).await;
+    }
+    drop(permit);
+}
+
+async fn respond(conn: &Conn, line: &[u8]) -> Option<Outgoing> {
+    let items = match parse_message(line) {
+        Err(r) => return Some(Outgoing::line(error_line(&r.id, r.code, r.message))),
+        Ok(Message::Single(raw)) => return respond_one(conn, raw).await,
+        Ok(Message::Batch(items)) => items,
+    };
+    if items.is_empty() {
+        return Some(Outgoing::line(error_line(
+            &Id::null(),
+            INVALID_REQUEST,
+            "Invalid Request: empty batch",
+        )));
+    }
+    if items.len() > conn.inner.cfg.max_batch {
+        let msg = "Invalid Request: batch longer than --max-batch";
+        return Some(Outgoing::line(error_line(
+            &Id::null(),
+            INVALID_REQUEST,
+            msg,
+        )));
+    }
+    let mut out = Vec::new();
+    for raw in items {
+        if let Some(reply) = respond_one(conn, raw).await {
+            out.push(if out.is_empty() { b'[' } else { b',' });
+            out.extend_from_slice(&reply.into_bytes());
+        }
+    }
+    if out.is_empty() {
+        return None;
+    }
+    out.push(b']');
+    Some(Outgoing::line(out))
+}
+
+async fn respond_one(conn: &Conn, raw: &RawValue) -> Option<Outgoing> {
+    let req = match parse_request(raw) {
+        Ok(req) => req,
+        Err(r) => return Some(Outgoing::line(error_line(&r.id, r.code, r.message))),
+    };
+    let shared = &conn.inner.shared;
+    shared.count_request();
+    if req.method == AUTHENTICATE {
+        // Already authenticated: the same answer again.
+        return req
+            .id
+            .map(|id| Outgoing::line(result_line(&id, AUTH_RESULT)));
+    }
+    let router = &conn.inner.router;
+    if router.resets_watchdog(&req.method, req.params) {
+        shared.touch();
+    }
+    let outcome = router
+        .call(&req.method, req.params, conn.id, &conn.ext)
+        .await;
+    req.id.map(|id| Outgoing::reply(&id, outcome))
+}
+
+async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) {
+    let mut w = BufWriter::with_capacity(64 << 10, wr);
+    while let Some(out) = rx.recv().await {
+        let written = async {
+            w.write_all(&out.head).await?;
+            w.write_all(&out.body).await?;
+            w.write_all(out.tail).await?;
+            w.write_all(b"\n").await?;
+            // Coalesce: flush only when no other response is waiting.
+            if rx.is_empty() {
+                w.flush().await?;
+            }
+            std::io::Result::Ok(())
+        };
+        if written.await.is_err() {
+            return;
+        }
+    }
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
