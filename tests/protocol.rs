@@ -1242,17 +1242,197 @@ fn connections_are_logged_with_peer() {
     let mut c = agent.connect_authed();
     c.call_ok("ping", None);
     drop(c);
+    // One line says a connection opened from a unix peer; another that it
+    // closed.
+    let mut log = String::new();
     let ok = wait_until(Duration::from_secs(3), || {
-        agent
-            .stderr()
+        log = agent.stderr();
+        let opened = log
             .lines()
-            .filter(|l| l.contains("unix"))
-            .count()
-            >= 3
+            .any(|l| l.contains("open") && l.contains("unix") && !l.contains("listening on"));
+        opened && log.lines().any(|l| l.contains("closed"))
     });
     assert!(
         ok,
-        "open/close of a unix connection not logged:\n{}",
-        agent.stderr()
+        "open (with peer) / close of a unix connection not logged:\n{log}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Further edge cases a client can hit
+// ---------------------------------------------------------------------------
+
+#[test]
+fn escaped_strings_are_decoded() {
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    // the ticket and the method name spelled with \u escapes
+    let escaped_ticket: String = TICKET
+        .chars()
+        .map(|ch| format!("\\u{:04x}", ch as u32))
+        .collect();
+    c.send_line(&format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"authentic\u0061te","params":["{escaped_ticket}"]}}"#
+    ));
+    assert_eq!(c.recv()["result"], auth_result());
+    c.send_line(r#"{"jsonrpc":"2.0","id":"a\"b\u00e9\\","method":"p\u0069ng"}"#);
+    let r = c.recv();
+    assert_eq!(r["id"], json!("a\"b\u{e9}\\"), "{r}");
+    assert_eq!(r["result"], json!("pong"), "{r}");
+}
+
+#[test]
+fn max_request_bytes_boundary() {
+    let agent = Agent::builder()
+        .arg("--max-request-bytes")
+        .arg("1024")
+        .start();
+    let mut c = agent.connect_authed();
+    for (len, ok) in [(1023, true), (1024, true), (1025, false)] {
+        let mut line = br#"{"jsonrpc":"2.0","id":7,"method":"ping""#.to_vec();
+        line.resize(len - 1, b' ');
+        line.push(b'}');
+        assert_eq!(line.len(), len);
+        line.push(b'\n');
+        c.send(&line);
+        let r = c.recv();
+        if ok {
+            assert_eq!(r["result"], json!("pong"), "{len} bytes: {r}");
+        } else {
+            assert_error(&r, -32600, &Value::Null);
+        }
+    }
+}
+
+#[test]
+fn deeply_nested_json_does_not_crash() {
+    let mut agent = Agent::start();
+    let mut c = agent.connect_authed();
+    // unbalanced: a parse error
+    c.send_line(&"[".repeat(100_000));
+    assert_error(&c.recv(), -32700, &Value::Null);
+    // balanced and deep: a parse error (recursion limit) or an invalid batch
+    c.send_line(&format!("{}{}", "[".repeat(50_000), "]".repeat(50_000)));
+    let r = c.recv();
+    if r.is_object() {
+        assert!([-32700, -32600].contains(&error_code(&r)), "{r}");
+    }
+    c.send_line(&format!(
+        "{}{}",
+        "{\"a\":".repeat(20_000),
+        "}".repeat(20_000)
+    ));
+    let r = c.recv();
+    assert!([-32700, -32600].contains(&error_code(&r)), "{r}");
+    assert_next_is_pong(&mut c, 1);
+    assert!(agent.is_running());
+}
+
+#[test]
+fn lone_0xff_line_is_ignored() {
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    c.send(b"\xff\n\xff\xff\r\n");
+    c.expect_silence(ms(200));
+    c.authenticate();
+    c.send(b"\xff\n");
+    assert_next_is_pong(&mut c, 1);
+}
+
+#[test]
+fn invalid_notification_is_answered_with_null_id() {
+    let agent = Agent::start();
+    let mut c = agent.connect_authed();
+    c.send_line(r#"{"jsonrpc":"2.0","method":"ping","params":"bar"}"#);
+    assert_error(&c.recv(), -32600, &Value::Null);
+    c.send_line(r#"{"jsonrpc":"1.0","method":"ping"}"#);
+    assert_error(&c.recv(), -32600, &Value::Null);
+}
+
+#[test]
+fn half_close_still_gets_every_response() {
+    // `printf ... | socat - UNIX-CONNECT:...` half-closes right after writing.
+    let agent = Agent::start();
+    let s = UnixStream::connect(&agent.sock).expect("connect");
+    let mut w = s.try_clone().expect("clone");
+    let mut c = Conn::from_stream(Box::new(s));
+    let mut bytes = format!("{}\n", auth_line(0)).into_bytes();
+    for i in 1..=20 {
+        bytes.extend_from_slice(
+            format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"ping"}}"#).as_bytes(),
+        );
+        bytes.push(b'\n');
+    }
+    w.write_all(&bytes).expect("write");
+    w.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut ids = Vec::new();
+    for _ in 0..21 {
+        ids.push(c.recv()["id"].as_u64().unwrap_or(999));
+    }
+    ids.sort();
+    assert_eq!(ids, (0..=20).collect::<Vec<u64>>());
+    c.expect_eof(READ_DEADLINE);
+}
+
+#[test]
+fn stop_inside_a_batch_answers_the_whole_batch() {
+    let mut agent = Agent::start();
+    let mut c = agent.connect_authed();
+    c.send_line(
+        r#"[{"jsonrpc":"2.0","id":1,"method":"stop"},{"jsonrpc":"2.0","id":2,"method":"ping"}]"#,
+    );
+    let r = c.recv();
+    assert_eq!(by_id(&r, &json!(1))["result"], json!({"stopping": true}));
+    assert_eq!(by_id(&r, &json!(2))["result"], json!("pong"));
+    agent.expect_exit_code(0, Duration::from_secs(7));
+}
+
+#[test]
+fn auth_deadline_is_not_extended_by_trickling_bytes() {
+    let agent = Agent::builder().arg("--auth-timeout").arg("1").start();
+    let mut c = agent.connect();
+    let t0 = Instant::now();
+    loop {
+        if c.try_send(b" ").is_err() {
+            break;
+        }
+        match c.recv_line_within(ms(100)) {
+            Recv::Eof(_) => break,
+            Recv::Line(l) => {
+                let v = parse_response_line(&String::from_utf8_lossy(&l));
+                assert!(v["error"].is_object(), "{v}");
+            }
+            Recv::Timeout => {}
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "trickling kept the connection open"
+        );
+    }
+    assert!(t0.elapsed() >= ms(700), "closed after {:?}", t0.elapsed());
+}
+
+#[test]
+fn idle_watchdog_is_not_reset_by_unauthenticated_traffic() {
+    let mut agent = Agent::builder().idle_timeout(Some(2)).start();
+    let t0 = Instant::now();
+    loop {
+        if !agent.is_running() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(6),
+            "pre-auth requests kept the agent alive"
+        );
+        if let Ok(s) = UnixStream::connect(&agent.sock) {
+            let mut c = Conn::from_stream(Box::new(s));
+            if c.try_send(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n")
+                .is_ok()
+            {
+                let _ = c.recv_line_within(ms(500));
+            }
+        }
+        thread::sleep(ms(200));
+    }
+    agent.expect_exit_code(0, Duration::from_secs(1));
 }
