@@ -782,3 +782,251 @@ fn tar_devices_ids_and_times_as_listed_by_gnu_tar() {
     );
     assert_eq!(lines.len(), 4);
 }
+
+/// Writes `fill` as a `format` archive straight into a sparse file (no
+/// stream: these archives are many GiB of zeros).
+fn archive_to_sparse_file(
+    format: Format,
+    path: &Path,
+    fill: impl FnOnce(&mut dyn ArchiveWriter) -> io::Result<()>,
+) {
+    let mut w = new_writer(format, false, sparse_writer(path)).unwrap();
+    fill(&mut *w).unwrap();
+    w.finish().unwrap();
+}
+
+/// A member of 8 GiB and more needs a pax size; the member after it must
+/// still be found at the right offset.
+#[test]
+fn tar_member_over_8_gib() {
+    let tmp = tempdir();
+    let tar = tmp.path().join("big.tar");
+    let size = (8u64 << 30) + 4097;
+    archive_to_sparse_file(Format::Tar, &tar, |w| {
+        w.append(
+            &meta(b"huge.bin", EntryKind::File { size }),
+            Some(&mut Zeros(size)),
+        )?;
+        w.append(
+            &meta(b"after.txt", EntryKind::File { size: 6 }),
+            Some(&mut &b"after\n"[..]),
+        )
+    });
+    let listing = String::from_utf8(run(Command::new("tar").arg("-tvf").arg(&tar))).unwrap();
+    let lines: Vec<Vec<&str>> = listing
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines[0][2], size.to_string());
+    assert_eq!(lines[0][5], "huge.bin");
+    assert_eq!(lines[1][5], "after.txt");
+    let after = run(Command::new("tar").arg("-xOf").arg(&tar).arg("after.txt"));
+    assert_eq!(after, b"after\n");
+}
+
+/// A member of 4 GiB and more, offsets past 4 GiB and the zip64 end records:
+/// unzip lists them and tests the small members around the big one (a
+/// full `unzip -t` takes half a minute here, so Python's zipfile checks the
+/// CRC of the whole archive instead).
+#[test]
+fn zip64_member_over_4_gib() {
+    let tmp = tempdir();
+    let zip = tmp.path().join("big.zip");
+    let size = (4u64 << 30) + 1;
+    archive_to_sparse_file(Format::Zip, &zip, |w| {
+        w.append(
+            &meta(b"before.txt", EntryKind::File { size: 7 }),
+            Some(&mut &b"before\n"[..]),
+        )?;
+        w.append(
+            &meta(b"huge.bin", EntryKind::File { size }),
+            Some(&mut Zeros(size)),
+        )?;
+        w.append(
+            &meta(b"after.txt", EntryKind::File { size: 6 }),
+            Some(&mut &b"after\n"[..]),
+        )
+    });
+    let test = String::from_utf8(run(Command::new("unzip")
+        .arg("-t")
+        .arg(&zip)
+        .arg("before.txt")
+        .arg("after.txt")))
+    .unwrap();
+    assert!(test.contains("No errors detected"), "{test}");
+    let names = String::from_utf8(run(Command::new("python3")
+        .arg("-c")
+        .arg(PY_ZIP_LIST)
+        .arg(&zip)))
+    .unwrap();
+    assert_eq!(
+        names.lines().collect::<Vec<_>>(),
+        ["before.txt", "huge.bin", "after.txt"]
+    );
+    let listing = String::from_utf8(run(Command::new("unzip").arg("-l").arg(&zip))).unwrap();
+    assert!(listing.contains(&format!("{size}")), "{listing}");
+    let after = run(Command::new("unzip").arg("-p").arg(&zip).arg("after.txt"));
+    assert_eq!(after, b"after\n");
+}
+
+/// More than 65535 members need the zip64 end records.
+#[test]
+fn zip64_more_than_65535_members() {
+    let tmp = tempdir();
+    let zip = tmp.path().join("many.zip");
+    let count = 70_000u32;
+    let (producer, reader) = spawn_producer(Format::Zip, false, 1 << 20, move |w| {
+        w.append(&meta(b"d", EntryKind::Dir), None)?;
+        for i in 1..count {
+            let name = format!("d/{i:05}");
+            let data = format!("{i}\n");
+            w.append(
+                &meta(
+                    name.as_bytes(),
+                    EntryKind::File {
+                        size: data.len() as u64,
+                    },
+                ),
+                Some(&mut data.as_bytes()),
+            )?;
+        }
+        Ok(())
+    });
+    std::fs::write(&zip, consume(reader).unwrap()).unwrap();
+    producer.join().unwrap().unwrap();
+    let test = String::from_utf8(run(Command::new("unzip").arg("-tq").arg(&zip))).unwrap();
+    assert!(test.contains("No errors detected"), "{test}");
+    let names = run(Command::new("unzip").arg("-Z1").arg(&zip));
+    assert_eq!(
+        names
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count(),
+        count as usize
+    );
+    let one = run(Command::new("unzip").arg("-p").arg(&zip).arg("d/69999"));
+    assert_eq!(one, b"69999\n");
+}
+
+// ------------------------------------------------- stream failure modes
+
+/// Closing the consumer stops the producer: its next write fails and the
+/// archive writer returns the error instead of producing the rest.
+#[test]
+fn dropping_the_reader_stops_the_producer() {
+    for format in [Format::Tar, Format::Zip] {
+        let size = 1u64 << 40; // would take hours if the producer kept going
+        let (producer, mut reader) = spawn_producer(format, false, 64 * 1024, move |w| {
+            w.append(
+                &meta(b"endless", EntryKind::File { size }),
+                Some(&mut Zeros(size)),
+            )
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (first, eof) = rt.block_on(reader.read(1000)).unwrap();
+        assert!(!first.is_empty() && !eof);
+        let started = Instant::now();
+        drop(reader);
+        let err = producer.join().unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
+
+/// A read failing inside the filesystem reaches the consumer as an error,
+/// never as a short archive ending normally.
+#[test]
+fn a_producer_error_reaches_the_consumer() {
+    struct Failing(u64);
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0 == 0 {
+                return Err(io::Error::other("chunk 3f2a…: digest mismatch"));
+            }
+            let n = buf.len().min(self.0 as usize);
+            buf[..n].fill(b'x');
+            self.0 -= n as u64;
+            Ok(n)
+        }
+    }
+    for (format, zstd) in [
+        (Format::Tar, false),
+        (Format::Zip, false),
+        (Format::Tar, true),
+    ] {
+        let (producer, reader) = spawn_producer(format, zstd, 64 * 1024, |w| {
+            w.append(
+                &meta(b"ok.txt", EntryKind::File { size: 3 }),
+                Some(&mut &b"ok\n"[..]),
+            )?;
+            w.append(
+                &meta(b"broken.bin", EntryKind::File { size: 1 << 20 }),
+                Some(&mut Failing(300_000)),
+            )
+        });
+        let err = consume(reader).unwrap_err();
+        assert!(err.to_string().contains("digest mismatch"), "{err}");
+        assert!(producer.join().unwrap().is_err());
+    }
+}
+
+/// Data shorter than the size announced in the header is an error naming
+/// the member (the header cannot be taken back).
+#[test]
+fn short_file_data_is_an_error() {
+    for format in [Format::Tar, Format::Zip] {
+        let (producer, reader) = spawn_producer(format, false, 64 * 1024, |w| {
+            w.append(
+                &meta(b"dir/short", EntryKind::File { size: 10 }),
+                Some(&mut &b"only5"[..]),
+            )
+        });
+        let err = consume(reader).unwrap_err();
+        assert!(err.to_string().contains("dir/short"), "{err}");
+        assert_eq!(
+            producer.join().unwrap().unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+}
+
+/// Member names that could escape the extraction directory, and hard links
+/// in zip, are refused before anything of the member is written.
+#[test]
+fn bad_members_are_refused() {
+    for format in [Format::Tar, Format::Zip] {
+        let mut w = new_writer(format, false, Box::new(io::sink())).unwrap();
+        for bad in [
+            &b"/etc/passwd"[..],
+            b"../x",
+            b"a/../../x",
+            b"a//b",
+            b"a/",
+            b"",
+            b"a/./b",
+            b"nul\0",
+        ] {
+            let err = w.append(&meta(bad, EntryKind::Dir), None).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+        let link = meta(
+            b"l",
+            EntryKind::Hardlink {
+                target: b"../../etc/shadow".to_vec(),
+            },
+        );
+        assert!(w.append(&link, None).is_err());
+    }
+    let mut w = new_writer(Format::Zip, false, Box::new(io::sink())).unwrap();
+    let link = meta(
+        b"l",
+        EntryKind::Hardlink {
+            target: b"a".to_vec(),
+        },
+    );
+    let err = w.append(&link, None).unwrap_err();
+    assert!(err.to_string().contains("hard links"), "{err}");
+    assert!(!Format::Zip.supports_hardlinks() && Format::Tar.supports_hardlinks());
+}
