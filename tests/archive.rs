@@ -237,6 +237,7 @@ fn build_tree(root: &Path, tar_only: bool) {
     symlink("sub/script.sh", d("link_rel")).unwrap();
     symlink("/etc/hostname", d("link_abs")).unwrap();
     symlink("nowhere/at/all", d("link_dangling")).unwrap();
+    symlink("Grüße_日本語_файл.txt", d("link_utf8")).unwrap();
     symlink("loop_b", d("loop_a")).unwrap();
     symlink("loop_a", d("loop_b")).unwrap();
     symlink(

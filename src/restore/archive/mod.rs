@@ -102,9 +102,10 @@ pub fn new_writer(
 ) -> io::Result<Box<dyn ArchiveWriter>> {
     let out = io::BufWriter::with_capacity(OUTPUT_BUFFER, out);
     let sink: Box<dyn FinishWrite> = if zstd {
-        Box::new(ZstdSink(zstd::stream::write::Encoder::new(
-            out, ZSTD_LEVEL,
-        )?))
+        let mut encoder = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
+        // A content checksum lets `zstd -d` detect a damaged download.
+        encoder.include_checksum(true)?;
+        Box::new(ZstdSink(encoder))
     } else {
         Box::new(PlainSink(out))
     };

@@ -3,7 +3,9 @@
 //! Members are stored (not compressed). Each local header has flag bit 3 set:
 //! the CRC-32 and sizes follow the data in a data descriptor. The central
 //! directory at the end is built from small per-member records, kept already
-//! serialized (about 80 bytes plus the name each). Members of 4 GiB and more
+//! serialized (about 80 bytes plus the name each) and capped at
+//! [`CENTRAL_LIMIT`] (some three million members), past which the archive
+//! fails rather than memory growing without bound. Members of 4 GiB and more
 //! get zip64 fields, as do offsets past 4 GiB; more than 65535 members or a
 //! large central directory add the zip64 end records. Each member records
 //! "made by Unix" with its mode and file type in the external attributes,
@@ -45,6 +47,10 @@ const S_IFLNK: u32 = 0o120000;
 /// MS-DOS directory attribute, set alongside the Unix mode for directories.
 const DOS_DIRECTORY: u32 = 0x10;
 
+/// Most memory the central directory may take; a tree needing more must be
+/// extracted as tar.
+pub(crate) const CENTRAL_LIMIT: usize = 256 << 20;
+
 /// A u32 field that does not hold the value, which is in the zip64 field.
 const U32_MAX: u32 = u32::MAX;
 const U16_MAX: u16 = u16::MAX;
@@ -53,17 +59,23 @@ pub(crate) struct ZipWriter {
     out: Counting,
     /// The central directory, serialized as it will be written.
     central: Vec<u8>,
+    central_limit: usize,
     entries: u64,
 }
 
 impl ZipWriter {
     pub(crate) fn new(out: Box<dyn FinishWrite>) -> Self {
+        Self::with_central_limit(out, CENTRAL_LIMIT)
+    }
+
+    fn with_central_limit(out: Box<dyn FinishWrite>, central_limit: usize) -> Self {
         ZipWriter {
             out: Counting {
                 inner: out,
                 written: 0,
             },
             central: Vec::new(),
+            central_limit,
             entries: 0,
         }
     }
@@ -99,6 +111,18 @@ fn le64(v: &mut Vec<u8>, x: u64) {
 impl ArchiveWriter for ZipWriter {
     fn append(&mut self, entry: &ArchiveEntry, data: Option<&mut dyn Read>) -> io::Result<()> {
         check_entry(entry)?;
+        if self.central.len() > self.central_limit {
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "zip central directory past {} MiB at member {} ({} members): \
+                     too many members for zip, extract as tar",
+                    self.central_limit >> 20,
+                    String::from_utf8_lossy(&entry.path),
+                    self.entries
+                ),
+            ));
+        }
         let perm = entry.mode & 0o7777;
         let (unix_mode, size, content): (u32, u64, Option<&[u8]>) = match &entry.kind {
             EntryKind::File { size } => (S_IFREG | perm, *size, None),
@@ -332,6 +356,45 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Sink;
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl FinishWrite for Sink {
+        fn finish(self: Box<Self>) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn central_directory_memory_is_capped() {
+        let mut w = ZipWriter::with_central_limit(Box::new(Sink), 10_000);
+        let mut appended = 0;
+        let err = loop {
+            let entry = ArchiveEntry {
+                path: format!("dir/file-{appended:06}").into_bytes(),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+            };
+            match w.append(&entry, None) {
+                Ok(()) => appended += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(w.central.len() < 10_000 + 200);
+        assert!((50..200).contains(&appended), "{appended}");
+        assert_eq!(err.kind(), io::ErrorKind::OutOfMemory);
+        assert!(err.to_string().contains("extract as tar"), "{err}");
+    }
 
     #[test]
     fn civil_dates() {
