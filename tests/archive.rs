@@ -250,6 +250,16 @@ fn build_tree(root: &Path, tar_only: bool) {
         let bad = root.join(OsStr::from_bytes(b"bad_\xff\xfe_name"));
         write_file(&bad, b"not UTF-8\n", 0o644);
     }
+    // Owners other than the test's (needs root; as another user the ids
+    // stay the user's own and the comparison still holds).
+    for (p, id) in [
+        ("sub/secret", 1234),
+        ("sub", 2000),
+        ("link_rel", 3000),
+        ("empty", 70_000),
+    ] {
+        let _ = std::os::unix::fs::lchown(d(p), Some(id), Some(id + 1));
+    }
     // Varied mtimes, including before 1970 and after 2242 (beyond ustar's
     // 11 octal digits); children first so directory times stay as set.
     let mut all = Vec::new();
