@@ -6,5 +6,6 @@
 
 pub mod api;
 pub mod error;
+pub mod restore;
 pub mod rpc;
 pub mod transport;
