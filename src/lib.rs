@@ -6,6 +6,8 @@
 
 pub mod api;
 pub mod error;
+pub mod pool;
 pub mod restore;
 pub mod rpc;
+pub mod store;
 pub mod transport;
