@@ -5,4 +5,5 @@
 //! `error` shared by all. `client` sits on `transport` and `rpc` framing.
 
 pub mod error;
+pub mod pool;
 pub mod store;
