@@ -5,3 +5,4 @@
 //! `error` shared by all. `client` sits on `transport` and `rpc` framing.
 
 pub mod error;
+pub mod restore;
