@@ -524,7 +524,11 @@ fn running_agent_answers_as_documented() {
 
     assert_eq!(check.call_ok(&mut c, "ping", None), json!("pong"));
     let status = check.call_ok(&mut c, "status", None);
-    assert_eq!(status["connections"], 1, "{status}");
+    // The two refused connections may not be counted out yet: their EOF
+    // reaches us just before the agent's bookkeeping.
+    assert!(status["connections"].as_u64() >= Some(1), "{status}");
+    // Three here, plus the start-up probe.
+    assert!(status["connections_total"].as_u64() >= Some(3), "{status}");
     check.call_ok(&mut c, "status", Some(json!({"keep_timeout": true})));
     check.call_ok(&mut c, "status", Some(json!([true])));
     check.call_err(&mut c, "status", Some(json!({"keep": 1})), -32602);
