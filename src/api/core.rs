@@ -3,7 +3,6 @@
 use jsonrpsee::types::{ErrorObjectOwned, Params};
 use jsonrpsee::RpcModule;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use super::{must, Agent};
 use crate::rpc::Router;
@@ -37,7 +36,10 @@ pub(super) fn register(module: &mut RpcModule<Agent>) {
         serde_json::json!({ "stopping": true })
     }));
     must(module.register_method("rpc.discover", |_, _, _| {
-        serde_json::from_str::<Box<RawValue>>(OPENRPC)
+        // The file is pretty-printed for people; parsing it and letting the
+        // result be serialized again makes it the one compact line the wire
+        // needs (a raw copy would carry its newlines into the response).
+        serde_json::from_str::<serde_json::Value>(OPENRPC)
             .map_err(|e| crate::rpc::codes::internal(format!("embedded OpenRPC document: {e}")))
     }));
 }
