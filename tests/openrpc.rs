@@ -217,9 +217,13 @@ fn document_is_valid_openrpc() {
 
 #[test]
 fn documented_methods_are_the_registered_methods() {
-    let router = restore_agent::api::router(restore_agent::api::Agent {
-        shared: restore_agent::rpc::Shared::new(None),
-    });
+    let pool = restore_agent::pool::ChunkPool::new(Default::default());
+    let backups = restore_agent::restore::backups::Backups::open(None, Vec::new(), pool)
+        .expect("an empty set of backups");
+    let router = restore_agent::api::router(restore_agent::api::Agent::new(
+        restore_agent::rpc::Shared::new(None),
+        backups,
+    ));
     let registered = router.method_names();
     let doc = document();
     let mut documented: Vec<String> = methods(&doc)

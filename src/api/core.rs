@@ -3,6 +3,7 @@
 use jsonrpsee::types::{ErrorObjectOwned, Params};
 use jsonrpsee::RpcModule;
 use serde::Deserialize;
+use std::sync::Arc;
 
 use super::{must, Agent};
 use crate::rpc::Router;
@@ -24,7 +25,7 @@ fn status_params(params: &Params<'_>) -> Result<StatusParams, ErrorObjectOwned> 
     params.parse()
 }
 
-pub(super) fn register(module: &mut RpcModule<Agent>) {
+pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
     must(module.register_method("ping", |_, _, _| "pong"));
     must(module.register_method("status", |params, agent, _| {
         status_params(&params)?;
@@ -54,6 +55,7 @@ pub(super) fn register_rules(router: &mut Router) {
 
 fn status(agent: &Agent) -> serde_json::Value {
     let server = agent.shared.stats();
+    let pool = agent.backups.pool().stats();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": 1,
@@ -64,6 +66,9 @@ fn status(agent: &Agent) -> serde_json::Value {
         "idle_timeout_s": server.idle_timeout_s,
         "idle_remaining_s": server.idle_remaining_s,
         "rss_bytes": rss_bytes(),
+        "cache": pool.cache,
+        "pool": { "workers": pool.workers, "queued": pool.queued, "reads": pool.reads, "zero_reads": pool.zero_reads },
+        "streams": { "open": agent.streams.open_count(), "max": super::streams::TOTAL },
     })
 }
 

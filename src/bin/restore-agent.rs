@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use restore_agent::api::Agent;
+use restore_agent::pool::{ChunkPool, PoolConfig};
+use restore_agent::restore::backups::Backups;
 use restore_agent::rpc::auth::Ticket;
 use restore_agent::rpc::{Server, ServerConfig, Shared};
 use restore_agent::transport::{ListenAddr, Listener};
@@ -45,6 +48,21 @@ struct Args {
     /// Power the machine off instead of exiting (for use as a VM's init process)
     #[arg(long)]
     poweroff_on_exit: bool,
+    /// A Proxmox-Backup-style datastore to serve (opened read-only)
+    #[arg(long, value_name = "DIR")]
+    datastore: Option<PathBuf>,
+    /// A raw image file or block device to serve as archive NAME of the snapshot `attached` (repeatable)
+    #[arg(long = "image", value_name = "NAME=PATH")]
+    images: Vec<String>,
+    /// Decoded-chunk cache size in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 48)]
+    cache_mb: u64,
+    /// Most chunks read ahead on sequential access
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    readahead: usize,
+    /// Chunk read worker threads (default: number of cores)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    workers: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +117,7 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(), String> {
+    let backups = open_backups(&args)?;
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in &addrs {
         let listener = Listener::bind(addr)
@@ -109,9 +128,7 @@ async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(),
     }
     let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
     let shared = Shared::new(idle);
-    let router = restore_agent::api::router(restore_agent::api::Agent {
-        shared: shared.clone(),
-    });
+    let router = restore_agent::api::router(Agent::new(shared.clone(), backups));
     let cfg = ServerConfig {
         auth_timeout: Duration::from_secs(args.auth_timeout),
         auth_fail_delay: Duration::from_millis(args.auth_fail_delay_ms),
@@ -126,6 +143,23 @@ async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(),
         .await;
     log::info!("stopped");
     Ok(())
+}
+
+fn open_backups(args: &Args) -> Result<Backups, String> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let pool = ChunkPool::new(PoolConfig {
+        workers: args.workers.map_or(cores, |w| w as usize),
+        cache_bytes: usize::try_from(args.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+        readahead: args.readahead,
+    });
+    let mut images = Vec::with_capacity(args.images.len());
+    for spec in &args.images {
+        let Some((name, path)) = spec.split_once('=') else {
+            return Err(format!("invalid --image `{spec}`: expected NAME=PATH"));
+        };
+        images.push((name.to_string(), PathBuf::from(path)));
+    }
+    Backups::open(args.datastore.as_deref(), images, pool).map_err(|e| e.to_string())
 }
 
 async fn on_signals(shared: std::sync::Arc<Shared>) {

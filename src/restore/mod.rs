@@ -5,6 +5,7 @@
 //! Must never import `api`, `rpc` or `transport`, and never write to a disk.
 
 pub mod archive;
+pub mod backups;
 pub mod disk;
 pub mod fs;
 pub mod probe;
