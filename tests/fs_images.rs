@@ -18,7 +18,15 @@ use restore_agent::restore::volume::{list_volumes, open_volume, VolumeInfo};
 use sha2::{Digest, Sha256};
 
 const TOOLS: &[&str] = &[
-    "mke2fs", "mkfs.vfat", "mcopy", "mmd", "mkntfs", "ntfscp", "sgdisk", "sfdisk", "debugfs",
+    "mke2fs",
+    "mkfs.vfat",
+    "mcopy",
+    "mmd",
+    "mkntfs",
+    "ntfscp",
+    "sgdisk",
+    "sfdisk",
+    "debugfs",
 ];
 const MTIME: i64 = 1_600_000_000;
 const MIB: u64 = 1024 * 1024;
@@ -80,14 +88,24 @@ fn make_plain(root: &Path, small: bool) {
     write(&root.join("hello.txt"), b"hello, world\n");
     write(&root.join("a/b/c/d/deep.bin"), &noise(1, 70_000));
     write(&root.join("a/b/mid.txt"), b"in the middle\n");
-    write(&root.join("Grüße_日本語_файл.txt"), "unicode name\n".as_bytes());
-    write(&root.join("目录_ñ/κείμενο.txt"), "inside a unicode dir\n".as_bytes());
+    write(
+        &root.join("Grüße_日本語_файл.txt"),
+        "unicode name\n".as_bytes(),
+    );
+    write(
+        &root.join("目录_ñ/κείμενο.txt"),
+        "inside a unicode dir\n".as_bytes(),
+    );
     write(&root.join(long_name()), b"255-byte name\n");
     write(&root.join("mib3.bin"), &noise(2, 3 * MIB as usize + 12345));
     std::fs::create_dir_all(root.join("emptydir")).unwrap();
     let count = if small { 300 } else { 2000 };
     for i in 0..count {
-        let data = if i % 3 == 0 { noise(100 + i as u64, i % 5000) } else { format!("file {i}\n").repeat(i % 40).into_bytes() };
+        let data = if i % 3 == 0 {
+            noise(100 + i as u64, i % 5000)
+        } else {
+            format!("file {i}\n").repeat(i % 40).into_bytes()
+        };
         write(&root.join(format!("many/f{i:04}.dat")), &data);
     }
 }
@@ -116,11 +134,23 @@ fn make_unix(root: &Path, big: bool) {
     symlink(&long_target, root.join("link_long")).unwrap();
     std::fs::hard_link(root.join("hello.txt"), root.join("a/hard_hello.txt")).unwrap();
     write(&root.join("modes/suid"), b"#!/bin/sh\n");
-    std::fs::set_permissions(root.join("modes/suid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::set_permissions(
+        root.join("modes/suid"),
+        std::fs::Permissions::from_mode(0o4755),
+    )
+    .unwrap();
     write(&root.join("modes/private"), b"secret\n");
-    std::fs::set_permissions(root.join("modes/private"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        root.join("modes/private"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
     std::fs::create_dir_all(root.join("modes/sticky")).unwrap();
-    std::fs::set_permissions(root.join("modes/sticky"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::set_permissions(
+        root.join("modes/sticky"),
+        std::fs::Permissions::from_mode(0o1777),
+    )
+    .unwrap();
     write(&root.join("modes/owned"), b"owned\n");
     std::os::unix::fs::chown(root.join("modes/owned"), Some(1234), Some(5678)).unwrap();
     let raw = std::ffi::OsStr::from_bytes(b"latin1_\xe9t\xe9.txt");
@@ -143,9 +173,16 @@ fn set_mtimes(root: &Path) {
     all.reverse(); // children before parents
     for (i, p) in all.iter().enumerate() {
         let t = MTIME + 2 * i as i64;
-        run(Command::new("touch").arg("-h").arg("-d").arg(format!("@{t}")).arg(p));
+        run(Command::new("touch")
+            .arg("-h")
+            .arg("-d")
+            .arg(format!("@{t}"))
+            .arg(p));
     }
-    run(Command::new("touch").arg("-d").arg(format!("@{MTIME}")).arg(root));
+    run(Command::new("touch")
+        .arg("-d")
+        .arg(format!("@{MTIME}"))
+        .arg(root));
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -179,7 +216,13 @@ struct Images {
 
 fn mkimg_ext(src: &Path, img: &Path, args: &[&str], mib: u64) {
     let mut c = Command::new("mke2fs");
-    c.arg("-q").arg("-F").args(args).arg("-d").arg(src).arg(img).arg(format!("{mib}M"));
+    c.arg("-q")
+        .arg("-F")
+        .args(args)
+        .arg("-d")
+        .arg(src)
+        .arg(img)
+        .arg(format!("{mib}M"));
     run(&mut c);
 }
 
@@ -243,7 +286,12 @@ fn build() -> Images {
     let ext4 = d.join("ext4.img");
     // `-T default`: the 4 KiB blocks and 256-byte inodes of a real disk
     // (mke2fs picks 1 KiB blocks for small images, as used for ext2/3)
-    mkimg_ext(&src_ext4, &ext4, &["-t", "ext4", "-T", "default", "-L", "rootfs"], 80);
+    mkimg_ext(
+        &src_ext4,
+        &ext4,
+        &["-t", "ext4", "-T", "default", "-L", "rootfs"],
+        80,
+    );
     let ext2 = d.join("ext2.img");
     mkimg_ext(&src_ext, &ext2, &["-t", "ext2", "-L", "old2"], 40);
     let ext3 = d.join("ext3.img");
@@ -256,7 +304,13 @@ fn build() -> Images {
     mkimg_fat(&src_fat12, &fat12, 12, 2 * 1024, "TWELVE");
     let ntfs = d.join("ntfs.img");
     run(Command::new("truncate").arg("-s").arg("16M").arg(&ntfs));
-    run(Command::new("mkntfs").arg("-q").arg("-F").arg("-f").arg("-L").arg("WinData").arg(&ntfs));
+    run(Command::new("mkntfs")
+        .arg("-q")
+        .arg("-F")
+        .arg("-f")
+        .arg("-L")
+        .arg("WinData")
+        .arg(&ntfs));
     let ntfs_files = vec![
         ("hello.txt".to_string(), b"hello from ntfs\n".to_vec()),
         ("big.bin".to_string(), noise(4, 2 * MIB as usize + 7)),
@@ -266,7 +320,11 @@ fn build() -> Images {
     let ntfs_src = d.join("ntfs_src");
     for (name, data) in &ntfs_files {
         write(&ntfs_src.join(name), data);
-        run(Command::new("ntfscp").arg("-q").arg(&ntfs).arg(ntfs_src.join(name)).arg(name));
+        run(Command::new("ntfscp")
+            .arg("-q")
+            .arg(&ntfs)
+            .arg(ntfs_src.join(name))
+            .arg(name));
     }
 
     // GPT: 1 ext4, 2 fat32, 3 ext2, 4 ntfs, 6 ext3 (5 left empty)
@@ -284,13 +342,22 @@ fn build() -> Images {
         layout.push((*n, start, sectors(img)));
         start += sectors(img).div_ceil(2048) * 2048;
     }
-    run(Command::new("truncate").arg("-s").arg(format!("{}", (start + 2048) * 512)).arg(&gpt));
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{}", (start + 2048) * 512))
+        .arg(&gpt));
     let mut c = Command::new("sgdisk");
     for ((n, s, len), (_, _, t, name)) in layout.iter().zip(&parts) {
-        c.arg(format!("-n{n}:{s}:{}", s + len - 1)).arg(format!("-t{n}:{t}")).arg(format!("-c{n}:{name}"));
+        c.arg(format!("-n{n}:{s}:{}", s + len - 1))
+            .arg(format!("-t{n}:{t}"))
+            .arg(format!("-c{n}:{name}"));
     }
     run(c.arg(&gpt));
-    let placed: Vec<(&Path, u64)> = parts.iter().zip(&layout).map(|((_, img, _, _), (_, s, _))| (*img, *s)).collect();
+    let placed: Vec<(&Path, u64)> = parts
+        .iter()
+        .zip(&layout)
+        .map(|((_, img, _, _), (_, s, _))| (*img, *s))
+        .collect();
     place(&gpt, &placed);
 
     // MBR: 1 FAT16 (0x06), 2 extended -> 5 FAT12 (0x01), 6 ext2 (0x83)
@@ -300,7 +367,10 @@ fn build() -> Images {
     let s5 = s2 + 2048;
     let s6 = s5 + sectors(&fat12).div_ceil(2048) * 2048 + 2048;
     let end = s6 + sectors(&ext2).div_ceil(2048) * 2048;
-    run(Command::new("truncate").arg("-s").arg(format!("{}", (end + 2048) * 512)).arg(&mbr));
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{}", (end + 2048) * 512))
+        .arg(&mbr));
     let script = format!(
         "label: dos\n{s1},{},6\n{s2},{},5\n{s5},{},1\n{s6},{},83\n",
         sectors(&fat16),
@@ -317,9 +387,18 @@ fn build() -> Images {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "sfdisk: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "sfdisk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     place(&mbr, &[(&fat16, s1), (&fat12, s5), (&ext2, s6)]);
 
     Images {
@@ -347,9 +426,15 @@ fn disk(p: &Path) -> Arc<dyn Disk> {
 }
 
 /// Runs `job` on the filesystem of `volume` through a real FsHandle.
-fn with_fs<R: Send + 'static>(img: &Path, volume: &str, job: impl FnOnce(&mut dyn Filesystem) -> R + Send + 'static) -> R {
+fn with_fs<R: Send + 'static>(
+    img: &Path,
+    volume: &str,
+    job: impl FnOnce(&mut dyn Filesystem) -> R + Send + 'static,
+) -> R {
     let h = FsHandle::open(disk(img), volume).unwrap_or_else(|e| panic!("open {volume}: {e}"));
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(h.run(job)).unwrap()
 }
 
@@ -360,14 +445,18 @@ fn sha(data: &[u8]) -> [u8; 32] {
 fn read_all(fs: &mut dyn Filesystem, path: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let (chunk, eof) = fs.read(path, out.len() as u64, 1_000_000).unwrap_or_else(|e| {
-            panic!("read {}: {e:?}", String::from_utf8_lossy(path))
-        });
+        let (chunk, eof) = fs
+            .read(path, out.len() as u64, 1_000_000)
+            .unwrap_or_else(|e| panic!("read {}: {e:?}", String::from_utf8_lossy(path)));
         out.extend_from_slice(&chunk);
         if eof {
             return out;
         }
-        assert!(!chunk.is_empty(), "no progress reading {}", String::from_utf8_lossy(path));
+        assert!(
+            !chunk.is_empty(),
+            "no progress reading {}",
+            String::from_utf8_lossy(path)
+        );
     }
 }
 
@@ -413,7 +502,12 @@ fn compare_tree(fs: &mut dyn Filesystem, src: &Path, vpath: &[u8], flavor: &Flav
     }
     let got_names: Vec<Vec<u8>> = got.iter().map(raw_name).collect();
     let want_names: Vec<Vec<u8>> = want.keys().cloned().collect();
-    assert_eq!(got_names, want_names, "listing of {}", String::from_utf8_lossy(vpath));
+    assert_eq!(
+        got_names,
+        want_names,
+        "listing of {}",
+        String::from_utf8_lossy(vpath)
+    );
     let mut n = 0;
     for e in got {
         let name = raw_name(&e);
@@ -435,7 +529,11 @@ fn compare_tree(fs: &mut dyn Filesystem, src: &Path, vpath: &[u8], flavor: &Flav
             EntryType::Fifo
         };
         assert_eq!(e.kind, kind, "type of {show}");
-        assert_eq!(e, fs.stat(&vp, false).unwrap(), "stat == list entry for {show}");
+        assert_eq!(
+            e,
+            fs.stat(&vp, false).unwrap(),
+            "stat == list entry for {show}"
+        );
         if *flavor == Flavor::Unix {
             assert_eq!(e.mode, md.mode() & 0o7777, "mode of {show}");
             assert_eq!((e.uid, e.gid), (md.uid(), md.gid()), "owner of {show}");
@@ -451,11 +549,19 @@ fn compare_tree(fs: &mut dyn Filesystem, src: &Path, vpath: &[u8], flavor: &Flav
             EntryType::File => {
                 assert_eq!(e.size, md.len(), "size of {show}");
                 let data = read_all(fs, &vp);
-                assert_eq!(sha(&data), sha(&std::fs::read(sp).unwrap()), "content of {show}");
+                assert_eq!(
+                    sha(&data),
+                    sha(&std::fs::read(sp).unwrap()),
+                    "content of {show}"
+                );
             }
             EntryType::Symlink => {
                 let t = std::fs::read_link(sp).unwrap();
-                assert_eq!(e.target.as_deref(), Some(t.to_str().unwrap()), "target of {show}");
+                assert_eq!(
+                    e.target.as_deref(),
+                    Some(t.to_str().unwrap()),
+                    "target of {show}"
+                );
                 assert_eq!(e.size, t.as_os_str().len() as u64);
             }
             EntryType::Dir => n += compare_tree(fs, sp, &vp, flavor),
@@ -473,7 +579,9 @@ fn count_source(src: &Path) -> usize {
 }
 
 fn vol<'a>(v: &'a [VolumeInfo], id: &str) -> &'a VolumeInfo {
-    v.iter().find(|x| x.volume == id).unwrap_or_else(|| panic!("no volume {id} in {v:?}"))
+    v.iter()
+        .find(|x| x.volume == id)
+        .unwrap_or_else(|| panic!("no volume {id} in {v:?}"))
 }
 
 #[test]
@@ -483,33 +591,93 @@ fn gpt_volume_list() {
     let ids: Vec<&str> = v.iter().map(|x| x.volume.as_str()).collect();
     assert_eq!(ids, ["part/1", "part/2", "part/3", "part/4", "part/6"]);
     let fs: Vec<Option<&str>> = v.iter().map(|x| x.fs).collect();
-    assert_eq!(fs, [Some("ext4"), Some("vfat"), Some("ext2"), Some("ntfs"), Some("ext3")]);
+    assert_eq!(
+        fs,
+        [
+            Some("ext4"),
+            Some("vfat"),
+            Some("ext2"),
+            Some("ntfs"),
+            Some("ext3")
+        ]
+    );
     let labels: Vec<Option<&str>> = v.iter().map(|x| x.label.as_deref()).collect();
-    assert_eq!(labels, [Some("rootfs"), Some("FATTHIRTY2"), Some("old2"), Some("WinData"), Some("old3")]);
-    assert!(v.iter().all(|x| x.supported && x.reason.is_none() && x.table == Some("gpt")));
+    assert_eq!(
+        labels,
+        [
+            Some("rootfs"),
+            Some("FATTHIRTY2"),
+            Some("old2"),
+            Some("WinData"),
+            Some("old3")
+        ]
+    );
+    assert!(v
+        .iter()
+        .all(|x| x.supported && x.reason.is_none() && x.table == Some("gpt")));
     let p1 = vol(&v, "part/1");
     assert_eq!(p1.start, 2048 * 512);
     assert_eq!(p1.size, std::fs::metadata(&im.ext4_img).unwrap().len());
     assert_eq!(p1.name.as_deref(), Some("root"));
-    assert_eq!(p1.type_guid.as_deref(), Some("0fc63daf-8483-4772-8e79-3d69d8477de4"));
-    assert_eq!(vol(&v, "part/2").type_guid.as_deref(), Some("ebd0a0a2-b9e5-4433-87c0-68b6b72699c7"));
+    assert_eq!(
+        p1.type_guid.as_deref(),
+        Some("0fc63daf-8483-4772-8e79-3d69d8477de4")
+    );
+    assert_eq!(
+        vol(&v, "part/2").type_guid.as_deref(),
+        Some("ebd0a0a2-b9e5-4433-87c0-68b6b72699c7")
+    );
     // the exact JSON of issue 4
     let json = serde_json::to_value(p1).unwrap();
-    let keys: Vec<&str> = json.as_object().unwrap().keys().map(|k| k.as_str()).collect();
-    for k in ["volume", "kind", "number", "start", "size", "table", "type_guid", "name", "fs", "label", "uuid", "supported"] {
+    let keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    for k in [
+        "volume",
+        "kind",
+        "number",
+        "start",
+        "size",
+        "table",
+        "type_guid",
+        "name",
+        "fs",
+        "label",
+        "uuid",
+        "supported",
+    ] {
         assert!(keys.contains(&k), "{k} missing from {json}");
     }
-    assert!(!keys.contains(&"mbr_type") && !keys.contains(&"reason"), "{json}");
+    assert!(
+        !keys.contains(&"mbr_type") && !keys.contains(&"reason"),
+        "{json}"
+    );
     assert_eq!(json["kind"], "partition");
     assert_eq!(json["number"], 1);
     let uuid = json["uuid"].as_str().unwrap();
-    let blkid = Command::new("dumpe2fs").arg("-h").arg(&im.ext4_img).output().unwrap();
-    assert!(String::from_utf8_lossy(&blkid.stdout).contains(uuid), "uuid {uuid}");
+    let blkid = Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&im.ext4_img)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&blkid.stdout).contains(uuid),
+        "uuid {uuid}"
+    );
     // open_volume gives the partition window
     let p = open_volume(disk(&im.gpt), "part/3").unwrap();
     assert_eq!(p.size(), vol(&v, "part/3").size);
-    assert_eq!(open_volume(disk(&im.gpt), "part/5").err().unwrap().kind, ErrorKind::NotFound);
-    assert_eq!(open_volume(disk(&im.gpt), "bogus").err().unwrap().kind, ErrorKind::NotFound);
+    assert_eq!(
+        open_volume(disk(&im.gpt), "part/5").err().unwrap().kind,
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        open_volume(disk(&im.gpt), "bogus").err().unwrap().kind,
+        ErrorKind::NotFound
+    );
 }
 
 #[test]
@@ -523,23 +691,32 @@ fn mbr_with_logical_partitions() {
     assert_eq!(vol(&v, "part/6").mbr_type, Some(0x83));
     assert_eq!(vol(&v, "part/5").label.as_deref(), Some("TWELVE"));
     assert_eq!(vol(&v, "part/6").fs, Some("ext2"));
-    assert!(v.iter().all(|x| x.table == Some("mbr") && x.supported && x.type_guid.is_none()));
+    assert!(v
+        .iter()
+        .all(|x| x.table == Some("mbr") && x.supported && x.type_guid.is_none()));
     let json = serde_json::to_value(vol(&v, "part/5")).unwrap();
     assert_eq!(json["fs"], "vfat");
     assert!(json.get("type_guid").is_none() && json.get("name").is_none());
     // the logical FAT12 and ext2 read back
     let src = im.src_fat12.clone();
-    let n = with_fs(&im.mbr, "part/5", move |fs| compare_tree(fs, &src, b"/", &Flavor::Fat));
+    let n = with_fs(&im.mbr, "part/5", move |fs| {
+        compare_tree(fs, &src, b"/", &Flavor::Fat)
+    });
     assert_eq!(n, count_source(&im.src_fat12));
     let src = im.src_ext.clone();
-    let n = with_fs(&im.mbr, "part/6", move |fs| compare_tree(fs, &src, b"/", &Flavor::Unix));
+    let n = with_fs(&im.mbr, "part/6", move |fs| {
+        compare_tree(fs, &src, b"/", &Flavor::Unix)
+    });
     assert_eq!(n, count_source(&im.src_ext));
 }
 
 #[test]
 fn unpartitioned_disks() {
     let Some(im) = images() else { return };
-    for (img, fs, label) in [(&im.raw_fat, "vfat", "TWELVE"), (&im.raw_ext, "ext3", "old3")] {
+    for (img, fs, label) in [
+        (&im.raw_fat, "vfat", "TWELVE"),
+        (&im.raw_ext, "ext3", "old3"),
+    ] {
         let v = list_volumes(disk(img)).unwrap();
         assert_eq!(v.len(), 1, "{v:?}");
         let json = serde_json::to_value(&v[0]).unwrap();
@@ -551,7 +728,9 @@ fn unpartitioned_disks() {
         assert_eq!(json["supported"], true);
     }
     let src = im.src_fat12.clone();
-    with_fs(&im.raw_fat, "raw", move |fs| compare_tree(fs, &src, b"/", &Flavor::Fat));
+    with_fs(&im.raw_fat, "raw", move |fs| {
+        compare_tree(fs, &src, b"/", &Flavor::Fat)
+    });
     // an empty disk: no table, no filesystem
     let dir = tempfile::tempdir().unwrap();
     let blank = dir.path().join("blank.img");
@@ -560,7 +739,10 @@ fn unpartitioned_disks() {
     assert_eq!(v.len(), 1);
     assert_eq!((v[0].fs, v[0].supported), (None, false));
     assert!(v[0].reason.is_some());
-    assert_eq!(FsHandle::open(disk(&blank), "raw").err().unwrap().kind, ErrorKind::Unsupported);
+    assert_eq!(
+        FsHandle::open(disk(&blank), "raw").err().unwrap().kind,
+        ErrorKind::Unsupported
+    );
 }
 
 #[test]
@@ -576,7 +758,10 @@ fn gpt_with_4096_byte_sectors() {
     let first = 256u64; // 1 MiB
     let last = first + (fat.len() as u64).div_ceil(4096) - 1;
     gpt[1] = gptman::GPTPartitionEntry {
-        partition_type_guid: [0xa2, 0xa0, 0xd0, 0xeb, 0xe5, 0xb9, 0x33, 0x44, 0x87, 0xc0, 0x68, 0xb6, 0xb7, 0x26, 0x99, 0xc7],
+        partition_type_guid: [
+            0xa2, 0xa0, 0xd0, 0xeb, 0xe5, 0xb9, 0x33, 0x44, 0x87, 0xc0, 0x68, 0xb6, 0xb7, 0x26,
+            0x99, 0xc7,
+        ],
         unique_partition_guid: [1; 16],
         starting_lba: first,
         ending_lba: last,
@@ -593,14 +778,18 @@ fn gpt_with_4096_byte_sectors() {
     assert_eq!(v[0].fs, Some("vfat"));
     assert_eq!(v[0].name.as_deref(), Some("four-k"));
     let src = im.src_fat12.clone();
-    with_fs(&img, "part/1", move |fs| compare_tree(fs, &src, b"/", &Flavor::Fat));
+    with_fs(&img, "part/1", move |fs| {
+        compare_tree(fs, &src, b"/", &Flavor::Fat)
+    });
 }
 
 #[test]
 fn ext4_default_tree_matches_source() {
     let Some(im) = images() else { return };
     let src = im.src_ext4.clone();
-    let n = with_fs(&im.gpt, "part/1", move |fs| compare_tree(fs, &src, b"/", &Flavor::Unix));
+    let n = with_fs(&im.gpt, "part/1", move |fs| {
+        compare_tree(fs, &src, b"/", &Flavor::Unix)
+    });
     assert_eq!(n, count_source(&im.src_ext4));
 }
 
@@ -609,7 +798,9 @@ fn ext2_and_ext3_block_mapped_trees_match_source() {
     let Some(im) = images() else { return };
     for part in ["part/3", "part/6"] {
         let src = im.src_ext.clone();
-        let n = with_fs(&im.gpt, part, move |fs| compare_tree(fs, &src, b"/", &Flavor::Unix));
+        let n = with_fs(&im.gpt, part, move |fs| {
+            compare_tree(fs, &src, b"/", &Flavor::Unix)
+        });
         assert_eq!(n, count_source(&im.src_ext), "{part}");
     }
     // the sparse file on a block-mapped inode whose indirect pointer is a
@@ -627,10 +818,14 @@ fn ext2_and_ext3_block_mapped_trees_match_source() {
 fn fat32_and_fat16_trees_match_source() {
     let Some(im) = images() else { return };
     let src = im.src_fat.clone();
-    let n = with_fs(&im.gpt, "part/2", move |fs| compare_tree(fs, &src, b"/", &Flavor::Fat));
+    let n = with_fs(&im.gpt, "part/2", move |fs| {
+        compare_tree(fs, &src, b"/", &Flavor::Fat)
+    });
     assert_eq!(n, count_source(&im.src_fat));
     let src = im.src_fat.clone();
-    let n = with_fs(&im.mbr, "part/1", move |fs| compare_tree(fs, &src, b"/", &Flavor::Fat));
+    let n = with_fs(&im.mbr, "part/1", move |fs| {
+        compare_tree(fs, &src, b"/", &Flavor::Fat)
+    });
     assert_eq!(n, count_source(&im.src_fat));
 }
 
@@ -653,7 +848,10 @@ fn ntfs_root_files_match_source() {
             assert!(e.inode >= 24 && e.nlink >= 1);
             assert_eq!(sha(&read_all(fs, p.as_bytes())), sha(data), "{name}");
         }
-        assert_eq!(fs.list(b"/hello.txt", None, 10).err().unwrap().kind, ErrorKind::NotADirectory);
+        assert_eq!(
+            fs.list(b"/hello.txt", None, 10).err().unwrap().kind,
+            ErrorKind::NotADirectory
+        );
     });
 }
 
@@ -670,35 +868,85 @@ fn paths_symlinks_and_errors() {
         let mid = fs.stat(b"/a/b/mid.txt", false).unwrap();
         assert_eq!(fs.stat(b"/../a/./b/../b/mid.txt", false).unwrap(), mid);
         assert_eq!(fs.stat(b"/a/escape", true).unwrap(), mid); // ../../../.. clamps at /
-        // symlinks
-        assert_eq!(fs.stat(b"/link_rel", false).unwrap().kind, EntryType::Symlink);
-        assert_eq!(fs.stat(b"/link_rel", true).unwrap(), fs.stat(b"/hello.txt", false).unwrap());
+                                                               // symlinks
+        assert_eq!(
+            fs.stat(b"/link_rel", false).unwrap().kind,
+            EntryType::Symlink
+        );
+        assert_eq!(
+            fs.stat(b"/link_rel", true).unwrap(),
+            fs.stat(b"/hello.txt", false).unwrap()
+        );
         assert_eq!(fs.stat(b"/link_abs", true).unwrap(), mid);
         assert_eq!(fs.stat(b"/link_dir/mid.txt", false).unwrap(), mid);
         assert_eq!(read_all(fs, b"/link_dir/mid.txt"), b"in the middle\n");
-        assert_eq!(fs.stat(b"/link_dangling", true).err().unwrap().kind, ErrorKind::NotFound);
-        assert_eq!(fs.stat(b"/link_dangling", false).unwrap().target.as_deref(), Some("does/not/exist"));
-        assert_eq!(fs.stat(b"/loop_a", true).err().unwrap().kind, ErrorKind::InvalidPath);
-        assert_eq!(fs.read(b"/loop_a", 0, 10).err().unwrap().kind, ErrorKind::InvalidPath);
+        assert_eq!(
+            fs.stat(b"/link_dangling", true).err().unwrap().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            fs.stat(b"/link_dangling", false).unwrap().target.as_deref(),
+            Some("does/not/exist")
+        );
+        assert_eq!(
+            fs.stat(b"/loop_a", true).err().unwrap().kind,
+            ErrorKind::InvalidPath
+        );
+        assert_eq!(
+            fs.read(b"/loop_a", 0, 10).err().unwrap().kind,
+            ErrorKind::InvalidPath
+        );
         assert_eq!(fs.stat(b"/loop_a", false).unwrap().kind, EntryType::Symlink);
         // errors
-        assert_eq!(fs.stat(b"", false).err().unwrap().kind, ErrorKind::InvalidPath);
-        assert_eq!(fs.stat(b"a/b", false).err().unwrap().kind, ErrorKind::InvalidPath);
-        assert_eq!(fs.stat(b"/nope", false).err().unwrap().kind, ErrorKind::NotFound);
-        assert_eq!(fs.stat(b"/hello.txt/x", false).err().unwrap().kind, ErrorKind::NotADirectory);
-        assert_eq!(fs.list(b"/hello.txt", None, 10).err().unwrap().kind, ErrorKind::NotADirectory);
-        assert_eq!(fs.read(b"/a", 0, 10).err().unwrap().kind, ErrorKind::IsADirectory);
-        assert_eq!(fs.read(b"/modes/fifo", 0, 10).err().unwrap().kind, ErrorKind::Unsupported);
-        assert_eq!(fs.list(b"/", Some("junk"), 10).err().unwrap().kind, ErrorKind::InvalidPath);
+        assert_eq!(
+            fs.stat(b"", false).err().unwrap().kind,
+            ErrorKind::InvalidPath
+        );
+        assert_eq!(
+            fs.stat(b"a/b", false).err().unwrap().kind,
+            ErrorKind::InvalidPath
+        );
+        assert_eq!(
+            fs.stat(b"/nope", false).err().unwrap().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            fs.stat(b"/hello.txt/x", false).err().unwrap().kind,
+            ErrorKind::NotADirectory
+        );
+        assert_eq!(
+            fs.list(b"/hello.txt", None, 10).err().unwrap().kind,
+            ErrorKind::NotADirectory
+        );
+        assert_eq!(
+            fs.read(b"/a", 0, 10).err().unwrap().kind,
+            ErrorKind::IsADirectory
+        );
+        assert_eq!(
+            fs.read(b"/modes/fifo", 0, 10).err().unwrap().kind,
+            ErrorKind::Unsupported
+        );
+        assert_eq!(
+            fs.list(b"/", Some("junk"), 10).err().unwrap().kind,
+            ErrorKind::InvalidPath
+        );
         // reads past the end, and partial reads
         assert_eq!(fs.read(b"/hello.txt", 1000, 10).unwrap(), (vec![], true));
-        assert_eq!(fs.read(b"/hello.txt", 7, 5).unwrap(), (b"world".to_vec(), false));
-        assert_eq!(fs.read(b"/hello.txt", 7, 6).unwrap(), (b"world\n".to_vec(), true));
+        assert_eq!(
+            fs.read(b"/hello.txt", 7, 5).unwrap(),
+            (b"world".to_vec(), false)
+        );
+        assert_eq!(
+            fs.read(b"/hello.txt", 7, 6).unwrap(),
+            (b"world\n".to_vec(), true)
+        );
         // sparse holes read as zeros
         let (hole, _) = fs.read(b"/sparse.img", 5000, 100_000).unwrap();
         assert!(hole.iter().all(|&b| b == 0));
         // names: 255 bytes, non-UTF-8 with name_b64
-        let e = fs.stat(format!("/{}", long_name()).as_bytes(), false).unwrap();
+        let e = fs
+            .stat(format!("/{}", long_name()).as_bytes(), false)
+            .unwrap();
         assert_eq!(e.name.len(), 255);
         let e = fs.stat(b"/latin1_\xe9t\xe9.txt", false).unwrap();
         assert_eq!(e.name_b64.as_deref(), Some("bGF0aW4xX+l06S50eHQ="));
@@ -729,32 +977,42 @@ fn walk_finds_every_node_and_hardlinks() {
     let (items, bytes) = with_fs(&im.gpt, "part/1", |fs| {
         let mut items: Vec<WalkEntry> = Vec::new();
         let mut bytes: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();
-        fs.walk(b"/", &mut |we: &WalkEntry, data: Option<&mut dyn FileData>| {
-            if let Some(d) = data {
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; 100_000];
-                loop {
-                    let n = d.read(&mut buf)?;
-                    if n == 0 {
-                        break;
+        fs.walk(
+            b"/",
+            &mut |we: &WalkEntry, data: Option<&mut dyn FileData>| {
+                if let Some(d) = data {
+                    let mut h = Sha256::new();
+                    let mut buf = vec![0u8; 100_000];
+                    loop {
+                        let n = d.read(&mut buf)?;
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
                     }
-                    h.update(&buf[..n]);
+                    bytes.insert(we.path.clone(), h.finalize().into());
                 }
-                bytes.insert(we.path.clone(), h.finalize().into());
-            }
-            items.push(we.clone());
-            Ok(())
-        })
+                items.push(we.clone());
+                Ok(())
+            },
+        )
         .unwrap();
         (items, bytes)
     });
     assert_eq!(items.len(), count_source(&src) + 1); // + lost+found
-    assert!(items.iter().all(|w| !w.path.starts_with(b"/") && !w.path.split(|&b| b == b'/').any(|c| c == b".." || c.is_empty())));
+    assert!(items.iter().all(|w| !w.path.starts_with(b"/")
+        && !w
+            .path
+            .split(|&b| b == b'/')
+            .any(|c| c == b".." || c.is_empty())));
     let links: Vec<(&[u8], &[u8])> = items
         .iter()
         .filter_map(|w| w.hardlink_to.as_deref().map(|t| (w.path.as_slice(), t)))
         .collect();
-    assert_eq!(links, [(b"hello.txt".as_slice(), b"a/hard_hello.txt".as_slice())]);
+    assert_eq!(
+        links,
+        [(b"hello.txt".as_slice(), b"a/hard_hello.txt".as_slice())]
+    );
     // parents before children
     let pos = |p: &[u8]| items.iter().position(|w| w.path == p).unwrap();
     assert!(pos(b"a") < pos(b"a/b") && pos(b"a/b") < pos(b"a/b/mid.txt"));
@@ -778,7 +1036,17 @@ fn walk_finds_every_node_and_hardlinks() {
         .unwrap();
         v
     });
-    assert_eq!(items, ["b", "b/c", "b/c/d", "b/c/d/deep.bin", "b/mid.txt", "hello.txt"]);
+    assert_eq!(
+        items,
+        [
+            "b",
+            "b/c",
+            "b/c/d",
+            "b/c/d/deep.bin",
+            "b/mid.txt",
+            "hello.txt"
+        ]
+    );
 }
 
 /// Copies an image to a temp file and applies `damage` to it.
@@ -793,7 +1061,12 @@ fn damaged(src: &Path, damage: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir,
 
 /// Physical byte offset of a directory's first block, from debugfs.
 fn dir_block_offset(img: &Path, dir: &str) -> usize {
-    let out = Command::new("debugfs").arg("-R").arg(format!("bmap {dir} 0")).arg(img).output().unwrap();
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("bmap {dir} 0"))
+        .arg(img)
+        .output()
+        .unwrap();
     let block: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     block * 4096
 }
@@ -802,19 +1075,26 @@ fn dir_block_offset(img: &Path, dir: &str) -> usize {
 fn hostile_images_give_clear_errors() {
     let Some(im) = images() else { return };
     // corrupted superblock (magic kept, geometry garbage)
-    let (_d, bad_sb) = damaged(&im.ext4_img, |d| d[1024..1024 + 0x38].copy_from_slice(&noise(11, 0x38)));
+    let (_d, bad_sb) = damaged(&im.ext4_img, |d| {
+        d[1024..1024 + 0x38].copy_from_slice(&noise(11, 0x38))
+    });
     let v = list_volumes(disk(&bad_sb)).unwrap();
     assert_eq!(v.len(), 1);
     assert!(!v[0].supported && v[0].reason.is_some(), "{v:?}");
     let e = FsHandle::open(disk(&bad_sb), "raw").err().unwrap();
-    assert!(matches!(e.kind, ErrorKind::Corrupt | ErrorKind::Unsupported), "{e:?}");
+    assert!(
+        matches!(e.kind, ErrorKind::Corrupt | ErrorKind::Unsupported),
+        "{e:?}"
+    );
     // superblock magic destroyed: no filesystem at all
     let (_d2, no_magic) = damaged(&im.ext4_img, |d| d[1024 + 0x38] = 0);
     let v = list_volumes(disk(&no_magic)).unwrap();
     assert_eq!((v[0].fs, v[0].supported), (None, false));
     // a directory block full of garbage
     let off = dir_block_offset(&im.ext4_img, "/a/b");
-    let (_d3, bad_dir) = damaged(&im.ext4_img, |d| d[off..off + 4096].copy_from_slice(&noise(12, 4096)));
+    let (_d3, bad_dir) = damaged(&im.ext4_img, |d| {
+        d[off..off + 4096].copy_from_slice(&noise(12, 4096))
+    });
     with_fs(&bad_dir, "raw", |fs| {
         let e = fs.list(b"/a/b", None, 100).err().unwrap();
         assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
@@ -837,7 +1117,10 @@ fn hostile_images_give_clear_errors() {
                         }
                     }
                     Err(e) => {
-                        assert!(matches!(e.kind, ErrorKind::Corrupt | ErrorKind::Io), "{e:?}");
+                        assert!(
+                            matches!(e.kind, ErrorKind::Corrupt | ErrorKind::Io),
+                            "{e:?}"
+                        );
                         errors += 1;
                         break;
                     }
@@ -863,7 +1146,9 @@ fn hostile_images_give_clear_errors() {
             }
         });
         if let Ok(h) = FsHandle::open(disk(&junk), "raw") {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
             let r = rt.block_on(h.run(|fs| {
                 let _ = fs.list(b"/", None, 100);
                 let _ = fs.read(b"/hello.txt", 0, 100);
