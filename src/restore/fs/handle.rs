@@ -4,7 +4,9 @@
 //! the job queue to it, and panic containment for jobs. Callers send
 //! closures and await their results; jobs for one filesystem run one after
 //! another. The thread ends when the last handle clone is dropped.
-//! Must never block an async executor thread.
+//! [`FsHandle::open`] blocks while it reads the volume's metadata (call it
+//! from `spawn_blocking`); [`FsHandle::run`] only awaits.
+//! Must never run filesystem work on an async executor thread.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
