@@ -172,17 +172,29 @@ fn set_mtimes(root: &Path) {
     all.sort();
     all.reverse(); // children before parents
     for (i, p) in all.iter().enumerate() {
-        let t = MTIME + 2 * i as i64;
-        run(Command::new("touch")
-            .arg("-h")
-            .arg("-d")
-            .arg(format!("@{t}"))
-            .arg(p));
+        set_mtime(p, MTIME + 2 * i as i64);
     }
-    run(Command::new("touch")
-        .arg("-d")
-        .arg(format!("@{MTIME}"))
-        .arg(root));
+    set_mtime(root, MTIME);
+}
+
+/// Sets atime and mtime of `p` (not following a symlink).
+fn set_mtime(p: &Path, t: i64) {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let ts = libc::timespec {
+        tv_sec: t as libc::time_t,
+        tv_nsec: 0,
+    };
+    let times = [ts, ts];
+    // SAFETY: a valid NUL-terminated path and two timespecs
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    assert_eq!(rc, 0, "utimensat {}", p.display());
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -1136,10 +1148,11 @@ fn hostile_images_give_clear_errors() {
     // random garbage everywhere after the superblocks: no panic, only errors
     for seed in 0..4u64 {
         let (_d6, junk) = damaged(&im.ext4_img, |d| {
-            let keep = 64 * 1024;
-            let n = d.len() - keep;
-            let g = noise(100 + seed, n);
-            for (i, b) in d[keep..].iter_mut().enumerate() {
+            // the metadata area: group descriptors, bitmaps, inode tables,
+            // the first directories
+            let (keep, end) = (64 * 1024, 8 << 20);
+            let g = noise(100 + seed, end - keep);
+            for (i, b) in d[keep..end].iter_mut().enumerate() {
                 if i % 7 == (seed as usize) {
                     *b = g[i];
                 }
@@ -1166,4 +1179,113 @@ fn hostile_images_give_clear_errors() {
             }
         }
     }
+}
+
+#[test]
+fn unsupported_volumes_are_listed_with_a_reason() {
+    let Some(_) = images() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("src");
+    write(&src.join("tiny.txt"), b"tiny\n");
+    let inline = d.join("inline.img");
+    mkimg_ext(
+        &src,
+        &inline,
+        &["-t", "ext4", "-O", "inline_data", "-L", "inl"],
+        8,
+    );
+    let metabg = d.join("metabg.img");
+    mkimg_ext(
+        &src,
+        &metabg,
+        &["-t", "ext4", "-O", "meta_bg,^resize_inode"],
+        8,
+    );
+    let swap = d.join("swap.img");
+    run(Command::new("truncate").arg("-s").arg("4M").arg(&swap));
+    run(Command::new("mkswap").arg("-q").arg(&swap));
+    let ntfsc = d.join("ntfsc.img");
+    run(Command::new("truncate").arg("-s").arg("16M").arg(&ntfsc));
+    run(Command::new("mkntfs")
+        .arg("-q")
+        .arg("-F")
+        .arg("-f")
+        .arg("-C")
+        .arg(&ntfsc));
+    write(
+        &src.join("text.txt"),
+        "compress me please\n".repeat(50_000).as_bytes(),
+    );
+    run(Command::new("ntfscp")
+        .arg("-q")
+        .arg(&ntfsc)
+        .arg(src.join("text.txt"))
+        .arg("text.txt"));
+    let blank = d.join("blank.img");
+    std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
+
+    let disk_img = d.join("odd.img");
+    let imgs = [&inline, &metabg, &swap, &ntfsc, &blank];
+    let mut start = 2048u64;
+    let mut c = Command::new("sgdisk");
+    let mut placed = vec![];
+    for (i, img) in imgs.iter().enumerate() {
+        let n = i + 1;
+        c.arg(format!("-n{n}:{start}:{}", start + sectors(img) - 1));
+        placed.push((img.as_path(), start));
+        start += sectors(img).div_ceil(2048) * 2048;
+    }
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{}", (start + 2048) * 512))
+        .arg(&disk_img));
+    run(c.arg(&disk_img));
+    place(&disk_img, &placed);
+
+    let v = list_volumes(disk(&disk_img)).unwrap();
+    let row = |id: &str| {
+        let x = vol(&v, id);
+        (x.fs, x.supported, x.reason.clone().unwrap_or_default())
+    };
+    let (fs, ok, why) = row("part/1");
+    assert_eq!((fs, ok), (Some("ext4"), false), "{why}");
+    assert!(why.contains("DATA_IN_INODE"), "{why}");
+    let (fs, ok, why) = row("part/2");
+    assert_eq!((fs, ok), (Some("ext4"), false), "{why}");
+    assert!(why.contains("META_BLOCK_GROUPS"), "{why}");
+    assert_eq!(
+        row("part/3"),
+        (None, false, "swap space is not supported".to_string())
+    );
+    assert!(row("part/4").1);
+    assert_eq!(
+        row("part/5"),
+        (None, false, "no known filesystem found".to_string())
+    );
+    for p in ["part/1", "part/2", "part/3", "part/5"] {
+        let e = FsHandle::open(disk(&disk_img), p).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Unsupported, "{p}: {e:?}");
+    }
+    // NTFS compressed data is refused, not returned as zeros
+    with_fs(&disk_img, "part/4", |fs| {
+        let e = fs.stat(b"/text.txt", false).unwrap();
+        assert_eq!(e.size, 19 * 50_000);
+        let err = fs.read(b"/text.txt", 0, 100).err().unwrap();
+        assert_eq!(err.kind, ErrorKind::Unsupported, "{err:?}");
+        assert!(err.message.contains("compressed"), "{}", err.message);
+    });
+}
+
+#[test]
+fn listing_speed() {
+    let Some(im) = images() else { return };
+    let t = with_fs(&im.gpt, "part/1", |fs| {
+        let t0 = std::time::Instant::now();
+        let (page, next) = fs.list(b"/many", None, 10_000).unwrap();
+        assert_eq!((page.len(), next), (2000, None));
+        t0.elapsed()
+    });
+    eprintln!("fs.list of a 2000-entry ext4 directory (cold): {t:?}");
+    assert!(t < std::time::Duration::from_secs(5));
 }

@@ -25,7 +25,11 @@ const BLOCK_CACHE: usize = 2048;
 /// Most runs a file's block map may have.
 const MAX_RUNS: usize = 1 << 22;
 /// Largest directory read (bytes).
-const MAX_DIR_SIZE: u64 = 1 << 31;
+const MAX_DIR_SIZE: u64 = 1 << 32;
+/// Most entries listed from one directory.
+const MAX_DIR_ENTRIES: usize = 4 << 20;
+/// Most extent tree nodes visited for one file.
+const MAX_EXTENT_NODES: usize = 1 << 20;
 
 fn le16(b: &[u8], at: usize) -> u16 {
     b.get(at..at + 2)
@@ -244,7 +248,8 @@ impl ExtRaw {
         let nblocks = ino.size.div_ceil(self.block_size);
         let mut runs = Vec::new();
         if ino.uses_extents() {
-            self.extent_node(ino.number, &ino.block, 0, &mut runs)?;
+            let mut visits = 0usize;
+            self.extent_node(ino.number, &ino.block, 0, &mut runs, &mut visits)?;
         } else {
             let mut logical = 0u64;
             for i in 0..15 {
@@ -331,7 +336,12 @@ impl ExtRaw {
         node: &[u8],
         depth: u32,
         runs: &mut Vec<Run>,
+        visits: &mut usize,
     ) -> Result<()> {
+        *visits += 1;
+        if *visits > MAX_EXTENT_NODES {
+            return Err(bad(format!("inode {inode}: extent tree too large")));
+        }
         if le16(node, 0) != 0xF30A {
             return Err(bad(format!("inode {inode}: bad extent header")));
         }
@@ -366,7 +376,7 @@ impl ExtRaw {
             } else {
                 let child = (u64::from(le16(e, 8)) << 32) | u64::from(le32(e, 4));
                 let blk = self.block(child)?;
-                self.extent_node(inode, &blk, depth + 1, runs)?;
+                self.extent_node(inode, &blk, depth + 1, runs, visits)?;
             }
         }
         Ok(())
@@ -444,12 +454,13 @@ impl ExtRaw {
         if dir.size > MAX_DIR_SIZE {
             return Err(bad(format!("directory inode {} is too large", dir.number)));
         }
-        let mut data = vec![0u8; dir.size as usize];
-        let n = self.read(dir, 0, &mut data)?;
-        data.truncate(n);
         let bs = self.block_size as usize;
+        let mut block = vec![0u8; bs];
         let mut out = Vec::new();
-        for (bi, block) in data.chunks(bs).enumerate() {
+        let nblocks = dir.size.div_ceil(self.block_size);
+        for bi in 0..nblocks {
+            let n = self.read(dir, bi * self.block_size, &mut block)?;
+            let block = &block[..n];
             let mut off = 0usize;
             while off + 8 <= block.len() {
                 let ino = le32(block, off);
@@ -470,6 +481,12 @@ impl ExtRaw {
                     )));
                 }
                 if ino != 0 {
+                    if out.len() >= MAX_DIR_ENTRIES {
+                        return Err(bad(format!(
+                            "directory inode {}: too many entries",
+                            dir.number
+                        )));
+                    }
                     out.push((block[off + 8..off + 8 + name_len].to_vec(), ino));
                 }
                 off += rec_len;

@@ -108,35 +108,34 @@ fn unix_time(t: fatfs::DateTime) -> i64 {
         + i64::from(t.time.sec)
 }
 
-pub struct FatBackend {
-    fs: Fat,
+/// Opens the FAT filesystem on `disk`; [`FatBackend`] borrows it.
+pub fn open(disk: Arc<dyn Disk>) -> Result<Fat> {
+    open_fs(disk)
 }
 
-impl FatBackend {
-    pub fn open(disk: Arc<dyn Disk>) -> Result<FatBackend> {
-        Ok(FatBackend { fs: open_fs(disk)? })
+/// A FAT node: directories and files are kept as fatfs handles, so reads
+/// need no lookup by name.
+#[derive(Clone)]
+pub enum FatNode<'a> {
+    Dir(FatDir<'a>),
+    File(fatfs::File<'a, DiskCursor>),
+}
+
+pub struct FatBackend<'a> {
+    fs: &'a Fat,
+    /// the file last read and its path, to continue sequential reads
+    /// without walking the cluster chain from the start
+    reading: Option<(Vec<u8>, fatfs::File<'a, DiskCursor>)>,
+}
+
+impl<'a> FatBackend<'a> {
+    pub fn new(fs: &'a Fat) -> FatBackend<'a> {
+        FatBackend { fs, reading: None }
     }
 }
 
 fn show(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
-}
-
-/// The directory at `comps` (names as stored, from the root).
-fn open_dir<'a>(fs: &'a Fat, comps: &[String], path: &[u8]) -> Result<FatDir<'a>> {
-    let mut dir = fs.root_dir();
-    for c in comps {
-        let mut next = None;
-        for e in dir.iter() {
-            let e = e.map_err(|e| io_err(&show(path), e))?;
-            if e.is_dir() && e.file_name() == *c {
-                next = Some(e.to_dir());
-                break;
-            }
-        }
-        dir = next.ok_or_else(|| Error::not_found(format!("{}: no such directory", show(path))))?;
-    }
-    Ok(dir)
 }
 
 fn entry_of(e: &fatfs::DirEntry<'_, DiskCursor>) -> Entry {
@@ -161,13 +160,13 @@ fn entry_of(e: &fatfs::DirEntry<'_, DiskCursor>) -> Entry {
     }
 }
 
-impl Backend for FatBackend {
-    type Node = Vec<String>;
+impl<'a> Backend for FatBackend<'a> {
+    type Node = FatNode<'a>;
 
-    fn root(&mut self) -> Result<Child<Vec<String>>> {
+    fn root(&mut self) -> Result<Child<FatNode<'a>>> {
         Ok(Child {
             name: Vec::new(),
-            node: Vec::new(),
+            node: FatNode::Dir(self.fs.root_dir()),
             entry: Entry {
                 name: "/".into(),
                 name_b64: None,
@@ -185,8 +184,13 @@ impl Backend for FatBackend {
         })
     }
 
-    fn read_dir(&mut self, dir: &Vec<String>, path: &[u8]) -> Result<Vec<Child<Vec<String>>>> {
-        let d = open_dir(&self.fs, dir, path)?;
+    fn read_dir(&mut self, dir: &FatNode<'a>, path: &[u8]) -> Result<Vec<Child<FatNode<'a>>>> {
+        let FatNode::Dir(d) = dir else {
+            return Err(Error::new(
+                ErrorKind::NotADirectory,
+                format!("{}: not a directory", show(path)),
+            ));
+        };
         let mut out = Vec::new();
         for e in d.iter() {
             let e = e.map_err(|e| io_err(&show(path), e))?;
@@ -194,8 +198,11 @@ impl Backend for FatBackend {
             if entry.name == "." || entry.name == ".." {
                 continue;
             }
-            let mut node = dir.clone();
-            node.push(entry.name.clone());
+            let node = if e.is_dir() {
+                FatNode::Dir(e.to_dir())
+            } else {
+                FatNode::File(e.to_file())
+            };
             out.push(Child {
                 name: entry.name.clone().into_bytes(),
                 node,
@@ -208,28 +215,33 @@ impl Backend for FatBackend {
 
     fn read_at(
         &mut self,
-        node: &Vec<String>,
+        node: &FatNode<'a>,
         _entry: &Entry,
         path: &[u8],
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
-        let Some((name, parent)) = node.split_last() else {
-            return Err(Error::new(ErrorKind::IsADirectory, "/: is a directory"));
+        let FatNode::File(file) = node else {
+            return Err(Error::new(
+                ErrorKind::IsADirectory,
+                format!("{}: is a directory", show(path)),
+            ));
         };
-        let d = open_dir(&self.fs, parent, path)?;
-        let mut file = None;
-        for e in d.iter() {
-            let e = e.map_err(|e| io_err(&show(path), e))?;
-            if e.is_file() && e.file_name() == *name {
-                file = Some(e.to_file());
-                break;
+        let reuse = match self.reading.take() {
+            Some((p, mut f)) if p == path => {
+                (f.stream_position().ok() == Some(offset)).then_some(f)
             }
-        }
-        let mut f =
-            file.ok_or_else(|| Error::not_found(format!("{}: no such file", show(path))))?;
-        f.seek(SeekFrom::Start(offset))
-            .map_err(|e| io_err(&show(path), e))?;
+            _ => None,
+        };
+        let mut f = match reuse {
+            Some(f) => f,
+            None => {
+                let mut f = file.clone();
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(|e| io_err(&show(path), e))?;
+                f
+            }
+        };
         let mut done = 0;
         while done < buf.len() {
             let n = f
@@ -240,6 +252,7 @@ impl Backend for FatBackend {
             }
             done += n;
         }
+        self.reading = Some((path.to_vec(), f));
         Ok(done)
     }
 

@@ -4,7 +4,9 @@
 //! the job queue to it, and panic containment for jobs. Callers send
 //! closures and await their results; jobs for one filesystem run one after
 //! another. The thread ends when the last handle clone is dropped.
-//! Must never block an async executor thread.
+//! [`FsHandle::open`] blocks while it reads the volume's metadata (call it
+//! from `spawn_blocking`); [`FsHandle::run`] only awaits.
+//! Must never run filesystem work on an async executor thread.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::Disk;
 use crate::restore::fs::ext::ExtBackend;
-use crate::restore::fs::fat::FatBackend;
+use crate::restore::fs::fat::{self, FatBackend};
 use crate::restore::fs::ntfs::NtfsBackend;
 use crate::restore::fs::tree::Tree;
 use crate::restore::fs::Filesystem;
@@ -22,13 +24,46 @@ use crate::restore::volume::open_volume;
 
 type Job = Box<dyn FnOnce(&mut dyn Filesystem) + Send>;
 
-/// Opens the reader for a detected filesystem (on the calling thread).
-pub fn open_filesystem(kind: FsKind, disk: Arc<dyn Disk>) -> Result<Box<dyn Filesystem>> {
-    Ok(match kind {
-        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => Box::new(Tree::new(ExtBackend::open(disk)?)),
-        FsKind::Vfat => Box::new(Tree::new(FatBackend::open(disk)?)),
-        FsKind::Ntfs => Box::new(Tree::new(NtfsBackend::open(disk)?)),
-    })
+/// Serves jobs from `queue` until every sender is gone.
+fn serve_jobs(fs: &mut dyn Filesystem, queue: &mpsc::Receiver<Job>) {
+    while let Ok(job) = queue.recv() {
+        job(fs);
+    }
+}
+
+/// Opens the reader for a detected filesystem on this thread, reports
+/// the outcome on `ready`, then serves jobs. FAT's reader borrows its
+/// filesystem object, so that object lives in this stack frame.
+fn serve(
+    kind: FsKind,
+    disk: Arc<dyn Disk>,
+    ready: mpsc::SyncSender<Result<()>>,
+    queue: mpsc::Receiver<Job>,
+) {
+    let report = |r: Result<()>| ready.send(r).is_ok();
+    match kind {
+        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => match ExtBackend::open(disk) {
+            Ok(b) if report(Ok(())) => serve_jobs(&mut Tree::new(b), &queue),
+            Ok(_) => {}
+            Err(e) => {
+                report(Err(e));
+            }
+        },
+        FsKind::Vfat => match fat::open(disk) {
+            Ok(fat) if report(Ok(())) => serve_jobs(&mut Tree::new(FatBackend::new(&fat)), &queue),
+            Ok(_) => {}
+            Err(e) => {
+                report(Err(e));
+            }
+        },
+        FsKind::Ntfs => match NtfsBackend::open(disk) {
+            Ok(b) if report(Ok(())) => serve_jobs(&mut Tree::new(b), &queue),
+            Ok(_) => {}
+            Err(e) => {
+                report(Err(e));
+            }
+        },
+    }
 }
 
 /// A handle to one open filesystem; cheap to clone, `Send + Sync`.
@@ -60,24 +95,13 @@ impl FsHandle {
         std::thread::Builder::new()
             .name(format!("fs {volume}"))
             .spawn(move || {
-                let opened = catch_unwind(AssertUnwindSafe(|| open_filesystem(kind, vol)))
-                    .unwrap_or_else(|_| {
-                        Err(Error::corrupt(format!(
-                            "volume {label}: the filesystem reader failed while opening it"
-                        )))
-                    });
-                let mut fs = match opened {
-                    Ok(fs) => {
-                        let _ = ready_tx.send(Ok(()));
-                        fs
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                while let Ok(job) = queue.recv() {
-                    job(&mut *fs);
+                let failed = ready_tx.clone();
+                let run = catch_unwind(AssertUnwindSafe(move || serve(kind, vol, ready_tx, queue)));
+                if run.is_err() {
+                    // a panic while opening (after it, jobs catch their own)
+                    let _ = failed.try_send(Err(Error::corrupt(format!(
+                        "volume {label}: the filesystem reader failed while opening it"
+                    ))));
                 }
             })
             .map_err(|e| Error::io("filesystem thread", &e))?;

@@ -20,6 +20,9 @@ pub const MAX_SYMLINK_HOPS: usize = 40;
 const MAX_PATH: usize = 64 * 1024;
 /// Deepest directory nesting a walk descends into.
 const MAX_WALK_DEPTH: usize = 1024;
+/// Most nodes one walk visits: a bound for corrupt trees whose directories
+/// loop back without inode numbers to notice it (FAT).
+const MAX_WALK_NODES: usize = 20_000_000;
 /// Largest single read served.
 const MAX_READ: usize = 64 * 1024 * 1024;
 /// Directory listings kept for repeated lookups and pagination.
@@ -60,7 +63,16 @@ pub trait Backend {
 /// panic on garbage) into a corrupt-filesystem error.
 fn guarded<T>(what: &str, path: &[u8], f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(r) => r,
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            // name the path the user asked about, once
+            let p = String::from_utf8_lossy(path);
+            if e.message.starts_with(p.as_ref()) {
+                Err(e)
+            } else {
+                Err(Error::new(e.kind, format!("{p}: {}", e.message)))
+            }
+        }
         Err(_) => Err(Error::corrupt(format!(
             "{what}: the filesystem reader failed on {}: corrupt filesystem",
             String::from_utf8_lossy(path)
@@ -339,7 +351,15 @@ impl<B: Backend> Filesystem for Tree<B> {
         let mut dirs_seen: HashSet<u64> = HashSet::new();
         // (relative path, canonical absolute path, node, depth)
         let mut stack: Vec<WalkItem<B::Node>> = vec![(base, r.path(), top, 0)];
+        let mut visited = 0usize;
         while let Some((rel, abs, node, depth)) = stack.pop() {
+            visited += 1;
+            if visited > MAX_WALK_NODES {
+                return Err(Error::corrupt(format!(
+                    "{}: more than {MAX_WALK_NODES} entries, directories probably loop",
+                    show(path)
+                )));
+            }
             let is_dir = node.entry.kind == EntryType::Dir;
             let mut hardlink_to = None;
             if !is_dir && node.entry.nlink > 1 && node.entry.inode != 0 {
