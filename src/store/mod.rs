@@ -10,8 +10,12 @@
 pub mod atomic_file;
 pub mod blob;
 pub mod chunk_store;
+pub mod datastore;
+pub mod didx;
 pub mod fidx;
+pub mod import;
 pub mod index;
+pub mod manifest;
 
 /// A chunk digest: SHA-256 of the chunk's decoded bytes.
 pub type Digest = [u8; 32];
