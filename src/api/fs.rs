@@ -300,7 +300,8 @@ fn produce(fs: &mut dyn Filesystem, path: &[u8], format: Format, zstd: bool, out
             let Some(entry) = archive_entry(we, format) else {
                 return Ok(());
             };
-            let mut reader = data.map(DataReader);
+            let with_data = matches!(entry.kind, EntryKind::File { .. });
+            let mut reader = data.filter(|_| with_data).map(DataReader);
             archive
                 .append(&entry, reader.as_mut().map(|r| r as &mut dyn Read))
                 .map_err(from_io)

@@ -112,7 +112,7 @@ pub trait FileData {
 
 /// The callback of [`Filesystem::walk`]: called for each node in pre-order
 /// (a directory before its children, siblings by name bytes). `data` is
-/// `Some` for regular files that are not hardlinks to an earlier entry.
+/// `Some` for regular files, hardlinks to an earlier entry included.
 /// Returning an error stops the walk with that error.
 pub type WalkVisitor<'a> = dyn FnMut(&WalkEntry, Option<&mut dyn FileData>) -> Result<()> + 'a;
 

@@ -376,7 +376,9 @@ impl<B: Backend> Filesystem for Tree<B> {
                     entry: node.entry.clone(),
                     hardlink_to: hardlink_to.clone(),
                 };
-                if node.entry.kind == EntryType::File && hardlink_to.is_none() {
+                // Hardlinks get their data too: formats without hardlinks
+                // (zip) store the file again.
+                if node.entry.kind == EntryType::File {
                     let r = Resolved {
                         chain: vec![node.clone()],
                     };
