@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use restore_agent::api::Agent;
+use restore_agent::demo::Demo;
 use restore_agent::pool::{ChunkPool, PoolConfig};
 use restore_agent::restore::backups::Backups;
 use restore_agent::rpc::auth::Ticket;
@@ -27,9 +28,9 @@ struct Args {
     /// File holding the ticket clients must authenticate with
     #[arg(long, value_name = "PATH", default_value = "/ticket")]
     ticket_file: PathBuf,
-    /// Shut down after this many seconds without a request (0 = never)
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    idle_timeout: u64,
+    /// Shut down after this many seconds without a request (0 = never) [default: 600, with --demo 0]
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
     /// Close connections that have not authenticated within this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     auth_timeout: u64,
@@ -60,6 +61,9 @@ struct Args {
     /// Most chunks read ahead on sequential access
     #[arg(long, value_name = "N", default_value_t = 8)]
     readahead: usize,
+    /// Serve a built-in demo datastore on a Unix socket and TCP 127.0.0.1 with a fresh ticket
+    #[arg(long)]
+    demo: bool,
     /// Chunk read worker threads (default: number of cores)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: Option<u64>,
@@ -88,8 +92,25 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(mut args: Args) -> Result<(), String> {
     let poweroff = args.poweroff_on_exit;
+    // Kept until the agent has stopped; dropping it removes the demo files.
+    let demo = if args.demo {
+        Some(Demo::create()?)
+    } else {
+        None
+    };
+    if let Some(demo) = &demo {
+        if args.listen.is_empty() {
+            args.listen = vec![
+                format!("unix:{}", demo.socket.display()),
+                "tcp:127.0.0.1:0".into(),
+            ];
+        }
+        args.ticket_file = demo.ticket_file.clone();
+        args.datastore = Some(demo.store.clone());
+        args.idle_timeout = Some(args.idle_timeout.unwrap_or(0));
+    }
     // Parsed here rather than by clap so that a bad address is one line.
     let addrs = if args.listen.is_empty() {
         vec![ListenAddr::Vsock {
@@ -107,7 +128,7 @@ fn run(args: Args) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(serve(args, addrs, ticket))?;
+    runtime.block_on(serve(args, addrs, ticket, demo.as_ref()))?;
     // Connections that outlived the grace period must not keep the process.
     runtime.shutdown_timeout(Duration::from_millis(100));
     if poweroff {
@@ -116,7 +137,12 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(), String> {
+async fn serve(
+    args: Args,
+    addrs: Vec<ListenAddr>,
+    ticket: Ticket,
+    demo: Option<&Demo>,
+) -> Result<(), String> {
     let backups = open_backups(&args)?;
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in &addrs {
@@ -126,7 +152,17 @@ async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(),
         log::info!("listening on {}", listener.local_addr());
         listeners.push(listener);
     }
-    let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
+    if let Some(demo) = demo {
+        let tcp = listeners
+            .iter()
+            .map(Listener::local_addr)
+            .find_map(|a| a.strip_prefix("tcp:").map(String::from));
+        println!("{}", demo.instructions(tcp.as_deref()));
+    }
+    let idle = match args.idle_timeout.unwrap_or(600) {
+        0 => None,
+        secs => Some(Duration::from_secs(secs)),
+    };
     let shared = Shared::new(idle);
     let router = restore_agent::api::router(Agent::new(shared.clone(), backups));
     let cfg = ServerConfig {
