@@ -19,14 +19,18 @@ use sha2::{Digest, Sha256};
 
 const TOOLS: &[&str] = &[
     "mke2fs",
+    "dumpe2fs",
+    "debugfs",
     "mkfs.vfat",
     "mcopy",
-    "mmd",
     "mkntfs",
     "ntfscp",
     "sgdisk",
     "sfdisk",
-    "debugfs",
+    "mkswap",
+    "mkfifo",
+    "truncate",
+    "dd",
 ];
 const MTIME: i64 = 1_600_000_000;
 const MIB: u64 = 1024 * 1024;
@@ -42,7 +46,9 @@ fn have_tools() -> bool {
         })
         .collect();
     if !missing.is_empty() {
-        eprintln!("SKIPPED: missing tools {missing:?} (install e2fsprogs dosfstools mtools ntfs-3g gdisk fdisk)");
+        eprintln!(
+            "SKIPPED: missing tools {missing:?} (Debian: e2fsprogs dosfstools mtools ntfs-3g gdisk fdisk util-linux coreutils)"
+        );
         return false;
     }
     true
@@ -329,6 +335,11 @@ fn build() -> Images {
         ("empty.txt".to_string(), Vec::new()),
         ("Grüße.txt".to_string(), "grüße\n".as_bytes().to_vec()),
     ];
+    // enough names for the root index to spill into $INDEX_ALLOCATION
+    let mut ntfs_files = ntfs_files;
+    for i in 0..150u64 {
+        ntfs_files.push((format!("n{i:03}.txt"), noise(500 + i, (i * 37) as usize)));
+    }
     let ntfs_src = d.join("ntfs_src");
     for (name, data) in &ntfs_files {
         write(&ntfs_src.join(name), data);

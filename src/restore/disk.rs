@@ -220,3 +220,61 @@ impl ext4_view::Ext4Read for Ext4Reader {
         read_exact_at(&*self.0, start_byte, dst, "ext filesystem").map_err(|e| e.into())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk_of(data: &[u8]) -> (tempfile::TempDir, Arc<dyn Disk>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, data).unwrap();
+        let d: Arc<dyn Disk> = Arc::new(FileDisk::open(&p).unwrap());
+        (dir, d)
+    }
+
+    #[test]
+    fn slice_reads_never_leave_the_window() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let (_t, d) = disk_of(&data);
+        let s = Slice::new(d.clone(), 1000, 500);
+        assert_eq!(s.size(), 500);
+        let mut buf = vec![0u8; 800];
+        assert_eq!(s.read_at(0, &mut buf).unwrap(), 500);
+        assert_eq!(&buf[..500], &data[1000..1500]);
+        assert_eq!(s.read_at(450, &mut buf).unwrap(), 50);
+        assert_eq!(s.read_at(500, &mut buf).unwrap(), 0);
+        assert_eq!(s.read_at(u64::MAX, &mut buf).unwrap(), 0);
+        // a table claiming more than the disk holds is clipped to it
+        let s = Slice::new(d.clone(), 9_900, 1 << 40);
+        assert_eq!(s.size(), 100);
+        assert_eq!(Slice::new(d, 1 << 50, 10).size(), 0);
+    }
+
+    #[test]
+    fn cursor_reads_seeks_and_refuses_writes() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (_t, d) = disk_of(&data);
+        let mut c = DiskCursor::new(d);
+        let mut small = [0u8; 7];
+        c.seek(SeekFrom::Start(65_533)).unwrap();
+        c.read_exact(&mut small).unwrap(); // across a buffer boundary
+        assert_eq!(&small, &data[65_533..65_540]);
+        let mut big = vec![0u8; 100_000];
+        c.seek(SeekFrom::Start(10)).unwrap();
+        c.read_exact(&mut big).unwrap();
+        assert_eq!(&big[..], &data[10..100_010]);
+        assert_eq!(c.seek(SeekFrom::End(-1)).unwrap(), 199_999);
+        assert!(c.seek(SeekFrom::Current(-300_000)).is_err());
+        let mut rest = Vec::new();
+        c.seek(SeekFrom::Start(199_990)).unwrap();
+        c.read_to_end(&mut rest).unwrap();
+        assert_eq!(&rest[..], &data[199_990..]);
+        let e = c.write(b"x").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        // a short read past the end of the disk is an error for exact reads
+        let mut buf = [0u8; 10];
+        let e = read_exact_at(&*c.disk, 199_995, &mut buf, "test").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt);
+    }
+}
