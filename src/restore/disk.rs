@@ -126,25 +126,27 @@ fn to_io(err: Error) -> io::Error {
 /// A `Read + Seek` cursor over a disk, with a `Write` that refuses every
 /// write (fatfs wants a read-write device even to read).
 ///
-/// Small reads (fatfs reads FAT entries a few bytes at a time) are served
-/// from one buffered aligned block; large reads go straight to the disk.
+/// Small reads (fatfs reads FAT entries and clusters a few hundred bytes
+/// at a time, alternating between the FAT and the data area) are served
+/// from a few buffered aligned blocks; large reads go straight to the disk.
 pub struct DiskCursor {
     disk: Arc<dyn Disk>,
     pos: u64,
-    block_start: u64,
-    block: Vec<u8>,
+    /// (start offset, bytes), most recently used first
+    blocks: Vec<(u64, Vec<u8>)>,
 }
 
-/// Size of the cursor's read buffer.
+/// Size of one buffered block.
 const CURSOR_BLOCK: u64 = 64 * 1024;
+/// Buffered blocks kept.
+const CURSOR_BLOCKS: usize = 4;
 
 impl DiskCursor {
     pub fn new(disk: Arc<dyn Disk>) -> DiskCursor {
         DiskCursor {
             disk,
             pos: 0,
-            block_start: 0,
-            block: Vec::new(),
+            blocks: Vec::new(),
         }
     }
 }
@@ -156,22 +158,25 @@ impl Read for DiskCursor {
             self.pos += n as u64;
             return Ok(n);
         }
-        let in_block =
-            self.pos >= self.block_start && self.pos < self.block_start + self.block.len() as u64;
-        if !in_block {
-            let start = self.pos - self.pos % CURSOR_BLOCK;
-            self.block.resize(CURSOR_BLOCK as usize, 0);
-            let n = self.disk.read_at(start, &mut self.block).map_err(to_io)?;
-            self.block.truncate(n);
-            self.block_start = start;
-            if self.pos >= start + n as u64 {
-                return Ok(0);
+        let start = self.pos - self.pos % CURSOR_BLOCK;
+        let hit = self.blocks.iter().position(|(s, _)| *s == start);
+        let block = match hit {
+            Some(i) => self.blocks.remove(i),
+            None => {
+                let mut b = vec![0u8; CURSOR_BLOCK as usize];
+                let n = self.disk.read_at(start, &mut b).map_err(to_io)?;
+                b.truncate(n);
+                (start, b)
             }
+        };
+        let off = (self.pos - start) as usize;
+        let n = buf.len().min(block.1.len().saturating_sub(off));
+        if n > 0 {
+            buf[..n].copy_from_slice(&block.1[off..off + n]);
         }
-        let off = (self.pos - self.block_start) as usize;
-        let n = buf.len().min(self.block.len() - off);
-        buf[..n].copy_from_slice(&self.block[off..off + n]);
         self.pos += n as u64;
+        self.blocks.insert(0, block);
+        self.blocks.truncate(CURSOR_BLOCKS);
         Ok(n)
     }
 }
@@ -270,6 +275,8 @@ mod tests {
         c.seek(SeekFrom::Start(199_990)).unwrap();
         c.read_to_end(&mut rest).unwrap();
         assert_eq!(&rest[..], &data[199_990..]);
+        c.seek(SeekFrom::Start(300_000)).unwrap();
+        assert_eq!(c.read(&mut small).unwrap(), 0); // past the end
         let e = c.write(b"x").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
         // a short read past the end of the disk is an error for exact reads
