@@ -1317,3 +1317,34 @@ fn listing_speed() {
     }
     assert!(t < std::time::Duration::from_secs(5));
 }
+
+#[test]
+fn hostile_partition_tables() {
+    let Some(im) = images() else { return };
+    // a GPT header claiming four billion entries
+    let (_d, huge) = damaged(&im.gpt, |d| {
+        d[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes())
+    });
+    let e = list_volumes(disk(&huge)).err().unwrap();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+    assert!(e.message.contains("GPT"), "{}", e.message);
+    // a primary GPT of garbage: the backup header at the end is used
+    let (_d, primary) = damaged(&im.gpt, |d| d[512..1024].copy_from_slice(&noise(21, 512)));
+    let v = list_volumes(disk(&primary)).unwrap();
+    assert_eq!(v.len(), 5, "{v:?}");
+    // an EBR chain pointing backwards: no logical partitions, no hang
+    let (_d, ebr) = damaged(&im.mbr, |d| {
+        let ext = u32::from_le_bytes(d[446 + 16 + 8..446 + 16 + 12].try_into().unwrap()) as usize;
+        let first = ext * 512;
+        // the first EBR's "next" entry points to itself
+        d[first + 446 + 16 + 8..first + 446 + 16 + 12].copy_from_slice(&0u32.to_le_bytes());
+        d[first + 446 + 16 + 12..first + 446 + 16 + 16].copy_from_slice(&1u32.to_le_bytes());
+        d[first + 446 + 16 + 4] = 0x05;
+    });
+    let _ = list_volumes(disk(&ebr));
+    // partitions that reach past the end of the disk are clipped to it
+    let (_d, short) = damaged(&im.mbr, |d| d.truncate(d.len() / 2));
+    for v in list_volumes(disk(&short)).unwrap() {
+        assert!(v.start <= std::fs::metadata(&short).unwrap().len(), "{v:?}");
+    }
+}
