@@ -1036,6 +1036,14 @@ fn walk_finds_every_node_and_hardlinks() {
         links,
         [(b"hello.txt".as_slice(), b"a/hard_hello.txt".as_slice())]
     );
+    let long = items.iter().find(|w| w.path == b"link_long").unwrap();
+    assert_eq!(
+        long.link_target.as_deref(),
+        Some(("x/".repeat(40) + "target").as_bytes())
+    );
+    assert!(items
+        .iter()
+        .all(|w| (w.entry.kind == EntryType::Symlink) == w.link_target.is_some()));
     // parents before children
     let pos = |p: &[u8]| items.iter().position(|w| w.path == p).unwrap();
     assert!(pos(b"a") < pos(b"a/b") && pos(b"a/b") < pos(b"a/b/mid.txt"));

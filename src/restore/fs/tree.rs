@@ -374,6 +374,7 @@ impl<B: Backend> Filesystem for Tree<B> {
                 let we = WalkEntry {
                     path: rel.clone(),
                     entry: node.entry.clone(),
+                    link_target: node.link.clone(),
                     hardlink_to: hardlink_to.clone(),
                 };
                 if node.entry.kind == EntryType::File && hardlink_to.is_none() {
