@@ -1113,6 +1113,7 @@ fn hostile_images_give_clear_errors() {
     assert_eq!(v.len(), 1);
     assert!(!v[0].supported && v[0].reason.is_some(), "{v:?}");
     let e = FsHandle::open(disk(&bad_sb), "raw").err().unwrap();
+    eprintln!("corrupt superblock: {} {}", e.kind.code(), e.message);
     assert!(
         matches!(e.kind, ErrorKind::Corrupt | ErrorKind::Unsupported),
         "{e:?}"
@@ -1130,6 +1131,7 @@ fn hostile_images_give_clear_errors() {
         let e = fs.list(b"/a/b", None, 100).err().unwrap();
         assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
         assert!(e.message.contains("directory"), "{}", e.message);
+        eprintln!("garbage directory block: {} {}", e.kind.code(), e.message);
         // the rest still serves
         assert_eq!(read_all(fs, b"/hello.txt"), b"hello, world\n");
     });
@@ -1152,6 +1154,7 @@ fn hostile_images_give_clear_errors() {
                             matches!(e.kind, ErrorKind::Corrupt | ErrorKind::Io),
                             "{e:?}"
                         );
+                        eprintln!("truncated image: {} {}", e.kind.code(), e.message);
                         errors += 1;
                         break;
                     }
@@ -1159,6 +1162,18 @@ fn hostile_images_give_clear_errors() {
             }
         }
         assert!(errors > 0, "nothing lies past the cut");
+        // the directory still lists; the symlink whose target lies past the
+        // cut is listed without a target and errors when followed
+        let root = list_all(fs, b"/");
+        let long = root.iter().find(|e| e.name == "link_long").unwrap();
+        assert_eq!(
+            (long.kind, long.target.as_deref()),
+            (EntryType::Symlink, None)
+        );
+        assert_eq!(
+            fs.stat(b"/link_long", true).err().unwrap().kind,
+            ErrorKind::Corrupt
+        );
     });
     // garbage FAT boot sector fields and a garbage FAT directory
     let (_d5, bad_fat) = damaged(&im.raw_fat, |d| d[11..36].copy_from_slice(&noise(13, 25)));

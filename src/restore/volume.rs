@@ -167,7 +167,11 @@ fn describe(
     let reason = if supported {
         None
     } else {
-        Some(p.unsupported.unwrap_or_else(|| "unknown filesystem".into()))
+        Some(
+            p.unsupported
+                .map(|e| e.message)
+                .unwrap_or_else(|| "unknown filesystem".into()),
+        )
     };
     (p.fs.map(|k| k.name()), p.label, p.uuid, supported, reason)
 }
@@ -199,7 +203,10 @@ pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
         let probed = match probe(&slice) {
             Ok(pr) => pr,
             Err(e) => Probe {
-                unsupported: Some(format!("cannot read the partition: {e}")),
+                unsupported: Some(Error::new(
+                    e.kind,
+                    format!("cannot read the partition: {e}"),
+                )),
                 ..Probe::default()
             },
         };

@@ -13,10 +13,9 @@
 //! Must never write, and never be moved to another thread (ext4-view is
 //! `!Send`); [`super::FsHandle`] pins it.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-
-use std::collections::HashMap;
 
 use ext4_view::{Ext4, Ext4Error, Metadata};
 
@@ -47,11 +46,9 @@ fn map_err(what: &str, e: Ext4Error) -> Error {
         },
         _ => ErrorKind::Corrupt,
     };
-    let text = match kind {
-        ErrorKind::Unsupported => format!("{what}: unsupported ext filesystem: {e}"),
-        ErrorKind::Corrupt => format!("{what}: corrupt ext filesystem: {e}"),
-        _ => format!("{what}: {e}"),
-    };
+    // ext4-view's text already says "corrupt filesystem: ..." or
+    // "incompatible filesystem: ..."
+    let text = format!("{what}: {e}");
     Error::new(kind, text)
 }
 
@@ -123,11 +120,20 @@ impl ExtBackend {
         } else {
             EntryType::Socket
         };
+        // an unreadable symlink target must not hide its siblings: the
+        // error is kept for whoever follows the link
+        let mut broken = None;
         let link = if kind == EntryType::Symlink {
-            let p = ext4_view::Path::try_from(path)
-                .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))?;
-            let target = self.fs.read_link(p).map_err(|e| map_err(&what, e))?;
-            Some(target.as_ref().to_vec())
+            let target = ext4_view::Path::try_from(path)
+                .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))
+                .and_then(|p| self.fs.read_link(p).map_err(|e| map_err(&what, e)));
+            match target {
+                Ok(t) => Some(t.as_ref().to_vec()),
+                Err(e) => {
+                    broken = Some(e);
+                    None
+                }
+            }
         } else {
             None
         };
@@ -160,6 +166,7 @@ impl ExtBackend {
             node: number,
             entry,
             link,
+            broken,
         })
     }
 

@@ -76,7 +76,7 @@ pub fn probe(disk: Arc<dyn Disk>, head: &[u8]) -> Probe {
                 probe.label = (!l.is_empty()).then_some(l);
             }
         }
-        Err(e) => probe.unsupported = Some(e.message),
+        Err(e) => probe.unsupported = Some(e),
     }
     if probe.label.as_deref() == Some("NO NAME") {
         probe.label = None;
@@ -181,6 +181,7 @@ impl<'a> Backend for FatBackend<'a> {
                 nlink: 1,
             },
             link: None,
+            broken: None,
         })
     }
 
@@ -208,6 +209,7 @@ impl<'a> Backend for FatBackend<'a> {
                 node,
                 entry,
                 link: None,
+                broken: None,
             });
         }
         Ok(out)

@@ -65,7 +65,7 @@ pub fn probe(disk: Arc<dyn Disk>) -> Probe {
             }));
             probe.label = name.ok().flatten().filter(|n| !n.is_empty());
         }
-        Err(e) => probe.unsupported = Some(e.message),
+        Err(e) => probe.unsupported = Some(e),
     }
     probe
 }
@@ -167,6 +167,7 @@ impl Backend for NtfsBackend {
             node: ROOT_RECORD,
             entry,
             link: None,
+            broken: None,
         })
     }
 
@@ -210,6 +211,7 @@ impl Backend for NtfsBackend {
                 node: record,
                 entry,
                 link: None,
+                broken: None,
             });
         }
         Ok(out)

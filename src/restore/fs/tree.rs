@@ -36,6 +36,8 @@ pub struct Child<N> {
     pub entry: Entry,
     /// raw symlink target, for symlinks
     pub link: Option<Vec<u8>>,
+    /// why this node's symlink target could not be read, if so
+    pub broken: Option<Error>,
 }
 
 /// What a filesystem backend provides; `path` arguments are the canonical
@@ -228,6 +230,9 @@ impl<B: Backend> Tree<B> {
                         "{:?}: too many levels of symbolic links (more than {MAX_SYMLINK_HOPS})",
                         show(path)
                     )));
+                }
+                if let Some(e) = &child.broken {
+                    return Err(e.clone());
                 }
                 let target = child.link.clone().unwrap_or_default();
                 if target.is_empty() {
