@@ -158,7 +158,9 @@ fn make_unix(root: &Path, big: bool) {
     )
     .unwrap();
     write(&root.join("modes/owned"), b"owned\n");
-    std::os::unix::fs::chown(root.join("modes/owned"), Some(1234), Some(5678)).unwrap();
+    // needs root (as in CI); without it the file keeps the caller's ids,
+    // which the comparison then expects
+    let _ = std::os::unix::fs::chown(root.join("modes/owned"), Some(1234), Some(5678));
     let raw = std::ffi::OsStr::from_bytes(b"latin1_\xe9t\xe9.txt");
     write(&root.join(raw), b"not utf-8 name\n");
     run(Command::new("mkfifo").arg(root.join("modes/fifo")));
@@ -1370,4 +1372,56 @@ fn hostile_partition_tables() {
     for v in list_volumes(disk(&short)).unwrap() {
         assert!(v.start <= std::fs::metadata(&short).unwrap().len(), "{v:?}");
     }
+}
+
+#[test]
+fn handle_is_shared_across_tasks() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<FsHandle>();
+    let Some(im) = images() else { return };
+    let h = FsHandle::open(disk(&im.gpt), "part/1").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let want = sha(&std::fs::read(im.src_ext4.join("mib3.bin")).unwrap());
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..8u64 {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut data = Vec::new();
+                loop {
+                    let off = data.len() as u64;
+                    let len = 100_000 + i as usize * 1000;
+                    let (chunk, eof) = h
+                        .run(move |fs| fs.read(b"/mib3.bin", off, len))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    data.extend_from_slice(&chunk);
+                    if eof {
+                        return sha(&data);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), want);
+        }
+        // a job that panics is reported as corrupt; the handle serves on
+        let e = h
+            .run(|_| -> u32 { panic!("job panics") })
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::Corrupt);
+        assert_eq!(
+            h.run(|fs| fs.stat(b"/", false).map(|e| e.kind))
+                .await
+                .unwrap()
+                .unwrap(),
+            EntryType::Dir
+        );
+    });
 }
