@@ -216,7 +216,6 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 struct Images {
-    _dir: tempfile::TempDir,
     /// full Unix tree (ext4 default, with the big file)
     src_ext4: PathBuf,
     /// Unix tree without the big file (ext2, ext3)
@@ -284,8 +283,12 @@ fn sectors(p: &Path) -> u64 {
 }
 
 fn build() -> Images {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    // under the target dir, replaced on every run: a static is never
+    // dropped, so a temp dir in /tmp would be left behind each time
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs_images");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let d = d.as_path();
     let src_ext4 = d.join("src_ext4");
     make_plain(&src_ext4, false);
     make_unix(&src_ext4, true);
@@ -437,7 +440,6 @@ fn build() -> Images {
         raw_fat: fat12.clone(),
         raw_ext: ext3,
         ext4_img: ext4,
-        _dir: dir,
     }
 }
 
