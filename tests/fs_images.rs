@@ -756,7 +756,11 @@ fn unpartitioned_disks() {
     }
     let src = im.src_fat12.clone();
     with_fs(&im.raw_fat, "raw", move |fs| {
-        compare_tree(fs, &src, b"/", &Flavor::Fat)
+        compare_tree(fs, &src, b"/", &Flavor::Fat);
+        // FAT names match case-insensitively when no exact match exists
+        assert_eq!(read_all(fs, b"/SMALL/One.TXT"), b"one\n");
+        let e = fs.stat(b"/long file name HERE.txt", false).unwrap();
+        assert_eq!(e.name, "Long File Name Here.txt");
     });
     // an empty disk: no table, no filesystem
     let dir = tempfile::tempdir().unwrap();
@@ -878,6 +882,16 @@ fn ntfs_root_files_match_source() {
         assert_eq!(
             fs.list(b"/hello.txt", None, 10).err().unwrap().kind,
             ErrorKind::NotADirectory
+        );
+        // Windows names match case-insensitively
+        assert_eq!(fs.stat(b"/HELLO.TXT", false).unwrap().name, "hello.txt");
+        assert_eq!(
+            fs.stat(b"/GRUSSE.TXT", false).err().unwrap().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            fs.stat("/GRÜßE.TXT".as_bytes(), false).unwrap().name,
+            "Grüße.txt"
         );
     });
 }

@@ -59,6 +59,11 @@ pub trait Backend {
     ) -> Result<usize>;
     /// Names this filesystem in error messages.
     fn what(&self) -> &str;
+    /// Whether names match case-insensitively when no exact match exists
+    /// (FAT, NTFS as Windows sees them).
+    fn case_insensitive(&self) -> bool {
+        false
+    }
 }
 
 /// Runs backend code, turning a panic inside a filesystem crate (they may
@@ -206,9 +211,18 @@ impl<B: Backend> Tree<B> {
                 ));
             }
             let kids = self.listing(&dir, &dir_path)?;
-            let child = match kids.binary_search_by(|c| c.name.as_slice().cmp(&comp)) {
-                Ok(i) => kids[i].clone(),
-                Err(_) => {
+            let exact = kids.binary_search_by(|c| c.name.as_slice().cmp(&comp)).ok();
+            let found = exact.or_else(|| {
+                if !self.backend.case_insensitive() {
+                    return None;
+                }
+                let want = String::from_utf8_lossy(&comp).to_lowercase();
+                kids.iter()
+                    .position(|c| String::from_utf8_lossy(&c.name).to_lowercase() == want)
+            });
+            let child = match found {
+                Some(i) => kids[i].clone(),
+                None => {
                     let mut p = dir_path.clone();
                     if p != b"/" {
                         p.push(b'/');
