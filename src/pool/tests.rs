@@ -580,3 +580,88 @@ fn stats_serialize_with_the_status_field_names() {
         assert_eq!(json["cache"][field], 0, "{field}");
     }
 }
+
+/// Writes `pieces` as chunk files of `store` and returns the didx entries.
+fn write_dynamic(store: &TestStore, pieces: &[&[u8]]) -> Vec<(u64, Digest)> {
+    let mut end = 0;
+    pieces
+        .iter()
+        .map(|piece| {
+            let digest = sha256(piece);
+            let path = store.chunks.chunk_path(&digest);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, blob::encode(piece, true)).unwrap();
+            end += piece.len() as u64;
+            (end, digest)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_index_reads_equal_source() {
+    use crate::store::didx::DynamicIndex;
+    let store = TestStore::new(Vec::new());
+    let data = mixed_image();
+    let cuts = [
+        0,
+        1,
+        1000,
+        70_000,
+        70_005,
+        300_000,
+        300_001,
+        700_000,
+        1_000_000,
+        data.len(),
+    ];
+    let pieces: Vec<&[u8]> = cuts.windows(2).map(|w| &data[w[0]..w[1]]).collect();
+    let entries = write_dynamic(&store, &pieces);
+    let index = Arc::new(DynamicIndex::new("root.pxar.didx", &entries, [0; 16], 0).unwrap());
+    let pool = pool(2, 4 << 20, 8);
+    let reader = pool.open_index(store.chunks.clone(), index, "root.pxar.didx".into());
+    assert_eq!(reader.size(), data.len() as u64);
+    let mut probes = Vec::new();
+    for &c in &cuts {
+        for off in [c.saturating_sub(1), c, c + 1] {
+            for len in [1, 2, 999, 70_000, 400_000] {
+                probes.push((off as u64, len));
+            }
+        }
+    }
+    probes.push((0, data.len()));
+    for (off, len) in probes {
+        let mut buf = vec![0u8; len];
+        let n = reader.read_at(off, &mut buf).await.unwrap();
+        assert_eq!(
+            &buf[..n],
+            expected(&data, off, len),
+            "didx read_at({off}, {len})"
+        );
+    }
+    // Each distinct chunk was read once (the cache holds them all).
+    assert_eq!(pool.stats().reads, pieces.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_decoding_to_more_than_its_index_range_is_1004() {
+    use crate::store::didx::DynamicIndex;
+    let store = TestStore::new(Vec::new());
+    let big = random_bytes(20, 5000);
+    let small = random_bytes(21, 100);
+    let mut entries = write_dynamic(&store, &[&small, &big]);
+    // The index claims the second chunk is 1000 bytes long.
+    entries[1].0 = entries[0].0 + 1000;
+    let index = Arc::new(DynamicIndex::new("lying.didx", &entries, [0; 16], 0).unwrap());
+    let pool = pool(1, 1 << 20, 0);
+    let reader = pool.open_index(store.chunks.clone(), index, "lying.didx".into());
+    let err = reader.read_slices(200, 10).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Corrupt, "{}", err.message);
+    assert!(
+        err.message.contains(&digest_hex(&entries[1].1)),
+        "{}",
+        err.message
+    );
+    // The honest chunk still reads.
+    let slices = reader.read_slices(0, 100).await.unwrap();
+    assert_eq!(slices[0].as_slice(), &small[..]);
+}
