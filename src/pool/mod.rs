@@ -33,7 +33,7 @@ use serde::Serialize;
 pub use load::RAW_CHUNK_SIZE;
 pub use reader::{ArchiveReader, ChunkSlice, MAX_SLICES_BYTES};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::store::chunk_store::ChunkStore;
 use crate::store::index::ChunkIndex;
 use crate::store::{digest_hex, sha256, Digest, MAX_CHUNK_SIZE};
@@ -187,7 +187,10 @@ impl ChunkPool {
         let mut file = File::open(path).map_err(|e| Error::io(what(), &e))?;
         let meta = file.metadata().map_err(|e| Error::io(what(), &e))?;
         if meta.is_dir() {
-            return Err(Error::unsupported(format!("{}: is a directory", what())));
+            return Err(Error::new(
+                ErrorKind::IsADirectory,
+                format!("{}: is a directory", what()),
+            ));
         }
         // Block devices report size 0 in metadata; the end offset is right.
         let size = file

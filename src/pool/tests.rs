@@ -223,6 +223,8 @@ async fn raw_image_reads_equal_source() {
 
     let missing = pool.open_raw_image(&dir.path().join("nope"), "nope".into());
     assert_eq!(missing.unwrap_err().kind, ErrorKind::NotFound);
+    let dir_err = pool.open_raw_image(dir.path(), "dir".into()).unwrap_err();
+    assert_eq!(dir_err.kind, ErrorKind::IsADirectory);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
