@@ -667,3 +667,45 @@ async fn chunk_decoding_to_more_than_its_index_range_is_1004() {
     let slices = reader.read_slices(0, 100).await.unwrap();
     assert_eq!(slices[0].as_slice(), &small[..]);
 }
+
+/// (read syscalls, bytes read) so far by the thread named `name`.
+fn thread_reads(name: &str) -> (u64, u64) {
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let io = std::fs::read_to_string(task.join("io")).unwrap();
+        let field = |key: &str| -> u64 {
+            io.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap()
+        };
+        return (field("syscr:"), field("rchar:"));
+    }
+    panic!("no thread named {name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_file_is_read_in_one_read_call() {
+    let store = TestStore::new(mixed_image());
+    let pool = pool(1, 4 << 20, 0);
+    let reader = store.reader(&pool);
+    let worker = super::worker::worker_name(pool.id, 0);
+    wait_until("worker started", || {
+        std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+            std::fs::read_to_string(t.unwrap().path().join("comm"))
+                .is_ok_and(|c| c.trim_end() == worker)
+        })
+    });
+    for i in [0usize, 7] {
+        let file_len = std::fs::metadata(store.chunk_path(i)).unwrap().len();
+        let (calls, bytes) = thread_reads(&worker);
+        reader.read_slices(i as u64 * CS, 1).await.unwrap();
+        let (calls2, bytes2) = thread_reads(&worker);
+        assert_eq!(calls2 - calls, 1, "chunk {i}: one read syscall");
+        assert_eq!(bytes2 - bytes, file_len, "chunk {i}: the whole file");
+    }
+}

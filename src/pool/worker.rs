@@ -11,13 +11,22 @@ use std::thread::JoinHandle;
 use super::state::Shared;
 use crate::error::{Error, ErrorKind};
 
+/// Name of worker `n` of pool `pool_id` (short: Linux keeps 15 bytes).
+pub(super) fn worker_name(pool_id: u64, n: usize) -> String {
+    format!("pool{pool_id}-w{n}")
+}
+
 /// Starts `count` workers serving `shared` until it shuts down.
-pub(super) fn spawn_workers(shared: &Arc<Shared>, count: usize) -> Vec<JoinHandle<()>> {
+pub(super) fn spawn_workers(
+    shared: &Arc<Shared>,
+    count: usize,
+    pool_id: u64,
+) -> Vec<JoinHandle<()>> {
     (0..count)
         .filter_map(|n| {
             let shared = Arc::clone(shared);
             std::thread::Builder::new()
-                .name(format!("chunk-pool-{n}"))
+                .name(worker_name(pool_id, n))
                 .spawn(move || run(&shared))
                 .map_err(|e| log::error!("cannot start chunk pool worker {n}: {e}"))
                 .ok()
