@@ -709,3 +709,41 @@ async fn a_chunk_file_is_read_in_one_read_call() {
         assert_eq!(bytes2 - bytes, file_len, "chunk {i}: the whole file");
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn async_reads_never_block_the_runtime_thread() {
+    let store = TestStore::new(mixed_image());
+    let pool = pool(1, 4 << 20, 0);
+    let reader = store.reader(&pool);
+    pool.shared.set_paused(true);
+    // Safety net: a blocking implementation would hold the only runtime
+    // thread until this resumes the pool.
+    let shared = Arc::clone(&pool.shared);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = Arc::clone(&done);
+    let net = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !finished.load(std::sync::atomic::Ordering::Relaxed)
+            && start.elapsed() < Duration::from_secs(3)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        shared.set_paused(false);
+    });
+    let read = tokio::spawn(async move { reader.read_slices(CS, 10).await });
+    let start = Instant::now();
+    let mut runtime_free_while_waiting = false;
+    while start.elapsed() < Duration::from_secs(2) {
+        tokio::task::yield_now().await;
+        if pool.stats().queued == 1 && pool.shared.lock().paused {
+            runtime_free_while_waiting = true;
+            break;
+        }
+    }
+    pool.shared.set_paused(false);
+    let slices = read.await.unwrap().unwrap();
+    assert_eq!(slices[0].as_slice(), expected(&store.data, CS, 10));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    net.join().unwrap();
+    assert!(runtime_free_while_waiting, "the runtime thread was blocked");
+}
