@@ -35,10 +35,12 @@ pub(super) fn spawn_workers(
 }
 
 fn run(shared: &Shared) {
+    // Chunk file contents, reused from chunk to chunk (see load.rs).
+    let mut raw = Vec::new();
     while let Some((key, load)) = shared.next_load() {
         // Decoding untrusted data must not take the worker (and every
         // waiter of this chunk) down with it, whatever a library does.
-        let result = panic::catch_unwind(AssertUnwindSafe(|| load.run()))
+        let result = panic::catch_unwind(AssertUnwindSafe(|| load.run(&mut raw)))
             .unwrap_or_else(|_| {
                 Err(Error::new(
                     ErrorKind::Io,
