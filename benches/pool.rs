@@ -18,13 +18,14 @@
 //! MAX(ACS) = ACS / (AST + ACS/MRS) figure.
 //!
 //! Usage: cargo bench --bench pool -- [--cold] [--size-mib N] [--dir DIR]
+//!        [--agent-arg ARG]...   (extra agent options for (c), e.g. --cache-mb 16)
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,7 +43,7 @@ const MB: f64 = 1e6;
 /// The snapshot and archive the agent serves the image as in (c).
 const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
 const ARCHIVE: &str = "bench.img.fidx";
-/// The agent's default cache (what the RSS goal is measured against).
+/// The agent's default `--cache-mb` (what the RSS goal is measured against).
 const AGENT_CACHE_MIB: u64 = 48;
 /// `image.read` requests kept in flight in (c).
 const PIPELINE: usize = 4;
@@ -51,6 +52,8 @@ struct Args {
     cold: bool,
     size_mib: usize,
     dir: PathBuf,
+    /// Extra options for the agent in (c), e.g. `--cache-mb 16`.
+    agent_args: Vec<String>,
 }
 
 fn parse_args() -> Args {
@@ -58,6 +61,7 @@ fn parse_args() -> Args {
         cold: false,
         size_mib: 1024,
         dir: std::env::temp_dir(),
+        agent_args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -75,6 +79,10 @@ fn parse_args() -> Args {
                     .map(PathBuf::from)
                     .unwrap_or_else(|| usage("--dir needs a path"))
             }
+            "--agent-arg" => args.agent_args.push(
+                it.next()
+                    .unwrap_or_else(|| usage("--agent-arg needs a value")),
+            ),
             "--bench" => {} // added by `cargo bench`
             other => usage(&format!("unknown argument {other}")),
         }
@@ -83,7 +91,7 @@ fn parse_args() -> Args {
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("{msg}\nusage: pool [--cold] [--size-mib N] [--dir DIR]");
+    eprintln!("{msg}\nusage: pool [--cold] [--size-mib N] [--dir DIR] [--agent-arg ARG]...");
     std::process::exit(2);
 }
 
@@ -203,8 +211,7 @@ fn build(args: &Args) -> Dataset {
     }
     image_file.sync_all().expect("sync image");
     let size = (count * CHUNK) as u64;
-    let index =
-        FixedIndex::new(ARCHIVE, size, CHUNK as u64, digests, [0; 16], 0).expect("index");
+    let index = FixedIndex::new(ARCHIVE, size, CHUNK as u64, digests, [0; 16], 0).expect("index");
     // The same index as a snapshot with a manifest, for the agent in (c).
     let snap_dir = store.join(SNAPSHOT);
     fs::create_dir_all(&snap_dir).expect("snapshot dir");
@@ -315,7 +322,7 @@ struct AgentProcess {
 impl AgentProcess {
     const TICKET: &'static str = "bench-ticket-0123456789abcdef";
 
-    fn start(ds: &Dataset, run: usize) -> AgentProcess {
+    fn start(ds: &Dataset, run: usize, extra: &[String]) -> AgentProcess {
         let dir = ds._tmp.path();
         let ticket = dir.join("ticket");
         fs::write(&ticket, Self::TICKET).expect("write ticket");
@@ -330,7 +337,7 @@ impl AgentProcess {
             .args(["--idle-timeout", "0"])
             .arg("--datastore")
             .arg(&ds.store)
-            .args(["--cache-mb", &AGENT_CACHE_MIB.to_string()])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -365,7 +372,9 @@ impl AgentProcess {
         )
         .expect("send authenticate");
         let mut line = Vec::new();
-        reader.read_until(b'\n', &mut line).expect("authenticate reply");
+        reader
+            .read_until(b'\n', &mut line)
+            .expect("authenticate reply");
         assert!(
             line.windows(9).any(|w| w == b"\"result\":"),
             "authenticate failed: {}",
@@ -413,6 +422,15 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
+/// CPU time (user + system) of the calling thread so far.
+fn thread_cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 /// The id and base64 data of one `image.read` response line (the agent
 /// writes `"id":N` before `"result"` and the data last in the result).
 fn parse_read_response(line: &[u8]) -> (usize, &[u8]) {
@@ -440,9 +458,15 @@ fn parse_read_response(line: &[u8]) -> (usize, &[u8]) {
 /// (c) The whole image through `image.read` on a fresh release agent,
 /// `request`-byte reads with `PIPELINE` in flight, decoded and checked
 /// against the image file every 16th read. Returns the time, the agent's
-/// peak RSS (VmHWM), its RSS right after start and the CPU time it used.
-fn agent_scan(ds: &Dataset, request: usize, run: usize) -> (Duration, u64, u64, Duration) {
-    let mut agent = AgentProcess::start(ds, run);
+/// peak RSS (VmHWM), its RSS right after start, and its counters and CPU
+/// time.
+fn agent_scan(
+    ds: &Dataset,
+    request: usize,
+    run: usize,
+    extra: &[String],
+) -> (Duration, u64, u64, String) {
+    let mut agent = AgentProcess::start(ds, run, extra);
     let (mut writer, mut reader) = agent.connect();
     let idle_rss = proc_status_bytes(agent.pid(), "VmRSS");
     let image = File::open(&ds.image).expect("open image");
@@ -463,6 +487,7 @@ fn agent_scan(ds: &Dataset, request: usize, run: usize) -> (Duration, u64, u64, 
         .expect("send image.read");
     };
     let cpu_before = cpu_time(agent.pid());
+    let client_before = thread_cpu_time();
     let start = Instant::now();
     while sent < count.min(PIPELINE) {
         send(&mut writer, sent);
@@ -477,12 +502,19 @@ fn agent_scan(ds: &Dataset, request: usize, run: usize) -> (Duration, u64, u64, 
             .unwrap_or_else(|e| panic!("response {id}: bad base64: {e}"))
             .len();
         let offset = id as u64 * request as u64;
-        assert_eq!(n as u64, (size - offset).min(request as u64), "length of read {id}");
+        assert_eq!(
+            n as u64,
+            (size - offset).min(request as u64),
+            "length of read {id}"
+        );
         if id % 16 == 0 {
             image
                 .read_exact_at(&mut expect[..n], offset)
                 .expect("read image");
-            assert!(data[..n] == expect[..n], "read {id} at {offset}: wrong bytes");
+            assert!(
+                data[..n] == expect[..n],
+                "read {id} at {offset}: wrong bytes"
+            );
         }
         bytes += n as u64;
         received += 1;
@@ -494,7 +526,27 @@ fn agent_scan(ds: &Dataset, request: usize, run: usize) -> (Duration, u64, u64, 
     let t = start.elapsed();
     assert_eq!(bytes, size);
     let peak = proc_status_bytes(agent.pid(), "VmHWM");
-    (t, peak, idle_rss, cpu_time(agent.pid()) - cpu_before)
+    let cpu = cpu_time(agent.pid()) - cpu_before;
+    let client_cpu = thread_cpu_time() - client_before;
+    // The agent's own view of the scan.
+    writeln!(writer, r#"{{"jsonrpc":"2.0","id":"st","method":"status"}}"#).expect("send status");
+    line.clear();
+    reader.read_until(b'\n', &mut line).expect("status reply");
+    let st: serde_json::Value = serde_json::from_slice(&line).expect("status JSON");
+    let c = &st["result"]["cache"];
+    let p = &st["result"]["pool"];
+    let info = format!(
+        "agent reads {} zero {} hits {} misses {} readahead_hits {}; cpu {:.2}s agent, {:.2}s client, in {:.2}s",
+        p["reads"],
+        p["zero_reads"],
+        c["hits"],
+        c["misses"],
+        c["readahead_hits"],
+        cpu.as_secs_f64(),
+        client_cpu.as_secs_f64(),
+        t.as_secs_f64()
+    );
+    (t, peak, idle_rss, info)
 }
 
 /// (d1) cat-like read of every chunk file into one reused buffer.
@@ -619,7 +671,7 @@ fn main() {
     };
 
     let (mut a4, mut a128, mut b, mut pc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut c, mut peaks, mut idle_rss, mut c_cpu) = (Vec::new(), Vec::new(), 0, Vec::new());
+    let (mut c, mut peaks, mut idle_rss, mut c_info) = (Vec::new(), Vec::new(), 0, String::new());
     let (mut info4, mut info128) = (String::new(), String::new());
     for _ in 0..rounds {
         prepare();
@@ -631,9 +683,9 @@ fn main() {
         a128.push(rate(size, t));
         info128 = info;
         prepare();
-        let (t, peak, idle, cpu) = agent_scan(&ds, CHUNK, c.len());
+        let (t, peak, idle, info) = agent_scan(&ds, CHUNK, c.len(), &args.agent_args);
         c.push(rate(size, t));
-        c_cpu.push(format!("{:.2}s cpu in {:.2}s", cpu.as_secs_f64(), t.as_secs_f64()));
+        c_info = info;
         peaks.push(peak);
         idle_rss = idle;
         prepare();
@@ -663,10 +715,9 @@ fn main() {
     let c_best = best(&c);
     let peak = peaks.iter().copied().max().unwrap_or(0);
     println!(
-        "(c)  agent image.read, 4 MiB x {PIPELINE} deep {:>7.0}   runs [{}]  agent {}",
+        "(c)  agent image.read, 4 MiB x {PIPELINE} deep {:>7.0}   runs [{}]  {c_info}",
         c_best,
         show(&c),
-        c_cpu.join(", "),
     );
     println!(
         "(d1) page-cache read of chunk files   {:>7.0}   runs [{}]  (MB/s of chunk-file bytes)",
@@ -680,14 +731,30 @@ fn main() {
     );
     let limit = pc_best.min(2.0 * decode);
     println!("(a)/(b) = {:.2}   (goal >= 1.7)", a / b_best);
-    println!("(c)/(a) = {c_best:.0}/{a:.0} = {:.2}   (goal >= 0.6)", c_best / a);
-    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     println!(
-        "agent peak RSS (VmHWM) while reading: {:.1} MiB (after start {:.1} MiB); goal <= {} + 32 = {} MiB",
+        "(c)/(a) = {c_best:.0}/{a:.0} = {:.2}   (goal >= 0.6)",
+        c_best / a
+    );
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    // A later --cache-mb wins, as on the agent's command line.
+    let cache_mib = args
+        .agent_args
+        .windows(2)
+        .filter(|w| w[0] == "--cache-mb")
+        .filter_map(|w| w[1].parse().ok())
+        .next_back()
+        .unwrap_or(AGENT_CACHE_MIB);
+    println!(
+        "agent peak RSS (VmHWM) while reading: {:.1} MiB (after start {:.1} MiB); goal <= {} + 32 = {} MiB{}",
         mib(peak),
         mib(idle_rss),
-        AGENT_CACHE_MIB,
-        AGENT_CACHE_MIB + 32
+        cache_mib,
+        cache_mib + 32,
+        if args.agent_args.is_empty() {
+            String::new()
+        } else {
+            format!("  (agent options {:?})", args.agent_args)
+        }
     );
     println!(
         "(a)/min(page cache, 2 x decode) = {a:.0}/{limit:.0} = {:.2}   (goal >= 0.8)",
