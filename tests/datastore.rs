@@ -821,6 +821,27 @@ fn bad_input_gives_the_pinned_errors_and_the_agent_serves_on() {
         expect_bytes(&mut conn, &s, DISK, src, 2 * CHUNK, MIB);
     }
 
+    // Concurrent readers of one corrupt chunk (one shared load) all get
+    // 1004, while a good read in the same batch of requests gets its data.
+    let s2 = snap(2);
+    for n in 0..4 {
+        conn.send_json(&json!({"jsonrpc": "2.0", "id": n, "method": "image.read",
+            "params": {"snapshot": s2, "archive": DISK, "offset": CHUNK + n * 1000, "length": 100}}));
+    }
+    conn.send_json(&json!({"jsonrpc": "2.0", "id": 9, "method": "image.read",
+        "params": {"snapshot": good, "archive": DISK, "offset": 5, "length": 100}}));
+    for _ in 0..5 {
+        let r = conn.recv();
+        if r["id"] == 9 {
+            let data = base64_simd::STANDARD
+                .decode_to_vec(r["result"]["data"].as_str().expect("good data"))
+                .unwrap();
+            assert!(data == src1[5..105], "good read among corrupt ones");
+        } else {
+            assert_eq!(error_code(&r), 1004, "{r}");
+        }
+    }
+
     // A missing chunk is 1001; its neighbours read.
     let d4 = fidx_digests(&store, &snap(4));
     for off in [2 * CHUNK, 2 * CHUNK - 1, 2 * CHUNK + MIB] {
@@ -1114,4 +1135,205 @@ fn the_agent_changes_nothing_in_the_store_and_runs_on_a_read_only_one() {
         .status()
         .unwrap();
     let _ = fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700));
+}
+
+/// A fixed index file: header (magic, uuid, ctime, checksum of the digests,
+/// size, chunk size) padded to 4096 bytes, then the digests.
+fn fidx_bytes(size: u64, chunk_size: u64, digests: &[Digest]) -> Vec<u8> {
+    let body: Vec<u8> = digests.concat();
+    let mut out = vec![0u8; 4096];
+    out[..8].copy_from_slice(&magic_of("Proxmox Backup fixed sized chunk index v1.0"));
+    out[8..24].copy_from_slice(&[1; 16]);
+    out[24..32].copy_from_slice(&1_767_225_600i64.to_le_bytes());
+    out[32..64].copy_from_slice(&sha256(&body));
+    out[64..72].copy_from_slice(&size.to_le_bytes());
+    out[72..80].copy_from_slice(&chunk_size.to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A dynamic index file of `(end offset, digest)` entries.
+fn didx_bytes(entries: &[(u64, Digest)]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (end, d) in entries {
+        body.extend_from_slice(&end.to_le_bytes());
+        body.extend_from_slice(d);
+    }
+    let mut out = vec![0u8; 4096];
+    out[..8].copy_from_slice(&magic_of("Proxmox Backup dynamic sized chunk index v1.0"));
+    out[8..24].copy_from_slice(&[2; 16]);
+    out[24..32].copy_from_slice(&1_767_225_600i64.to_le_bytes());
+    out[32..64].copy_from_slice(&sha256(&body));
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Writes `bytes` as archive `name` of a new snapshot with a manifest that
+/// agrees with it (`size`, checksum from the header), so that only the
+/// index itself or its chunks can be wrong.
+fn put_archive(store: &Path, snapshot: &str, name: &str, bytes: &[u8], size: u64) {
+    let dir = snapshot_dir(store, snapshot);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join(name), bytes).unwrap();
+    let parts: Vec<&str> = snapshot.rsplitn(3, '/').collect();
+    let mut m = Manifest::new("vm", parts[1], 1_767_225_600);
+    m.set_file(FileEntry {
+        filename: name.into(),
+        crypt_mode: "none".into(),
+        size,
+        csum: digest_hex(bytes[32..64].try_into().unwrap()),
+    });
+    m.store(&dir.join(MANIFEST_BLOB_NAME)).unwrap();
+}
+
+#[test]
+fn hostile_indexes_manifests_and_chunk_files_are_refused() {
+    let dir = scratch();
+    let store = init_store(dir.path());
+    let len = 5 * MIB + 1; // a 4 MiB chunk and a short one of 1 MiB + 1
+    let mut sources = BTreeMap::new();
+    let snap = |id: u32| format!("vm/{id}/{T1}");
+    for id in 1..=3u32 {
+        let p = dir.path().join(format!("img{id}"));
+        sources.insert(id, random_image(&p, 100 + u64::from(id), len));
+        import(&store, &snap(id), "drive-scsi0.img", &p);
+    }
+    let good = snap(1);
+    let d1 = fidx_digests(&store, &good);
+    let (full, short) = (d1[0], d1[1]);
+
+    let mut hostile: Vec<(u32, &str, &str)> = Vec::new();
+    // Fixed indexes with impossible geometry (manifest and checksum agree).
+    for (id, size, chunk_size, digests, what) in [
+        (10, 100, 0, vec![], "chunk size 0"),
+        (11, 32 * MIB, 32 * MIB, vec![full], "chunk size 32 MiB"),
+        (
+            12,
+            1u64 << 62,
+            CHUNK,
+            vec![full, short],
+            "size 2^62 with 2 digests",
+        ),
+        (13, u64::MAX, 64 << 10, vec![full], "size u64::MAX"),
+    ] {
+        put_archive(
+            &store,
+            &snap(id),
+            DISK,
+            &fidx_bytes(size, chunk_size, &digests),
+            size,
+        );
+        hostile.push((id, DISK, what));
+    }
+    // A fixed index naming the short chunk where a full one belongs.
+    put_archive(
+        &store,
+        &snap(14),
+        DISK,
+        &fidx_bytes(8 * MIB, CHUNK, &[short, full]),
+        8 * MIB,
+    );
+    hostile.push((14, DISK, "short chunk where a full one belongs"));
+    // Dynamic indexes: offsets going back, one 1 GiB chunk, one chunk
+    // claimed longer than it decodes.
+    let didx = "root.pxar.didx";
+    for (id, entries, what) in [
+        (
+            20,
+            vec![(2 * MIB, full), (MIB, short)],
+            "decreasing offsets",
+        ),
+        (21, vec![(1 << 30, full)], "a 1 GiB chunk"),
+        (22, vec![(2 * MIB, short)], "chunk shorter than its entry"),
+        (
+            23,
+            vec![(CHUNK, full), (CHUNK + 3 * MIB, short)],
+            "second chunk short",
+        ),
+    ] {
+        let end = entries.last().map_or(0, |e| e.0);
+        put_archive(&store, &snap(id), didx, &didx_bytes(&entries), end);
+        hostile.push((id, didx, what));
+    }
+    // Manifests: not a blob at all, and a blob holding no JSON.
+    for (id, bytes) in [
+        (30, b"{\"not\": \"a blob\"}".to_vec()),
+        (31, blob::encode(b"this is no JSON", true)),
+    ] {
+        let d = snapshot_dir(&store, &snap(id));
+        fs::create_dir_all(&d).unwrap();
+        fs::copy(snapshot_dir(&store, &good).join(DISK), d.join(DISK)).unwrap();
+        fs::write(d.join(MANIFEST_BLOB_NAME), bytes).unwrap();
+        hostile.push((id, DISK, "bad manifest"));
+    }
+    // Chunk files: a 20 MiB (sparse) file and a directory.
+    let d2 = fidx_digests(&store, &snap(2));
+    let f = File::options()
+        .write(true)
+        .open(chunk_path(&store, &d2[0]))
+        .unwrap();
+    f.set_len(20 * MIB).unwrap();
+    drop(f);
+    hostile.push((2, DISK, "20 MiB chunk file"));
+    let d3 = fidx_digests(&store, &snap(3));
+    let p = chunk_path(&store, &d3[1]);
+    fs::remove_file(&p).unwrap();
+    fs::create_dir(&p).unwrap();
+
+    let agent = Agent::builder().datastore(&store).start();
+    let mut conn = agent.connect_authed();
+    let src1 = sources[&1].clone();
+
+    for (id, archive, what) in hostile {
+        // Reads that touch the bad part (an archive refused on open is bad
+        // everywhere).
+        let reads: &[(u64, u64)] = match id {
+            14 => &[(0, 10), (0, MAX_READ), (CHUNK - 1, 2)],
+            22 => &[(0, 10), (0, MAX_READ), (MIB + 5, 10)],
+            23 => &[(CHUNK + 1, 10), (0, MAX_READ), (CHUNK - 1, 2)],
+            2 => &[(0, 10), (0, MAX_READ), (CHUNK - 1, 2)],
+            _ => &[(0, 10), (0, MAX_READ), (CHUNK + 1, 10)],
+        };
+        for &(off, length) in reads {
+            match read(&mut conn, &snap(id), archive, off, length) {
+                Ok(r) => panic!(
+                    "{what}: image.read at {off}+{length} returned {} bytes instead of an error",
+                    r.data.len()
+                ),
+                Err(e) => assert_eq!(e["code"], 1004, "{what} at {off}: {e}"),
+            }
+            assert_eq!(conn.call_ok("ping", None), json!("pong"), "after {what}");
+            expect_bytes(&mut conn, &good, DISK, &src1, off.min(len - 10), 70_000);
+        }
+    }
+    // A chunk path that is a directory: an error (which one is the
+    // agent's choice), never data; its sibling chunk reads.
+    let e = read(&mut conn, &snap(3), DISK, CHUNK, 10)
+        .err()
+        .expect("an error");
+    assert!(
+        [1001, 1004, 1007].contains(&e["code"].as_i64().unwrap_or(0)),
+        "{e}"
+    );
+    expect_bytes(&mut conn, &snap(3), DISK, &sources[&3], 0, CHUNK);
+
+    // The listing still works and skips the snapshots whose manifest is bad.
+    let l = conn.call_ok("snapshot.list", None);
+    let names: BTreeSet<&str> = l["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["snapshot"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(good.as_str()), "{l}");
+    assert!(
+        !names.contains(snap(30).as_str()) && !names.contains(snap(31).as_str()),
+        "{l}"
+    );
+    assert!(conn.call_ok("status", None)["rss_bytes"].as_u64().unwrap() < 512 * MIB);
+    assert!(
+        !agent.stderr().contains("panicked"),
+        "agent panicked:\n{}",
+        agent.stderr()
+    );
 }
