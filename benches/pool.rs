@@ -447,11 +447,13 @@ fn parse_read_response(line: &[u8]) -> (usize, &[u8]) {
         .position(|w| w == key)
         .unwrap_or_else(|| panic!("no data in response: {text}"))
         + key.len();
-    let end = start
-        + line[start..]
-            .iter()
-            .position(|&b| b == b'"')
-            .expect("end of data");
+    // The data is the last member: it ends at the last quote of the line
+    // (found from the end, so the megabytes of base64 are not scanned).
+    let end = line
+        .iter()
+        .rposition(|&b| b == b'"')
+        .filter(|&e| e >= start)
+        .expect("end of data");
     (id, &line[start..end])
 }
 
