@@ -276,6 +276,7 @@ fn pool_scan(ds: &Dataset, request: usize) -> (Duration, String) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
+    let cpu_before = process_cpu_time();
     let start = Instant::now();
     let checksum = rt.block_on(async {
         let mut off = 0u64;
@@ -291,10 +292,17 @@ fn pool_scan(ds: &Dataset, request: usize) -> (Duration, String) {
         sum
     });
     let t = start.elapsed();
+    let cpu = process_cpu_time() - cpu_before;
     let st = pool.stats();
     let info = format!(
-        "reads {} zero {} hits {} misses {} readahead_hits {} (sum {checksum})",
-        st.reads, st.zero_reads, st.cache.hits, st.cache.misses, st.cache.readahead_hits
+        "reads {} zero {} hits {} misses {} readahead_hits {}; cpu {:.2}s in {:.2}s (sum {checksum})",
+        st.reads,
+        st.zero_reads,
+        st.cache.hits,
+        st.cache.misses,
+        st.cache.readahead_hits,
+        cpu.as_secs_f64(),
+        t.as_secs_f64()
     );
     (t, info)
 }
@@ -424,9 +432,18 @@ fn cpu_time(pid: u32) -> Duration {
 
 /// CPU time (user + system) of the calling thread so far.
 fn thread_cpu_time() -> Duration {
+    rusage_cpu(libc::RUSAGE_THREAD)
+}
+
+/// CPU time (user + system) of this process (all its threads) so far.
+fn process_cpu_time() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+fn rusage_cpu(who: libc::c_int) -> Duration {
     // SAFETY: getrusage writes into the zeroed struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    unsafe { libc::getrusage(who, &mut ru) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
