@@ -765,6 +765,19 @@ fn main() {
         decode,
         ds.index.chunk_count()
     );
+    // On a shared machine the variants may not get the cores they could
+    // use; MB per CPU-second shows whether the pool wastes any.
+    let per_cpu = |v: &[(f64, f64)]| {
+        let (r, busy) = best(v);
+        r / busy.max(1e-9)
+    };
+    println!(
+        "cores available check: best (a) ran at {:.1} cores busy, (b) at {:.1}; MB per CPU-second: (a) {:.0}, (b) {:.0}",
+        best(&a4).1,
+        best(&b).1,
+        per_cpu(&a4),
+        per_cpu(&b)
+    );
     let limit = pc_best.min(2.0 * decode);
     println!("(a)/(b) = {:.2}   (goal >= 1.7)", a / b_best);
     println!(

@@ -142,6 +142,20 @@ pub(super) fn read_chunk_file(
     })
 }
 
+/// Asks the kernel to start reading a chunk file into the page cache
+/// (asynchronously), so that the disk works while this worker decodes.
+/// Best effort: any failure is ignored (the real read reports errors).
+pub(super) fn hint_will_read(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(file) = File::open(path) {
+        // SAFETY: posix_fadvise only reads its integer arguments; the fd is
+        // valid for the lifetime of `file`.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+}
+
 /// Reads pseudo-chunk `chunk` of a raw image (the last one may be short).
 fn read_raw_chunk(image: &RawImage, chunk: u64) -> Result<Vec<u8>> {
     let start = chunk.saturating_mul(RAW_CHUNK_SIZE);

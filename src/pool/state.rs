@@ -10,6 +10,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
+use std::path::PathBuf;
 use std::sync::mpsc;
 
 use tokio::sync::oneshot;
@@ -82,6 +83,15 @@ struct Flight {
     class: Class,
     /// Set when the flight has entered the ordered queue.
     position: Option<(u64, u64)>,
+    /// Its chunk file was already handed out as a read-ahead hint.
+    hinted: bool,
+}
+
+/// A load taken by a worker, with the chunk file to hint next.
+pub(super) struct Job {
+    pub key: ChunkKey,
+    pub load: Load,
+    pub hint: Option<PathBuf>,
 }
 
 /// A new flight not yet placed in the ordered queue: its chunk file still
@@ -240,7 +250,7 @@ impl Shared {
 
     /// Takes the next load to run, in dispatch order; `None` once the pool
     /// shuts down. Called by workers only: it stats chunk files.
-    pub fn next_load(&self) -> Option<(ChunkKey, Load)> {
+    pub fn next_load(&self) -> Option<Job> {
         let mut guard = self.lock();
         loop {
             if guard.shutdown {
@@ -274,7 +284,12 @@ impl Shared {
                     st.counters.reads += 1;
                     #[cfg(test)]
                     st.dispatched.push(next.key);
-                    return Some((next.key, load));
+                    let hint = st.hint_next();
+                    return Some(Job {
+                        key: next.key,
+                        load,
+                        hint,
+                    });
                 }
             }
             guard = self.work.wait(guard).unwrap_or_else(|p| p.into_inner());
@@ -334,12 +349,36 @@ impl State {
                 waiters,
                 class,
                 position: None,
+                hinted: false,
             },
         );
         self.queued += 1;
         if class == Class::Readahead {
             self.queued_readahead += 1;
         }
+    }
+
+    /// The chunk file that will be read next, if not hinted yet: the
+    /// worker asks the kernel to start reading it while it works on the
+    /// current one, so disk reads overlap decoding.
+    fn hint_next(&mut self) -> Option<PathBuf> {
+        while let Some(Reverse(next)) = self.heap.peek() {
+            match self.flights.get_mut(&next.key) {
+                Some(flight) if flight.load.is_some() => {
+                    if std::mem::replace(&mut flight.hinted, true) {
+                        return None;
+                    }
+                    return match &flight.load {
+                        Some(Load::Chunk { path, .. }) => Some(path.clone()),
+                        _ => None,
+                    };
+                }
+                _ => {
+                    self.heap.pop(); // stale entry
+                }
+            }
+        }
+        None
     }
 
     /// Moves stat'ed flights into the ordered queue.

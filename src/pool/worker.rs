@@ -8,7 +8,8 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::state::Shared;
+use super::load;
+use super::state::{Job, Shared};
 use crate::error::{Error, ErrorKind};
 
 /// Name of worker `n` of pool `pool_id` (short: Linux keeps 15 bytes).
@@ -37,7 +38,10 @@ pub(super) fn spawn_workers(
 fn run(shared: &Shared) {
     // Chunk file contents, reused from chunk to chunk (see load.rs).
     let mut raw = Vec::new();
-    while let Some((key, load)) = shared.next_load() {
+    while let Some(Job { key, load, hint }) = shared.next_load() {
+        if let Some(path) = hint {
+            load::hint_will_read(&path);
+        }
         // Decoding untrusted data must not take the worker (and every
         // waiter of this chunk) down with it, whatever a library does.
         let result = panic::catch_unwind(AssertUnwindSafe(|| load.run(&mut raw)))
