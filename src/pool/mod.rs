@@ -120,7 +120,9 @@ pub struct ChunkPool {
     readahead: usize,
     /// All-zero chunk per chunk size, computed once.
     zero_chunks: Arc<Mutex<HashMap<u64, ZeroChunk>>>,
-    next_image_id: Arc<AtomicU64>,
+    /// Cache identity of each raw image file, by (device, inode): readers
+    /// of one image on different connections share its cached chunks.
+    image_ids: Arc<Mutex<HashMap<(u64, u64), u64>>>,
     _stopper: Arc<Stopper>,
 }
 
@@ -161,7 +163,7 @@ impl ChunkPool {
             cache_bytes: cfg.cache_bytes,
             readahead: cfg.readahead,
             zero_chunks: Arc::new(Mutex::new(HashMap::new())),
-            next_image_id: Arc::new(AtomicU64::new(0)),
+            image_ids: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -189,6 +191,12 @@ impl ChunkPool {
 
     /// A reader over a raw image (file or block device), opened read-only
     /// and served as [`RAW_CHUNK_SIZE`] pseudo-chunks.
+    fn image_id(&self, dev: u64, ino: u64) -> u64 {
+        let mut ids = self.image_ids.lock().unwrap_or_else(|p| p.into_inner());
+        let next = ids.len() as u64;
+        *ids.entry((dev, ino)).or_insert(next)
+    }
+
     pub fn open_raw_image(&self, path: &Path, name: String) -> Result<ArchiveReader> {
         let what = || format!("image {name} ({})", path.display());
         let mut file = File::open(path).map_err(|e| Error::io(what(), &e))?;
@@ -206,7 +214,7 @@ impl ChunkPool {
         let image = RawImage {
             file,
             size,
-            id: self.next_image_id.fetch_add(1, Ordering::Relaxed),
+            id: self.image_id(meta.dev(), meta.ino()),
             name: name.clone(),
             inode: meta.ino(),
         };
