@@ -6,6 +6,8 @@
 
 pub mod api;
 pub mod error;
+pub mod init;
 pub mod restore;
 pub mod rpc;
 pub mod transport;
+pub mod vm;
