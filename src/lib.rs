@@ -9,3 +9,4 @@ pub mod error;
 pub mod restore;
 pub mod rpc;
 pub mod transport;
+pub mod store;

@@ -1,0 +1,215 @@
+//! restore-client: the host-side command line tool.
+//!
+//! Subcommands are grouped: `store ...` works on a local datastore
+//! directory (init, import-image, verify); commands that talk to an agent
+//! over a connection slot in as further `Command` variants. Each command
+//! returns an [`Outcome`]: a JSON report (printed with `--output json`), a
+//! text summary, and whether it succeeded. Exit codes: 0 ok, 1 the
+//! operation failed (message on stderr), 2 usage error (from clap).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use restore_agent::error::Error;
+use restore_agent::store::import;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "restore-client",
+    version,
+    about = "Host-side client for restore-agent"
+)]
+struct Cli {
+    /// Output format: human-readable text, or one JSON document on stdout.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Work on a local datastore directory.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Create a datastore (DIR/.chunks/0000..ffff).
+    Init {
+        /// Datastore directory (created if missing).
+        dir: PathBuf,
+    },
+    /// Import a raw disk image (file or block device) as a fixed-index archive.
+    ImportImage {
+        /// Datastore directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Snapshot, e.g. vm/100/2026-01-01T00:00:00Z or ns/prod/vm/100/2026-01-01T00:00:00Z.
+        #[arg(long)]
+        snapshot: String,
+        /// Archive name, e.g. drive-scsi0.img (written as drive-scsi0.img.fidx).
+        #[arg(long)]
+        archive: String,
+        /// The image file or block device.
+        image: PathBuf,
+    },
+    /// Read and check every chunk of a snapshot (default: of all snapshots).
+    Verify {
+        /// Datastore directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// Only this snapshot.
+        snapshot: Option<String>,
+    },
+}
+
+/// The result of a command that ran: its report and whether it succeeded.
+struct Outcome {
+    json: serde_json::Value,
+    text: String,
+    /// Problems found (printed on stderr); non-empty means exit code 1.
+    problems: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Store(cmd) => run_store(cmd),
+    };
+    match result {
+        Ok(outcome) => {
+            match cli.output {
+                OutputFormat::Json => println!("{}", outcome.json),
+                OutputFormat::Text => println!("{}", outcome.text),
+            }
+            for p in &outcome.problems {
+                eprintln!("restore-client: {p}");
+            }
+            if outcome.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("restore-client: error: {}", e.message);
+            if cli.output == OutputFormat::Json {
+                let doc = serde_json::json!({
+                    "error": { "code": e.kind.code(), "message": e.message }
+                });
+                println!("{doc}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_store(cmd: StoreCommand) -> Result<Outcome, Error> {
+    match cmd {
+        StoreCommand::Init { dir } => {
+            import::init(&dir)?;
+            Ok(Outcome {
+                json: serde_json::json!({ "store": dir }),
+                text: format!("created datastore {}", dir.display()),
+                problems: Vec::new(),
+            })
+        }
+        StoreCommand::ImportImage {
+            store,
+            snapshot,
+            archive,
+            image,
+        } => {
+            let bar = progress_bar();
+            let report = import::import_image(&store, &snapshot, &archive, &image, &|d, t| {
+                show(&bar, d, t)
+            });
+            finish(bar);
+            let r = report?;
+            let text = format!(
+                "imported {} as {}/{}: {} bytes in {} chunks ({} new, {} reused), \
+                 {} bytes stored, {:.1} s",
+                image.display(),
+                r.snapshot,
+                r.archive,
+                r.size,
+                r.chunks,
+                r.new_chunks,
+                r.reused_chunks,
+                r.stored_bytes,
+                r.seconds
+            );
+            Ok(Outcome {
+                json: to_json(&r),
+                text,
+                problems: Vec::new(),
+            })
+        }
+        StoreCommand::Verify { store, snapshot } => {
+            let bar = progress_bar();
+            let report = import::verify(&store, snapshot.as_deref(), &|d, t| show(&bar, d, t));
+            finish(bar);
+            let r = report?;
+            let summary = format!(
+                "verified {} snapshots, {} archives, {} chunks ({} bytes)",
+                r.snapshots, r.archives, r.chunks, r.bytes
+            );
+            let mut problems = r.errors.clone();
+            if !problems.is_empty() {
+                problems.push(format!("verify failed: {} problems", r.errors.len()));
+            }
+            Ok(Outcome {
+                json: to_json(&r),
+                text: if r.ok {
+                    format!("{summary}: ok")
+                } else {
+                    format!("{summary}: FAILED")
+                },
+                problems,
+            })
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(report: &T) -> serde_json::Value {
+    serde_json::to_value(report).unwrap_or(serde_json::Value::Null)
+}
+
+/// A byte progress bar on stderr, only when stderr is a terminal.
+fn progress_bar() -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(0);
+    if let Ok(style) =
+        ProgressStyle::with_template("{wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}")
+    {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+fn show(bar: &Option<ProgressBar>, done: u64, total: u64) {
+    if let Some(bar) = bar {
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+}
+
+fn finish(bar: Option<ProgressBar>) {
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
