@@ -9,5 +9,5 @@ pub mod client;
 pub mod error;
 pub mod restore;
 pub mod rpc;
-pub mod transport;
 pub mod store;
+pub mod transport;

@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
 use super::error::{ClientError, Result};
 use super::session::Session;
@@ -19,21 +20,59 @@ pub const READ_CHUNK: u64 = 4 << 20;
 /// Read calls kept in flight.
 pub const READ_DEPTH: usize = 4;
 
-/// One file (or directory) inside a volume of an archive of a snapshot.
-#[derive(Clone, Debug, Serialize)]
+/// One file (or directory) inside a volume of an archive of a snapshot. The
+/// path is bytes: names that are not UTF-8 travel as `path_b64`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileRef {
     pub snapshot: String,
     pub archive: String,
     pub volume: String,
-    pub path: String,
+    pub path: Vec<u8>,
 }
 
-#[derive(Serialize)]
-struct ReadParams<'a> {
-    #[serde(flatten)]
-    file: &'a FileRef,
-    offset: u64,
-    length: u64,
+impl FileRef {
+    /// The params naming this file, as every `fs.*` method takes them.
+    pub fn params(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("snapshot".into(), self.snapshot.clone().into());
+        m.insert("archive".into(), self.archive.clone().into());
+        m.insert("volume".into(), self.volume.clone().into());
+        match std::str::from_utf8(&self.path) {
+            Ok(p) => m.insert("path".into(), p.into()),
+            Err(_) => m.insert(
+                "path_b64".into(),
+                base64_simd::STANDARD.encode_to_string(&self.path).into(),
+            ),
+        };
+        m
+    }
+
+    /// `params()` plus more members.
+    pub fn params_with(&self, more: Value) -> Value {
+        let mut m = self.params();
+        if let Value::Object(extra) = more {
+            m.extend(extra);
+        }
+        Value::Object(m)
+    }
+
+    /// The path for messages (invalid UTF-8 shown lossily).
+    pub fn display(&self) -> String {
+        String::from_utf8_lossy(&self.path).into_owned()
+    }
+
+    /// The entry `name` inside this directory.
+    pub fn child(&self, name: &[u8]) -> FileRef {
+        let mut path = self.path.clone();
+        if !path.ends_with(b"/") {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+        FileRef {
+            path,
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -70,12 +109,9 @@ pub async fn read_file(
     let issue = |offset: u64| -> ReadFuture<'_> {
         let length = READ_CHUNK.min(size - offset);
         Box::pin(async move {
-            let params = ReadParams {
-                file,
-                offset,
-                length,
-            };
-            let r: ReadResult = session.call("fs.read", &params).await?;
+            let params =
+                file.params_with(serde_json::json!({ "offset": offset, "length": length }));
+            let r: ReadResult = session.call("fs.read", params).await?;
             Ok((offset, length, r))
         })
     };
@@ -96,14 +132,15 @@ pub async fn read_file(
         if r.offset != offset {
             return Err(ClientError::local(format!(
                 "fs.read of {} at {offset}: the agent answered for offset {}",
-                file.path, r.offset
+                file.display(),
+                r.offset
             )));
         }
-        let bytes = decode(&r.data, &file.path)?;
+        let bytes = decode(&r.data, &file.display())?;
         if bytes.len() as u64 != r.length || r.length > asked {
             return Err(ClientError::local(format!(
                 "fs.read of {} at {offset}: length {} does not match its {} data bytes",
-                file.path,
+                file.display(),
                 r.length,
                 bytes.len()
             )));
@@ -129,7 +166,7 @@ pub async fn read_file(
 /// `sink`, and returns the number of bytes. The stream is closed on failure.
 pub async fn read_stream(
     session: &Session,
-    stream: &serde_json::Value,
+    stream: &Value,
     sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send),
 ) -> Result<u64> {
     let mut done = 0u64;

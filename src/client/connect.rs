@@ -57,18 +57,16 @@ pub async fn open(addr: &ConnectAddr, timeout: Duration) -> Result<Stream> {
                 .map_err(fail)?;
             Ok(split(s))
         }
-        ConnectAddr::Hybrid { path, port } => {
-            loop {
-                let err = match within(deadline, hybrid_handshake(path, *port)).await {
-                    Ok(s) => return Ok(split(s)),
-                    Err(e) => e,
-                };
-                if Instant::now() + HYBRID_RETRY >= deadline {
-                    return Err(fail(err));
-                }
-                tokio::time::sleep(HYBRID_RETRY).await;
+        ConnectAddr::Hybrid { path, port } => loop {
+            let err = match within(deadline, hybrid_handshake(path, *port)).await {
+                Ok(s) => return Ok(split(s)),
+                Err(e) => e,
+            };
+            if Instant::now() + HYBRID_RETRY >= deadline {
+                return Err(fail(err));
             }
-        }
+            tokio::time::sleep(HYBRID_RETRY).await;
+        },
         ConnectAddr::Exec(words) => spawn(words).map_err(|e| {
             ClientError::connection(format!(
                 "cannot run `{}`: {e}",

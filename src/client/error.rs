@@ -99,9 +99,7 @@ impl From<jsonrpsee::core::client::Error> for ClientError {
             E::Call(obj) => ClientError::Agent {
                 code: obj.code(),
                 message: obj.message().to_string(),
-                data: obj
-                    .data()
-                    .and_then(|d| serde_json::from_str(d.get()).ok()),
+                data: obj.data().and_then(|d| serde_json::from_str(d.get()).ok()),
             },
             E::RestartNeeded(inner) => {
                 ClientError::Connection(format!("connection to the agent lost: {inner}"))

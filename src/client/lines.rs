@@ -32,39 +32,33 @@ pub fn transport(reader: BoxRead, writer: BoxWrite) -> (LineSender, LineReceiver
 impl TransportSenderT for LineSender {
     type Error = io::Error;
 
-    fn send(&mut self, msg: String) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        async move {
-            let mut line = msg.into_bytes();
-            line.push(b'\n');
-            self.writer.write_all(&line).await?;
-            self.writer.flush().await
-        }
+    async fn send(&mut self, msg: String) -> io::Result<()> {
+        let mut line = msg.into_bytes();
+        line.push(b'\n');
+        self.writer.write_all(&line).await?;
+        self.writer.flush().await
     }
 
-    fn close(&mut self) -> impl std::future::Future<Output = io::Result<()>> + Send {
-        async move { self.writer.shutdown().await }
+    async fn close(&mut self) -> io::Result<()> {
+        self.writer.shutdown().await
     }
 }
 
 impl TransportReceiverT for LineReceiver {
     type Error = io::Error;
 
-    fn receive(
-        &mut self,
-    ) -> impl std::future::Future<Output = io::Result<ReceivedMessage>> + Send {
-        async move {
-            match self.frames.next().await {
-                Some(Ok(Frame::Line(line))) => Ok(ReceivedMessage::Bytes(line.to_vec())),
-                Some(Ok(Frame::TooLong)) => Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("response line longer than {MAX_RESPONSE_LINE} bytes"),
-                )),
-                Some(Err(e)) => Err(e),
-                None => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the agent closed the connection",
-                )),
-            }
+    async fn receive(&mut self) -> io::Result<ReceivedMessage> {
+        match self.frames.next().await {
+            Some(Ok(Frame::Line(line))) => Ok(ReceivedMessage::Bytes(line.to_vec())),
+            Some(Ok(Frame::TooLong)) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("response line longer than {MAX_RESPONSE_LINE} bytes"),
+            )),
+            Some(Err(e)) => Err(e),
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection",
+            )),
         }
     }
 }

@@ -83,9 +83,7 @@ impl Session {
                     ClientError::Agent { code, .. } if code == codes::AUTH_FAILED => {
                         ClientError::Agent {
                             code,
-                            message: format!(
-                                "authentication failed: {addr} refused the ticket"
-                            ),
+                            message: format!("authentication failed: {addr} refused the ticket"),
                             data: None,
                         }
                     }
@@ -136,7 +134,9 @@ impl Session {
         };
         match tokio::time::timeout(CHILD_EXIT_GRACE, child.wait()).await {
             Ok(Ok(status)) => Ok(Some(status)),
-            Ok(Err(e)) => Err(ClientError::local(format!("waiting for the agent process: {e}"))),
+            Ok(Err(e)) => Err(ClientError::local(format!(
+                "waiting for the agent process: {e}"
+            ))),
             Err(_) => {
                 let _ = child.kill().await;
                 child
