@@ -6,7 +6,9 @@
 
 pub mod api;
 pub mod client;
+pub mod demo;
 pub mod error;
+pub mod pool;
 pub mod restore;
 pub mod rpc;
 pub mod store;

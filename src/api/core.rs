@@ -3,7 +3,7 @@
 use jsonrpsee::types::{ErrorObjectOwned, Params};
 use jsonrpsee::RpcModule;
 use serde::Deserialize;
-use serde_json::value::RawValue;
+use std::sync::Arc;
 
 use super::{must, Agent};
 use crate::rpc::Router;
@@ -25,7 +25,7 @@ fn status_params(params: &Params<'_>) -> Result<StatusParams, ErrorObjectOwned> 
     params.parse()
 }
 
-pub(super) fn register(module: &mut RpcModule<Agent>) {
+pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
     must(module.register_method("ping", |_, _, _| "pong"));
     must(module.register_method("status", |params, agent, _| {
         status_params(&params)?;
@@ -37,7 +37,10 @@ pub(super) fn register(module: &mut RpcModule<Agent>) {
         serde_json::json!({ "stopping": true })
     }));
     must(module.register_method("rpc.discover", |_, _, _| {
-        serde_json::from_str::<Box<RawValue>>(OPENRPC)
+        // The file is pretty-printed for people; parsing it and letting the
+        // result be serialized again makes it the one compact line the wire
+        // needs (a raw copy would carry its newlines into the response).
+        serde_json::from_str::<serde_json::Value>(OPENRPC)
             .map_err(|e| crate::rpc::codes::internal(format!("embedded OpenRPC document: {e}")))
     }));
 }
@@ -52,6 +55,7 @@ pub(super) fn register_rules(router: &mut Router) {
 
 fn status(agent: &Agent) -> serde_json::Value {
     let server = agent.shared.stats();
+    let pool = agent.backups.pool().stats();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": 1,
@@ -62,6 +66,9 @@ fn status(agent: &Agent) -> serde_json::Value {
         "idle_timeout_s": server.idle_timeout_s,
         "idle_remaining_s": server.idle_remaining_s,
         "rss_bytes": rss_bytes(),
+        "cache": pool.cache,
+        "pool": { "workers": pool.workers, "queued": pool.queued, "reads": pool.reads, "zero_reads": pool.zero_reads },
+        "streams": { "open": agent.streams.open_count(), "max": super::streams::TOTAL },
     })
 }
 

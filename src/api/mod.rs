@@ -4,24 +4,96 @@
 //! Handlers validate their params and map failures to the pinned error codes;
 //! they must never touch framing, ids or authentication.
 
+mod bulk;
 mod core;
+mod data;
+mod fs;
+mod streams;
 
-use jsonrpsee::RpcModule;
-use std::sync::Arc;
+use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::{ConnectionId, RpcModule};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
+use crate::pool::ArchiveReader;
+use crate::restore::backups::Backups;
+use crate::rpc::codes::app_error;
 use crate::rpc::{Router, Shared};
+
+/// Archive readers one connection keeps open (each remembers where the
+/// connection last read, for read-ahead).
+const READERS_PER_CONNECTION: usize = 8;
 
 /// What every handler can reach.
 pub struct Agent {
     pub shared: Arc<Shared>,
+    pub backups: Backups,
+    budget: bulk::Budget,
+    streams: streams::Streams,
+    readers: Mutex<HashMap<(usize, String, String), ArchiveReader>>,
+}
+
+impl Agent {
+    pub fn new(shared: Arc<Shared>, backups: Backups) -> Agent {
+        Agent {
+            shared,
+            backups,
+            budget: bulk::Budget::default(),
+            streams: streams::Streams::default(),
+            readers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This connection's reader of an archive, opened on first use.
+    fn reader(
+        &self,
+        conn: ConnectionId,
+        snapshot: &str,
+        archive: &str,
+    ) -> Result<ArchiveReader, ErrorObjectOwned> {
+        let key = (conn.0, snapshot.to_string(), archive.to_string());
+        if let Some(r) = self.lock_readers().get(&key) {
+            return Ok(r.clone());
+        }
+        let reader = self
+            .backups
+            .open_archive(snapshot, archive)
+            .map_err(app_error)?;
+        let mut readers = self.lock_readers();
+        let mine: Vec<_> = readers.keys().filter(|k| k.0 == conn.0).cloned().collect();
+        if mine.len() >= READERS_PER_CONNECTION {
+            for k in &mine[..=mine.len() - READERS_PER_CONNECTION] {
+                readers.remove(k);
+            }
+        }
+        readers.insert(key, reader.clone());
+        Ok(reader)
+    }
+
+    fn lock_readers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(usize, String, String), ArchiveReader>> {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connection_closed(&self, conn: ConnectionId) {
+        self.lock_readers().retain(|k, _| k.0 != conn.0);
+        self.streams.connection_closed(conn);
+    }
 }
 
 /// Builds the router holding every method of the protocol.
 pub fn router(agent: Agent) -> Router {
-    let mut module = RpcModule::new(agent);
+    let agent = Arc::new(agent);
+    let mut module = RpcModule::new(agent.clone());
     core::register(&mut module);
+    data::register(&mut module);
+    fs::register(&mut module);
     let mut router = Router::new(module);
     core::register_rules(&mut router);
+    data::register_raw(&mut router, agent.clone());
+    fs::register_raw(&mut router, agent.clone());
+    router.on_connection_closed(move |conn| agent.connection_closed(conn));
     router
 }
 

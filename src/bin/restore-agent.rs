@@ -7,6 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use restore_agent::api::Agent;
+use restore_agent::demo::Demo;
+use restore_agent::pool::{ChunkPool, PoolConfig};
+use restore_agent::restore::backups::Backups;
 use restore_agent::rpc::auth::Ticket;
 use restore_agent::rpc::{Server, ServerConfig, Shared};
 use restore_agent::transport::{ListenAddr, Listener};
@@ -24,9 +28,9 @@ struct Args {
     /// File holding the ticket clients must authenticate with
     #[arg(long, value_name = "PATH", default_value = "/ticket")]
     ticket_file: PathBuf,
-    /// Shut down after this many seconds without a request (0 = never)
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
-    idle_timeout: u64,
+    /// Shut down after this many seconds without a request (0 = never) [default: 600, with --demo 0]
+    #[arg(long, value_name = "SECS")]
+    idle_timeout: Option<u64>,
     /// Close connections that have not authenticated within this many seconds
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     auth_timeout: u64,
@@ -45,6 +49,24 @@ struct Args {
     /// Power the machine off instead of exiting (for use as a VM's init process)
     #[arg(long)]
     poweroff_on_exit: bool,
+    /// A Proxmox-Backup-style datastore to serve (opened read-only)
+    #[arg(long, value_name = "DIR")]
+    datastore: Option<PathBuf>,
+    /// A raw image file or block device to serve as archive NAME of the snapshot `attached` (repeatable)
+    #[arg(long = "image", value_name = "NAME=PATH")]
+    images: Vec<String>,
+    /// Decoded-chunk cache size in MiB
+    #[arg(long, value_name = "MIB", default_value_t = 48)]
+    cache_mb: u64,
+    /// Most chunks read ahead on sequential access
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    readahead: usize,
+    /// Serve a built-in demo datastore on a Unix socket and TCP 127.0.0.1 with a fresh ticket
+    #[arg(long)]
+    demo: bool,
+    /// Chunk read worker threads (default: number of cores)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
+    workers: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -70,8 +92,25 @@ fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn run(args: Args) -> Result<(), String> {
+fn run(mut args: Args) -> Result<(), String> {
     let poweroff = args.poweroff_on_exit;
+    // Kept until the agent has stopped; dropping it removes the demo files.
+    let demo = if args.demo {
+        Some(Demo::create()?)
+    } else {
+        None
+    };
+    if let Some(demo) = &demo {
+        if args.listen.is_empty() {
+            args.listen = vec![
+                format!("unix:{}", demo.socket.display()),
+                "tcp:127.0.0.1:0".into(),
+            ];
+        }
+        args.ticket_file = demo.ticket_file.clone();
+        args.datastore = Some(demo.store.clone());
+        args.idle_timeout = Some(args.idle_timeout.unwrap_or(0));
+    }
     // Parsed here rather than by clap so that a bad address is one line.
     let addrs = if args.listen.is_empty() {
         vec![ListenAddr::Vsock {
@@ -89,7 +128,7 @@ fn run(args: Args) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(serve(args, addrs, ticket))?;
+    runtime.block_on(serve(args, addrs, ticket, demo.as_ref()))?;
     // Connections that outlived the grace period must not keep the process.
     runtime.shutdown_timeout(Duration::from_millis(100));
     if poweroff {
@@ -98,7 +137,13 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(), String> {
+async fn serve(
+    args: Args,
+    addrs: Vec<ListenAddr>,
+    ticket: Ticket,
+    demo: Option<&Demo>,
+) -> Result<(), String> {
+    let backups = open_backups(&args)?;
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in &addrs {
         let listener = Listener::bind(addr)
@@ -107,11 +152,19 @@ async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(),
         log::info!("listening on {}", listener.local_addr());
         listeners.push(listener);
     }
-    let idle = (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout));
+    if let Some(demo) = demo {
+        let tcp = listeners
+            .iter()
+            .map(Listener::local_addr)
+            .find_map(|a| a.strip_prefix("tcp:").map(String::from));
+        println!("{}", demo.instructions(tcp.as_deref()));
+    }
+    let idle = match args.idle_timeout.unwrap_or(600) {
+        0 => None,
+        secs => Some(Duration::from_secs(secs)),
+    };
     let shared = Shared::new(idle);
-    let router = restore_agent::api::router(restore_agent::api::Agent {
-        shared: shared.clone(),
-    });
+    let router = restore_agent::api::router(Agent::new(shared.clone(), backups));
     let cfg = ServerConfig {
         auth_timeout: Duration::from_secs(args.auth_timeout),
         auth_fail_delay: Duration::from_millis(args.auth_fail_delay_ms),
@@ -126,6 +179,23 @@ async fn serve(args: Args, addrs: Vec<ListenAddr>, ticket: Ticket) -> Result<(),
         .await;
     log::info!("stopped");
     Ok(())
+}
+
+fn open_backups(args: &Args) -> Result<Backups, String> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let pool = ChunkPool::new(PoolConfig {
+        workers: args.workers.map_or(cores, |w| w as usize),
+        cache_bytes: usize::try_from(args.cache_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+        readahead: args.readahead,
+    });
+    let mut images = Vec::with_capacity(args.images.len());
+    for spec in &args.images {
+        let Some((name, path)) = spec.split_once('=') else {
+            return Err(format!("invalid --image `{spec}`: expected NAME=PATH"));
+        };
+        images.push((name.to_string(), PathBuf::from(path)));
+    }
+    Backups::open(args.datastore.as_deref(), images, pool).map_err(|e| e.to_string())
 }
 
 async fn on_signals(shared: std::sync::Arc<Shared>) {

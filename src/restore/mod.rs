@@ -1,4 +1,12 @@
-//! File-level restore: turning the contents of backed-up disk images into
-//! listings, file reads and archive streams.
+//! File-level restore inside disk images: the backups being served, their
+//! volumes and filesystems read in userspace through the [`disk::Disk`]
+//! abstraction, and archives streamed out of them.
+//!
+//! Must never import `api`, `rpc` or `transport`, and never write to a disk.
 
 pub mod archive;
+pub mod backups;
+pub mod disk;
+pub mod fs;
+pub mod probe;
+pub mod volume;

@@ -35,6 +35,7 @@ struct Outgoing {
     head: Vec<u8>,
     body: Vec<u8>,
     tail: &'static [u8],
+    _hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl Outgoing {
@@ -43,15 +44,17 @@ impl Outgoing {
             head: line,
             body: Vec::new(),
             tail: b"",
+            _hold: None,
         }
     }
 
     fn reply(id: &Id, outcome: Outcome) -> Outgoing {
         match outcome {
-            Outcome::Result(body) => Outgoing {
+            Outcome::Result(body, hold) => Outgoing {
                 head: result_head(id),
                 body,
                 tail: b"}",
+                _hold: hold,
             },
             Outcome::Error(err) => Outgoing::line(error_object_line(id, &err)),
         }

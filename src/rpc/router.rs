@@ -18,8 +18,24 @@ use std::sync::Arc;
 use super::codes::{internal, METHOD_NOT_FOUND};
 use super::envelope::present;
 
-/// The JSON text of a raw method's result value.
-pub struct RawResult(pub Vec<u8>);
+/// The JSON text of a raw method's result value, and whatever must stay
+/// alive until it is written (e.g. a share of a memory budget).
+pub struct RawResult {
+    pub json: Vec<u8>,
+    pub hold: Option<Box<dyn Send + Sync>>,
+}
+
+impl RawResult {
+    pub fn new(json: Vec<u8>) -> RawResult {
+        RawResult { json, hold: None }
+    }
+
+    /// Keeps `hold` alive until the response line has been written.
+    pub fn holding(mut self, hold: impl Send + Sync + 'static) -> RawResult {
+        self.hold = Some(Box::new(hold));
+        self
+    }
+}
 
 pub type RawFuture = Pin<Box<dyn Future<Output = Result<RawResult, ErrorObjectOwned>> + Send>>;
 type RawHandler = Arc<dyn Fn(Params<'static>, ConnectionId) -> RawFuture + Send + Sync>;
@@ -42,8 +58,8 @@ pub struct Router {
 
 /// What a method call produced.
 pub enum Outcome {
-    /// JSON text of the result value.
-    Result(Vec<u8>),
+    /// JSON text of the result value, and what must live until it is written.
+    Result(Vec<u8>, Option<Box<dyn Send + Sync>>),
     /// JSON text of an error object.
     Error(String),
 }
@@ -143,7 +159,7 @@ impl Router {
         let params = Params::new(params.map(RawValue::get));
         if let Some(handler) = self.raw.get(method) {
             return match handler(params.into_owned(), conn).await {
-                Ok(RawResult(json)) => Outcome::Result(json),
+                Ok(RawResult { json, hold }) => Outcome::Result(json, hold),
                 Err(e) => Outcome::error(e),
             };
         }
@@ -187,7 +203,7 @@ fn unwrap_response(json: &str) -> Outcome {
     match serde_json::from_str::<Response>(json) {
         Ok(Response {
             result: Some(r), ..
-        }) => Outcome::Result(r.get().as_bytes().to_vec()),
+        }) => Outcome::Result(r.get().as_bytes().to_vec(), None),
         Ok(Response { error: Some(e), .. }) => Outcome::Error(e.get().to_string()),
         _ => Outcome::error(internal("malformed method response")),
     }

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
@@ -22,7 +23,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::store::chunk_store::ChunkStore;
 use crate::store::datastore::{validate_archive_name, Archive, Datastore, SnapshotPath};
 use crate::store::fidx::FixedIndex;
-use crate::store::index::{new_uuid, now_epoch, ChunkIndex};
+use crate::store::index::{
+    new_uuid, now_epoch, ChunkIndex, INDEX_HEADER_SIZE, MAX_INDEX_FILE_SIZE,
+};
 use crate::store::manifest::{FileEntry, Manifest, MANIFEST_BLOB_NAME};
 use crate::store::{atomic_file, blob, digest_hex, sha256, Digest, MAX_CHUNK_SIZE};
 
@@ -106,6 +109,16 @@ pub fn import_image(
     let archive = fidx_name(archive)?;
     let chunks = ChunkStore::open(store)?;
     let mut file = File::open(image).map_err(|e| Error::io(image.display(), &e))?;
+    let ftype = file
+        .metadata()
+        .map_err(|e| Error::io(image.display(), &e))?
+        .file_type();
+    if !(ftype.is_file() || ftype.is_block_device()) {
+        return Err(Error::unsupported(format!(
+            "{}: not a regular file or block device",
+            image.display()
+        )));
+    }
     // Seeking to the end gives the size of block devices too.
     let size = file
         .seek(SeekFrom::End(0))
@@ -113,43 +126,87 @@ pub fn import_image(
         .map_err(|e| Error::io(image.display(), &e))?;
 
     let snap_dir = store.join(snap.rel_path());
-    let manifest_path = snap_dir.join(MANIFEST_BLOB_NAME);
-    // Check an existing manifest before doing any work.
-    let mut manifest = load_or_new_manifest(&manifest_path, &snap)?;
-
-    let stored = store_chunks(&chunks, &mut file, image, size, progress)?;
-
+    let created = !snap_dir.exists();
     std::fs::create_dir_all(&snap_dir).map_err(|e| Error::io(snap_dir.display(), &e))?;
-    let index = FixedIndex::new(
-        &archive,
-        size,
-        IMPORT_CHUNK_SIZE,
-        stored.digests,
-        new_uuid(),
-        now_epoch(),
-    )?;
-    index.write(&snap_dir.join(&archive))?;
-    let index_csum = digest_hex(index.index_csum());
-    manifest.set_file(FileEntry {
-        filename: archive.clone(),
-        crypt_mode: "none".to_string(),
-        size,
-        csum: index_csum.clone(),
+    let result = lock_dir(&snap_dir).and_then(|_lock| {
+        import_locked(
+            &chunks, &snap, &snap_dir, &archive, &mut file, image, size, progress,
+        )
     });
-    manifest.store(&manifest_path)?;
-
+    if result.is_err() && created {
+        // Leave no empty snapshot directory behind (fails harmlessly if not empty).
+        let _ = std::fs::remove_dir(&snap_dir);
+    }
+    let (index, new_chunks, stored_bytes) = result?;
+    let index_csum = digest_hex(index.index_csum());
     Ok(ImportReport {
         snapshot: snap.to_string(),
         archive,
         size,
         chunk_size: IMPORT_CHUNK_SIZE,
         chunks: index.chunk_count(),
-        new_chunks: stored.new_chunks,
-        reused_chunks: index.chunk_count() - stored.new_chunks,
-        stored_bytes: stored.stored_bytes,
+        new_chunks,
+        reused_chunks: index.chunk_count() - new_chunks,
+        stored_bytes,
         index_csum,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The part of an import done while holding the snapshot lock: check the
+/// manifest, store the chunks, write the index, then update the manifest.
+#[allow(clippy::too_many_arguments)]
+fn import_locked(
+    chunks: &ChunkStore,
+    snap: &SnapshotPath,
+    snap_dir: &Path,
+    archive: &str,
+    file: &mut File,
+    image: &Path,
+    size: u64,
+    progress: Progress<'_>,
+) -> Result<(FixedIndex, usize, u64)> {
+    let manifest_path = snap_dir.join(MANIFEST_BLOB_NAME);
+    // Check an existing manifest before doing any work.
+    let mut manifest = load_or_new_manifest(&manifest_path, snap)?;
+    let stored = store_chunks(chunks, file, image, size, progress)?;
+    let index = FixedIndex::new(
+        archive,
+        size,
+        IMPORT_CHUNK_SIZE,
+        stored.digests,
+        new_uuid(),
+        now_epoch(),
+    )?;
+    index.write(&snap_dir.join(archive))?;
+    manifest.set_file(FileEntry {
+        filename: archive.to_string(),
+        crypt_mode: "none".to_string(),
+        size,
+        csum: digest_hex(index.index_csum()),
+    });
+    manifest.store(&manifest_path)?;
+    Ok((index, stored.new_chunks, stored.stored_bytes))
+}
+
+/// Takes an exclusive flock on the snapshot directory for the life of the
+/// returned handle, so two imports cannot interleave manifest updates.
+fn lock_dir(dir: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(dir).map_err(|e| Error::io(dir.display(), &e))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "{}: snapshot is busy (another import holds it): {e}",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(f)
 }
 
 fn load_or_new_manifest(path: &Path, snap: &SnapshotPath) -> Result<Manifest> {
@@ -192,8 +249,15 @@ fn store_chunks(
     size: u64,
     progress: Progress<'_>,
 ) -> Result<StoredChunks> {
-    let count = usize::try_from(size.div_ceil(IMPORT_CHUNK_SIZE))
-        .map_err(|_| Error::unsupported(format!("{}: image too large", image.display())))?;
+    // The index of a larger image would be over what readers accept.
+    let max_size = (MAX_INDEX_FILE_SIZE - INDEX_HEADER_SIZE as u64) / 32 * IMPORT_CHUNK_SIZE;
+    if size > max_size {
+        return Err(Error::unsupported(format!(
+            "{}: image of {size} bytes is over the limit of {max_size}",
+            image.display()
+        )));
+    }
+    let count = size.div_ceil(IMPORT_CHUNK_SIZE) as usize;
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -579,6 +643,23 @@ mod tests {
             .join(".chunks/2cf2/2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         assert_eq!(std::fs::read(chunk).unwrap(), blob::encode(b"hello", false));
         assert_eq!(ds.manifest(snap).unwrap().files.len(), 2);
+
+        // A second import into a locked snapshot is refused, not interleaved.
+        let lock = lock_dir(&store.join(snap)).unwrap();
+        let err = import_image(&store, snap, "x.img", &hello, &no_progress).unwrap_err();
+        assert!(err.message.contains("busy"), "{}", err.message);
+        drop(lock);
+        // A corrupt manifest is not overwritten; a directory is no image.
+        let mpath = store.join(snap).join(MANIFEST_BLOB_NAME);
+        std::fs::write(&mpath, b"garbage").unwrap();
+        let err = import_image(&store, snap, "x.img", &hello, &no_progress).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Corrupt);
+        assert_eq!(std::fs::read(&mpath).unwrap(), b"garbage");
+        let dir2 = "ct/1/2026-01-02T00:00:00Z";
+        let err =
+            import_image(&store, dir2, "x.img", &dir.path().join("s"), &no_progress).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Unsupported, "{}", err.message);
+        assert!(!store.join(dir2).exists());
 
         let err = import_image(&store, "vm/../x", "e.img", &img, &no_progress).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidPath);

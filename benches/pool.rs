@@ -1,0 +1,480 @@
+//! Chunk read pool benchmark (issue 3 acceptance, in-process parts).
+//!
+//! Builds a mixed image (random, text, zeros; 1 GiB by default) as a
+//! datastore of 4 MiB zstd chunks in a temporary directory, then reports
+//! side by side:
+//!   (a) sequential reads through the pool (4 MiB and 128 KiB requests),
+//!   (b) a naive reader: one chunk at a time, read file + decode inline,
+//!       no read-ahead, no cache, no zero-chunk shortcut,
+//!   (d) the machine's limits: page-cache read of the chunk files and the
+//!       single-core CRC + zstd + SHA-256 decode rate,
+//! and the ratios (a)/(b) and (a)/min(page cache, 2 x decode).
+//! With `--cold` the page cache is dropped before each variant (needs root)
+//! and the disk's seek time and sequential rate are measured for the
+//! MAX(ACS) = ACS / (AST + ACS/MRS) figure.
+//!
+//! Usage: cargo bench --bench pool -- [--cold] [--size-mib N] [--dir DIR]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use restore_agent::pool::{ChunkPool, PoolConfig};
+use restore_agent::store::blob;
+use restore_agent::store::chunk_store::ChunkStore;
+use restore_agent::store::fidx::FixedIndex;
+use restore_agent::store::index::ChunkIndex;
+use restore_agent::store::{sha256, Digest, MAX_CHUNK_SIZE};
+
+const CHUNK: usize = 4 << 20;
+const MB: f64 = 1e6;
+
+struct Args {
+    cold: bool,
+    size_mib: usize,
+    dir: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        cold: false,
+        size_mib: 1024,
+        dir: std::env::temp_dir(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--cold" => args.cold = true,
+            "--size-mib" => {
+                args.size_mib = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage("--size-mib needs a number"))
+            }
+            "--dir" => {
+                args.dir = it
+                    .next()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| usage("--dir needs a path"))
+            }
+            "--bench" => {} // added by `cargo bench`
+            other => usage(&format!("unknown argument {other}")),
+        }
+    }
+    args
+}
+
+fn usage(msg: &str) -> ! {
+    eprintln!("{msg}\nusage: pool [--cold] [--size-mib N] [--dir DIR]");
+    std::process::exit(2);
+}
+
+/// xorshift64* pseudo-random generator.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Chunk `i` of the mixed image: 2 of 5 random, 2 of 5 text-like (words
+/// drawn from a fixed vocabulary, compresses about 3x), 1 of 5 zeros.
+fn make_chunk(i: usize, vocabulary: &[String]) -> Vec<u8> {
+    let mut rng = Rng((i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    match i % 5 {
+        0 | 2 => {
+            let mut out = Vec::with_capacity(CHUNK + 8);
+            while out.len() < CHUNK {
+                out.extend_from_slice(&rng.next().to_le_bytes());
+            }
+            out.truncate(CHUNK);
+            out
+        }
+        1 | 3 => {
+            let mut out = Vec::with_capacity(CHUNK + 64);
+            while out.len() < CHUNK {
+                let r = rng.next();
+                out.extend_from_slice(
+                    vocabulary[(r % vocabulary.len() as u64) as usize].as_bytes(),
+                );
+                out.push(if r >> 60 == 0 { b'\n' } else { b' ' });
+            }
+            out.truncate(CHUNK);
+            out
+        }
+        _ => vec![0u8; CHUNK],
+    }
+}
+
+fn vocabulary() -> Vec<String> {
+    let mut rng = Rng(42);
+    (0..2000)
+        .map(|_| {
+            let len = 2 + (rng.next() % 9) as usize;
+            (0..len)
+                .map(|_| (b'a' + (rng.next() % 26) as u8) as char)
+                .collect()
+        })
+        .collect()
+}
+
+struct Dataset {
+    _tmp: tempfile::TempDir,
+    image: PathBuf,
+    chunks: Arc<ChunkStore>,
+    index: Arc<FixedIndex>,
+    /// Unique chunk files and their total size.
+    files: Vec<PathBuf>,
+    file_bytes: u64,
+    /// Chunk files and image bytes of the non-zero chunks (for the ACS figure).
+    nonzero_chunks: usize,
+    nonzero_file_bytes: u64,
+}
+
+/// Writes the image file and its datastore (both cores encode).
+fn build(args: &Args) -> Dataset {
+    let tmp = tempfile::Builder::new()
+        .prefix("pool-bench-")
+        .tempdir_in(&args.dir)
+        .unwrap_or_else(|e| panic!("cannot create a directory in {}: {e}", args.dir.display()));
+    let store = tmp.path().join("store");
+    fs::create_dir_all(store.join(".chunks")).expect("create .chunks");
+    let chunks = Arc::new(ChunkStore::open(&store).expect("open chunk store"));
+    let image = tmp.path().join("image.raw");
+    let count = args.size_mib * (1 << 20) / CHUNK;
+    let vocabulary = vocabulary();
+    let mut image_file = File::create(&image).expect("create image");
+    let mut digests: Vec<Digest> = Vec::with_capacity(count);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut i = 0;
+    while i < count {
+        // One batch of `workers` chunks at a time keeps memory small.
+        let batch: Vec<(Vec<u8>, Digest, Vec<u8>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (i..(i + workers).min(count))
+                .map(|n| {
+                    let vocabulary = &vocabulary;
+                    s.spawn(move || {
+                        let data = make_chunk(n, vocabulary);
+                        let digest = sha256(&data);
+                        let encoded = blob::encode(&data, true);
+                        (data, digest, encoded)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("encoder"))
+                .collect()
+        });
+        for (data, digest, encoded) in batch {
+            image_file.write_all(&data).expect("write image");
+            let path = chunks.chunk_path(&digest);
+            if !path.exists() {
+                fs::create_dir_all(path.parent().expect("chunk dir")).expect("mkdir");
+                fs::write(&path, encoded).expect("write chunk");
+            }
+            digests.push(digest);
+            i += 1;
+        }
+    }
+    image_file.sync_all().expect("sync image");
+    let size = (count * CHUNK) as u64;
+    let index =
+        FixedIndex::new("bench.img.fidx", size, CHUNK as u64, digests, [0; 16], 0).expect("index");
+    let zero = sha256(&vec![0u8; CHUNK]);
+    let mut files = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let (mut file_bytes, mut nonzero_chunks, mut nonzero_file_bytes) = (0, 0, 0);
+    for n in 0..index.chunk_count() {
+        let d = *index.chunk_digest(n);
+        let path = chunks.chunk_path(&d);
+        let len = fs::metadata(&path).expect("stat chunk").len();
+        if d != zero {
+            nonzero_chunks += 1;
+            nonzero_file_bytes += len;
+        }
+        if seen.insert(d) {
+            file_bytes += len;
+            files.push(path);
+        }
+    }
+    Dataset {
+        _tmp: tmp,
+        image,
+        chunks,
+        index: Arc::new(index),
+        files,
+        file_bytes,
+        nonzero_chunks,
+        nonzero_file_bytes,
+    }
+}
+
+fn drop_caches() {
+    // SAFETY: sync() takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "3") {
+        eprintln!("cannot drop caches ({e}); --cold needs root");
+        std::process::exit(1);
+    }
+}
+
+fn rate(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / MB
+}
+
+/// (a) Sequential reads of `request` bytes through a default pool.
+fn pool_scan(ds: &Dataset, request: usize) -> (Duration, String) {
+    let pool = ChunkPool::new(PoolConfig::default());
+    let reader = pool.open_index(ds.chunks.clone(), ds.index.clone(), "bench".into());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let start = Instant::now();
+    let checksum = rt.block_on(async {
+        let mut off = 0u64;
+        let mut sum = 0u64;
+        while off < reader.size() {
+            let slices = reader.read_slices(off, request).await.expect("pool read");
+            for s in &slices {
+                let b = s.as_slice();
+                sum = sum.wrapping_add(u64::from(b[0]) + u64::from(b[b.len() - 1]));
+                off += b.len() as u64;
+            }
+        }
+        sum
+    });
+    let t = start.elapsed();
+    let st = pool.stats();
+    let info = format!(
+        "reads {} zero {} hits {} misses {} readahead_hits {} (sum {checksum})",
+        st.reads, st.zero_reads, st.cache.hits, st.cache.misses, st.cache.readahead_hits
+    );
+    (t, info)
+}
+
+/// (b) One chunk at a time: read the file, decode, next.
+fn naive_scan(ds: &Dataset) -> Duration {
+    let start = Instant::now();
+    let mut sum = 0u64;
+    for n in 0..ds.index.chunk_count() {
+        let d = ds.index.chunk_digest(n);
+        let raw = fs::read(ds.chunks.chunk_path(d)).expect("read chunk");
+        let data = blob::decode(&raw, Some(d), CHUNK.min(MAX_CHUNK_SIZE)).expect("decode");
+        sum = sum.wrapping_add(u64::from(data[0]));
+    }
+    std::hint::black_box(sum);
+    start.elapsed()
+}
+
+/// (d1) cat-like read of every chunk file into one reused buffer.
+fn page_cache_scan(ds: &Dataset) -> Duration {
+    let mut buf = vec![0u8; CHUNK + (1 << 20)];
+    let start = Instant::now();
+    for path in &ds.files {
+        let mut f = File::open(path).expect("open chunk");
+        loop {
+            let n = f.read(&mut buf).expect("read chunk");
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    start.elapsed()
+}
+
+/// (d2) Single-core decode (CRC + zstd + SHA-256) of every chunk of the
+/// image, timing only the decode. Returns (decoded bytes, time).
+fn decode_scan(ds: &Dataset) -> (u64, Duration) {
+    let mut total = Duration::ZERO;
+    let mut bytes = 0u64;
+    for n in 0..ds.index.chunk_count() {
+        let d = ds.index.chunk_digest(n);
+        let raw = fs::read(ds.chunks.chunk_path(d)).expect("read chunk");
+        let start = Instant::now();
+        let data = blob::decode(&raw, Some(d), CHUNK).expect("decode");
+        total += start.elapsed();
+        bytes += data.len() as u64;
+    }
+    (bytes, total)
+}
+
+/// An O_DIRECT-aligned buffer of `len` bytes inside `storage`.
+fn aligned(storage: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    storage.resize(len + 4096, 0);
+    let skip = storage.as_ptr().align_offset(4096);
+    &mut storage[skip..skip + len]
+}
+
+/// Average latency of random 4 KiB O_DIRECT reads (an upper bound on AST).
+fn measure_seek(path: &Path, size: u64) -> Duration {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open image O_DIRECT");
+    let mut storage = Vec::new();
+    let buf = aligned(&mut storage, 4096);
+    let mut rng = Rng(7);
+    let blocks = size / 4096;
+    let n = 2000;
+    let start = Instant::now();
+    for _ in 0..n {
+        let off = (rng.next() % blocks) * 4096;
+        f.read_exact_at(buf, off).expect("random read");
+    }
+    start.elapsed() / n
+}
+
+/// Sequential O_DIRECT read rate with 4 MiB requests (MRS), bytes/s.
+fn measure_sequential(path: &Path, size: u64) -> f64 {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("open image O_DIRECT");
+    let mut storage = Vec::new();
+    let buf = aligned(&mut storage, CHUNK);
+    let start = Instant::now();
+    let mut off = 0;
+    while off + CHUNK as u64 <= size {
+        f.read_exact_at(buf, off).expect("sequential read");
+        off += CHUNK as u64;
+    }
+    off as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let args = parse_args();
+    let t0 = Instant::now();
+    eprintln!(
+        "building a {} MiB mixed image and datastore in {} ...",
+        args.size_mib,
+        args.dir.display()
+    );
+    let ds = build(&args);
+    let size = ds.index.size();
+    let zero_chunks = ds.index.chunk_count() - ds.nonzero_chunks;
+    println!(
+        "image {} MiB: {} chunks of 4 MiB ({} zero), {} unique chunk files, {:.1} MiB on disk (built in {:.1}s)",
+        size >> 20,
+        ds.index.chunk_count(),
+        zero_chunks,
+        ds.files.len(),
+        ds.file_bytes as f64 / (1u64 << 20) as f64,
+        t0.elapsed().as_secs_f64()
+    );
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mode = if args.cold {
+        "cold (caches dropped before each variant)"
+    } else {
+        "warm page cache"
+    };
+    println!("mode: {mode}; pool: {cores} workers, 48 MiB cache, read-ahead 8; rates in MB/s (1e6) of image bytes unless noted");
+
+    let prepare = || {
+        if args.cold {
+            drop_caches();
+        } else {
+            page_cache_scan(&ds); // make sure every chunk file is cached
+        }
+    };
+    let rounds = if args.cold { 1 } else { 2 };
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+
+    let (mut a4, mut a128, mut b, mut pc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut info4, mut info128) = (String::new(), String::new());
+    for _ in 0..rounds {
+        prepare();
+        let (t, info) = pool_scan(&ds, CHUNK);
+        a4.push(rate(size, t));
+        info4 = info;
+        prepare();
+        let (t, info) = pool_scan(&ds, 128 << 10);
+        a128.push(rate(size, t));
+        info128 = info;
+        prepare();
+        b.push(rate(size, naive_scan(&ds)));
+        prepare();
+        pc.push(rate(ds.file_bytes, page_cache_scan(&ds)));
+    }
+    let (dec_bytes, dec_time) = decode_scan(&ds);
+    let decode = rate(dec_bytes, dec_time);
+
+    let (a, b_best, pc_best) = (best(&a4), best(&b), best(&pc));
+    println!(
+        "(a)  pool, sequential 4 MiB reads     {:>7.0}   runs [{}]  {info4}",
+        a,
+        show(&a4)
+    );
+    println!(
+        "(a') pool, sequential 128 KiB reads   {:>7.0}   runs [{}]  {info128}",
+        best(&a128),
+        show(&a128)
+    );
+    println!(
+        "(b)  naive: read + decode inline      {:>7.0}   runs [{}]",
+        b_best,
+        show(&b),
+    );
+    println!(
+        "(d1) page-cache read of chunk files   {:>7.0}   runs [{}]  (MB/s of chunk-file bytes)",
+        pc_best,
+        show(&pc),
+    );
+    println!(
+        "(d2) single-core CRC+zstd+SHA decode  {:>7.0}   (decoded bytes over all {} chunks)",
+        decode,
+        ds.index.chunk_count()
+    );
+    let limit = pc_best.min(2.0 * decode);
+    println!("(a)/(b) = {:.2}   (goal >= 1.7)", a / b_best);
+    println!(
+        "(a)/min(page cache, 2 x decode) = {a:.0}/{limit:.0} = {:.2}   (goal >= 0.8)",
+        a / limit
+    );
+
+    if args.cold {
+        drop_caches();
+        let ast = measure_seek(&ds.image, size);
+        drop_caches();
+        let mrs = measure_sequential(&ds.image, size);
+        let acs = ds.nonzero_file_bytes as f64 / ds.nonzero_chunks.max(1) as f64;
+        let ast_s = ast.as_secs_f64();
+        let max_acs = acs / (ast_s + acs / mrs);
+        // Non-zero chunks hold CHUNK image bytes in `acs` file bytes.
+        let image_equiv = max_acs * CHUNK as f64 / acs;
+        println!(
+            "disk: AST {:.3} ms (random 4 KiB O_DIRECT, mean of 2000), MRS {:.0} MB/s (sequential 4 MiB O_DIRECT)",
+            ast_s * 1e3,
+            mrs / MB
+        );
+        println!(
+            "MAX(ACS) = ACS/(AST + ACS/MRS) with ACS = {:.2} MB (mean non-zero chunk file) = {:.0} MB/s of chunk files \
+             = {:.0} MB/s of image bytes for non-zero chunks",
+            acs / MB,
+            max_acs / MB,
+            image_equiv / MB
+        );
+        println!(
+            "(a) cold / MAX(ACS) image figure = {:.2} (zero chunks, {} of {}, cost no I/O in (a))",
+            a / (image_equiv / MB),
+            zero_chunks,
+            ds.index.chunk_count()
+        );
+    }
+    println!("total bench time {:.1}s", t0.elapsed().as_secs_f64());
+}

@@ -1,0 +1,87 @@
+//! Datastore methods: `snapshot.list` and `image.read`.
+
+use jsonrpsee::types::{ErrorObjectOwned, Params};
+use jsonrpsee::{ConnectionId, RpcModule};
+use serde::Deserialize;
+use std::sync::Arc;
+
+use super::bulk::{self, MAX_READ};
+use super::{must, Agent};
+use crate::pool::ArchiveReader;
+use crate::rpc::codes::{app_error, invalid_params};
+use crate::rpc::{RawResult, Router};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadParams {
+    snapshot: String,
+    archive: String,
+    offset: u64,
+    length: u64,
+}
+
+pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
+    must(
+        module.register_blocking_method("snapshot.list", |params, agent, _| {
+            let p: ListParams = if params.as_str().is_some() {
+                params.parse()?
+            } else {
+                ListParams { namespace: None }
+            };
+            let snapshots = agent
+                .backups
+                .list_snapshots(p.namespace.as_deref())
+                .map_err(app_error)?;
+            Ok::<_, ErrorObjectOwned>(serde_json::json!({ "snapshots": snapshots }))
+        }),
+    );
+}
+
+pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
+    router.register_raw("image.read", move |params, conn| {
+        image_read(agent.clone(), params, conn)
+    });
+}
+
+async fn image_read(
+    agent: Arc<Agent>,
+    params: Params<'static>,
+    conn: ConnectionId,
+) -> Result<RawResult, ErrorObjectOwned> {
+    let p: ReadParams = params.parse()?;
+    if p.length > MAX_READ {
+        return Err(invalid_params(format!(
+            "length {} is over the limit of {MAX_READ}",
+            p.length
+        )));
+    }
+    let reader = agent.reader(conn, &p.snapshot, &p.archive)?;
+    read_response(&agent, &reader, p.offset, p.length).await
+}
+
+/// Reads `[offset, offset + length)` of an archive (clamped at its end) into
+/// a read result.
+pub(super) async fn read_response(
+    agent: &Agent,
+    reader: &ArchiveReader,
+    offset: u64,
+    length: u64,
+) -> Result<RawResult, ErrorObjectOwned> {
+    let length = usize::try_from(length).unwrap_or(usize::MAX);
+    let hold = agent.budget.reserve(bulk::response_size(length)).await;
+    let slices = reader
+        .read_slices(offset, length)
+        .await
+        .map_err(app_error)?;
+    let read: u64 = slices.iter().map(|s| s.range.len() as u64).sum();
+    let eof = offset.saturating_add(read) >= reader.size();
+    let pieces = slices.iter().map(|s| &s.chunk[s.range.clone()]);
+    Ok(bulk::read_result(offset, eof, pieces, hold))
+}

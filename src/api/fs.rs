@@ -1,0 +1,361 @@
+//! Volume and file methods: `volume.list`, `fs.list`, `fs.stat`, `fs.read`,
+//! `fs.extract`, `stream.read` and `stream.close`.
+
+use jsonrpsee::types::{ErrorObjectOwned, Params};
+use jsonrpsee::{ConnectionId, RpcModule};
+use serde::Deserialize;
+use std::io::Read;
+use std::sync::Arc;
+
+use super::bulk::{self, MAX_READ};
+use super::streams::stream_error;
+use super::{must, Agent};
+use crate::error::{Error, ErrorKind};
+use crate::restore::archive::{
+    byte_stream, new_writer, ArchiveEntry, EntryKind, Format, StreamWriter,
+};
+use crate::restore::fs::{EntryType, FileData, Filesystem, FsHandle, WalkEntry};
+use crate::restore::volume::list_volumes;
+use crate::rpc::codes::{app_error, internal, invalid_params};
+use crate::rpc::{RawResult, Router};
+
+/// Default and largest page of `fs.list`.
+const LIST_DEFAULT: usize = 1000;
+const LIST_MAX: usize = 10_000;
+/// Default `stream.read` length.
+const STREAM_READ_DEFAULT: u64 = 4 << 20;
+/// Archive bytes buffered per stream between its producer and the client.
+const STREAM_BUFFER: usize = 1 << 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeParams {
+    snapshot: String,
+    archive: String,
+}
+
+/// The file a method works on; exactly one of `path` and `path_b64`.
+#[derive(Deserialize)]
+struct Target {
+    snapshot: String,
+    archive: String,
+    volume: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    path_b64: Option<String>,
+}
+
+impl Target {
+    fn path(&self) -> Result<Vec<u8>, ErrorObjectOwned> {
+        match (&self.path, &self.path_b64) {
+            (Some(p), None) => Ok(p.as_bytes().to_vec()),
+            (None, Some(b)) => base64_simd::STANDARD
+                .decode_to_vec(b)
+                .map_err(|_| invalid_params("path_b64 is not valid base64")),
+            _ => Err(invalid_params(
+                "exactly one of path and path_b64 is required",
+            )),
+        }
+    }
+
+    /// The cached filesystem of this target's volume (opened on first use).
+    async fn filesystem(&self, agent: &Arc<Agent>) -> Result<FsHandle, ErrorObjectOwned> {
+        let (agent, s, a, v) = (
+            agent.clone(),
+            self.snapshot.clone(),
+            self.archive.clone(),
+            self.volume.clone(),
+        );
+        blocking(move || agent.backups.filesystem(&s, &a, &v)).await
+    }
+}
+
+/// Params with a [`Target`] and method-specific members; unknown members are refused.
+fn parse<T: for<'de> Deserialize<'de>>(
+    params: &Params<'_>,
+    known: &[&str],
+) -> Result<(Target, T), ErrorObjectOwned> {
+    let value: serde_json::Map<String, serde_json::Value> = params.parse()?;
+    const TARGET: [&str; 5] = ["snapshot", "archive", "volume", "path", "path_b64"];
+    if let Some(k) = value
+        .keys()
+        .find(|k| !TARGET.contains(&k.as_str()) && !known.contains(&k.as_str()))
+    {
+        return Err(invalid_params(format!("unknown field `{k}`")));
+    }
+    let v = serde_json::Value::Object(value);
+    let target = Target::deserialize(&v).map_err(|e| invalid_params(e.to_string()))?;
+    let extra = T::deserialize(&v).map_err(|e| invalid_params(e.to_string()))?;
+    Ok((target, extra))
+}
+
+async fn blocking<R: Send + 'static>(
+    job: impl FnOnce() -> crate::error::Result<R> + Send + 'static,
+) -> Result<R, ErrorObjectOwned> {
+    match tokio::task::spawn_blocking(job).await {
+        Ok(r) => r.map_err(app_error),
+        Err(_) => Err(internal("worker task failed")),
+    }
+}
+
+async fn on_fs<R: Send + 'static>(
+    handle: &FsHandle,
+    job: impl FnOnce(&mut dyn Filesystem) -> crate::error::Result<R> + Send + 'static,
+) -> Result<R, ErrorObjectOwned> {
+    handle.run(job).await.and_then(|r| r).map_err(app_error)
+}
+
+#[derive(Deserialize)]
+struct ListExtra {
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct StatExtra {
+    #[serde(default)]
+    follow: bool,
+}
+
+#[derive(Deserialize)]
+struct ReadExtra {
+    offset: u64,
+    length: u64,
+}
+
+#[derive(Deserialize)]
+struct ExtractExtra {
+    format: String,
+    #[serde(default)]
+    zstd: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamReadParams {
+    stream: u64,
+    #[serde(default)]
+    length: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamCloseParams {
+    stream: u64,
+}
+
+pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
+    must(
+        module.register_blocking_method("volume.list", |params, agent, _| {
+            let p: VolumeParams = params.parse()?;
+            let disk = agent
+                .backups
+                .disk(&p.snapshot, &p.archive)
+                .map_err(app_error)?;
+            let volumes = list_volumes(disk).map_err(app_error)?;
+            Ok::<_, ErrorObjectOwned>(serde_json::json!({ "volumes": volumes }))
+        }),
+    );
+    must(
+        module.register_async_method("fs.list", |params, agent, _| async move {
+            let (t, x): (Target, ListExtra) = parse(&params, &["cursor", "limit"])?;
+            let limit = x.limit.unwrap_or(LIST_DEFAULT);
+            if limit == 0 || limit > LIST_MAX {
+                return Err(invalid_params(format!("limit must be 1..={LIST_MAX}")));
+            }
+            let path = t.path()?;
+            let fs = t.filesystem(&agent).await?;
+            let (entries, next) =
+                on_fs(&fs, move |fs| fs.list(&path, x.cursor.as_deref(), limit)).await?;
+            Ok::<_, ErrorObjectOwned>(
+                serde_json::json!({ "entries": entries, "next_cursor": next }),
+            )
+        }),
+    );
+    must(
+        module.register_async_method("fs.stat", |params, agent, _| async move {
+            let (t, x): (Target, StatExtra) = parse(&params, &["follow"])?;
+            let path = t.path()?;
+            let fs = t.filesystem(&agent).await?;
+            on_fs(&fs, move |fs| fs.stat(&path, x.follow)).await
+        }),
+    );
+    must(
+        module.register_async_method("stream.close", |params, agent, conn| async move {
+            let p: StreamCloseParams = params.parse()?;
+            let conn = conn
+                .get::<ConnectionId>()
+                .copied()
+                .unwrap_or(ConnectionId(0));
+            agent.streams.close(conn, p.stream)?;
+            Ok::<_, ErrorObjectOwned>(serde_json::json!({ "closed": true }))
+        }),
+    );
+}
+
+pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
+    let a = agent.clone();
+    router.register_raw("fs.read", move |params, _| fs_read(a.clone(), params));
+    let a = agent.clone();
+    router.register_raw("fs.extract", move |params, conn| {
+        fs_extract(a.clone(), params, conn)
+    });
+    router.register_raw("stream.read", move |params, conn| {
+        stream_read(agent.clone(), params, conn)
+    });
+}
+
+async fn fs_read(
+    agent: Arc<Agent>,
+    params: Params<'static>,
+) -> Result<RawResult, ErrorObjectOwned> {
+    let (t, x): (Target, ReadExtra) = parse(&params, &["offset", "length"])?;
+    if x.length > MAX_READ {
+        return Err(invalid_params(format!(
+            "length {} is over the limit of {MAX_READ}",
+            x.length
+        )));
+    }
+    let path = t.path()?;
+    let fs = t.filesystem(&agent).await?;
+    let len = usize::try_from(x.length).unwrap_or(usize::MAX);
+    let hold = agent.budget.reserve(bulk::response_size(len)).await;
+    let offset = x.offset;
+    let (data, eof) = on_fs(&fs, move |fs| fs.read(&path, offset, len)).await?;
+    Ok(bulk::read_result(
+        offset,
+        eof,
+        std::iter::once(&data[..]),
+        hold,
+    ))
+}
+
+async fn fs_extract(
+    agent: Arc<Agent>,
+    params: Params<'static>,
+    conn: ConnectionId,
+) -> Result<RawResult, ErrorObjectOwned> {
+    let (t, x): (Target, ExtractExtra) = parse(&params, &["format", "zstd"])?;
+    let format = match x.format.as_str() {
+        "tar" => Format::Tar,
+        "zip" => Format::Zip,
+        other => {
+            return Err(invalid_params(format!(
+                "format must be \"tar\" or \"zip\", not {other:?}"
+            )))
+        }
+    };
+    let path = t.path()?;
+    agent.streams.check_room(conn)?;
+    // A filesystem of its own: a long extraction must not queue every other
+    // request on this volume behind it.
+    let (a, s, ar, v) = (
+        agent.clone(),
+        t.snapshot.clone(),
+        t.archive.clone(),
+        t.volume.clone(),
+    );
+    let fs = blocking(move || a.backups.open_filesystem(&s, &ar, &v)).await?;
+    let p = path.clone();
+    on_fs(&fs, move |fs| fs.stat(&p, false)).await?;
+    let (writer, reader) = byte_stream(STREAM_BUFFER);
+    let id = agent
+        .streams
+        .insert(conn, reader, agent.shared.hold_watchdog())?;
+    tokio::spawn(async move {
+        let _ = fs
+            .run(move |fs| produce(fs, &path, format, x.zstd, writer))
+            .await;
+    });
+    Ok(RawResult::new(format!("{{\"stream\":{id}}}").into_bytes()))
+}
+
+async fn stream_read(
+    agent: Arc<Agent>,
+    params: Params<'static>,
+    conn: ConnectionId,
+) -> Result<RawResult, ErrorObjectOwned> {
+    let p: StreamReadParams = params.parse()?;
+    let length = p.length.unwrap_or(STREAM_READ_DEFAULT);
+    if length == 0 || length > MAX_READ {
+        return Err(invalid_params(format!("length must be 1..={MAX_READ}")));
+    }
+    let reader = agent.streams.get(conn, p.stream)?;
+    let len = usize::try_from(length).unwrap_or(usize::MAX);
+    let hold = agent.budget.reserve(bulk::response_size(len)).await;
+    let (data, eof) = reader.lock().await.read(len).await.map_err(stream_error)?;
+    Ok(bulk::stream_result(eof, &data, hold))
+}
+
+/// Writes the archive of `path` into `out`; runs on the filesystem thread.
+/// Whatever stops it reaches the client as the error of its next read.
+fn produce(fs: &mut dyn Filesystem, path: &[u8], format: Format, zstd: bool, out: StreamWriter) {
+    let closer = out.closer();
+    let result = (|| {
+        let mut archive = new_writer(format, zstd, Box::new(out))?;
+        fs.walk(path, &mut |we, data| {
+            let Some(entry) = archive_entry(we, format) else {
+                return Ok(());
+            };
+            let with_data = matches!(entry.kind, EntryKind::File { .. });
+            let mut reader = data.filter(|_| with_data).map(DataReader);
+            archive
+                .append(&entry, reader.as_mut().map(|r| r as &mut dyn Read))
+                .map_err(from_io)
+        })
+        .map_err(std::io::Error::other)?;
+        archive.finish()
+    })();
+    match result {
+        Ok(()) => closer.finish(),
+        Err(e) => closer.fail(e),
+    }
+}
+
+/// The archive member for a walked node; `None` for what archives cannot
+/// hold (sockets).
+fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
+    let e = &we.entry;
+    let kind = match (&we.hardlink_to, e.kind) {
+        (Some(first), _) if format.supports_hardlinks() => EntryKind::Hardlink {
+            target: first.clone(),
+        },
+        (_, EntryType::File) => EntryKind::File { size: e.size },
+        (_, EntryType::Dir) => EntryKind::Dir,
+        (_, EntryType::Symlink) => EntryKind::Symlink {
+            target: e.target.clone().unwrap_or_default().into_bytes(),
+        },
+        (_, EntryType::Char) => EntryKind::Char { major: 0, minor: 0 },
+        (_, EntryType::Block) => EntryKind::Block { major: 0, minor: 0 },
+        (_, EntryType::Fifo) => EntryKind::Fifo,
+        (_, EntryType::Socket) => return None,
+    };
+    Some(ArchiveEntry {
+        path: we.path.clone(),
+        kind,
+        mode: e.mode & 0o7777,
+        uid: e.uid,
+        gid: e.gid,
+        mtime: e.mtime,
+    })
+}
+
+/// File data of a walk as `std::io::Read`; filesystem errors travel inside
+/// the I/O error and come out again in [`from_io`].
+struct DataReader<'a>(&'a mut dyn FileData);
+
+impl Read for DataReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf).map_err(std::io::Error::other)
+    }
+}
+
+fn from_io(e: std::io::Error) -> Error {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(app) => app.clone(),
+        None => Error::new(ErrorKind::Io, format!("writing the archive: {e}")),
+    }
+}

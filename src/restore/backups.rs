@@ -1,0 +1,206 @@
+//! The backups the agent serves: the snapshots of one read-only datastore and
+//! the attached raw images (listed as the snapshot `attached`), each archive
+//! read through the chunk pool.
+//!
+//! Opened indexes are kept (a few, most recent first) so that a client reading
+//! an archive piece by piece does not reload the index for every request.
+//! Nothing here ever opens a file for writing.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::pool::{ArchiveReader, ChunkPool};
+use crate::restore::disk::Disk;
+use crate::restore::fs::FsHandle;
+use crate::store::chunk_store::ChunkStore;
+use crate::store::datastore::{Archive, ArchiveInfo, Datastore, SnapshotInfo};
+use crate::store::index::ChunkIndex;
+
+/// The snapshot name under which `--image` files are listed.
+pub const ATTACHED: &str = "attached";
+
+/// How many opened indexes are kept.
+const OPEN_INDEXES: usize = 16;
+
+/// How many open filesystems (one thread each) are kept for reuse.
+const OPEN_FILESYSTEMS: usize = 8;
+
+type FsKey = (String, String, String);
+type IndexEntry = (String, String, Arc<dyn ChunkIndex>);
+
+/// An archive as a disk: positional reads through the chunk pool. Reads
+/// block the calling thread, so it is only used from filesystem threads and
+/// blocking tasks.
+pub struct ArchiveDisk(ArchiveReader);
+
+impl Disk for ArchiveDisk {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        self.0.read_at_blocking(offset, buf)
+    }
+}
+
+pub struct Backups {
+    datastore: Option<Datastore>,
+    chunks: Option<Arc<ChunkStore>>,
+    images: Vec<(String, PathBuf, u64)>,
+    pool: ChunkPool,
+    indexes: Mutex<VecDeque<IndexEntry>>,
+    filesystems: Mutex<VecDeque<(FsKey, FsHandle)>>,
+}
+
+impl Backups {
+    /// Opens the datastore (if any) and checks every attached image is
+    /// readable; errors name the offending path.
+    pub fn open(
+        datastore: Option<&Path>,
+        images: Vec<(String, PathBuf)>,
+        pool: ChunkPool,
+    ) -> Result<Backups> {
+        let (datastore, chunks) = match datastore {
+            Some(dir) => {
+                let ds = Datastore::open(dir)?;
+                let chunks = Arc::new(ChunkStore::open(dir)?);
+                (Some(ds), Some(chunks))
+            }
+            None => (None, None),
+        };
+        let mut sized = Vec::with_capacity(images.len());
+        for (name, path) in images {
+            if name.is_empty() || name.contains('/') || sized.iter().any(|(n, _, _)| *n == name) {
+                return Err(Error::invalid_path(format!(
+                    "bad or duplicate image name `{name}`"
+                )));
+            }
+            let size = pool.open_raw_image(&path, name.clone())?.size();
+            sized.push((name, path, size));
+        }
+        Ok(Backups {
+            datastore,
+            chunks,
+            images: sized,
+            pool,
+            indexes: Mutex::new(VecDeque::new()),
+            filesystems: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    pub fn pool(&self) -> &ChunkPool {
+        &self.pool
+    }
+
+    /// Snapshots of `namespace` (every namespace when `None`), attached
+    /// images last as the root-namespace snapshot `attached`.
+    pub fn list_snapshots(&self, namespace: Option<&str>) -> Result<Vec<SnapshotInfo>> {
+        let mut list = match &self.datastore {
+            Some(ds) => ds.list_snapshots(namespace)?,
+            None => Vec::new(),
+        };
+        if !self.images.is_empty() && matches!(namespace, None | Some("")) {
+            list.push(SnapshotInfo {
+                snapshot: ATTACHED.into(),
+                backup_type: "host".into(),
+                id: ATTACHED.into(),
+                time: String::new(),
+                namespace: String::new(),
+                archives: self
+                    .images
+                    .iter()
+                    .map(|(name, _, size)| ArchiveInfo {
+                        name: name.clone(),
+                        kind: "image".into(),
+                        size: *size,
+                        crypt_mode: "none".into(),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(list)
+    }
+
+    /// A new reader (with its own sequential-access state) of one archive.
+    pub fn open_archive(&self, snapshot: &str, archive: &str) -> Result<ArchiveReader> {
+        if snapshot == ATTACHED {
+            let (_, path, _) = self
+                .images
+                .iter()
+                .find(|(n, _, _)| n == archive)
+                .ok_or_else(|| Error::not_found(format!("no attached image `{archive}`")))?;
+            return self.pool.open_raw_image(path, archive.to_string());
+        }
+        let (Some(ds), Some(chunks)) = (&self.datastore, &self.chunks) else {
+            return Err(Error::not_found(format!(
+                "snapshot `{snapshot}` not found (no datastore)"
+            )));
+        };
+        let index = self.index(ds, snapshot, archive)?;
+        Ok(self
+            .pool
+            .open_index(chunks.clone(), index, format!("{snapshot}/{archive}")))
+    }
+
+    /// An archive as a disk, with its own reader.
+    pub fn disk(&self, snapshot: &str, archive: &str) -> Result<Arc<dyn Disk>> {
+        Ok(Arc::new(ArchiveDisk(self.open_archive(snapshot, archive)?)))
+    }
+
+    /// The shared open filesystem of a volume, opened on first use. Blocks
+    /// while a filesystem is opened.
+    pub fn filesystem(&self, snapshot: &str, archive: &str, volume: &str) -> Result<FsHandle> {
+        let key = (
+            snapshot.to_string(),
+            archive.to_string(),
+            volume.to_string(),
+        );
+        {
+            let mut open = self.filesystems.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pos) = open.iter().position(|(k, _)| *k == key) {
+                if let Some(entry) = open.remove(pos) {
+                    let handle = entry.1.clone();
+                    open.push_front(entry);
+                    return Ok(handle);
+                }
+            }
+        }
+        let handle = self.open_filesystem(snapshot, archive, volume)?;
+        let mut open = self.filesystems.lock().unwrap_or_else(|p| p.into_inner());
+        open.push_front((key, handle.clone()));
+        open.truncate(OPEN_FILESYSTEMS);
+        Ok(handle)
+    }
+
+    /// A filesystem of a volume on a thread of its own, not shared. Blocks
+    /// while it is opened.
+    pub fn open_filesystem(&self, snapshot: &str, archive: &str, volume: &str) -> Result<FsHandle> {
+        FsHandle::open(self.disk(snapshot, archive)?, volume)
+    }
+
+    fn index(&self, ds: &Datastore, snapshot: &str, archive: &str) -> Result<Arc<dyn ChunkIndex>> {
+        {
+            let indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, _, idx)) = indexes
+                .iter()
+                .find(|(s, a, _)| s == snapshot && a == archive)
+            {
+                return Ok(idx.clone());
+            }
+        }
+        let index: Arc<dyn ChunkIndex> = match ds.open_archive(snapshot, archive)? {
+            Archive::Fixed(i) => i,
+            Archive::Dynamic(i) => i,
+            Archive::Blob(_) => {
+                return Err(Error::unsupported(format!(
+                    "`{archive}` is a blob, not a chunked archive"
+                )))
+            }
+        };
+        let mut indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        indexes.push_front((snapshot.to_string(), archive.to_string(), index.clone()));
+        indexes.truncate(OPEN_INDEXES);
+        Ok(index)
+    }
+}

@@ -1,0 +1,222 @@
+//! The disk abstraction the volume and filesystem readers sit on.
+//!
+//! Owns: the [`Disk`] trait (positional reads of a backed-up disk image),
+//! [`Slice`] (a partition window whose reads never leave it), the adapters
+//! the filesystem crates need (a `Read + Seek` cursor with a `Write` that
+//! refuses everything, and an `ext4_view::Ext4Read`), and [`FileDisk`], a
+//! plain image file, used by tests and tools.
+//! Must never write to a disk, and never know where the bytes come from.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// A read-only disk image.
+pub trait Disk: Send + Sync {
+    fn size(&self) -> u64;
+    /// positional read; short only at end of disk
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize>;
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, or fails with `what` named.
+pub fn read_exact_at(disk: &dyn Disk, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let pos = offset
+            .checked_add(done as u64)
+            .ok_or_else(|| Error::corrupt(format!("{what}: offset {offset} overflows")))?;
+        let n = disk.read_at(pos, &mut buf[done..])?;
+        if n == 0 {
+            return Err(Error::corrupt(format!(
+                "{what}: read of {} bytes at offset {offset} goes past the end of the disk ({} bytes)",
+                buf.len(),
+                disk.size()
+            )));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// A window `[start, start + len)` of another disk; reads never leave it.
+pub struct Slice {
+    disk: Arc<dyn Disk>,
+    start: u64,
+    len: u64,
+}
+
+impl Slice {
+    /// A window on `disk`; clipped to the disk's end so a partition table
+    /// that claims more than the disk holds cannot read past it.
+    pub fn new(disk: Arc<dyn Disk>, start: u64, len: u64) -> Slice {
+        let size = disk.size();
+        let start = start.min(size);
+        let len = len.min(size - start);
+        Slice { disk, start, len }
+    }
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+}
+
+impl Disk for Slice {
+    fn size(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= self.len {
+            return Ok(0);
+        }
+        let room = self.len - offset;
+        let n = (buf.len() as u64).min(room) as usize;
+        self.disk.read_at(self.start + offset, &mut buf[..n])
+    }
+}
+
+/// A plain image file read with `pread`.
+pub struct FileDisk {
+    file: std::fs::File,
+    size: u64,
+    name: String,
+}
+
+impl FileDisk {
+    pub fn open(path: &Path) -> Result<FileDisk> {
+        let name = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|e| Error::io(&name, &e))?;
+        let size = file.metadata().map_err(|e| Error::io(&name, &e))?.len();
+        Ok(FileDisk { file, size, name })
+    }
+}
+
+impl Disk for FileDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size - offset) as usize;
+        let mut done = 0;
+        while done < n {
+            match self.file.read_at(&mut buf[done..n], offset + done as u64) {
+                Ok(0) => break,
+                Ok(k) => done += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(&self.name, &e)),
+            }
+        }
+        Ok(done)
+    }
+}
+
+fn to_io(err: Error) -> io::Error {
+    let kind = match err.kind {
+        ErrorKind::NotFound => io::ErrorKind::NotFound,
+        ErrorKind::Corrupt => io::ErrorKind::InvalidData,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, err)
+}
+
+/// A `Read + Seek` cursor over a disk, with a `Write` that refuses every
+/// write (fatfs wants a read-write device even to read).
+///
+/// Small reads (fatfs reads FAT entries a few bytes at a time) are served
+/// from one buffered aligned block; large reads go straight to the disk.
+pub struct DiskCursor {
+    disk: Arc<dyn Disk>,
+    pos: u64,
+    block_start: u64,
+    block: Vec<u8>,
+}
+
+/// Size of the cursor's read buffer.
+const CURSOR_BLOCK: u64 = 64 * 1024;
+
+impl DiskCursor {
+    pub fn new(disk: Arc<dyn Disk>) -> DiskCursor {
+        DiskCursor {
+            disk,
+            pos: 0,
+            block_start: 0,
+            block: Vec::new(),
+        }
+    }
+}
+
+impl Read for DiskCursor {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.len() as u64 >= CURSOR_BLOCK {
+            let n = self.disk.read_at(self.pos, buf).map_err(to_io)?;
+            self.pos += n as u64;
+            return Ok(n);
+        }
+        let in_block =
+            self.pos >= self.block_start && self.pos < self.block_start + self.block.len() as u64;
+        if !in_block {
+            let start = self.pos - self.pos % CURSOR_BLOCK;
+            self.block.resize(CURSOR_BLOCK as usize, 0);
+            let n = self.disk.read_at(start, &mut self.block).map_err(to_io)?;
+            self.block.truncate(n);
+            self.block_start = start;
+            if self.pos >= start + n as u64 {
+                return Ok(0);
+            }
+        }
+        let off = (self.pos - self.block_start) as usize;
+        let n = buf.len().min(self.block.len() - off);
+        buf[..n].copy_from_slice(&self.block[off..off + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for DiskCursor {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let new = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.disk.size().checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match new {
+            Some(p) => {
+                self.pos = p;
+                Ok(p)
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the disk",
+            )),
+        }
+    }
+}
+
+impl Write for DiskCursor {
+    fn write(&mut self, _buf: &[u8]) -> io::Result<usize> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "backup images are read-only",
+        ))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `ext4_view::Ext4Read` over a disk: exact positional reads.
+pub struct Ext4Reader(pub Arc<dyn Disk>);
+
+impl ext4_view::Ext4Read for Ext4Reader {
+    fn read(
+        &mut self,
+        start_byte: u64,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        read_exact_at(&*self.0, start_byte, dst, "ext filesystem").map_err(|e| e.into())
+    }
+}

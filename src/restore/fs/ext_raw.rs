@@ -1,0 +1,497 @@
+//! Direct reading of ext2/3/4 on-disk structures: superblock, group
+//! descriptors, inodes, extent trees, block maps and directory blocks.
+//!
+//! ext4-view (used for file data and validation) exposes neither inode
+//! numbers nor link counts, which listings and hardlink detection need, and
+//! it cannot read a sparse file on a block-mapped (ext2/3) inode whose
+//! indirect pointer is a hole; this module fills those gaps.
+//! Owns: decoding those structures with every length and offset checked.
+//! Must never write, and never trust an on-disk count for an allocation.
+//! It reads the on-disk state as is: an unreplayed journal is not applied.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::restore::disk::{read_exact_at, Disk};
+
+const EXT4_EXTENTS_FL: u32 = 0x80000;
+const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
+const EXT4_ENCRYPT_FL: u32 = 0x800;
+const INCOMPAT_64BIT: u32 = 0x80;
+/// Most cached metadata blocks.
+const BLOCK_CACHE: usize = 2048;
+/// Most runs a file's block map may have.
+const MAX_RUNS: usize = 1 << 22;
+/// Largest directory read (bytes).
+const MAX_DIR_SIZE: u64 = 1 << 32;
+/// Most entries listed from one directory.
+const MAX_DIR_ENTRIES: usize = 4 << 20;
+/// Most extent tree nodes visited for one file.
+const MAX_EXTENT_NODES: usize = 1 << 20;
+
+fn le16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .unwrap_or(0)
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .unwrap_or(0)
+}
+
+/// A decoded inode.
+#[derive(Clone, Debug)]
+pub struct Inode {
+    pub number: u32,
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: i64,
+    pub links: u16,
+    pub flags: u32,
+    pub block: [u8; 60],
+    /// 512-byte sectors in use (i_blocks_lo)
+    sectors: u64,
+    file_acl: u32,
+}
+
+impl Inode {
+    pub fn uses_extents(&self) -> bool {
+        self.flags & EXT4_EXTENTS_FL != 0
+    }
+    pub fn is_encrypted(&self) -> bool {
+        self.flags & EXT4_ENCRYPT_FL != 0
+    }
+}
+
+/// A contiguous piece of a file: `len` blocks at logical block `logical`
+/// stored at physical block `physical`; `physical == 0` reads as zeros.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    logical: u64,
+    physical: u64,
+    len: u64,
+}
+
+pub struct ExtRaw {
+    disk: Arc<dyn Disk>,
+    block_size: u64,
+    blocks_count: u64,
+    inodes_per_group: u32,
+    inode_size: u64,
+    inode_tables: Vec<u64>,
+    cache: HashMap<u64, Rc<Vec<u8>>>,
+    runs_cache: Option<(u32, Rc<Vec<Run>>)>,
+}
+
+fn bad(msg: impl std::fmt::Display) -> Error {
+    Error::corrupt(format!("ext filesystem: {msg}"))
+}
+
+impl ExtRaw {
+    pub fn open(disk: Arc<dyn Disk>) -> Result<ExtRaw> {
+        let mut sb = vec![0u8; 1024];
+        read_exact_at(&*disk, 1024, &mut sb, "ext superblock")?;
+        if le16(&sb, 0x38) != 0xEF53 {
+            return Err(bad("bad superblock magic"));
+        }
+        let log = le32(&sb, 0x18);
+        if log > 6 {
+            return Err(bad(format!("block size 2^(10+{log}) is invalid")));
+        }
+        let block_size = 1024u64 << log;
+        let incompat = le32(&sb, 0x60);
+        let is64 = incompat & INCOMPAT_64BIT != 0;
+        let mut blocks_count = u64::from(le32(&sb, 0x04));
+        if is64 {
+            blocks_count |= u64::from(le32(&sb, 0x150)) << 32;
+        }
+        let first_data_block = u64::from(le32(&sb, 0x14));
+        let blocks_per_group = u64::from(le32(&sb, 0x20));
+        let inodes_per_group = le32(&sb, 0x28);
+        let rev = le32(&sb, 0x4C);
+        let inode_size = if rev == 0 {
+            128
+        } else {
+            u64::from(le16(&sb, 0x58))
+        };
+        let desc_size = if is64 {
+            u64::from(le16(&sb, 0xFE)).max(32)
+        } else {
+            32
+        };
+        if blocks_per_group == 0
+            || inodes_per_group == 0
+            || !(128..=block_size).contains(&inode_size)
+            || desc_size > 1024
+        {
+            return Err(bad("superblock geometry is invalid"));
+        }
+        if blocks_count.saturating_mul(block_size) > disk.size().saturating_mul(4).max(1 << 40) {
+            return Err(bad(format!(
+                "superblock claims {blocks_count} blocks, far more than the volume holds"
+            )));
+        }
+        let groups = blocks_count
+            .saturating_sub(first_data_block)
+            .div_ceil(blocks_per_group);
+        let gdt_bytes = groups.saturating_mul(desc_size);
+        if gdt_bytes > disk.size() {
+            return Err(bad("group descriptor table larger than the volume"));
+        }
+        let mut gdt = vec![0u8; gdt_bytes as usize];
+        read_exact_at(
+            &*disk,
+            (first_data_block + 1) * block_size,
+            &mut gdt,
+            "ext group descriptors",
+        )?;
+        let mut inode_tables = Vec::with_capacity(groups as usize);
+        for g in 0..groups as usize {
+            let d = &gdt[g * desc_size as usize..(g + 1) * desc_size as usize];
+            let mut t = u64::from(le32(d, 0x08));
+            if desc_size >= 64 {
+                t |= u64::from(le32(d, 0x28)) << 32;
+            }
+            inode_tables.push(t);
+        }
+        Ok(ExtRaw {
+            disk,
+            block_size,
+            blocks_count,
+            inodes_per_group,
+            inode_size,
+            inode_tables,
+            cache: HashMap::new(),
+            runs_cache: None,
+        })
+    }
+
+    fn block(&mut self, n: u64) -> Result<Rc<Vec<u8>>> {
+        if let Some(b) = self.cache.get(&n) {
+            return Ok(b.clone());
+        }
+        if n == 0 || n >= self.blocks_count {
+            return Err(bad(format!("block number {n} out of range")));
+        }
+        let mut buf = vec![0u8; self.block_size as usize];
+        read_exact_at(
+            &*self.disk,
+            n * self.block_size,
+            &mut buf,
+            "ext metadata block",
+        )?;
+        if self.cache.len() >= BLOCK_CACHE {
+            self.cache.clear();
+        }
+        let b = Rc::new(buf);
+        self.cache.insert(n, b.clone());
+        Ok(b)
+    }
+
+    pub fn inode(&mut self, number: u32) -> Result<Inode> {
+        let idx = number.checked_sub(1).ok_or_else(|| bad("inode number 0"))?;
+        let group = (idx / self.inodes_per_group) as usize;
+        let table = *self
+            .inode_tables
+            .get(group)
+            .ok_or_else(|| bad(format!("inode {number} is beyond the last block group")))?;
+        let byte =
+            table * self.block_size + u64::from(idx % self.inodes_per_group) * self.inode_size;
+        let blk = self.block(byte / self.block_size)?;
+        let off = (byte % self.block_size) as usize;
+        let raw = blk
+            .get(off..off + self.inode_size as usize)
+            .ok_or_else(|| bad(format!("inode {number} crosses a block")))?;
+        let mut block = [0u8; 60];
+        block.copy_from_slice(&raw[0x28..0x28 + 60]);
+        let extra = if self.inode_size > 128 {
+            le16(raw, 0x80)
+        } else {
+            0
+        };
+        let mut mtime = i64::from(le32(raw, 0x10) as i32);
+        if extra >= 12 {
+            mtime += i64::from(le32(raw, 0x88) & 3) << 32;
+        }
+        Ok(Inode {
+            number,
+            mode: le16(raw, 0x00),
+            uid: u32::from(le16(raw, 0x02)) | (u32::from(le16(raw, 0x78)) << 16),
+            gid: u32::from(le16(raw, 0x18)) | (u32::from(le16(raw, 0x7A)) << 16),
+            size: u64::from(le32(raw, 0x04)) | (u64::from(le32(raw, 0x6C)) << 32),
+            mtime,
+            links: le16(raw, 0x1A),
+            flags: le32(raw, 0x20),
+            block,
+            sectors: u64::from(le32(raw, 0x1C)),
+            file_acl: le32(raw, 0x68),
+        })
+    }
+
+    fn runs(&mut self, ino: &Inode) -> Result<Rc<Vec<Run>>> {
+        if let Some((n, r)) = &self.runs_cache {
+            if *n == ino.number {
+                return Ok(r.clone());
+            }
+        }
+        if ino.flags & EXT4_INLINE_DATA_FL != 0 {
+            return Err(Error::unsupported(format!(
+                "inode {}: inline data is not supported",
+                ino.number
+            )));
+        }
+        let nblocks = ino.size.div_ceil(self.block_size);
+        let mut runs = Vec::new();
+        if ino.uses_extents() {
+            let mut visits = 0usize;
+            self.extent_node(ino.number, &ino.block, 0, &mut runs, &mut visits)?;
+        } else {
+            let mut logical = 0u64;
+            for i in 0..15 {
+                if logical >= nblocks {
+                    break;
+                }
+                let p = u64::from(le32(&ino.block, i * 4));
+                let level = i.saturating_sub(11);
+                self.map_level(ino.number, p, level, &mut logical, nblocks, &mut runs)?;
+            }
+        }
+        let r = Rc::new(runs);
+        self.runs_cache = Some((ino.number, r.clone()));
+        Ok(r)
+    }
+
+    fn push_run(runs: &mut Vec<Run>, inode: u32, run: Run) -> Result<()> {
+        if let Some(last) = runs.last_mut() {
+            if last.physical != 0
+                && last.logical + last.len == run.logical
+                && last.physical + last.len == run.physical
+            {
+                last.len += run.len;
+                return Ok(());
+            }
+        }
+        if runs.len() >= MAX_RUNS {
+            return Err(bad(format!("inode {inode}: too many fragments")));
+        }
+        runs.push(run);
+        Ok(())
+    }
+
+    /// Maps a block-map pointer at `level` (0 direct, 1..3 indirect),
+    /// advancing `logical` over the blocks it covers. A zero pointer is a
+    /// hole covering the whole subtree.
+    fn map_level(
+        &mut self,
+        inode: u32,
+        ptr: u64,
+        level: usize,
+        logical: &mut u64,
+        nblocks: u64,
+        runs: &mut Vec<Run>,
+    ) -> Result<()> {
+        let per = self.block_size / 4;
+        let span = per.pow(level as u32);
+        if ptr == 0 {
+            *logical = logical.saturating_add(span);
+            return Ok(());
+        }
+        if level == 0 {
+            if ptr >= self.blocks_count {
+                return Err(bad(format!(
+                    "inode {inode}: block pointer {ptr} out of range"
+                )));
+            }
+            Self::push_run(
+                runs,
+                inode,
+                Run {
+                    logical: *logical,
+                    physical: ptr,
+                    len: 1,
+                },
+            )?;
+            *logical += 1;
+            return Ok(());
+        }
+        let blk = self.block(ptr)?;
+        for i in 0..per as usize {
+            if *logical >= nblocks {
+                break;
+            }
+            let p = u64::from(le32(&blk, i * 4));
+            self.map_level(inode, p, level - 1, logical, nblocks, runs)?;
+        }
+        Ok(())
+    }
+
+    fn extent_node(
+        &mut self,
+        inode: u32,
+        node: &[u8],
+        depth: u32,
+        runs: &mut Vec<Run>,
+        visits: &mut usize,
+    ) -> Result<()> {
+        *visits += 1;
+        if *visits > MAX_EXTENT_NODES {
+            return Err(bad(format!("inode {inode}: extent tree too large")));
+        }
+        if le16(node, 0) != 0xF30A {
+            return Err(bad(format!("inode {inode}: bad extent header")));
+        }
+        let entries = usize::from(le16(node, 2));
+        let tree_depth = le16(node, 6);
+        if depth > 5 || tree_depth > 5 || 12 + entries * 12 > node.len() {
+            return Err(bad(format!("inode {inode}: bad extent tree")));
+        }
+        for i in 0..entries {
+            let e = &node[12 + i * 12..24 + i * 12];
+            if tree_depth == 0 {
+                let logical = u64::from(le32(e, 0));
+                let mut len = u64::from(le16(e, 4));
+                let uninit = len > 32768;
+                if uninit {
+                    len -= 32768;
+                }
+                let physical = (u64::from(le16(e, 6)) << 32) | u64::from(le32(e, 8));
+                if physical.saturating_add(len) > self.blocks_count {
+                    return Err(bad(format!("inode {inode}: extent out of range")));
+                }
+                let physical = if uninit { 0 } else { physical };
+                Self::push_run(
+                    runs,
+                    inode,
+                    Run {
+                        logical,
+                        physical,
+                        len,
+                    },
+                )?;
+            } else {
+                let child = (u64::from(le16(e, 8)) << 32) | u64::from(le32(e, 4));
+                let blk = self.block(child)?;
+                self.extent_node(inode, &blk, depth + 1, runs, visits)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads file data at `offset` (holes and unwritten extents read as
+    /// zeros); short only at end of file.
+    pub fn read(&mut self, ino: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        if ino.is_encrypted() {
+            return Err(Error::unsupported(format!(
+                "inode {}: encrypted files are not supported",
+                ino.number
+            )));
+        }
+        if offset >= ino.size {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(ino.size - offset) as usize;
+        let buf = &mut buf[..want];
+        buf.fill(0);
+        let runs = self.runs(ino)?;
+        let bs = self.block_size;
+        let end = offset + want as u64;
+        // first run that may overlap: runs are sorted by logical block
+        let first_block = offset / bs;
+        let start_idx = runs.partition_point(|r| r.logical + r.len <= first_block);
+        for r in &runs[start_idx..] {
+            let rs = r.logical.saturating_mul(bs);
+            let re = r.logical.saturating_add(r.len).saturating_mul(bs);
+            if rs >= end {
+                break;
+            }
+            if r.physical == 0 {
+                continue;
+            }
+            let s = rs.max(offset);
+            let e = re.min(end);
+            if s >= e {
+                continue;
+            }
+            let disk_off = (r.physical + (s - rs) / bs) * bs + (s - rs) % bs;
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            read_exact_at(&*self.disk, disk_off, dst, "ext file data")?;
+        }
+        Ok(want)
+    }
+
+    /// The target of a symlink inode.
+    pub fn link_target(&mut self, ino: &Inode) -> Result<Vec<u8>> {
+        if ino.size > 4096 {
+            return Err(bad(format!(
+                "inode {}: symlink target too long",
+                ino.number
+            )));
+        }
+        // a fast symlink keeps its target in the block array and owns no
+        // data block (an extended-attribute block may still be counted)
+        let sectors_per_block = self.block_size / 512;
+        let data_sectors = if ino.file_acl != 0 {
+            ino.sectors.saturating_sub(sectors_per_block)
+        } else {
+            ino.sectors
+        };
+        if !ino.uses_extents() && ino.size < 60 && data_sectors == 0 {
+            return Ok(ino.block[..ino.size as usize].to_vec());
+        }
+        let mut buf = vec![0u8; ino.size as usize];
+        let n = self.read(ino, 0, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// The entries of a directory inode: (name, inode number).
+    pub fn read_dir(&mut self, dir: &Inode) -> Result<Vec<(Vec<u8>, u32)>> {
+        if dir.size > MAX_DIR_SIZE {
+            return Err(bad(format!("directory inode {} is too large", dir.number)));
+        }
+        let bs = self.block_size as usize;
+        let mut block = vec![0u8; bs];
+        let mut out = Vec::new();
+        let nblocks = dir.size.div_ceil(self.block_size);
+        for bi in 0..nblocks {
+            let n = self.read(dir, bi * self.block_size, &mut block)?;
+            let block = &block[..n];
+            let mut off = 0usize;
+            while off + 8 <= block.len() {
+                let ino = le32(block, off);
+                let rec_len = usize::from(le16(block, off + 4));
+                let rec_len = if rec_len == 0 && bs >= 65536 {
+                    65536
+                } else {
+                    rec_len
+                };
+                let name_len = usize::from(block[off + 6]);
+                if rec_len < 8
+                    || off + rec_len > block.len()
+                    || (ino != 0 && 8 + name_len > rec_len)
+                {
+                    return Err(bad(format!(
+                        "directory inode {}: garbage entry in block {bi} at offset {off}",
+                        dir.number
+                    )));
+                }
+                if ino != 0 {
+                    if out.len() >= MAX_DIR_ENTRIES {
+                        return Err(bad(format!(
+                            "directory inode {}: too many entries",
+                            dir.number
+                        )));
+                    }
+                    out.push((block[off + 8..off + 8 + name_len].to_vec(), ino));
+                }
+                off += rec_len;
+            }
+        }
+        Ok(out)
+    }
+}

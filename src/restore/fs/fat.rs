@@ -1,0 +1,262 @@
+//! FAT12/16/32 backend (long names included) on the fatfs crate, fed by a
+//! cursor whose `Write` refuses every write.
+//!
+//! FAT has no owners, modes, inodes or links: entries get uid/gid 0, mode
+//! 0755 (dirs) / 0644 (files) minus write bits for read-only ones, inode 0
+//! and nlink 1; timestamps are taken as UTC. Names are matched exactly
+//! (as stored). Must never write.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use fatfs::{FileSystem, FsOptions};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::restore::disk::{Disk, DiskCursor};
+use crate::restore::fs::tree::{Backend, Child};
+use crate::restore::fs::{Entry, EntryType};
+use crate::restore::probe::{fixed_label, FsKind, Probe};
+
+type Fat = FileSystem<DiskCursor>;
+type FatDir<'a> = fatfs::Dir<'a, DiskCursor>;
+
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    if let Some(ours) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        return Error::new(ours.kind, format!("{what}: {}", ours.message));
+    }
+    let kind = match e.kind() {
+        std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+        std::io::ErrorKind::InvalidData
+        | std::io::ErrorKind::InvalidInput
+        | std::io::ErrorKind::UnexpectedEof => ErrorKind::Corrupt,
+        _ => ErrorKind::Io,
+    };
+    let text = if kind == ErrorKind::Corrupt {
+        format!("{what}: corrupt FAT filesystem: {e}")
+    } else {
+        format!("{what}: {e}")
+    };
+    Error::new(kind, text)
+}
+
+fn open_fs(disk: Arc<dyn Disk>) -> Result<Fat> {
+    let opts = FsOptions::new().update_accessed_date(false);
+    match catch_unwind(AssertUnwindSafe(|| {
+        FileSystem::new(DiskCursor::new(disk), opts)
+    })) {
+        Ok(Ok(fs)) => Ok(fs),
+        Ok(Err(e)) => Err(io_err("FAT filesystem", e)),
+        Err(_) => Err(Error::corrupt(
+            "FAT filesystem: the reader failed on the boot sector: corrupt filesystem",
+        )),
+    }
+}
+
+/// Describes the FAT filesystem on `disk` (`head` = its first bytes).
+pub fn probe(disk: Arc<dyn Disk>, head: &[u8]) -> Probe {
+    let fat32 = head.get(0x52..0x5A) == Some(b"FAT32   ");
+    let (label_at, id_at) = if fat32 { (0x47, 0x43) } else { (0x2B, 0x27) };
+    let id = head
+        .get(id_at..id_at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0);
+    let mut probe = Probe {
+        fs: Some(FsKind::Vfat),
+        label: head.get(label_at..label_at + 11).and_then(fixed_label),
+        uuid: Some(format!("{:04X}-{:04X}", id >> 16, id & 0xFFFF)),
+        unsupported: None,
+    };
+    match open_fs(disk) {
+        Ok(fs) => {
+            let root_label =
+                catch_unwind(AssertUnwindSafe(|| fs.read_volume_label_from_root_dir()));
+            if let Ok(Ok(Some(l))) = root_label {
+                let l = l.trim_end().to_string();
+                probe.label = (!l.is_empty()).then_some(l);
+            }
+        }
+        Err(e) => probe.unsupported = Some(e.message),
+    }
+    if probe.label.as_deref() == Some("NO NAME") {
+        probe.label = None;
+    }
+    probe
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+fn unix_time(t: fatfs::DateTime) -> i64 {
+    let d = t.date;
+    let days = days_from_civil(
+        i64::from(d.year),
+        i64::from(d.month.clamp(1, 12)),
+        i64::from(d.day.max(1)),
+    );
+    days * 86400
+        + i64::from(t.time.hour) * 3600
+        + i64::from(t.time.min) * 60
+        + i64::from(t.time.sec)
+}
+
+/// Opens the FAT filesystem on `disk`; [`FatBackend`] borrows it.
+pub fn open(disk: Arc<dyn Disk>) -> Result<Fat> {
+    open_fs(disk)
+}
+
+/// A FAT node: directories and files are kept as fatfs handles, so reads
+/// need no lookup by name.
+#[derive(Clone)]
+pub enum FatNode<'a> {
+    Dir(FatDir<'a>),
+    File(fatfs::File<'a, DiskCursor>),
+}
+
+pub struct FatBackend<'a> {
+    fs: &'a Fat,
+    /// the file last read and its path, to continue sequential reads
+    /// without walking the cluster chain from the start
+    reading: Option<(Vec<u8>, fatfs::File<'a, DiskCursor>)>,
+}
+
+impl<'a> FatBackend<'a> {
+    pub fn new(fs: &'a Fat) -> FatBackend<'a> {
+        FatBackend { fs, reading: None }
+    }
+}
+
+fn show(path: &[u8]) -> String {
+    String::from_utf8_lossy(path).into_owned()
+}
+
+fn entry_of(e: &fatfs::DirEntry<'_, DiskCursor>) -> Entry {
+    let dir = e.is_dir();
+    let mut mode = if dir { 0o755 } else { 0o644 };
+    if e.attributes().contains(fatfs::FileAttributes::READ_ONLY) {
+        mode &= !0o222;
+    }
+    let name = e.file_name();
+    Entry {
+        name: name.clone(),
+        name_b64: None,
+        kind: if dir { EntryType::Dir } else { EntryType::File },
+        size: if dir { 0 } else { e.len() },
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: unix_time(e.modified()),
+        target: None,
+        inode: 0,
+        nlink: 1,
+    }
+}
+
+impl<'a> Backend for FatBackend<'a> {
+    type Node = FatNode<'a>;
+
+    fn root(&mut self) -> Result<Child<FatNode<'a>>> {
+        Ok(Child {
+            name: Vec::new(),
+            node: FatNode::Dir(self.fs.root_dir()),
+            entry: Entry {
+                name: "/".into(),
+                name_b64: None,
+                kind: EntryType::Dir,
+                size: 0,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                target: None,
+                inode: 0,
+                nlink: 1,
+            },
+            link: None,
+        })
+    }
+
+    fn read_dir(&mut self, dir: &FatNode<'a>, path: &[u8]) -> Result<Vec<Child<FatNode<'a>>>> {
+        let FatNode::Dir(d) = dir else {
+            return Err(Error::new(
+                ErrorKind::NotADirectory,
+                format!("{}: not a directory", show(path)),
+            ));
+        };
+        let mut out = Vec::new();
+        for e in d.iter() {
+            let e = e.map_err(|e| io_err(&show(path), e))?;
+            let entry = entry_of(&e);
+            if entry.name == "." || entry.name == ".." {
+                continue;
+            }
+            let node = if e.is_dir() {
+                FatNode::Dir(e.to_dir())
+            } else {
+                FatNode::File(e.to_file())
+            };
+            out.push(Child {
+                name: entry.name.clone().into_bytes(),
+                node,
+                entry,
+                link: None,
+            });
+        }
+        Ok(out)
+    }
+
+    fn read_at(
+        &mut self,
+        node: &FatNode<'a>,
+        _entry: &Entry,
+        path: &[u8],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let FatNode::File(file) = node else {
+            return Err(Error::new(
+                ErrorKind::IsADirectory,
+                format!("{}: is a directory", show(path)),
+            ));
+        };
+        let reuse = match self.reading.take() {
+            Some((p, mut f)) if p == path => {
+                (f.stream_position().ok() == Some(offset)).then_some(f)
+            }
+            _ => None,
+        };
+        let mut f = match reuse {
+            Some(f) => f,
+            None => {
+                let mut f = file.clone();
+                f.seek(SeekFrom::Start(offset))
+                    .map_err(|e| io_err(&show(path), e))?;
+                f
+            }
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            let n = f
+                .read(&mut buf[done..])
+                .map_err(|e| io_err(&show(path), e))?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        self.reading = Some((path.to_vec(), f));
+        Ok(done)
+    }
+
+    fn what(&self) -> &str {
+        "FAT filesystem"
+    }
+}

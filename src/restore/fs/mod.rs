@@ -1,0 +1,138 @@
+//! One open filesystem of a volume, browsed and read by path.
+//!
+//! Owns: the [`Entry`] metadata record, the [`Filesystem`] trait the API
+//! layer uses, and [`FsHandle`], which pins a filesystem reader (some are
+//! `!Send`) to its own thread. The per-filesystem backends live in the
+//! submodules; path resolution and the walk for extraction are shared in
+//! [`tree`]. Must never write to a disk.
+
+use serde::Serialize;
+
+use crate::error::Result;
+
+pub mod ext;
+mod ext_raw;
+pub mod fat;
+mod handle;
+pub mod ntfs;
+mod tree;
+
+pub use handle::FsHandle;
+
+/// The type of a directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryType {
+    File,
+    Dir,
+    Symlink,
+    Block,
+    Char,
+    Fifo,
+    Socket,
+}
+
+impl EntryType {
+    /// The type encoded in the top bits of a Unix `st_mode`.
+    pub fn from_unix_mode(mode: u32) -> Option<EntryType> {
+        Some(match mode & 0o170000 {
+            0o100000 => EntryType::File,
+            0o040000 => EntryType::Dir,
+            0o120000 => EntryType::Symlink,
+            0o060000 => EntryType::Block,
+            0o020000 => EntryType::Char,
+            0o010000 => EntryType::Fifo,
+            0o140000 => EntryType::Socket,
+            _ => return None,
+        })
+    }
+}
+
+/// Metadata of one file, directory or other node, as `fs.list` and
+/// `fs.stat` return it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    /// the name, lossy UTF-8
+    pub name: String,
+    /// standard base64 of the raw name, only when it is not valid UTF-8
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name_b64: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: EntryType,
+    pub size: u64,
+    /// permission bits including suid/sgid/sticky, without the type bits
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// seconds since the Unix epoch
+    pub mtime: i64,
+    /// symlink target, lossy UTF-8
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// inode or file record number; 0 where the filesystem has none (FAT)
+    pub inode: u64,
+    pub nlink: u64,
+}
+
+impl Entry {
+    /// Sets `name` (and `name_b64` when `raw` is not UTF-8).
+    pub fn set_name(&mut self, raw: &[u8]) {
+        match std::str::from_utf8(raw) {
+            Ok(s) => {
+                self.name = s.to_string();
+                self.name_b64 = None;
+            }
+            Err(_) => {
+                use base64::Engine;
+                self.name = String::from_utf8_lossy(raw).into_owned();
+                self.name_b64 = Some(base64::engine::general_purpose::STANDARD.encode(raw));
+            }
+        }
+    }
+}
+
+/// One node met by [`Filesystem::walk`].
+#[derive(Clone, Debug)]
+pub struct WalkEntry {
+    /// Path relative to the parent of the walked path, `/`-separated, never
+    /// containing `.` or `..` components: walking `/etc` yields `etc`,
+    /// `etc/passwd`, ...; walking `/` yields `bin`, `bin/ls`, ...
+    pub path: Vec<u8>,
+    pub entry: Entry,
+    /// For a non-directory whose inode was already met in this walk: the
+    /// relative path it was first met at (emit a hardlink to it).
+    pub hardlink_to: Option<Vec<u8>>,
+}
+
+/// Sequential reader of one file's data during a walk.
+pub trait FileData {
+    /// Reads the next bytes; `Ok(0)` at the end of the file.
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize>;
+}
+
+/// The callback of [`Filesystem::walk`]: called for each node in pre-order
+/// (a directory before its children, siblings by name bytes). `data` is
+/// `Some` for regular files, hardlinks to an earlier entry included.
+/// Returning an error stops the walk with that error.
+pub type WalkVisitor<'a> = dyn FnMut(&WalkEntry, Option<&mut dyn FileData>) -> Result<()> + 'a;
+
+/// One open filesystem, used from one thread.
+pub trait Filesystem {
+    /// The entries of directory `path` (symlinks on the way followed),
+    /// sorted by name bytes, `.`/`..` left out, from `cursor` on, at most
+    /// `limit`; the cursor of the next page or `None` at the end.
+    fn list(
+        &mut self,
+        path: &[u8],
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, Option<String>)>;
+    /// The entry at `path`; a final symlink is followed when `follow`.
+    fn stat(&mut self, path: &[u8], follow: bool) -> Result<Entry>;
+    /// Up to `len` bytes of the file at `path` from `offset`, and whether
+    /// the end of the file was reached.
+    fn read(&mut self, path: &[u8], offset: u64, len: usize) -> Result<(Vec<u8>, bool)>;
+    /// Walks `path` (a directory, recursively, or a single node) for
+    /// extraction; see [`WalkEntry`] and [`WalkVisitor`].
+    fn walk(&mut self, path: &[u8], visit: &mut WalkVisitor<'_>) -> Result<()>;
+}

@@ -1,0 +1,461 @@
+//! Path resolution, listing, reading and walking on top of a filesystem
+//! backend that only knows directories by node.
+//!
+//! Owns: the path rules (absolute, `/`-separated bytes; `.` and `..`
+//! resolved here and clamped at the volume root; symlinks followed within
+//! the volume, at most 40 hops), pagination, hardlink detection in walks,
+//! and panic containment around the backend crates. Must never read the
+//! disk itself.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::restore::fs::{Entry, EntryType, FileData, Filesystem, WalkEntry, WalkVisitor};
+
+/// Most symlinks followed while resolving one path.
+pub const MAX_SYMLINK_HOPS: usize = 40;
+/// Longest path accepted (bytes).
+const MAX_PATH: usize = 64 * 1024;
+/// Deepest directory nesting a walk descends into.
+const MAX_WALK_DEPTH: usize = 1024;
+/// Most nodes one walk visits: a bound for corrupt trees whose directories
+/// loop back without inode numbers to notice it (FAT).
+const MAX_WALK_NODES: usize = 20_000_000;
+/// Largest single read served.
+const MAX_READ: usize = 64 * 1024 * 1024;
+/// Directory listings kept for repeated lookups and pagination.
+const DIR_CACHE: usize = 8;
+
+/// A node in a directory listing.
+#[derive(Clone)]
+pub struct Child<N> {
+    pub name: Vec<u8>,
+    pub node: N,
+    pub entry: Entry,
+    /// raw symlink target, for symlinks
+    pub link: Option<Vec<u8>>,
+}
+
+/// What a filesystem backend provides; `path` arguments are the canonical
+/// absolute path of `node` (no symlinks, no `.`/`..`), for backends that
+/// address by path.
+pub trait Backend {
+    type Node: Clone;
+    fn root(&mut self) -> Result<Child<Self::Node>>;
+    /// Children of a directory, in any order, without `.` and `..`.
+    fn read_dir(&mut self, dir: &Self::Node, path: &[u8]) -> Result<Vec<Child<Self::Node>>>;
+    /// Reads file data at `offset`; short only at end of file.
+    fn read_at(
+        &mut self,
+        node: &Self::Node,
+        entry: &Entry,
+        path: &[u8],
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize>;
+    /// Names this filesystem in error messages.
+    fn what(&self) -> &str;
+}
+
+/// Runs backend code, turning a panic inside a filesystem crate (they may
+/// panic on garbage) into a corrupt-filesystem error.
+fn guarded<T>(what: &str, path: &[u8], f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            // name the path the user asked about, once
+            let p = String::from_utf8_lossy(path);
+            if e.message.starts_with(p.as_ref()) {
+                Err(e)
+            } else {
+                Err(Error::new(e.kind, format!("{p}: {}", e.message)))
+            }
+        }
+        Err(_) => Err(Error::corrupt(format!(
+            "{what}: the filesystem reader failed on {}: corrupt filesystem",
+            String::from_utf8_lossy(path)
+        ))),
+    }
+}
+
+fn show(path: &[u8]) -> String {
+    String::from_utf8_lossy(path).into_owned()
+}
+
+/// A resolved path: the chain of nodes from the root.
+struct Resolved<N> {
+    chain: Vec<Child<N>>,
+}
+
+impl<N: Clone> Resolved<N> {
+    fn path(&self) -> Vec<u8> {
+        if self.chain.len() <= 1 {
+            return b"/".to_vec();
+        }
+        let mut p = Vec::new();
+        for c in &self.chain[1..] {
+            p.push(b'/');
+            p.extend_from_slice(&c.name);
+        }
+        p
+    }
+    fn last(&self) -> &Child<N> {
+        // the chain always holds the root
+        &self.chain[self.chain.len() - 1]
+    }
+}
+
+/// A [`Filesystem`] made of a [`Backend`].
+pub struct Tree<B: Backend> {
+    backend: B,
+    root: Option<Child<B::Node>>,
+    dirs: VecDeque<CachedDir<B::Node>>,
+}
+
+/// A directory listing kept by its canonical path.
+type CachedDir<N> = (Vec<u8>, Rc<Vec<Child<N>>>);
+
+/// A pending node of a walk: relative path, canonical absolute path,
+/// node, depth.
+type WalkItem<N> = (Vec<u8>, Vec<u8>, Child<N>, usize);
+
+impl<B: Backend> Tree<B> {
+    pub fn new(backend: B) -> Tree<B> {
+        Tree {
+            backend,
+            root: None,
+            dirs: VecDeque::new(),
+        }
+    }
+
+    fn root(&mut self) -> Result<Child<B::Node>> {
+        if let Some(r) = &self.root {
+            return Ok(r.clone());
+        }
+        let what = self.backend.what().to_string();
+        let backend = &mut self.backend;
+        let mut r = guarded(&what, b"/", || backend.root())?;
+        r.name = Vec::new();
+        r.entry.name = "/".into();
+        r.entry.name_b64 = None;
+        self.root = Some(r.clone());
+        Ok(r)
+    }
+
+    /// The sorted listing of a directory, from the cache if there.
+    fn listing(&mut self, dir: &Child<B::Node>, path: &[u8]) -> Result<Rc<Vec<Child<B::Node>>>> {
+        if let Some(pos) = self.dirs.iter().position(|(p, _)| p == path) {
+            let hit = self.dirs.remove(pos).map(|(_, l)| l);
+            if let Some(l) = hit {
+                self.dirs.push_front((path.to_vec(), l.clone()));
+                return Ok(l);
+            }
+        }
+        let what = self.backend.what().to_string();
+        let backend = &mut self.backend;
+        let mut kids = guarded(&what, path, || backend.read_dir(&dir.node, path))?;
+        kids.retain(|c| {
+            c.name != b"." && c.name != b".." && !c.name.is_empty() && !c.name.contains(&b'/')
+        });
+        kids.sort_by(|a, b| a.name.cmp(&b.name));
+        kids.dedup_by(|a, b| a.name == b.name);
+        let l = Rc::new(kids);
+        self.dirs.push_front((path.to_vec(), l.clone()));
+        self.dirs.truncate(DIR_CACHE);
+        Ok(l)
+    }
+
+    /// Resolves an absolute path. Intermediate symlinks are always
+    /// followed, the final one when `follow`.
+    fn resolve(&mut self, path: &[u8], follow: bool) -> Result<Resolved<B::Node>> {
+        if path.first() != Some(&b'/') {
+            return Err(Error::invalid_path(format!(
+                "path {:?} is not absolute",
+                show(path)
+            )));
+        }
+        if path.len() > MAX_PATH || path.contains(&0) {
+            return Err(Error::invalid_path(format!(
+                "path {:?} is too long or holds a NUL byte",
+                show(path)
+            )));
+        }
+        let root = self.root()?;
+        let mut chain = vec![root.clone()];
+        let mut pending: VecDeque<Vec<u8>> = components(path).collect();
+        let mut hops = 0usize;
+        while let Some(comp) = pending.pop_front() {
+            if comp == b".." {
+                if chain.len() > 1 {
+                    chain.pop();
+                }
+                continue;
+            }
+            let cur = Resolved { chain };
+            let dir = cur.last().clone();
+            let dir_path = cur.path();
+            chain = cur.chain;
+            if dir.entry.kind != EntryType::Dir {
+                return Err(Error::new(
+                    ErrorKind::NotADirectory,
+                    format!("{}: not a directory (in {:?})", show(&dir_path), show(path)),
+                ));
+            }
+            let kids = self.listing(&dir, &dir_path)?;
+            let child = match kids.binary_search_by(|c| c.name.as_slice().cmp(&comp)) {
+                Ok(i) => kids[i].clone(),
+                Err(_) => {
+                    let mut p = dir_path.clone();
+                    if p != b"/" {
+                        p.push(b'/');
+                    } else {
+                        p.clear();
+                        p.push(b'/');
+                    }
+                    p.extend_from_slice(&comp);
+                    return Err(Error::not_found(format!(
+                        "{}: no such file or directory",
+                        show(&p)
+                    )));
+                }
+            };
+            if child.entry.kind == EntryType::Symlink && (follow || !pending.is_empty()) {
+                hops += 1;
+                if hops > MAX_SYMLINK_HOPS {
+                    return Err(Error::invalid_path(format!(
+                        "{:?}: too many levels of symbolic links (more than {MAX_SYMLINK_HOPS})",
+                        show(path)
+                    )));
+                }
+                let target = child.link.clone().unwrap_or_default();
+                if target.is_empty() {
+                    return Err(Error::not_found(format!(
+                        "{:?}: empty symlink target",
+                        show(path)
+                    )));
+                }
+                if target.first() == Some(&b'/') {
+                    chain.truncate(1);
+                }
+                for c in components(&target).collect::<Vec<_>>().into_iter().rev() {
+                    pending.push_front(c);
+                }
+                continue;
+            }
+            chain.push(child);
+        }
+        Ok(Resolved { chain })
+    }
+
+    fn read_node(&mut self, r: &Resolved<B::Node>, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let what = self.backend.what().to_string();
+        let path = r.path();
+        let last = r.last();
+        let backend = &mut self.backend;
+        guarded(&what, &path, || {
+            backend.read_at(&last.node, &last.entry, &path, offset, buf)
+        })
+    }
+}
+
+/// The non-empty, non-`.` components of a path.
+fn components(path: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
+    path.split(|&b| b == b'/')
+        .filter(|c| !c.is_empty() && *c != b".")
+        .map(|c| c.to_vec())
+}
+
+fn check_regular(entry: &Entry, path: &[u8]) -> Result<()> {
+    match entry.kind {
+        EntryType::File => Ok(()),
+        EntryType::Dir => Err(Error::new(
+            ErrorKind::IsADirectory,
+            format!("{}: is a directory", show(path)),
+        )),
+        _ => Err(Error::unsupported(format!(
+            "{}: not a regular file, it has no data to read",
+            show(path)
+        ))),
+    }
+}
+
+impl<B: Backend> Filesystem for Tree<B> {
+    fn list(
+        &mut self,
+        path: &[u8],
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, Option<String>)> {
+        let r = self.resolve(path, true)?;
+        let dir = r.last().clone();
+        let dir_path = r.path();
+        if dir.entry.kind != EntryType::Dir {
+            return Err(Error::new(
+                ErrorKind::NotADirectory,
+                format!("{}: not a directory", show(&dir_path)),
+            ));
+        }
+        let kids = self.listing(&dir, &dir_path)?;
+        let start = match cursor {
+            None => 0,
+            Some(c) => c
+                .parse::<usize>()
+                .ok()
+                .filter(|&i| i <= kids.len())
+                .ok_or_else(|| {
+                    Error::invalid_path(format!(
+                        "invalid list cursor {c:?} for {}",
+                        show(&dir_path)
+                    ))
+                })?,
+        };
+        let end = start.saturating_add(limit.max(1)).min(kids.len());
+        let entries = kids[start..end].iter().map(|c| c.entry.clone()).collect();
+        let next = (end < kids.len()).then(|| end.to_string());
+        Ok((entries, next))
+    }
+
+    fn stat(&mut self, path: &[u8], follow: bool) -> Result<Entry> {
+        Ok(self.resolve(path, follow)?.last().entry.clone())
+    }
+
+    fn read(&mut self, path: &[u8], offset: u64, len: usize) -> Result<(Vec<u8>, bool)> {
+        let r = self.resolve(path, true)?;
+        let entry = r.last().entry.clone();
+        check_regular(&entry, &r.path())?;
+        if offset >= entry.size {
+            return Ok((Vec::new(), true));
+        }
+        let want = (len.min(MAX_READ) as u64).min(entry.size - offset) as usize;
+        let mut buf = vec![0u8; want];
+        let mut done = 0;
+        while done < want {
+            let n = self.read_node(&r, offset + done as u64, &mut buf[done..])?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        let eof = offset + done as u64 >= entry.size;
+        Ok((buf, eof))
+    }
+
+    fn walk(&mut self, path: &[u8], visit: &mut WalkVisitor<'_>) -> Result<()> {
+        let r = self.resolve(path, false)?;
+        let top = r.last().clone();
+        let base = top.name.clone();
+        let mut seen: HashMap<u64, Vec<u8>> = HashMap::new();
+        let mut dirs_seen: HashSet<u64> = HashSet::new();
+        // (relative path, canonical absolute path, node, depth)
+        let mut stack: Vec<WalkItem<B::Node>> = vec![(base, r.path(), top, 0)];
+        let mut visited = 0usize;
+        while let Some((rel, abs, node, depth)) = stack.pop() {
+            visited += 1;
+            if visited > MAX_WALK_NODES {
+                return Err(Error::corrupt(format!(
+                    "{}: more than {MAX_WALK_NODES} entries, directories probably loop",
+                    show(path)
+                )));
+            }
+            let is_dir = node.entry.kind == EntryType::Dir;
+            let mut hardlink_to = None;
+            if !is_dir && node.entry.nlink > 1 && node.entry.inode != 0 {
+                match seen.get(&node.entry.inode) {
+                    Some(first) => hardlink_to = Some(first.clone()),
+                    None => {
+                        seen.insert(node.entry.inode, rel.clone());
+                    }
+                }
+            }
+            if !rel.is_empty() {
+                let we = WalkEntry {
+                    path: rel.clone(),
+                    entry: node.entry.clone(),
+                    hardlink_to: hardlink_to.clone(),
+                };
+                // Hardlinks get their data too: formats without hardlinks
+                // (zip) store the file again.
+                if node.entry.kind == EntryType::File {
+                    let r = Resolved {
+                        chain: vec![node.clone()],
+                    };
+                    let mut data = WalkData {
+                        tree: self,
+                        node: &r,
+                        abs: &abs,
+                        pos: 0,
+                        size: node.entry.size,
+                    };
+                    visit(&we, Some(&mut data))?;
+                } else {
+                    visit(&we, None)?;
+                }
+            }
+            if !is_dir {
+                continue;
+            }
+            if depth >= MAX_WALK_DEPTH {
+                return Err(Error::corrupt(format!(
+                    "{}: directories nested too deep",
+                    show(&abs)
+                )));
+            }
+            if node.entry.inode != 0 && !dirs_seen.insert(node.entry.inode) {
+                return Err(Error::corrupt(format!("{}: directory loop", show(&abs))));
+            }
+            let kids = self.listing(&node, &abs)?;
+            for c in kids.iter().rev() {
+                let mut crel = rel.clone();
+                if !crel.is_empty() {
+                    crel.push(b'/');
+                }
+                crel.extend_from_slice(&c.name);
+                let mut cabs = abs.clone();
+                if cabs != b"/" {
+                    cabs.push(b'/');
+                }
+                cabs.extend_from_slice(&c.name);
+                stack.push((crel, cabs, c.clone(), depth + 1));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A file's data during a walk.
+struct WalkData<'t, B: Backend> {
+    tree: &'t mut Tree<B>,
+    node: &'t Resolved<B::Node>,
+    abs: &'t [u8],
+    pos: u64,
+    size: u64,
+}
+
+impl<B: Backend> FileData for WalkData<'_, B> {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(self.size - self.pos) as usize;
+        let what = self.tree.backend.what().to_string();
+        let last = self.node.last();
+        let backend = &mut self.tree.backend;
+        let (pos, abs) = (self.pos, self.abs);
+        let n = guarded(&what, abs, || {
+            backend.read_at(&last.node, &last.entry, abs, pos, &mut buf[..want])
+        })?;
+        if n == 0 {
+            return Err(Error::corrupt(format!(
+                "{}: file data ends at {} of {} bytes",
+                show(abs),
+                self.pos,
+                self.size
+            )));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}

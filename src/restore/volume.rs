@@ -1,0 +1,217 @@
+//! Volumes of a disk image: partitions of its GPT or MBR table (including
+//! logical partitions), or the whole disk when it holds a filesystem and no
+//! table.
+//!
+//! Owns: reading partition tables, naming volumes (`part/N`, `raw`), and
+//! describing each with the filesystem probe. Must never walk a filesystem.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::restore::disk::{Disk, DiskCursor, Slice};
+use crate::restore::probe::{probe, Probe};
+
+/// One entry of `volume.list`.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub volume: String,
+    /// "partition" or "raw"
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub number: Option<u32>,
+    pub start: u64,
+    pub size: u64,
+    /// "gpt", "mbr" or null
+    pub table: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub type_guid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mbr_type: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub fs: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    pub supported: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A partition as a table describes it.
+struct Partition {
+    number: u32,
+    start: u64,
+    size: u64,
+    table: &'static str,
+    type_guid: Option<String>,
+    mbr_type: Option<u8>,
+    name: Option<String>,
+}
+
+/// GPT type GUIDs are stored mixed-endian; this prints them the usual way.
+fn guid_string(g: &[u8; 16]) -> String {
+    format!(
+        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+    )
+}
+
+/// MBR types of extended-partition containers (not volumes themselves).
+fn is_extended(sys: u8) -> bool {
+    matches!(sys, 0x05 | 0x0f | 0x85)
+}
+
+/// The partitions of `disk`, or `None` when it has no partition table.
+fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
+    let mut cur = DiskCursor::new(disk.clone());
+    if let Ok(Some(gpt)) = catch(|| gptman::GPT::find_from(&mut cur).ok()) {
+        {
+            let ss = gpt.sector_size;
+            let mut out = Vec::new();
+            for (n, p) in gpt.iter() {
+                if !p.is_used() || p.ending_lba < p.starting_lba {
+                    continue;
+                }
+                let name = p.partition_name.as_str().trim_end_matches('\0').to_string();
+                out.push(Partition {
+                    number: n,
+                    start: p.starting_lba.saturating_mul(ss),
+                    size: (p.ending_lba - p.starting_lba + 1).saturating_mul(ss),
+                    table: "gpt",
+                    type_guid: Some(guid_string(&p.partition_type_guid)),
+                    mbr_type: None,
+                    name: (!name.is_empty()).then_some(name),
+                });
+            }
+            return Ok(Some(out));
+        }
+    }
+    // A FAT or NTFS boot sector also ends in 55 AA: a filesystem at sector 0
+    // means an unpartitioned disk, not an MBR.
+    if probe(disk)?.fs.is_some() {
+        return Ok(None);
+    }
+    let mut cur = DiskCursor::new(disk.clone());
+    let mbr = match catch(|| mbrman::MBR::read_from(&mut cur, 512).ok()) {
+        Ok(Some(mbr)) => mbr,
+        _ => return Ok(None),
+    };
+    let mut out = Vec::new();
+    for (n, p) in mbr.iter() {
+        if !p.is_used() || is_extended(p.sys) {
+            continue;
+        }
+        out.push(Partition {
+            number: n as u32,
+            start: u64::from(p.starting_lba) * 512,
+            size: u64::from(p.sectors) * 512,
+            table: "mbr",
+            type_guid: None,
+            mbr_type: Some(p.sys),
+            name: None,
+        });
+    }
+    Ok(Some(out))
+}
+
+/// Runs a table parser; a panic on a garbage table is a corrupt table.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| Error::corrupt("partition table parser failed on a malformed table"))
+}
+
+fn describe(
+    p: Probe,
+) -> (
+    Option<&'static str>,
+    Option<String>,
+    Option<String>,
+    bool,
+    Option<String>,
+) {
+    let supported = p.fs.is_some() && p.unsupported.is_none();
+    let reason = if supported {
+        None
+    } else {
+        Some(p.unsupported.unwrap_or_else(|| "unknown filesystem".into()))
+    };
+    (p.fs.map(|k| k.name()), p.label, p.uuid, supported, reason)
+}
+
+/// Lists the volumes of a disk image.
+pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
+    let Some(parts) = partitions(&disk)? else {
+        let (fs, label, uuid, supported, reason) = describe(probe(&disk)?);
+        return Ok(vec![VolumeInfo {
+            volume: "raw".into(),
+            kind: "raw",
+            number: None,
+            start: 0,
+            size: disk.size(),
+            table: None,
+            type_guid: None,
+            mbr_type: None,
+            name: None,
+            fs,
+            label,
+            uuid,
+            supported,
+            reason,
+        }]);
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        let slice: Arc<dyn Disk> = Arc::new(Slice::new(disk.clone(), p.start, p.size));
+        let probed = match probe(&slice) {
+            Ok(pr) => pr,
+            Err(e) => Probe {
+                unsupported: Some(format!("cannot read the partition: {e}")),
+                ..Probe::default()
+            },
+        };
+        let (fs, label, uuid, supported, reason) = describe(probed);
+        out.push(VolumeInfo {
+            volume: format!("part/{}", p.number),
+            kind: "partition",
+            number: Some(p.number),
+            start: p.start,
+            size: p.size,
+            table: Some(p.table),
+            type_guid: p.type_guid,
+            mbr_type: p.mbr_type,
+            name: p.name,
+            fs,
+            label,
+            uuid,
+            supported,
+            reason,
+        });
+    }
+    Ok(out)
+}
+
+/// The disk window of a volume: the partition's [`Slice`] for `part/N`,
+/// the whole disk for `raw`.
+pub fn open_volume(disk: Arc<dyn Disk>, volume: &str) -> Result<Arc<dyn Disk>> {
+    if volume == "raw" {
+        return Ok(disk);
+    }
+    let number: u32 = volume
+        .strip_prefix("part/")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            Error::not_found(format!(
+                "volume {volume:?}: not a volume name (part/N or raw)"
+            ))
+        })?;
+    let parts = partitions(&disk)?.unwrap_or_default();
+    let p = parts
+        .into_iter()
+        .find(|p| p.number == number)
+        .ok_or_else(|| Error::not_found(format!("volume {volume}: no such partition")))?;
+    Ok(Arc::new(Slice::new(disk, p.start, p.size)))
+}
