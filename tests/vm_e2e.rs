@@ -11,6 +11,8 @@
 
 mod common;
 
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -117,6 +119,117 @@ fn console(rec: &VmRecord) -> String {
     std::fs::read_to_string(&rec.console_log).unwrap_or_default()
 }
 
+const CLIENT: &str = env!("CARGO_BIN_EXE_restore-client");
+const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
+
+/// Runs restore-client with `args`, panicking unless it exits 0; returns stdout.
+fn client(args: &[&str]) -> String {
+    let out = Command::new(CLIENT)
+        .args(args)
+        .output()
+        .expect("run restore-client");
+    assert!(
+        out.status.success(),
+        "restore-client {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A source tree, an ext4 image made from it, and a datastore holding that
+/// image as `SNAPSHOT/drive-scsi0.img.fidx`.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        let d = src.join("dir");
+        fs::create_dir_all(d.join("sub/deeper")).unwrap();
+        fs::write(d.join("a.txt"), b"hello from the guest\n").unwrap();
+        let big: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        fs::write(d.join("sub/big.bin"), &big).unwrap();
+        fs::write(d.join("sub/deeper/empty"), b"").unwrap();
+        fs::set_permissions(d.join("a.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::symlink("a.txt", d.join("link")).unwrap();
+        fs::write(src.join("outside.txt"), b"not extracted").unwrap();
+        let img = dir.path().join("disk.img");
+        fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
+        let mkfs = Command::new("mkfs.ext4")
+            .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+            .args(["-q", "-F", "-d"])
+            .arg(&src)
+            .arg(&img)
+            .status()
+            .expect("run mkfs.ext4");
+        assert!(mkfs.success());
+        let store = dir.path().join("store");
+        client(&["store", "init", store.to_str().unwrap()]);
+        client(&[
+            "store",
+            "import-image",
+            "--store",
+            store.to_str().unwrap(),
+            "--snapshot",
+            SNAPSHOT,
+            "--archive",
+            "drive-scsi0.img",
+            img.to_str().unwrap(),
+        ]);
+        Fixture { dir }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+}
+
+/// Asserts that `got` holds the same tree as `want`: names, file bytes,
+/// permission bits and symlink targets.
+fn assert_same_tree(want: &Path, got: &Path) {
+    let names = |d: &Path| {
+        let mut v: Vec<_> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let (w, g) = (names(want), names(got));
+    assert_eq!(w, g, "entries of {}", got.display());
+    for name in w {
+        let (a, b) = (want.join(&name), got.join(&name));
+        let (ma, mb) = (
+            fs::symlink_metadata(&a).unwrap(),
+            fs::symlink_metadata(&b).unwrap(),
+        );
+        assert_eq!(ma.file_type(), mb.file_type(), "{}", b.display());
+        if ma.file_type().is_symlink() {
+            assert_eq!(fs::read_link(&a).unwrap(), fs::read_link(&b).unwrap());
+            continue;
+        }
+        assert_eq!(
+            ma.permissions().mode() & 0o7777,
+            mb.permissions().mode() & 0o7777,
+            "{}",
+            b.display()
+        );
+        if ma.is_dir() {
+            assert_same_tree(&a, &b);
+        } else {
+            assert!(
+                fs::read(&a).unwrap() == fs::read(&b).unwrap(),
+                "contents of {}",
+                b.display()
+            );
+        }
+    }
+}
+
 /// The agent's peak RSS as init prints it to the console before power off.
 fn peak_rss_kib(console: &str) -> Option<u64> {
     let line = console.lines().find(|l| l.contains("peak RSS"))?;
@@ -124,11 +237,15 @@ fn peak_rss_kib(console: &str) -> Option<u64> {
 }
 
 #[test]
-fn boot_ping_status_and_stop_powers_off() {
+fn boot_list_extract_status_and_stop_powers_off() {
     let Some(s) = setup() else { return };
+    let fx = Fixture::new();
     let _one = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut opts = options(s, "e2e");
+    opts.store = Some(fx.path("store"));
+    opts.images = vec![("disk0".into(), fx.path("disk.img"))];
     let t = Instant::now();
-    let rec = vm::launch::start(&options(s, "e2e")).unwrap_or_else(|e| panic!("vm start: {e}"));
+    let rec = vm::launch::start(&opts).unwrap_or_else(|e| panic!("vm start: {e}"));
     let ready = t.elapsed();
     eprintln!("boot to ready: {:.2} s (TCG, 128 MiB)", ready.as_secs_f64());
     assert!(rec.connect.starts_with("hybrid:") && rec.connect.ends_with(":807"));
@@ -153,6 +270,64 @@ fn boot_ping_status_and_stop_powers_off() {
         status["rss_bytes"].as_u64().unwrap_or(0) / 1024
     );
     drop(c);
+
+    // Through the real client, over the hybrid socket.
+    let conn = [
+        "--connect",
+        rec.connect.as_str(),
+        "--ticket-file",
+        rec.ticket_file.to_str().unwrap(),
+    ];
+    let with = |args: &[&str]| client(&[&conn[..], args].concat());
+    let snaps: Value = serde_json::from_str(&with(&["--output", "json", "snapshots"])).unwrap();
+    let names: Vec<&str> = snaps["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["snapshot"].as_str())
+        .collect();
+    assert_eq!(names, [SNAPSHOT, "attached"], "{snaps}");
+    let vols: Value = serde_json::from_str(&with(&[
+        "--output",
+        "json",
+        "volumes",
+        SNAPSHOT,
+        "drive-scsi0.img.fidx",
+    ]))
+    .unwrap();
+    assert_eq!(vols["volumes"][0]["fs"], "ext4", "{vols}");
+    let ls = with(&["ls", SNAPSHOT, "drive-scsi0.img.fidx", "raw", "/dir"]);
+    for name in ["a.txt", "link", "sub"] {
+        assert!(ls.contains(name), "ls /dir: {ls}");
+    }
+    // The attached virtio disk, found by its serial.
+    let cat = with(&["cat", "attached", "disk0", "raw", "/dir/a.txt"]);
+    assert_eq!(cat, "hello from the guest\n");
+    let out_dir = fx.path("out");
+    let t = Instant::now();
+    with(&[
+        "extract",
+        SNAPSHOT,
+        "drive-scsi0.img.fidx",
+        "raw",
+        "/dir",
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    eprintln!(
+        "extract of /dir (3 MB) through the VM: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_same_tree(&fx.path("src/dir"), &out_dir);
+    let status: Value = serde_json::from_str(&with(&["--output", "json", "status"])).unwrap();
+    eprintln!(
+        "guest agent RSS after extract: {} KiB",
+        status["rss_bytes"].as_u64().unwrap_or(0) / 1024
+    );
+    assert!(
+        status["requests_served"].as_u64().unwrap_or(0) > 0,
+        "{status}"
+    );
 
     let out = vm::launch::stop("e2e", Duration::from_secs(60), true).unwrap();
     let log = console(&rec);

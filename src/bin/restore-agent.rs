@@ -92,6 +92,10 @@ fn main() -> ExitCode {
             };
         }
     };
+    if as_init {
+        // The console is a serial port: no colour codes in the VM's log.
+        std::env::set_var("RUST_LOG_STYLE", "never");
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let init = args.init || as_init;
     let result = if init { run_init(args) } else { run(args) };
@@ -133,6 +137,10 @@ fn run_init(mut args: Args) -> Result<(), String> {
         args.listen = vec![format!("vsock:{}", restore_agent::init::VSOCK_PORT)];
     }
     args.ticket_file = restore_agent::init::TICKET_FILE.into();
+    // The chunk cache (and with it the read-ahead) must fit the VM's memory.
+    if let Some(cap) = restore_agent::init::cache_cap_mb() {
+        args.cache_mb = args.cache_mb.min(cap);
+    }
     // main() powers off once the agent has stopped.
     args.poweroff_on_exit = false;
     run(args)

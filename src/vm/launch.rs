@@ -263,8 +263,17 @@ pub fn stop(name: &str, timeout: Duration, keep_dir: bool) -> Result<StopOutcome
         );
         powered_off = wait_gone(rec.pid, name, timeout);
     }
+    // A process that is exiting has lost its command line before it is a
+    // zombie: give it a moment, then collect its exit code if it is ours.
+    let mut qemu_exit = if powered_off {
+        state::reap_within(rec.pid, Duration::from_secs(5))
+    } else {
+        None
+    };
     kill_processes(&rec);
-    let qemu_exit = state::reap(rec.pid);
+    if qemu_exit.is_none() {
+        qemu_exit = state::reap_within(rec.pid, Duration::from_secs(1));
+    }
     vms.remove(name);
     lock.save(&vms)?;
     if !keep_dir {

@@ -164,6 +164,24 @@ pub fn qemu_alive(pid: u32, name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Waits up to `within` for our child `pid` to exit and reaps it; `None`
+/// when it is not our child or still runs.
+pub fn reap_within(pid: u32, within: Duration) -> Option<i32> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(code) = reap(pid) {
+            return Some(code);
+        }
+        let p = libc::pid_t::try_from(pid).ok()?;
+        // SAFETY: kill with signal 0 only checks existence.
+        let exists = unsafe { libc::kill(p, 0) } == 0;
+        if !exists || Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Reaps `pid` if it is our exited child and returns its exit code
 /// (128 + signal number when killed); `None` when it is not our child.
 pub fn reap(pid: u32) -> Option<i32> {
