@@ -124,10 +124,20 @@ const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
 
 /// Runs restore-client with `args`, panicking unless it exits 0; returns stdout.
 fn client(args: &[&str]) -> String {
+    let t = Instant::now();
     let out = Command::new(CLIENT)
         .args(args)
         .output()
         .expect("run restore-client");
+    let cmd: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| !a.starts_with('/'))
+        .collect();
+    eprintln!(
+        "  restore-client {cmd:?}: {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     assert!(
         out.status.success(),
         "restore-client {args:?}: {}\n{}",
@@ -145,7 +155,15 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
+        // A datastore has 65536 chunk directories: on tmpfs they are made
+        // and removed in a blink, on a busy overlay disk in minutes.
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .expect("tempdir");
         let src = dir.path().join("src");
         let d = src.join("dir");
         fs::create_dir_all(d.join("sub/deeper")).unwrap();
@@ -239,7 +257,12 @@ fn peak_rss_kib(console: &str) -> Option<u64> {
 #[test]
 fn boot_list_extract_status_and_stop_powers_off() {
     let Some(s) = setup() else { return };
+    let t = Instant::now();
     let fx = Fixture::new();
+    eprintln!(
+        "fixture (ext4 image, import): {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
     let _one = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let mut opts = options(s, "e2e");
     opts.store = Some(fx.path("store"));
@@ -329,7 +352,9 @@ fn boot_list_extract_status_and_stop_powers_off() {
         "{status}"
     );
 
+    let t = Instant::now();
     let out = vm::launch::stop("e2e", Duration::from_secs(60), true).unwrap();
+    eprintln!("stop to power off: {:.2} s", t.elapsed().as_secs_f64());
     let log = console(&rec);
     assert!(
         out.powered_off,
