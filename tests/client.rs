@@ -375,6 +375,35 @@ fn snapshots_archives_volumes_as_json_and_tables() {
         ],
     )));
     assert_eq!(v["size"], 13);
+    // A bulk method through `call` keeps its base64 data.
+    let v = json(&ok(client(
+        &agent,
+        &[
+            "--output",
+            "json",
+            "call",
+            "fs.read",
+            &format!(
+                r#"{{"snapshot":"{SNAPSHOT}","archive":"{EXT4}","volume":"raw","path":"/small.txt","offset":0,"length":100}}"#
+            ),
+        ],
+    )));
+    assert_eq!(v["length"], 13, "{v}");
+    assert_eq!(v["eof"], true, "{v}");
+    assert!(v.get("slot").is_none(), "{v}");
+    let want = fs::read(fixture().src.join("small.txt")).expect("read");
+    let b64 = v["data"].as_str().expect("data");
+    let got = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(b64.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("base64 -d");
+    assert_eq!(got.stdout, want);
 }
 
 #[test]
