@@ -1,7 +1,7 @@
 //! Chunk read pool benchmark (issue 3 acceptance, in-process parts).
 //!
-//! Builds a mixed image (random, text, zeros; 1 GiB by default) as a
-//! datastore of 4 MiB zstd chunks in a temporary directory, then reports
+//! Builds a mixed image (random, text, zeros; 1 GiB by default), imports it
+//! with the store's importer into a temporary datastore, then reports
 //! side by side:
 //!   (a) sequential reads through the pool (4 MiB and 128 KiB requests),
 //!   (b) a naive reader: one chunk at a time, read file + decode inline,
@@ -23,11 +23,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use restore_agent::pool::{ChunkPool, PoolConfig};
-use restore_agent::store::blob;
 use restore_agent::store::chunk_store::ChunkStore;
+use restore_agent::store::datastore::{Archive, Datastore};
 use restore_agent::store::fidx::FixedIndex;
 use restore_agent::store::index::ChunkIndex;
-use restore_agent::store::{sha256, Digest, MAX_CHUNK_SIZE};
+use restore_agent::store::{blob, import, sha256, MAX_CHUNK_SIZE};
 
 const CHUNK: usize = 4 << 20;
 const MB: f64 = 1e6;
@@ -138,56 +138,58 @@ struct Dataset {
     nonzero_file_bytes: u64,
 }
 
-/// Writes the image file and its datastore (both cores encode).
+/// Writes the image file (both cores generate) and imports it with the
+/// store's importer, as `restore-client store import-image` does.
 fn build(args: &Args) -> Dataset {
     let tmp = tempfile::Builder::new()
         .prefix("pool-bench-")
         .tempdir_in(&args.dir)
         .unwrap_or_else(|e| panic!("cannot create a directory in {}: {e}", args.dir.display()));
-    let store = tmp.path().join("store");
-    fs::create_dir_all(store.join(".chunks")).expect("create .chunks");
-    let chunks = Arc::new(ChunkStore::open(&store).expect("open chunk store"));
     let image = tmp.path().join("image.raw");
     let count = args.size_mib * (1 << 20) / CHUNK;
     let vocabulary = vocabulary();
     let mut image_file = File::create(&image).expect("create image");
-    let mut digests: Vec<Digest> = Vec::with_capacity(count);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut i = 0;
     while i < count {
         // One batch of `workers` chunks at a time keeps memory small.
-        let batch: Vec<(Vec<u8>, Digest, Vec<u8>)> = std::thread::scope(|s| {
+        let batch: Vec<Vec<u8>> = std::thread::scope(|s| {
             let handles: Vec<_> = (i..(i + workers).min(count))
                 .map(|n| {
                     let vocabulary = &vocabulary;
-                    s.spawn(move || {
-                        let data = make_chunk(n, vocabulary);
-                        let digest = sha256(&data);
-                        let encoded = blob::encode(&data, true);
-                        (data, digest, encoded)
-                    })
+                    s.spawn(move || make_chunk(n, vocabulary))
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().expect("encoder"))
+                .map(|h| h.join().expect("generator"))
                 .collect()
         });
-        for (data, digest, encoded) in batch {
+        for data in batch {
             image_file.write_all(&data).expect("write image");
-            let path = chunks.chunk_path(&digest);
-            if !path.exists() {
-                fs::create_dir_all(path.parent().expect("chunk dir")).expect("mkdir");
-                fs::write(&path, encoded).expect("write chunk");
-            }
-            digests.push(digest);
             i += 1;
         }
     }
     image_file.sync_all().expect("sync image");
-    let size = (count * CHUNK) as u64;
-    let index =
-        FixedIndex::new("bench.img.fidx", size, CHUNK as u64, digests, [0; 16], 0).expect("index");
+    drop(image_file);
+
+    let store = tmp.path().join("store");
+    // Only `.chunks`, not `import::init`'s 65536 directories: removing
+    // those takes minutes on a disk mounted with `discard`.
+    fs::create_dir_all(store.join(".chunks")).expect("create datastore");
+    let snapshot = "vm/100/2026-01-01T00:00:00Z";
+    import::import_image(&store, snapshot, "drive-scsi0.img", &image, &|_, _| {})
+        .expect("import image");
+    let datastore = Datastore::open(&store).expect("open datastore");
+    let index = match datastore
+        .open_archive(snapshot, "drive-scsi0.img.fidx")
+        .expect("open archive")
+    {
+        Archive::Fixed(index) => index,
+        other => panic!("unexpected archive {other:?}"),
+    };
+    let chunks = Arc::new(datastore.chunk_store().clone());
+
     let zero = sha256(&vec![0u8; CHUNK]);
     let mut files = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -209,7 +211,7 @@ fn build(args: &Args) -> Dataset {
         _tmp: tmp,
         image,
         chunks,
-        index: Arc::new(index),
+        index,
         files,
         file_bytes,
         nonzero_chunks,
@@ -226,12 +228,29 @@ fn drop_caches() {
     }
 }
 
+/// CPU time (user + system) of this process so far, in seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Runs one variant: (its result, wall time, cores busy on average).
+fn measured<T>(f: impl FnOnce() -> (T, Duration)) -> (T, Duration, f64) {
+    let cpu = cpu_seconds();
+    let (out, wall) = f();
+    let busy = (cpu_seconds() - cpu) / wall.as_secs_f64();
+    (out, wall, busy)
+}
+
 fn rate(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / MB
 }
 
 /// (a) Sequential reads of `request` bytes through a default pool.
-fn pool_scan(ds: &Dataset, request: usize) -> (Duration, String) {
+fn pool_scan(ds: &Dataset, request: usize) -> (String, Duration) {
     let pool = ChunkPool::new(PoolConfig::default());
     let reader = pool.open_index(ds.chunks.clone(), ds.index.clone(), "bench".into());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -257,7 +276,7 @@ fn pool_scan(ds: &Dataset, request: usize) -> (Duration, String) {
         "reads {} zero {} hits {} misses {} readahead_hits {} (sum {checksum})",
         st.reads, st.zero_reads, st.cache.hits, st.cache.misses, st.cache.readahead_hits
     );
-    (t, info)
+    (info, t)
 }
 
 /// (b) One chunk at a time: read the file, decode, next.
@@ -386,11 +405,15 @@ fn main() {
             page_cache_scan(&ds); // make sure every chunk file is cached
         }
     };
-    let rounds = if args.cold { 1 } else { 2 };
-    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    let show = |v: &[f64]| {
+    let rounds = if args.cold { 1 } else { 3 };
+    let best = |v: &[(f64, f64)]| {
         v.iter()
-            .map(|x| format!("{x:.0}"))
+            .copied()
+            .fold((0.0, 0.0), |m, x| if x.0 > m.0 { x } else { m })
+    };
+    let show = |v: &[(f64, f64)]| {
+        v.iter()
+            .map(|(r, busy)| format!("{r:.0} @{busy:.1}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -399,39 +422,42 @@ fn main() {
     let (mut info4, mut info128) = (String::new(), String::new());
     for _ in 0..rounds {
         prepare();
-        let (t, info) = pool_scan(&ds, CHUNK);
-        a4.push(rate(size, t));
+        let (info, t, busy) = measured(|| pool_scan(&ds, CHUNK));
+        a4.push((rate(size, t), busy));
         info4 = info;
         prepare();
-        let (t, info) = pool_scan(&ds, 128 << 10);
-        a128.push(rate(size, t));
+        let (info, t, busy) = measured(|| pool_scan(&ds, 128 << 10));
+        a128.push((rate(size, t), busy));
         info128 = info;
         prepare();
-        b.push(rate(size, naive_scan(&ds)));
+        let ((), t, busy) = measured(|| ((), naive_scan(&ds)));
+        b.push((rate(size, t), busy));
         prepare();
-        pc.push(rate(ds.file_bytes, page_cache_scan(&ds)));
+        let ((), t, busy) = measured(|| ((), page_cache_scan(&ds)));
+        pc.push((rate(ds.file_bytes, t), busy));
     }
     let (dec_bytes, dec_time) = decode_scan(&ds);
     let decode = rate(dec_bytes, dec_time);
 
-    let (a, b_best, pc_best) = (best(&a4), best(&b), best(&pc));
+    let (a, b_best, pc_best) = (best(&a4).0, best(&b).0, best(&pc).0);
+    println!("variant                                 MB/s   runs [MB/s @ cores busy]");
     println!(
-        "(a)  pool, sequential 4 MiB reads     {:>7.0}   runs [{}]  {info4}",
+        "(a)  pool, sequential 4 MiB reads     {:>7.0}   [{}]  {info4}",
         a,
         show(&a4)
     );
     println!(
-        "(a') pool, sequential 128 KiB reads   {:>7.0}   runs [{}]  {info128}",
-        best(&a128),
+        "(a') pool, sequential 128 KiB reads   {:>7.0}   [{}]  {info128}",
+        best(&a128).0,
         show(&a128)
     );
     println!(
-        "(b)  naive: read + decode inline      {:>7.0}   runs [{}]",
+        "(b)  naive: read + decode inline      {:>7.0}   [{}]",
         b_best,
         show(&b),
     );
     println!(
-        "(d1) page-cache read of chunk files   {:>7.0}   runs [{}]  (MB/s of chunk-file bytes)",
+        "(d1) page-cache read of chunk files   {:>7.0}   [{}]  (MB/s of chunk-file bytes)",
         pc_best,
         show(&pc),
     );

@@ -19,14 +19,18 @@ use sha2::{Digest, Sha256};
 
 const TOOLS: &[&str] = &[
     "mke2fs",
+    "dumpe2fs",
+    "debugfs",
     "mkfs.vfat",
     "mcopy",
-    "mmd",
     "mkntfs",
     "ntfscp",
     "sgdisk",
     "sfdisk",
-    "debugfs",
+    "mkswap",
+    "mkfifo",
+    "truncate",
+    "dd",
 ];
 const MTIME: i64 = 1_600_000_000;
 const MIB: u64 = 1024 * 1024;
@@ -42,7 +46,9 @@ fn have_tools() -> bool {
         })
         .collect();
     if !missing.is_empty() {
-        eprintln!("SKIPPED: missing tools {missing:?} (install e2fsprogs dosfstools mtools ntfs-3g gdisk fdisk)");
+        eprintln!(
+            "SKIPPED: missing tools {missing:?} (Debian: e2fsprogs dosfstools mtools ntfs-3g gdisk fdisk util-linux coreutils)"
+        );
         return false;
     }
     true
@@ -152,7 +158,9 @@ fn make_unix(root: &Path, big: bool) {
     )
     .unwrap();
     write(&root.join("modes/owned"), b"owned\n");
-    std::os::unix::fs::chown(root.join("modes/owned"), Some(1234), Some(5678)).unwrap();
+    // needs root (as in CI); without it the file keeps the caller's ids,
+    // which the comparison then expects
+    let _ = std::os::unix::fs::chown(root.join("modes/owned"), Some(1234), Some(5678));
     let raw = std::ffi::OsStr::from_bytes(b"latin1_\xe9t\xe9.txt");
     write(&root.join(raw), b"not utf-8 name\n");
     run(Command::new("mkfifo").arg(root.join("modes/fifo")));
@@ -208,7 +216,6 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 struct Images {
-    _dir: tempfile::TempDir,
     /// full Unix tree (ext4 default, with the big file)
     src_ext4: PathBuf,
     /// Unix tree without the big file (ext2, ext3)
@@ -276,8 +283,12 @@ fn sectors(p: &Path) -> u64 {
 }
 
 fn build() -> Images {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+    // under the target dir, replaced on every run: a static is never
+    // dropped, so a temp dir in /tmp would be left behind each time
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fs_images");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let d = d.as_path();
     let src_ext4 = d.join("src_ext4");
     make_plain(&src_ext4, false);
     make_unix(&src_ext4, true);
@@ -329,6 +340,11 @@ fn build() -> Images {
         ("empty.txt".to_string(), Vec::new()),
         ("Grüße.txt".to_string(), "grüße\n".as_bytes().to_vec()),
     ];
+    // enough names for the root index to spill into $INDEX_ALLOCATION
+    let mut ntfs_files = ntfs_files;
+    for i in 0..150u64 {
+        ntfs_files.push((format!("n{i:03}.txt"), noise(500 + i, (i * 37) as usize)));
+    }
     let ntfs_src = d.join("ntfs_src");
     for (name, data) in &ntfs_files {
         write(&ntfs_src.join(name), data);
@@ -424,7 +440,6 @@ fn build() -> Images {
         raw_fat: fat12.clone(),
         raw_ext: ext3,
         ext4_img: ext4,
-        _dir: dir,
     }
 }
 
@@ -741,7 +756,11 @@ fn unpartitioned_disks() {
     }
     let src = im.src_fat12.clone();
     with_fs(&im.raw_fat, "raw", move |fs| {
-        compare_tree(fs, &src, b"/", &Flavor::Fat)
+        compare_tree(fs, &src, b"/", &Flavor::Fat);
+        // FAT names match case-insensitively when no exact match exists
+        assert_eq!(read_all(fs, b"/SMALL/One.TXT"), b"one\n");
+        let e = fs.stat(b"/long file name HERE.txt", false).unwrap();
+        assert_eq!(e.name, "Long File Name Here.txt");
     });
     // an empty disk: no table, no filesystem
     let dir = tempfile::tempdir().unwrap();
@@ -863,6 +882,16 @@ fn ntfs_root_files_match_source() {
         assert_eq!(
             fs.list(b"/hello.txt", None, 10).err().unwrap().kind,
             ErrorKind::NotADirectory
+        );
+        // Windows names match case-insensitively
+        assert_eq!(fs.stat(b"/HELLO.TXT", false).unwrap().name, "hello.txt");
+        assert_eq!(
+            fs.stat(b"/GRUSSE.TXT", false).err().unwrap().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            fs.stat("/GRÜßE.TXT".as_bytes(), false).unwrap().name,
+            "Grüße.txt"
         );
     });
 }
@@ -1025,6 +1054,14 @@ fn walk_finds_every_node_and_hardlinks() {
         links,
         [(b"hello.txt".as_slice(), b"a/hard_hello.txt".as_slice())]
     );
+    let long = items.iter().find(|w| w.path == b"link_long").unwrap();
+    assert_eq!(
+        long.link_target.as_deref(),
+        Some(("x/".repeat(40) + "target").as_bytes())
+    );
+    assert!(items
+        .iter()
+        .all(|w| (w.entry.kind == EntryType::Symlink) == w.link_target.is_some()));
     // parents before children
     let pos = |p: &[u8]| items.iter().position(|w| w.path == p).unwrap();
     assert!(pos(b"a") < pos(b"a/b") && pos(b"a/b") < pos(b"a/b/mid.txt"));
@@ -1094,6 +1131,7 @@ fn hostile_images_give_clear_errors() {
     assert_eq!(v.len(), 1);
     assert!(!v[0].supported && v[0].reason.is_some(), "{v:?}");
     let e = FsHandle::open(disk(&bad_sb), "raw").err().unwrap();
+    eprintln!("corrupt superblock: {} {}", e.kind.code(), e.message);
     assert!(
         matches!(e.kind, ErrorKind::Corrupt | ErrorKind::Unsupported),
         "{e:?}"
@@ -1111,6 +1149,7 @@ fn hostile_images_give_clear_errors() {
         let e = fs.list(b"/a/b", None, 100).err().unwrap();
         assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
         assert!(e.message.contains("directory"), "{}", e.message);
+        eprintln!("garbage directory block: {} {}", e.kind.code(), e.message);
         // the rest still serves
         assert_eq!(read_all(fs, b"/hello.txt"), b"hello, world\n");
     });
@@ -1133,6 +1172,7 @@ fn hostile_images_give_clear_errors() {
                             matches!(e.kind, ErrorKind::Corrupt | ErrorKind::Io),
                             "{e:?}"
                         );
+                        eprintln!("truncated image: {} {}", e.kind.code(), e.message);
                         errors += 1;
                         break;
                     }
@@ -1140,6 +1180,18 @@ fn hostile_images_give_clear_errors() {
             }
         }
         assert!(errors > 0, "nothing lies past the cut");
+        // the directory still lists; the symlink whose target lies past the
+        // cut is listed without a target and errors when followed
+        let root = list_all(fs, b"/");
+        let long = root.iter().find(|e| e.name == "link_long").unwrap();
+        assert_eq!(
+            (long.kind, long.target.as_deref()),
+            (EntryType::Symlink, None)
+        );
+        assert_eq!(
+            fs.stat(b"/link_long", true).err().unwrap().kind,
+            ErrorKind::Corrupt
+        );
     });
     // garbage FAT boot sector fields and a garbage FAT directory
     let (_d5, bad_fat) = damaged(&im.raw_fat, |d| d[11..36].copy_from_slice(&noise(13, 25)));
@@ -1287,5 +1339,105 @@ fn listing_speed() {
         t0.elapsed()
     });
     eprintln!("fs.list of a 2000-entry ext4 directory (cold): {t:?}");
+    for (img, vol, path) in [
+        (&im.gpt, "part/1", "/big.bin"),
+        (&im.gpt, "part/6", "/mib3.bin"),
+        (&im.gpt, "part/2", "/mib3.bin"),
+        (&im.gpt, "part/4", "/big.bin"),
+    ] {
+        let p = path.as_bytes().to_vec();
+        let (n, t) = with_fs(img, vol, move |fs| {
+            let t0 = std::time::Instant::now();
+            let n = read_all(fs, &p).len();
+            (n, t0.elapsed())
+        });
+        eprintln!(
+            "fs.read of {vol}{path}: {n} bytes in {t:?} ({:.0} MB/s)",
+            n as f64 / t.as_secs_f64() / 1e6
+        );
+    }
     assert!(t < std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn hostile_partition_tables() {
+    let Some(im) = images() else { return };
+    // a GPT header claiming four billion entries
+    let (_d, huge) = damaged(&im.gpt, |d| {
+        d[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes())
+    });
+    let e = list_volumes(disk(&huge)).err().unwrap();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+    assert!(e.message.contains("GPT"), "{}", e.message);
+    // a primary GPT of garbage: the backup header at the end is used
+    let (_d, primary) = damaged(&im.gpt, |d| d[512..1024].copy_from_slice(&noise(21, 512)));
+    let v = list_volumes(disk(&primary)).unwrap();
+    assert_eq!(v.len(), 5, "{v:?}");
+    // an EBR chain pointing backwards: no logical partitions, no hang
+    let (_d, ebr) = damaged(&im.mbr, |d| {
+        let ext = u32::from_le_bytes(d[446 + 16 + 8..446 + 16 + 12].try_into().unwrap()) as usize;
+        let first = ext * 512;
+        // the first EBR's "next" entry points to itself
+        d[first + 446 + 16 + 8..first + 446 + 16 + 12].copy_from_slice(&0u32.to_le_bytes());
+        d[first + 446 + 16 + 12..first + 446 + 16 + 16].copy_from_slice(&1u32.to_le_bytes());
+        d[first + 446 + 16 + 4] = 0x05;
+    });
+    let _ = list_volumes(disk(&ebr));
+    // partitions that reach past the end of the disk are clipped to it
+    let (_d, short) = damaged(&im.mbr, |d| d.truncate(d.len() / 2));
+    for v in list_volumes(disk(&short)).unwrap() {
+        assert!(v.start <= std::fs::metadata(&short).unwrap().len(), "{v:?}");
+    }
+}
+
+#[test]
+fn handle_is_shared_across_tasks() {
+    fn shareable<T: Send + Sync + Clone + 'static>() {}
+    shareable::<FsHandle>();
+    let Some(im) = images() else { return };
+    let h = FsHandle::open(disk(&im.gpt), "part/1").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let want = sha(&std::fs::read(im.src_ext4.join("mib3.bin")).unwrap());
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..8u64 {
+            let h = h.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut data = Vec::new();
+                loop {
+                    let off = data.len() as u64;
+                    let len = 100_000 + i as usize * 1000;
+                    let (chunk, eof) = h
+                        .run(move |fs| fs.read(b"/mib3.bin", off, len))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    data.extend_from_slice(&chunk);
+                    if eof {
+                        return sha(&data);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), want);
+        }
+        // a job that panics is reported as corrupt; the handle serves on
+        let e = h
+            .run(|_| -> u32 { panic!("job panics") })
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::Corrupt);
+        assert_eq!(
+            h.run(|fs| fs.stat(b"/", false).map(|e| e.kind))
+                .await
+                .unwrap()
+                .unwrap(),
+            EntryType::Dir
+        );
+    });
 }

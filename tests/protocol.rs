@@ -1111,6 +1111,39 @@ fn stop_answers_then_exits_zero_and_removes_socket() {
     c.expect_eof(READ_DEADLINE);
 }
 
+/// Requests already sent when the agent begins to shut down are answered
+/// (normally, or with -32004), never dropped without an answer.
+#[test]
+fn requests_pipelined_behind_stop_are_all_answered() {
+    let mut agent = Agent::start();
+    let mut c = agent.connect_authed();
+    let mut batch = String::from("{\"jsonrpc\":\"2.0\",\"id\":\"stop\",\"method\":\"stop\"}\n");
+    for i in 0..300 {
+        batch.push_str(&format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{i},\"method\":\"ping\"}}\n"
+        ));
+    }
+    c.send(batch.as_bytes());
+    let mut seen = std::collections::BTreeSet::new();
+    let mut refused = 0;
+    while seen.len() < 301 {
+        let v = c.recv();
+        let id = v["id"].to_string();
+        if v.get("error").is_some() {
+            assert_eq!(v["error"]["code"], -32004, "{v}");
+            refused += 1;
+        } else if id == "\"stop\"" {
+            assert_eq!(v["result"], json!({"stopping": true}));
+        } else {
+            assert_eq!(v["result"], "pong", "{v}");
+        }
+        assert!(seen.insert(id), "answered twice: {v}");
+    }
+    println!("{refused} of 300 pings refused with -32004");
+    agent.expect_exit_code(0, Duration::from_secs(7));
+    c.expect_eof(READ_DEADLINE);
+}
+
 #[test]
 fn stop_as_notification_is_executed() {
     let mut agent = Agent::start();

@@ -326,7 +326,7 @@ fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
         (_, EntryType::File) => EntryKind::File { size: e.size },
         (_, EntryType::Dir) => EntryKind::Dir,
         (_, EntryType::Symlink) => EntryKind::Symlink {
-            target: e.target.clone().unwrap_or_default().into_bytes(),
+            target: we.link_target.clone().unwrap_or_default(),
         },
         (_, EntryType::Char) => EntryKind::Char { major: 0, minor: 0 },
         (_, EntryType::Block) => EntryKind::Block { major: 0, minor: 0 },

@@ -81,12 +81,25 @@ struct ReadResult {
     length: u64,
     eof: bool,
     data: String,
+    /// Set when the transport already decoded `data` (see `lines`).
+    slot: Option<u64>,
 }
 
 #[derive(Deserialize)]
 struct StreamResult {
     data: String,
     eof: bool,
+    slot: Option<u64>,
+}
+
+/// The payload of a bulk answer: from its slot, or decoded here.
+fn payload(session: &Session, slot: Option<u64>, data: &str, what: &str) -> Result<Vec<u8>> {
+    match slot {
+        Some(s) => session
+            .take_bulk(s)
+            .ok_or_else(|| ClientError::local(format!("payload for {what} went missing"))),
+        None => decode(data, what),
+    }
 }
 
 fn decode(data: &str, what: &str) -> Result<Vec<u8>> {
@@ -136,7 +149,7 @@ pub async fn read_file(
                 r.offset
             )));
         }
-        let bytes = decode(&r.data, &file.display())?;
+        let bytes = payload(session, r.slot, &r.data, &file.display())?;
         if bytes.len() as u64 != r.length || r.length > asked {
             return Err(ClientError::local(format!(
                 "fs.read of {} at {offset}: length {} does not match its {} data bytes",
@@ -178,7 +191,7 @@ pub async fn read_stream(
                     serde_json::json!({ "stream": stream, "length": READ_CHUNK }),
                 )
                 .await?;
-            let bytes = decode(&r.data, "stream")?;
+            let bytes = payload(session, r.slot, &r.data, "stream")?;
             sink(&bytes)?;
             done += bytes.len() as u64;
             if r.eof {

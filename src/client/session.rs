@@ -51,6 +51,7 @@ impl ToRpcParams for RawParams {
 
 pub struct Session {
     rpc: Client<RpcService>,
+    slots: lines::BulkSlots,
     child: Option<Child>,
     /// The `authenticate` result: protocol, agent name and version.
     pub hello: serde_json::Value,
@@ -60,13 +61,14 @@ impl Session {
     /// Connects to `addr` and authenticates with `ticket`.
     pub async fn connect(addr: &ConnectAddr, ticket: &str, opts: &ConnectOptions) -> Result<Self> {
         let stream = connect::open(addr, opts.connect_timeout).await?;
-        let (tx, rx) = lines::transport(stream.reader, stream.writer);
+        let (tx, rx, slots) = lines::transport(stream.reader, stream.writer);
         let rpc = ClientBuilder::default()
             .set_rpc_middleware(RpcServiceBuilder::new())
             .request_timeout(opts.request_timeout)
             .build_with_tokio(tx, rx);
         let mut session = Session {
             rpc,
+            slots,
             child: stream.child,
             hello: serde_json::Value::Null,
         };
@@ -115,13 +117,39 @@ impl Session {
     }
 
     /// Calls `method` with params given as JSON text (or none) and returns the
-    /// result exactly as the agent sent it.
+    /// result as the agent sent it (a bulk payload the transport decoded is
+    /// put back as base64).
     pub async fn call_raw(
         &self,
         method: &str,
         params: Option<Box<RawValue>>,
     ) -> Result<Box<RawValue>> {
-        Ok(self.rpc.request(method, RawParams(params)).await?)
+        let raw: Box<RawValue> = self.rpc.request(method, RawParams(params)).await?;
+        if !lines::is_bulk_method(method) {
+            return Ok(raw);
+        }
+        let mut v: serde_json::Value = serde_json::from_str(raw.get())
+            .map_err(|e| ClientError::local(format!("result of {method}: {e}")))?;
+        let Some(slot) = v.get("slot").and_then(serde_json::Value::as_u64) else {
+            return Ok(raw);
+        };
+        let data = self
+            .take_bulk(slot)
+            .ok_or_else(|| ClientError::local(format!("payload of {method} went missing")))?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.remove("slot");
+            obj.insert(
+                "data".into(),
+                base64_simd::STANDARD.encode_to_string(&data).into(),
+            );
+        }
+        serde_json::value::to_raw_value(&v)
+            .map_err(|e| ClientError::local(format!("result of {method}: {e}")))
+    }
+
+    /// The decoded payload of a bulk answer whose result names `slot`.
+    pub(crate) fn take_bulk(&self, slot: u64) -> Option<Vec<u8>> {
+        self.slots.take(slot)
     }
 
     /// Ends the session; for `exec:` closes the agent's stdin and reaps it

@@ -78,14 +78,15 @@ impl Load {
         }
     }
 
-    /// Reads and decodes the chunk.
-    pub fn run(&self) -> Result<Vec<u8>> {
+    /// Reads and decodes the chunk; `raw` is the worker's reusable buffer
+    /// for chunk file contents.
+    pub fn run(&self, raw: &mut Vec<u8>) -> Result<Vec<u8>> {
         match self {
             Load::Chunk {
                 path,
                 digest,
                 max_size,
-            } => read_chunk_file(path, digest, *max_size),
+            } => read_chunk_file(path, digest, *max_size, raw),
             Load::Raw { image, chunk } => read_raw_chunk(image, *chunk),
         }
     }
@@ -93,7 +94,17 @@ impl Load {
 
 /// Reads a chunk file in one read into a buffer of its exact size (found by
 /// fstat) and decodes it, checking CRC, size limit and digest.
-pub(super) fn read_chunk_file(path: &Path, digest: &Digest, max_size: usize) -> Result<Vec<u8>> {
+///
+/// The buffer is a prefix of `raw`, which the worker keeps from chunk to
+/// chunk: its pages stay mapped and are not zeroed again, which saves a
+/// memset and a page fault per 4 KiB of every chunk. It never grows past
+/// the largest accepted chunk file.
+pub(super) fn read_chunk_file(
+    path: &Path,
+    digest: &Digest,
+    max_size: usize,
+    raw: &mut Vec<u8>,
+) -> Result<Vec<u8>> {
     let what = || format!("chunk {} ({})", digest_hex(digest), path.display());
     let mut file = File::open(path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
@@ -110,8 +121,12 @@ pub(super) fn read_chunk_file(path: &Path, digest: &Digest, max_size: usize) -> 
             what()
         )));
     }
-    let mut raw = vec![0u8; len as usize];
-    file.read_exact(&mut raw).map_err(|e| {
+    let len = len as usize;
+    if raw.len() < len {
+        raw.resize(len, 0);
+    }
+    let buf = raw.get_mut(..len).unwrap_or_default();
+    file.read_exact(buf).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::corrupt(format!("{}: file shrank while being read", what()))
         } else {
@@ -119,7 +134,7 @@ pub(super) fn read_chunk_file(path: &Path, digest: &Digest, max_size: usize) -> 
         }
     })?;
     let hex = digest_hex(digest);
-    blob::decode(&raw, Some(digest), max_size).map_err(|mut e| {
+    blob::decode(buf, Some(digest), max_size).map_err(|mut e| {
         if !e.message.contains(&hex) {
             e.message = format!("chunk {hex}: {}", e.message);
         }

@@ -33,7 +33,7 @@ use serde::Serialize;
 pub use load::RAW_CHUNK_SIZE;
 pub use reader::{ArchiveReader, ChunkSlice, MAX_SLICES_BYTES};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::store::chunk_store::ChunkStore;
 use crate::store::index::ChunkIndex;
 use crate::store::{digest_hex, sha256, Digest, MAX_CHUNK_SIZE};
@@ -106,10 +106,14 @@ pub struct CacheStats {
     pub readahead_hits: u64,
 }
 
+static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(0);
+
 /// A handle to the pool; clones are cheap and share it. The workers stop
 /// when the last handle (including those inside readers) is dropped.
 #[derive(Clone)]
 pub struct ChunkPool {
+    /// Names this pool's worker threads.
+    id: u64,
     shared: Arc<Shared>,
     workers: usize,
     cache_bytes: usize,
@@ -123,6 +127,7 @@ pub struct ChunkPool {
 impl fmt::Debug for ChunkPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChunkPool")
+            .field("id", &self.id)
             .field("workers", &self.workers)
             .field("cache_bytes", &self.cache_bytes)
             .field("readahead", &self.readahead)
@@ -146,8 +151,10 @@ impl ChunkPool {
         // Read-ahead never queues more than a full window per worker.
         let readahead_queue_limit = cfg.readahead.saturating_mul(workers.max(2));
         let shared = Arc::new(Shared::new(cfg.cache_bytes, readahead_queue_limit));
-        let started = worker::spawn_workers(&shared, workers).len();
+        let pool_id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
+        let started = worker::spawn_workers(&shared, workers, pool_id).len();
         ChunkPool {
+            id: pool_id,
             _stopper: Arc::new(Stopper(Arc::clone(&shared))),
             shared,
             workers: started,
@@ -187,7 +194,10 @@ impl ChunkPool {
         let mut file = File::open(path).map_err(|e| Error::io(what(), &e))?;
         let meta = file.metadata().map_err(|e| Error::io(what(), &e))?;
         if meta.is_dir() {
-            return Err(Error::unsupported(format!("{}: is a directory", what())));
+            return Err(Error::new(
+                ErrorKind::IsADirectory,
+                format!("{}: is a directory", what()),
+            ));
         }
         // Block devices report size 0 in metadata; the end offset is right.
         let size = file

@@ -223,6 +223,8 @@ async fn raw_image_reads_equal_source() {
 
     let missing = pool.open_raw_image(&dir.path().join("nope"), "nope".into());
     assert_eq!(missing.unwrap_err().kind, ErrorKind::NotFound);
+    let dir_err = pool.open_raw_image(dir.path(), "dir".into()).unwrap_err();
+    assert_eq!(dir_err.kind, ErrorKind::IsADirectory);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -579,4 +581,169 @@ fn stats_serialize_with_the_status_field_names() {
     for field in ["bytes", "hits", "misses", "readahead_hits"] {
         assert_eq!(json["cache"][field], 0, "{field}");
     }
+}
+
+/// Writes `pieces` as chunk files of `store` and returns the didx entries.
+fn write_dynamic(store: &TestStore, pieces: &[&[u8]]) -> Vec<(u64, Digest)> {
+    let mut end = 0;
+    pieces
+        .iter()
+        .map(|piece| {
+            let digest = sha256(piece);
+            let path = store.chunks.chunk_path(&digest);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, blob::encode(piece, true)).unwrap();
+            end += piece.len() as u64;
+            (end, digest)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_index_reads_equal_source() {
+    use crate::store::didx::DynamicIndex;
+    let store = TestStore::new(Vec::new());
+    let data = mixed_image();
+    let cuts = [
+        0,
+        1,
+        1000,
+        70_000,
+        70_005,
+        300_000,
+        300_001,
+        700_000,
+        1_000_000,
+        data.len(),
+    ];
+    let pieces: Vec<&[u8]> = cuts.windows(2).map(|w| &data[w[0]..w[1]]).collect();
+    let entries = write_dynamic(&store, &pieces);
+    let index = Arc::new(DynamicIndex::new("root.pxar.didx", &entries, [0; 16], 0).unwrap());
+    let pool = pool(2, 4 << 20, 8);
+    let reader = pool.open_index(store.chunks.clone(), index, "root.pxar.didx".into());
+    assert_eq!(reader.size(), data.len() as u64);
+    let mut probes = Vec::new();
+    for &c in &cuts {
+        for off in [c.saturating_sub(1), c, c + 1] {
+            for len in [1, 2, 999, 70_000, 400_000] {
+                probes.push((off as u64, len));
+            }
+        }
+    }
+    probes.push((0, data.len()));
+    for (off, len) in probes {
+        let mut buf = vec![0u8; len];
+        let n = reader.read_at(off, &mut buf).await.unwrap();
+        assert_eq!(
+            &buf[..n],
+            expected(&data, off, len),
+            "didx read_at({off}, {len})"
+        );
+    }
+    // Each distinct chunk was read once (the cache holds them all).
+    assert_eq!(pool.stats().reads, pieces.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_decoding_to_more_than_its_index_range_is_1004() {
+    use crate::store::didx::DynamicIndex;
+    let store = TestStore::new(Vec::new());
+    let big = random_bytes(20, 5000);
+    let small = random_bytes(21, 100);
+    let mut entries = write_dynamic(&store, &[&small, &big]);
+    // The index claims the second chunk is 1000 bytes long.
+    entries[1].0 = entries[0].0 + 1000;
+    let index = Arc::new(DynamicIndex::new("lying.didx", &entries, [0; 16], 0).unwrap());
+    let pool = pool(1, 1 << 20, 0);
+    let reader = pool.open_index(store.chunks.clone(), index, "lying.didx".into());
+    let err = reader.read_slices(200, 10).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Corrupt, "{}", err.message);
+    assert!(
+        err.message.contains(&digest_hex(&entries[1].1)),
+        "{}",
+        err.message
+    );
+    // The honest chunk still reads.
+    let slices = reader.read_slices(0, 100).await.unwrap();
+    assert_eq!(slices[0].as_slice(), &small[..]);
+}
+
+/// (read syscalls, bytes read) so far by the thread named `name`.
+fn thread_reads(name: &str) -> (u64, u64) {
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let io = std::fs::read_to_string(task.join("io")).unwrap();
+        let field = |key: &str| -> u64 {
+            io.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap()
+        };
+        return (field("syscr:"), field("rchar:"));
+    }
+    panic!("no thread named {name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_file_is_read_in_one_read_call() {
+    let store = TestStore::new(mixed_image());
+    let pool = pool(1, 4 << 20, 0);
+    let reader = store.reader(&pool);
+    let worker = super::worker::worker_name(pool.id, 0);
+    wait_until("worker started", || {
+        std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+            std::fs::read_to_string(t.unwrap().path().join("comm"))
+                .is_ok_and(|c| c.trim_end() == worker)
+        })
+    });
+    for i in [0usize, 7] {
+        let file_len = std::fs::metadata(store.chunk_path(i)).unwrap().len();
+        let (calls, bytes) = thread_reads(&worker);
+        reader.read_slices(i as u64 * CS, 1).await.unwrap();
+        let (calls2, bytes2) = thread_reads(&worker);
+        assert_eq!(calls2 - calls, 1, "chunk {i}: one read syscall");
+        assert_eq!(bytes2 - bytes, file_len, "chunk {i}: the whole file");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn async_reads_never_block_the_runtime_thread() {
+    let store = TestStore::new(mixed_image());
+    let pool = pool(1, 4 << 20, 0);
+    let reader = store.reader(&pool);
+    pool.shared.set_paused(true);
+    // Safety net: a blocking implementation would hold the only runtime
+    // thread until this resumes the pool.
+    let shared = Arc::clone(&pool.shared);
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let finished = Arc::clone(&done);
+    let net = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !finished.load(std::sync::atomic::Ordering::Relaxed)
+            && start.elapsed() < Duration::from_secs(3)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        shared.set_paused(false);
+    });
+    let read = tokio::spawn(async move { reader.read_slices(CS, 10).await });
+    let start = Instant::now();
+    let mut runtime_free_while_waiting = false;
+    while start.elapsed() < Duration::from_secs(2) {
+        tokio::task::yield_now().await;
+        if pool.stats().queued == 1 && pool.shared.lock().paused {
+            runtime_free_while_waiting = true;
+            break;
+        }
+    }
+    pool.shared.set_paused(false);
+    let slices = read.await.unwrap().unwrap();
+    assert_eq!(slices[0].as_slice(), expected(&store.data, CS, 10));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    net.join().unwrap();
+    assert!(runtime_free_while_waiting, "the runtime thread was blocked");
 }

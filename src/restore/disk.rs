@@ -126,25 +126,27 @@ fn to_io(err: Error) -> io::Error {
 /// A `Read + Seek` cursor over a disk, with a `Write` that refuses every
 /// write (fatfs wants a read-write device even to read).
 ///
-/// Small reads (fatfs reads FAT entries a few bytes at a time) are served
-/// from one buffered aligned block; large reads go straight to the disk.
+/// Small reads (fatfs reads FAT entries and clusters a few hundred bytes
+/// at a time, alternating between the FAT and the data area) are served
+/// from a few buffered aligned blocks; large reads go straight to the disk.
 pub struct DiskCursor {
     disk: Arc<dyn Disk>,
     pos: u64,
-    block_start: u64,
-    block: Vec<u8>,
+    /// (start offset, bytes), most recently used first
+    blocks: Vec<(u64, Vec<u8>)>,
 }
 
-/// Size of the cursor's read buffer.
+/// Size of one buffered block.
 const CURSOR_BLOCK: u64 = 64 * 1024;
+/// Buffered blocks kept.
+const CURSOR_BLOCKS: usize = 4;
 
 impl DiskCursor {
     pub fn new(disk: Arc<dyn Disk>) -> DiskCursor {
         DiskCursor {
             disk,
             pos: 0,
-            block_start: 0,
-            block: Vec::new(),
+            blocks: Vec::new(),
         }
     }
 }
@@ -156,22 +158,25 @@ impl Read for DiskCursor {
             self.pos += n as u64;
             return Ok(n);
         }
-        let in_block =
-            self.pos >= self.block_start && self.pos < self.block_start + self.block.len() as u64;
-        if !in_block {
-            let start = self.pos - self.pos % CURSOR_BLOCK;
-            self.block.resize(CURSOR_BLOCK as usize, 0);
-            let n = self.disk.read_at(start, &mut self.block).map_err(to_io)?;
-            self.block.truncate(n);
-            self.block_start = start;
-            if self.pos >= start + n as u64 {
-                return Ok(0);
+        let start = self.pos - self.pos % CURSOR_BLOCK;
+        let hit = self.blocks.iter().position(|(s, _)| *s == start);
+        let block = match hit {
+            Some(i) => self.blocks.remove(i),
+            None => {
+                let mut b = vec![0u8; CURSOR_BLOCK as usize];
+                let n = self.disk.read_at(start, &mut b).map_err(to_io)?;
+                b.truncate(n);
+                (start, b)
             }
+        };
+        let off = (self.pos - start) as usize;
+        let n = buf.len().min(block.1.len().saturating_sub(off));
+        if n > 0 {
+            buf[..n].copy_from_slice(&block.1[off..off + n]);
         }
-        let off = (self.pos - self.block_start) as usize;
-        let n = buf.len().min(self.block.len() - off);
-        buf[..n].copy_from_slice(&self.block[off..off + n]);
         self.pos += n as u64;
+        self.blocks.insert(0, block);
+        self.blocks.truncate(CURSOR_BLOCKS);
         Ok(n)
     }
 }
@@ -218,5 +223,65 @@ impl ext4_view::Ext4Read for Ext4Reader {
         dst: &mut [u8],
     ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
         read_exact_at(&*self.0, start_byte, dst, "ext filesystem").map_err(|e| e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk_of(data: &[u8]) -> (tempfile::TempDir, Arc<dyn Disk>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, data).unwrap();
+        let d: Arc<dyn Disk> = Arc::new(FileDisk::open(&p).unwrap());
+        (dir, d)
+    }
+
+    #[test]
+    fn slice_reads_never_leave_the_window() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let (_t, d) = disk_of(&data);
+        let s = Slice::new(d.clone(), 1000, 500);
+        assert_eq!(s.size(), 500);
+        let mut buf = vec![0u8; 800];
+        assert_eq!(s.read_at(0, &mut buf).unwrap(), 500);
+        assert_eq!(&buf[..500], &data[1000..1500]);
+        assert_eq!(s.read_at(450, &mut buf).unwrap(), 50);
+        assert_eq!(s.read_at(500, &mut buf).unwrap(), 0);
+        assert_eq!(s.read_at(u64::MAX, &mut buf).unwrap(), 0);
+        // a table claiming more than the disk holds is clipped to it
+        let s = Slice::new(d.clone(), 9_900, 1 << 40);
+        assert_eq!(s.size(), 100);
+        assert_eq!(Slice::new(d, 1 << 50, 10).size(), 0);
+    }
+
+    #[test]
+    fn cursor_reads_seeks_and_refuses_writes() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let (_t, d) = disk_of(&data);
+        let mut c = DiskCursor::new(d);
+        let mut small = [0u8; 7];
+        c.seek(SeekFrom::Start(65_533)).unwrap();
+        c.read_exact(&mut small).unwrap(); // across a buffer boundary
+        assert_eq!(&small, &data[65_533..65_540]);
+        let mut big = vec![0u8; 100_000];
+        c.seek(SeekFrom::Start(10)).unwrap();
+        c.read_exact(&mut big).unwrap();
+        assert_eq!(&big[..], &data[10..100_010]);
+        assert_eq!(c.seek(SeekFrom::End(-1)).unwrap(), 199_999);
+        assert!(c.seek(SeekFrom::Current(-300_000)).is_err());
+        let mut rest = Vec::new();
+        c.seek(SeekFrom::Start(199_990)).unwrap();
+        c.read_to_end(&mut rest).unwrap();
+        assert_eq!(&rest[..], &data[199_990..]);
+        c.seek(SeekFrom::Start(300_000)).unwrap();
+        assert_eq!(c.read(&mut small).unwrap(), 0); // past the end
+        let e = c.write(b"x").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        // a short read past the end of the disk is an error for exact reads
+        let mut buf = [0u8; 10];
+        let e = read_exact_at(&*c.disk, 199_995, &mut buf, "test").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt);
     }
 }

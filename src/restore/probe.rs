@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::restore::disk::{read_exact_at, Disk};
 
 /// The filesystems the agent reads.
@@ -32,13 +32,14 @@ impl FsKind {
 }
 
 /// What a volume holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Probe {
     pub fs: Option<FsKind>,
     pub label: Option<String>,
     pub uuid: Option<String>,
-    /// `Some(why)` when the agent cannot read this volume.
-    pub unsupported: Option<String>,
+    /// Why the agent cannot read this volume: `Unsupported` for a
+    /// filesystem or feature it does not read, `Corrupt` for a damaged one.
+    pub unsupported: Option<Error>,
 }
 
 /// Bytes read from the start of a volume to recognise it.
@@ -97,7 +98,7 @@ pub fn probe(disk: &Arc<dyn Disk>) -> Result<Probe> {
 
 fn unknown(what: &str) -> Probe {
     Probe {
-        unsupported: Some(format!("{what} is not supported")),
+        unsupported: Some(Error::unsupported(format!("{what} is not supported"))),
         ..Probe::default()
     }
 }
@@ -140,7 +141,7 @@ fn probe_head(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
         return unknown("exfat");
     }
     Probe {
-        unsupported: Some("no known filesystem found".into()),
+        unsupported: Some(Error::unsupported("no known filesystem found")),
         ..Probe::default()
     }
 }
@@ -163,7 +164,7 @@ fn probe_ext(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
         fs: Some(kind),
         label: sb.get(0x78..0x88).and_then(label_of),
         uuid: sb.get(0x68..0x78).and_then(uuid_of),
-        unsupported: unsupported.map(|e| e.message),
+        unsupported,
     }
 }
 

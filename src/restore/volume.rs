@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::restore::disk::{Disk, DiskCursor, Slice};
+use crate::restore::disk::{read_exact_at, Disk, DiskCursor, Slice};
 use crate::restore::probe::{probe, Probe};
 
 /// One entry of `volume.list`.
@@ -65,8 +65,38 @@ fn is_extended(sys: u8) -> bool {
     matches!(sys, 0x05 | 0x0f | 0x85)
 }
 
+/// Most GPT partition entries accepted (the usual table has 128).
+const MAX_GPT_ENTRIES: u32 = 16384;
+
+/// Refuses GPT headers whose entry count or size would make the table
+/// parser read and allocate without bound.
+fn check_gpt_headers(disk: &Arc<dyn Disk>) -> Result<()> {
+    let size = disk.size();
+    for ss in [512u64, 4096] {
+        let last = (size / ss).saturating_sub(1) * ss;
+        for at in [ss, last] {
+            let mut h = [0u8; 92];
+            if at + 92 > size || read_exact_at(&**disk, at, &mut h, "GPT header").is_err() {
+                continue;
+            }
+            if &h[..8] != b"EFI PART" {
+                continue;
+            }
+            let entries = u32::from_le_bytes([h[80], h[81], h[82], h[83]]);
+            let entry_size = u32::from_le_bytes([h[84], h[85], h[86], h[87]]);
+            if entries > MAX_GPT_ENTRIES || !(128..=4096).contains(&entry_size) {
+                return Err(Error::corrupt(format!(
+                    "GPT header at byte {at}: {entries} entries of {entry_size} bytes is not a sane partition table"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The partitions of `disk`, or `None` when it has no partition table.
 fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
+    check_gpt_headers(disk)?;
     let mut cur = DiskCursor::new(disk.clone());
     if let Ok(Some(gpt)) = catch(|| gptman::GPT::find_from(&mut cur).ok()) {
         {
@@ -137,7 +167,11 @@ fn describe(
     let reason = if supported {
         None
     } else {
-        Some(p.unsupported.unwrap_or_else(|| "unknown filesystem".into()))
+        Some(
+            p.unsupported
+                .map(|e| e.message)
+                .unwrap_or_else(|| "unknown filesystem".into()),
+        )
     };
     (p.fs.map(|k| k.name()), p.label, p.uuid, supported, reason)
 }
@@ -169,7 +203,10 @@ pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
         let probed = match probe(&slice) {
             Ok(pr) => pr,
             Err(e) => Probe {
-                unsupported: Some(format!("cannot read the partition: {e}")),
+                unsupported: Some(Error::new(
+                    e.kind,
+                    format!("cannot read the partition: {e}"),
+                )),
                 ..Probe::default()
             },
         };

@@ -12,7 +12,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
-use super::codes::{AUTH_FAILED, AUTH_REQUIRED, INVALID_PARAMS, INVALID_REQUEST};
+use super::codes::{AUTH_FAILED, AUTH_REQUIRED, INVALID_PARAMS, INVALID_REQUEST, SHUTTING_DOWN};
 use super::envelope::{
     error_line, error_object_line, parse_message, parse_request, result_head, result_line, Id,
     Message,
@@ -221,6 +221,9 @@ async fn serve_requests(conn: &Arc<Conn>, frames: &mut Frames, tx: &Sender) {
             None | Some(Err(_)) => break,
         }
     }
+    if shutdown.is_cancelled() {
+        refuse_buffered(frames, tx).await;
+    }
     let all = u32::try_from(cfg.max_in_flight).unwrap_or(u32::MAX);
     let grace = if shutdown.is_cancelled() {
         cfg.shutdown_grace
@@ -228,6 +231,29 @@ async fn serve_requests(conn: &Arc<Conn>, frames: &mut Frames, tx: &Sender) {
         Duration::MAX
     };
     let _ = tokio::time::timeout(grace, slots.acquire_many(all)).await;
+}
+
+/// Answers the requests a client had already sent when the shutdown began
+/// (complete lines still in the read buffer) with -32004, instead of
+/// dropping them unanswered. Nothing more is read from the socket.
+async fn refuse_buffered(frames: &mut Frames, tx: &Sender) {
+    use tokio_util::codec::Decoder;
+    let mut buffered = std::mem::take(frames.read_buffer_mut());
+    while let Ok(Some(Frame::Line(line))) = frames.decoder_mut().decode(&mut buffered) {
+        let id = match parse_message(&line) {
+            Ok(Message::Single(raw)) => match parse_request(raw) {
+                Ok(req) => req.id,
+                Err(r) => Some(r.id),
+            },
+            Ok(Message::Batch(_)) | Err(_) => Some(Id::null()),
+        };
+        if let Some(id) = id {
+            let line = error_line(&id, SHUTTING_DOWN, "shutting down");
+            if tx.send(Outgoing::line(line)).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 async fn answer(conn: Arc<Conn>, line: bytes::BytesMut, tx: Sender, permit: OwnedSemaphorePermit) {

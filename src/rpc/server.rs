@@ -231,11 +231,12 @@ async fn accept_loop(inner: Arc<Inner>, mut listener: Listener, tracker: TaskTra
         let id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
         log::info!("conn {id}: open from {}", conn.peer);
         let inner2 = inner.clone();
+        let peer = conn.peer;
         let session = async move {
             connection::serve(inner2.clone(), conn.stream, id).await;
             inner2.shared.connections.fetch_sub(1, Ordering::AcqRel);
             inner2.router.connection_closed(ConnectionId(id));
-            log::info!("conn {id}: closed");
+            log::info!("conn {id}: closed ({peer})");
         };
         if is_stdio {
             // The stdio session is the agent's whole life.

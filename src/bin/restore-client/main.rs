@@ -47,6 +47,9 @@ pub struct Global {
     /// File holding the agent's ticket (default: the RESTORE_AGENT_TICKET environment variable)
     #[arg(long, global = true, value_name = "PATH")]
     ticket_file: Option<PathBuf>,
+    /// Connect to the running VM NAME (started with `vm start`): its address and ticket
+    #[arg(long, global = true, value_name = "NAME")]
+    vm: Option<String>,
     /// Output format: aligned text for people, or one JSON document on stdout
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Human)]
     output: OutputFormat,
@@ -115,6 +118,9 @@ pub(crate) enum Command {
     /// Work on a local datastore directory
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// Start, list and stop file-restore VMs
+    #[command(subcommand)]
+    Vm(restore_agent::vm::VmCommand),
     /// Print a shell completion script
     Completions {
         #[arg(value_parser = ["bash", "zsh", "fish"])]
@@ -156,6 +162,10 @@ fn main() -> ExitCode {
         }
     };
     let output = cli.global.output;
+    if let Command::Vm(cmd) = cli.command {
+        let code = restore_agent::vm::run(cmd, output == OutputFormat::Json);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let result = run(cli);
     match result {
         Ok(outcome) => {
@@ -192,6 +202,7 @@ fn run(cli: Cli) -> Result<Outcome, ClientError> {
             message: e.message,
             data: None,
         }),
+        Command::Vm(_) => Err(ClientError::local("internal: `vm` reached run()")),
         Command::Completions { shell } => {
             let shell = match shell.as_str() {
                 "zsh" => clap_complete::Shell::Zsh,
@@ -232,13 +243,24 @@ fn run(cli: Cli) -> Result<Outcome, ClientError> {
 
 /// Connects and authenticates as the global options say.
 async fn connect(global: &Global) -> Result<Session, ClientError> {
+    let mut global = global.clone();
+    if let Some(name) = &global.vm {
+        if global.connect.is_some() {
+            return Err(ClientError::local(
+                "give either --vm or --connect, not both",
+            ));
+        }
+        let (addr, ticket_file) = restore_agent::vm::resolve(name).map_err(ClientError::Local)?;
+        global.connect = Some(addr);
+        global.ticket_file.get_or_insert(ticket_file);
+    }
     let Some(addr) = &global.connect else {
         return Err(ClientError::local(
-            "no agent address: give --connect ADDR (or set RESTORE_AGENT_CONNECT)",
+            "no agent address: give --connect ADDR or --vm NAME (or set RESTORE_AGENT_CONNECT)",
         ));
     };
     let addr: ConnectAddr = addr.parse().map_err(ClientError::Local)?;
-    let ticket = ticket(global)?;
+    let ticket = ticket(&global)?;
     if !(global.connect_timeout.is_finite() && global.connect_timeout > 0.0) {
         return Err(ClientError::local(
             "--connect-timeout must be a positive number",

@@ -1,18 +1,23 @@
-//! ext2/3/4 backend: ext4-view for validation (features, checksums, the
-//! journal) and for reading extent-mapped file data; [`super::ext_raw`] for
-//! directories, inode metadata (inode numbers, link counts), symlinks and
-//! block-mapped (ext2/3) file data.
+//! ext2/3/4 backend on ext4-view: it validates the superblock and
+//! features, verifies metadata checksums, replays the journal in memory,
+//! and provides listings, metadata, symlink targets and file data.
 //!
-//! Block-mapped files are read by `ext_raw` because ext4-view 1.0 fails
-//! ("invalid read ... from block 0") on a sparse block-mapped file whose
-//! indirect pointer is a hole; `ext_raw` reads such holes as zeros.
+//! ext4-view 1.0 exposes neither inode numbers nor link counts; they come
+//! from [`super::ext_raw`], which reads the on-disk directories and inodes
+//! without the journal (on a volume that needs recovery they can be stale:
+//! then only hardlink detection suffers; names absent from the on-disk
+//! directory get inode 0 and nlink 1).
+//! Block-mapped (ext2/3) files with holes are read by `ext_raw` because
+//! ext4-view 1.0 fails ("invalid read ... from block 0") on a sparse
+//! block-mapped file whose indirect pointer is a hole.
 //! Must never write, and never be moved to another thread (ext4-view is
 //! `!Send`); [`super::FsHandle`] pins it.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use ext4_view::{Ext4, Ext4Error};
+use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, Ext4Reader};
@@ -41,11 +46,9 @@ fn map_err(what: &str, e: Ext4Error) -> Error {
         },
         _ => ErrorKind::Corrupt,
     };
-    let text = match kind {
-        ErrorKind::Unsupported => format!("{what}: unsupported ext filesystem: {e}"),
-        ErrorKind::Corrupt => format!("{what}: corrupt ext filesystem: {e}"),
-        _ => format!("{what}: {e}"),
-    };
+    // ext4-view's text already says "corrupt filesystem: ..." or
+    // "incompatible filesystem: ..."
+    let text = format!("{what}: {e}");
     Error::new(kind, text)
 }
 
@@ -84,48 +87,90 @@ impl ExtBackend {
         })
     }
 
-    fn child(&mut self, name: Vec<u8>, number: u32) -> Result<Child<u32>> {
-        let ino = self.raw.inode(number)?;
-        let kind = EntryType::from_unix_mode(u32::from(ino.mode)).ok_or_else(|| {
-            Error::corrupt(format!(
-                "ext filesystem: inode {number} ({}) has an invalid mode {:o}",
-                String::from_utf8_lossy(&name),
-                ino.mode
-            ))
-        })?;
+    /// inode numbers of a directory's entries, from the on-disk blocks
+    fn raw_numbers(&mut self, dir: u32) -> HashMap<Vec<u8>, u32> {
+        if dir == 0 {
+            return HashMap::new();
+        }
+        let listed = self.raw.inode(dir).and_then(|ino| self.raw.read_dir(&ino));
+        listed.map(|v| v.into_iter().collect()).unwrap_or_default()
+    }
+
+    fn child(
+        &mut self,
+        name: Vec<u8>,
+        number: u32,
+        md: &Metadata,
+        path: &[u8],
+    ) -> Result<Child<u32>> {
+        let what = String::from_utf8_lossy(path).into_owned();
+        let ft = md.file_type();
+        let kind = if ft.is_regular_file() {
+            EntryType::File
+        } else if ft.is_dir() {
+            EntryType::Dir
+        } else if ft.is_symlink() {
+            EntryType::Symlink
+        } else if ft.is_block_dev() {
+            EntryType::Block
+        } else if ft.is_char_dev() {
+            EntryType::Char
+        } else if ft.is_fifo() {
+            EntryType::Fifo
+        } else {
+            EntryType::Socket
+        };
+        // an unreadable symlink target must not hide its siblings: the
+        // error is kept for whoever follows the link
+        let mut broken = None;
         let link = if kind == EntryType::Symlink {
-            Some(self.raw.link_target(&ino)?)
+            let target = ext4_view::Path::try_from(path)
+                .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))
+                .and_then(|p| self.fs.read_link(p).map_err(|e| map_err(&what, e)));
+            match target {
+                Ok(t) => Some(t.as_ref().to_vec()),
+                Err(e) => {
+                    broken = Some(e);
+                    None
+                }
+            }
         } else {
             None
+        };
+        let nlink = match number {
+            0 => 1,
+            n => self.raw.inode(n).map(|i| u64::from(i.links)).unwrap_or(1),
         };
         let mut entry = Entry {
             name: String::new(),
             name_b64: None,
             kind,
-            size: ino.size,
-            mode: u32::from(ino.mode) & 0o7777,
-            uid: ino.uid,
-            gid: ino.gid,
-            mtime: ino.mtime,
+            size: if matches!(kind, EntryType::File | EntryType::Dir | EntryType::Symlink) {
+                md.len()
+            } else {
+                0
+            },
+            mode: u32::from(md.mode()) & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: md.modified().seconds(),
             target: link
                 .as_ref()
                 .map(|l| String::from_utf8_lossy(l).into_owned()),
             inode: u64::from(number),
-            nlink: u64::from(ino.links),
+            nlink,
         };
-        if kind != EntryType::File && kind != EntryType::Symlink && kind != EntryType::Dir {
-            entry.size = 0;
-        }
         entry.set_name(&name);
         Ok(Child {
             name,
             node: number,
             entry,
             link,
+            broken,
         })
     }
 
-    fn read_extents(
+    fn read_view(
         &mut self,
         number: u32,
         path: &[u8],
@@ -164,18 +209,34 @@ impl Backend for ExtBackend {
     type Node = u32;
 
     fn root(&mut self) -> Result<Child<u32>> {
-        self.child(Vec::new(), ROOT_INODE)
+        let md = self.fs.metadata("/").map_err(|e| map_err("/", e))?;
+        self.child(Vec::new(), ROOT_INODE, &md, b"/")
     }
 
-    fn read_dir(&mut self, dir: &u32, _path: &[u8]) -> Result<Vec<Child<u32>>> {
-        let ino = self.raw.inode(*dir)?;
-        let names = self.raw.read_dir(&ino)?;
-        let mut out = Vec::with_capacity(names.len());
-        for (name, number) in names {
+    fn read_dir(&mut self, dir: &u32, path: &[u8]) -> Result<Vec<Child<u32>>> {
+        let what = String::from_utf8_lossy(path).into_owned();
+        let p = ext4_view::Path::try_from(path)
+            .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))?;
+        let numbers = self.raw_numbers(*dir);
+        let mut found = Vec::new();
+        for e in self.fs.read_dir(p).map_err(|e| map_err(&what, e))? {
+            let e = e.map_err(|e| map_err(&what, e))?;
+            let name = e.file_name().as_ref().to_vec();
             if name == b"." || name == b".." {
                 continue;
             }
-            out.push(self.child(name, number)?);
+            let md = e.metadata().map_err(|e| map_err(&what, e))?;
+            found.push((name, md));
+        }
+        let mut out = Vec::with_capacity(found.len());
+        for (name, md) in found {
+            let mut child_path = path.to_vec();
+            if child_path != b"/" {
+                child_path.push(b'/');
+            }
+            child_path.extend_from_slice(&name);
+            let number = numbers.get(&name).copied().unwrap_or(0);
+            out.push(self.child(name, number, &md, &child_path)?);
         }
         Ok(out)
     }
@@ -188,18 +249,13 @@ impl Backend for ExtBackend {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
-        let ino: Inode = self.raw.inode(*node)?;
-        if ino.is_encrypted() {
-            return Err(Error::unsupported(format!(
-                "{}: encrypted files are not supported",
-                String::from_utf8_lossy(path)
-            )));
+        if *node != 0 {
+            let ino: Inode = self.raw.inode(*node)?;
+            if !ino.uses_extents() && !ino.is_encrypted() && self.raw.is_sparse(&ino)? {
+                return self.raw.read(&ino, offset, buf);
+            }
         }
-        if ino.uses_extents() {
-            self.read_extents(*node, path, offset, buf)
-        } else {
-            self.raw.read(&ino, offset, buf)
-        }
+        self.read_view(*node, path, offset, buf)
     }
 
     fn what(&self) -> &str {

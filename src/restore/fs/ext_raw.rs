@@ -46,17 +46,10 @@ fn le32(b: &[u8], at: usize) -> u32 {
 #[derive(Clone, Debug)]
 pub struct Inode {
     pub number: u32,
-    pub mode: u16,
-    pub uid: u32,
-    pub gid: u32,
     pub size: u64,
-    pub mtime: i64,
     pub links: u16,
     pub flags: u32,
     pub block: [u8; 60],
-    /// 512-byte sectors in use (i_blocks_lo)
-    sectors: u64,
-    file_acl: u32,
 }
 
 impl Inode {
@@ -200,8 +193,10 @@ impl ExtRaw {
             .inode_tables
             .get(group)
             .ok_or_else(|| bad(format!("inode {number} is beyond the last block group")))?;
-        let byte =
-            table * self.block_size + u64::from(idx % self.inodes_per_group) * self.inode_size;
+        let byte = table
+            .checked_mul(self.block_size)
+            .and_then(|t| t.checked_add(u64::from(idx % self.inodes_per_group) * self.inode_size))
+            .ok_or_else(|| bad(format!("inode {number}: inode table location out of range")))?;
         let blk = self.block(byte / self.block_size)?;
         let off = (byte % self.block_size) as usize;
         let raw = blk
@@ -209,27 +204,12 @@ impl ExtRaw {
             .ok_or_else(|| bad(format!("inode {number} crosses a block")))?;
         let mut block = [0u8; 60];
         block.copy_from_slice(&raw[0x28..0x28 + 60]);
-        let extra = if self.inode_size > 128 {
-            le16(raw, 0x80)
-        } else {
-            0
-        };
-        let mut mtime = i64::from(le32(raw, 0x10) as i32);
-        if extra >= 12 {
-            mtime += i64::from(le32(raw, 0x88) & 3) << 32;
-        }
         Ok(Inode {
             number,
-            mode: le16(raw, 0x00),
-            uid: u32::from(le16(raw, 0x02)) | (u32::from(le16(raw, 0x78)) << 16),
-            gid: u32::from(le16(raw, 0x18)) | (u32::from(le16(raw, 0x7A)) << 16),
             size: u64::from(le32(raw, 0x04)) | (u64::from(le32(raw, 0x6C)) << 32),
-            mtime,
             links: le16(raw, 0x1A),
             flags: le32(raw, 0x20),
             block,
-            sectors: u64::from(le32(raw, 0x1C)),
-            file_acl: le32(raw, 0x68),
         })
     }
 
@@ -382,6 +362,15 @@ impl ExtRaw {
         Ok(())
     }
 
+    /// Whether a file has holes (blocks within its size that are mapped
+    /// nowhere).
+    pub fn is_sparse(&mut self, ino: &Inode) -> Result<bool> {
+        let nblocks = ino.size.div_ceil(self.block_size);
+        let runs = self.runs(ino)?;
+        let mapped: u64 = runs.iter().filter(|r| r.physical != 0).map(|r| r.len).sum();
+        Ok(mapped < nblocks)
+    }
+
     /// Reads file data at `offset` (holes and unwritten extents read as
     /// zeros); short only at end of file.
     pub fn read(&mut self, ino: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -422,31 +411,6 @@ impl ExtRaw {
             read_exact_at(&*self.disk, disk_off, dst, "ext file data")?;
         }
         Ok(want)
-    }
-
-    /// The target of a symlink inode.
-    pub fn link_target(&mut self, ino: &Inode) -> Result<Vec<u8>> {
-        if ino.size > 4096 {
-            return Err(bad(format!(
-                "inode {}: symlink target too long",
-                ino.number
-            )));
-        }
-        // a fast symlink keeps its target in the block array and owns no
-        // data block (an extended-attribute block may still be counted)
-        let sectors_per_block = self.block_size / 512;
-        let data_sectors = if ino.file_acl != 0 {
-            ino.sectors.saturating_sub(sectors_per_block)
-        } else {
-            ino.sectors
-        };
-        if !ino.uses_extents() && ino.size < 60 && data_sectors == 0 {
-            return Ok(ino.block[..ino.size as usize].to_vec());
-        }
-        let mut buf = vec![0u8; ino.size as usize];
-        let n = self.read(ino, 0, &mut buf)?;
-        buf.truncate(n);
-        Ok(buf)
     }
 
     /// The entries of a directory inode: (name, inode number).

@@ -3,8 +3,8 @@
 //!
 //! FAT has no owners, modes, inodes or links: entries get uid/gid 0, mode
 //! 0755 (dirs) / 0644 (files) minus write bits for read-only ones, inode 0
-//! and nlink 1; timestamps are taken as UTC. Names are matched exactly
-//! (as stored). Must never write.
+//! and nlink 1; timestamps are taken as UTC. Names match exactly first,
+//! then case-insensitively, as on Windows. Must never write.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -76,7 +76,7 @@ pub fn probe(disk: Arc<dyn Disk>, head: &[u8]) -> Probe {
                 probe.label = (!l.is_empty()).then_some(l);
             }
         }
-        Err(e) => probe.unsupported = Some(e.message),
+        Err(e) => probe.unsupported = Some(e),
     }
     if probe.label.as_deref() == Some("NO NAME") {
         probe.label = None;
@@ -181,6 +181,7 @@ impl<'a> Backend for FatBackend<'a> {
                 nlink: 1,
             },
             link: None,
+            broken: None,
         })
     }
 
@@ -208,6 +209,7 @@ impl<'a> Backend for FatBackend<'a> {
                 node,
                 entry,
                 link: None,
+                broken: None,
             });
         }
         Ok(out)
@@ -254,6 +256,10 @@ impl<'a> Backend for FatBackend<'a> {
         }
         self.reading = Some((path.to_vec(), f));
         Ok(done)
+    }
+
+    fn case_insensitive(&self) -> bool {
+        true
     }
 
     fn what(&self) -> &str {

@@ -82,7 +82,12 @@ impl FsHandle {
         let probed = probe(&vol)?;
         let kind = match (probed.fs, probed.unsupported) {
             (Some(k), None) => k,
-            (_, Some(why)) => return Err(Error::unsupported(format!("volume {volume}: {why}"))),
+            (_, Some(why)) => {
+                return Err(Error::new(
+                    why.kind,
+                    format!("volume {volume}: {}", why.message),
+                ))
+            }
             (None, None) => {
                 return Err(Error::unsupported(format!(
                     "volume {volume}: no known filesystem"

@@ -99,6 +99,8 @@ pub struct WalkEntry {
     /// `etc/passwd`, ...; walking `/` yields `bin`, `bin/ls`, ...
     pub path: Vec<u8>,
     pub entry: Entry,
+    /// For a symlink: its target, raw bytes (`entry.target` is lossy).
+    pub link_target: Option<Vec<u8>>,
     /// For a non-directory whose inode was already met in this walk: the
     /// relative path it was first met at (emit a hardlink to it).
     pub hardlink_to: Option<Vec<u8>>,

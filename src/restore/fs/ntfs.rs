@@ -5,7 +5,8 @@
 //! those files (1005); reparse points (symlinks, junctions, dedup) are
 //! refused the same way. NTFS has no Unix owners or modes: uid/gid 0, mode
 //! 0755 (dirs) / 0644 (files, minus write bits when read-only); inode is the
-//! file record number. Metafiles (`$MFT`, ...) are not listed.
+//! file record number. Metafiles (`$MFT`, ...) are not listed. Names match
+//! exactly first, then case-insensitively, as on Windows.
 //! Must never write.
 
 use std::io::SeekFrom;
@@ -65,7 +66,7 @@ pub fn probe(disk: Arc<dyn Disk>) -> Probe {
             }));
             probe.label = name.ok().flatten().filter(|n| !n.is_empty());
         }
-        Err(e) => probe.unsupported = Some(e.message),
+        Err(e) => probe.unsupported = Some(e),
     }
     probe
 }
@@ -167,6 +168,7 @@ impl Backend for NtfsBackend {
             node: ROOT_RECORD,
             entry,
             link: None,
+            broken: None,
         })
     }
 
@@ -210,6 +212,7 @@ impl Backend for NtfsBackend {
                 node: record,
                 entry,
                 link: None,
+                broken: None,
             });
         }
         Ok(out)
@@ -253,6 +256,10 @@ impl Backend for NtfsBackend {
             done += n;
         }
         Ok(done)
+    }
+
+    fn case_insensitive(&self) -> bool {
+        true
     }
 
     fn what(&self) -> &str {

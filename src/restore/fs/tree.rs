@@ -36,6 +36,8 @@ pub struct Child<N> {
     pub entry: Entry,
     /// raw symlink target, for symlinks
     pub link: Option<Vec<u8>>,
+    /// why this node's symlink target could not be read, if so
+    pub broken: Option<Error>,
 }
 
 /// What a filesystem backend provides; `path` arguments are the canonical
@@ -57,6 +59,11 @@ pub trait Backend {
     ) -> Result<usize>;
     /// Names this filesystem in error messages.
     fn what(&self) -> &str;
+    /// Whether names match case-insensitively when no exact match exists
+    /// (FAT, NTFS as Windows sees them).
+    fn case_insensitive(&self) -> bool {
+        false
+    }
 }
 
 /// Runs backend code, turning a panic inside a filesystem crate (they may
@@ -204,9 +211,18 @@ impl<B: Backend> Tree<B> {
                 ));
             }
             let kids = self.listing(&dir, &dir_path)?;
-            let child = match kids.binary_search_by(|c| c.name.as_slice().cmp(&comp)) {
-                Ok(i) => kids[i].clone(),
-                Err(_) => {
+            let exact = kids.binary_search_by(|c| c.name.as_slice().cmp(&comp)).ok();
+            let found = exact.or_else(|| {
+                if !self.backend.case_insensitive() {
+                    return None;
+                }
+                let want = String::from_utf8_lossy(&comp).to_lowercase();
+                kids.iter()
+                    .position(|c| String::from_utf8_lossy(&c.name).to_lowercase() == want)
+            });
+            let child = match found {
+                Some(i) => kids[i].clone(),
+                None => {
                     let mut p = dir_path.clone();
                     if p != b"/" {
                         p.push(b'/');
@@ -228,6 +244,9 @@ impl<B: Backend> Tree<B> {
                         "{:?}: too many levels of symbolic links (more than {MAX_SYMLINK_HOPS})",
                         show(path)
                     )));
+                }
+                if let Some(e) = &child.broken {
+                    return Err(e.clone());
                 }
                 let target = child.link.clone().unwrap_or_default();
                 if target.is_empty() {
@@ -374,6 +393,7 @@ impl<B: Backend> Filesystem for Tree<B> {
                 let we = WalkEntry {
                     path: rel.clone(),
                     entry: node.entry.clone(),
+                    link_target: node.link.clone(),
                     hardlink_to: hardlink_to.clone(),
                 };
                 // Hardlinks get their data too: formats without hardlinks
