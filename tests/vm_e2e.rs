@@ -63,6 +63,10 @@ fn setup() -> Option<&'static Setup> {
                 .expect("run scripts/build-vm-image.sh");
             assert!(status.success(), "scripts/build-vm-image.sh failed");
             eprintln!("VM image built in {:.1} s", t.elapsed().as_secs_f64());
+            // `vm start` leaves QEMU behind when it exits: adopt such orphans
+            // so the tests can collect QEMU's exit code.
+            // SAFETY: prctl with integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
             let run_dir = tempfile::tempdir().expect("tempdir");
             // The state file of these tests' VMs, apart from the user's.
             std::env::set_var("RESTORE_AGENT_RUN_DIR", run_dir.path());
@@ -264,44 +268,67 @@ fn boot_list_extract_status_and_stop_powers_off() {
         t.elapsed().as_secs_f64()
     );
     let _one = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let mut opts = options(s, "e2e");
-    opts.store = Some(fx.path("store"));
-    opts.images = vec![("disk0".into(), fx.path("disk.img"))];
     let t = Instant::now();
-    let rec = vm::launch::start(&opts).unwrap_or_else(|e| panic!("vm start: {e}"));
+    let started = client(&[
+        "--output",
+        "json",
+        "vm",
+        "start",
+        "--name",
+        "e2e",
+        "--store",
+        fx.path("store").to_str().unwrap(),
+        "--image",
+        &format!("disk0={}", fx.path("disk.img").display()),
+        "--accel",
+        "tcg",
+        "--vsock",
+        "vhost-user",
+        "--memory",
+        "128",
+        "--image-dir",
+        s.image_dir.to_str().unwrap(),
+        "--vhost-device-vsock",
+        s.vhost.to_str().unwrap(),
+        // Generous: one boot took 42 s while both cores were compiling.
+        "--ready-timeout",
+        "120",
+    ]);
     let ready = t.elapsed();
-    eprintln!("boot to ready: {:.2} s (TCG, 128 MiB)", ready.as_secs_f64());
+    eprintln!(
+        "boot to ready: {:.2} s (TCG, 128 MiB, vm start to ping)",
+        ready.as_secs_f64()
+    );
+    let rec: VmRecord = serde_json::from_str(&started).expect("vm start --output json");
     assert!(rec.connect.starts_with("hybrid:") && rec.connect.ends_with(":807"));
     assert!(rec.cid >= 10);
+    let mode = fs::metadata(&rec.ticket_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "ticket file mode {mode:o}");
 
     // The VM is listed and resolvable.
-    let listed = vm::launch::list().unwrap();
-    assert!(listed.iter().any(|(r, alive)| r.name == "e2e" && *alive));
+    let listed: Value = serde_json::from_str(&client(&["--output", "json", "vm", "list"])).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "e2e" && v["running"] == true),
+        "{listed}"
+    );
     assert_eq!(
         vm::resolve("e2e").unwrap(),
         (rec.connect.clone(), rec.ticket_file.clone())
     );
 
+    // Raw protocol over the hybrid socket.
     let mut c = connect(&rec);
     let auth = c.call_ok("authenticate", Some(json!({ "ticket": ticket(&rec) })));
     assert_eq!(auth["agent"], "restore-agent");
     assert_eq!(c.call_ok("ping", None), json!("pong"));
-    let status = c.call_ok("status", Some(json!({"keep_timeout": true})));
-    assert_eq!(status["idle_timeout_s"], json!(600));
-    eprintln!(
-        "guest agent RSS after boot: {} KiB",
-        status["rss_bytes"].as_u64().unwrap_or(0) / 1024
-    );
     drop(c);
 
-    // Through the real client, over the hybrid socket.
-    let conn = [
-        "--connect",
-        rec.connect.as_str(),
-        "--ticket-file",
-        rec.ticket_file.to_str().unwrap(),
-    ];
-    let with = |args: &[&str]| client(&[&conn[..], args].concat());
+    // Through the real client with --vm.
+    let with = |args: &[&str]| client(&[&["--vm", "e2e"][..], args].concat());
     let snaps: Value = serde_json::from_str(&with(&["--output", "json", "snapshots"])).unwrap();
     let names: Vec<&str> = snaps["snapshots"]
         .as_array()
@@ -353,25 +380,39 @@ fn boot_list_extract_status_and_stop_powers_off() {
     );
 
     let t = Instant::now();
-    let out = vm::launch::stop("e2e", Duration::from_secs(60), true).unwrap();
+    let stopped: Value = serde_json::from_str(&client(&[
+        "--output",
+        "json",
+        "vm",
+        "stop",
+        "e2e",
+        "--keep-logs",
+    ]))
+    .unwrap();
     eprintln!("stop to power off: {:.2} s", t.elapsed().as_secs_f64());
     let log = console(&rec);
-    assert!(
-        out.powered_off,
-        "the guest did not power off; console:\n{log}"
+    assert_eq!(stopped["powered_off"], true, "{stopped}; console:\n{log}");
+    // QEMU was orphaned when `vm start` exited; this process is its subreaper.
+    assert_eq!(
+        vm::state::reap_within(rec.pid, Duration::from_secs(10)),
+        Some(0),
+        "QEMU exit; console:\n{log}"
     );
-    assert_eq!(out.qemu_exit, Some(0), "QEMU exit; console:\n{log}");
     assert!(log.contains("reboot: Power down"), "console:\n{log}");
-    if let Some(peak) = peak_rss_kib(&log) {
-        eprintln!("guest agent peak RSS: {peak} KiB");
-        assert!(peak < 32 * 1024, "agent peak RSS {peak} KiB");
-    }
-    assert!(vm::launch::list()
-        .unwrap()
-        .iter()
-        .all(|(r, _)| r.name != "e2e"));
+    let peak = peak_rss_kib(&log).unwrap_or_else(|| panic!("no peak RSS line; console:\n{log}"));
+    eprintln!("guest agent peak RSS: {peak} KiB");
+    assert!(peak < 32 * 1024, "agent peak RSS {peak} KiB");
+    let listed: Value = serde_json::from_str(&client(&["--output", "json", "vm", "list"])).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["name"] != "e2e"),
+        "{listed}"
+    );
     assert!(vm::resolve("e2e").is_err());
-    let _ = std::fs::remove_dir_all(&rec.dir);
+    let _ = fs::remove_dir_all(&rec.dir);
 }
 
 #[test]

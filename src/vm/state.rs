@@ -165,20 +165,32 @@ pub fn qemu_alive(pid: u32, name: &str) -> bool {
 }
 
 /// Waits up to `within` for our child `pid` to exit and reaps it; `None`
-/// when it is not our child or still runs.
+/// at once when it is not our child, or when it still runs at the deadline.
 pub fn reap_within(pid: u32, within: Duration) -> Option<i32> {
     let deadline = Instant::now() + within;
+    let pid = libc::pid_t::try_from(pid).ok()?;
     loop {
-        if let Some(code) = reap(pid) {
-            return Some(code);
+        let mut status = 0;
+        // SAFETY: waitpid with a pointer to a local status word.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if rc == pid {
+            return exit_code(status);
         }
-        let p = libc::pid_t::try_from(pid).ok()?;
-        // SAFETY: kill with signal 0 only checks existence.
-        let exists = unsafe { libc::kill(p, 0) } == 0;
-        if !exists || Instant::now() >= deadline {
+        // rc < 0: not our child (ECHILD), nothing to wait for.
+        if rc < 0 || Instant::now() >= deadline {
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn exit_code(status: libc::c_int) -> Option<i32> {
+    if libc::WIFEXITED(status) {
+        Some(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        Some(128 + libc::WTERMSIG(status))
+    } else {
+        None
     }
 }
 
@@ -192,13 +204,7 @@ pub fn reap(pid: u32) -> Option<i32> {
     if rc != pid {
         return None;
     }
-    if libc::WIFEXITED(status) {
-        Some(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        Some(128 + libc::WTERMSIG(status))
-    } else {
-        None
-    }
+    exit_code(status)
 }
 
 #[cfg(test)]
