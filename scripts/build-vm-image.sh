@@ -36,7 +36,14 @@ if [ -z "$deb" ]; then
   deb=$(ls "$cache"/linux-image-*.deb 2>/dev/null | head -n1 || true)
 fi
 if [ -z "$deb" ]; then
-  pkg=$(apt-cache depends linux-image-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*\)$/\1/p' | head -n1)
+  resolve() { apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*\)$/\1/p' | head -n1; }
+  pkg=$(resolve)
+  if [ -z "$pkg" ]; then
+    # A fresh machine may have no package lists yet.
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    pkg=$(resolve)
+  fi
   [ -n "$pkg" ] || { echo "build-vm-image: cannot resolve linux-image-amd64 (apt-get update?)" >&2; exit 1; }
   echo "build-vm-image: downloading $pkg" >&2
   (cd "$cache" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)

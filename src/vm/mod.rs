@@ -136,7 +136,9 @@ pub fn resolve(name: &str) -> Result<(String, PathBuf), String> {
 }
 
 /// Runs a `vm` subcommand; prints results (JSON when `json`) and returns
-/// the process exit code: 0 done, 1 the VM failed or is unknown, 2 bad usage.
+/// the process exit code: 0 done, 2 a local failure (the VM did not start,
+/// is unknown, the state file is unusable), as for every other
+/// restore-client command that fails without an agent error.
 pub fn run(cmd: VmCommand, json: bool) -> i32 {
     match cmd {
         VmCommand::Start(args) => {
@@ -219,5 +221,5 @@ fn fail(msg: &str, json: bool) -> i32 {
     } else {
         eprintln!("restore-client: {msg}");
     }
-    1
+    2
 }
