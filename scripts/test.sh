@@ -11,6 +11,9 @@ declare -A tools=(
   [socat]=socat [mkfs.ext4]=e2fsprogs [mkfs.vfat]=dosfstools [mcopy]=mtools
   [sgdisk]=gdisk [sfdisk]=fdisk [mkntfs]=ntfs-3g [zstd]=zstd [unzip]=unzip
   [tar]=tar [node]=nodejs [npm]=npm
+  # the VM image and end-to-end VM tests, the Debian package test
+  [qemu-system-x86_64]=qemu-system-x86 [musl-gcc]=musl-tools [xz]=xz-utils
+  [cpio]=cpio [dh]=debhelper [dpkg-buildpackage]=dpkg-dev
 )
 missing=()
 for cmd in "${!tools[@]}"; do
@@ -28,6 +31,16 @@ export PATH="$PATH:/usr/sbin:/sbin"
 
 if [ -x scripts/fetch-openrpc-meta-schema.sh ]; then
   scripts/fetch-openrpc-meta-schema.sh
+fi
+
+# The VM tests need a static (musl) agent and vhost-device-vsock (the
+# vhost-user vsock backend; only its Unix-socket mode is ever used).
+export PATH="$PATH:$HOME/.cargo/bin"
+if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl
+fi
+if ! command -v vhost-device-vsock >/dev/null 2>&1; then
+  cargo install --locked --version 0.3.0 vhost-device-vsock
 fi
 
 exec cargo test --locked "$@"

@@ -5,10 +5,13 @@
 //! `error` shared by all. `client` sits on `transport` and `rpc` framing.
 
 pub mod api;
+pub mod client;
 pub mod demo;
 pub mod error;
+pub mod init;
 pub mod pool;
 pub mod restore;
 pub mod rpc;
 pub mod store;
 pub mod transport;
+pub mod vm;

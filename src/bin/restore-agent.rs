@@ -67,11 +67,22 @@ struct Args {
     /// Chunk read worker threads (default: number of cores)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: Option<u64>,
+    /// Run as the VM's init: set up the guest, serve vsock:807 with /ticket,
+    /// power off at the end (implied when the process is PID 1)
+    #[arg(long)]
+    init: bool,
 }
 
 fn main() -> ExitCode {
+    let as_init = restore_agent::init::is_pid1();
     let args = match Args::try_parse() {
         Ok(a) => a,
+        Err(e) if as_init => {
+            // PID 1 must not exit: that panics the kernel.
+            eprintln!("restore-agent: {e}");
+            power_off();
+            return ExitCode::from(2);
+        }
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
@@ -81,16 +92,59 @@ fn main() -> ExitCode {
             };
         }
     };
+    if as_init {
+        // The console is a serial port: no colour codes in the VM's log.
+        std::env::set_var("RUST_LOG_STYLE", "never");
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     return_big_buffers_to_the_system();
-    let code = match run(args) {
+    let init = args.init || as_init;
+    let result = if init { run_init(args) } else { run(args) };
+    let code = match result {
         Ok(()) => 0,
         Err(msg) => {
             eprintln!("restore-agent: {msg}");
             2
         }
     };
+    if init {
+        // Whatever stopped the agent (stop, idle watchdog, an error), the VM ends.
+        if let Some(peak) = restore_agent::init::peak_rss_bytes() {
+            eprintln!("restore-agent: peak RSS {} KiB", peak / 1024);
+        }
+        power_off();
+    }
     ExitCode::from(code)
+}
+
+/// The VM's init: prepare the guest, then serve what it found.
+fn run_init(mut args: Args) -> Result<(), String> {
+    let plan = restore_agent::init::init_setup().map_err(|e| e.to_string())?;
+    log::info!(
+        "init: modules {:?}, datastore {:?}, images {:?}",
+        plan.modules,
+        plan.datastore,
+        plan.images
+    );
+    if plan.datastore.is_some() {
+        args.datastore = plan.datastore;
+    }
+    args.images.extend(
+        plan.images
+            .iter()
+            .map(|(name, dev)| format!("{name}={}", dev.display())),
+    );
+    if args.listen.is_empty() {
+        args.listen = vec![format!("vsock:{}", restore_agent::init::VSOCK_PORT)];
+    }
+    args.ticket_file = restore_agent::init::TICKET_FILE.into();
+    // The chunk cache (and with it the read-ahead) must fit the VM's memory.
+    if let Some(cap) = restore_agent::init::cache_cap_mb() {
+        args.cache_mb = args.cache_mb.min(cap);
+    }
+    // main() powers off once the agent has stopped.
+    args.poweroff_on_exit = false;
+    run(args)
 }
 
 /// Reads and responses of up to 16 MiB (22 MiB as base64) are allocated on
@@ -234,11 +288,6 @@ async fn on_signals(shared: std::sync::Arc<Shared>) {
 }
 
 fn power_off() {
-    // SAFETY: sync and reboot have no memory-safety preconditions; reboot
-    // only returns on failure.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
-    }
-    log::error!("power off failed: {}", std::io::Error::last_os_error());
+    let err = restore_agent::init::power_off();
+    eprintln!("restore-agent: power off failed: {err}");
 }

@@ -1,50 +1,18 @@
-//! restore-client: the host-side command line tool.
-//!
-//! Subcommands are grouped: `store ...` works on a local datastore
-//! directory (init, import-image, verify); commands that talk to an agent
-//! over a connection slot in as further `Command` variants. Each command
-//! returns an [`Outcome`]: a JSON report (printed with `--output json`), a
-//! text summary, and whether it succeeded. Exit codes: 0 ok, 1 the
-//! operation failed (message on stderr), 2 usage error (from clap).
+//! `store init|import-image|verify`: commands on a local datastore directory
+//! (no agent involved).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use restore_agent::error::Error;
 use restore_agent::store::import;
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "restore-client",
-    version,
-    about = "Host-side client for restore-agent"
-)]
-struct Cli {
-    /// Output format: human-readable text, or one JSON document on stdout.
-    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
-    output: OutputFormat,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum OutputFormat {
-    Text,
-    Json,
-}
+use crate::Outcome;
 
 #[derive(Subcommand, Debug)]
-enum Command {
-    /// Work on a local datastore directory.
-    #[command(subcommand)]
-    Store(StoreCommand),
-}
-
-#[derive(Subcommand, Debug)]
-enum StoreCommand {
+pub enum StoreCommand {
     /// Create a datastore (DIR/.chunks/0000..ffff).
     Init {
         /// Datastore directory (created if missing).
@@ -74,49 +42,7 @@ enum StoreCommand {
     },
 }
 
-/// The result of a command that ran: its report and whether it succeeded.
-struct Outcome {
-    json: serde_json::Value,
-    text: String,
-    /// Problems found (printed on stderr); non-empty means exit code 1.
-    problems: Vec<String>,
-}
-
-fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Store(cmd) => run_store(cmd),
-    };
-    match result {
-        Ok(outcome) => {
-            match cli.output {
-                OutputFormat::Json => println!("{}", outcome.json),
-                OutputFormat::Text => println!("{}", outcome.text),
-            }
-            for p in &outcome.problems {
-                eprintln!("restore-client: {p}");
-            }
-            if outcome.problems.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("restore-client: error: {}", e.message);
-            if cli.output == OutputFormat::Json {
-                let doc = serde_json::json!({
-                    "error": { "code": e.kind.code(), "message": e.message }
-                });
-                println!("{doc}");
-            }
-            ExitCode::from(1)
-        }
-    }
-}
-
-fn run_store(cmd: StoreCommand) -> Result<Outcome, Error> {
+pub fn run_store(cmd: StoreCommand) -> Result<Outcome, Error> {
     match cmd {
         StoreCommand::Init { dir } => {
             import::init(&dir)?;
@@ -188,7 +114,7 @@ fn to_json<T: serde::Serialize>(report: &T) -> serde_json::Value {
 }
 
 /// A byte progress bar on stderr, only when stderr is a terminal.
-fn progress_bar() -> Option<ProgressBar> {
+pub fn progress_bar() -> Option<ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }

@@ -1,0 +1,646 @@
+//! `extract`: restore a file or a tree into a local directory (walking it
+//! with `fs.list`/`fs.stat` and pipelined `fs.read`), or as a tar/zip archive
+//! from an `fs.extract` stream into a file or stdout.
+//!
+//! Writing into a directory never leaves it: every name from the agent is
+//! checked again (no `/`, `.`, `..`, NUL, empty), directories are opened with
+//! `O_NOFOLLOW` relative to their parent's descriptor, and files are created
+//! with `O_EXCL` (so an existing symlink is never followed). Existing files are
+//! kept unless `--force`. The file being written is removed on failure or
+//! Ctrl-C.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use restore_agent::client::bulk::{self, FileRef};
+use restore_agent::client::{ClientError, Session};
+use serde_json::{json, Value};
+
+use crate::remote::{list_dir, stat_entry, Entry, FileArgs};
+use crate::{Global, Outcome};
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    #[command(flatten)]
+    file: FileArgs,
+    /// `-`: write a tar archive to stdout
+    #[arg(value_name = "-")]
+    stdout: Option<String>,
+    /// Write the file or the directory's contents into DIR (created if missing)
+    #[arg(short = 'o', value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Write a tar archive to FILE
+    #[arg(long, value_name = "FILE")]
+    tar: Option<PathBuf>,
+    /// Write a zip archive to FILE
+    #[arg(long, value_name = "FILE")]
+    zip: Option<PathBuf>,
+    /// Compress the tar archive with zstd
+    #[arg(long)]
+    zstd: bool,
+    /// Replace existing files
+    #[arg(long)]
+    force: bool,
+}
+
+/// The file being written right now, removed if the command is interrupted.
+type Partial = Arc<Mutex<Option<PathBuf>>>;
+
+fn set_partial(partial: &Partial, path: Option<PathBuf>) {
+    if let Ok(mut p) = partial.lock() {
+        *p = path;
+    }
+}
+
+fn remove_partial(partial: &Partial) {
+    if let Ok(mut p) = partial.lock() {
+        if let Some(path) = p.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+pub async fn run(
+    session: &Session,
+    args: ExtractArgs,
+    global: &Global,
+) -> Result<Outcome, ClientError> {
+    let targets = usize::from(args.dir.is_some())
+        + usize::from(args.tar.is_some())
+        + usize::from(args.zip.is_some())
+        + usize::from(args.stdout.is_some());
+    if targets != 1 {
+        return Err(ClientError::local(
+            "extract needs exactly one of -o DIR, --tar FILE, --zip FILE or -",
+        ));
+    }
+    if let Some(s) = &args.stdout {
+        if s != "-" {
+            return Err(ClientError::local(format!(
+                "unexpected argument `{s}` (only `-`, for a tar archive on stdout)"
+            )));
+        }
+    }
+    if args.zstd && args.zip.is_some() {
+        return Err(ClientError::local("--zstd applies to tar archives only"));
+    }
+    let _ = global;
+    let partial: Partial = Arc::new(Mutex::new(None));
+    let work = async {
+        if let Some(dir) = &args.dir {
+            to_dir(session, &args.file.file_ref(), dir, args.force, &partial).await
+        } else {
+            let (format, dest) = match (&args.tar, &args.zip) {
+                (Some(t), _) => ("tar", Some(t.as_path())),
+                (_, Some(z)) => ("zip", Some(z.as_path())),
+                _ => ("tar", None),
+            };
+            to_archive(
+                session,
+                &args.file.file_ref(),
+                format,
+                args.zstd,
+                dest,
+                args.force,
+                &partial,
+            )
+            .await
+        }
+    };
+    let result = tokio::select! {
+        r = work => r,
+        _ = tokio::signal::ctrl_c() => {
+            remove_partial(&partial);
+            eprintln!("restore-client: interrupted");
+            std::process::exit(130);
+        }
+    };
+    if result.is_err() {
+        remove_partial(&partial);
+    }
+    result
+}
+
+fn progress(total: Option<u64>) -> Option<ProgressBar> {
+    if !io::stderr().is_terminal() {
+        return None;
+    }
+    let (bar, template) = match total {
+        Some(t) => (
+            ProgressBar::new(t),
+            "{wide_bar} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        ),
+        None => (
+            ProgressBar::no_length(),
+            "{spinner} {bytes} {bytes_per_sec} {msg}",
+        ),
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+async fn to_archive(
+    session: &Session,
+    file: &FileRef,
+    format: &str,
+    zstd: bool,
+    dest: Option<&Path>,
+    force: bool,
+    partial: &Partial,
+) -> Result<Outcome, ClientError> {
+    let mut out: Box<dyn Write + Send> = match dest {
+        Some(path) => {
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true);
+            if force {
+                opts.create(true).truncate(true);
+            } else {
+                opts.create_new(true);
+            }
+            let f = opts.open(path).map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    ClientError::local(format!(
+                        "{} exists (use --force to replace it)",
+                        path.display()
+                    ))
+                } else {
+                    ClientError::local(format!("cannot create {}: {e}", path.display()))
+                }
+            })?;
+            set_partial(partial, Some(path.to_path_buf()));
+            Box::new(io::BufWriter::with_capacity(1 << 20, f))
+        }
+        None => Box::new(io::BufWriter::with_capacity(1 << 20, io::stdout())),
+    };
+    let opened: Value = session
+        .call(
+            "fs.extract",
+            file.params_with(json!({ "format": format, "zstd": zstd })),
+        )
+        .await?;
+    let stream = opened
+        .get("stream")
+        .cloned()
+        .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))?;
+    let bar = if dest.is_some() { progress(None) } else { None };
+    let what = dest
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "stdout".into());
+    let mut sink = |data: &[u8]| {
+        if let Some(b) = &bar {
+            b.inc(data.len() as u64);
+        }
+        out.write_all(data)
+            .map_err(|e| ClientError::local(format!("writing {what}: {e}")))
+    };
+    let result = bulk::read_stream(session, &stream, &mut sink).await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let bytes = result?;
+    out.flush()
+        .map_err(|e| ClientError::local(format!("writing {what}: {e}")))?;
+    drop(out);
+    set_partial(partial, None);
+    let text = match dest {
+        Some(p) => format!("wrote {} ({} bytes, {format})", p.display(), bytes),
+        None => String::new(),
+    };
+    let json = match dest {
+        Some(p) => json!({ "archive": p, "format": format, "bytes": bytes }),
+        None => Value::Null,
+    };
+    Ok(Outcome::new(json, text))
+}
+
+/// Counts for the report.
+#[derive(Default)]
+struct Stats {
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    hardlinks: u64,
+    bytes: u64,
+    skipped: Vec<String>,
+}
+
+struct DirWriter<'a> {
+    session: &'a Session,
+    force: bool,
+    partial: &'a Partial,
+    /// First local copy of each multiply-linked inode, for hard links.
+    links: HashMap<u64, PathBuf>,
+    /// Directories to give their mode and mtime at the end (after their
+    /// contents, which would change the mtime and may need write permission).
+    finish: Vec<(PathBuf, u32, i64)>,
+    stats: Stats,
+    bar: Option<ProgressBar>,
+}
+
+async fn to_dir(
+    session: &Session,
+    root: &FileRef,
+    dir: &Path,
+    force: bool,
+    partial: &Partial,
+) -> Result<Outcome, ClientError> {
+    let root_value = stat_entry(session, root, false).await?;
+    let root_entry = Entry::from_value(&root_value)?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ClientError::local(format!("cannot create {}: {e}", dir.display())))?;
+    let top = open_dir(dir)
+        .map_err(|e| ClientError::local(format!("cannot open {}: {e}", dir.display())))?;
+    let mut w = DirWriter {
+        session,
+        force,
+        partial,
+        links: HashMap::new(),
+        finish: Vec::new(),
+        stats: Stats::default(),
+        bar: progress(if root_entry.kind == "dir" {
+            None
+        } else {
+            Some(root_entry.size)
+        }),
+    };
+    let result = if root_entry.kind == "dir" {
+        w.tree(root, dir).await
+    } else {
+        let name = base_name(&root.path);
+        let name = safe_name(&name)?;
+        w.entry(&top, dir, root, &name, &root_entry)
+            .await
+            .map(|_| ())
+    };
+    if let Some(b) = &w.bar {
+        b.finish_and_clear();
+    }
+    result?;
+    for (path, mode, mtime) in w.finish.iter().rev() {
+        let fd = open_dir(path)
+            .map_err(|e| ClientError::local(format!("cannot open {}: {e}", path.display())))?;
+        set_mode_fd(&fd, *mode).map_err(|e| local_io(path, e))?;
+        set_mtime_fd(&fd, *mtime).map_err(|e| local_io(path, e))?;
+    }
+    let s = &w.stats;
+    let mut outcome = Outcome::new(
+        json!({
+            "dir": dir,
+            "files": s.files,
+            "dirs": s.dirs,
+            "symlinks": s.symlinks,
+            "hardlinks": s.hardlinks,
+            "bytes": s.bytes,
+            "skipped": s.skipped,
+        }),
+        format!(
+            "extracted {} files, {} directories, {} symlinks, {} hard links ({} bytes) into {}",
+            s.files,
+            s.dirs,
+            s.symlinks,
+            s.hardlinks,
+            s.bytes,
+            dir.display()
+        ),
+    );
+    if !s.skipped.is_empty() {
+        eprintln!(
+            "restore-client: skipped {} special files (devices, sockets): {}",
+            s.skipped.len(),
+            s.skipped.join(", ")
+        );
+        outcome
+            .text
+            .push_str(&format!(", {} special files skipped", s.skipped.len()));
+    }
+    Ok(outcome)
+}
+
+impl DirWriter<'_> {
+    /// Writes the contents of remote directory `root` into local `dir`,
+    /// depth first, listing order.
+    async fn tree(&mut self, root: &FileRef, dir: &Path) -> Result<(), ClientError> {
+        let mut pending = vec![(root.clone(), dir.to_path_buf())];
+        while let Some((remote, local)) = pending.pop() {
+            let fd = open_dir(&local).map_err(|e| local_io(&local, e))?;
+            let mut subdirs = Vec::new();
+            for v in list_dir(self.session, &remote).await? {
+                let e = Entry::from_value(&v)?;
+                let raw = e.raw_name()?;
+                let name = safe_name(&raw)?;
+                let child = remote.child(&raw);
+                if let Some(sub) = self.entry(&fd, &local, &child, &name, &e).await? {
+                    subdirs.push((child, sub));
+                }
+            }
+            pending.extend(subdirs.into_iter().rev());
+        }
+        Ok(())
+    }
+
+    /// Creates one entry `name` in `dir` (open as `fd`); returns the local path
+    /// of a directory, whose contents are still to be written.
+    async fn entry(
+        &mut self,
+        fd: &OwnedFd,
+        dir: &Path,
+        remote: &FileRef,
+        name: &CStr,
+        e: &Entry,
+    ) -> Result<Option<PathBuf>, ClientError> {
+        let local = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        match e.kind.as_str() {
+            "dir" => {
+                match mkdirat(fd, name) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(err) => return Err(local_io(&local, err)),
+                }
+                // Refuses a symlink (or anything else) standing where the
+                // directory should be.
+                openat_dir(fd, name).map_err(|err| local_io(&local, err))?;
+                self.finish.push((local.clone(), e.mode, e.mtime_s()));
+                self.stats.dirs += 1;
+                Ok(Some(local))
+            }
+            "file" => {
+                if e.nlink > 1 {
+                    if let Some(first) = self.links.get(&e.inode) {
+                        self.replace_if_forced(fd, name, &local)?;
+                        std::fs::hard_link(first, &local).map_err(|err| local_io(&local, err))?;
+                        self.stats.hardlinks += 1;
+                        return Ok(None);
+                    }
+                }
+                self.file(fd, name, &local, remote, e).await?;
+                if e.nlink > 1 {
+                    self.links.insert(e.inode, local);
+                }
+                Ok(None)
+            }
+            "symlink" => {
+                let target = CString::new(e.raw_target()?).map_err(|_| {
+                    ClientError::local(format!(
+                        "symlink {}: target holds a NUL byte",
+                        remote.display()
+                    ))
+                })?;
+                self.replace_if_forced(fd, name, &local)?;
+                symlinkat(&target, fd, name).map_err(|err| exists_or(&local, err))?;
+                set_mtime_at(fd, name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
+                self.stats.symlinks += 1;
+                Ok(None)
+            }
+            "fifo" => {
+                self.replace_if_forced(fd, name, &local)?;
+                mkfifoat(fd, name, e.mode & 0o7777).map_err(|err| exists_or(&local, err))?;
+                set_mtime_at(fd, name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
+                Ok(None)
+            }
+            _ => {
+                self.stats.skipped.push(remote.display());
+                Ok(None)
+            }
+        }
+    }
+
+    /// With `--force`, removes a non-directory at `name` so it can be created.
+    fn replace_if_forced(
+        &self,
+        fd: &OwnedFd,
+        name: &CStr,
+        local: &Path,
+    ) -> Result<(), ClientError> {
+        if !self.force {
+            return Ok(());
+        }
+        match unlinkat(fd, name) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(local_io(local, err)),
+        }
+    }
+
+    async fn file(
+        &mut self,
+        fd: &OwnedFd,
+        name: &CStr,
+        local: &Path,
+        remote: &FileRef,
+        e: &Entry,
+    ) -> Result<(), ClientError> {
+        self.replace_if_forced(fd, name, local)?;
+        let file = create_at(fd, name).map_err(|err| exists_or(local, err))?;
+        set_partial(self.partial, Some(local.to_path_buf()));
+        let mut out = io::BufWriter::with_capacity(1 << 20, file);
+        let bar = self.bar.clone();
+        let mut sink = |data: &[u8]| {
+            if let Some(b) = &bar {
+                b.inc(data.len() as u64);
+            }
+            out.write_all(data).map_err(|err| local_io(local, err))
+        };
+        let result = bulk::read_file(self.session, remote, e.size, &mut sink).await;
+        let written = match result {
+            Ok(n) => n,
+            Err(err) => {
+                drop(out);
+                let _ = unlinkat(fd, name);
+                set_partial(self.partial, None);
+                return Err(err);
+            }
+        };
+        let file = out
+            .into_inner()
+            .map_err(|err| local_io(local, err.into_error()))?;
+        let finished = file
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+                e.mode & 0o7777,
+            ))
+            .and_then(|()| set_mtime_fd(&OwnedFd::from(file), e.mtime_s()));
+        if let Err(err) = finished {
+            let _ = unlinkat(fd, name);
+            set_partial(self.partial, None);
+            return Err(local_io(local, err));
+        }
+        set_partial(self.partial, None);
+        self.stats.files += 1;
+        self.stats.bytes += written;
+        Ok(())
+    }
+}
+
+fn local_io(path: &Path, err: io::Error) -> ClientError {
+    ClientError::local(format!("{}: {err}", path.display()))
+}
+
+fn exists_or(path: &Path, err: io::Error) -> ClientError {
+    if err.kind() == io::ErrorKind::AlreadyExists {
+        ClientError::local(format!(
+            "{} exists (use --force to replace it)",
+            path.display()
+        ))
+    } else {
+        local_io(path, err)
+    }
+}
+
+/// The last component of a remote path (`/` for the root).
+fn base_name(path: &[u8]) -> Vec<u8> {
+    let trimmed: &[u8] = {
+        let mut p = path;
+        while p.len() > 1 && p.ends_with(b"/") {
+            p = &p[..p.len() - 1];
+        }
+        p
+    };
+    match trimmed.iter().rposition(|&b| b == b'/') {
+        Some(i) => trimmed[i + 1..].to_vec(),
+        None => trimmed.to_vec(),
+    }
+}
+
+/// A name from the agent, checked again before it touches the disk.
+fn safe_name(name: &[u8]) -> Result<CString, ClientError> {
+    let shown = String::from_utf8_lossy(name);
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
+        return Err(ClientError::local(format!(
+            "refusing unsafe name `{shown}` from the agent"
+        )));
+    }
+    CString::new(name)
+        .map_err(|_| ClientError::local(format!("refusing name with a NUL byte `{shown}`")))
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path; the returned fd is owned below.
+    let fd = cvt(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd was just opened and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn openat_dir(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
+    // SAFETY: valid dir fd and NUL-terminated name.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd was just opened and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn mkdirat(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid dir fd and NUL-terminated name.
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o700) }).map(drop)
+}
+
+fn create_at(dir: &OwnedFd, name: &CStr) -> io::Result<File> {
+    // SAFETY: valid dir fd and NUL-terminated name. O_EXCL never follows a
+    // symlink at `name`.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    })?;
+    // SAFETY: fd was just opened and is not owned elsewhere.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn unlinkat(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid dir fd and NUL-terminated name.
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
+}
+
+fn symlinkat(target: &CStr, dir: &OwnedFd, name: &CStr) -> io::Result<()> {
+    // SAFETY: valid NUL-terminated strings and dir fd.
+    cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
+}
+
+fn mkfifoat(dir: &OwnedFd, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid dir fd and NUL-terminated name.
+    cvt(unsafe { libc::mkfifoat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
+}
+
+fn set_mode_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+    // SAFETY: valid fd.
+    cvt(unsafe { libc::fchmod(fd.as_raw_fd(), (mode & 0o7777) as libc::mode_t) }).map(drop)
+}
+
+fn times(mtime: i64) -> [libc::timespec; 2] {
+    let ts = libc::timespec {
+        tv_sec: mtime as libc::time_t,
+        tv_nsec: 0,
+    };
+    [ts, ts]
+}
+
+fn set_mtime_fd(fd: &OwnedFd, mtime: i64) -> io::Result<()> {
+    let t = times(mtime);
+    // SAFETY: valid fd and a two-element timespec array.
+    cvt(unsafe { libc::futimens(fd.as_raw_fd(), t.as_ptr()) }).map(drop)
+}
+
+fn set_mtime_at(dir: &OwnedFd, name: &CStr, mtime: i64) -> io::Result<()> {
+    let t = times(mtime);
+    // SAFETY: valid dir fd, NUL-terminated name and a two-element array.
+    cvt(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            t.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_from_the_agent_are_checked() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/etc", b"a\0b"] {
+            assert!(safe_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(safe_name(b"...").is_ok());
+        assert!(safe_name("é x".as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn base_names() {
+        assert_eq!(base_name(b"/a/b"), b"b");
+        assert_eq!(base_name(b"/a/b/"), b"b");
+        assert_eq!(base_name(b"b"), b"b");
+    }
+}

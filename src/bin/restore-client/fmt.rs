@@ -1,0 +1,171 @@
+//! Human output: aligned tables, sizes, times and `ls -l` mode strings.
+
+/// A size like `ls -h`: `512`, `1.5K`, `23M`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["K", "M", "G", "T", "P", "E"];
+    if bytes < 1024 {
+        return bytes.to_string();
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 10.0 {
+        format!("{value:.1}{}", UNITS[unit])
+    } else {
+        format!("{value:.0}{}", UNITS[unit])
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM` (UTC).
+pub fn time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+/// algorithm).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// `drwxr-xr-x` from an entry type and its permission bits.
+pub fn mode(kind: &str, mode: u32) -> String {
+    let first = match kind {
+        "dir" => 'd',
+        "symlink" => 'l',
+        "block" => 'b',
+        "char" => 'c',
+        "fifo" => 'p',
+        "socket" => 's',
+        _ => '-',
+    };
+    let mut s = String::with_capacity(10);
+    s.push(first);
+    let specials = [(0o4000, 's', 'S'), (0o2000, 's', 'S'), (0o1000, 't', 'T')];
+    for (i, (special, set, unset)) in specials.iter().enumerate() {
+        let shift = 6 - 3 * i;
+        let bits = (mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        let x = bits & 1 != 0;
+        s.push(match (mode & special != 0, x) {
+            (true, true) => *set,
+            (true, false) => *unset,
+            (false, true) => 'x',
+            (false, false) => '-',
+        });
+    }
+    s
+}
+
+/// Column alignment in a [`table`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    Left,
+    Right,
+}
+
+/// Rows padded into aligned columns, two spaces apart; no trailing spaces.
+/// With `header`, it is the first row.
+pub fn table(header: Option<&[&str]>, align: &[Align], rows: &[Vec<String>]) -> String {
+    let mut all: Vec<Vec<String>> = Vec::with_capacity(rows.len() + 1);
+    if let Some(h) = header {
+        all.push(h.iter().map(|s| s.to_string()).collect());
+    }
+    all.extend(rows.iter().cloned());
+    let columns = all.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; columns];
+    for row in &all {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &all {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = widths[i] - cell.chars().count();
+            let last = i + 1 == row.len();
+            if align.get(i) == Some(&Align::Right) {
+                line.push_str(&" ".repeat(pad));
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                if !last {
+                    line.push_str(&" ".repeat(pad));
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    if out.ends_with('\n') {
+        out.pop();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size(0), "0");
+        assert_eq!(size(1023), "1023");
+        assert_eq!(size(1536), "1.5K");
+        assert_eq!(size(100 << 20), "100M");
+        assert_eq!(size(5 << 30), "5.0G");
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(time(0), "1970-01-01 00:00");
+        assert_eq!(time(1_767_225_600), "2026-01-01 00:00");
+        assert_eq!(time(951_782_400 + 3_723), "2000-02-29 01:02");
+        assert_eq!(time(-86_400), "1969-12-31 00:00");
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(mode("dir", 0o755), "drwxr-xr-x");
+        assert_eq!(mode("file", 0o4755), "-rwsr-xr-x");
+        assert_eq!(mode("dir", 0o1777), "drwxrwxrwt");
+        assert_eq!(mode("symlink", 0o777), "lrwxrwxrwx");
+        assert_eq!(mode("file", 0o2640), "-rw-r-S---");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(
+            Some(&["NAME", "SIZE"]),
+            &[Align::Left, Align::Right],
+            &[
+                vec!["a".into(), "1".into()],
+                vec!["longer".into(), "100".into()],
+            ],
+        );
+        assert_eq!(t, "NAME    SIZE\na          1\nlonger   100");
+    }
+}

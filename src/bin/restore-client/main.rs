@@ -1,0 +1,300 @@
+//! restore-client: the host-side command line tool for restore-agent.
+//!
+//! Commands are grouped by module: `store` works on a local datastore
+//! directory; `remote` and `extract` talk to an agent through the client
+//! library (`restore_agent::client`). Every command yields an [`Outcome`]:
+//! a JSON document (printed with `--output json`) and a human text.
+//! Exit codes: 0 success, 1 the agent (or the store) reported an error,
+//! 2 usage, connection or local failure.
+
+mod extract;
+mod fmt;
+mod remote;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use restore_agent::client::{ClientError, ConnectAddr, ConnectOptions, Session};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "restore-client",
+    version,
+    about = "Host-side client for restore-agent: browse and restore files from backups",
+    after_help = "Exit codes: 0 success, 1 the agent reported an error, 2 usage, connection or local failure."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every command accepts, before or after the subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Agent address: vsock:CID:PORT, unix:PATH, tcp:HOST:PORT, hybrid:PATH:PORT or exec:COMMAND
+    #[arg(
+        long,
+        global = true,
+        value_name = "ADDR",
+        env = "RESTORE_AGENT_CONNECT"
+    )]
+    connect: Option<String>,
+    /// File holding the agent's ticket (default: the RESTORE_AGENT_TICKET environment variable)
+    #[arg(long, global = true, value_name = "PATH")]
+    ticket_file: Option<PathBuf>,
+    /// Connect to the running VM NAME (started with `vm start`): its address and ticket
+    #[arg(long, global = true, value_name = "NAME")]
+    vm: Option<String>,
+    /// Output format: aligned text for people, or one JSON document on stdout
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Human)]
+    output: OutputFormat,
+    /// Seconds to wait for the connection (hybrid: keep retrying until then)
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10.0)]
+    connect_timeout: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    #[value(alias = "text")]
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Call any method; PARAMS_JSON is an object or array; prints the raw result
+    Call {
+        method: String,
+        #[arg(value_name = "PARAMS_JSON")]
+        params: Option<String>,
+    },
+    /// Show the agent's status
+    Status,
+    /// Ask the agent to shut down
+    Stop,
+    /// Check that the agent answers
+    Ping,
+    /// List the snapshots the agent serves
+    Snapshots {
+        /// Only this namespace (e.g. prod/sub); default: every namespace
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// List the archives of a snapshot
+    Archives { snapshot: String },
+    /// List the volumes (partitions, filesystems) of a disk image archive
+    Volumes { snapshot: String, archive: String },
+    /// List a directory in a volume
+    Ls {
+        /// Long listing, like `ls -l`
+        #[arg(short = 'l')]
+        long: bool,
+        /// Recurse into subdirectories
+        #[arg(short = 'R')]
+        recursive: bool,
+        #[command(flatten)]
+        file: remote::FileArgs,
+    },
+    /// Show one entry's metadata
+    Stat {
+        /// Follow symlinks (within the volume)
+        #[arg(short = 'L', long)]
+        follow: bool,
+        #[command(flatten)]
+        file: remote::FileArgs,
+    },
+    /// Write a file's contents to stdout
+    Cat {
+        #[command(flatten)]
+        file: remote::FileArgs,
+    },
+    /// Restore a file or directory tree into a directory, a tar or zip file, or stdout (`-`, tar)
+    Extract(extract::ExtractArgs),
+    /// Work on a local datastore directory
+    #[command(subcommand)]
+    Store(store::StoreCommand),
+    /// Start, list and stop file-restore VMs
+    #[command(subcommand)]
+    Vm(restore_agent::vm::VmCommand),
+    /// Print a shell completion script
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+    /// Print the manual page (roff)
+    Manpage,
+}
+
+/// What a command produced: its JSON report, its human text (printed if not
+/// empty), and problems found (on stderr; they make the exit code 1).
+pub struct Outcome {
+    pub json: serde_json::Value,
+    pub text: String,
+    pub problems: Vec<String>,
+}
+
+impl Outcome {
+    pub fn new(json: serde_json::Value, text: impl Into<String>) -> Self {
+        Outcome {
+            json,
+            text: text.into(),
+            problems: Vec::new(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let output = cli.global.output;
+    if let Command::Vm(cmd) = cli.command {
+        let code = restore_agent::vm::run(cmd, output == OutputFormat::Json);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let result = run(cli);
+    match result {
+        Ok(outcome) => {
+            match output {
+                OutputFormat::Json if !outcome.json.is_null() => println!("{}", outcome.json),
+                OutputFormat::Json => {}
+                OutputFormat::Human if !outcome.text.is_empty() => println!("{}", outcome.text),
+                OutputFormat::Human => {}
+            }
+            for p in &outcome.problems {
+                eprintln!("restore-client: {p}");
+            }
+            if outcome.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("restore-client: error: {e}");
+            if output == OutputFormat::Json {
+                println!("{}", e.to_json());
+            }
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<Outcome, ClientError> {
+    let global = cli.global;
+    match cli.command {
+        Command::Store(cmd) => store::run_store(cmd).map_err(|e| ClientError::Agent {
+            code: e.kind.code(),
+            message: e.message,
+            data: None,
+        }),
+        Command::Vm(_) => Err(ClientError::local("internal: `vm` reached run()")),
+        Command::Completions { shell } => {
+            let shell = match shell.as_str() {
+                "zsh" => clap_complete::Shell::Zsh,
+                "fish" => clap_complete::Shell::Fish,
+                _ => clap_complete::Shell::Bash,
+            };
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "restore-client",
+                &mut std::io::stdout(),
+            );
+            Ok(Outcome::new(serde_json::Value::Null, ""))
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| ClientError::local(format!("writing the manual page: {e}")))?;
+            Ok(Outcome::new(serde_json::Value::Null, ""))
+        }
+        command => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| ClientError::local(format!("starting the async runtime: {e}")))?;
+            runtime.block_on(async move {
+                let session = connect(&global).await?;
+                let result = remote::run(&session, command, &global).await;
+                let closed = session.close().await;
+                let outcome = result?;
+                closed?;
+                Ok(outcome)
+            })
+        }
+    }
+}
+
+/// Connects and authenticates as the global options say.
+async fn connect(global: &Global) -> Result<Session, ClientError> {
+    let mut global = global.clone();
+    if let Some(name) = &global.vm {
+        if global.connect.is_some() {
+            return Err(ClientError::local(
+                "give either --vm or --connect, not both",
+            ));
+        }
+        let (addr, ticket_file) = restore_agent::vm::resolve(name).map_err(ClientError::Local)?;
+        global.connect = Some(addr);
+        global.ticket_file.get_or_insert(ticket_file);
+    }
+    let Some(addr) = &global.connect else {
+        return Err(ClientError::local(
+            "no agent address: give --connect ADDR or --vm NAME (or set RESTORE_AGENT_CONNECT)",
+        ));
+    };
+    let addr: ConnectAddr = addr.parse().map_err(ClientError::Local)?;
+    let ticket = ticket(&global)?;
+    if !(global.connect_timeout.is_finite() && global.connect_timeout > 0.0) {
+        return Err(ClientError::local(
+            "--connect-timeout must be a positive number",
+        ));
+    }
+    let opts = ConnectOptions {
+        connect_timeout: Duration::from_secs_f64(global.connect_timeout.min(86_400.0)),
+        ..ConnectOptions::default()
+    };
+    Session::connect(&addr, &ticket, &opts).await
+}
+
+/// The ticket from `--ticket-file` (one trailing newline removed) or from the
+/// environment.
+fn ticket(global: &Global) -> Result<String, ClientError> {
+    if let Some(path) = &global.ticket_file {
+        let mut t = std::fs::read_to_string(path).map_err(|e| {
+            ClientError::local(format!("cannot read ticket file {}: {e}", path.display()))
+        })?;
+        if t.ends_with('\n') {
+            t.pop();
+        }
+        if t.is_empty() {
+            return Err(ClientError::local(format!(
+                "ticket file {} is empty",
+                path.display()
+            )));
+        }
+        return Ok(t);
+    }
+    match std::env::var("RESTORE_AGENT_TICKET") {
+        Ok(t) if !t.is_empty() => Ok(t),
+        _ => Err(ClientError::local(
+            "no ticket: give --ticket-file PATH or set RESTORE_AGENT_TICKET",
+        )),
+    }
+}

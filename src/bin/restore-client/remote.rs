@@ -1,0 +1,536 @@
+//! Commands that talk to an agent: `call`, `status`, `stop`, `ping`,
+//! `snapshots`, `archives`, `volumes`, `ls`, `stat` and `cat` (`extract`
+//! lives in its own module).
+
+use std::io::Write;
+
+use clap::Args;
+use restore_agent::client::bulk::{self, FileRef};
+use restore_agent::client::{ClientError, Session};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::fmt::{self, Align};
+use crate::{Command, Global, Outcome};
+
+/// Error code "not a directory" (fs.list on a file).
+const NOT_A_DIRECTORY: i32 = 1002;
+/// Entries asked for per `fs.list` call.
+const LIST_PAGE: u64 = 10_000;
+
+/// SNAPSHOT ARCHIVE VOLUME PATH, common to the file commands.
+#[derive(Args, Debug, Clone)]
+pub struct FileArgs {
+    /// Snapshot, e.g. vm/100/2026-01-01T00:00:00Z
+    pub snapshot: String,
+    /// Archive, e.g. drive-scsi0.img.fidx
+    pub archive: String,
+    /// Volume, e.g. part/1 or raw (see `volumes`)
+    pub volume: String,
+    /// Absolute path inside the volume
+    pub path: String,
+}
+
+impl FileArgs {
+    pub fn file_ref(&self) -> FileRef {
+        FileRef {
+            snapshot: self.snapshot.clone(),
+            archive: self.archive.clone(),
+            volume: self.volume.clone(),
+            path: self.path.clone().into_bytes(),
+        }
+    }
+}
+
+/// One directory entry as `fs.list` and `fs.stat` return it.
+#[derive(Deserialize, Clone, Debug)]
+pub struct Entry {
+    pub name: String,
+    #[serde(default)]
+    pub name_b64: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub mode: u32,
+    #[serde(default)]
+    pub uid: u64,
+    #[serde(default)]
+    pub gid: u64,
+    #[serde(default)]
+    pub mtime: Option<serde_json::Number>,
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default)]
+    pub target_b64: Option<String>,
+    #[serde(default)]
+    pub inode: u64,
+    #[serde(default)]
+    pub nlink: u64,
+}
+
+impl Entry {
+    pub fn from_value(v: &Value) -> Result<Self, ClientError> {
+        Entry::deserialize(v)
+            .map_err(|e| ClientError::local(format!("unexpected entry from the agent: {e}")))
+    }
+
+    /// The name's raw bytes (from `name_b64` when the name is not UTF-8).
+    pub fn raw_name(&self) -> Result<Vec<u8>, ClientError> {
+        decode_b64_or(&self.name_b64, &self.name)
+    }
+
+    /// The symlink target's raw bytes.
+    pub fn raw_target(&self) -> Result<Vec<u8>, ClientError> {
+        decode_b64_or(&self.target_b64, self.target.as_deref().unwrap_or(""))
+    }
+
+    /// Modification time in whole seconds.
+    pub fn mtime_s(&self) -> i64 {
+        match &self.mtime {
+            Some(n) => n
+                .as_i64()
+                .or_else(|| n.as_f64().map(|f| f.floor() as i64))
+                .unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
+fn decode_b64_or(b64: &Option<String>, plain: &str) -> Result<Vec<u8>, ClientError> {
+    match b64 {
+        Some(b) => base64_simd::STANDARD
+            .decode_to_vec(b.as_bytes())
+            .map_err(|e| ClientError::local(format!("bad base64 name from the agent: {e}"))),
+        None => Ok(plain.as_bytes().to_vec()),
+    }
+}
+
+pub async fn run(
+    session: &Session,
+    command: Command,
+    global: &Global,
+) -> Result<Outcome, ClientError> {
+    match command {
+        Command::Call { method, params } => call(session, &method, params.as_deref()).await,
+        Command::Status => {
+            let v: Value = session.call("status", ()).await?;
+            let mut rows = Vec::new();
+            flatten("", &v, &mut rows);
+            let text = fmt::table(None, &[Align::Left, Align::Left], &rows);
+            Ok(Outcome::new(v, text))
+        }
+        Command::Ping => {
+            let v: Value = session.call("ping", ()).await?;
+            let text = v.as_str().unwrap_or("pong").to_string();
+            Ok(Outcome::new(v, text))
+        }
+        Command::Stop => {
+            let v: Value = session.call("stop", ()).await?;
+            Ok(Outcome::new(v, "agent stopping"))
+        }
+        Command::Snapshots { namespace } => snapshots(session, namespace).await,
+        Command::Archives { snapshot } => archives(session, &snapshot).await,
+        Command::Volumes { snapshot, archive } => volumes(session, &snapshot, &archive).await,
+        Command::Ls {
+            long,
+            recursive,
+            file,
+        } => ls(session, &file.file_ref(), long, recursive).await,
+        Command::Stat { follow, file } => stat(session, &file.file_ref(), follow).await,
+        Command::Cat { file } => cat(session, &file.file_ref()).await,
+        Command::Extract(args) => crate::extract::run(session, args, global).await,
+        Command::Store(_) | Command::Vm(_) | Command::Completions { .. } | Command::Manpage => Err(
+            ClientError::local("internal: a local command reached the agent"),
+        ),
+    }
+}
+
+async fn call(
+    session: &Session,
+    method: &str,
+    params: Option<&str>,
+) -> Result<Outcome, ClientError> {
+    let params = match params {
+        None => None,
+        Some(text) => {
+            let raw: Box<serde_json::value::RawValue> = serde_json::from_str(text)
+                .map_err(|e| ClientError::local(format!("PARAMS_JSON is not JSON: {e}")))?;
+            if !matches!(raw.get().trim_start().as_bytes().first(), Some(b'{' | b'[')) {
+                return Err(ClientError::local(
+                    "PARAMS_JSON must be a JSON object or array",
+                ));
+            }
+            Some(raw)
+        }
+    };
+    let raw = session.call_raw(method, params).await?;
+    let v: Value = serde_json::from_str(raw.get())
+        .map_err(|e| ClientError::local(format!("result of {method}: {e}")))?;
+    let text = serde_json::to_string_pretty(&v).unwrap_or_else(|_| raw.get().to_string());
+    Ok(Outcome::new(v, text))
+}
+
+/// `status` as `key  value` rows, nested sections as `section.key`.
+fn flatten(prefix: &str, v: &Value, rows: &mut Vec<Vec<String>>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, rows);
+            }
+        }
+        Value::String(s) => rows.push(vec![prefix.to_string(), s.clone()]),
+        other => rows.push(vec![prefix.to_string(), other.to_string()]),
+    }
+}
+
+async fn snapshot_list(session: &Session, namespace: Option<String>) -> Result<Value, ClientError> {
+    let params = match namespace {
+        Some(ns) => json!({ "namespace": ns }),
+        None => json!({}),
+    };
+    session.call("snapshot.list", params).await
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn u64_of(v: &Value, key: &str) -> u64 {
+    v.get(key).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn array_of<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+async fn snapshots(session: &Session, namespace: Option<String>) -> Result<Outcome, ClientError> {
+    let v = snapshot_list(session, namespace).await?;
+    let rows: Vec<Vec<String>> = array_of(&v, "snapshots")
+        .iter()
+        .map(|s| {
+            let archives = array_of(s, "archives");
+            let names: Vec<&str> = archives.iter().map(|a| str_of(a, "name")).collect();
+            let size: u64 = archives.iter().map(|a| u64_of(a, "size")).sum();
+            vec![
+                str_of(s, "snapshot").to_string(),
+                fmt::size(size),
+                names.join(", "),
+            ]
+        })
+        .collect();
+    let text = fmt::table(
+        Some(&["SNAPSHOT", "SIZE", "ARCHIVES"]),
+        &[Align::Left, Align::Right, Align::Left],
+        &rows,
+    );
+    Ok(Outcome::new(v, text))
+}
+
+async fn archives(session: &Session, snapshot: &str) -> Result<Outcome, ClientError> {
+    let v = snapshot_list(session, None).await?;
+    let Some(snap) = array_of(&v, "snapshots")
+        .iter()
+        .find(|s| str_of(s, "snapshot") == snapshot)
+    else {
+        return Err(ClientError::Agent {
+            code: 1001,
+            message: format!("snapshot {snapshot} not found"),
+            data: None,
+        });
+    };
+    let archives = array_of(snap, "archives");
+    let rows: Vec<Vec<String>> = archives
+        .iter()
+        .map(|a| {
+            vec![
+                str_of(a, "name").to_string(),
+                str_of(a, "kind").to_string(),
+                fmt::size(u64_of(a, "size")),
+                str_of(a, "crypt_mode").to_string(),
+            ]
+        })
+        .collect();
+    let text = fmt::table(
+        Some(&["ARCHIVE", "KIND", "SIZE", "CRYPT"]),
+        &[Align::Left, Align::Left, Align::Right, Align::Left],
+        &rows,
+    );
+    Ok(Outcome::new(
+        json!({ "snapshot": snapshot, "archives": archives }),
+        text,
+    ))
+}
+
+async fn volumes(session: &Session, snapshot: &str, archive: &str) -> Result<Outcome, ClientError> {
+    let v: Value = session
+        .call(
+            "volume.list",
+            json!({ "snapshot": snapshot, "archive": archive }),
+        )
+        .await?;
+    let rows: Vec<Vec<String>> = array_of(&v, "volumes")
+        .iter()
+        .map(|vol| {
+            let opt = |k: &str| str_of(vol, k).to_string();
+            let supported = if vol.get("supported").and_then(Value::as_bool) == Some(true) {
+                "yes".to_string()
+            } else {
+                match vol.get("reason").and_then(Value::as_str) {
+                    Some(r) => format!("no: {r}"),
+                    None => "no".to_string(),
+                }
+            };
+            vec![
+                opt("volume"),
+                opt("kind"),
+                opt("table"),
+                fmt::size(u64_of(vol, "start")),
+                fmt::size(u64_of(vol, "size")),
+                opt("fs"),
+                opt("label"),
+                supported,
+            ]
+        })
+        .collect();
+    let text = fmt::table(
+        Some(&[
+            "VOLUME",
+            "KIND",
+            "TABLE",
+            "START",
+            "SIZE",
+            "FS",
+            "LABEL",
+            "SUPPORTED",
+        ]),
+        &[
+            Align::Left,
+            Align::Left,
+            Align::Left,
+            Align::Right,
+            Align::Right,
+            Align::Left,
+            Align::Left,
+            Align::Left,
+        ],
+        &rows,
+    );
+    Ok(Outcome::new(v, text))
+}
+
+/// Every entry of directory `dir`, following `next_cursor` to the end.
+pub async fn list_dir(session: &Session, dir: &FileRef) -> Result<Vec<Value>, ClientError> {
+    let mut entries = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut extra = json!({ "limit": LIST_PAGE });
+        if let Some(c) = &cursor {
+            extra["cursor"] = c.clone().into();
+        }
+        let page: Value = session.call("fs.list", dir.params_with(extra)).await?;
+        match page.get("entries") {
+            Some(Value::Array(list)) => entries.extend(list.iter().cloned()),
+            _ => {
+                return Err(ClientError::local(format!(
+                    "fs.list of {}: no entries in the answer",
+                    dir.display()
+                )))
+            }
+        }
+        match page.get("next_cursor") {
+            Some(Value::String(c)) => {
+                if cursor.as_deref() == Some(c.as_str()) {
+                    return Err(ClientError::local(format!(
+                        "fs.list of {}: the agent repeated cursor {c}",
+                        dir.display()
+                    )));
+                }
+                cursor = Some(c.clone());
+            }
+            _ => return Ok(entries),
+        }
+    }
+}
+
+pub async fn stat_entry(
+    session: &Session,
+    file: &FileRef,
+    follow: bool,
+) -> Result<Value, ClientError> {
+    session
+        .call("fs.stat", file.params_with(json!({ "follow": follow })))
+        .await
+}
+
+/// One `ls -l` line for an entry.
+fn long_row(e: &Entry) -> Vec<String> {
+    let mut name = e.name.clone();
+    if e.kind == "symlink" {
+        name.push_str(" -> ");
+        name.push_str(e.target.as_deref().unwrap_or(""));
+    }
+    vec![
+        fmt::mode(&e.kind, e.mode),
+        e.nlink.to_string(),
+        e.uid.to_string(),
+        e.gid.to_string(),
+        fmt::size(e.size),
+        fmt::time(e.mtime_s()),
+        name,
+    ]
+}
+
+const LONG_ALIGN: [Align; 7] = [
+    Align::Left,
+    Align::Right,
+    Align::Right,
+    Align::Right,
+    Align::Right,
+    Align::Left,
+    Align::Left,
+];
+
+fn listing(entries: &[Entry], long: bool) -> String {
+    if long {
+        let rows: Vec<Vec<String>> = entries.iter().map(long_row).collect();
+        fmt::table(None, &LONG_ALIGN, &rows)
+    } else {
+        entries
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+async fn ls(
+    session: &Session,
+    root: &FileRef,
+    long: bool,
+    recursive: bool,
+) -> Result<Outcome, ClientError> {
+    let first = match list_dir(session, root).await {
+        Ok(entries) => entries,
+        Err(ClientError::Agent { code, .. }) if code == NOT_A_DIRECTORY => {
+            // Like ls: a file argument lists itself.
+            let mut v = stat_entry(session, root, false).await?;
+            let e = Entry::from_value(&v)?;
+            v["path"] = root.display().into();
+            let text = if long {
+                let mut row = long_row(&e);
+                row[6] = root.display();
+                fmt::table(None, &LONG_ALIGN, &[row])
+            } else {
+                root.display()
+            };
+            return Ok(Outcome::new(
+                json!({ "path": root.display(), "entries": [v] }),
+                text,
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    let mut all = Vec::new();
+    let mut sections = Vec::new();
+    // Directories still to list, in `ls -R` order.
+    let mut pending = vec![(root.clone(), first)];
+    while let Some((dir, values)) = pending.pop() {
+        let mut entries = Vec::with_capacity(values.len());
+        let mut subdirs = Vec::new();
+        for mut v in values {
+            let e = Entry::from_value(&v)?;
+            let child = dir.child(&e.raw_name()?);
+            v["path"] = child.display().into();
+            all.push(v);
+            if recursive && e.kind == "dir" {
+                subdirs.push(child);
+            }
+            entries.push(e);
+        }
+        let body = listing(&entries, long);
+        sections.push(if recursive {
+            format!("{}:\n{body}", dir.display())
+        } else {
+            body
+        });
+        for sub in subdirs.into_iter().rev() {
+            let values = list_dir(session, &sub).await?;
+            pending.push((sub, values));
+        }
+    }
+    let text = sections
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    Ok(Outcome::new(
+        json!({ "path": root.display(), "entries": all }),
+        text,
+    ))
+}
+
+async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome, ClientError> {
+    let v = stat_entry(session, file, follow).await?;
+    let e = Entry::from_value(&v)?;
+    let mut rows = vec![
+        vec!["path".to_string(), file.display()],
+        vec!["type".to_string(), e.kind.clone()],
+        vec![
+            "size".to_string(),
+            format!("{} ({})", e.size, fmt::size(e.size)),
+        ],
+        vec![
+            "mode".to_string(),
+            format!("{:04o} ({})", e.mode & 0o7777, fmt::mode(&e.kind, e.mode)),
+        ],
+        vec!["uid".to_string(), e.uid.to_string()],
+        vec!["gid".to_string(), e.gid.to_string()],
+        vec!["links".to_string(), e.nlink.to_string()],
+        vec!["inode".to_string(), e.inode.to_string()],
+        vec![
+            "modified".to_string(),
+            format!("{} UTC", fmt::time(e.mtime_s())),
+        ],
+    ];
+    if let Some(t) = &e.target {
+        rows.push(vec!["target".to_string(), t.clone()]);
+    }
+    let text = fmt::table(None, &[Align::Left, Align::Left], &rows);
+    Ok(Outcome::new(v, text))
+}
+
+async fn cat(session: &Session, file: &FileRef) -> Result<Outcome, ClientError> {
+    let v = stat_entry(session, file, true).await?;
+    let e = Entry::from_value(&v)?;
+    if e.kind == "dir" {
+        // Let the agent say it, with its code (1003).
+        let params = file.params_with(json!({ "offset": 0, "length": 1 }));
+        session.call::<Value>("fs.read", params).await?;
+        return Err(ClientError::local(format!(
+            "{} is a directory",
+            file.display()
+        )));
+    }
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+    let mut sink = |data: &[u8]| {
+        out.write_all(data)
+            .map_err(|e| ClientError::local(format!("writing to stdout: {e}")))
+    };
+    let bytes = bulk::read_file(session, file, e.size, &mut sink).await?;
+    out.flush()
+        .map_err(|e| ClientError::local(format!("writing to stdout: {e}")))?;
+    Ok(Outcome::new(
+        json!({ "path": file.display(), "bytes": bytes }),
+        "",
+    ))
+}

@@ -1,0 +1,209 @@
+//! Bulk transfers: file contents through pipelined `fs.read` calls and
+//! archive streams through `stream.read`, decoded with base64-simd and handed
+//! to a sink in order.
+//!
+//! Several reads are kept in flight so that a transfer is bound by the agent's
+//! throughput, not by round trips.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::error::{ClientError, Result};
+use super::session::Session;
+
+/// Bytes asked for by one read call.
+pub const READ_CHUNK: u64 = 4 << 20;
+/// Read calls kept in flight.
+pub const READ_DEPTH: usize = 4;
+
+/// One file (or directory) inside a volume of an archive of a snapshot. The
+/// path is bytes: names that are not UTF-8 travel as `path_b64`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRef {
+    pub snapshot: String,
+    pub archive: String,
+    pub volume: String,
+    pub path: Vec<u8>,
+}
+
+impl FileRef {
+    /// The params naming this file, as every `fs.*` method takes them.
+    pub fn params(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("snapshot".into(), self.snapshot.clone().into());
+        m.insert("archive".into(), self.archive.clone().into());
+        m.insert("volume".into(), self.volume.clone().into());
+        match std::str::from_utf8(&self.path) {
+            Ok(p) => m.insert("path".into(), p.into()),
+            Err(_) => m.insert(
+                "path_b64".into(),
+                base64_simd::STANDARD.encode_to_string(&self.path).into(),
+            ),
+        };
+        m
+    }
+
+    /// `params()` plus more members.
+    pub fn params_with(&self, more: Value) -> Value {
+        let mut m = self.params();
+        if let Value::Object(extra) = more {
+            m.extend(extra);
+        }
+        Value::Object(m)
+    }
+
+    /// The path for messages (invalid UTF-8 shown lossily).
+    pub fn display(&self) -> String {
+        String::from_utf8_lossy(&self.path).into_owned()
+    }
+
+    /// The entry `name` inside this directory.
+    pub fn child(&self, name: &[u8]) -> FileRef {
+        let mut path = self.path.clone();
+        if !path.ends_with(b"/") {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+        FileRef {
+            path,
+            ..self.clone()
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ReadResult {
+    offset: u64,
+    length: u64,
+    eof: bool,
+    data: String,
+    /// Set when the transport already decoded `data` (see `lines`).
+    slot: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct StreamResult {
+    data: String,
+    eof: bool,
+    slot: Option<u64>,
+}
+
+/// The payload of a bulk answer: from its slot, or decoded here.
+fn payload(session: &Session, slot: Option<u64>, data: &str, what: &str) -> Result<Vec<u8>> {
+    match slot {
+        Some(s) => session
+            .take_bulk(s)
+            .ok_or_else(|| ClientError::local(format!("payload for {what} went missing"))),
+        None => decode(data, what),
+    }
+}
+
+fn decode(data: &str, what: &str) -> Result<Vec<u8>> {
+    base64_simd::STANDARD
+        .decode_to_vec(data.as_bytes())
+        .map_err(|e| ClientError::local(format!("bad base64 data from the agent for {what}: {e}")))
+}
+
+type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<(u64, u64, ReadResult)>> + Send + 'a>>;
+
+/// Reads `size` bytes of `file` (as given by `fs.stat`) and passes them to
+/// `sink` in order; returns the number of bytes delivered. A file that turns
+/// out shorter ends at its end of file.
+pub async fn read_file(
+    session: &Session,
+    file: &FileRef,
+    size: u64,
+    sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send),
+) -> Result<u64> {
+    let issue = |offset: u64| -> ReadFuture<'_> {
+        let length = READ_CHUNK.min(size - offset);
+        Box::pin(async move {
+            let params =
+                file.params_with(serde_json::json!({ "offset": offset, "length": length }));
+            let r: ReadResult = session.call("fs.read", params).await?;
+            Ok((offset, length, r))
+        })
+    };
+    let mut in_flight: VecDeque<ReadFuture<'_>> = VecDeque::new();
+    let mut next = 0u64;
+    let mut done = 0u64;
+    loop {
+        while in_flight.len() < READ_DEPTH && next < size {
+            in_flight.push_back(issue(next));
+            next += READ_CHUNK.min(size - next);
+        }
+        // The oldest read is awaited while the younger ones are already on
+        // the wire: the agent works on all of them at once.
+        let Some(oldest) = in_flight.pop_front() else {
+            return Ok(done);
+        };
+        let (offset, asked, r) = oldest.await?;
+        if r.offset != offset {
+            return Err(ClientError::local(format!(
+                "fs.read of {} at {offset}: the agent answered for offset {}",
+                file.display(),
+                r.offset
+            )));
+        }
+        let bytes = payload(session, r.slot, &r.data, &file.display())?;
+        if bytes.len() as u64 != r.length || r.length > asked {
+            return Err(ClientError::local(format!(
+                "fs.read of {} at {offset}: length {} does not match its {} data bytes",
+                file.display(),
+                r.length,
+                bytes.len()
+            )));
+        }
+        sink(&bytes)?;
+        done += r.length;
+        if r.eof {
+            return Ok(done);
+        }
+        if r.length < asked {
+            // A short read before the end: everything already asked for
+            // beyond it is void; go on from where it ended.
+            in_flight.clear();
+            next = offset + r.length;
+            if r.length == 0 {
+                return Ok(done);
+            }
+        }
+    }
+}
+
+/// Pulls stream `stream` (from `fs.extract`) to its end, passing each piece to
+/// `sink`, and returns the number of bytes. The stream is closed on failure.
+pub async fn read_stream(
+    session: &Session,
+    stream: &Value,
+    sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send),
+) -> Result<u64> {
+    let mut done = 0u64;
+    let result = async {
+        loop {
+            let r: StreamResult = session
+                .call(
+                    "stream.read",
+                    serde_json::json!({ "stream": stream, "length": READ_CHUNK }),
+                )
+                .await?;
+            let bytes = payload(session, r.slot, &r.data, "stream")?;
+            sink(&bytes)?;
+            done += bytes.len() as u64;
+            if r.eof {
+                return Ok(done);
+            }
+        }
+    }
+    .await;
+    if result.is_err() {
+        let _ = session
+            .call::<serde_json::Value>("stream.close", serde_json::json!({ "stream": stream }))
+            .await;
+    }
+    result
+}

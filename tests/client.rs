@@ -1,0 +1,893 @@
+//! End-to-end tests of `restore-client` against a real `restore-agent`
+//! serving a datastore with imported ext4 and FAT images (built by the real
+//! mkfs tools from a source tree made here, imported with
+//! `restore-client store import-image`). What the client lists, cats and
+//! extracts must match the source tree: SHA-256 of every file, modes, mtimes,
+//! symlink targets and hard links.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+
+use common::{Agent, AGENT_BIN, TICKET};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const CLIENT_BIN: &str = env!("CARGO_BIN_EXE_restore-client");
+const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
+const EXT4: &str = "ext4.img.fidx";
+const FAT: &str = "fat.img.fidx";
+/// A fixed mtime for the source tree (2025-06-15 12:34:56 UTC; even, for FAT).
+const MTIME: i64 = 1_749_990_896;
+
+/// The source tree, its ext4 and FAT images and the datastore holding them;
+/// built once per test process.
+struct Fixture {
+    src: PathBuf,
+    fat_src: PathBuf,
+    store: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(build_fixture)
+}
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn set_mtime(path: &Path, secs: i64) {
+    run(Command::new("touch")
+        .arg("-h")
+        .arg("-d")
+        .arg(format!("@{secs}"))
+        .arg(path));
+}
+
+/// Bump when the fixture's content changes, so that a stale copy is not used.
+const FIXTURE_VERSION: u32 = 1;
+
+/// The fixture is kept in cargo's target tmp dir and reused by later runs
+/// (a datastore is 65,536 chunk directories: slow to create and to delete).
+/// It is built in a scratch directory and renamed into place when complete.
+fn build_fixture() -> Fixture {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let done = base.join(format!("client-fixture-v{FIXTURE_VERSION}"));
+    let paths = |root: &Path| Fixture {
+        src: root.join("src"),
+        fat_src: root.join("fat-src"),
+        store: root.join("store"),
+    };
+    if done.join("complete").exists() {
+        return paths(&done);
+    }
+    let root = base.join(format!("client-fixture-build-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).expect("fixture dir");
+
+    // The ext4 source: nested dirs, sizes from 0 to over two read chunks,
+    // modes, symlinks (relative, absolute, dangling), a hard link, a
+    // non-ASCII name.
+    let src = root.join("src");
+    let deep = src.join("a/b/c/d");
+    fs::create_dir_all(&deep).expect("mkdir");
+    fs::create_dir_all(src.join("empty-dir")).expect("mkdir");
+    let files: [(&str, usize, u32); 7] = [
+        ("empty", 0, 0o644),
+        ("small.txt", 13, 0o600),
+        ("a/one-chunk.bin", 1 << 20, 0o640),
+        ("a/b/big.bin", (9 << 20) + 12_345, 0o644),
+        ("a/b/c/d/deep.txt", 100, 0o444),
+        ("a/run.sh", 4096, 0o755),
+        ("a/b/héllo wörld.txt", 77, 0o644),
+    ];
+    for (i, (name, len, mode)) in files.iter().enumerate() {
+        let p = src.join(name);
+        fs::write(&p, noise(*len, i as u64 + 1)).expect("write");
+        fs::set_permissions(&p, fs::Permissions::from_mode(*mode)).expect("chmod");
+    }
+    fs::hard_link(src.join("a/run.sh"), src.join("run-link.sh")).expect("hard link");
+    std::os::unix::fs::symlink("b/big.bin", src.join("a/rel-link")).expect("symlink");
+    std::os::unix::fs::symlink("/etc/passwd", src.join("abs-link")).expect("symlink");
+    std::os::unix::fs::symlink("nowhere/at/all", src.join("dangling")).expect("symlink");
+    fs::set_permissions(src.join("a/b/c"), fs::Permissions::from_mode(0o750)).expect("chmod");
+    // Times last, deepest first, so that no later change moves them.
+    let mut all = walk(&src);
+    all.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.matches('/').count()));
+    for (i, (rel, _)) in all.iter().enumerate() {
+        set_mtime(&src.join(rel), MTIME - 1000 * i as i64);
+    }
+    set_mtime(&src, MTIME);
+
+    let ext4 = root.join("ext4.img");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&ext4)
+        .arg("64M")
+        .env("E2FSPROGS_FAKE_TIME", "1750000000"));
+
+    // FAT: names, contents and (2-second) mtimes only.
+    let fat_src = root.join("fat-src");
+    fs::create_dir_all(fat_src.join("DOCS/SUB")).expect("mkdir");
+    fs::write(fat_src.join("README.TXT"), b"hello from FAT\n").expect("write");
+    fs::write(fat_src.join("DOCS/Long File Name.bin"), noise(300_000, 99)).expect("write");
+    fs::write(fat_src.join("DOCS/SUB/x.dat"), noise(5000, 7)).expect("write");
+    for (rel, _) in walk(&fat_src) {
+        set_mtime(&fat_src.join(rel), MTIME);
+    }
+    let fat = root.join("fat.img");
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-F", "16", "-n", "RESTORE"])
+        .arg(&fat)
+        .arg("16384"));
+    let mut mcopy = Command::new("mcopy");
+    mcopy.env("TZ", "UTC").args(["-s", "-m", "-i"]).arg(&fat);
+    for entry in fs::read_dir(&fat_src).expect("read_dir") {
+        mcopy.arg(entry.expect("entry").path());
+    }
+    run(mcopy.arg("::/"));
+
+    let store = root.join("store");
+    run(Command::new(CLIENT_BIN).args(["store", "init"]).arg(&store));
+    for (img, name) in [(&ext4, "ext4.img"), (&fat, "fat.img")] {
+        run(Command::new(CLIENT_BIN)
+            .args(["store", "import-image", "--store"])
+            .arg(&store)
+            .args(["--snapshot", SNAPSHOT, "--archive", name])
+            .arg(img));
+    }
+    let _ = (src, fat_src, store);
+    fs::write(root.join("complete"), b"").expect("marker");
+    let _ = fs::remove_dir_all(&done);
+    fs::rename(&root, &done).expect("fixture into place");
+    paths(&done)
+}
+
+/// Every path under `dir` (relative, `/`-separated) with its lstat metadata.
+fn walk(dir: &Path) -> Vec<(String, fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for entry in fs::read_dir(dir.join(&rel)).expect("read_dir") {
+            let entry = entry.expect("entry");
+            let rel_child = rel.join(entry.file_name());
+            let meta = fs::symlink_metadata(entry.path()).expect("lstat");
+            if meta.is_dir() {
+                stack.push(rel_child.clone());
+            }
+            out.push((rel_child.to_string_lossy().into_owned(), meta));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn sha256(path: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = fs::File::open(path).expect("open");
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a tree looks like, per path: type, content hash or link target,
+/// permission bits and mtime.
+#[derive(Debug, PartialEq, Eq)]
+struct Node {
+    kind: &'static str,
+    content: String,
+    mode: u32,
+    mtime: i64,
+}
+
+fn describe(root: &Path, with_mode: bool, dir_mtimes: bool) -> BTreeMap<String, Node> {
+    walk(root)
+        .into_iter()
+        .map(|(rel, m)| {
+            let path = root.join(&rel);
+            let (kind, content) = if m.file_type().is_symlink() {
+                let t = fs::read_link(&path).expect("readlink");
+                ("symlink", t.to_string_lossy().into_owned())
+            } else if m.is_dir() {
+                ("dir", String::new())
+            } else {
+                ("file", sha256(&path))
+            };
+            let mtime = if kind == "dir" && !dir_mtimes {
+                0
+            } else {
+                m.mtime()
+            };
+            let mode = if with_mode && kind != "symlink" {
+                m.mode() & 0o7777
+            } else {
+                0
+            };
+            (
+                rel,
+                Node {
+                    kind,
+                    content,
+                    mode,
+                    mtime,
+                },
+            )
+        })
+        .collect()
+}
+
+fn start_agent() -> Agent {
+    Agent::builder()
+        .arg("--datastore")
+        .arg(fixture().store.to_string_lossy())
+        .start()
+}
+
+/// `restore-client --connect unix:SOCK --ticket-file T ARGS...`.
+fn client(agent: &Agent, args: &[&str]) -> Output {
+    client_at(
+        &format!("unix:{}", agent.sock.display()),
+        &agent.ticket_path,
+        args,
+    )
+}
+
+fn client_at(connect: &str, ticket: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(CLIENT_BIN);
+    cmd.arg("--connect")
+        .arg(connect)
+        .arg("--ticket-file")
+        .arg(ticket)
+        .args(args)
+        .stdin(Stdio::null());
+    cmd.output().expect("run restore-client")
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "restore-client failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ra-client-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+#[test]
+fn snapshots_archives_volumes_as_json_and_tables() {
+    let agent = start_agent();
+    let v = json(&ok(client(&agent, &["--output", "json", "snapshots"])));
+    let snaps = v["snapshots"].as_array().expect("snapshots array");
+    let snap = snaps
+        .iter()
+        .find(|s| s["snapshot"] == SNAPSHOT)
+        .expect("our snapshot listed");
+    let names: Vec<&str> = snap["archives"]
+        .as_array()
+        .expect("archives")
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert!(names.contains(&EXT4) && names.contains(&FAT), "{names:?}");
+
+    // Global options after the subcommand work too.
+    let v = json(&ok(client(
+        &agent,
+        &["archives", SNAPSHOT, "--output", "json"],
+    )));
+    let ext4 = v["archives"]
+        .as_array()
+        .expect("archives")
+        .iter()
+        .find(|a| a["name"] == EXT4)
+        .expect("ext4 archive");
+    assert_eq!(ext4["size"], 64 << 20);
+
+    let table =
+        String::from_utf8(ok(client(&agent, &["archives", SNAPSHOT])).stdout).expect("utf8");
+    assert!(table.starts_with("ARCHIVE"), "{table}");
+    assert!(table.contains("64M"), "{table}");
+
+    let v = json(&ok(client(
+        &agent,
+        &["--output", "json", "volumes", SNAPSHOT, EXT4],
+    )));
+    let vols = v["volumes"].as_array().expect("volumes");
+    assert_eq!(vols.len(), 1, "{v}");
+    assert_eq!(vols[0]["volume"], "raw");
+    assert_eq!(vols[0]["fs"], "ext4");
+    let v = json(&ok(client(
+        &agent,
+        &["--output", "json", "volumes", SNAPSHOT, FAT],
+    )));
+    assert_eq!(v["volumes"][0]["fs"], "vfat", "{v}");
+
+    let v = json(&ok(client(&agent, &["--output", "json", "status"])));
+    assert_eq!(v["protocol"], 1);
+    assert_eq!(
+        json(&ok(client(&agent, &["--output", "json", "ping"]))),
+        "pong"
+    );
+    let v = json(&ok(client(
+        &agent,
+        &[
+            "--output",
+            "json",
+            "call",
+            "fs.stat",
+            &format!(
+                r#"{{"snapshot":"{SNAPSHOT}","archive":"{EXT4}","volume":"raw","path":"/small.txt"}}"#
+            ),
+        ],
+    )));
+    assert_eq!(v["size"], 13);
+    // A bulk method through `call` keeps its base64 data.
+    let v = json(&ok(client(
+        &agent,
+        &[
+            "--output",
+            "json",
+            "call",
+            "fs.read",
+            &format!(
+                r#"{{"snapshot":"{SNAPSHOT}","archive":"{EXT4}","volume":"raw","path":"/small.txt","offset":0,"length":100}}"#
+            ),
+        ],
+    )));
+    assert_eq!(v["length"], 13, "{v}");
+    assert_eq!(v["eof"], true, "{v}");
+    assert!(v.get("slot").is_none(), "{v}");
+    let want = fs::read(fixture().src.join("small.txt")).expect("read");
+    let b64 = v["data"].as_str().expect("data");
+    let got = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(b64.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("base64 -d");
+    assert_eq!(got.stdout, want);
+}
+
+#[test]
+fn ls_matches_the_source_tree() {
+    let agent = start_agent();
+    let fx = fixture();
+    let v = json(&ok(client(
+        &agent,
+        &["--output", "json", "ls", "-R", SNAPSHOT, EXT4, "raw", "/"],
+    )));
+    let mut listed = BTreeMap::new();
+    for e in v["entries"].as_array().expect("entries") {
+        let path = e["path"]
+            .as_str()
+            .expect("path")
+            .trim_start_matches('/')
+            .to_string();
+        if path == "lost+found" || path.starts_with("lost+found/") {
+            continue;
+        }
+        listed.insert(path, e.clone());
+    }
+    let source = walk(&fx.src);
+    assert_eq!(
+        listed.keys().collect::<Vec<_>>(),
+        source.iter().map(|(p, _)| p).collect::<Vec<_>>()
+    );
+    for (rel, m) in &source {
+        let e = &listed[rel];
+        let kind = if m.file_type().is_symlink() {
+            "symlink"
+        } else if m.is_dir() {
+            "dir"
+        } else {
+            "file"
+        };
+        assert_eq!(e["type"], kind, "{rel}");
+        assert_eq!(e["mtime"], m.mtime(), "{rel}");
+        if kind == "symlink" {
+            let target = fs::read_link(fx.src.join(rel)).expect("readlink");
+            assert_eq!(e["target"], target.to_string_lossy().as_ref(), "{rel}");
+        } else {
+            assert_eq!(e["mode"], m.mode() & 0o7777, "{rel}");
+        }
+        if kind == "file" {
+            assert_eq!(e["size"], m.len(), "{rel}");
+        }
+    }
+
+    // Human long listing: ls -l style rows.
+    let text =
+        String::from_utf8(ok(client(&agent, &["ls", "-l", SNAPSHOT, EXT4, "raw", "/a"])).stdout)
+            .expect("utf8");
+    let run_sh = text
+        .lines()
+        .find(|l| l.ends_with(" run.sh"))
+        .expect("run.sh row");
+    assert!(run_sh.starts_with("-rwxr-xr-x  2"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with('l') && l.ends_with("rel-link -> b/big.bin")),
+        "{text}"
+    );
+    // ls of a file lists that file.
+    let text =
+        String::from_utf8(ok(client(&agent, &["ls", SNAPSHOT, EXT4, "raw", "/small.txt"])).stdout)
+            .expect("utf8");
+    assert_eq!(text.trim(), "/small.txt");
+}
+
+#[test]
+fn cat_matches_the_source_files() {
+    let agent = start_agent();
+    let fx = fixture();
+    for rel in [
+        "a/b/big.bin",
+        "small.txt",
+        "empty",
+        "a/b/héllo wörld.txt",
+        "a/one-chunk.bin",
+    ] {
+        let out = ok(client(
+            &agent,
+            &["cat", SNAPSHOT, EXT4, "raw", &format!("/{rel}")],
+        ));
+        let want = fs::read(fx.src.join(rel)).expect("read source");
+        assert!(
+            out.stdout == want,
+            "cat /{rel}: {} bytes, want {}",
+            out.stdout.len(),
+            want.len()
+        );
+    }
+    // Through a symlink.
+    let out = ok(client(
+        &agent,
+        &["cat", SNAPSHOT, EXT4, "raw", "/a/rel-link"],
+    ));
+    assert_eq!(
+        out.stdout,
+        fs::read(fx.src.join("a/b/big.bin")).expect("read")
+    );
+    let out = ok(client(
+        &agent,
+        &["cat", SNAPSHOT, FAT, "raw", "/DOCS/Long File Name.bin"],
+    ));
+    assert_eq!(
+        out.stdout,
+        fs::read(fx.fat_src.join("DOCS/Long File Name.bin")).expect("read")
+    );
+}
+
+#[test]
+fn extract_to_a_directory_matches_the_source_tree() {
+    let agent = start_agent();
+    let fx = fixture();
+    let out_dir = tmp();
+    let dest = out_dir.path().join("restored");
+    let v = json(&ok(client(
+        &agent,
+        &[
+            "--output",
+            "json",
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ],
+    )));
+    assert_eq!(v["hardlinks"], 1, "{v}");
+    let _ = fs::remove_dir_all(dest.join("lost+found"));
+    assert_eq!(describe(&dest, true, true), describe(&fx.src, true, true));
+    // The hard link is one inode again.
+    let a = fs::metadata(dest.join("a/run.sh")).expect("stat");
+    let b = fs::metadata(dest.join("run-link.sh")).expect("stat");
+    assert_eq!(a.ino(), b.ino());
+
+    // Again: refused without --force, nothing changed.
+    fs::write(dest.join("small.txt"), b"local edit").expect("write");
+    let out = client(
+        &agent,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(
+        fs::read(dest.join("small.txt")).expect("read"),
+        b"local edit"
+    );
+    // With --force the tree is restored again.
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            "--force",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ],
+    ));
+    let _ = fs::remove_dir_all(dest.join("lost+found"));
+    assert_eq!(describe(&dest, true, true), describe(&fx.src, true, true));
+
+    // One file lands under its own name.
+    let single = out_dir.path().join("single");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/a/b/big.bin",
+            "-o",
+            single.to_str().expect("utf8"),
+        ],
+    ));
+    assert_eq!(
+        sha256(&single.join("big.bin")),
+        sha256(&fx.src.join("a/b/big.bin"))
+    );
+    assert_eq!(
+        fs::metadata(single.join("big.bin")).expect("stat").mtime(),
+        fs::metadata(fx.src.join("a/b/big.bin"))
+            .expect("stat")
+            .mtime()
+    );
+
+    // FAT: names, contents, mtimes.
+    let fat_dest = out_dir.path().join("fat");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            SNAPSHOT,
+            FAT,
+            "raw",
+            "/",
+            "-o",
+            fat_dest.to_str().expect("utf8"),
+        ],
+    ));
+    assert_eq!(
+        describe(&fat_dest, false, false),
+        describe(&fx.fat_src, false, false)
+    );
+}
+
+#[test]
+fn extract_never_writes_outside_the_directory() {
+    let agent = start_agent();
+    let out_dir = tmp();
+    let dest = out_dir.path().join("d");
+    let outside = out_dir.path().join("outside");
+    fs::create_dir_all(&dest).expect("mkdir");
+    fs::create_dir_all(&outside).expect("mkdir");
+    // A symlink where the archive has directory `a`: must not be followed.
+    std::os::unix::fs::symlink(&outside, dest.join("a")).expect("symlink");
+    let out = client(
+        &agent,
+        &[
+            "extract",
+            "--force",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read_dir(&outside).expect("read_dir").count(),
+        0,
+        "wrote through a symlink"
+    );
+}
+
+#[test]
+fn extract_as_tar_zip_and_stdout() {
+    let agent = start_agent();
+    let fx = fixture();
+    let out_dir = tmp();
+    let tar = out_dir.path().join("tree.tar");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/",
+            "--tar",
+            tar.to_str().expect("utf8"),
+        ],
+    ));
+    let unpacked = out_dir.path().join("from-tar");
+    fs::create_dir_all(&unpacked).expect("mkdir");
+    run(Command::new("tar")
+        .arg("-xpf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&unpacked));
+    let _ = fs::remove_dir_all(unpacked.join("lost+found"));
+    assert_eq!(
+        describe(&unpacked, true, false),
+        describe(&fx.src, true, false)
+    );
+    // The file exists now: refused without --force.
+    let out = client(
+        &agent,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/",
+            "--tar",
+            tar.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+
+    let zip = out_dir.path().join("tree.zip");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/a",
+            "--zip",
+            zip.to_str().expect("utf8"),
+        ],
+    ));
+    run(Command::new("unzip").arg("-tq").arg(&zip));
+
+    // `-`: a tar on stdout.
+    let out = ok(client(
+        &agent,
+        &["extract", SNAPSHOT, EXT4, "raw", "/a/b", "-"],
+    ));
+    let tar2 = out_dir.path().join("b.tar");
+    fs::write(&tar2, &out.stdout).expect("write");
+    let listing = run(Command::new("tar").arg("-tf").arg(&tar2));
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.trim_end_matches('/').ends_with("big.bin")),
+        "{listing}"
+    );
+}
+
+#[test]
+fn exec_and_hybrid_connections() {
+    let fx = fixture();
+    let dir = tmp();
+    let ticket = dir.path().join("ticket");
+    fs::write(&ticket, format!("{TICKET}\n")).expect("ticket");
+    fs::set_permissions(&ticket, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let exec = format!(
+        "exec:{AGENT_BIN} --listen stdio --idle-timeout 0 --ticket-file '{}' --datastore '{}'",
+        ticket.display(),
+        fx.store.display()
+    );
+    let out = ok(client_at(
+        &exec,
+        &ticket,
+        &["cat", SNAPSHOT, EXT4, "raw", "/a/b/big.bin"],
+    ));
+    assert_eq!(
+        out.stdout,
+        fs::read(fx.src.join("a/b/big.bin")).expect("read")
+    );
+
+    // hybrid: a fake VMM socket that speaks the CONNECT handshake and relays.
+    let agent = start_agent();
+    let vmm = dir.path().join("vmm.sock");
+    let listener = UnixListener::bind(&vmm).expect("bind");
+    let target = agent.sock.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let target = target.clone();
+            thread::spawn(move || {
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while conn.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                if line != b"CONNECT 1234" {
+                    let _ = conn.write_all(b"ERR unexpected\n");
+                    return;
+                }
+                let Ok(agent) = UnixStream::connect(&target) else {
+                    return;
+                };
+                let _ = conn.write_all(b"OK 1234\n");
+                let (mut a_r, mut c_w) = (
+                    agent.try_clone().expect("clone"),
+                    conn.try_clone().expect("clone"),
+                );
+                let up = thread::spawn(move || {
+                    let _ = std::io::copy(&mut a_r, &mut c_w);
+                    let _ = c_w.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut c_r, mut a_w) = (conn, agent);
+                let _ = std::io::copy(&mut c_r, &mut a_w);
+                let _ = a_w.shutdown(std::net::Shutdown::Write);
+                let _ = up.join();
+            });
+        }
+    });
+    let hybrid = format!("hybrid:{}:1234", vmm.display());
+    let out = ok(client_at(
+        &hybrid,
+        &agent.ticket_path,
+        &["--output", "json", "ping"],
+    ));
+    assert_eq!(json(&out), "pong");
+    let out = ok(client_at(
+        &hybrid,
+        &agent.ticket_path,
+        &["cat", SNAPSHOT, EXT4, "raw", "/a/b/big.bin"],
+    ));
+    assert_eq!(
+        out.stdout,
+        fs::read(fx.src.join("a/b/big.bin")).expect("read")
+    );
+    // The wrong port is refused by the fake: retried until the timeout, exit 2.
+    let bad = format!("hybrid:{}:99", vmm.display());
+    let out = client_at(
+        &bad,
+        &agent.ticket_path,
+        &["--connect-timeout", "0.5", "ping"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERR unexpected"));
+}
+
+#[test]
+fn error_paths_have_their_exit_codes() {
+    let agent = start_agent();
+    let dir = tmp();
+    // Wrong ticket: exit 1 and a clear message.
+    let wrong = dir.path().join("wrong");
+    fs::write(&wrong, "not the ticket\n").expect("write");
+    let out = client_at(&format!("unix:{}", agent.sock.display()), &wrong, &["ping"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("authentication failed"), "{err}");
+    // No agent: exit 2.
+    let none = format!("unix:{}", dir.path().join("none.sock").display());
+    let out = client_at(&none, &agent.ticket_path, &["ping"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = client_at(&none, &agent.ticket_path, &["--output", "json", "ping"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(json(&out)["error"]["kind"], "connection");
+    // Unknown path: exit 1 with code 1001, as text and as JSON.
+    let out = client(&agent, &["stat", SNAPSHOT, EXT4, "raw", "/no/such/file"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1001"));
+    let out = client(
+        &agent,
+        &["--output", "json", "cat", SNAPSHOT, EXT4, "raw", "/nope"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], 1001);
+    // cat of a directory: the agent's 1003.
+    let out = client(
+        &agent,
+        &["--output", "json", "cat", SNAPSHOT, EXT4, "raw", "/a"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], 1003);
+    // Usage errors: exit 2.
+    let out = client(&agent, &["extract", SNAPSHOT, EXT4, "raw", "/"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = client(&agent, &["ls"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn completions_and_manpage() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = ok(Command::new(CLIENT_BIN)
+            .args(["completions", shell])
+            .output()
+            .expect("run"));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("restore-client"),
+            "{shell}"
+        );
+    }
+    let out = ok(Command::new(CLIENT_BIN)
+        .arg("manpage")
+        .output()
+        .expect("run"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(".TH restore-client"));
+}
