@@ -6,19 +6,26 @@
 //!   (a) sequential reads through the pool (4 MiB and 128 KiB requests),
 //!   (b) a naive reader: one chunk at a time, read file + decode inline,
 //!       no read-ahead, no cache, no zero-chunk shortcut,
+//!   (c) `image.read` through the release `restore-agent` binary (default
+//!       options: 48 MiB cache, read-ahead 8) over a Unix socket, 4 MiB
+//!       reads pipelined 4 deep, base64 decoded by the client, with the
+//!       agent's peak RSS (VmHWM) while reading,
 //!   (d) the machine's limits: page-cache read of the chunk files and the
 //!       single-core CRC + zstd + SHA-256 decode rate,
-//! and the ratios (a)/(b) and (a)/min(page cache, 2 x decode).
+//! and the ratios (a)/(b), (a)/min(page cache, 2 x decode) and (c)/(a).
 //! With `--cold` the page cache is dropped before each variant (needs root)
 //! and the disk's seek time and sequential rate are measured for the
 //! MAX(ACS) = ACS / (AST + ACS/MRS) figure.
 //!
 //! Usage: cargo bench --bench pool -- [--cold] [--size-mib N] [--dir DIR]
+//!        [--agent-arg ARG]...   (extra agent options for (c), e.g. --cache-mb 16)
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,10 +39,20 @@ use restore_agent::store::{blob, import, sha256, MAX_CHUNK_SIZE};
 const CHUNK: usize = 4 << 20;
 const MB: f64 = 1e6;
 
+/// The snapshot and archive the agent serves the image as in (c).
+const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
+const ARCHIVE: &str = "drive-scsi0.img.fidx";
+/// The agent's default `--cache-mb` (what the RSS goal is measured against).
+const AGENT_CACHE_MIB: u64 = 48;
+/// `image.read` requests kept in flight in (c).
+const PIPELINE: usize = 4;
+
 struct Args {
     cold: bool,
     size_mib: usize,
     dir: PathBuf,
+    /// Extra options for the agent in (c), e.g. `--cache-mb 16`.
+    agent_args: Vec<String>,
 }
 
 fn parse_args() -> Args {
@@ -43,6 +60,7 @@ fn parse_args() -> Args {
         cold: false,
         size_mib: 1024,
         dir: std::env::temp_dir(),
+        agent_args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -60,6 +78,10 @@ fn parse_args() -> Args {
                     .map(PathBuf::from)
                     .unwrap_or_else(|| usage("--dir needs a path"))
             }
+            "--agent-arg" => args.agent_args.push(
+                it.next()
+                    .unwrap_or_else(|| usage("--agent-arg needs a value")),
+            ),
             "--bench" => {} // added by `cargo bench`
             other => usage(&format!("unknown argument {other}")),
         }
@@ -68,7 +90,7 @@ fn parse_args() -> Args {
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("{msg}\nusage: pool [--cold] [--size-mib N] [--dir DIR]");
+    eprintln!("{msg}\nusage: pool [--cold] [--size-mib N] [--dir DIR] [--agent-arg ARG]...");
     std::process::exit(2);
 }
 
@@ -127,6 +149,8 @@ fn vocabulary() -> Vec<String> {
 
 struct Dataset {
     _tmp: tempfile::TempDir,
+    /// The datastore directory (holding `.chunks` and the snapshot).
+    store: PathBuf,
     image: PathBuf,
     chunks: Arc<ChunkStore>,
     index: Arc<FixedIndex>,
@@ -177,12 +201,17 @@ fn build(args: &Args) -> Dataset {
     // Only `.chunks`, not `import::init`'s 65536 directories: removing
     // those takes minutes on a disk mounted with `discard`.
     fs::create_dir_all(store.join(".chunks")).expect("create datastore");
-    let snapshot = "vm/100/2026-01-01T00:00:00Z";
-    import::import_image(&store, snapshot, "drive-scsi0.img", &image, &|_, _| {})
-        .expect("import image");
+    import::import_image(
+        &store,
+        SNAPSHOT,
+        ARCHIVE.trim_end_matches(".fidx"),
+        &image,
+        &|_, _| {},
+    )
+    .expect("import image");
     let datastore = Datastore::open(&store).expect("open datastore");
     let index = match datastore
-        .open_archive(snapshot, "drive-scsi0.img.fidx")
+        .open_archive(SNAPSHOT, ARCHIVE)
         .expect("open archive")
     {
         Archive::Fixed(index) => index,
@@ -209,6 +238,7 @@ fn build(args: &Args) -> Dataset {
     }
     Dataset {
         _tmp: tmp,
+        store,
         image,
         chunks,
         index,
@@ -256,6 +286,7 @@ fn pool_scan(ds: &Dataset, request: usize) -> (String, Duration) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("runtime");
+    let cpu_before = process_cpu_time();
     let start = Instant::now();
     let checksum = rt.block_on(async {
         let mut off = 0u64;
@@ -271,10 +302,17 @@ fn pool_scan(ds: &Dataset, request: usize) -> (String, Duration) {
         sum
     });
     let t = start.elapsed();
+    let cpu = process_cpu_time() - cpu_before;
     let st = pool.stats();
     let info = format!(
-        "reads {} zero {} hits {} misses {} readahead_hits {} (sum {checksum})",
-        st.reads, st.zero_reads, st.cache.hits, st.cache.misses, st.cache.readahead_hits
+        "reads {} zero {} hits {} misses {} readahead_hits {}; cpu {:.2}s in {:.2}s (sum {checksum})",
+        st.reads,
+        st.zero_reads,
+        st.cache.hits,
+        st.cache.misses,
+        st.cache.readahead_hits,
+        cpu.as_secs_f64(),
+        t.as_secs_f64()
     );
     (info, t)
 }
@@ -291,6 +329,253 @@ fn naive_scan(ds: &Dataset) -> Duration {
     }
     std::hint::black_box(sum);
     start.elapsed()
+}
+
+/// A running release agent serving the bench datastore; killed on drop.
+struct AgentProcess {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl AgentProcess {
+    const TICKET: &'static str = "bench-ticket-0123456789abcdef";
+
+    fn start(ds: &Dataset, run: usize, extra: &[String]) -> AgentProcess {
+        let dir = ds._tmp.path();
+        let ticket = dir.join("ticket");
+        fs::write(&ticket, Self::TICKET).expect("write ticket");
+        fs::set_permissions(&ticket, fs::Permissions::from_mode(0o600)).expect("chmod ticket");
+        let sock = dir.join(format!("agent-{run}.sock"));
+        let log = File::create(dir.join(format!("agent-{run}.log"))).expect("agent log");
+        let child = Command::new(env!("CARGO_BIN_EXE_restore-agent"))
+            .arg("--ticket-file")
+            .arg(&ticket)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .args(["--idle-timeout", "0"])
+            .arg("--datastore")
+            .arg(&ds.store)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start restore-agent");
+        AgentProcess { child, sock }
+    }
+
+    /// Connects (waiting up to 10 s for the socket) and authenticates.
+    fn connect(&mut self) -> (UnixStream, BufReader<UnixStream>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(&self.sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if let Ok(Some(st)) = self.child.try_wait() {
+                        panic!("restore-agent exited ({st}) before listening");
+                    }
+                    if Instant::now() > deadline {
+                        panic!("cannot connect to {}: {e}", self.sock.display());
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        let mut reader = BufReader::with_capacity(1 << 20, stream.try_clone().expect("clone"));
+        let mut writer = stream;
+        writeln!(
+            writer,
+            r#"{{"jsonrpc":"2.0","id":"auth","method":"authenticate","params":{{"ticket":"{}"}}}}"#,
+            Self::TICKET
+        )
+        .expect("send authenticate");
+        let mut line = Vec::new();
+        reader
+            .read_until(b'\n', &mut line)
+            .expect("authenticate reply");
+        assert!(
+            line.windows(9).any(|w| w == b"\"result\":"),
+            "authenticate failed: {}",
+            String::from_utf8_lossy(&line)
+        );
+        (writer, reader)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A field of /proc/PID/status in bytes (e.g. `VmHWM`, `VmRSS`).
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// User + system CPU time of process `pid` so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 12th and 13th of them, in clock ticks.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let ticks: u64 = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// CPU time (user + system) of the calling thread so far.
+fn thread_cpu_time() -> Duration {
+    rusage_cpu(libc::RUSAGE_THREAD)
+}
+
+/// CPU time (user + system) of this process (all its threads) so far.
+fn process_cpu_time() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+fn rusage_cpu(who: libc::c_int) -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(who, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// The id and base64 data of one `image.read` response line (the agent
+/// writes `"id":N` before `"result"` and the data last in the result).
+fn parse_read_response(line: &[u8]) -> (usize, &[u8]) {
+    let text = std::str::from_utf8(&line[..line.len().min(200)]).unwrap_or("");
+    let id = text
+        .split("\"id\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no id in response: {text}"));
+    let key = b"\"data\":\"";
+    let start = line
+        .windows(key.len())
+        .position(|w| w == key)
+        .unwrap_or_else(|| panic!("no data in response: {text}"))
+        + key.len();
+    // The data is the last member: it ends at the last quote of the line
+    // (found from the end, so the megabytes of base64 are not scanned).
+    let end = line
+        .iter()
+        .rposition(|&b| b == b'"')
+        .filter(|&e| e >= start)
+        .expect("end of data");
+    (id, &line[start..end])
+}
+
+/// (c) The whole image through `image.read` on a fresh release agent,
+/// `request`-byte reads with `PIPELINE` in flight, decoded and checked
+/// against the image file every 16th read. Returns the time, the agent's
+/// peak RSS (VmHWM), its RSS right after start, and its counters and CPU
+/// time.
+fn agent_scan(
+    ds: &Dataset,
+    request: usize,
+    run: usize,
+    extra: &[String],
+) -> (Duration, u64, u64, String) {
+    let mut agent = AgentProcess::start(ds, run, extra);
+    let (mut writer, mut reader) = agent.connect();
+    let idle_rss = proc_status_bytes(agent.pid(), "VmRSS");
+    let image = File::open(&ds.image).expect("open image");
+    let size = ds.index.size();
+    let count = size.div_ceil(request as u64) as usize;
+    let mut line = Vec::with_capacity(request / 3 * 4 + 4096);
+    let mut data = vec![0u8; request];
+    let mut expect = vec![0u8; request];
+    let mut sent = 0;
+    let mut received = 0;
+    let mut bytes = 0u64;
+    let send = |w: &mut UnixStream, i: usize| {
+        let offset = i as u64 * request as u64;
+        writeln!(
+            w,
+            r#"{{"jsonrpc":"2.0","id":{i},"method":"image.read","params":{{"snapshot":"{SNAPSHOT}","archive":"{ARCHIVE}","offset":{offset},"length":{request}}}}}"#
+        )
+        .expect("send image.read");
+    };
+    let cpu_before = cpu_time(agent.pid());
+    let client_before = thread_cpu_time();
+    let start = Instant::now();
+    while sent < count.min(PIPELINE) {
+        send(&mut writer, sent);
+        sent += 1;
+    }
+    while received < count {
+        line.clear();
+        reader.read_until(b'\n', &mut line).expect("read response");
+        let (id, b64) = parse_read_response(&line);
+        let n = base64_simd::STANDARD
+            .decode(b64, base64_simd::Out::from_slice(&mut data))
+            .unwrap_or_else(|e| panic!("response {id}: bad base64: {e}"))
+            .len();
+        let offset = id as u64 * request as u64;
+        assert_eq!(
+            n as u64,
+            (size - offset).min(request as u64),
+            "length of read {id}"
+        );
+        if id % 16 == 0 {
+            image
+                .read_exact_at(&mut expect[..n], offset)
+                .expect("read image");
+            assert!(
+                data[..n] == expect[..n],
+                "read {id} at {offset}: wrong bytes"
+            );
+        }
+        bytes += n as u64;
+        received += 1;
+        if sent < count {
+            send(&mut writer, sent);
+            sent += 1;
+        }
+    }
+    let t = start.elapsed();
+    assert_eq!(bytes, size);
+    let peak = proc_status_bytes(agent.pid(), "VmHWM");
+    let cpu = cpu_time(agent.pid()) - cpu_before;
+    let client_cpu = thread_cpu_time() - client_before;
+    // The agent's own view of the scan.
+    writeln!(writer, r#"{{"jsonrpc":"2.0","id":"st","method":"status"}}"#).expect("send status");
+    line.clear();
+    reader.read_until(b'\n', &mut line).expect("status reply");
+    let st: serde_json::Value = serde_json::from_slice(&line).expect("status JSON");
+    let c = &st["result"]["cache"];
+    let p = &st["result"]["pool"];
+    let info = format!(
+        "agent reads {} zero {} hits {} misses {} readahead_hits {}; cpu {:.2}s agent, {:.2}s client, in {:.2}s",
+        p["reads"],
+        p["zero_reads"],
+        c["hits"],
+        c["misses"],
+        c["readahead_hits"],
+        cpu.as_secs_f64(),
+        client_cpu.as_secs_f64(),
+        t.as_secs_f64()
+    );
+    (t, peak, idle_rss, info)
 }
 
 /// (d1) cat-like read of every chunk file into one reused buffer.
@@ -419,6 +704,7 @@ fn main() {
     };
 
     let (mut a4, mut a128, mut b, mut pc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut c, mut peaks, mut idle_rss, mut c_info) = (Vec::new(), Vec::new(), 0, String::new());
     let (mut info4, mut info128) = (String::new(), String::new());
     for _ in 0..rounds {
         prepare();
@@ -429,6 +715,12 @@ fn main() {
         let (info, t, busy) = measured(|| pool_scan(&ds, 128 << 10));
         a128.push((rate(size, t), busy));
         info128 = info;
+        prepare();
+        let (t, peak, idle, info) = agent_scan(&ds, CHUNK, c.len(), &args.agent_args);
+        c.push((rate(size, t), 0.0));
+        c_info = info;
+        peaks.push(peak);
+        idle_rss = idle;
         prepare();
         let ((), t, busy) = measured(|| ((), naive_scan(&ds)));
         b.push((rate(size, t), busy));
@@ -456,6 +748,13 @@ fn main() {
         b_best,
         show(&b),
     );
+    let c_best = best(&c).0;
+    let peak = peaks.iter().copied().max().unwrap_or(0);
+    println!(
+        "(c)  agent image.read, 4 MiB x {PIPELINE} deep {:>7.0}   runs [{}]  {c_info}",
+        c_best,
+        show(&c),
+    );
     println!(
         "(d1) page-cache read of chunk files   {:>7.0}   [{}]  (MB/s of chunk-file bytes)",
         pc_best,
@@ -468,6 +767,31 @@ fn main() {
     );
     let limit = pc_best.min(2.0 * decode);
     println!("(a)/(b) = {:.2}   (goal >= 1.7)", a / b_best);
+    println!(
+        "(c)/(a) = {c_best:.0}/{a:.0} = {:.2}   (goal >= 0.6)",
+        c_best / a
+    );
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    // A later --cache-mb wins, as on the agent's command line.
+    let cache_mib = args
+        .agent_args
+        .windows(2)
+        .filter(|w| w[0] == "--cache-mb")
+        .filter_map(|w| w[1].parse().ok())
+        .next_back()
+        .unwrap_or(AGENT_CACHE_MIB);
+    println!(
+        "agent peak RSS (VmHWM) while reading: {:.1} MiB (after start {:.1} MiB); goal <= {} + 32 = {} MiB{}",
+        mib(peak),
+        mib(idle_rss),
+        cache_mib,
+        cache_mib + 32,
+        if args.agent_args.is_empty() {
+            String::new()
+        } else {
+            format!("  (agent options {:?})", args.agent_args)
+        }
+    );
     println!(
         "(a)/min(page cache, 2 x decode) = {a:.0}/{limit:.0} = {:.2}   (goal >= 0.8)",
         a / limit

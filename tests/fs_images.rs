@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -17,203 +17,9 @@ use restore_agent::restore::fs::{Entry, EntryType, FileData, Filesystem, FsHandl
 use restore_agent::restore::volume::{list_volumes, open_volume, VolumeInfo};
 use sha2::{Digest, Sha256};
 
-const TOOLS: &[&str] = &[
-    "mke2fs",
-    "dumpe2fs",
-    "debugfs",
-    "mkfs.vfat",
-    "mcopy",
-    "mkntfs",
-    "ntfscp",
-    "sgdisk",
-    "sfdisk",
-    "mkswap",
-    "mkfifo",
-    "truncate",
-    "dd",
-];
-const MTIME: i64 = 1_600_000_000;
-const MIB: u64 = 1024 * 1024;
-
-fn have_tools() -> bool {
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .copied()
-        .filter(|t| {
-            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-                .iter()
-                .any(|d| Path::new(d).join(t).exists())
-        })
-        .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "SKIPPED: missing tools {missing:?} (Debian: e2fsprogs dosfstools mtools ntfs-3g gdisk fdisk util-linux coreutils)"
-        );
-        return false;
-    }
-    true
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.env("TZ", "UTC").output().expect("spawn tool");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Deterministic pseudo-random bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-fn write(path: &Path, data: &[u8]) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, data).unwrap();
-}
-
-fn long_name() -> String {
-    "L".repeat(251) + ".txt" // 255 bytes
-}
-
-/// Files common to every filesystem (no symlinks, hardlinks, modes or
-/// non-UTF-8 names, which FAT and NTFS cannot hold).
-fn make_plain(root: &Path, small: bool) {
-    write(&root.join("empty.txt"), b"");
-    write(&root.join("hello.txt"), b"hello, world\n");
-    write(&root.join("a/b/c/d/deep.bin"), &noise(1, 70_000));
-    write(&root.join("a/b/mid.txt"), b"in the middle\n");
-    write(
-        &root.join("Grüße_日本語_файл.txt"),
-        "unicode name\n".as_bytes(),
-    );
-    write(
-        &root.join("目录_ñ/κείμενο.txt"),
-        "inside a unicode dir\n".as_bytes(),
-    );
-    write(&root.join(long_name()), b"255-byte name\n");
-    write(&root.join("mib3.bin"), &noise(2, 3 * MIB as usize + 12345));
-    std::fs::create_dir_all(root.join("emptydir")).unwrap();
-    let count = if small { 300 } else { 2000 };
-    for i in 0..count {
-        let data = if i % 3 == 0 {
-            noise(100 + i as u64, i % 5000)
-        } else {
-            format!("file {i}\n").repeat(i % 40).into_bytes()
-        };
-        write(&root.join(format!("many/f{i:04}.dat")), &data);
-    }
-}
-
-/// Makes a sparse file: data at 0, at `mid` and at the end.
-fn make_sparse(path: &Path, size: u64, mid: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
-    f.write_all_at(&noise(7, 5000), 0).unwrap();
-    f.write_all_at(&noise(8, 5000), mid).unwrap();
-    f.write_all_at(b"tail", size - 4).unwrap();
-}
-
-/// The Unix extras: symlinks, hardlink, modes, owners, sparse, non-UTF-8.
-fn make_unix(root: &Path, big: bool) {
-    use std::os::unix::fs::symlink;
-    symlink("hello.txt", root.join("link_rel")).unwrap();
-    symlink("/a/b/mid.txt", root.join("link_abs")).unwrap();
-    symlink("a/b", root.join("link_dir")).unwrap();
-    symlink("does/not/exist", root.join("link_dangling")).unwrap();
-    symlink("loop_b", root.join("loop_a")).unwrap();
-    symlink("loop_a", root.join("loop_b")).unwrap();
-    symlink("../../../../../a/b/mid.txt", root.join("a/escape")).unwrap();
-    let long_target = "x/".repeat(40) + "target"; // a slow symlink (> 60 bytes)
-    symlink(&long_target, root.join("link_long")).unwrap();
-    std::fs::hard_link(root.join("hello.txt"), root.join("a/hard_hello.txt")).unwrap();
-    write(&root.join("modes/suid"), b"#!/bin/sh\n");
-    std::fs::set_permissions(
-        root.join("modes/suid"),
-        std::fs::Permissions::from_mode(0o4755),
-    )
-    .unwrap();
-    write(&root.join("modes/private"), b"secret\n");
-    std::fs::set_permissions(
-        root.join("modes/private"),
-        std::fs::Permissions::from_mode(0o600),
-    )
-    .unwrap();
-    std::fs::create_dir_all(root.join("modes/sticky")).unwrap();
-    std::fs::set_permissions(
-        root.join("modes/sticky"),
-        std::fs::Permissions::from_mode(0o1777),
-    )
-    .unwrap();
-    write(&root.join("modes/owned"), b"owned\n");
-    // needs root (as in CI); without it the file keeps the caller's ids,
-    // which the comparison then expects
-    let _ = std::os::unix::fs::chown(root.join("modes/owned"), Some(1234), Some(5678));
-    let raw = std::ffi::OsStr::from_bytes(b"latin1_\xe9t\xe9.txt");
-    write(&root.join(raw), b"not utf-8 name\n");
-    run(Command::new("mkfifo").arg(root.join("modes/fifo")));
-    // data at 0, 8 MiB (past the direct and first indirect blocks: a hole
-    // in the block map's indirect pointer on ext2/3) and at the end
-    make_sparse(&root.join("sparse.img"), 20 * MIB, 8 * MIB);
-    if big {
-        write(&root.join("big.bin"), &noise(9, 24 * MIB as usize));
-    }
-}
-
-/// Sets every mtime in the tree to distinct known values (even seconds,
-/// for FAT's 2-second resolution).
-fn set_mtimes(root: &Path) {
-    let mut all = vec![];
-    collect(root, &mut all);
-    all.sort();
-    all.reverse(); // children before parents
-    for (i, p) in all.iter().enumerate() {
-        set_mtime(p, MTIME + 2 * i as i64);
-    }
-    set_mtime(root, MTIME);
-}
-
-/// Sets atime and mtime of `p` (not following a symlink).
-fn set_mtime(p: &Path, t: i64) {
-    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
-    let ts = libc::timespec {
-        tv_sec: t as libc::time_t,
-        tv_nsec: 0,
-    };
-    let times = [ts, ts];
-    // SAFETY: a valid NUL-terminated path and two timespecs
-    let rc = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    assert_eq!(rc, 0, "utimensat {}", p.display());
-}
-
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        out.push(p.clone());
-        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
-            collect(&p, out);
-        }
-    }
-}
+#[path = "common/trees.rs"]
+mod trees;
+use trees::*;
 
 struct Images {
     /// full Unix tree (ext4 default, with the big file)
@@ -231,55 +37,6 @@ struct Images {
     raw_fat: PathBuf,
     raw_ext: PathBuf,
     ext4_img: PathBuf,
-}
-
-fn mkimg_ext(src: &Path, img: &Path, args: &[&str], mib: u64) {
-    let mut c = Command::new("mke2fs");
-    c.arg("-q")
-        .arg("-F")
-        .args(args)
-        .arg("-d")
-        .arg(src)
-        .arg(img)
-        .arg(format!("{mib}M"));
-    run(&mut c);
-}
-
-fn mkimg_fat(src: &Path, img: &Path, fat: u32, kib: u64, label: &str) {
-    let _ = std::fs::remove_file(img);
-    run(Command::new("mkfs.vfat")
-        .arg("-C")
-        .arg("-F")
-        .arg(fat.to_string())
-        .arg("-n")
-        .arg(label)
-        .arg(img)
-        .arg(kib.to_string()));
-    let mut c = Command::new("mcopy");
-    c.arg("-s").arg("-m").arg("-Q").arg("-i").arg(img);
-    for e in std::fs::read_dir(src).unwrap() {
-        c.arg(e.unwrap().path());
-    }
-    c.arg("::/");
-    run(&mut c);
-}
-
-/// Lays images into a disk at the given sector starts.
-fn place(disk: &Path, parts: &[(&Path, u64)]) {
-    for (img, start) in parts {
-        run(Command::new("dd")
-            .arg(format!("if={}", img.display()))
-            .arg(format!("of={}", disk.display()))
-            .arg("bs=1M")
-            .arg(format!("seek={}", start * 512))
-            .arg("oflag=seek_bytes")
-            .arg("conv=notrunc,sparse")
-            .arg("status=none"));
-    }
-}
-
-fn sectors(p: &Path) -> u64 {
-    std::fs::metadata(p).unwrap().len() / 512
 }
 
 fn build() -> Images {
@@ -326,14 +83,6 @@ fn build() -> Images {
     let fat12 = d.join("fat12.img");
     mkimg_fat(&src_fat12, &fat12, 12, 2 * 1024, "TWELVE");
     let ntfs = d.join("ntfs.img");
-    run(Command::new("truncate").arg("-s").arg("16M").arg(&ntfs));
-    run(Command::new("mkntfs")
-        .arg("-q")
-        .arg("-F")
-        .arg("-f")
-        .arg("-L")
-        .arg("WinData")
-        .arg(&ntfs));
     let ntfs_files = vec![
         ("hello.txt".to_string(), b"hello from ntfs\n".to_vec()),
         ("big.bin".to_string(), noise(4, 2 * MIB as usize + 7)),
@@ -345,15 +94,7 @@ fn build() -> Images {
     for i in 0..150u64 {
         ntfs_files.push((format!("n{i:03}.txt"), noise(500 + i, (i * 37) as usize)));
     }
-    let ntfs_src = d.join("ntfs_src");
-    for (name, data) in &ntfs_files {
-        write(&ntfs_src.join(name), data);
-        run(Command::new("ntfscp")
-            .arg("-q")
-            .arg(&ntfs)
-            .arg(ntfs_src.join(name))
-            .arg(name));
-    }
+    mkimg_ntfs(&ntfs, "16M", "WinData", &d.join("ntfs_src"), &ntfs_files);
 
     // GPT: 1 ext4, 2 fat32, 3 ext2, 4 ntfs, 6 ext3 (5 left empty)
     let gpt = d.join("gpt.img");
@@ -406,27 +147,7 @@ fn build() -> Images {
         sectors(&fat12),
         sectors(&ext2)
     );
-    let mut child = Command::new("sfdisk")
-        .arg("-q")
-        .arg(&mbr)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "sfdisk: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sfdisk(&mbr, &script);
     place(&mbr, &[(&fat16, s1), (&fat12, s5), (&ext2, s6)]);
 
     Images {
@@ -597,12 +318,6 @@ fn compare_tree(fs: &mut dyn Filesystem, src: &Path, vpath: &[u8], flavor: &Flav
         n += 1;
     }
     n
-}
-
-fn count_source(src: &Path) -> usize {
-    let mut all = vec![];
-    collect(src, &mut all);
-    all.len()
 }
 
 fn vol<'a>(v: &'a [VolumeInfo], id: &str) -> &'a VolumeInfo {

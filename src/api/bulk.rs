@@ -13,7 +13,7 @@ pub const MAX_READ: u64 = 16 << 20;
 
 /// Encoded response bytes allowed in flight at once, over all connections:
 /// keeps the agent inside a small VM however many reads are pipelined.
-const BUDGET_BYTES: usize = 24 << 20;
+const BUDGET_BYTES: usize = 8 << 20;
 
 #[derive(Clone)]
 pub struct Budget(Arc<Semaphore>);

@@ -42,6 +42,7 @@ pub struct AgentBuilder {
     stdio: bool,
     ticket_is_dir: bool,
     stale_socket: bool,
+    wrapper: Vec<String>,
 }
 
 impl Default for AgentBuilder {
@@ -56,6 +57,7 @@ impl Default for AgentBuilder {
             stdio: false,
             ticket_is_dir: false,
             stale_socket: false,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -88,6 +90,21 @@ impl AgentBuilder {
     /// Any further command-line argument, in order.
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.extra_args.push(a.into());
+        self
+    }
+    /// `--datastore DIR`.
+    pub fn datastore(self, dir: &Path) -> Self {
+        self.arg("--datastore").arg(dir.display().to_string())
+    }
+    /// `--image NAME=PATH`.
+    pub fn image(self, name: &str, path: &Path) -> Self {
+        self.arg("--image")
+            .arg(format!("{name}={}", path.display()))
+    }
+    /// Runs the agent as the last arguments of this command (which must
+    /// `exec` it, so that the child's pid stays the agent's), e.g. `unshare`.
+    pub fn wrapper(mut self, prefix: &[&str]) -> Self {
+        self.wrapper = prefix.iter().map(|s| s.to_string()).collect();
         self
     }
     /// Make the ticket path a directory (unreadable as a file).
@@ -129,7 +146,14 @@ impl AgentBuilder {
         let stderr_path = dir.path().join("stderr.log");
         let stderr = File::create(&stderr_path).expect("stderr file");
 
-        let mut cmd = Command::new(AGENT_BIN);
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(AGENT_BIN);
+                c
+            }
+            None => Command::new(AGENT_BIN),
+        };
         cmd.env("RUST_LOG", "info")
             .arg("--ticket-file")
             .arg(&ticket_path);
@@ -323,6 +347,8 @@ pub enum Recv {
 pub struct Conn {
     stream: Box<dyn RawStream>,
     buf: Vec<u8>,
+    /// Bytes of `buf` known to hold no newline (long lines are not rescanned).
+    scanned: usize,
     next_id: u64,
 }
 
@@ -345,6 +371,7 @@ impl Conn {
         Conn {
             stream,
             buf: Vec::new(),
+            scanned: 0,
             next_id: 1000,
         }
     }
@@ -376,10 +403,15 @@ impl Conn {
         let deadline = Instant::now() + within;
         let mut chunk = [0u8; 65536];
         loop {
-            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=pos).take(pos).collect();
+            if let Some(pos) = self.buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let pos = self.scanned + pos;
+                let rest = self.buf.split_off(pos + 1);
+                let mut line = std::mem::replace(&mut self.buf, rest);
+                line.truncate(pos);
+                self.scanned = 0;
                 return Recv::Line(line);
             }
+            self.scanned = self.buf.len();
             let now = Instant::now();
             if now >= deadline {
                 return Recv::Timeout;
@@ -388,7 +420,10 @@ impl Conn {
                 .set_deadline(Some(deadline - now))
                 .expect("set read timeout");
             match self.stream.read(&mut chunk) {
-                Ok(0) => return Recv::Eof(std::mem::take(&mut self.buf)),
+                Ok(0) => {
+                    self.scanned = 0;
+                    return Recv::Eof(std::mem::take(&mut self.buf));
+                }
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
@@ -398,7 +433,8 @@ impl Conn {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Recv::Eof(std::mem::take(&mut self.buf))
+                    self.scanned = 0;
+                    return Recv::Eof(std::mem::take(&mut self.buf));
                 }
                 Err(e) => panic!("read from agent: {e}"),
             }

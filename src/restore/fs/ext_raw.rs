@@ -20,6 +20,8 @@ const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
 const EXT4_ENCRYPT_FL: u32 = 0x800;
 const INCOMPAT_64BIT: u32 = 0x80;
+/// The journal holds transactions not yet written to their home blocks.
+const INCOMPAT_RECOVER: u32 = 0x4;
 /// Most cached metadata blocks.
 const BLOCK_CACHE: usize = 2048;
 /// Most runs a file's block map may have.
@@ -72,6 +74,8 @@ struct Run {
 
 pub struct ExtRaw {
     disk: Arc<dyn Disk>,
+    /// whether the journal must be replayed to see the current state
+    needs_recovery: bool,
     block_size: u64,
     blocks_count: u64,
     inodes_per_group: u32,
@@ -154,6 +158,7 @@ impl ExtRaw {
         }
         Ok(ExtRaw {
             disk,
+            needs_recovery: incompat & INCOMPAT_RECOVER != 0,
             block_size,
             blocks_count,
             inodes_per_group,
@@ -360,6 +365,12 @@ impl ExtRaw {
             }
         }
         Ok(())
+    }
+
+    /// Whether the superblock says the journal needs replaying; when it does
+    /// not, the on-disk blocks are the current state.
+    pub fn needs_recovery(&self) -> bool {
+        self.needs_recovery
     }
 
     /// Whether a file has holes (blocks within its size that are mapped
