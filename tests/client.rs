@@ -768,42 +768,7 @@ fn exec_and_hybrid_connections() {
 
     // hybrid: a fake VMM socket that speaks the CONNECT handshake and relays.
     let agent = start_agent();
-    let vmm = dir.path().join("vmm.sock");
-    let listener = UnixListener::bind(&vmm).expect("bind");
-    let target = agent.sock.clone();
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let target = target.clone();
-            thread::spawn(move || {
-                let mut line = Vec::new();
-                let mut byte = [0u8; 1];
-                while conn.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
-                    line.push(byte[0]);
-                }
-                if line != b"CONNECT 1234" {
-                    let _ = conn.write_all(b"ERR unexpected\n");
-                    return;
-                }
-                let Ok(agent) = UnixStream::connect(&target) else {
-                    return;
-                };
-                let _ = conn.write_all(b"OK 1234\n");
-                let (mut a_r, mut c_w) = (
-                    agent.try_clone().expect("clone"),
-                    conn.try_clone().expect("clone"),
-                );
-                let up = thread::spawn(move || {
-                    let _ = std::io::copy(&mut a_r, &mut c_w);
-                    let _ = c_w.shutdown(std::net::Shutdown::Write);
-                });
-                let (mut c_r, mut a_w) = (conn, agent);
-                let _ = std::io::copy(&mut c_r, &mut a_w);
-                let _ = a_w.shutdown(std::net::Shutdown::Write);
-                let _ = up.join();
-            });
-        }
-    });
+    let vmm = fake_vmm(dir.path(), &agent.sock, None);
     let hybrid = format!("hybrid:{}:1234", vmm.display());
     let out = ok(client_at(
         &hybrid,
@@ -829,6 +794,102 @@ fn exec_and_hybrid_connections() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ERR unexpected"));
+}
+
+/// A test-only stand-in for a Firecracker / vhost-device-vsock socket: accepts
+/// on a Unix socket in `dir`, reads `CONNECT 1234\n`, answers `OK 1234\n` (any
+/// other port gets `ERR unexpected`), then relays bytes to the agent's socket.
+/// With `cut_after`, the agent-to-client direction is cut after that many
+/// bytes (a connection lost mid-transfer).
+fn fake_vmm(dir: &Path, agent_sock: &Path, cut_after: Option<u64>) -> PathBuf {
+    let vmm = dir.join("vmm.sock");
+    let listener = UnixListener::bind(&vmm).expect("bind");
+    let target = agent_sock.to_path_buf();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let target = target.clone();
+            thread::spawn(move || {
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while conn.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                if line != b"CONNECT 1234" {
+                    let _ = conn.write_all(b"ERR unexpected\n");
+                    return;
+                }
+                let Ok(agent) = UnixStream::connect(&target) else {
+                    return;
+                };
+                let _ = conn.write_all(b"OK 1234\n");
+                let (a_r, mut c_w) = (
+                    agent.try_clone().expect("clone"),
+                    conn.try_clone().expect("clone"),
+                );
+                let down = thread::spawn(move || {
+                    let _ = std::io::copy(&mut a_r.take(cut_after.unwrap_or(u64::MAX)), &mut c_w);
+                    let _ = c_w.shutdown(std::net::Shutdown::Both);
+                });
+                let (mut c_r, mut a_w) = (conn, agent);
+                let _ = std::io::copy(&mut c_r, &mut a_w);
+                let _ = a_w.shutdown(std::net::Shutdown::Both);
+                let _ = down.join();
+            });
+        }
+    });
+    vmm
+}
+
+#[test]
+fn a_transfer_cut_short_leaves_no_partial_file() {
+    let agent = start_agent();
+    let dir = tmp();
+    // Enough for authenticate and fs.stat, not for the first 4 MiB read.
+    let vmm = fake_vmm(dir.path(), &agent.sock, Some(1 << 20));
+    let dest = dir.path().join("out");
+    let out = client_at(
+        &format!("hybrid:{}:1234", vmm.display()),
+        &agent.ticket_path,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/a/b/big.bin",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dest.is_dir());
+    assert!(!dest.join("big.bin").exists(), "partial file left behind");
+    let tar = dir.path().join("cut.tar");
+    let out = client_at(
+        &format!("hybrid:{}:1234", vmm.display()),
+        &agent.ticket_path,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/",
+            "--tar",
+            tar.to_str().expect("utf8"),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!tar.exists(), "partial archive left behind");
 }
 
 #[test]
