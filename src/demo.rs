@@ -95,13 +95,17 @@ impl Demo {
         if let Some(tcp) = tcp {
             out.push_str(&format!("\nOr over TCP: socat - TCP:{tcp}\n"));
         }
+        let client = format!(
+            "restore-client --connect unix:{sock} --ticket-file {}",
+            self.ticket_file.display()
+        );
         out.push_str(&format!(
             "\nWith restore-client (cargo run --release --bin restore-client -- ...):\n\
-             \x20 restore-client --connect unix:{sock} --ticket-file {tf} store verify --store {store}\n\
-             \x20 restore-client --connect unix:{sock} --ticket-file {tf} call volume.list '{{{target}}}'\n\
-             \nStop with Ctrl-C (the demo directory is removed).\n",
-            store = self.store.display(),
-            tf = self.ticket_file.display(),
+             \x20 {client} volumes {SNAPSHOT} {ARCHIVE}\n\
+             \x20 {client} ls -l -R {SNAPSHOT} {ARCHIVE} part/1 /home\n\
+             \x20 {client} cat {SNAPSHOT} {ARCHIVE} part/1 /etc/motd\n\
+             \x20 {client} extract {SNAPSHOT} {ARCHIVE} part/1 /home -o restored-home\n\
+             \nStop with Ctrl-C (the demo directory is removed).\n"
         ));
         out
     }
