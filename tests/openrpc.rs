@@ -355,6 +355,10 @@ struct RunningAgent {
 
 impl RunningAgent {
     fn start() -> RunningAgent {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&std::ffi::OsStr]) -> RunningAgent {
         let dir = tempfile::tempdir().expect("temp dir");
         let ticket = dir.path().join("ticket");
         std::fs::write(&ticket, format!("{TICKET}\n")).expect("write ticket");
@@ -367,6 +371,7 @@ impl RunningAgent {
             .arg("--ticket-file")
             .arg(&ticket)
             .args(["--idle-timeout", "0", "--auth-fail-delay-ms", "10"])
+            .args(extra)
             .env("RUST_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -575,4 +580,120 @@ fn running_agent_answers_as_documented() {
         status.success(),
         "restore-agent exited with {status} after stop"
     );
+}
+
+/// The data and file methods, on the demo disk (GPT: ext4 + FAT) imported
+/// into a datastore: every result fits its documented schema, every error
+/// code is one the document lists.
+#[test]
+fn data_methods_answer_as_documented() {
+    use restore_agent::store::import;
+    let check = Checker::new();
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        tempfile::tempdir_in("/dev/shm")
+    } else {
+        tempfile::tempdir()
+    }
+    .expect("temp dir");
+    let disk = base.path().join("disk.img");
+    let zst = std::fs::read(repo_file("demo/disk.img.zst")).expect("demo image");
+    std::fs::write(&disk, zstd::decode_all(&zst[..]).expect("unzstd")).expect("write disk");
+    let store = base.path().join("store");
+    import::init(&store).expect("init");
+    let snapshot = "vm/100/2026-01-01T00:00:00Z";
+    import::import_image(&store, snapshot, "drive-scsi0.img", &disk, &|_, _| {}).expect("import");
+    let image_arg = format!("raw0={}", disk.display());
+    let mut agent = RunningAgent::start_with(&[
+        "--datastore".as_ref(),
+        store.as_os_str(),
+        "--image".as_ref(),
+        image_arg.as_ref(),
+    ]);
+    let mut c = agent.connect();
+    check.call_ok(&mut c, "authenticate", Some(json!({"ticket": TICKET})));
+
+    let snaps = check.call_ok(&mut c, "snapshot.list", None);
+    assert_eq!(
+        snaps["snapshots"].as_array().map(Vec::len),
+        Some(2),
+        "{snaps}"
+    );
+    check.call_ok(&mut c, "snapshot.list", Some(json!({"namespace": ""})));
+    let arch = json!({"snapshot": snapshot, "archive": "drive-scsi0.img.fidx"});
+    let mut read = arch.clone();
+    read["offset"] = json!(1 << 20);
+    read["length"] = json!(4096);
+    check.call_ok(&mut c, "image.read", Some(read.clone()));
+    read["length"] = json!((16 << 20) + 1);
+    check.call_err(&mut c, "image.read", Some(read), -32602);
+    let missing = json!({"snapshot": "vm/1/2026-01-01T00:00:00Z", "archive": "x.img.fidx", "offset": 0, "length": 1});
+    check.call_err(&mut c, "image.read", Some(missing), 1001);
+    check.call_ok(
+        &mut c,
+        "image.read",
+        Some(json!({"snapshot": "attached", "archive": "raw0", "offset": 0, "length": 512})),
+    );
+
+    let vols = check.call_ok(&mut c, "volume.list", Some(arch.clone()));
+    assert_eq!(vols["volumes"].as_array().map(Vec::len), Some(2), "{vols}");
+    for volume in ["part/1", "part/2"] {
+        let mut target = arch.clone();
+        target["volume"] = json!(volume);
+        target["path"] = json!("/");
+        let list = check.call_ok(&mut c, "fs.list", Some(target.clone()));
+        assert!(
+            list["entries"].as_array().is_some_and(|e| !e.is_empty()),
+            "{list}"
+        );
+        check.call_ok(&mut c, "fs.stat", Some(target.clone()));
+        let mut paged = target.clone();
+        paged["limit"] = json!(1);
+        let page = check.call_ok(&mut c, "fs.list", Some(paged));
+        let more = list["entries"].as_array().is_some_and(|e| e.len() > 1);
+        assert_eq!(page["next_cursor"].is_string(), more, "{page}");
+    }
+    let mut file = arch.clone();
+    file["volume"] = json!("part/1");
+    file["path"] = json!("/etc/motd");
+    file["offset"] = json!(0);
+    file["length"] = json!(100);
+    check.call_ok(&mut c, "fs.read", Some(file.clone()));
+    file["path"] = json!("/etc");
+    check.call_err(&mut c, "fs.read", Some(file.clone()), 1003);
+    file["path"] = json!("/nope");
+    check.call_err(&mut c, "fs.read", Some(file), 1001);
+    let mut link = arch.clone();
+    link["volume"] = json!("part/1");
+    link["path"] = json!("/home/alice/readme-link");
+    link["follow"] = json!(true);
+    let stat = check.call_ok(&mut c, "fs.stat", Some(link));
+    assert_eq!(stat["type"], "file", "{stat}");
+
+    let mut extract = arch.clone();
+    extract["volume"] = json!("part/1");
+    extract["path"] = json!("/home");
+    extract["format"] = json!("tar");
+    let handle = check.call_ok(&mut c, "fs.extract", Some(extract));
+    let stream = handle["stream"].clone();
+    loop {
+        let chunk = check.call_ok(&mut c, "stream.read", Some(json!({"stream": stream})));
+        if chunk["eof"] == json!(true) {
+            break;
+        }
+    }
+    check.call_ok(&mut c, "stream.close", Some(json!({"stream": stream})));
+    check.call_err(&mut c, "stream.read", Some(json!({"stream": stream})), 1008);
+    check.call_err(
+        &mut c,
+        "stream.close",
+        Some(json!({"stream": stream})),
+        1008,
+    );
+
+    let status = check.call_ok(&mut c, "status", None);
+    for section in ["cache", "pool", "streams"] {
+        assert!(status[section].is_object(), "no {section} in {status}");
+    }
+    check.call_ok(&mut c, "stop", None);
+    assert!(agent.wait_exit().success());
 }
