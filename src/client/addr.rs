@@ -5,6 +5,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::transport::ListenAddr;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnectAddr {
     Vsock {
@@ -38,26 +40,17 @@ impl FromStr for ConnectAddr {
                 .map_err(|_| bad(&format!("{what} must be a number")))
         };
         match scheme {
-            "vsock" => {
-                let Some((cid, port)) = rest.split_once(':') else {
-                    return Err(bad("expected vsock:CID:PORT"));
-                };
-                Ok(ConnectAddr::Vsock {
-                    cid: number(cid, "CID")?,
-                    port: number(port, "port")?,
-                })
-            }
-            "unix" if !rest.is_empty() => Ok(ConnectAddr::Unix(PathBuf::from(rest))),
-            "unix" => Err(bad("empty path")),
-            "tcp" => {
-                let Some((host, port)) = rest.rsplit_once(':') else {
-                    return Err(bad("expected tcp:HOST:PORT"));
-                };
-                if host.is_empty() || port.parse::<u16>().is_err() {
-                    return Err(bad("expected tcp:HOST:PORT with a port of 0..65535"));
+            // The transport's listen-address grammar, less `vsock:PORT`: a
+            // client must name the CID it connects to.
+            "vsock" | "unix" | "tcp" => match s.parse::<ListenAddr>() {
+                Ok(ListenAddr::Vsock { cid, port }) if rest.contains(':') => {
+                    Ok(ConnectAddr::Vsock { cid, port })
                 }
-                Ok(ConnectAddr::Tcp(rest.to_string()))
-            }
+                Ok(ListenAddr::Unix(path)) => Ok(ConnectAddr::Unix(path)),
+                Ok(ListenAddr::Tcp(hostport)) => Ok(ConnectAddr::Tcp(hostport)),
+                Ok(_) => Err(bad("expected vsock:CID:PORT")),
+                Err(e) => Err(e.replacen("listen address", "connect address", 1)),
+            },
             "hybrid" => {
                 let Some((path, port)) = rest.rsplit_once(':') else {
                     return Err(bad("expected hybrid:PATH:PORT"));
