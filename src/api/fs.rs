@@ -11,10 +11,11 @@ use super::bulk::{self, MAX_READ};
 use super::streams::stream_error;
 use super::{must, Agent};
 use crate::error::{Error, ErrorKind};
+use crate::pool::{ArchiveReader, ChunkSlice};
 use crate::restore::archive::{
     byte_stream, new_writer, ArchiveEntry, EntryKind, Format, StreamWriter,
 };
-use crate::restore::fs::{EntryType, FileData, Filesystem, FsHandle, WalkEntry};
+use crate::restore::fs::{EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry};
 use crate::restore::volume::list_volumes;
 use crate::rpc::codes::{app_error, internal, invalid_params};
 use crate::rpc::{RawResult, Router};
@@ -198,7 +199,9 @@ pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
 
 pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
     let a = agent.clone();
-    router.register_raw("fs.read", move |params, _| fs_read(a.clone(), params));
+    router.register_raw("fs.read", move |params, conn| {
+        fs_read(a.clone(), params, conn)
+    });
     let a = agent.clone();
     router.register_raw("fs.extract", move |params, conn| {
         fs_extract(a.clone(), params, conn)
@@ -211,6 +214,7 @@ pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
 async fn fs_read(
     agent: Arc<Agent>,
     params: Params<'static>,
+    conn: ConnectionId,
 ) -> Result<RawResult, ErrorObjectOwned> {
     let (t, x): (Target, ReadExtra) = parse(&params, &["offset", "length"])?;
     if x.length > MAX_READ {
@@ -224,6 +228,22 @@ async fn fs_read(
     let len = usize::try_from(x.length).unwrap_or(usize::MAX);
     let hold = agent.budget.reserve(bulk::response_size(len)).await;
     let offset = x.offset;
+    // The filesystem thread only says where the bytes are; they come
+    // straight from the pool's chunk buffers, so reads of one volume run in
+    // parallel and the data is copied once, into the response.
+    let p = path.clone();
+    if let Some(map) = on_fs(&fs, move |fs| fs.map(&p, offset, len)).await? {
+        let reader = agent.reader(conn, &t.snapshot, &t.archive)?;
+        let pieces = volume_pieces(&reader, fs.window(), &map.extents)
+            .await
+            .map_err(app_error)?;
+        return Ok(bulk::read_result(
+            offset,
+            map.eof,
+            pieces.iter().map(Piece::as_slice),
+            hold,
+        ));
+    }
     let (data, eof) = on_fs(&fs, move |fs| fs.read(&path, offset, len)).await?;
     Ok(bulk::read_result(
         offset,
@@ -231,6 +251,74 @@ async fn fs_read(
         std::iter::once(&data[..]),
         hold,
     ))
+}
+
+/// Zero bytes that hole pieces point into.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// A piece of file data: a range of a chunk buffer or a run of zeros.
+enum Piece {
+    Chunk(ChunkSlice),
+    Zeros(usize),
+}
+
+impl Piece {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Piece::Chunk(c) => c.as_slice(),
+            Piece::Zeros(n) => &ZEROS[..(*n).min(ZEROS.len())],
+        }
+    }
+}
+
+/// The data of `extents` (volume offsets; the volume is `window` of the
+/// archive) as pieces in order. Data placed beyond the volume, or cut off
+/// by the end of the archive, is an error, never short or made-up data.
+async fn volume_pieces(
+    reader: &ArchiveReader,
+    window: (u64, u64),
+    extents: &[Extent],
+) -> crate::error::Result<Vec<Piece>> {
+    let (start, size) = window;
+    let mut pieces = Vec::new();
+    for e in extents {
+        match *e {
+            Extent::Zero { len } => {
+                let mut left = usize::try_from(len).unwrap_or(usize::MAX);
+                while left > 0 {
+                    let n = left.min(ZEROS.len());
+                    pieces.push(Piece::Zeros(n));
+                    left -= n;
+                }
+            }
+            Extent::Disk { offset, len } => {
+                let end = offset.checked_add(len).filter(|&end| end <= size);
+                if end.is_none() {
+                    return Err(Error::corrupt(format!(
+                        "file data at volume offset {offset} (+{len}) lies beyond the \
+                         end of the volume ({size} bytes)"
+                    )));
+                }
+                let mut done = 0u64;
+                while done < len {
+                    let want = usize::try_from(len - done).unwrap_or(usize::MAX);
+                    let slices = reader.read_slices(start + offset + done, want).await?;
+                    let got: u64 = slices.iter().map(|s| s.range.len() as u64).sum();
+                    if got == 0 {
+                        return Err(Error::corrupt(format!(
+                            "file data at volume offset {} goes past the end of the disk \
+                             ({} bytes)",
+                            offset + done,
+                            reader.size()
+                        )));
+                    }
+                    done += got;
+                    pieces.extend(slices.into_iter().map(Piece::Chunk));
+                }
+            }
+        }
+    }
+    Ok(pieces)
 }
 
 async fn fs_extract(

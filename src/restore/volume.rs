@@ -237,6 +237,15 @@ pub fn open_volume(disk: Arc<dyn Disk>, volume: &str) -> Result<Arc<dyn Disk>> {
     if volume == "raw" {
         return Ok(disk);
     }
+    let (start, size) = volume_window(&disk, volume)?;
+    Ok(Arc::new(Slice::new(disk, start, size)))
+}
+
+/// Where volume `part/N` or `raw` lies on the disk: (start, size) in bytes.
+pub fn volume_window(disk: &Arc<dyn Disk>, volume: &str) -> Result<(u64, u64)> {
+    if volume == "raw" {
+        return Ok((0, disk.size()));
+    }
     let number: u32 = volume
         .strip_prefix("part/")
         .and_then(|n| n.parse().ok())
@@ -245,10 +254,10 @@ pub fn open_volume(disk: Arc<dyn Disk>, volume: &str) -> Result<Arc<dyn Disk>> {
                 "volume {volume:?}: not a volume name (part/N or raw)"
             ))
         })?;
-    let parts = partitions(&disk)?.unwrap_or_default();
+    let parts = partitions(disk)?.unwrap_or_default();
     let p = parts
         .into_iter()
         .find(|p| p.number == number)
         .ok_or_else(|| Error::not_found(format!("volume {volume}: no such partition")))?;
-    Ok(Arc::new(Slice::new(disk, p.start, p.size)))
+    Ok((p.start, p.size))
 }

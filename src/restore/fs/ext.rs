@@ -9,10 +9,10 @@
 //! directory get inode 0 and nlink 1).
 //! Block-mapped (ext2/3) files with holes are read by `ext_raw` because
 //! ext4-view 1.0 fails ("invalid read ... from block 0") on a sparse
-//! block-mapped file whose indirect pointer is a hole. Extent-mapped file
-//! data is read by `ext_raw` too while the journal is clean (one disk read
-//! per extent instead of one call per 4 KiB block); on a volume that needs
-//! recovery it goes through ext4-view's replayed view.
+//! block-mapped file whose indirect pointer is a hole. All other file data
+//! is mapped (and read) by `ext_raw` too while the journal is clean (one
+//! disk read per extent instead of one call per 4 KiB block); on a volume
+//! that needs recovery it goes through ext4-view's replayed view.
 //! Must never write, and never be moved to another thread (ext4-view is
 //! `!Send`); [`super::FsHandle`] pins it.
 
@@ -26,7 +26,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, Ext4Reader};
 use crate::restore::fs::ext_raw::{ExtRaw, Inode};
 use crate::restore::fs::tree::{Backend, Child};
-use crate::restore::fs::{Entry, EntryType};
+use crate::restore::fs::{Entry, EntryType, Extent};
 
 const ROOT_INODE: u32 = 2;
 
@@ -173,6 +173,14 @@ impl ExtBackend {
         })
     }
 
+    /// Whether `ext_raw` reads this file's data: with a clean journal the
+    /// on-disk block maps are the current ones, read whole (ext4-view reads
+    /// one 4 KiB block per call, which halved fs.read against image.read);
+    /// sparse block-mapped files are always read here (see the module doc).
+    fn raw_is_current(&mut self, ino: &Inode) -> Result<bool> {
+        Ok(!self.raw.needs_recovery() || (!ino.uses_extents() && self.raw.is_sparse(ino)?))
+    }
+
     fn read_view(
         &mut self,
         number: u32,
@@ -254,16 +262,28 @@ impl Backend for ExtBackend {
     ) -> Result<usize> {
         if *node != 0 {
             let ino: Inode = self.raw.inode(*node)?;
-            // With a clean journal the on-disk extents are the current
-            // ones: read them whole (ext4-view reads one 4 KiB block per
-            // call, which halved fs.read against image.read).
-            let clean_extents = ino.uses_extents() && !self.raw.needs_recovery();
-            let sparse_map = !ino.uses_extents() && self.raw.is_sparse(&ino)?;
-            if !ino.is_encrypted() && (clean_extents || sparse_map) {
+            if !ino.is_encrypted() && self.raw_is_current(&ino)? {
                 return self.raw.read(&ino, offset, buf);
             }
         }
         self.read_view(*node, path, offset, buf)
+    }
+
+    fn map_at(
+        &mut self,
+        node: &u32,
+        _entry: &Entry,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<Extent>>> {
+        if *node == 0 {
+            return Ok(None);
+        }
+        let ino: Inode = self.raw.inode(*node)?;
+        if ino.is_encrypted() || !self.raw_is_current(&ino)? {
+            return Ok(None);
+        }
+        self.raw.map(&ino, offset, len).map(Some)
     }
 
     fn what(&self) -> &str {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::restore::disk::{read_exact_at, Disk};
+use crate::restore::fs::Extent;
 
 const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
@@ -70,6 +71,21 @@ struct Run {
     logical: u64,
     physical: u64,
     len: u64,
+}
+
+/// Appends `e`, merging it into the last extent when they are contiguous.
+fn push_extent(out: &mut Vec<Extent>, e: Extent) {
+    match (out.last_mut(), e) {
+        (Some(Extent::Zero { len }), Extent::Zero { len: more }) => *len += more,
+        (
+            Some(Extent::Disk { offset, len }),
+            Extent::Disk {
+                offset: at,
+                len: more,
+            },
+        ) if *offset + *len == at => *len += more,
+        _ => out.push(e),
+    }
 }
 
 pub struct ExtRaw {
@@ -380,6 +396,60 @@ impl ExtRaw {
         let runs = self.runs(ino)?;
         let mapped: u64 = runs.iter().filter(|r| r.physical != 0).map(|r| r.len).sum();
         Ok(mapped < nblocks)
+    }
+
+    /// Where `[offset, offset + len)` of a file (clamped at its size) lies
+    /// on the volume: byte ranges in file order, holes and unwritten extents
+    /// as [`Extent::Zero`]. Adjacent pieces are merged.
+    pub fn map(&mut self, ino: &Inode, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        if ino.is_encrypted() {
+            return Err(Error::unsupported(format!(
+                "inode {}: encrypted files are not supported",
+                ino.number
+            )));
+        }
+        if offset >= ino.size {
+            return Ok(Vec::new());
+        }
+        let end = offset + len.min(ino.size - offset);
+        let runs = self.runs(ino)?;
+        let bs = self.block_size;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let first_block = offset / bs;
+        let start_idx = runs.partition_point(|r| r.logical + r.len <= first_block);
+        for r in &runs[start_idx..] {
+            let rs = r.logical.saturating_mul(bs);
+            let re = r.logical.saturating_add(r.len).saturating_mul(bs);
+            if rs >= end {
+                break;
+            }
+            let s = rs.max(pos);
+            let e = re.min(end);
+            if s >= e || r.physical == 0 {
+                continue;
+            }
+            if s > pos {
+                push_extent(&mut out, Extent::Zero { len: s - pos });
+            }
+            let at = r
+                .physical
+                .checked_mul(bs)
+                .and_then(|p| p.checked_add(s - rs))
+                .ok_or_else(|| bad(format!("inode {}: block number out of range", ino.number)))?;
+            push_extent(
+                &mut out,
+                Extent::Disk {
+                    offset: at,
+                    len: e - s,
+                },
+            );
+            pos = e;
+        }
+        if pos < end {
+            push_extent(&mut out, Extent::Zero { len: end - pos });
+        }
+        Ok(out)
     }
 
     /// Reads file data at `offset` (holes and unwritten extents read as

@@ -20,7 +20,7 @@ use crate::restore::fs::ntfs::NtfsBackend;
 use crate::restore::fs::tree::Tree;
 use crate::restore::fs::Filesystem;
 use crate::restore::probe::{probe, FsKind};
-use crate::restore::volume::open_volume;
+use crate::restore::volume::{open_volume, volume_window};
 
 type Job = Box<dyn FnOnce(&mut dyn Filesystem) + Send>;
 
@@ -71,6 +71,7 @@ fn serve(
 pub struct FsHandle {
     jobs: mpsc::Sender<Job>,
     kind: FsKind,
+    window: (u64, u64),
 }
 
 impl FsHandle {
@@ -78,6 +79,9 @@ impl FsHandle {
     /// Blocks while the superblock and metadata are read. Errors 1005 when
     /// the volume holds no filesystem this agent reads.
     pub fn open(disk: Arc<dyn Disk>, volume: &str) -> Result<FsHandle> {
+        let (start, size) = volume_window(&disk, volume)?;
+        let start = start.min(disk.size());
+        let window = (start, size.min(disk.size() - start));
         let vol = open_volume(disk, volume)?;
         let probed = probe(&vol)?;
         let kind = match (probed.fs, probed.unsupported) {
@@ -111,7 +115,7 @@ impl FsHandle {
             })
             .map_err(|e| Error::io("filesystem thread", &e))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(FsHandle { jobs, kind }),
+            Ok(Ok(())) => Ok(FsHandle { jobs, kind, window }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::new(
                 ErrorKind::Io,
@@ -123,6 +127,12 @@ impl FsHandle {
     /// The filesystem type.
     pub fn kind(&self) -> FsKind {
         self.kind
+    }
+
+    /// Where the volume lies on its disk: (start, size) in bytes, clipped
+    /// to the disk. [`FileMap`](super::FileMap) offsets are volume offsets.
+    pub fn window(&self) -> (u64, u64) {
+        self.window
     }
 
     /// Runs `job` on the filesystem's thread and returns its result. A

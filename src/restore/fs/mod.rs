@@ -118,6 +118,33 @@ pub trait FileData {
 /// Returning an error stops the walk with that error.
 pub type WalkVisitor<'a> = dyn FnMut(&WalkEntry, Option<&mut dyn FileData>) -> Result<()> + 'a;
 
+/// Where a piece of a file's data lies on its volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    /// `len` bytes stored at byte `offset` of the volume
+    Disk { offset: u64, len: u64 },
+    /// `len` bytes that read as zeros (a hole, an unwritten extent)
+    Zero { len: u64 },
+}
+
+impl Extent {
+    /// Bytes this extent holds.
+    pub fn bytes(&self) -> u64 {
+        match *self {
+            Extent::Disk { len, .. } | Extent::Zero { len } => len,
+        }
+    }
+}
+
+/// The data of a file range as volume extents, see [`Filesystem::map`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMap {
+    /// in file order; their lengths add up to the bytes the range holds
+    pub extents: Vec<Extent>,
+    /// whether the range reaches the end of the file
+    pub eof: bool,
+}
+
 /// One open filesystem, used from one thread.
 pub trait Filesystem {
     /// The entries of directory `path` (symlinks on the way followed),
@@ -134,6 +161,12 @@ pub trait Filesystem {
     /// Up to `len` bytes of the file at `path` from `offset`, and whether
     /// the end of the file was reached.
     fn read(&mut self, path: &[u8], offset: u64, len: usize) -> Result<(Vec<u8>, bool)>;
+    /// Where the bytes [`read`](Self::read) would return lie on the volume,
+    /// so that the caller can fetch them itself (straight from the chunk
+    /// pool, in parallel with other requests). `None` when this filesystem
+    /// cannot say (the data is not stored as plain volume blocks, or only a
+    /// replayed journal knows where it is): use `read` then.
+    fn map(&mut self, path: &[u8], offset: u64, len: usize) -> Result<Option<FileMap>>;
     /// Walks `path` (a directory, recursively, or a single node) for
     /// extraction; see [`WalkEntry`] and [`WalkVisitor`].
     fn walk(&mut self, path: &[u8], visit: &mut WalkVisitor<'_>) -> Result<()>;

@@ -12,7 +12,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::restore::fs::{Entry, EntryType, FileData, Filesystem, WalkEntry, WalkVisitor};
+use crate::restore::fs::{
+    Entry, EntryType, Extent, FileData, FileMap, Filesystem, WalkEntry, WalkVisitor,
+};
 
 /// Most symlinks followed while resolving one path.
 pub const MAX_SYMLINK_HOPS: usize = 40;
@@ -57,6 +59,17 @@ pub trait Backend {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize>;
+    /// Where `[offset, offset + len)` of a file (already clamped at its
+    /// size) lies on the volume, or `None` when the backend cannot say.
+    fn map_at(
+        &mut self,
+        _node: &Self::Node,
+        _entry: &Entry,
+        _offset: u64,
+        _len: u64,
+    ) -> Result<Option<Vec<Extent>>> {
+        Ok(None)
+    }
     /// Names this filesystem in error messages.
     fn what(&self) -> &str;
     /// Whether names match case-insensitively when no exact match exists
@@ -360,6 +373,40 @@ impl<B: Backend> Filesystem for Tree<B> {
         buf.truncate(done);
         let eof = offset + done as u64 >= entry.size;
         Ok((buf, eof))
+    }
+
+    fn map(&mut self, path: &[u8], offset: u64, len: usize) -> Result<Option<FileMap>> {
+        let r = self.resolve(path, true)?;
+        let entry = r.last().entry.clone();
+        let canonical = r.path();
+        check_regular(&entry, &canonical)?;
+        if offset >= entry.size {
+            return Ok(Some(FileMap {
+                extents: Vec::new(),
+                eof: true,
+            }));
+        }
+        let want = (len.min(MAX_READ) as u64).min(entry.size - offset);
+        let what = self.backend.what().to_string();
+        let last = r.last();
+        let backend = &mut self.backend;
+        let Some(extents) = guarded(&what, &canonical, || {
+            backend.map_at(&last.node, &last.entry, offset, want)
+        })?
+        else {
+            return Ok(None);
+        };
+        let mapped: u64 = extents.iter().map(Extent::bytes).sum();
+        if mapped != want {
+            return Err(Error::corrupt(format!(
+                "{what}: {}: the block map covers {mapped} of {want} bytes",
+                show(&canonical)
+            )));
+        }
+        Ok(Some(FileMap {
+            extents,
+            eof: offset + want >= entry.size,
+        }))
     }
 
     fn walk(&mut self, path: &[u8], visit: &mut WalkVisitor<'_>) -> Result<()> {
