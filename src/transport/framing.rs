@@ -58,10 +58,10 @@ impl Decoder for LineDecoder {
 
     fn decode(&mut self, buf: &mut BytesMut) -> io::Result<Option<Frame>> {
         loop {
-            let newline = buf[self.scanned..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map(|i| i + self.scanned);
+            // memchr: a bulk answer is a line of several MiB arriving in
+            // socket-sized pieces; a byte loop here cost a third of the
+            // client's CPU time.
+            let newline = memchr::memchr(b'\n', &buf[self.scanned..]).map(|i| i + self.scanned);
             if self.discarding {
                 match newline {
                     Some(end) => {
