@@ -1,19 +1,26 @@
-//! Bulk read responses: `{"offset","length","eof","data"}` built straight
-//! from chunk buffers, base64-encoded with a SIMD encoder into the one buffer
-//! that is written to the socket, and bounded by a memory budget shared by
-//! all connections.
+//! Bulk read responses: `{"offset","length","eof","data"}` made of the
+//! pieces of data they return (ranges of the pool's chunk buffers, runs of
+//! zeros), base64-encoded with a SIMD encoder part by part while the
+//! connection writes them, so a response never sits in memory whole; and the
+//! memory budget shared by all connections that bounds the data responses
+//! hold until they are written.
 
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::rpc::RawResult;
+use crate::pool::ChunkSlice;
+use crate::rpc::{BodySource, RawResult};
 
 /// Largest `length` one read may ask for.
 pub const MAX_READ: u64 = 16 << 20;
 
-/// Encoded response bytes allowed in flight at once, over all connections:
-/// keeps the agent inside a small VM however many reads are pipelined.
+/// Data bytes that responses not yet written may hold, over all
+/// connections: keeps the agent inside a small VM however many reads are
+/// pipelined, while two 4 MiB reads can be in flight.
 const BUDGET_BYTES: usize = 8 << 20;
+
+/// Input bytes encoded per written part (a multiple of 3): 256 KiB of base64.
+const PART_INPUT: usize = 192 << 10;
 
 #[derive(Clone)]
 pub struct Budget(Arc<Semaphore>);
@@ -32,99 +39,227 @@ impl Budget {
     }
 }
 
-/// Size of the response JSON for `len` data bytes (an upper bound).
-pub fn response_size(len: usize) -> usize {
-    len.div_ceil(3) * 4 + 96
+/// Zero bytes that [`Piece::Zeros`] point into.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// A piece of the data a read returns.
+pub enum Piece {
+    /// a range of a chunk buffer of the pool
+    Chunk(ChunkSlice),
+    /// this many zero bytes, at most 64 KiB (see [`push_zeros`])
+    Zeros(usize),
+    /// bytes of its own (an archive stream's output)
+    Owned(Vec<u8>),
 }
 
-/// Builds the result object of a read from the pieces of data it returns.
-pub fn read_result<'a>(
+impl Piece {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Piece::Chunk(c) => c.as_slice(),
+            Piece::Zeros(n) => &ZEROS[..(*n).min(ZEROS.len())],
+            Piece::Owned(v) => v,
+        }
+    }
+}
+
+/// Appends `len` zero bytes as pieces.
+pub fn push_zeros(pieces: &mut Vec<Piece>, len: u64) {
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64);
+        pieces.push(Piece::Zeros(n as usize));
+        left -= n;
+    }
+}
+
+/// The result object of a read of `pieces` at `offset`.
+pub fn read_result(
     offset: u64,
     eof: bool,
-    pieces: impl Iterator<Item = &'a [u8]> + Clone,
+    pieces: Vec<Piece>,
     hold: Option<OwnedSemaphorePermit>,
 ) -> RawResult {
-    let len: usize = pieces.clone().map(<[u8]>::len).sum();
-    let mut json = Vec::with_capacity(response_size(len));
-    json.extend_from_slice(
-        format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"data\":\"").as_bytes(),
-    );
-    encode_pieces(&mut json, pieces);
-    json.extend_from_slice(b"\"}");
-    let result = RawResult::new(json);
+    let len: usize = pieces.iter().map(|p| p.as_slice().len()).sum();
+    let head = format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"data\":\"");
+    streamed(head.into_bytes(), pieces, b"\"}".to_vec(), hold)
+}
+
+/// The result object of a `stream.read`.
+pub fn stream_result(eof: bool, data: Vec<u8>, hold: Option<OwnedSemaphorePermit>) -> RawResult {
+    let tail = format!("\",\"eof\":{eof}}}");
+    streamed(
+        b"{\"data\":\"".to_vec(),
+        vec![Piece::Owned(data)],
+        tail.into_bytes(),
+        hold,
+    )
+}
+
+fn streamed(
+    head: Vec<u8>,
+    pieces: Vec<Piece>,
+    tail: Vec<u8>,
+    hold: Option<OwnedSemaphorePermit>,
+) -> RawResult {
+    let result = RawResult::streamed(Box::new(Encoder {
+        head: Some(head),
+        pieces,
+        index: 0,
+        pos: 0,
+        carry: [0; 3],
+        carried: 0,
+        tail: Some(tail),
+    }));
     match hold {
         Some(permit) => result.holding(permit),
         None => result,
     }
 }
 
-/// Builds the result object of a `stream.read`.
-pub fn stream_result(eof: bool, data: &[u8], hold: Option<OwnedSemaphorePermit>) -> RawResult {
-    let mut json = Vec::with_capacity(response_size(data.len()));
-    json.extend_from_slice(b"{\"data\":\"");
-    encode_pieces(&mut json, std::iter::once(data));
-    json.extend_from_slice(format!("\",\"eof\":{eof}}}").as_bytes());
-    let result = RawResult::new(json);
-    match hold {
-        Some(permit) => result.holding(permit),
-        None => result,
-    }
+/// `head`, the standard padded base64 of the concatenated pieces, `tail`,
+/// produced a part at a time. A piece's 1 or 2 trailing bytes are carried
+/// into the next so that the output is one continuous encoding.
+struct Encoder {
+    head: Option<Vec<u8>>,
+    pieces: Vec<Piece>,
+    /// next input byte: `pieces[index].as_slice()[pos]`
+    index: usize,
+    pos: usize,
+    carry: [u8; 3],
+    carried: usize,
+    tail: Option<Vec<u8>>,
 }
 
-/// Appends the standard padded base64 of the concatenated pieces; a piece's
-/// 1 or 2 trailing bytes are carried into the next so output is continuous.
-fn encode_pieces<'a>(out: &mut Vec<u8>, pieces: impl Iterator<Item = &'a [u8]>) {
-    let b64 = base64_simd::STANDARD;
-    let mut carry = [0u8; 3];
-    let mut carried = 0;
-    for mut piece in pieces {
-        if carried > 0 {
-            let take = (3 - carried).min(piece.len());
-            carry[carried..carried + take].copy_from_slice(&piece[..take]);
-            carried += take;
-            piece = &piece[take..];
-            if carried < 3 {
-                continue;
-            }
-            b64.encode_append(carry, out);
+impl BodySource for Encoder {
+    fn next_part(&mut self, out: &mut Vec<u8>) -> bool {
+        let Some(tail) = self.tail.as_ref() else {
+            return false;
+        };
+        if let Some(head) = self.head.take() {
+            out.extend_from_slice(&head);
         }
-        let whole = piece.len() / 3 * 3;
-        b64.encode_append(&piece[..whole], out);
-        let rest = &piece[whole..];
-        carry[..rest.len()].copy_from_slice(rest);
-        carried = rest.len();
+        let b64 = base64_simd::STANDARD;
+        let mut room = PART_INPUT;
+        while room >= 3 {
+            let Some(piece) = self.pieces.get(self.index) else {
+                break;
+            };
+            let data = piece.as_slice();
+            let rest = data.get(self.pos..).unwrap_or_default();
+            if self.carried > 0 {
+                let take = (3 - self.carried).min(rest.len());
+                self.carry[self.carried..self.carried + take].copy_from_slice(&rest[..take]);
+                self.carried += take;
+                self.pos += take;
+                if self.carried == 3 {
+                    b64.encode_append(self.carry, out);
+                    self.carried = 0;
+                    room -= 3;
+                }
+            } else {
+                let whole = rest.len().min(room) / 3 * 3;
+                b64.encode_append(&rest[..whole], out);
+                self.pos += whole;
+                room -= whole;
+                let left = &rest[whole..];
+                if left.len() < 3 {
+                    self.carry[..left.len()].copy_from_slice(left);
+                    self.carried = left.len();
+                    self.pos += left.len();
+                }
+            }
+            if self.pos >= data.len() {
+                self.index += 1;
+                self.pos = 0;
+            }
+        }
+        if self.index < self.pieces.len() {
+            return true;
+        }
+        b64.encode_append(&self.carry[..self.carried], out);
+        self.carried = 0;
+        out.extend_from_slice(tail);
+        self.tail = None;
+        // the data is no longer needed: let it go before the line is sent
+        self.pieces = Vec::new();
+        false
     }
-    b64.encode_append(&carry[..carried], out);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rpc::Body;
+
+    fn text(r: RawResult) -> Vec<u8> {
+        r.json.into_bytes()
+    }
 
     #[test]
     fn pieces_encode_like_the_whole() {
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let n = data.len();
         for cuts in [
             vec![],
             vec![1],
             vec![2, 3],
             vec![1, 2, 4, 999],
             vec![500, 500, 501],
+            vec![PART_INPUT - 1, PART_INPUT + 1, 2 * PART_INPUT + 2],
+            vec![1, n - 1],
         ] {
             let mut pieces = Vec::new();
             let mut start = 0;
             for &c in &cuts {
-                pieces.push(&data[start..c]);
+                pieces.push(Piece::Owned(data[start..c].to_vec()));
                 start = c;
             }
-            pieces.push(&data[start..]);
-            let mut out = Vec::new();
-            encode_pieces(&mut out, pieces.iter().copied());
-            assert_eq!(
-                out,
-                base64_simd::STANDARD.encode_to_string(&data).into_bytes(),
-                "{cuts:?}"
+            pieces.push(Piece::Owned(data[start..].to_vec()));
+            let got = text(read_result(7, true, pieces, None));
+            let want = format!(
+                "{{\"offset\":7,\"length\":{n},\"eof\":true,\"data\":\"{}\"}}",
+                base64_simd::STANDARD.encode_to_string(&data)
             );
+            assert!(got == want.as_bytes(), "{cuts:?}");
         }
+    }
+
+    #[test]
+    fn parts_are_bounded_and_the_last_says_so() {
+        let mut pieces = Vec::new();
+        push_zeros(&mut pieces, 1_000_001);
+        assert_eq!(pieces.len(), 16);
+        let Body::Parts(mut src) = read_result(0, false, pieces, None).json else {
+            panic!("a read result is streamed");
+        };
+        let mut total = 0;
+        let mut parts = 0;
+        loop {
+            let mut out = Vec::new();
+            let more = src.next_part(&mut out);
+            assert!(
+                out.len() <= PART_INPUT / 3 * 4 + 64,
+                "part of {}",
+                out.len()
+            );
+            total += out.len();
+            parts += 1;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(parts, 1_000_001usize.div_ceil(PART_INPUT));
+        let mut after = Vec::new();
+        assert!(!src.next_part(&mut after) && after.is_empty());
+        let frame = r#"{"offset":0,"length":1000001,"eof":false,"data":""}"#.len();
+        assert_eq!(total, 1_000_001usize.div_ceil(3) * 4 + frame);
+    }
+
+    #[test]
+    fn empty_reads_and_stream_results() {
+        let got = text(read_result(5, true, Vec::new(), None));
+        assert_eq!(got, br#"{"offset":5,"length":0,"eof":true,"data":""}"#);
+        let got = text(stream_result(false, b"hi!!".to_vec(), None));
+        assert_eq!(got, br#"{"data":"aGkhIQ==","eof":false}"#);
     }
 }

@@ -5,7 +5,7 @@ use jsonrpsee::{ConnectionId, RpcModule};
 use serde::Deserialize;
 use std::sync::Arc;
 
-use super::bulk::{self, MAX_READ};
+use super::bulk::{self, Piece, MAX_READ};
 use super::{must, Agent};
 use crate::pool::ArchiveReader;
 use crate::rpc::codes::{app_error, invalid_params};
@@ -75,13 +75,13 @@ pub(super) async fn read_response(
     length: u64,
 ) -> Result<RawResult, ErrorObjectOwned> {
     let length = usize::try_from(length).unwrap_or(usize::MAX);
-    let hold = agent.budget.reserve(bulk::response_size(length)).await;
+    let hold = agent.budget.reserve(length).await;
     let slices = reader
         .read_slices(offset, length)
         .await
         .map_err(app_error)?;
     let read: u64 = slices.iter().map(|s| s.range.len() as u64).sum();
     let eof = offset.saturating_add(read) >= reader.size();
-    let pieces = slices.iter().map(|s| &s.chunk[s.range.clone()]);
+    let pieces = slices.into_iter().map(Piece::Chunk).collect();
     Ok(bulk::read_result(offset, eof, pieces, hold))
 }

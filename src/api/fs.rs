@@ -7,11 +7,11 @@ use serde::Deserialize;
 use std::io::Read;
 use std::sync::Arc;
 
-use super::bulk::{self, MAX_READ};
+use super::bulk::{self, Piece, MAX_READ};
 use super::streams::stream_error;
 use super::{must, Agent};
 use crate::error::{Error, ErrorKind};
-use crate::pool::{ArchiveReader, ChunkSlice};
+use crate::pool::ArchiveReader;
 use crate::restore::archive::{
     byte_stream, new_writer, ArchiveEntry, EntryKind, Format, StreamWriter,
 };
@@ -226,7 +226,7 @@ async fn fs_read(
     let path = t.path()?;
     let fs = t.filesystem(&agent).await?;
     let len = usize::try_from(x.length).unwrap_or(usize::MAX);
-    let hold = agent.budget.reserve(bulk::response_size(len)).await;
+    let hold = agent.budget.reserve(len).await;
     let offset = x.offset;
     // The filesystem thread only says where the bytes are; they come
     // straight from the pool's chunk buffers, so reads of one volume run in
@@ -237,38 +237,15 @@ async fn fs_read(
         let pieces = volume_pieces(&reader, fs.window(), &map.extents)
             .await
             .map_err(app_error)?;
-        return Ok(bulk::read_result(
-            offset,
-            map.eof,
-            pieces.iter().map(Piece::as_slice),
-            hold,
-        ));
+        return Ok(bulk::read_result(offset, map.eof, pieces, hold));
     }
     let (data, eof) = on_fs(&fs, move |fs| fs.read(&path, offset, len)).await?;
     Ok(bulk::read_result(
         offset,
         eof,
-        std::iter::once(&data[..]),
+        vec![Piece::Owned(data)],
         hold,
     ))
-}
-
-/// Zero bytes that hole pieces point into.
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-
-/// A piece of file data: a range of a chunk buffer or a run of zeros.
-enum Piece {
-    Chunk(ChunkSlice),
-    Zeros(usize),
-}
-
-impl Piece {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Piece::Chunk(c) => c.as_slice(),
-            Piece::Zeros(n) => &ZEROS[..(*n).min(ZEROS.len())],
-        }
-    }
 }
 
 /// The data of `extents` (volume offsets; the volume is `window` of the
@@ -283,14 +260,7 @@ async fn volume_pieces(
     let mut pieces = Vec::new();
     for e in extents {
         match *e {
-            Extent::Zero { len } => {
-                let mut left = usize::try_from(len).unwrap_or(usize::MAX);
-                while left > 0 {
-                    let n = left.min(ZEROS.len());
-                    pieces.push(Piece::Zeros(n));
-                    left -= n;
-                }
-            }
+            Extent::Zero { len } => bulk::push_zeros(&mut pieces, len),
             Extent::Disk { offset, len } => {
                 let end = offset.checked_add(len).filter(|&end| end <= size);
                 if end.is_none() {
@@ -373,9 +343,9 @@ async fn stream_read(
     }
     let reader = agent.streams.get(conn, p.stream)?;
     let len = usize::try_from(length).unwrap_or(usize::MAX);
-    let hold = agent.budget.reserve(bulk::response_size(len)).await;
+    let hold = agent.budget.reserve(len).await;
     let (data, eof) = reader.lock().await.read(len).await.map_err(stream_error)?;
-    Ok(bulk::stream_result(eof, &data, hold))
+    Ok(bulk::stream_result(eof, data, hold))
 }
 
 /// Writes the archive of `path` into `out`; runs on the filesystem thread.

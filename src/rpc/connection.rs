@@ -17,7 +17,7 @@ use super::envelope::{
     error_line, error_object_line, parse_message, parse_request, result_head, result_line, Id,
     Message,
 };
-use super::router::{Outcome, AUTHENTICATE};
+use super::router::{Body, Outcome, AUTHENTICATE};
 use super::server::Inner;
 use crate::transport::listener::Stream;
 use crate::transport::{Frame, LineDecoder};
@@ -29,20 +29,24 @@ const AUTH_RESULT: &str = concat!(
     "\"}"
 );
 
-/// One response line: `head`, then `body` (a result too large to copy again),
-/// then `tail`; the writer adds the newline.
+/// One response line: `head`, then `body` (a result too large to copy again,
+/// or produced while it is written), then `tail`; the writer adds the newline.
 struct Outgoing {
     head: Vec<u8>,
-    body: Vec<u8>,
+    body: Body,
     tail: &'static [u8],
     _hold: Option<Box<dyn Send + Sync>>,
 }
+
+/// Capacity of the buffer a connection's writer produces streamed result
+/// parts into (reused for every part of every response).
+const PART_BUFFER: usize = 256 << 10;
 
 impl Outgoing {
     fn line(line: Vec<u8>) -> Outgoing {
         Outgoing {
             head: line,
-            body: Vec::new(),
+            body: Body::Bytes(Vec::new()),
             tail: b"",
             _hold: None,
         }
@@ -62,7 +66,7 @@ impl Outgoing {
 
     fn into_bytes(self) -> Vec<u8> {
         let mut v = self.head;
-        v.extend_from_slice(&self.body);
+        v.extend_from_slice(&self.body.into_bytes());
         v.extend_from_slice(self.tail);
         v
     }
@@ -323,10 +327,24 @@ async fn respond_one(conn: &Conn, raw: &RawValue) -> Option<Outgoing> {
 
 async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) {
     let mut w = BufWriter::with_capacity(64 << 10, wr);
-    while let Some(out) = rx.recv().await {
+    let mut part = Vec::new();
+    while let Some(mut out) = rx.recv().await {
         let written = async {
             w.write_all(&out.head).await?;
-            w.write_all(&out.body).await?;
+            match &mut out.body {
+                Body::Bytes(b) => w.write_all(b).await?,
+                Body::Parts(src) => {
+                    part.reserve(PART_BUFFER);
+                    loop {
+                        part.clear();
+                        let more = src.next_part(&mut part);
+                        w.write_all(&part).await?;
+                        if !more {
+                            break;
+                        }
+                    }
+                }
+            }
             w.write_all(out.tail).await?;
             w.write_all(b"\n").await?;
             // Coalesce: flush only when no other response is waiting.

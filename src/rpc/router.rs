@@ -18,16 +18,55 @@ use std::sync::Arc;
 use super::codes::{internal, METHOD_NOT_FOUND};
 use super::envelope::present;
 
+/// Produces a result's JSON text part by part while it is being written,
+/// so that a large result never sits in memory whole.
+pub trait BodySource: Send {
+    /// Appends the next part to `out`; `false` once the last part has been
+    /// appended (later calls append nothing).
+    fn next_part(&mut self, out: &mut Vec<u8>) -> bool;
+}
+
+/// The JSON text of a result value: whole, or produced while it is written.
+pub enum Body {
+    Bytes(Vec<u8>),
+    Parts(Box<dyn BodySource>),
+}
+
+impl Body {
+    /// The whole text (for a batch answer, which is built as one line).
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Body::Bytes(b) => b,
+            Body::Parts(mut src) => {
+                let mut out = Vec::new();
+                while src.next_part(&mut out) {}
+                out
+            }
+        }
+    }
+}
+
 /// The JSON text of a raw method's result value, and whatever must stay
 /// alive until it is written (e.g. a share of a memory budget).
 pub struct RawResult {
-    pub json: Vec<u8>,
+    pub json: Body,
     pub hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl RawResult {
     pub fn new(json: Vec<u8>) -> RawResult {
-        RawResult { json, hold: None }
+        RawResult {
+            json: Body::Bytes(json),
+            hold: None,
+        }
+    }
+
+    /// A result whose text `source` produces while it is written.
+    pub fn streamed(source: Box<dyn BodySource>) -> RawResult {
+        RawResult {
+            json: Body::Parts(source),
+            hold: None,
+        }
     }
 
     /// Keeps `hold` alive until the response line has been written.
@@ -59,7 +98,7 @@ pub struct Router {
 /// What a method call produced.
 pub enum Outcome {
     /// JSON text of the result value, and what must live until it is written.
-    Result(Vec<u8>, Option<Box<dyn Send + Sync>>),
+    Result(Body, Option<Box<dyn Send + Sync>>),
     /// JSON text of an error object.
     Error(String),
 }
@@ -203,7 +242,7 @@ fn unwrap_response(json: &str) -> Outcome {
     match serde_json::from_str::<Response>(json) {
         Ok(Response {
             result: Some(r), ..
-        }) => Outcome::Result(r.get().as_bytes().to_vec(), None),
+        }) => Outcome::Result(Body::Bytes(r.get().as_bytes().to_vec()), None),
         Ok(Response { error: Some(e), .. }) => Outcome::Error(e.get().to_string()),
         _ => Outcome::error(internal("malformed method response")),
     }
