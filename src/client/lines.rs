@@ -148,7 +148,24 @@ impl LineReceiver {
         if self.slots.lock().pending.is_empty() || !line.starts_with(b"{") {
             return line.to_vec();
         }
-        let Ok(bulk) = serde_json::from_slice::<BulkResponse>(line) else {
+        // The JSON parser reads the answer without its payload (megabytes of
+        // base64 it would only scan); when that does not work out, it reads
+        // the whole line.
+        let excised = excise_data(line);
+        let parsed = match &excised {
+            Some((rest, payload)) => serde_json::from_slice::<BulkResponse>(rest)
+                .ok()
+                .filter(|b| b.result.data.is_empty())
+                .map(|b| (b, *payload)),
+            None => None,
+        };
+        let parsed = parsed.or_else(|| {
+            serde_json::from_slice::<BulkResponse>(line).ok().map(|b| {
+                let payload = b.result.data.as_bytes();
+                (b, payload)
+            })
+        });
+        let Some((bulk, payload)) = parsed else {
             // An error answer (or anything else) ends a pending bulk request too.
             if let Ok(head) = serde_json::from_slice::<ResponseHead>(line) {
                 self.slots.lock().pending.remove(&head.id);
@@ -158,7 +175,7 @@ impl LineReceiver {
         if !self.slots.lock().pending.remove(&bulk.id) {
             return line.to_vec();
         }
-        let Ok(data) = base64_simd::STANDARD.decode_to_vec(bulk.result.data.as_bytes()) else {
+        let Ok(data) = base64_simd::STANDARD.decode_to_vec(payload) else {
             // Left for the caller to decode and report.
             return line.to_vec();
         };
@@ -180,6 +197,20 @@ impl LineReceiver {
     }
 }
 
+/// Cuts the string value of the first `"data"` member out of a bulk answer:
+/// the line with `"data":""` in its place, and the value. The value is
+/// base64 (it holds no `"` or `\\`); the caller checks that by decoding it.
+fn excise_data(line: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    const KEY: &[u8] = b"\"data\":\"";
+    let head = &line[..line.len().min(512)];
+    let start = memchr::memmem::find(head, KEY)? + KEY.len();
+    let end = start + memchr::memchr(b'"', &line[start..])?;
+    let mut rest = Vec::with_capacity(line.len() - (end - start));
+    rest.extend_from_slice(&line[..start]);
+    rest.extend_from_slice(&line[end..]);
+    Some((rest, &line[start..end]))
+}
+
 impl TransportReceiverT for LineReceiver {
     type Error = io::Error;
 
@@ -196,5 +227,25 @@ impl TransportReceiverT for LineReceiver {
                 "the agent closed the connection",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_payload_is_cut_out_of_a_bulk_answer() {
+        let line = br#"{"jsonrpc":"2.0","id":7,"result":{"offset":0,"length":3,"eof":true,"data":"YWJj"}}"#;
+        let (rest, payload) = excise_data(line).expect("a data member");
+        assert_eq!(payload, b"YWJj");
+        assert_eq!(
+            rest,
+            br#"{"jsonrpc":"2.0","id":7,"result":{"offset":0,"length":3,"eof":true,"data":""}}"#
+        );
+        // an escaped quote inside a message is not a member
+        let err = br#"{"jsonrpc":"2.0","id":7,"error":{"code":1,"message":"\"data\":\"x"}}"#;
+        assert!(excise_data(err).is_none());
+        assert!(excise_data(b"{}").is_none());
     }
 }
