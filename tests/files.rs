@@ -1310,6 +1310,79 @@ fn open_streams(c: &mut Conn) -> u64 {
 }
 
 #[test]
+fn pipelined_stream_reads_are_served_in_offset_order() {
+    let Some(f) = fixture() else { return };
+    let a = agent(f);
+    let mut c = a.connect_authed();
+    let whole = extract(&mut c, EXT3, b"/", "tar", false);
+    const PIECE: usize = 4096;
+    assert!(whole.len() > 8 * PIECE, "archive of {} bytes", whole.len());
+    let id = open_stream(&mut c, EXT3).unwrap();
+    // four reads sent at once, the last offset first: each waits for the
+    // ones before it and returns exactly its piece
+    let mut ids = Vec::new();
+    for k in (0..4u64).rev() {
+        let rid = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        ids.push((rid, k * PIECE as u64));
+        c.send_json(
+            &json!({"jsonrpc": "2.0", "id": rid, "method": "stream.read",
+            "params": {"stream": id, "offset": k * PIECE as u64, "length": PIECE}}),
+        );
+    }
+    let mut got = vec![Vec::new(); 4];
+    for _ in 0..4 {
+        let Recv::Line(line) = c.recv_line_within(BULK_DEADLINE) else {
+            panic!("no answer to a pipelined stream.read");
+        };
+        let (v, data) = split_bulk(&line);
+        let rid = v["id"].as_u64().unwrap();
+        let (_, at) = *ids.iter().find(|(i, _)| *i == rid).unwrap();
+        assert_eq!(v["result"]["offset"], json!(at), "{v}");
+        assert_eq!(v["result"]["eof"], json!(false), "{v}");
+        got[(at as usize) / PIECE] = data.unwrap();
+    }
+    let mut out: Vec<u8> = got.concat();
+    assert_eq!(out.len(), 4 * PIECE);
+    // the rest, one offset read at a time; a piece is whole until the end
+    loop {
+        let at = out.len() as u64;
+        let (meta, data) = bulk(
+            &mut c,
+            "stream.read",
+            json!({"stream": id, "offset": at, "length": 1 << 20}),
+        )
+        .unwrap();
+        assert_eq!(meta["offset"], json!(at));
+        out.extend_from_slice(&data);
+        if meta["eof"] == json!(true) {
+            break;
+        }
+        assert_eq!(data.len(), 1 << 20);
+    }
+    assert!(
+        out == whole,
+        "pipelined reads give the archive a single reader gets"
+    );
+    // beyond the end: nothing, at eof; an offset already read: refused
+    let (meta, data) = bulk(
+        &mut c,
+        "stream.read",
+        json!({"stream": id, "offset": 1u64 << 40, "length": 100}),
+    )
+    .unwrap();
+    assert_eq!((data.len(), &meta["eof"]), (0, &json!(true)));
+    let e = bulk(
+        &mut c,
+        "stream.read",
+        json!({"stream": id, "offset": 0, "length": 100}),
+    )
+    .unwrap_err();
+    assert_eq!(e["code"], -32602, "{e}");
+    ping(&mut c);
+    assert_no_panic(&a);
+}
+
+#[test]
 fn stream_limits_and_lifetimes() {
     let Some(f) = fixture() else { return };
     let a = agent(f);

@@ -84,11 +84,16 @@ pub fn read_result(
     streamed(head.into_bytes(), pieces, b"\"}".to_vec(), hold)
 }
 
-/// The result object of a `stream.read`.
-pub fn stream_result(eof: bool, data: Vec<u8>, hold: Option<OwnedSemaphorePermit>) -> RawResult {
+/// The result object of a `stream.read` of `data` at stream `offset`.
+pub fn stream_result(
+    offset: u64,
+    eof: bool,
+    data: Vec<u8>,
+    hold: Option<OwnedSemaphorePermit>,
+) -> RawResult {
     let tail = format!("\",\"eof\":{eof}}}");
     streamed(
-        b"{\"data\":\"".to_vec(),
+        format!("{{\"offset\":{offset},\"data\":\"").into_bytes(),
         vec![Piece::Owned(data)],
         tail.into_bytes(),
         hold,
@@ -259,7 +264,7 @@ mod tests {
     fn empty_reads_and_stream_results() {
         let got = text(read_result(5, true, Vec::new(), None));
         assert_eq!(got, br#"{"offset":5,"length":0,"eof":true,"data":""}"#);
-        let got = text(stream_result(false, b"hi!!".to_vec(), None));
-        assert_eq!(got, br#"{"data":"aGkhIQ==","eof":false}"#);
+        let got = text(stream_result(9, false, b"hi!!".to_vec(), None));
+        assert_eq!(got, br#"{"offset":9,"data":"aGkhIQ==","eof":false}"#);
     }
 }

@@ -8,7 +8,6 @@ use std::io::Read;
 use std::sync::Arc;
 
 use super::bulk::{self, Piece, MAX_READ};
-use super::streams::stream_error;
 use super::{must, Agent};
 use crate::error::{Error, ErrorKind};
 use crate::pool::ArchiveReader;
@@ -140,6 +139,8 @@ struct StreamReadParams {
     stream: u64,
     #[serde(default)]
     length: Option<u64>,
+    #[serde(default)]
+    offset: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -341,11 +342,12 @@ async fn stream_read(
     if length == 0 || length > MAX_READ {
         return Err(invalid_params(format!("length must be 1..={MAX_READ}")));
     }
-    let reader = agent.streams.get(conn, p.stream)?;
+    let stream = agent.streams.get(conn, p.stream)?;
     let len = usize::try_from(length).unwrap_or(usize::MAX);
-    let hold = agent.budget.reserve(len).await;
-    let (data, eof) = reader.lock().await.read(len).await.map_err(stream_error)?;
-    Ok(bulk::stream_result(eof, data, hold))
+    let (offset, data, eof, hold) = stream
+        .read(p.offset, len, agent.budget.reserve(len))
+        .await?;
+    Ok(bulk::stream_result(offset, eof, data, hold))
 }
 
 /// Writes the archive of `path` into `out`; runs on the filesystem thread.

@@ -8,19 +8,96 @@ use jsonrpsee::ConnectionId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
 
 use crate::error::{Error, ErrorKind};
 use crate::restore::archive::StreamReader;
-use crate::rpc::codes::{app_error, limit_reached};
+use crate::rpc::codes::{app_error, invalid_params, limit_reached};
 use crate::rpc::server::WatchdogHold;
 
 pub const PER_CONNECTION: usize = 8;
 pub const TOTAL: usize = 32;
 
+/// How long a read with an `offset` waits for the reads before it.
+const TURN_WAIT: Duration = Duration::from_secs(30);
+
 struct Slot {
     conn: usize,
-    reader: Arc<tokio::sync::Mutex<StreamReader>>,
+    stream: Arc<OpenStream>,
     _hold: WatchdogHold,
+}
+
+/// An open stream: its reader and how far it has been read.
+pub struct OpenStream {
+    cursor: tokio::sync::Mutex<Cursor>,
+    /// woken whenever `position` moves
+    moved: Notify,
+}
+
+struct Cursor {
+    reader: StreamReader,
+    /// bytes of the archive returned so far
+    position: u64,
+}
+
+impl OpenStream {
+    /// The next bytes of the archive, at most `max`: what is buffered (at
+    /// least one byte unless the archive ended). With `at`, the read is
+    /// served when the stream has been read up to `at` (reads pipelined by
+    /// a client complete in offset order whatever order they arrive in)
+    /// and returns exactly `max` bytes unless the archive ends first.
+    /// `reserve` is awaited once it is this read's turn, so that reads
+    /// waiting for their turn hold no share of the memory budget.
+    /// Returns (offset, data, eof, reservation).
+    pub async fn read<H>(
+        &self,
+        at: Option<u64>,
+        max: usize,
+        reserve: impl std::future::Future<Output = H>,
+    ) -> Result<(u64, Vec<u8>, bool, H), ErrorObjectOwned> {
+        let deadline = tokio::time::Instant::now() + TURN_WAIT;
+        let mut cursor = loop {
+            let moved = self.moved.notified();
+            let cursor = self.cursor.lock().await;
+            match at {
+                Some(at) if at < cursor.position => {
+                    return Err(invalid_params(format!(
+                        "stream offset {at} was already read (the stream is at {})",
+                        cursor.position
+                    )))
+                }
+                // a read beyond the end gets the end (empty, eof) or the error
+                Some(at) if at > cursor.position && !cursor.reader.ended() => {
+                    drop(cursor);
+                    if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                        return Err(invalid_params(format!(
+                            "stream offset {at}: the reads before it did not arrive \
+                             within {} s",
+                            TURN_WAIT.as_secs()
+                        )));
+                    }
+                }
+                _ => break cursor,
+            }
+        };
+        let hold = reserve.await;
+        let offset = cursor.position;
+        let (mut data, mut eof) = cursor.reader.read(max).await.map_err(stream_error)?;
+        while at.is_some() && !eof && data.len() < max {
+            let (more, end) = cursor
+                .reader
+                .read(max - data.len())
+                .await
+                .map_err(stream_error)?;
+            data.extend_from_slice(&more);
+            eof = end;
+        }
+        cursor.position += data.len() as u64;
+        drop(cursor);
+        self.moved.notify_waiters();
+        Ok((offset, data, eof, hold))
+    }
 }
 
 #[derive(Default)]
@@ -62,20 +139,22 @@ impl Streams {
             id,
             Slot {
                 conn: conn.0,
-                reader: Arc::new(tokio::sync::Mutex::new(reader)),
+                stream: Arc::new(OpenStream {
+                    cursor: tokio::sync::Mutex::new(Cursor {
+                        reader,
+                        position: 0,
+                    }),
+                    moved: Notify::new(),
+                }),
                 _hold: hold,
             },
         );
         Ok(id)
     }
 
-    pub fn get(
-        &self,
-        conn: ConnectionId,
-        id: u64,
-    ) -> Result<Arc<tokio::sync::Mutex<StreamReader>>, ErrorObjectOwned> {
+    pub fn get(&self, conn: ConnectionId, id: u64) -> Result<Arc<OpenStream>, ErrorObjectOwned> {
         match self.lock().get(&id) {
-            Some(slot) if slot.conn == conn.0 => Ok(slot.reader.clone()),
+            Some(slot) if slot.conn == conn.0 => Ok(slot.stream.clone()),
             _ => Err(unknown(id)),
         }
     }

@@ -87,6 +87,7 @@ struct ReadResult {
 
 #[derive(Deserialize)]
 struct StreamResult {
+    offset: u64,
     data: String,
     eof: bool,
     slot: Option<u64>,
@@ -176,26 +177,56 @@ pub async fn read_file(
 }
 
 /// Pulls stream `stream` (from `fs.extract`) to its end, passing each piece to
-/// `sink`, and returns the number of bytes. The stream is closed on failure.
+/// `sink`, and returns the number of bytes. Reads are pipelined like file
+/// reads: each names the stream offset it starts at, so the agent serves
+/// them in order and each returns a full [`READ_CHUNK`] until the end. The
+/// stream is closed on failure.
 pub async fn read_stream(
     session: &Session,
     stream: &Value,
     sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send),
 ) -> Result<u64> {
+    type StreamFuture<'a> = Pin<Box<dyn Future<Output = Result<(u64, StreamResult)>> + Send + 'a>>;
+    let issue = |offset: u64| -> StreamFuture<'_> {
+        Box::pin(async move {
+            let params = serde_json::json!({
+                "stream": stream, "offset": offset, "length": READ_CHUNK
+            });
+            let r: StreamResult = session.call("stream.read", params).await?;
+            Ok((offset, r))
+        })
+    };
     let mut done = 0u64;
     let result = async {
+        let mut in_flight: VecDeque<StreamFuture<'_>> = VecDeque::new();
+        let mut next = 0u64;
         loop {
-            let r: StreamResult = session
-                .call(
-                    "stream.read",
-                    serde_json::json!({ "stream": stream, "length": READ_CHUNK }),
-                )
-                .await?;
+            while in_flight.len() < READ_DEPTH {
+                in_flight.push_back(issue(next));
+                next += READ_CHUNK;
+            }
+            let Some(oldest) = in_flight.pop_front() else {
+                return Ok(done);
+            };
+            let (asked, r) = oldest.await?;
             let bytes = payload(session, r.slot, &r.data, "stream")?;
+            if r.offset != asked || asked != done {
+                return Err(ClientError::local(format!(
+                    "stream.read at {asked}: the agent answered for offset {}",
+                    r.offset
+                )));
+            }
             sink(&bytes)?;
             done += bytes.len() as u64;
             if r.eof {
+                // the reads beyond the end are answered empty; not awaited
                 return Ok(done);
+            }
+            if (bytes.len() as u64) < READ_CHUNK {
+                return Err(ClientError::local(format!(
+                    "stream.read at {asked}: {} bytes before the end of the stream",
+                    bytes.len()
+                )));
             }
         }
     }

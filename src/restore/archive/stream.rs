@@ -189,6 +189,17 @@ pub struct StreamReader {
 }
 
 impl StreamReader {
+    /// Whether reading goes no further: the archive is complete and all of
+    /// it was read, or the producer failed.
+    pub fn ended(&self) -> bool {
+        let st = self.shared.lock();
+        match st.end {
+            End::Open => false,
+            End::Finished => st.buf.is_empty(),
+            End::Failed(_) => true,
+        }
+    }
+
     /// Waits until data is buffered, the stream finished, or it failed; then
     /// returns up to `max` bytes and whether the stream is complete after
     /// them (`true` comes with the last data when possible). A failed stream
