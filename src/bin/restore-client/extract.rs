@@ -1,24 +1,28 @@
 //! `extract`: restore a file or a tree into a local directory (walking it
-//! with `fs.list`/`fs.stat` and pipelined `fs.read`), or as a tar/zip archive
+//! with `fs.list`/`fs.stat` and pipelined `fs.read`, several files and the
+//! next directories' listings in flight at once), or as a tar/zip archive
 //! from an `fs.extract` stream into a file or stdout.
 //!
 //! Writing into a directory never leaves it: every name from the agent is
 //! checked again (no `/`, `.`, `..`, NUL, empty), directories are opened with
 //! `O_NOFOLLOW` relative to their parent's descriptor, and files are created
 //! with `O_EXCL` (so an existing symlink is never followed). Existing files are
-//! kept unless `--force`. The file being written is removed on failure or
-//! Ctrl-C.
+//! kept unless `--force`. Every file still being written is removed on
+//! failure or Ctrl-C.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString};
 use std::fs::File;
+use std::future::Future;
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use restore_agent::client::bulk::{self, FileRef};
 use restore_agent::client::{ClientError, Session};
@@ -51,18 +55,30 @@ pub struct ExtractArgs {
     force: bool,
 }
 
-/// The file being written right now, removed if the command is interrupted.
-type Partial = Arc<Mutex<Option<PathBuf>>>;
+/// Files being written right now, all removed if the command fails or is
+/// interrupted (with several files in flight, any of them may be partial).
+#[derive(Clone, Default)]
+struct Partial(Arc<Mutex<HashSet<PathBuf>>>);
 
-fn set_partial(partial: &Partial, path: Option<PathBuf>) {
-    if let Ok(mut p) = partial.lock() {
-        *p = path;
+impl Partial {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
+        // A panic while holding the lock leaves a plain set behind: still usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-fn remove_partial(partial: &Partial) {
-    if let Ok(mut p) = partial.lock() {
-        if let Some(path) = p.take() {
+    /// `path` was just created and is not complete yet.
+    fn add(&self, path: PathBuf) {
+        self.lock().insert(path);
+    }
+
+    /// `path` is complete (or already removed).
+    fn done(&self, path: &Path) {
+        self.lock().remove(path);
+    }
+
+    /// Removes every file still being written.
+    fn remove_all(&self) {
+        for path in self.lock().drain() {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -93,7 +109,7 @@ pub async fn run(
         return Err(ClientError::local("--zstd applies to tar archives only"));
     }
     let _ = global;
-    let partial: Partial = Arc::new(Mutex::new(None));
+    let partial = Partial::default();
     let work = async {
         if let Some(dir) = &args.dir {
             to_dir(session, &args.file.file_ref(), dir, args.force, &partial).await
@@ -118,13 +134,13 @@ pub async fn run(
     let result = tokio::select! {
         r = work => r,
         _ = tokio::signal::ctrl_c() => {
-            remove_partial(&partial);
+            partial.remove_all();
             eprintln!("restore-client: interrupted");
             std::process::exit(130);
         }
     };
     if result.is_err() {
-        remove_partial(&partial);
+        partial.remove_all();
     }
     result
 }
@@ -177,7 +193,7 @@ async fn to_archive(
                     ClientError::local(format!("cannot create {}: {e}", path.display()))
                 }
             })?;
-            set_partial(partial, Some(path.to_path_buf()));
+            partial.add(path.to_path_buf());
             Box::new(io::BufWriter::with_capacity(1 << 20, f))
         }
         None => Box::new(io::BufWriter::with_capacity(1 << 20, io::stdout())),
@@ -211,7 +227,9 @@ async fn to_archive(
     out.flush()
         .map_err(|e| ClientError::local(format!("writing {what}: {e}")))?;
     drop(out);
-    set_partial(partial, None);
+    if let Some(path) = dest {
+        partial.done(path);
+    }
     let text = match dest {
         Some(p) => format!("wrote {} ({} bytes, {format})", p.display(), bytes),
         None => String::new(),
@@ -234,15 +252,65 @@ struct Stats {
     skipped: Vec<String>,
 }
 
+/// Files fetched at once. A tree of small files is bound by round trips, not
+/// bandwidth: with many files in flight the agent works on several while the
+/// answers of others travel.
+const FILES_IN_FLIGHT: usize = 16;
+/// Read-ahead all files in flight may hold together (each file asks for at
+/// most `READ_DEPTH * READ_CHUNK` at a time); one file is always allowed.
+const BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// Directory listings asked for ahead of the walk.
+const LISTS_AHEAD: usize = 4;
+
+/// What one unit of work in flight came back with.
+enum Done {
+    /// The listing of the directory with this sequence number.
+    Listed(u64, Result<Vec<Value>, ClientError>),
+    /// A file was written (bytes) or failed; with the read-ahead it held.
+    File(Result<u64, ClientError>, u64),
+}
+
+type Work<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
+
+/// A directory whose contents are still to be written.
+struct PendingDir {
+    remote: FileRef,
+    local: PathBuf,
+    asked: bool,
+    listing: Option<Vec<Value>>,
+}
+
+/// One file to fetch into a file already created (and registered as partial).
+struct FileJob {
+    dir: Arc<OwnedFd>,
+    name: CString,
+    local: PathBuf,
+    remote: FileRef,
+    file: File,
+    size: u64,
+    mode: u32,
+    mtime: i64,
+}
+
 struct DirWriter<'a> {
     session: &'a Session,
     force: bool,
     partial: &'a Partial,
     /// First local copy of each multiply-linked inode, for hard links.
     links: HashMap<u64, PathBuf>,
+    /// Hard links to make once every file is complete: (directory, name,
+    /// local path, first copy).
+    link_later: Vec<(PathBuf, CString, PathBuf, PathBuf)>,
     /// Directories to give their mode and mtime at the end (after their
     /// contents, which would change the mtime and may need write permission).
     finish: Vec<(PathBuf, u32, i64)>,
+    /// Directories still to walk, in order; the first has number `walked`.
+    dirs: VecDeque<PendingDir>,
+    walked: u64,
+    /// Listings and file fetches in flight.
+    work: FuturesUnordered<Work<'a>>,
+    files_in_flight: usize,
+    bytes_in_flight: u64,
     stats: Stats,
     bar: Option<ProgressBar>,
 }
@@ -265,7 +333,13 @@ async fn to_dir(
         force,
         partial,
         links: HashMap::new(),
+        link_later: Vec::new(),
         finish: Vec::new(),
+        dirs: VecDeque::new(),
+        walked: 0,
+        work: FuturesUnordered::new(),
+        files_in_flight: 0,
+        bytes_in_flight: 0,
         stats: Stats::default(),
         bar: progress(if root_entry.kind == "dir" {
             None
@@ -278,14 +352,17 @@ async fn to_dir(
     } else {
         let name = base_name(&root.path);
         let name = safe_name(&name)?;
-        w.entry(&top, dir, root, &name, &root_entry)
-            .await
-            .map(|_| ())
+        let top = Arc::new(top);
+        match w.entry(&top, dir, root, &name, &root_entry).await {
+            Ok(_) => w.drain().await,
+            Err(e) => Err(e),
+        }
     };
     if let Some(b) = &w.bar {
         b.finish_and_clear();
     }
     result?;
+    w.make_links()?;
     for (path, mode, mtime) in w.finish.iter().rev() {
         let fd = open_dir(path)
             .map_err(|e| ClientError::local(format!("cannot open {}: {e}", path.display())))?;
@@ -326,33 +403,111 @@ async fn to_dir(
     Ok(outcome)
 }
 
-impl DirWriter<'_> {
+impl<'a> DirWriter<'a> {
     /// Writes the contents of remote directory `root` into local `dir`,
-    /// depth first, listing order.
+    /// breadth first, listing order; the next directories' listings and up to
+    /// `FILES_IN_FLIGHT` files are fetched while the walk goes on.
     async fn tree(&mut self, root: &FileRef, dir: &Path) -> Result<(), ClientError> {
-        let mut pending = vec![(root.clone(), dir.to_path_buf())];
-        while let Some((remote, local)) = pending.pop() {
-            let fd = open_dir(&local).map_err(|e| local_io(&local, e))?;
-            let mut subdirs = Vec::new();
-            for v in list_dir(self.session, &remote).await? {
+        self.dirs.push_back(PendingDir {
+            remote: root.clone(),
+            local: dir.to_path_buf(),
+            asked: false,
+            listing: None,
+        });
+        loop {
+            self.ask_listings();
+            let Some(front) = self.dirs.front_mut() else {
+                break;
+            };
+            let Some(entries) = front.listing.take() else {
+                self.wait_one().await?;
+                continue;
+            };
+            let Some(current) = self.dirs.pop_front() else {
+                break;
+            };
+            self.walked += 1;
+            let local = current.local;
+            let fd = Arc::new(open_dir(&local).map_err(|e| local_io(&local, e))?);
+            for v in entries {
                 let e = Entry::from_value(&v)?;
                 let raw = e.raw_name()?;
                 let name = safe_name(&raw)?;
-                let child = remote.child(&raw);
+                let child = current.remote.child(&raw);
                 if let Some(sub) = self.entry(&fd, &local, &child, &name, &e).await? {
-                    subdirs.push((child, sub));
+                    self.dirs.push_back(PendingDir {
+                        remote: child,
+                        local: sub,
+                        asked: false,
+                        listing: None,
+                    });
                 }
             }
-            pending.extend(subdirs.into_iter().rev());
+        }
+        self.drain().await
+    }
+
+    /// Asks for the listings of the next `LISTS_AHEAD` directories.
+    fn ask_listings(&mut self) {
+        let session = self.session;
+        for (i, d) in self.dirs.iter_mut().take(LISTS_AHEAD).enumerate() {
+            if d.asked {
+                continue;
+            }
+            d.asked = true;
+            let seq = self.walked + i as u64;
+            let remote = d.remote.clone();
+            self.work.push(Box::pin(async move {
+                Done::Listed(seq, list_dir(session, &remote).await)
+            }));
+        }
+    }
+
+    /// Waits for one listing or file in flight to finish.
+    async fn wait_one(&mut self) -> Result<(), ClientError> {
+        match self.work.next().await {
+            Some(Done::Listed(seq, listing)) => {
+                let listing = listing?;
+                let slot = seq
+                    .checked_sub(self.walked)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| self.dirs.get_mut(i));
+                match slot {
+                    Some(d) => d.listing = Some(listing),
+                    None => {
+                        return Err(ClientError::local("internal: a listing lost its directory"))
+                    }
+                }
+            }
+            Some(Done::File(result, held)) => {
+                self.files_in_flight -= 1;
+                self.bytes_in_flight -= held;
+                self.stats.files += 1;
+                self.stats.bytes += result?;
+            }
+            None => {
+                return Err(ClientError::local(
+                    "internal: waiting with nothing in flight",
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every file in flight.
+    async fn drain(&mut self) -> Result<(), ClientError> {
+        while !self.work.is_empty() {
+            self.wait_one().await?;
         }
         Ok(())
     }
 
     /// Creates one entry `name` in `dir` (open as `fd`); returns the local path
-    /// of a directory, whose contents are still to be written.
+    /// of a directory, whose contents are still to be written. A file's
+    /// contents may still be in flight on return.
     async fn entry(
         &mut self,
-        fd: &OwnedFd,
+        fd: &Arc<OwnedFd>,
         dir: &Path,
         remote: &FileRef,
         name: &CStr,
@@ -376,9 +531,14 @@ impl DirWriter<'_> {
             "file" => {
                 if e.nlink > 1 {
                     if let Some(first) = self.links.get(&e.inode) {
-                        self.replace_if_forced(fd, name, &local)?;
-                        std::fs::hard_link(first, &local).map_err(|err| local_io(&local, err))?;
-                        self.stats.hardlinks += 1;
+                        // The first copy may still be in flight: linked at
+                        // the end, so a failed copy never leaves a second name.
+                        self.link_later.push((
+                            dir.to_path_buf(),
+                            name.to_owned(),
+                            local,
+                            first.clone(),
+                        ));
                         return Ok(None);
                     }
                 }
@@ -431,53 +591,96 @@ impl DirWriter<'_> {
         }
     }
 
+    /// Creates file `name` and starts fetching its contents, once there is
+    /// room in flight.
     async fn file(
         &mut self,
-        fd: &OwnedFd,
+        fd: &Arc<OwnedFd>,
         name: &CStr,
         local: &Path,
         remote: &FileRef,
         e: &Entry,
     ) -> Result<(), ClientError> {
+        let held = e.size.min(bulk::READ_CHUNK * bulk::READ_DEPTH as u64);
+        while self.files_in_flight >= FILES_IN_FLIGHT
+            || (self.files_in_flight > 0 && self.bytes_in_flight + held > BYTES_IN_FLIGHT)
+        {
+            self.wait_one().await?;
+        }
         self.replace_if_forced(fd, name, local)?;
         let file = create_at(fd, name).map_err(|err| exists_or(local, err))?;
-        set_partial(self.partial, Some(local.to_path_buf()));
-        let mut out = io::BufWriter::with_capacity(1 << 20, file);
-        let bar = self.bar.clone();
+        // No await between creating and registering: Ctrl-C sees every file.
+        self.partial.add(local.to_path_buf());
+        let job = FileJob {
+            dir: fd.clone(),
+            name: name.to_owned(),
+            local: local.to_path_buf(),
+            remote: remote.clone(),
+            file,
+            size: e.size,
+            mode: e.mode,
+            mtime: e.mtime_s(),
+        };
+        let (session, partial, bar) = (self.session, self.partial.clone(), self.bar.clone());
+        self.files_in_flight += 1;
+        self.bytes_in_flight += held;
+        self.work.push(Box::pin(async move {
+            Done::File(fetch_file(session, job, &partial, bar).await, held)
+        }));
+        Ok(())
+    }
+
+    /// Makes the hard links whose first copy is now complete.
+    fn make_links(&mut self) -> Result<(), ClientError> {
+        for (dir, name, local, first) in std::mem::take(&mut self.link_later) {
+            let fd = open_dir(&dir).map_err(|err| local_io(&dir, err))?;
+            self.replace_if_forced(&fd, &name, &local)?;
+            std::fs::hard_link(&first, &local).map_err(|err| exists_or(&local, err))?;
+            self.stats.hardlinks += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Fetches `job`'s contents into its file, then gives it its mode and mtime;
+/// returns the bytes written. On failure the file is removed.
+async fn fetch_file(
+    session: &Session,
+    job: FileJob,
+    partial: &Partial,
+    bar: Option<ProgressBar>,
+) -> Result<u64, ClientError> {
+    let FileJob {
+        dir,
+        name,
+        local,
+        remote,
+        mut file,
+        size,
+        mode,
+        mtime,
+    } = job;
+    let result = {
         let mut sink = |data: &[u8]| {
             if let Some(b) = &bar {
                 b.inc(data.len() as u64);
             }
-            out.write_all(data).map_err(|err| local_io(local, err))
+            file.write_all(data).map_err(|err| local_io(&local, err))
         };
-        let result = bulk::read_file(self.session, remote, e.size, &mut sink).await;
-        let written = match result {
-            Ok(n) => n,
-            Err(err) => {
-                drop(out);
-                let _ = unlinkat(fd, name);
-                set_partial(self.partial, None);
-                return Err(err);
-            }
-        };
-        let file = out
-            .into_inner()
-            .map_err(|err| local_io(local, err.into_error()))?;
-        let finished = file
-            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
-                e.mode & 0o7777,
-            ))
-            .and_then(|()| set_mtime_fd(&OwnedFd::from(file), e.mtime_s()));
-        if let Err(err) = finished {
-            let _ = unlinkat(fd, name);
-            set_partial(self.partial, None);
-            return Err(local_io(local, err));
-        }
-        set_partial(self.partial, None);
-        self.stats.files += 1;
-        self.stats.bytes += written;
-        Ok(())
+        bulk::read_file(session, &remote, size, &mut sink).await
+    };
+    let result = result.and_then(|written| {
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777))
+            .and_then(|()| set_mtime_fd(&file, mtime))
+            .map_err(|err| local_io(&local, err))?;
+        Ok(written)
+    });
+    drop(file);
+    if result.is_err() {
+        let _ = unlinkat(&dir, &name);
     }
+    partial.done(&local);
+    result
 }
 
 fn local_io(path: &Path, err: io::Error) -> ClientError {
@@ -591,7 +794,7 @@ fn mkfifoat(dir: &OwnedFd, name: &CStr, mode: u32) -> io::Result<()> {
     cvt(unsafe { libc::mkfifoat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
 }
 
-fn set_mode_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+fn set_mode_fd(fd: &impl AsRawFd, mode: u32) -> io::Result<()> {
     // SAFETY: valid fd.
     cvt(unsafe { libc::fchmod(fd.as_raw_fd(), (mode & 0o7777) as libc::mode_t) }).map(drop)
 }
@@ -604,7 +807,7 @@ fn times(mtime: i64) -> [libc::timespec; 2] {
     [ts, ts]
 }
 
-fn set_mtime_fd(fd: &OwnedFd, mtime: i64) -> io::Result<()> {
+fn set_mtime_fd(fd: &impl AsRawFd, mtime: i64) -> io::Result<()> {
     let t = times(mtime);
     // SAFETY: valid fd and a two-element timespec array.
     cvt(unsafe { libc::futimens(fd.as_raw_fd(), t.as_ptr()) }).map(drop)
