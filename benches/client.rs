@@ -22,7 +22,7 @@
 //!
 //! Usage: cargo bench --bench client -- [--rounds N] [--size-mib N] [--dir DIR]
 //!        [--tree | --file] [--tree-gb G] [--tree-files N] [--tree-rounds N]
-//!        [--tree-dir DIR] [--out-dir DIR]
+//!        [--tree-dir DIR] [--out-dir DIR] [--tree-setup-only]
 //! Without `--tree` or `--file` both parts run; `--tree` runs only the tree
 //! part, `--file` only the single-file part.
 
@@ -91,6 +91,10 @@ fn parse_args() -> Args {
             "--tree-rounds" => a.tree.rounds = num("--tree-rounds", value("--tree-rounds")).max(1),
             "--tree-dir" => a.tree.dir = PathBuf::from(value("--tree-dir")),
             "--out-dir" => a.tree.out_dir = PathBuf::from(value("--out-dir")),
+            "--tree-setup-only" => {
+                a.tree.setup_only = true;
+                a.file_part = false;
+            }
             // cargo bench passes --bench
             "--bench" => {}
             other => panic!("unknown argument {other}"),

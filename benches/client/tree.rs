@@ -44,6 +44,9 @@ pub(crate) struct TreeArgs {
     pub(crate) rounds: usize,
     pub(crate) dir: PathBuf,
     pub(crate) out_dir: PathBuf,
+    /// Build the tree, image, datastore, tar and restic repository, keep
+    /// them and stop (`--tree-setup-only`).
+    pub(crate) setup_only: bool,
 }
 
 impl Default for TreeArgs {
@@ -59,6 +62,7 @@ impl Default for TreeArgs {
             rounds: 3,
             dir: shm.clone(),
             out_dir: shm,
+            setup_only: false,
         }
     }
 }
@@ -482,6 +486,16 @@ pub(crate) fn run(args: &TreeArgs) {
         eprintln!("tree: restic not installed (Debian package restic): skipped");
     }
     fs::remove_dir_all(&src).expect("remove source");
+    if args.setup_only {
+        // For profiling by hand: keep everything, say where it is.
+        let root = work.keep();
+        drop(out_base);
+        println!(
+            "tree kept in {}: store/ (snapshot {SNAPSHOT}, archive {ARCHIVE}, volume raw), tree.tar, restic/ (password bench)",
+            root.display()
+        );
+        return;
+    }
 
     let extract = |out: &Path| {
         let o = agent

@@ -10,7 +10,7 @@
 //! kept unless `--force`. Every file still being written is removed on
 //! failure or Ctrl-C.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::future::Future;
@@ -264,7 +264,7 @@ const LISTS_AHEAD: usize = 4;
 
 /// What one unit of work in flight came back with.
 enum Done {
-    /// The listing of the directory with this sequence number.
+    /// The listing of the directory with this number.
     Listed(u64, Result<Vec<Value>, ClientError>),
     /// A file was written (bytes) or failed; with the read-ahead it held.
     File(Result<u64, ClientError>, u64),
@@ -274,6 +274,7 @@ type Work<'a> = Pin<Box<dyn Future<Output = Done> + Send + 'a>>;
 
 /// A directory whose contents are still to be written.
 struct PendingDir {
+    id: u64,
     remote: FileRef,
     local: PathBuf,
     asked: bool,
@@ -304,9 +305,12 @@ struct DirWriter<'a> {
     /// Directories to give their mode and mtime at the end (after their
     /// contents, which would change the mtime and may need write permission).
     finish: Vec<(PathBuf, u32, i64)>,
-    /// Directories still to walk, in order; the first has number `walked`.
-    dirs: VecDeque<PendingDir>,
-    walked: u64,
+    /// Directories still to walk, a stack: the next one is last (depth
+    /// first, the order filesystems tend to lay files out in, so that the
+    /// agent's chunk cache keeps hitting).
+    dirs: Vec<PendingDir>,
+    /// Number for the next directory found.
+    next_id: u64,
     /// Listings and file fetches in flight.
     work: FuturesUnordered<Work<'a>>,
     files_in_flight: usize,
@@ -335,8 +339,8 @@ async fn to_dir(
         links: HashMap::new(),
         link_later: Vec::new(),
         finish: Vec::new(),
-        dirs: VecDeque::new(),
-        walked: 0,
+        dirs: Vec::new(),
+        next_id: 0,
         work: FuturesUnordered::new(),
         files_in_flight: 0,
         bytes_in_flight: 0,
@@ -405,60 +409,66 @@ async fn to_dir(
 
 impl<'a> DirWriter<'a> {
     /// Writes the contents of remote directory `root` into local `dir`,
-    /// breadth first, listing order; the next directories' listings and up to
+    /// depth first, listing order; the next directories' listings and up to
     /// `FILES_IN_FLIGHT` files are fetched while the walk goes on.
     async fn tree(&mut self, root: &FileRef, dir: &Path) -> Result<(), ClientError> {
-        self.dirs.push_back(PendingDir {
-            remote: root.clone(),
-            local: dir.to_path_buf(),
-            asked: false,
-            listing: None,
-        });
+        self.push_dirs(vec![(root.clone(), dir.to_path_buf())]);
         loop {
             self.ask_listings();
-            let Some(front) = self.dirs.front_mut() else {
+            let Some(next) = self.dirs.last_mut() else {
                 break;
             };
-            let Some(entries) = front.listing.take() else {
+            let Some(entries) = next.listing.take() else {
                 self.wait_one().await?;
                 continue;
             };
-            let Some(current) = self.dirs.pop_front() else {
+            let Some(current) = self.dirs.pop() else {
                 break;
             };
-            self.walked += 1;
             let local = current.local;
             let fd = Arc::new(open_dir(&local).map_err(|e| local_io(&local, e))?);
+            let mut subdirs = Vec::new();
             for v in entries {
                 let e = Entry::from_value(&v)?;
                 let raw = e.raw_name()?;
                 let name = safe_name(&raw)?;
                 let child = current.remote.child(&raw);
                 if let Some(sub) = self.entry(&fd, &local, &child, &name, &e).await? {
-                    self.dirs.push_back(PendingDir {
-                        remote: child,
-                        local: sub,
-                        asked: false,
-                        listing: None,
-                    });
+                    subdirs.push((child, sub));
                 }
             }
+            self.push_dirs(subdirs);
         }
         self.drain().await
+    }
+
+    /// Puts `found` (in listing order) on the stack so that the first is
+    /// walked next.
+    fn push_dirs(&mut self, found: Vec<(FileRef, PathBuf)>) {
+        for (remote, local) in found.into_iter().rev() {
+            self.dirs.push(PendingDir {
+                id: self.next_id,
+                remote,
+                local,
+                asked: false,
+                listing: None,
+            });
+            self.next_id += 1;
+        }
     }
 
     /// Asks for the listings of the next `LISTS_AHEAD` directories.
     fn ask_listings(&mut self) {
         let session = self.session;
-        for (i, d) in self.dirs.iter_mut().take(LISTS_AHEAD).enumerate() {
+        for d in self.dirs.iter_mut().rev().take(LISTS_AHEAD) {
             if d.asked {
                 continue;
             }
             d.asked = true;
-            let seq = self.walked + i as u64;
+            let id = d.id;
             let remote = d.remote.clone();
             self.work.push(Box::pin(async move {
-                Done::Listed(seq, list_dir(session, &remote).await)
+                Done::Listed(id, list_dir(session, &remote).await)
             }));
         }
     }
@@ -466,13 +476,10 @@ impl<'a> DirWriter<'a> {
     /// Waits for one listing or file in flight to finish.
     async fn wait_one(&mut self) -> Result<(), ClientError> {
         match self.work.next().await {
-            Some(Done::Listed(seq, listing)) => {
+            Some(Done::Listed(id, listing)) => {
                 let listing = listing?;
-                let slot = seq
-                    .checked_sub(self.walked)
-                    .and_then(|i| usize::try_from(i).ok())
-                    .and_then(|i| self.dirs.get_mut(i));
-                match slot {
+                // A directory leaves the stack only once listed: it is there.
+                match self.dirs.iter_mut().rev().find(|d| d.id == id) {
                     Some(d) => d.listing = Some(listing),
                     None => {
                         return Err(ClientError::local("internal: a listing lost its directory"))
