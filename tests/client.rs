@@ -709,6 +709,29 @@ fn extract_of_many_files_matches_the_source_tree() {
         let b = fs::metadata(dest.join(b)).expect("stat");
         assert_eq!(a.ino(), b.ino(), "hard link restored as a copy");
     }
+    // A subdirectory: its contents land in DIR; a hard link whose other
+    // name is outside it is a file of its own.
+    for sub in ["top1", "top4"] {
+        let d = out_dir.path().join(sub);
+        ok(client(
+            &agent,
+            &[
+                "extract",
+                SNAPSHOT,
+                MANY,
+                "raw",
+                &format!("/{sub}"),
+                "-o",
+                d.to_str().expect("utf8"),
+            ],
+        ));
+        let mut want = describe(&fx.many_src.join(sub), true, true);
+        let mut got = describe(&d, true, true);
+        // DIR itself is not part of the comparison, only what is inside.
+        want.retain(|k, _| !k.is_empty());
+        got.retain(|k, _| !k.is_empty());
+        assert_eq!(got, want, "/{sub}");
+    }
 }
 
 #[test]

@@ -1,7 +1,9 @@
-//! `extract`: restore a file or a tree into a local directory (walking it
-//! with `fs.list`/`fs.stat` and pipelined `fs.read`, several files and the
-//! next directories' listings in flight at once), or as a tar/zip archive
-//! from an `fs.extract` stream into a file or stdout.
+//! `extract`: restore a file or a tree into a local directory, or as a
+//! tar/zip archive from an `fs.extract` stream into a file or stdout. A single
+//! file comes through pipelined `fs.read`; a directory comes as the agent's
+//! tar stream (`fs.extract`), unpacked as it arrives by `untar` on a thread of
+//! its own: one stream in the agent's walk order instead of a round trip per
+//! file.
 //!
 //! Writing into a directory never leaves it: every name from the agent is
 //! checked again (no `/`, `.`, `..`, NUL, empty), directories are opened with
@@ -294,7 +296,17 @@ async fn to_dir(
     let result = if root_entry.kind == "dir" {
         unpack_tree(session, root, dir, top, force, partial, bar.clone()).await
     } else {
-        single(session, root, dir, &top, &root_entry, force, partial, bar.clone()).await
+        single(
+            session,
+            root,
+            dir,
+            &top,
+            &root_entry,
+            force,
+            partial,
+            bar.clone(),
+        )
+        .await
     };
     if let Some(b) = &bar {
         b.finish_and_clear();

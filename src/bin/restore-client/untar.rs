@@ -109,7 +109,7 @@ fn number(block: &[u8], off: usize, len: usize) -> Option<i64> {
             i64::from(first & 0x7f)
         };
         for &b in f.get(1..)? {
-            if v > (i64::MAX >> 8) || v < (i64::MIN >> 8) {
+            if !((i64::MIN >> 8)..=(i64::MAX >> 8)).contains(&v) {
                 return None;
             }
             v = (v << 8) | i64::from(b);
@@ -131,7 +131,13 @@ fn checksum_ok(block: &[u8]) -> bool {
     let sum: i64 = block
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { i64::from(b) })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                i64::from(b)
+            }
+        })
         .sum();
     sum == stored
 }
@@ -385,10 +391,9 @@ impl Unpacker {
             }
             b'3' | b'4' => {
                 let shown = String::from_utf8_lossy(&rel).into_owned();
-                self.stats.skipped.push(format!(
-                    "{}/{shown}",
-                    self.remote.trim_end_matches('/')
-                ));
+                self.stats
+                    .skipped
+                    .push(format!("{}/{shown}", self.remote.trim_end_matches('/')));
                 self.skip(size + pad(size));
                 Ok(())
             }
@@ -431,7 +436,10 @@ impl Unpacker {
             None => (&rel[..0], rel),
         };
         let name = safe_name(name)?;
-        let local = self.dir.join(OsStr::from_bytes(parent)).join(OsStr::from_bytes(name.to_bytes()));
+        let local = self
+            .dir
+            .join(OsStr::from_bytes(parent))
+            .join(OsStr::from_bytes(name.to_bytes()));
         if parent.is_empty() {
             return Ok((self.top.clone(), name, local));
         }
@@ -556,6 +564,124 @@ mod tests {
         assert_eq!(number(&block, 136, 12), Some(-5));
         block[100..108].copy_from_slice(b"0000x44\0");
         assert_eq!(number(&block, 100, 8), None);
+    }
+
+    /// A ustar header block for `name`.
+    fn header(name: &str, typeflag: u8, size: u64, link: &str) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK];
+        b[..name.len()].copy_from_slice(name.as_bytes());
+        b[100..107].copy_from_slice(b"0000644");
+        b[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        b[136..147].copy_from_slice(b"14000000000");
+        b[156] = typeflag;
+        b[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        b[257..263].copy_from_slice(b"ustar\0");
+        b[148..156].copy_from_slice(b"        ");
+        let sum: u32 = b.iter().map(|&x| u32::from(x)).sum();
+        b[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        b
+    }
+
+    fn member(name: &str, typeflag: u8, data: &[u8], link: &str) -> Vec<u8> {
+        let mut m = header(name, typeflag, data.len() as u64, link);
+        m.extend_from_slice(data);
+        m.resize(m.len() + pad(data.len() as u64) as usize, 0);
+        m
+    }
+
+    fn unpack(
+        dir: &Path,
+        strip: &str,
+        stream: &[u8],
+        piece: usize,
+    ) -> Result<(Stats, Finish), ClientError> {
+        let top = crate::extract::open_dir(dir).expect("open");
+        let mut u = Unpacker::new(
+            dir,
+            top,
+            strip.as_bytes().to_vec(),
+            "/x".into(),
+            false,
+            Partial::default(),
+            None,
+        );
+        for p in stream.chunks(piece) {
+            u.feed(p)?;
+        }
+        u.end()
+    }
+
+    #[test]
+    fn unpacks_in_pieces_of_any_size() {
+        let big: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        let mut stream = Vec::new();
+        stream.extend(member("top", b'5', b"", ""));
+        stream.extend(member("top/d", b'5', b"", ""));
+        stream.extend(member("top/d/a.bin", b'0', &big, ""));
+        stream.extend(member("top/empty", b'0', b"", ""));
+        stream.extend(member("top/d/link", b'2', b"", "a.bin"));
+        stream.extend(member("top/hard", b'1', b"", "top/d/a.bin"));
+        stream.extend([0u8; 2 * BLOCK]);
+        for piece in [1, 7, 511, 512, 513, 1 << 20] {
+            let t = tempfile::tempdir().expect("tmp");
+            let (stats, finish) = unpack(t.path(), "top", &stream, piece).expect("unpack");
+            assert_eq!(
+                (stats.files, stats.dirs, stats.symlinks, stats.hardlinks),
+                (2, 1, 1, 1)
+            );
+            assert_eq!(std::fs::read(t.path().join("d/a.bin")).expect("read"), big);
+            assert_eq!(std::fs::read(t.path().join("hard")).expect("read"), big);
+            assert_eq!(
+                std::fs::read_link(t.path().join("d/link")).expect("readlink"),
+                Path::new("a.bin")
+            );
+            assert_eq!(finish.len(), 1);
+        }
+    }
+
+    #[test]
+    fn hostile_members_never_leave_the_directory() {
+        for (name, typeflag, link) in [
+            ("../evil", b'0', ""),
+            ("a/../../evil", b'0', ""),
+            ("/evil", b'0', ""),
+            ("other/evil", b'0', ""),
+            ("top/../evil", b'5', ""),
+            ("top/h", b'1', "../evil"),
+        ] {
+            let t = tempfile::tempdir().expect("tmp");
+            let inner = t.path().join("in");
+            std::fs::create_dir(&inner).expect("mkdir");
+            let mut stream = member(name, typeflag, b"x", link);
+            stream.extend([0u8; 2 * BLOCK]);
+            assert!(
+                unpack(&inner, "top", &stream, 100).is_err(),
+                "{name} accepted"
+            );
+            assert!(!t.path().join("evil").exists(), "{name} wrote outside");
+        }
+        // A symlink in the archive is never followed by a later member.
+        let t = tempfile::tempdir().expect("tmp");
+        let inner = t.path().join("in");
+        std::fs::create_dir(&inner).expect("mkdir");
+        let mut stream = member("l", b'2', b"", "..");
+        stream.extend(member("l/evil", b'0', b"x", ""));
+        stream.extend([0u8; 2 * BLOCK]);
+        assert!(unpack(&inner, "", &stream, 4096).is_err());
+        assert!(!t.path().join("evil").exists());
+    }
+
+    #[test]
+    fn a_bad_checksum_or_a_short_stream_is_an_error() {
+        let t = tempfile::tempdir().expect("tmp");
+        let mut m = member("f", b'0', b"data", "");
+        m[0] = b'g';
+        assert!(unpack(t.path(), "", &m, 512).is_err());
+        let m = member("f", b'0', b"data", "");
+        let err = unpack(t.path(), "", &m[..BLOCK + 2], 512)
+            .err()
+            .expect("short");
+        assert!(err.to_string().contains("ended early"), "{err}");
     }
 
     #[test]
