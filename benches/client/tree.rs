@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{drop_caches, median, read_tree, sh, which, Agent, CLIENT, MB};
+use super::{children_cpu_seconds, drop_caches, median, read_tree, sh, which, Agent, CLIENT, MB};
 
 const SNAPSHOT: &str = "host/tree/2026-01-01T00:00:00Z";
 const ARCHIVE: &str = "tree.img.fidx";
@@ -368,6 +368,9 @@ struct Variant<'a> {
     input: PathBuf,
     restore: Box<dyn Fn(&Path) + 'a>,
     times: Vec<Duration>,
+    /// CPU seconds of the tool's process and of the agent, per run.
+    cpu: Vec<f64>,
+    agent_cpu: Vec<f64>,
 }
 
 pub(crate) fn run(args: &TreeArgs) {
@@ -444,6 +447,8 @@ pub(crate) fn run(args: &TreeArgs) {
             input: store.clone(),
             restore: Box::new(|_| {}),
             times: Vec::new(),
+            cpu: Vec::new(),
+            agent_cpu: Vec::new(),
         },
         Variant {
             name: "tar -xf",
@@ -452,6 +457,8 @@ pub(crate) fn run(args: &TreeArgs) {
                 sh(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(out));
             }),
             times: Vec::new(),
+            cpu: Vec::new(),
+            agent_cpu: Vec::new(),
         },
     ];
     if which("restic") {
@@ -481,6 +488,8 @@ pub(crate) fn run(args: &TreeArgs) {
                     .arg(out));
             }),
             times: Vec::new(),
+            cpu: Vec::new(),
+            agent_cpu: Vec::new(),
         });
     } else {
         eprintln!("tree: restic not installed (Debian package restic): skipped");
@@ -535,10 +544,13 @@ pub(crate) fn run(args: &TreeArgs) {
         for k in 0..variants.len() {
             let i = (round + k) % variants.len();
             prepare(&variants[i]);
+            let (cpu0, agent0) = (children_cpu_seconds(), agent.cpu_seconds());
             let t = Instant::now();
             (variants[i].restore)(&out);
             let d = t.elapsed();
             variants[i].times.push(d);
+            variants[i].cpu.push(children_cpu_seconds() - cpu0);
+            variants[i].agent_cpu.push(agent.cpu_seconds() - agent0);
             check(&out, &m, false, variants[i].name);
         }
     }
@@ -573,8 +585,8 @@ pub(crate) fn run(args: &TreeArgs) {
         }
     );
     println!(
-        "{:<28} {:>9} {:>17} {:>8} {:>9}",
-        "variant", "seconds", "(min-max)", "MB/s", "files/s"
+        "{:<28} {:>9} {:>17} {:>8} {:>9} {:>8} {:>10}",
+        "variant", "seconds", "(min-max)", "MB/s", "files/s", "CPU s", "agent CPU"
     );
     let mut rates = Vec::new();
     for v in &variants {
@@ -583,13 +595,25 @@ pub(crate) fn run(args: &TreeArgs) {
         let hi = v.times.iter().max().copied().unwrap_or_default();
         let s = d.as_secs_f64();
         rates.push(m.bytes as f64 / MB / s);
+        let mid = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(0.0)
+        };
+        let agent_cpu = mid(&v.agent_cpu);
         println!(
-            "{:<28} {:>9.2} {:>17} {:>8.0} {:>9.0}",
+            "{:<28} {:>9.2} {:>17} {:>8.0} {:>9.0} {:>8.2} {:>10}",
             v.name,
             s,
             format!("({:.2}-{:.2})", lo.as_secs_f64(), hi.as_secs_f64()),
             m.bytes as f64 / MB / s,
-            m.files.len() as f64 / s
+            m.files.len() as f64 / s,
+            mid(&v.cpu),
+            if agent_cpu >= 0.05 {
+                format!("{agent_cpu:.2}")
+            } else {
+                "-".into()
+            }
         );
     }
     println!("agent RSS at the end: {} MiB", rss >> 20);
