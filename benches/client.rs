@@ -16,7 +16,15 @@
 //! Warm figures: page cache dropped (when root), the data read once, then
 //! each variant runs `--rounds` times interleaved; the median is reported.
 //!
+//! A second part (`client/tree.rs`) extracts a whole tree of many files:
+//! `restore-client extract -o DIR` against `tar -xf` and `restic restore` of
+//! the same tree (see that module).
+//!
 //! Usage: cargo bench --bench client -- [--rounds N] [--size-mib N] [--dir DIR]
+//!        [--tree | --file] [--tree-gb G] [--tree-files N] [--tree-rounds N]
+//!        [--tree-dir DIR] [--out-dir DIR] [--tree-setup-only]
+//! Without `--tree` or `--file` both parts run; `--tree` runs only the tree
+//! part, `--file` only the single-file part.
 
 use std::fs;
 use std::io::Write;
@@ -28,6 +36,9 @@ use std::time::{Duration, Instant};
 use restore_agent::pool::{ChunkPool, PoolConfig};
 use restore_agent::restore::backups::Backups;
 
+#[path = "client/tree.rs"]
+mod tree;
+
 const CLIENT: &str = env!("CARGO_BIN_EXE_restore-client");
 const AGENT: &str = env!("CARGO_BIN_EXE_restore-agent");
 const SNAPSHOT: &str = "host/bench/2026-01-01T00:00:00Z";
@@ -37,10 +48,14 @@ const MB: f64 = 1e6;
 /// Another tool's restore of the big file into a directory.
 type Restore = Box<dyn Fn(&Path)>;
 
-struct Args {
+pub(crate) struct Args {
     rounds: usize,
     size_mib: usize,
     dir: PathBuf,
+    /// Which parts run.
+    file_part: bool,
+    tree_part: bool,
+    pub(crate) tree: tree::TreeArgs,
 }
 
 fn parse_args() -> Args {
@@ -48,18 +63,38 @@ fn parse_args() -> Args {
         rounds: 5,
         size_mib: 100,
         dir: std::env::temp_dir(),
+        file_part: true,
+        tree_part: true,
+        tree: tree::TreeArgs::default(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let mut num = |what: &str| -> usize {
-            it.next()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("{what} needs a number"))
+        let mut value =
+            |what: &str| -> String { it.next().unwrap_or_else(|| panic!("{what} needs a value")) };
+        let num = |what: &str, v: String| -> usize {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{what} needs a number"))
         };
         match arg.as_str() {
-            "--rounds" => a.rounds = num("--rounds").max(1),
-            "--size-mib" => a.size_mib = num("--size-mib").max(1),
-            "--dir" => a.dir = PathBuf::from(it.next().expect("--dir needs a path")),
+            "--rounds" => a.rounds = num("--rounds", value("--rounds")).max(1),
+            "--size-mib" => a.size_mib = num("--size-mib", value("--size-mib")).max(1),
+            "--dir" => a.dir = PathBuf::from(value("--dir")),
+            "--tree" => a.file_part = false,
+            "--file" => a.tree_part = false,
+            "--tree-gb" => {
+                a.tree.gb = value("--tree-gb")
+                    .parse()
+                    .expect("--tree-gb needs a number");
+                assert!(a.tree.gb > 0.0, "--tree-gb must be positive");
+            }
+            "--tree-files" => a.tree.files = num("--tree-files", value("--tree-files")).max(10),
+            "--tree-rounds" => a.tree.rounds = num("--tree-rounds", value("--tree-rounds")).max(1),
+            "--tree-dir" => a.tree.dir = PathBuf::from(value("--tree-dir")),
+            "--out-dir" => a.tree.out_dir = PathBuf::from(value("--out-dir")),
+            "--tree-setup-only" => {
+                a.tree.setup_only = true;
+                a.file_part = false;
+            }
             // cargo bench passes --bench
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -68,7 +103,7 @@ fn parse_args() -> Args {
     a
 }
 
-fn sh(cmd: &mut Command) {
+pub(crate) fn sh(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -78,24 +113,34 @@ fn sh(cmd: &mut Command) {
     );
 }
 
-fn which(prog: &str) -> bool {
+pub(crate) fn which(prog: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
         .unwrap_or(false)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+pub(crate) fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
 
-fn drop_caches() -> bool {
+/// CPU seconds (user + system) of all waited-for children so far.
+pub(crate) fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(r.ru_utime) + t(r.ru_stime)
+}
+
+pub(crate) fn drop_caches() -> bool {
     let _ = Command::new("sync").status();
     fs::write("/proc/sys/vm/drop_caches", b"3\n").is_ok()
 }
 
 /// Reads every file under `dir` once (to warm the page cache).
-fn read_tree(dir: &Path) {
+pub(crate) fn read_tree(dir: &Path) {
     let _ = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -105,17 +150,105 @@ fn read_tree(dir: &Path) {
         .status();
 }
 
-struct AgentProc(Child);
+/// A release agent on a Unix socket, killed when dropped.
+pub(crate) struct Agent {
+    child: Child,
+    connect: String,
+    ticket: PathBuf,
+}
 
-impl Drop for AgentProc {
+impl Agent {
+    /// Starts an agent serving `store` with its socket and ticket in `root`,
+    /// and waits until it answers.
+    pub(crate) fn start(root: &Path, store: &Path) -> Agent {
+        let ticket = root.join("ticket");
+        fs::write(&ticket, "bench-ticket\n").expect("ticket");
+        fs::set_permissions(&ticket, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let sock = root.join("agent.sock");
+        let child = Command::new(AGENT)
+            .env("RUST_LOG", "warn")
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--ticket-file")
+            .arg(&ticket)
+            .args(["--idle-timeout", "0", "--datastore"])
+            .arg(store)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start agent");
+        let agent = Agent {
+            child,
+            connect: format!("unix:{}", sock.display()),
+            ticket,
+        };
+        let started = Instant::now();
+        while !agent
+            .client(&["ping"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "agent did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    /// CPU seconds (user + system) the agent has used so far.
+    pub(crate) fn cpu_seconds(&self) -> f64 {
+        let stat =
+            fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and
+        // stime are the 12th and 13th.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<f64> = after
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0.0))
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / tick.max(1.0)
+    }
+
+    /// `restore-client` connected to this agent, with `extra` arguments.
+    pub(crate) fn client(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new(CLIENT);
+        c.arg("--connect")
+            .arg(&self.connect)
+            .arg("--ticket-file")
+            .arg(&self.ticket)
+            .args(extra)
+            .stdin(Stdio::null());
+        c
+    }
+}
+
+impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 fn main() {
     let args = parse_args();
+    if args.file_part {
+        file_bench(&args);
+    }
+    if args.tree_part {
+        if args.file_part {
+            println!();
+        }
+        tree::run(&args.tree);
+    }
+}
+
+/// One 100 MiB file and one small deep file: `cat` against in-process reads
+/// and the other tools.
+fn file_bench(args: &Args) {
     let work = tempfile::Builder::new()
         .prefix("ra-bench-client-")
         .tempdir_in(&args.dir)
@@ -232,46 +365,8 @@ fn main() {
     }
 
     // The agent, release build, on a Unix socket.
-    let ticket = root.join("ticket");
-    fs::write(&ticket, "bench-ticket\n").expect("ticket");
-    fs::set_permissions(&ticket, fs::Permissions::from_mode(0o600)).expect("chmod");
-    let sock = root.join("agent.sock");
-    let _agent = AgentProc(
-        Command::new(AGENT)
-            .env("RUST_LOG", "warn")
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--ticket-file")
-            .arg(&ticket)
-            .args(["--idle-timeout", "0", "--datastore"])
-            .arg(&store)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start agent"),
-    );
-    let connect = format!("unix:{}", sock.display());
-    let client = |extra: &[&str]| {
-        let mut c = Command::new(CLIENT);
-        c.arg("--connect")
-            .arg(&connect)
-            .arg("--ticket-file")
-            .arg(&ticket)
-            .args(extra)
-            .stdin(Stdio::null());
-        c
-    };
-    let started = Instant::now();
-    while !client(&["ping"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "agent did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let agent = Agent::start(root, &store);
+    let client = |extra: &[&str]| agent.client(extra);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,21 +1,25 @@
-//! `extract`: restore a file or a tree into a local directory (walking it
-//! with `fs.list`/`fs.stat` and pipelined `fs.read`), or as a tar/zip archive
-//! from an `fs.extract` stream into a file or stdout.
+//! `extract`: restore a file or a tree into a local directory, or as a
+//! tar/zip archive from an `fs.extract` stream into a file or stdout. A single
+//! file comes through pipelined `fs.read`; a directory comes as the agent's
+//! tar stream (`fs.extract`), unpacked as it arrives by `untar` on a thread of
+//! its own: one stream in the agent's walk order instead of a round trip per
+//! file.
 //!
 //! Writing into a directory never leaves it: every name from the agent is
 //! checked again (no `/`, `.`, `..`, NUL, empty), directories are opened with
 //! `O_NOFOLLOW` relative to their parent's descriptor, and files are created
 //! with `O_EXCL` (so an existing symlink is never followed). Existing files are
-//! kept unless `--force`. The file being written is removed on failure or
-//! Ctrl-C.
+//! kept unless `--force`. Every file still being written is removed on
+//! failure or Ctrl-C.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::TrySendError;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
@@ -24,7 +28,8 @@ use restore_agent::client::bulk::{self, FileRef};
 use restore_agent::client::{ClientError, Session};
 use serde_json::{json, Value};
 
-use crate::remote::{list_dir, stat_entry, Entry, FileArgs};
+use crate::remote::{stat_entry, Entry, FileArgs};
+use crate::untar::Unpacker;
 use crate::{Global, Outcome};
 
 #[derive(Args, Debug)]
@@ -51,18 +56,50 @@ pub struct ExtractArgs {
     force: bool,
 }
 
-/// The file being written right now, removed if the command is interrupted.
-type Partial = Arc<Mutex<Option<PathBuf>>>;
+/// Files being written right now, all removed if the command fails or is
+/// interrupted. Once removed, no new file can be registered (the unpacker
+/// thread may still be running when Ctrl-C removes them).
+#[derive(Clone, Default)]
+pub(crate) struct Partial(Arc<Mutex<PartialState>>);
 
-fn set_partial(partial: &Partial, path: Option<PathBuf>) {
-    if let Ok(mut p) = partial.lock() {
-        *p = path;
-    }
+#[derive(Default)]
+struct PartialState {
+    paths: HashSet<PathBuf>,
+    closed: bool,
 }
 
-fn remove_partial(partial: &Partial) {
-    if let Ok(mut p) = partial.lock() {
-        if let Some(path) = p.take() {
+impl Partial {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PartialState> {
+        // A panic while holding the lock leaves a plain set behind: still usable.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates `path` with `create` and registers it, in one step, so that
+    /// an interruption never misses it.
+    pub(crate) fn create(
+        &self,
+        path: &Path,
+        create: impl FnOnce() -> io::Result<File>,
+    ) -> io::Result<File> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+        }
+        let file = create()?;
+        state.paths.insert(path.to_path_buf());
+        Ok(file)
+    }
+
+    /// `path` is complete (or already removed).
+    pub(crate) fn done(&self, path: &Path) {
+        self.lock().paths.remove(path);
+    }
+
+    /// Removes every file still being written; registers no more.
+    fn remove_all(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        for path in state.paths.drain() {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -93,7 +130,7 @@ pub async fn run(
         return Err(ClientError::local("--zstd applies to tar archives only"));
     }
     let _ = global;
-    let partial: Partial = Arc::new(Mutex::new(None));
+    let partial = Partial::default();
     let work = async {
         if let Some(dir) = &args.dir {
             to_dir(session, &args.file.file_ref(), dir, args.force, &partial).await
@@ -118,13 +155,13 @@ pub async fn run(
     let result = tokio::select! {
         r = work => r,
         _ = tokio::signal::ctrl_c() => {
-            remove_partial(&partial);
+            partial.remove_all();
             eprintln!("restore-client: interrupted");
             std::process::exit(130);
         }
     };
     if result.is_err() {
-        remove_partial(&partial);
+        partial.remove_all();
     }
     result
 }
@@ -167,7 +204,7 @@ async fn to_archive(
             } else {
                 opts.create_new(true);
             }
-            let f = opts.open(path).map_err(|e| {
+            let f = partial.create(path, || opts.open(path)).map_err(|e| {
                 if e.kind() == io::ErrorKind::AlreadyExists {
                     ClientError::local(format!(
                         "{} exists (use --force to replace it)",
@@ -177,7 +214,6 @@ async fn to_archive(
                     ClientError::local(format!("cannot create {}: {e}", path.display()))
                 }
             })?;
-            set_partial(partial, Some(path.to_path_buf()));
             Box::new(io::BufWriter::with_capacity(1 << 20, f))
         }
         None => Box::new(io::BufWriter::with_capacity(1 << 20, io::stdout())),
@@ -211,7 +247,9 @@ async fn to_archive(
     out.flush()
         .map_err(|e| ClientError::local(format!("writing {what}: {e}")))?;
     drop(out);
-    set_partial(partial, None);
+    if let Some(path) = dest {
+        partial.done(path);
+    }
     let text = match dest {
         Some(p) => format!("wrote {} ({} bytes, {format})", p.display(), bytes),
         None => String::new(),
@@ -225,27 +263,17 @@ async fn to_archive(
 
 /// Counts for the report.
 #[derive(Default)]
-struct Stats {
-    files: u64,
-    dirs: u64,
-    symlinks: u64,
-    hardlinks: u64,
-    bytes: u64,
-    skipped: Vec<String>,
+pub(crate) struct Stats {
+    pub(crate) files: u64,
+    pub(crate) dirs: u64,
+    pub(crate) symlinks: u64,
+    pub(crate) hardlinks: u64,
+    pub(crate) bytes: u64,
+    pub(crate) skipped: Vec<String>,
 }
 
-struct DirWriter<'a> {
-    session: &'a Session,
-    force: bool,
-    partial: &'a Partial,
-    /// First local copy of each multiply-linked inode, for hard links.
-    links: HashMap<u64, PathBuf>,
-    /// Directories to give their mode and mtime at the end (after their
-    /// contents, which would change the mtime and may need write permission).
-    finish: Vec<(PathBuf, u32, i64)>,
-    stats: Stats,
-    bar: Option<ProgressBar>,
-}
+/// Stream pieces (of up to `READ_CHUNK` bytes) queued for the unpacker.
+const PIECES_AHEAD: usize = 4;
 
 async fn to_dir(
     session: &Session,
@@ -260,39 +288,37 @@ async fn to_dir(
         .map_err(|e| ClientError::local(format!("cannot create {}: {e}", dir.display())))?;
     let top = open_dir(dir)
         .map_err(|e| ClientError::local(format!("cannot open {}: {e}", dir.display())))?;
-    let mut w = DirWriter {
-        session,
-        force,
-        partial,
-        links: HashMap::new(),
-        finish: Vec::new(),
-        stats: Stats::default(),
-        bar: progress(if root_entry.kind == "dir" {
-            None
-        } else {
-            Some(root_entry.size)
-        }),
-    };
-    let result = if root_entry.kind == "dir" {
-        w.tree(root, dir).await
+    let bar = progress(if root_entry.kind == "dir" {
+        None
     } else {
-        let name = base_name(&root.path);
-        let name = safe_name(&name)?;
-        w.entry(&top, dir, root, &name, &root_entry)
-            .await
-            .map(|_| ())
+        Some(root_entry.size)
+    });
+    let result = if root_entry.kind == "dir" {
+        unpack_tree(session, root, dir, top, force, partial, bar.clone()).await
+    } else {
+        single(
+            session,
+            root,
+            dir,
+            &top,
+            &root_entry,
+            force,
+            partial,
+            bar.clone(),
+        )
+        .await
     };
-    if let Some(b) = &w.bar {
+    if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    result?;
-    for (path, mode, mtime) in w.finish.iter().rev() {
+    let (stats, finish) = result?;
+    for (path, mode, mtime) in finish.iter().rev() {
         let fd = open_dir(path)
             .map_err(|e| ClientError::local(format!("cannot open {}: {e}", path.display())))?;
         set_mode_fd(&fd, *mode).map_err(|e| local_io(path, e))?;
         set_mtime_fd(&fd, *mtime).map_err(|e| local_io(path, e))?;
     }
-    let s = &w.stats;
+    let s = &stats;
     let mut outcome = Outcome::new(
         json!({
             "dir": dir,
@@ -326,165 +352,175 @@ async fn to_dir(
     Ok(outcome)
 }
 
-impl DirWriter<'_> {
-    /// Writes the contents of remote directory `root` into local `dir`,
-    /// depth first, listing order.
-    async fn tree(&mut self, root: &FileRef, dir: &Path) -> Result<(), ClientError> {
-        let mut pending = vec![(root.clone(), dir.to_path_buf())];
-        while let Some((remote, local)) = pending.pop() {
-            let fd = open_dir(&local).map_err(|e| local_io(&local, e))?;
-            let mut subdirs = Vec::new();
-            for v in list_dir(self.session, &remote).await? {
-                let e = Entry::from_value(&v)?;
-                let raw = e.raw_name()?;
-                let name = safe_name(&raw)?;
-                let child = remote.child(&raw);
-                if let Some(sub) = self.entry(&fd, &local, &child, &name, &e).await? {
-                    subdirs.push((child, sub));
-                }
-            }
-            pending.extend(subdirs.into_iter().rev());
-        }
-        Ok(())
-    }
+/// Directories to give their mode and mtime at the end (after their
+/// contents, which would change the mtime and may need write permission).
+pub(crate) type Finish = Vec<(PathBuf, u32, i64)>;
 
-    /// Creates one entry `name` in `dir` (open as `fd`); returns the local path
-    /// of a directory, whose contents are still to be written.
-    async fn entry(
-        &mut self,
-        fd: &OwnedFd,
-        dir: &Path,
-        remote: &FileRef,
-        name: &CStr,
-        e: &Entry,
-    ) -> Result<Option<PathBuf>, ClientError> {
-        let local = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-        match e.kind.as_str() {
-            "dir" => {
-                match mkdirat(fd, name) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-                    Err(err) => return Err(local_io(&local, err)),
+/// A directory: the agent walks it and sends it as one tar stream
+/// (`fs.extract`), unpacked on a thread of its own while the next pieces
+/// travel. One stream instead of a call per file: the agent reads the tree
+/// in its own order and no round trip is paid per file.
+async fn unpack_tree(
+    session: &Session,
+    root: &FileRef,
+    dir: &Path,
+    top: OwnedFd,
+    force: bool,
+    partial: &Partial,
+    bar: Option<ProgressBar>,
+) -> Result<(Stats, Finish), ClientError> {
+    let opened: Value = session
+        .call("fs.extract", root.params_with(json!({ "format": "tar" })))
+        .await?;
+    let stream = opened
+        .get("stream")
+        .cloned()
+        .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))?;
+    let mut unpacker = Unpacker::new(
+        dir,
+        top,
+        base_name(&root.path),
+        root.display(),
+        force,
+        partial.clone(),
+        bar,
+    );
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIECES_AHEAD);
+    let worker = std::thread::Builder::new()
+        .name("unpack".into())
+        .spawn(move || {
+            for piece in rx {
+                unpacker.feed(&piece)?;
+            }
+            unpacker.end()
+        })
+        .map_err(|e| ClientError::local(format!("starting the unpacker: {e}")))?;
+    let mut gone = false;
+    let streamed = {
+        let mut sink = |data: &[u8]| {
+            let piece = data.to_vec();
+            let sent = match tx.try_send(piece) {
+                Ok(()) => Ok(()),
+                // Full: wait, telling the runtime this thread blocks.
+                Err(TrySendError::Full(piece)) => {
+                    tokio::task::block_in_place(|| tx.send(piece)).map_err(|_| ())
                 }
-                // Refuses a symlink (or anything else) standing where the
-                // directory should be.
-                openat_dir(fd, name).map_err(|err| local_io(&local, err))?;
-                self.finish.push((local.clone(), e.mode, e.mtime_s()));
-                self.stats.dirs += 1;
-                Ok(Some(local))
-            }
-            "file" => {
-                if e.nlink > 1 {
-                    if let Some(first) = self.links.get(&e.inode) {
-                        self.replace_if_forced(fd, name, &local)?;
-                        std::fs::hard_link(first, &local).map_err(|err| local_io(&local, err))?;
-                        self.stats.hardlinks += 1;
-                        return Ok(None);
-                    }
-                }
-                self.file(fd, name, &local, remote, e).await?;
-                if e.nlink > 1 {
-                    self.links.insert(e.inode, local);
-                }
-                Ok(None)
-            }
-            "symlink" => {
-                let target = CString::new(e.raw_target()?).map_err(|_| {
-                    ClientError::local(format!(
-                        "symlink {}: target holds a NUL byte",
-                        remote.display()
-                    ))
-                })?;
-                self.replace_if_forced(fd, name, &local)?;
-                symlinkat(&target, fd, name).map_err(|err| exists_or(&local, err))?;
-                set_mtime_at(fd, name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
-                self.stats.symlinks += 1;
-                Ok(None)
-            }
-            "fifo" => {
-                self.replace_if_forced(fd, name, &local)?;
-                mkfifoat(fd, name, e.mode & 0o7777).map_err(|err| exists_or(&local, err))?;
-                set_mtime_at(fd, name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
-                Ok(None)
-            }
-            _ => {
-                self.stats.skipped.push(remote.display());
-                Ok(None)
-            }
+                Err(TrySendError::Disconnected(_)) => Err(()),
+            };
+            sent.map_err(|()| {
+                gone = true;
+                ClientError::local("the unpacker stopped")
+            })
+        };
+        bulk::read_stream(session, &stream, &mut sink).await
+    };
+    drop(tx);
+    let unpacked = worker
+        .join()
+        .unwrap_or_else(|_| Err(ClientError::local("the unpacker panicked")));
+    match (streamed, unpacked) {
+        (Ok(_), result) => result,
+        // The unpacker failed first: its error is the one that matters.
+        (Err(_), Err(e)) if gone => Err(e),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// One file: its contents through pipelined `fs.read`, under its own name.
+#[allow(clippy::too_many_arguments)]
+async fn single(
+    session: &Session,
+    root: &FileRef,
+    dir: &Path,
+    top: &OwnedFd,
+    e: &Entry,
+    force: bool,
+    partial: &Partial,
+    bar: Option<ProgressBar>,
+) -> Result<(Stats, Finish), ClientError> {
+    let raw = base_name(&root.path);
+    let name = safe_name(&raw)?;
+    let local = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+    let mut stats = Stats::default();
+    match e.kind.as_str() {
+        "file" => {}
+        "symlink" => {
+            let target = CString::new(e.raw_target()?).map_err(|_| {
+                ClientError::local(format!(
+                    "symlink {}: target holds a NUL byte",
+                    root.display()
+                ))
+            })?;
+            replace_if_forced(force, top, &name, &local)?;
+            symlinkat(&target, top, &name).map_err(|err| exists_or(&local, err))?;
+            set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
+            stats.symlinks += 1;
+            return Ok((stats, Vec::new()));
+        }
+        "fifo" => {
+            replace_if_forced(force, top, &name, &local)?;
+            mkfifoat(top, &name, e.mode & 0o7777).map_err(|err| exists_or(&local, err))?;
+            set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
+            return Ok((stats, Vec::new()));
+        }
+        _ => {
+            stats.skipped.push(root.display());
+            return Ok((stats, Vec::new()));
         }
     }
-
-    /// With `--force`, removes a non-directory at `name` so it can be created.
-    fn replace_if_forced(
-        &self,
-        fd: &OwnedFd,
-        name: &CStr,
-        local: &Path,
-    ) -> Result<(), ClientError> {
-        if !self.force {
-            return Ok(());
-        }
-        match unlinkat(fd, name) {
-            Ok(()) => Ok(()),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(err) => Err(local_io(local, err)),
-        }
-    }
-
-    async fn file(
-        &mut self,
-        fd: &OwnedFd,
-        name: &CStr,
-        local: &Path,
-        remote: &FileRef,
-        e: &Entry,
-    ) -> Result<(), ClientError> {
-        self.replace_if_forced(fd, name, local)?;
-        let file = create_at(fd, name).map_err(|err| exists_or(local, err))?;
-        set_partial(self.partial, Some(local.to_path_buf()));
-        let mut out = io::BufWriter::with_capacity(1 << 20, file);
-        let bar = self.bar.clone();
+    replace_if_forced(force, top, &name, &local)?;
+    let mut file = partial
+        .create(&local, || create_at(top, &name))
+        .map_err(|err| exists_or(&local, err))?;
+    let result = {
         let mut sink = |data: &[u8]| {
             if let Some(b) = &bar {
                 b.inc(data.len() as u64);
             }
-            out.write_all(data).map_err(|err| local_io(local, err))
+            file.write_all(data).map_err(|err| local_io(&local, err))
         };
-        let result = bulk::read_file(self.session, remote, e.size, &mut sink).await;
-        let written = match result {
-            Ok(n) => n,
-            Err(err) => {
-                drop(out);
-                let _ = unlinkat(fd, name);
-                set_partial(self.partial, None);
-                return Err(err);
-            }
-        };
-        let file = out
-            .into_inner()
-            .map_err(|err| local_io(local, err.into_error()))?;
-        let finished = file
-            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
-                e.mode & 0o7777,
-            ))
-            .and_then(|()| set_mtime_fd(&OwnedFd::from(file), e.mtime_s()));
-        if let Err(err) = finished {
-            let _ = unlinkat(fd, name);
-            set_partial(self.partial, None);
-            return Err(local_io(local, err));
-        }
-        set_partial(self.partial, None);
-        self.stats.files += 1;
-        self.stats.bytes += written;
-        Ok(())
+        bulk::read_file(session, root, e.size, &mut sink).await
+    };
+    let result = result.and_then(|written| {
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+            e.mode & 0o7777,
+        ))
+        .and_then(|()| set_mtime_fd(&file, e.mtime_s()))
+        .map_err(|err| local_io(&local, err))?;
+        Ok(written)
+    });
+    drop(file);
+    if result.is_err() {
+        let _ = unlinkat(top, &name);
+    }
+    partial.done(&local);
+    stats.files = 1;
+    stats.bytes = result?;
+    Ok((stats, Vec::new()))
+}
+
+/// With `force`, removes a non-directory at `name` so it can be created.
+pub(crate) fn replace_if_forced(
+    force: bool,
+    fd: &OwnedFd,
+    name: &CStr,
+    local: &Path,
+) -> Result<(), ClientError> {
+    if !force {
+        return Ok(());
+    }
+    match unlinkat(fd, name) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(local_io(local, err)),
     }
 }
 
-fn local_io(path: &Path, err: io::Error) -> ClientError {
+pub(crate) fn local_io(path: &Path, err: io::Error) -> ClientError {
     ClientError::local(format!("{}: {err}", path.display()))
 }
 
-fn exists_or(path: &Path, err: io::Error) -> ClientError {
+pub(crate) fn exists_or(path: &Path, err: io::Error) -> ClientError {
     if err.kind() == io::ErrorKind::AlreadyExists {
         ClientError::local(format!(
             "{} exists (use --force to replace it)",
@@ -496,7 +532,7 @@ fn exists_or(path: &Path, err: io::Error) -> ClientError {
 }
 
 /// The last component of a remote path (`/` for the root).
-fn base_name(path: &[u8]) -> Vec<u8> {
+pub(crate) fn base_name(path: &[u8]) -> Vec<u8> {
     let trimmed: &[u8] = {
         let mut p = path;
         while p.len() > 1 && p.ends_with(b"/") {
@@ -511,7 +547,7 @@ fn base_name(path: &[u8]) -> Vec<u8> {
 }
 
 /// A name from the agent, checked again before it touches the disk.
-fn safe_name(name: &[u8]) -> Result<CString, ClientError> {
+pub(crate) fn safe_name(name: &[u8]) -> Result<CString, ClientError> {
     let shown = String::from_utf8_lossy(name);
     if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') {
         return Err(ClientError::local(format!(
@@ -530,7 +566,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+pub(crate) fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: a valid NUL-terminated path; the returned fd is owned below.
     let fd = cvt(unsafe {
@@ -543,7 +579,7 @@ fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn openat_dir(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
+pub(crate) fn openat_dir(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
     // SAFETY: valid dir fd and NUL-terminated name.
     let fd = cvt(unsafe {
         libc::openat(
@@ -556,12 +592,12 @@ fn openat_dir(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn mkdirat(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
+pub(crate) fn mkdirat(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
     // SAFETY: valid dir fd and NUL-terminated name.
     cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o700) }).map(drop)
 }
 
-fn create_at(dir: &OwnedFd, name: &CStr) -> io::Result<File> {
+pub(crate) fn create_at(dir: &OwnedFd, name: &CStr) -> io::Result<File> {
     // SAFETY: valid dir fd and NUL-terminated name. O_EXCL never follows a
     // symlink at `name`.
     let fd = cvt(unsafe {
@@ -576,22 +612,22 @@ fn create_at(dir: &OwnedFd, name: &CStr) -> io::Result<File> {
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-fn unlinkat(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
+pub(crate) fn unlinkat(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
     // SAFETY: valid dir fd and NUL-terminated name.
     cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
 }
 
-fn symlinkat(target: &CStr, dir: &OwnedFd, name: &CStr) -> io::Result<()> {
+pub(crate) fn symlinkat(target: &CStr, dir: &OwnedFd, name: &CStr) -> io::Result<()> {
     // SAFETY: valid NUL-terminated strings and dir fd.
     cvt(unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) }).map(drop)
 }
 
-fn mkfifoat(dir: &OwnedFd, name: &CStr, mode: u32) -> io::Result<()> {
+pub(crate) fn mkfifoat(dir: &OwnedFd, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: valid dir fd and NUL-terminated name.
     cvt(unsafe { libc::mkfifoat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(drop)
 }
 
-fn set_mode_fd(fd: &OwnedFd, mode: u32) -> io::Result<()> {
+pub(crate) fn set_mode_fd(fd: &impl AsRawFd, mode: u32) -> io::Result<()> {
     // SAFETY: valid fd.
     cvt(unsafe { libc::fchmod(fd.as_raw_fd(), (mode & 0o7777) as libc::mode_t) }).map(drop)
 }
@@ -604,13 +640,13 @@ fn times(mtime: i64) -> [libc::timespec; 2] {
     [ts, ts]
 }
 
-fn set_mtime_fd(fd: &OwnedFd, mtime: i64) -> io::Result<()> {
+pub(crate) fn set_mtime_fd(fd: &impl AsRawFd, mtime: i64) -> io::Result<()> {
     let t = times(mtime);
     // SAFETY: valid fd and a two-element timespec array.
     cvt(unsafe { libc::futimens(fd.as_raw_fd(), t.as_ptr()) }).map(drop)
 }
 
-fn set_mtime_at(dir: &OwnedFd, name: &CStr, mtime: i64) -> io::Result<()> {
+pub(crate) fn set_mtime_at(dir: &OwnedFd, name: &CStr, mtime: i64) -> io::Result<()> {
     let t = times(mtime);
     // SAFETY: valid dir fd, NUL-terminated name and a two-element array.
     cvt(unsafe {

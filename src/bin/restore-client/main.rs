@@ -11,6 +11,7 @@ mod extract;
 mod fmt;
 mod remote;
 mod store;
+mod untar;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
