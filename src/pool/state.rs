@@ -85,6 +85,9 @@ struct Flight {
     position: Option<(u64, u64)>,
     /// Its chunk file was already handed out as a read-ahead hint.
     hinted: bool,
+    /// Dispatched in request order rather than chunk-file order (reads
+    /// announced in the order they will be needed).
+    in_order: bool,
 }
 
 /// A load taken by a worker, with the chunk file to hint next.
@@ -231,6 +234,17 @@ impl Shared {
     /// cached (keeps it fresh), already in flight, or when the read-ahead
     /// queue is full.
     pub fn prefetch(&self, key: ChunkKey, load: impl FnOnce() -> Load) {
+        self.prefetch_as(key, load, false);
+    }
+
+    /// [`prefetch`](Self::prefetch) for reads announced in the order they
+    /// will be needed: such reads are dispatched in the order requested
+    /// (before other read-ahead), not in chunk-file order.
+    pub fn prefetch_in_order(&self, key: ChunkKey, load: impl FnOnce() -> Load) {
+        self.prefetch_as(key, load, true);
+    }
+
+    fn prefetch_as(&self, key: ChunkKey, load: impl FnOnce() -> Load, in_order: bool) {
         let mut st = self.lock();
         if st.cache.touch(&key)
             || st.flights.contains_key(&key)
@@ -239,6 +253,9 @@ impl Shared {
             return;
         }
         st.start_flight(key, load(), Class::Readahead, Vec::new());
+        if let Some(flight) = st.flights.get_mut(&key) {
+            flight.in_order = in_order;
+        }
         drop(st);
         self.work.notify_one();
     }
@@ -350,6 +367,7 @@ impl State {
                 class,
                 position: None,
                 hinted: false,
+                in_order: false,
             },
         );
         self.queued += 1;
@@ -390,6 +408,8 @@ impl State {
             if flight.load.is_none() || flight.position.is_some() {
                 continue;
             }
+            // (0, 0) sorts before every chunk file: in-order flights go by seq
+            let position = if flight.in_order { (0, 0) } else { position };
             flight.position = Some(position);
             self.heap.push(Reverse(Queued {
                 class: flight.class,
