@@ -260,6 +260,11 @@ impl Shared {
         self.work.notify_one();
     }
 
+    /// A reader is done with chunk `key`: it leaves the cache first.
+    pub fn demote(&self, key: &ChunkKey) {
+        self.lock().cache.demote(key);
+    }
+
     /// Counts a read served from the shared all-zero buffer.
     pub fn count_zero_read(&self) {
         self.lock().counters.zero_reads += 1;

@@ -806,3 +806,22 @@ fn announced_reads_replace_sequential_read_ahead_until_done() {
     }
     wait_until("read-ahead past chunk 10", || pool.stats().reads > 6);
 }
+
+#[test]
+fn chunks_spent_by_a_plan_leave_the_cache_first() {
+    let store = TestStore::new(random_bytes(32, 10 * CS as usize));
+    let pool = pool(1, 4 * CS as usize, 8);
+    let reader = store.reader(&pool);
+    let mut buf = vec![0u8; CS as usize];
+    reader.read_at_blocking(0, &mut buf).unwrap();
+    reader.plan_reads(&[5 * CS..9 * CS]);
+    for c in 5..9 {
+        reader.read_at_blocking(c * CS, &mut buf).unwrap();
+        assert_eq!(buf, expected(&store.data, c * CS, CS as usize));
+    }
+    let before = pool.stats().reads;
+    assert_eq!(before, 5, "{:?}", pool.stats());
+    // the 4-chunk cache made room by dropping spent chunks, not chunk 0
+    reader.read_at_blocking(0, &mut buf).unwrap();
+    assert_eq!(pool.stats().reads, before);
+}
