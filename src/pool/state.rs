@@ -88,6 +88,8 @@ struct Flight {
     /// Dispatched in request order rather than chunk-file order (reads
     /// announced in the order they will be needed).
     in_order: bool,
+    /// Its reader is already done with it: cache it as the next to leave.
+    demoted: bool,
 }
 
 /// A load taken by a worker, with the chunk file to hint next.
@@ -260,9 +262,15 @@ impl Shared {
         self.work.notify_one();
     }
 
-    /// A reader is done with chunk `key`: it leaves the cache first.
+    /// A reader is done with chunk `key`: it leaves the cache first (once
+    /// cached, if its read is still in flight).
     pub fn demote(&self, key: &ChunkKey) {
-        self.lock().cache.demote(key);
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match st.flights.get_mut(key) {
+            Some(flight) => flight.demoted = true,
+            None => st.cache.demote(key),
+        }
     }
 
     /// Counts a read served from the shared all-zero buffer.
@@ -326,9 +334,15 @@ impl Shared {
             return;
         };
         let evicted = match &result {
-            Ok(data) => st
-                .cache
-                .insert(key, data.clone(), flight.class == Class::Readahead),
+            Ok(data) => {
+                let evicted = st
+                    .cache
+                    .insert(key, data.clone(), flight.class == Class::Readahead);
+                if flight.demoted {
+                    st.cache.demote(&key);
+                }
+                evicted
+            }
             Err(_) => Vec::new(),
         };
         drop(st);
@@ -373,6 +387,7 @@ impl State {
                 position: None,
                 hinted: false,
                 in_order: false,
+                demoted: false,
             },
         );
         self.queued += 1;

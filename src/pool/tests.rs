@@ -787,7 +787,7 @@ fn announced_reads_replace_sequential_read_ahead_until_done() {
     let pool = pool(2, 16 * CS as usize, 8);
     let reader = store.reader(&pool);
     // chunks 2..=4 announced, then read sequentially in small steps
-    reader.plan_reads(&[2 * CS..5 * CS]);
+    reader.plan_reads(&[2 * CS..3 * CS, 3 * CS..5 * CS]);
     let mut off = 2 * CS;
     while off < 5 * CS {
         let mut buf = vec![0u8; 4096];
@@ -814,7 +814,7 @@ fn chunks_spent_by_a_plan_leave_the_cache_first() {
     let reader = store.reader(&pool);
     let mut buf = vec![0u8; CS as usize];
     reader.read_at_blocking(0, &mut buf).unwrap();
-    reader.plan_reads(&[5 * CS..9 * CS]);
+    reader.plan_reads(&[5 * CS..7 * CS, 7 * CS..9 * CS]);
     for c in 5..9 {
         reader.read_at_blocking(c * CS, &mut buf).unwrap();
         assert_eq!(buf, expected(&store.data, c * CS, CS as usize));
