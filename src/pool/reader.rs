@@ -1,6 +1,7 @@
 //! Reading archive bytes through the pool: [`ArchiveReader`] turns byte
 //! ranges into chunk requests, detects sequential access and drives
-//! read-ahead, and hands out zero-copy [`ChunkSlice`]s.
+//! read-ahead, follows the read plans its callers announce
+//! ([`ArchiveReader::plan_reads`]), and hands out zero-copy [`ChunkSlice`]s.
 //!
 //! It never reads chunk files itself (workers do) and never blocks a tokio
 //! thread: async callers await a tokio oneshot; only `read_at_blocking`
