@@ -59,7 +59,14 @@ fn map_err(what: &str, e: Ext4Error) -> Error {
     Error::new(kind, text)
 }
 
+/// Bytes at the start of a volume announced before ext4-view loads it:
+/// its many small reads of the superblock and group descriptors would
+/// otherwise look sequential and start read-ahead of chunks past them.
+const HEAD_ANNOUNCED: u64 = 1 << 20;
+
 fn load(disk: Arc<dyn Disk>) -> Result<Ext4> {
+    let head = 0..HEAD_ANNOUNCED.min(disk.size());
+    disk.will_read(std::slice::from_ref(&head));
     match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {
         Ok(Ok(fs)) => Ok(fs),
         Ok(Err(e)) => Err(map_err("ext filesystem", e)),
