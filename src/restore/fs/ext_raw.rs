@@ -630,43 +630,21 @@ impl ExtRaw {
         if dir.size > MAX_DIR_SIZE {
             return Err(bad(format!("directory inode {} is too large", dir.number)));
         }
-        let bs = self.block_size as usize;
-        let mut block = vec![0u8; bs];
+        let mut block = vec![0u8; self.block_size as usize];
         let mut out = Vec::new();
         let nblocks = dir.size.div_ceil(self.block_size);
         for bi in 0..nblocks {
             let n = self.read(dir, bi * self.block_size, &mut block)?;
-            let block = &block[..n];
-            let mut off = 0usize;
-            while off + 8 <= block.len() {
-                let ino = le32(block, off);
-                let rec_len = usize::from(le16(block, off + 4));
-                let rec_len = if rec_len == 0 && bs >= 65536 {
-                    65536
-                } else {
-                    rec_len
-                };
-                let name_len = usize::from(block[off + 6]);
-                if rec_len < 8
-                    || off + rec_len > block.len()
-                    || (ino != 0 && 8 + name_len > rec_len)
-                {
+            parse_dir_block(&block[..n], dir.number, bi, &mut |name, ino| {
+                if out.len() >= MAX_DIR_ENTRIES {
                     return Err(bad(format!(
-                        "directory inode {}: garbage entry in block {bi} at offset {off}",
+                        "directory inode {}: too many entries",
                         dir.number
                     )));
                 }
-                if ino != 0 {
-                    if out.len() >= MAX_DIR_ENTRIES {
-                        return Err(bad(format!(
-                            "directory inode {}: too many entries",
-                            dir.number
-                        )));
-                    }
-                    out.push((block[off + 8..off + 8 + name_len].to_vec(), ino));
-                }
-                off += rec_len;
-            }
+                out.push((name.to_vec(), ino));
+                Ok(())
+            })?;
         }
         Ok(out)
     }
