@@ -1156,3 +1156,162 @@ fn handle_is_shared_across_tasks() {
         );
     });
 }
+
+/// Runs debugfs with `script` on stdin against `img` (`-w`: writes).
+fn debugfs(img: &Path, write: bool, script: &str) -> String {
+    use std::io::Write;
+    let mut c = Command::new("debugfs");
+    if write {
+        c.arg("-w");
+    }
+    let mut child = c
+        .arg("-f")
+        .arg("-")
+        .arg(img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn journal_needing_recovery_is_listed_as_replayed() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("jdir/old"), b"hi\n");
+    write(&src.join("top"), b"x\n");
+    let img = dir.path().join("j.img");
+    // 1 KiB blocks; metadata_csum, so that debugfs writes the journal
+    // with v3 checksums, which ext4-view requires
+    mkimg_ext(&src, &img, &["-t", "ext4"], 16);
+    let clean = with_fs(&img, "raw", |fs| fs.list(b"/jdir", None, 100).unwrap().0);
+    assert_eq!(clean.len(), 1);
+    assert_eq!((clean[0].name.as_str(), clean[0].nlink), ("old", 1));
+    assert_ne!(clean[0].inode, 0);
+    // a transaction in the journal renames old -> new in the directory
+    // block; the on-disk block still says old
+    let block: u64 = debugfs(&img, false, "bmap /jdir 0\n")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .next()
+        .expect("bmap /jdir 0");
+    let mut data = std::fs::read(&img).unwrap();
+    let at = block as usize * 1024;
+    let blk = &mut data[at..at + 1024];
+    let name = blk.windows(3).position(|w| w == b"old").unwrap();
+    blk[name..name + 3].copy_from_slice(b"new");
+    // the leaf block checksum: crc32c seeded from the UUID, the directory's
+    // inode number and generation, over the block before its tail
+    let stat = debugfs(&img, false, "stat /jdir\n");
+    let field = |key: &str| -> u32 {
+        let rest = &stat[stat.find(key).unwrap() + key.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let (ino, generation) = (field("Inode:"), field("Generation:"));
+    let uuid = data[1024 + 0x68..1024 + 0x78].to_vec();
+    let blk = &mut data[at..at + 1024];
+    let mut c = crc32c(!0, &uuid);
+    c = crc32c(c, &ino.to_le_bytes());
+    c = crc32c(c, &generation.to_le_bytes());
+    c = crc32c(c, &blk[..1024 - 12]);
+    blk[1020..].copy_from_slice(&c.to_le_bytes());
+    let blk_file = dir.path().join("blk.bin");
+    std::fs::write(&blk_file, &*blk).unwrap();
+    debugfs(
+        &img,
+        true,
+        &format!("jo -c\njw -b {block} {}\njc\n", blk_file.display()),
+    );
+    let replayed = with_fs(&img, "raw", |fs| {
+        let listed = fs.list(b"/jdir", None, 100).unwrap().0;
+        (listed, read_all(fs, b"/jdir/new"))
+    });
+    assert_eq!(replayed.0.len(), 1, "{:?}", replayed.0);
+    assert_eq!(replayed.0[0].name, "new");
+    assert_eq!(replayed.1, b"hi\n");
+}
+
+/// crc32c as ext4 uses it (no final inversion), bit by bit.
+fn crc32c(seed: u32, data: &[u8]) -> u32 {
+    let mut c = seed;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82F6_3B78
+            } else {
+                c >> 1
+            };
+        }
+    }
+    c
+}
+
+#[test]
+fn listing_checks_inode_and_directory_checksums() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for n in ["a", "b", "c"] {
+        write(&src.join(format!("d/{n}")), n.as_bytes());
+    }
+    let img = dir.path().join("c.img");
+    mkimg_ext(&src, &img, &["-t", "ext4"], 16);
+    let listed = with_fs(&img, "raw", |fs| fs.list(b"/d", None, 100).unwrap().0);
+    assert_eq!(listed.len(), 3);
+    // an inode of the directory with a changed uid, checksum left as is
+    let imap = debugfs(&img, false, "imap /d/b\n");
+    let nums: Vec<u64> = imap
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter_map(|w| {
+            w.strip_prefix("0x")
+                .map(|h| u64::from_str_radix(h, 16).unwrap())
+                .or_else(|| w.parse().ok())
+        })
+        .collect();
+    // "Inode N is part of block group G\n\tlocated at block B, offset 0xO"
+    // (1 KiB blocks on a 16 MiB filesystem); +2 is the uid
+    assert!(imap.contains("located at block"), "{imap}");
+    let (block, offset) = (nums[nums.len() - 2], nums[nums.len() - 1]);
+    let at = (block * 1024 + offset) as usize + 2;
+    let (_d, bad_inode) = damaged(&img, |d| d[at] ^= 0x55);
+    with_fs(&bad_inode, "raw", |fs| {
+        let e = fs.list(b"/d", None, 100).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+        assert!(e.message.contains("checksum"), "{}", e.message);
+    });
+    // a directory entry's name changed, the block checksum left as is
+    let off = {
+        let out = debugfs(&img, false, "bmap /d 0\n");
+        let b: usize = out
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .next()
+            .unwrap();
+        b * 1024
+    };
+    let (_d, bad_dir) = damaged(&img, |d| {
+        let blk = &mut d[off..off + 1024];
+        let name = blk.windows(2).position(|w| w == b"\x01c").unwrap() + 1;
+        blk[name] = b'z';
+    });
+    with_fs(&bad_dir, "raw", |fs| {
+        let e = fs.list(b"/d", None, 100).err().unwrap();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+        assert!(e.message.contains("checksum"), "{}", e.message);
+    });
+}

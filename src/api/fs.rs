@@ -3,7 +3,7 @@
 
 use jsonrpsee::types::{ErrorObjectOwned, Params};
 use jsonrpsee::{ConnectionId, RpcModule};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::sync::Arc;
 
@@ -14,7 +14,7 @@ use crate::pool::ArchiveReader;
 use crate::restore::archive::{
     byte_stream, new_writer, ArchiveEntry, EntryKind, Format, StreamWriter,
 };
-use crate::restore::fs::{EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry};
+use crate::restore::fs::{Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry};
 use crate::restore::volume::list_volumes;
 use crate::rpc::codes::{app_error, internal, invalid_params};
 use crate::rpc::{RawResult, Router};
@@ -162,22 +162,6 @@ pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
         }),
     );
     must(
-        module.register_async_method("fs.list", |params, agent, _| async move {
-            let (t, x): (Target, ListExtra) = parse(&params, &["cursor", "limit"])?;
-            let limit = x.limit.unwrap_or(LIST_DEFAULT);
-            if limit == 0 || limit > LIST_MAX {
-                return Err(invalid_params(format!("limit must be 1..={LIST_MAX}")));
-            }
-            let path = t.path()?;
-            let fs = t.filesystem(&agent).await?;
-            let (entries, next) =
-                on_fs(&fs, move |fs| fs.list(&path, x.cursor.as_deref(), limit)).await?;
-            Ok::<_, ErrorObjectOwned>(
-                serde_json::json!({ "entries": entries, "next_cursor": next }),
-            )
-        }),
-    );
-    must(
         module.register_async_method("fs.stat", |params, agent, _| async move {
             let (t, x): (Target, StatExtra) = parse(&params, &["follow"])?;
             let path = t.path()?;
@@ -200,6 +184,8 @@ pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
 
 pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
     let a = agent.clone();
+    router.register_raw("fs.list", move |params, _| fs_list(a.clone(), params));
+    let a = agent.clone();
     router.register_raw("fs.read", move |params, conn| {
         fs_read(a.clone(), params, conn)
     });
@@ -210,6 +196,39 @@ pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
     router.register_raw("stream.read", move |params, conn| {
         stream_read(agent.clone(), params, conn)
     });
+}
+
+/// The result of `fs.list`.
+#[derive(Serialize)]
+struct ListPage<'a> {
+    entries: &'a [Entry],
+    next_cursor: Option<String>,
+}
+
+/// `fs.list`: a raw method, so a 10,000-entry page is serialized once,
+/// straight from the entries (on the filesystem thread), instead of being
+/// built as a `serde_json::Value`, serialized, parsed and re-enveloped.
+async fn fs_list(
+    agent: Arc<Agent>,
+    params: Params<'static>,
+) -> Result<RawResult, ErrorObjectOwned> {
+    let (t, x): (Target, ListExtra) = parse(&params, &["cursor", "limit"])?;
+    let limit = x.limit.unwrap_or(LIST_DEFAULT);
+    if limit == 0 || limit > LIST_MAX {
+        return Err(invalid_params(format!("limit must be 1..={LIST_MAX}")));
+    }
+    let path = t.path()?;
+    let fs = t.filesystem(&agent).await?;
+    let json = on_fs(&fs, move |fs| {
+        let (entries, next_cursor) = fs.list(&path, x.cursor.as_deref(), limit)?;
+        serde_json::to_vec(&ListPage {
+            entries: &entries,
+            next_cursor,
+        })
+        .map_err(|e| Error::new(ErrorKind::Io, format!("fs.list result: {e}")))
+    })
+    .await?;
+    Ok(RawResult::new(json))
 }
 
 async fn fs_read(

@@ -4,8 +4,10 @@
 //! A fixed set of worker threads reads chunk files whole (one read each),
 //! checks CRC, decompresses and verifies SHA-256; concurrent requests for
 //! one chunk share a read; decoded chunks sit in a byte-bounded LRU cache
-//! keyed by digest; sequential readers get read-ahead; the all-zero chunk
-//! costs no I/O; queued reads are dispatched in inode order. This follows
+//! keyed by digest; sequential readers get read-ahead, and readers that
+//! announce what they will read get it loaded ahead in parallel; the
+//! all-zero chunk costs no I/O; queued reads are dispatched in inode order
+//! (announced ones in the announced order). This follows
 //! Proxmox Backup's large-chunk argument, MAX(ACS) = ACS / (AST + ACS/MRS):
 //! few, large, sequential reads.
 //!

@@ -1,11 +1,13 @@
 //! Reading archive bytes through the pool: [`ArchiveReader`] turns byte
 //! ranges into chunk requests, detects sequential access and drives
-//! read-ahead, and hands out zero-copy [`ChunkSlice`]s.
+//! read-ahead, follows the read plans its callers announce
+//! ([`ArchiveReader::plan_reads`]), and hands out zero-copy [`ChunkSlice`]s.
 //!
 //! It never reads chunk files itself (workers do) and never blocks a tokio
 //! thread: async callers await a tokio oneshot; only `read_at_blocking`
 //! sleeps, on a std channel, on its caller's thread.
 
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +15,10 @@ use super::source::Source;
 use super::state::{Lookup, WaitKind, Wakeup};
 use super::{ChunkData, ChunkPool};
 use crate::error::{Error, ErrorKind, Result};
+
+/// Most chunks one [`ArchiveReader::plan_reads`] call announces; the rest
+/// are read on demand.
+pub const MAX_PLANNED_CHUNKS: usize = 4096;
 
 /// Longest range one `read_slices` call covers; longer requests are cut
 /// short (callers loop), so one call never pins more than this in chunks.
@@ -71,6 +77,106 @@ struct Sequential {
     window: usize,
     /// Chunks below this were already requested by read-ahead.
     ahead_end: usize,
+    /// Chunks announced by [`ArchiveReader::plan_reads`].
+    plan: Plan,
+}
+
+/// Chunks a caller announced it will read, loaded ahead a window at a time
+/// as the reads arrive (in any order). A chunk whose announced bytes have
+/// all been read is spent: its reader is done with it.
+#[derive(Debug, Default)]
+struct Plan {
+    /// Announced chunks not requested yet, in the announced order; chunks
+    /// read meanwhile are skipped when their turn comes.
+    waiting: VecDeque<usize>,
+    /// Every announced chunk: where it stands, and its announced bytes
+    /// not read yet.
+    chunks: HashMap<usize, (Planned, u64)>,
+    /// Chunks requested ahead and not read yet.
+    requested: usize,
+    /// Announced chunks not read yet.
+    unread: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Planned {
+    Waiting,
+    Requested,
+    Read,
+}
+
+impl Plan {
+    /// A plan of `chunks` (chunk, announced bytes in it), in order.
+    fn new(chunks: Vec<(usize, u64)>) -> Plan {
+        Plan {
+            unread: chunks.len(),
+            chunks: chunks
+                .iter()
+                .map(|&(c, bytes)| (c, (Planned::Waiting, bytes)))
+                .collect(),
+            waiting: chunks.into_iter().map(|(c, _)| c).collect(),
+            requested: 0,
+        }
+    }
+
+    /// Records a read of `[offset, end)` over chunks `first..=last`
+    /// (`range(c)` is chunk c's byte range); returns whether it read
+    /// announced chunks, and the chunks it spent. Once every announced
+    /// chunk was read, the first read elsewhere ends the plan.
+    fn on_read(
+        &mut self,
+        (offset, end): (u64, u64),
+        (first, last): (usize, usize),
+        range: impl Fn(usize) -> Range<u64>,
+    ) -> (bool, Vec<usize>) {
+        if self.chunks.is_empty() {
+            return (false, Vec::new());
+        }
+        let mut planned = false;
+        let mut spent = Vec::new();
+        for c in first..=last {
+            let Some((state, left)) = self.chunks.get_mut(&c) else {
+                continue;
+            };
+            planned = true;
+            if *state == Planned::Requested {
+                self.requested -= 1;
+            }
+            if *state != Planned::Read {
+                self.unread -= 1;
+            }
+            *state = Planned::Read;
+            let r = range(c);
+            let read = end.min(r.end).saturating_sub(offset.max(r.start));
+            if *left > 0 {
+                *left = left.saturating_sub(read);
+                if *left == 0 {
+                    spent.push(c);
+                }
+            }
+        }
+        if !planned && self.unread == 0 {
+            *self = Plan::default();
+        }
+        (planned, spent)
+    }
+
+    /// The next chunks to request so that `window` are requested and not
+    /// yet read.
+    fn top_up(&mut self, window: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        while self.requested < window {
+            let Some(c) = self.waiting.pop_front() else {
+                break;
+            };
+            if let Some((state @ Planned::Waiting, _)) = self.chunks.get_mut(&c) {
+                *state = Planned::Requested;
+                self.requested += 1;
+                out.push(c);
+            }
+        }
+        out
+    }
 }
 
 impl Sequential {
@@ -250,27 +356,115 @@ impl ArchiveReader {
         Ok(parts)
     }
 
-    fn read_ahead(&self, offset: u64, end: u64, first: usize, last: usize) {
+    /// Announces that `ranges` (byte ranges, clamped to the archive) will be
+    /// read soon, roughly in this order: their chunks (at most
+    /// [`MAX_PLANNED_CHUNKS`]) are loaded by the workers ahead of the
+    /// reads, in parallel, a read-ahead window at a time, while reads of
+    /// announced chunks take the place of sequential read-ahead. A chunk
+    /// whose announced bytes have all been read is the first to leave the
+    /// cache (the caller said it is done with it). A later call replaces
+    /// the plan. Only a hint: reads work the same without it.
+    pub fn plan_reads(&self, ranges: &[Range<u64>]) {
         let source = &self.inner.source;
+        let size = source.size();
+        let count = source.chunk_count();
+        // (chunk, announced bytes in it), in the announced order
+        let mut chunks: Vec<(usize, u64)> = Vec::new();
+        let mut at: HashMap<usize, usize> = HashMap::new();
+        'ranges: for r in ranges {
+            let end = r.end.min(size);
+            if r.start >= end {
+                continue;
+            }
+            let (Some(first), Some(last)) = (source.chunk_at(r.start), source.chunk_at(end - 1))
+            else {
+                continue;
+            };
+            for c in first..=last.min(count.saturating_sub(1)) {
+                let cr = source.chunk_range(c);
+                let bytes = end.min(cr.end).saturating_sub(r.start.max(cr.start));
+                let i = match at.get(&c) {
+                    Some(&i) => i,
+                    None => {
+                        if chunks.len() >= MAX_PLANNED_CHUNKS {
+                            break 'ranges;
+                        }
+                        at.insert(c, chunks.len());
+                        chunks.push((c, 0));
+                        chunks.len() - 1
+                    }
+                };
+                chunks[i].1 += bytes;
+            }
+        }
+        let Some(&(sample, _)) = chunks.first() else {
+            return;
+        };
+        // Two chunks per worker keep every worker busy without filling
+        // the cache with chunks needed only later.
+        let window = self
+            .window(sample)
+            .min(self.inner.pool.workers.saturating_mul(2));
+        let ahead = {
+            let mut access = self.inner.access.lock().unwrap_or_else(|p| p.into_inner());
+            access.plan = Plan::new(chunks);
+            access.plan.top_up(window)
+        };
+        self.prefetch(ahead, true);
+    }
+
+    /// The read-ahead window in chunks of the size of chunk `i`: room is
+    /// kept in the cache for the chunks being read and the window, or
+    /// read-ahead would evict its own work.
+    fn window(&self, i: usize) -> usize {
         let pool = &self.inner.pool;
-        let chunk = source.chunk_range(last);
+        let chunk = self.inner.source.chunk_range(i);
         let chunk_len = usize::try_from(chunk.end.saturating_sub(chunk.start))
             .unwrap_or(usize::MAX)
             .max(1);
-        // Keep room in the cache for the chunks being read and the window,
-        // or read-ahead would evict its own work.
-        let max_window = pool
-            .readahead
-            .min((pool.cache_bytes / chunk_len).saturating_sub(2));
-        let ahead = {
-            let mut access = self.inner.access.lock().unwrap_or_else(|p| p.into_inner());
-            access.on_read(offset, end, (first, last), max_window, source.chunk_count())
-        };
-        for i in ahead {
+        pool.readahead
+            .min((pool.cache_bytes / chunk_len).saturating_sub(2))
+    }
+
+    fn prefetch(&self, chunks: impl IntoIterator<Item = usize>, in_order: bool) {
+        let source = &self.inner.source;
+        let shared = &self.inner.pool.shared;
+        for i in chunks {
             if source.zero_chunk(i).is_none() {
-                pool.shared.prefetch(source.key(i), || source.load(i));
+                if in_order {
+                    shared.prefetch_in_order(source.key(i), || source.load(i));
+                } else {
+                    shared.prefetch(source.key(i), || source.load(i));
+                }
             }
         }
+    }
+
+    fn read_ahead(&self, offset: u64, end: u64, first: usize, last: usize) {
+        let max_window = self.window(last);
+        let chunk_count = self.inner.source.chunk_count();
+        let source = &self.inner.source;
+        let (ahead, planned, spent) = {
+            let mut access = self.inner.access.lock().unwrap_or_else(|p| p.into_inner());
+            let (planned, spent) = access
+                .plan
+                .on_read((offset, end), (first, last), |c| source.chunk_range(c));
+            if planned {
+                // an announced read: the plan knows what comes next
+                access.next_offset = Some(end);
+                access.last_chunk = Some(last);
+                let window = max_window.min(self.inner.pool.workers.saturating_mul(2));
+                (access.plan.top_up(window), true, spent)
+            } else {
+                let range = access.on_read(offset, end, (first, last), max_window, chunk_count);
+                (range.collect(), false, spent)
+            }
+        };
+        // chunks spent by their plan leave the cache before the rest
+        for c in spent {
+            self.inner.pool.shared.demote(&source.key(c));
+        }
+        self.prefetch(ahead, planned);
     }
 
     fn chunk_at(&self, offset: u64) -> Result<usize> {

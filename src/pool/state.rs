@@ -85,6 +85,11 @@ struct Flight {
     position: Option<(u64, u64)>,
     /// Its chunk file was already handed out as a read-ahead hint.
     hinted: bool,
+    /// Dispatched in request order rather than chunk-file order (reads
+    /// announced in the order they will be needed).
+    in_order: bool,
+    /// Its reader is already done with it: cache it as the next to leave.
+    demoted: bool,
 }
 
 /// A load taken by a worker, with the chunk file to hint next.
@@ -231,6 +236,17 @@ impl Shared {
     /// cached (keeps it fresh), already in flight, or when the read-ahead
     /// queue is full.
     pub fn prefetch(&self, key: ChunkKey, load: impl FnOnce() -> Load) {
+        self.prefetch_as(key, load, false);
+    }
+
+    /// [`prefetch`](Self::prefetch) for reads announced in the order they
+    /// will be needed: such reads are dispatched in the order requested
+    /// (before other read-ahead), not in chunk-file order.
+    pub fn prefetch_in_order(&self, key: ChunkKey, load: impl FnOnce() -> Load) {
+        self.prefetch_as(key, load, true);
+    }
+
+    fn prefetch_as(&self, key: ChunkKey, load: impl FnOnce() -> Load, in_order: bool) {
         let mut st = self.lock();
         if st.cache.touch(&key)
             || st.flights.contains_key(&key)
@@ -239,8 +255,22 @@ impl Shared {
             return;
         }
         st.start_flight(key, load(), Class::Readahead, Vec::new());
+        if let Some(flight) = st.flights.get_mut(&key) {
+            flight.in_order = in_order;
+        }
         drop(st);
         self.work.notify_one();
+    }
+
+    /// A reader is done with chunk `key`: it leaves the cache first (once
+    /// cached, if its read is still in flight).
+    pub fn demote(&self, key: &ChunkKey) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match st.flights.get_mut(key) {
+            Some(flight) => flight.demoted = true,
+            None => st.cache.demote(key),
+        }
     }
 
     /// Counts a read served from the shared all-zero buffer.
@@ -304,9 +334,15 @@ impl Shared {
             return;
         };
         let evicted = match &result {
-            Ok(data) => st
-                .cache
-                .insert(key, data.clone(), flight.class == Class::Readahead),
+            Ok(data) => {
+                let evicted = st
+                    .cache
+                    .insert(key, data.clone(), flight.class == Class::Readahead);
+                if flight.demoted {
+                    st.cache.demote(&key);
+                }
+                evicted
+            }
             Err(_) => Vec::new(),
         };
         drop(st);
@@ -350,6 +386,8 @@ impl State {
                 class,
                 position: None,
                 hinted: false,
+                in_order: false,
+                demoted: false,
             },
         );
         self.queued += 1;
@@ -390,6 +428,8 @@ impl State {
             if flight.load.is_none() || flight.position.is_some() {
                 continue;
             }
+            // (0, 0) sorts before every chunk file: in-order flights go by seq
+            let position = if flight.in_order { (0, 0) } else { position };
             flight.position = Some(position);
             self.heap.push(Reverse(Queued {
                 class: flight.class,

@@ -747,3 +747,81 @@ async fn async_reads_never_block_the_runtime_thread() {
     net.join().unwrap();
     assert!(runtime_free_while_waiting, "the runtime thread was blocked");
 }
+
+#[test]
+fn announced_reads_load_ahead_in_the_announced_order() {
+    let store = TestStore::new(random_bytes(30, 12 * CS as usize));
+    let pool = pool(2, 12 * CS as usize, 8);
+    let reader = store.reader(&pool);
+    let announced = [7usize, 2, 9, 4, 11, 0];
+    let ranges: Vec<_> = announced
+        .iter()
+        .map(|&c| c as u64 * CS + 100..c as u64 * CS + 200)
+        .collect();
+    pool.shared.set_paused(true);
+    reader.plan_reads(&ranges);
+    // two chunks per worker are requested ahead
+    assert_eq!(pool.stats().queued, 4);
+    pool.shared.set_paused(false);
+    for &c in &announced {
+        let mut buf = vec![0u8; 100];
+        reader
+            .read_at_blocking(c as u64 * CS + 100, &mut buf)
+            .unwrap();
+        assert_eq!(buf, expected(&store.data, c as u64 * CS + 100, 100));
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.reads, announced.len() as u64, "{stats:?}");
+    assert!(stats.cache.readahead_hits >= 4, "{stats:?}");
+    let dispatched = pool.shared.lock().dispatched.clone();
+    let order: Vec<ChunkKey> = announced
+        .iter()
+        .map(|&c| ChunkKey::Digest(*store.index.chunk_digest(c)))
+        .collect();
+    assert_eq!(dispatched, order, "dispatched in the announced order");
+}
+
+#[test]
+fn announced_reads_replace_sequential_read_ahead_until_done() {
+    let store = TestStore::new(random_bytes(31, 16 * CS as usize));
+    let pool = pool(2, 16 * CS as usize, 8);
+    let reader = store.reader(&pool);
+    // chunks 2..=4 announced, then read sequentially in small steps
+    reader.plan_reads(&[2 * CS..3 * CS, 3 * CS..5 * CS]);
+    let mut off = 2 * CS;
+    while off < 5 * CS {
+        let mut buf = vec![0u8; 4096];
+        reader.read_at_blocking(off, &mut buf).unwrap();
+        off += 4096;
+    }
+    std::thread::sleep(Duration::from_millis(30));
+    let stats = pool.stats();
+    assert_eq!(stats.reads, 3, "nothing read beyond the plan: {stats:?}");
+    // once the plan is done, sequential reads elsewhere are read ahead again
+    let mut off = 8 * CS;
+    while off < 11 * CS {
+        let mut buf = vec![0u8; 4096];
+        reader.read_at_blocking(off, &mut buf).unwrap();
+        off += 4096;
+    }
+    wait_until("read-ahead past chunk 10", || pool.stats().reads > 6);
+}
+
+#[test]
+fn chunks_spent_by_a_plan_leave_the_cache_first() {
+    let store = TestStore::new(random_bytes(32, 10 * CS as usize));
+    let pool = pool(1, 4 * CS as usize, 8);
+    let reader = store.reader(&pool);
+    let mut buf = vec![0u8; CS as usize];
+    reader.read_at_blocking(0, &mut buf).unwrap();
+    reader.plan_reads(&[5 * CS..7 * CS, 7 * CS..9 * CS]);
+    for c in 5..9 {
+        reader.read_at_blocking(c * CS, &mut buf).unwrap();
+        assert_eq!(buf, expected(&store.data, c * CS, CS as usize));
+    }
+    let before = pool.stats().reads;
+    assert_eq!(before, 5, "{:?}", pool.stats());
+    // the 4-chunk cache made room by dropping spent chunks, not chunk 0
+    reader.read_at_blocking(0, &mut buf).unwrap();
+    assert_eq!(pool.stats().reads, before);
+}

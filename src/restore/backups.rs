@@ -42,6 +42,9 @@ impl Disk for ArchiveDisk {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         self.0.read_at_blocking(offset, buf)
     }
+    fn will_read(&self, ranges: &[std::ops::Range<u64>]) {
+        self.0.plan_reads(ranges);
+    }
 }
 
 pub struct Backups {

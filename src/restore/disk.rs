@@ -8,6 +8,7 @@
 //! Must never write to a disk, and never know where the bytes come from.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -19,6 +20,10 @@ pub trait Disk: Send + Sync {
     fn size(&self) -> u64;
     /// positional read; short only at end of disk
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize>;
+    /// Announces that `ranges` will be read soon, roughly in this order, so
+    /// a disk that can load data ahead (in parallel) does. Only a hint; by
+    /// default nothing happens.
+    fn will_read(&self, _ranges: &[Range<u64>]) {}
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`, or fails with `what` named.
@@ -73,6 +78,14 @@ impl Disk for Slice {
         let room = self.len - offset;
         let n = (buf.len() as u64).min(room) as usize;
         self.disk.read_at(self.start + offset, &mut buf[..n])
+    }
+    fn will_read(&self, ranges: &[Range<u64>]) {
+        let inside: Vec<Range<u64>> = ranges
+            .iter()
+            .filter(|r| r.start < self.len)
+            .map(|r| self.start + r.start..self.start + r.end.min(self.len))
+            .collect();
+        self.disk.will_read(&inside);
     }
 }
 

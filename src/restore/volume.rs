@@ -5,6 +5,7 @@
 //! Owns: reading partition tables, naming volumes (`part/N`, `raw`), and
 //! describing each with the filesystem probe. Must never walk a filesystem.
 
+use std::io::{Seek, SeekFrom};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -68,57 +69,101 @@ fn is_extended(sys: u8) -> bool {
 /// Most GPT partition entries accepted (the usual table has 128).
 const MAX_GPT_ENTRIES: u32 = 16384;
 
-/// Refuses GPT headers whose entry count or size would make the table
-/// parser read and allocate without bound.
-fn check_gpt_headers(disk: &Arc<dyn Disk>) -> Result<()> {
-    let size = disk.size();
-    for ss in [512u64, 4096] {
-        let last = (size / ss).saturating_sub(1) * ss;
-        for at in [ss, last] {
-            let mut h = [0u8; 92];
-            if at + 92 > size || read_exact_at(&**disk, at, &mut h, "GPT header").is_err() {
-                continue;
-            }
-            if &h[..8] != b"EFI PART" {
-                continue;
-            }
-            let entries = u32::from_le_bytes([h[80], h[81], h[82], h[83]]);
-            let entry_size = u32::from_le_bytes([h[84], h[85], h[86], h[87]]);
-            if entries > MAX_GPT_ENTRIES || !(128..=4096).contains(&entry_size) {
-                return Err(Error::corrupt(format!(
-                    "GPT header at byte {at}: {entries} entries of {entry_size} bytes is not a sane partition table"
-                )));
-            }
-        }
+/// Refuses a GPT header at byte `at` (if one is there) whose entry count
+/// or size would make the table parser read and allocate without bound.
+fn check_gpt_header(disk: &Arc<dyn Disk>, at: u64) -> Result<()> {
+    let mut h = [0u8; 92];
+    if at.saturating_add(92) > disk.size()
+        || read_exact_at(&**disk, at, &mut h, "GPT header").is_err()
+    {
+        return Ok(());
+    }
+    if &h[..8] != b"EFI PART" {
+        return Ok(());
+    }
+    let entries = u32::from_le_bytes([h[80], h[81], h[82], h[83]]);
+    let entry_size = u32::from_le_bytes([h[84], h[85], h[86], h[87]]);
+    if entries > MAX_GPT_ENTRIES || !(128..=4096).contains(&entry_size) {
+        return Err(Error::corrupt(format!(
+            "GPT header at byte {at}: {entries} entries of {entry_size} bytes is not a sane partition table"
+        )));
     }
     Ok(())
 }
 
+/// What one copy (primary or backup) of a GPT gave.
+enum GptCopy {
+    Found(Vec<gptman::GPTPartitionEntry>),
+    /// no "EFI PART" signature there
+    Absent,
+    /// a header that does not parse or whose checksums fail
+    Bad,
+}
+
+/// Reads the GPT copy whose header is at byte `at`, for `sector_size`.
+fn read_gpt_copy(disk: &Arc<dyn Disk>, at: u64, sector_size: u64) -> Result<GptCopy> {
+    check_gpt_header(disk, at)?;
+    let mut cur = DiskCursor::new(disk.clone());
+    let read = catch(|| {
+        cur.seek(SeekFrom::Start(at))?;
+        let header = gptman::GPTHeader::read_from(&mut cur)?;
+        header.read_partitions(&mut cur, sector_size)
+    });
+    Ok(match read {
+        Ok(Ok(parts)) => GptCopy::Found(parts),
+        Ok(Err(gptman::Error::InvalidSignature)) => GptCopy::Absent,
+        _ => GptCopy::Bad,
+    })
+}
+
+/// The GPT of `disk` as (sector size, entries in table order), the way
+/// gptman's `GPT::find_from` finds it: the primary header, the backup
+/// header at the end of the disk only when the primary is unusable, with
+/// 512-byte sectors and then 4096-byte ones when neither copy has a
+/// signature. Each header is checked by [`check_gpt_header`] before the
+/// parser reads it. Reading the backup only when needed matters: it lies
+/// in the disk's last chunk, which every volume open would otherwise load.
+fn read_gpt(disk: &Arc<dyn Disk>) -> Result<Option<(u64, Vec<gptman::GPTPartitionEntry>)>> {
+    let size = disk.size();
+    for ss in [512u64, 4096] {
+        let primary = read_gpt_copy(disk, ss, ss)?;
+        if let GptCopy::Found(parts) = primary {
+            return Ok(Some((ss, parts)));
+        }
+        let backup = if size < ss {
+            GptCopy::Absent
+        } else {
+            read_gpt_copy(disk, (size / ss - 1) * ss, ss)?
+        };
+        match (primary, backup) {
+            (_, GptCopy::Found(parts)) => return Ok(Some((ss, parts))),
+            (GptCopy::Absent, GptCopy::Absent) => continue,
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
 /// The partitions of `disk`, or `None` when it has no partition table.
 fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
-    check_gpt_headers(disk)?;
-    let mut cur = DiskCursor::new(disk.clone());
-    if let Ok(Some(gpt)) = catch(|| gptman::GPT::find_from(&mut cur).ok()) {
-        {
-            let ss = gpt.sector_size;
-            let mut out = Vec::new();
-            for (n, p) in gpt.iter() {
-                if !p.is_used() || p.ending_lba < p.starting_lba {
-                    continue;
-                }
-                let name = p.partition_name.as_str().trim_end_matches('\0').to_string();
-                out.push(Partition {
-                    number: n,
-                    start: p.starting_lba.saturating_mul(ss),
-                    size: (p.ending_lba - p.starting_lba + 1).saturating_mul(ss),
-                    table: "gpt",
-                    type_guid: Some(guid_string(&p.partition_type_guid)),
-                    mbr_type: None,
-                    name: (!name.is_empty()).then_some(name),
-                });
+    if let Some((ss, entries)) = read_gpt(disk)? {
+        let mut out = Vec::new();
+        for (i, p) in entries.iter().enumerate() {
+            if !p.is_used() || p.ending_lba < p.starting_lba {
+                continue;
             }
-            return Ok(Some(out));
+            let name = p.partition_name.as_str().trim_end_matches('\0').to_string();
+            out.push(Partition {
+                number: i as u32 + 1,
+                start: p.starting_lba.saturating_mul(ss),
+                size: (p.ending_lba - p.starting_lba + 1).saturating_mul(ss),
+                table: "gpt",
+                type_guid: Some(guid_string(&p.partition_type_guid)),
+                mbr_type: None,
+                name: (!name.is_empty()).then_some(name),
+            });
         }
+        return Ok(Some(out));
     }
     // A FAT or NTFS boot sector also ends in 55 AA: a filesystem at sector 0
     // means an unpartitioned disk, not an MBR.

@@ -2,11 +2,15 @@
 //! features, verifies metadata checksums, replays the journal in memory,
 //! and provides listings, metadata, symlink targets and file data.
 //!
-//! ext4-view 1.0 exposes neither inode numbers nor link counts; they come
-//! from [`super::ext_raw`], which reads the on-disk directories and inodes
-//! without the journal (on a volume that needs recovery they can be stale:
-//! then only hardlink detection suffers; names absent from the on-disk
-//! directory get inode 0 and nlink 1).
+//! ext4-view 1.0 exposes neither inode numbers nor link counts. While the
+//! journal is clean the on-disk state is the current one, and directory
+//! listings come whole from [`super::ext_raw`] (one pass over the
+//! directory, one read per inode, checksums verified, chunks loaded ahead
+//! in parallel). On a volume that needs recovery, ext4-view's replayed view
+//! lists, and `ext_raw` only adds inode numbers and link counts from the
+//! on-disk directories and inodes (they can be stale: then only hardlink
+//! detection suffers; names absent from the on-disk directory get inode 0
+//! and nlink 1).
 //! Block-mapped (ext2/3) files with holes are read by `ext_raw` because
 //! ext4-view 1.0 fails ("invalid read ... from block 0") on a sparse
 //! block-mapped file whose indirect pointer is a hole. All other file data
@@ -55,7 +59,14 @@ fn map_err(what: &str, e: Ext4Error) -> Error {
     Error::new(kind, text)
 }
 
+/// Bytes at the start of a volume announced before ext4-view loads it:
+/// its many small reads of the superblock and group descriptors would
+/// otherwise look sequential and start read-ahead of chunks past them.
+const HEAD_ANNOUNCED: u64 = 1 << 20;
+
 fn load(disk: Arc<dyn Disk>) -> Result<Ext4> {
+    let head = 0..HEAD_ANNOUNCED.min(disk.size());
+    disk.will_read(std::slice::from_ref(&head));
     match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {
         Ok(Ok(fs)) => Ok(fs),
         Ok(Err(e)) => Err(map_err("ext filesystem", e)),
@@ -181,6 +192,60 @@ impl ExtBackend {
         Ok(!self.raw.needs_recovery() || (!ino.uses_extents() && self.raw.is_sparse(ino)?))
     }
 
+    /// A directory's children from [`ExtRaw::list_dir`]: one pass over the
+    /// directory and one read of each inode, instead of ext4-view's pass
+    /// plus a second one for inode numbers and link counts. Only while the
+    /// journal is clean, when the on-disk state is the current one.
+    fn read_dir_raw(&mut self, dir: u32) -> Result<Vec<Child<u32>>> {
+        let listed = self.raw.list_dir(dir)?;
+        let mut out = Vec::with_capacity(listed.len());
+        for (name, ino) in listed {
+            let kind = EntryType::from_unix_mode(u32::from(ino.mode)).ok_or_else(|| {
+                Error::corrupt(format!(
+                    "ext filesystem: inode {} has an invalid file type (mode {:o})",
+                    ino.number, ino.mode
+                ))
+            })?;
+            // as in `child`: a broken target must not hide the siblings
+            let (link, broken) = if kind == EntryType::Symlink {
+                match self.raw.link_target(&ino) {
+                    Ok(t) => (Some(t), None),
+                    Err(e) => (None, Some(e)),
+                }
+            } else {
+                (None, None)
+            };
+            let mut entry = Entry {
+                name: String::new(),
+                name_b64: None,
+                kind,
+                size: if matches!(kind, EntryType::File | EntryType::Dir | EntryType::Symlink) {
+                    ino.size
+                } else {
+                    0
+                },
+                mode: u32::from(ino.mode) & 0o7777,
+                uid: ino.uid,
+                gid: ino.gid,
+                mtime: ino.mtime,
+                target: link
+                    .as_ref()
+                    .map(|l| String::from_utf8_lossy(l).into_owned()),
+                inode: u64::from(ino.number),
+                nlink: u64::from(ino.links),
+            };
+            entry.set_name(&name);
+            out.push(Child {
+                name,
+                node: ino.number,
+                entry,
+                link,
+                broken,
+            });
+        }
+        Ok(out)
+    }
+
     fn read_view(
         &mut self,
         number: u32,
@@ -225,6 +290,9 @@ impl Backend for ExtBackend {
     }
 
     fn read_dir(&mut self, dir: &u32, path: &[u8]) -> Result<Vec<Child<u32>>> {
+        if *dir != 0 && !self.raw.needs_recovery() {
+            return self.read_dir_raw(*dir);
+        }
         let what = String::from_utf8_lossy(path).into_owned();
         let p = ext4_view::Path::try_from(path)
             .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))?;
