@@ -1031,9 +1031,8 @@ fn extract(c: &mut Conn, v: Vol, path: &[u8], format: &str, zstd: bool) -> Vec<u
     let r = ok(c, "fs.extract", p);
     let id = r["stream"].as_u64().expect("a stream id");
     let data = pull(c, id, MAX_READ);
-    // a finished stream stays readable as empty-at-eof or is gone: either
-    // way closing it is not an error the client has to care about
-    let _ = call(c, "stream.close", json!({ "stream": id }));
+    // a finished stream is closed: closing it again is 1008
+    assert_eq!(fails(c, "stream.close", json!({ "stream": id })).0, 1008);
     data
 }
 
@@ -1343,6 +1342,14 @@ fn pipelined_stream_reads_are_served_in_offset_order() {
     }
     let mut out: Vec<u8> = got.concat();
     assert_eq!(out.len(), 4 * PIECE);
+    // an offset already read is refused
+    let e = bulk(
+        &mut c,
+        "stream.read",
+        json!({"stream": id, "offset": 0, "length": 100}),
+    )
+    .unwrap_err();
+    assert_eq!(e["code"], -32602, "{e}");
     // the rest, one offset read at a time; a piece is whole until the end
     loop {
         let at = out.len() as u64;
@@ -1363,21 +1370,15 @@ fn pipelined_stream_reads_are_served_in_offset_order() {
         out == whole,
         "pipelined reads give the archive a single reader gets"
     );
-    // beyond the end: nothing, at eof; an offset already read: refused
-    let (meta, data) = bulk(
-        &mut c,
-        "stream.read",
-        json!({"stream": id, "offset": 1u64 << 40, "length": 100}),
-    )
-    .unwrap();
-    assert_eq!((data.len(), &meta["eof"]), (0, &json!(true)));
+    // the stream closed at its end: its slot is free
     let e = bulk(
         &mut c,
         "stream.read",
-        json!({"stream": id, "offset": 0, "length": 100}),
+        json!({"stream": id, "offset": out.len(), "length": 100}),
     )
     .unwrap_err();
-    assert_eq!(e["code"], -32602, "{e}");
+    assert_eq!(e["code"], 1008, "{e}");
+    assert_eq!(open_streams(&mut c), 0);
     ping(&mut c);
     assert_no_panic(&a);
 }

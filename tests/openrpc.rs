@@ -673,7 +673,7 @@ fn data_methods_answer_as_documented() {
     extract["volume"] = json!("part/1");
     extract["path"] = json!("/home");
     extract["format"] = json!("tar");
-    let handle = check.call_ok(&mut c, "fs.extract", Some(extract));
+    let handle = check.call_ok(&mut c, "fs.extract", Some(extract.clone()));
     let stream = handle["stream"].clone();
     loop {
         let chunk = check.call_ok(&mut c, "stream.read", Some(json!({"stream": stream})));
@@ -681,6 +681,15 @@ fn data_methods_answer_as_documented() {
             break;
         }
     }
+    // the read that reached the end closed the stream
+    check.call_err(&mut c, "stream.read", Some(json!({"stream": stream})), 1008);
+    let handle = check.call_ok(&mut c, "fs.extract", Some(extract));
+    let stream = handle["stream"].clone();
+    check.call_ok(
+        &mut c,
+        "stream.read",
+        Some(json!({"stream": stream, "offset": 0, "length": 10})),
+    );
     check.call_ok(&mut c, "stream.close", Some(json!({"stream": stream})));
     check.call_err(&mut c, "stream.read", Some(json!({"stream": stream})), 1008);
     check.call_err(

@@ -366,6 +366,12 @@ async fn stream_read(
     let (offset, data, eof, hold) = stream
         .read(p.offset, len, agent.budget.reserve(len))
         .await?;
+    if eof {
+        // Done: the slot and its hold on the idle watchdog go now, not when
+        // the client remembers to close it. Reads already under way still
+        // get the end; later ones get 1008.
+        let _ = agent.streams.close(conn, p.stream);
+    }
     Ok(bulk::stream_result(offset, eof, data, hold))
 }
 
