@@ -83,6 +83,56 @@ pub fn check_supported(disk: Arc<dyn Disk>) -> Result<()> {
     Ok(())
 }
 
+/// What a listing says of an ext node, from ext4-view or from the raw inode.
+struct Attrs {
+    kind: EntryType,
+    size: u64,
+    /// `st_mode`, type bits included
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    nlink: u64,
+}
+
+/// The listing record of node `number` called `name`; `link` is a
+/// symlink's target, `broken` why it could not be read.
+fn ext_child(
+    name: Vec<u8>,
+    number: u32,
+    a: Attrs,
+    link: Option<Vec<u8>>,
+    broken: Option<Error>,
+) -> Child<u32> {
+    let has_size = matches!(
+        a.kind,
+        EntryType::File | EntryType::Dir | EntryType::Symlink
+    );
+    let mut entry = Entry {
+        name: String::new(),
+        name_b64: None,
+        kind: a.kind,
+        size: if has_size { a.size } else { 0 },
+        mode: a.mode & 0o7777,
+        uid: a.uid,
+        gid: a.gid,
+        mtime: a.mtime,
+        target: link
+            .as_ref()
+            .map(|l| String::from_utf8_lossy(l).into_owned()),
+        inode: u64::from(number),
+        nlink: a.nlink,
+    };
+    entry.set_name(&name);
+    Child {
+        name,
+        node: number,
+        entry,
+        link,
+        broken,
+    }
+}
+
 pub struct ExtBackend {
     fs: Ext4,
     raw: ExtRaw,
@@ -136,52 +186,31 @@ impl ExtBackend {
         };
         // an unreadable symlink target must not hide its siblings: the
         // error is kept for whoever follows the link
-        let mut broken = None;
-        let link = if kind == EntryType::Symlink {
+        let (link, broken) = if kind == EntryType::Symlink {
             let target = ext4_view::Path::try_from(path)
                 .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))
                 .and_then(|p| self.fs.read_link(p).map_err(|e| map_err(&what, e)));
             match target {
-                Ok(t) => Some(t.as_ref().to_vec()),
-                Err(e) => {
-                    broken = Some(e);
-                    None
-                }
+                Ok(t) => (Some(t.as_ref().to_vec()), None),
+                Err(e) => (None, Some(e)),
             }
         } else {
-            None
+            (None, None)
         };
         let nlink = match number {
             0 => 1,
             n => self.raw.inode(n).map(|i| u64::from(i.links)).unwrap_or(1),
         };
-        let mut entry = Entry {
-            name: String::new(),
-            name_b64: None,
+        let attrs = Attrs {
             kind,
-            size: if matches!(kind, EntryType::File | EntryType::Dir | EntryType::Symlink) {
-                md.len()
-            } else {
-                0
-            },
-            mode: u32::from(md.mode()) & 0o7777,
+            size: md.len(),
+            mode: u32::from(md.mode()),
             uid: md.uid(),
             gid: md.gid(),
             mtime: md.modified().seconds(),
-            target: link
-                .as_ref()
-                .map(|l| String::from_utf8_lossy(l).into_owned()),
-            inode: u64::from(number),
             nlink,
         };
-        entry.set_name(&name);
-        Ok(Child {
-            name,
-            node: number,
-            entry,
-            link,
-            broken,
-        })
+        Ok(ext_child(name, number, attrs, link, broken))
     }
 
     /// Whether `ext_raw` reads this file's data: with a clean journal the
@@ -215,33 +244,16 @@ impl ExtBackend {
             } else {
                 (None, None)
             };
-            let mut entry = Entry {
-                name: String::new(),
-                name_b64: None,
+            let attrs = Attrs {
                 kind,
-                size: if matches!(kind, EntryType::File | EntryType::Dir | EntryType::Symlink) {
-                    ino.size
-                } else {
-                    0
-                },
-                mode: u32::from(ino.mode) & 0o7777,
+                size: ino.size,
+                mode: u32::from(ino.mode),
                 uid: ino.uid,
                 gid: ino.gid,
                 mtime: ino.mtime,
-                target: link
-                    .as_ref()
-                    .map(|l| String::from_utf8_lossy(l).into_owned()),
-                inode: u64::from(ino.number),
                 nlink: u64::from(ino.links),
             };
-            entry.set_name(&name);
-            out.push(Child {
-                name,
-                node: ino.number,
-                entry,
-                link,
-                broken,
-            });
+            out.push(ext_child(name, ino.number, attrs, link, broken));
         }
         Ok(out)
     }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::Extent;
+use crate::restore::le::{le16, le32};
 
 const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
@@ -47,17 +48,6 @@ const MAX_DIR_SIZE: u64 = 1 << 32;
 const MAX_DIR_ENTRIES: usize = 4 << 20;
 /// Most extent tree nodes visited for one file.
 const MAX_EXTENT_NODES: usize = 1 << 20;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .unwrap_or(0)
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .unwrap_or(0)
-}
 
 /// A decoded inode.
 #[derive(Clone, Debug)]
@@ -516,43 +506,24 @@ impl ExtRaw {
     /// Reads file data at `offset` (holes and unwritten extents read as
     /// zeros); short only at end of file.
     pub fn read(&mut self, ino: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        if ino.is_encrypted() {
-            return Err(Error::unsupported(format!(
-                "inode {}: encrypted files are not supported",
-                ino.number
-            )));
-        }
-        if offset >= ino.size {
-            return Ok(0);
-        }
-        let want = (buf.len() as u64).min(ino.size - offset) as usize;
-        let buf = &mut buf[..want];
-        buf.fill(0);
-        let runs = self.runs(ino)?;
-        let bs = self.block_size;
-        let end = offset + want as u64;
-        // first run that may overlap: runs are sorted by logical block
-        let first_block = offset / bs;
-        let start_idx = runs.partition_point(|r| r.logical + r.len <= first_block);
-        for r in &runs[start_idx..] {
-            let rs = r.logical.saturating_mul(bs);
-            let re = r.logical.saturating_add(r.len).saturating_mul(bs);
-            if rs >= end {
-                break;
+        let mut done = 0usize;
+        for extent in self.map(ino, offset, buf.len() as u64)? {
+            let n = extent.bytes() as usize;
+            let Some(dst) = buf.get_mut(done..done + n) else {
+                return Err(bad(format!(
+                    "inode {}: block map overruns the read",
+                    ino.number
+                )));
+            };
+            match extent {
+                Extent::Zero { .. } => dst.fill(0),
+                Extent::Disk { offset, .. } => {
+                    read_exact_at(&*self.disk, offset, dst, "ext file data")?
+                }
             }
-            if r.physical == 0 {
-                continue;
-            }
-            let s = rs.max(offset);
-            let e = re.min(end);
-            if s >= e {
-                continue;
-            }
-            let disk_off = (r.physical + (s - rs) / bs) * bs + (s - rs) % bs;
-            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
-            read_exact_at(&*self.disk, disk_off, dst, "ext file data")?;
+            done += n;
         }
-        Ok(want)
+        Ok(done)
     }
 
     /// The entries of directory `dir` (without `.` and `..`), each with its
