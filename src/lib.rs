@@ -5,6 +5,7 @@
 //! `error` shared by all. `client` sits on `transport` and `rpc` framing.
 
 pub mod api;
+pub mod calendar;
 pub mod client;
 pub mod demo;
 pub mod error;

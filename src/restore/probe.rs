@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::restore::disk::{read_exact_at, Disk};
+use crate::restore::le::{le16, le32};
 
 /// The filesystems the agent reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,17 +51,6 @@ const EXT_MAGIC: u16 = 0xEF53;
 const EXT_COMPAT_HAS_JOURNAL: u32 = 0x4;
 const EXT_INCOMPAT_EXT4_ONLY: u32 = 0x40 | 0x80 | 0x200 | 0x400 | 0x4000 | 0x8000 | 0x10;
 const EXT_RO_COMPAT_EXT4_ONLY: u32 = 0x8 | 0x10 | 0x20 | 0x40 | 0x400;
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
-        .unwrap_or(0)
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        .unwrap_or(0)
-}
 
 fn has(b: &[u8], at: usize, magic: &[u8]) -> bool {
     b.get(at..at + magic.len()) == Some(magic)

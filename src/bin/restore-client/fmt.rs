@@ -1,5 +1,7 @@
 //! Human output: aligned tables, sizes, times and `ls -l` mode strings.
 
+use restore_agent::calendar::civil_from_days;
+
 /// A size like `ls -h`: `512`, `1.5K`, `23M`.
 pub fn size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["K", "M", "G", "T", "P", "E"];
@@ -29,21 +31,6 @@ pub fn time(secs: i64) -> String {
         rem / 3600,
         rem % 3600 / 60
     )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
-/// algorithm).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 /// `drwxr-xr-x` from an entry type and its permission bits.

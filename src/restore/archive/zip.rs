@@ -17,6 +17,7 @@
 use std::io::{self, Read, Write};
 
 use super::{check_entry, copy_data, invalid, ArchiveEntry, ArchiveWriter, EntryKind, FinishWrite};
+use crate::calendar::civil_from_days;
 
 const LOCAL_HEADER_SIG: u32 = 0x0403_4b50;
 const DATA_DESCRIPTOR_SIG: u32 = 0x0807_4b50;
@@ -338,21 +339,6 @@ fn dos_datetime(mtime: i64) -> (u16, u16) {
     (time as u16, date as u16)
 }
 
-/// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic
-/// Gregorian calendar).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,14 +380,6 @@ mod tests {
         assert!((50..200).contains(&appended), "{appended}");
         assert_eq!(err.kind(), io::ErrorKind::OutOfMemory);
         assert!(err.to_string().contains("extract as tar"), "{err}");
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(-1), (1969, 12, 31));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use fatfs::{FileSystem, FsOptions};
 
+use crate::calendar::days_from_civil;
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, DiskCursor};
 use crate::restore::fs::tree::{Backend, Child};
@@ -82,17 +83,6 @@ pub fn probe(disk: Arc<dyn Disk>, head: &[u8]) -> Probe {
         probe.label = None;
     }
     probe
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date.
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
 }
 
 fn unix_time(t: fatfs::DateTime) -> i64 {

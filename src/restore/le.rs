@@ -1,0 +1,15 @@
+//! Little-endian fields of on-disk structures (superblocks, inodes,
+//! directory blocks) read from buffers that may be short: a field past the
+//! end reads as 0, and the caller's checks of the values refuse it.
+
+pub fn le16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+        .unwrap_or(0)
+}
+
+pub fn le32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+        .unwrap_or(0)
+}
