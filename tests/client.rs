@@ -334,6 +334,16 @@ fn ok(out: Output) -> Output {
     out
 }
 
+/// Checks that restore-client exited with `code`, showing its stderr if not.
+fn exits(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -601,12 +611,7 @@ fn extract_to_a_directory_matches_the_source_tree() {
             dest.to_str().expect("utf8"),
         ],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 2);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert_eq!(
         fs::read(dest.join("small.txt")).expect("read"),
@@ -755,12 +760,7 @@ fn a_tree_transfer_cut_short_leaves_only_complete_files() {
             dest.to_str().expect("utf8"),
         ],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 2);
     let mut files = 0;
     for (rel, meta) in walk(&dest) {
         if meta.is_file() {
@@ -798,12 +798,7 @@ fn extract_never_writes_outside_the_directory() {
             dest.to_str().expect("utf8"),
         ],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 2);
     assert_eq!(
         fs::read_dir(&outside).expect("read_dir").count(),
         0,
@@ -1005,12 +1000,7 @@ fn a_transfer_cut_short_leaves_no_partial_file() {
             dest.to_str().expect("utf8"),
         ],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 2);
     assert!(dest.is_dir());
     assert!(!dest.join("big.bin").exists(), "partial file left behind");
     let tar = dir.path().join("cut.tar");
@@ -1027,12 +1017,7 @@ fn a_transfer_cut_short_leaves_no_partial_file() {
             tar.to_str().expect("utf8"),
         ],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 2);
     assert!(!tar.exists(), "partial archive left behind");
 }
 
