@@ -113,6 +113,20 @@ pub(crate) fn sh(cmd: &mut Command) {
     );
 }
 
+/// A restic repository at `repo` holding a backup of `src` (password `bench`).
+fn restic_backup(src: &Path, repo: &Path) {
+    sh(Command::new("restic")
+        .env("RESTIC_PASSWORD", "bench")
+        .args(["init", "-q", "--repo"])
+        .arg(repo));
+    sh(Command::new("restic")
+        .env("RESTIC_PASSWORD", "bench")
+        .current_dir(src)
+        .args(["backup", "-q", "--repo"])
+        .arg(repo)
+        .arg("."));
+}
+
 pub(crate) fn which(prog: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
@@ -300,16 +314,7 @@ fn file_bench(args: &Args) {
     let mut others: Vec<(&str, Restore)> = Vec::new();
     if which("restic") {
         let repo = root.join("restic");
-        sh(Command::new("restic")
-            .env("RESTIC_PASSWORD", "bench")
-            .args(["init", "-q", "--repo"])
-            .arg(&repo));
-        sh(Command::new("restic")
-            .env("RESTIC_PASSWORD", "bench")
-            .current_dir(&src)
-            .args(["backup", "-q", "--repo"])
-            .arg(&repo)
-            .arg("."));
+        restic_backup(&src, &repo);
         others.push((
             "restic restore",
             Box::new(move |out: &Path| {

@@ -31,7 +31,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{children_cpu_seconds, drop_caches, median, read_tree, sh, which, Agent, CLIENT, MB};
+use super::{
+    children_cpu_seconds, drop_caches, median, read_tree, restic_backup, sh, which, Agent, CLIENT,
+    MB,
+};
 
 const SNAPSHOT: &str = "host/tree/2026-01-01T00:00:00Z";
 const ARCHIVE: &str = "tree.img.fidx";
@@ -464,16 +467,7 @@ pub(crate) fn run(args: &TreeArgs) {
     if which("restic") {
         let repo = root.join("restic");
         let t = Instant::now();
-        sh(Command::new("restic")
-            .env("RESTIC_PASSWORD", "bench")
-            .args(["init", "-q", "--repo"])
-            .arg(&repo));
-        sh(Command::new("restic")
-            .env("RESTIC_PASSWORD", "bench")
-            .current_dir(&src)
-            .args(["backup", "-q", "--repo"])
-            .arg(&repo)
-            .arg("."));
+        restic_backup(&src, &repo);
         eprintln!("tree: restic backup in {:.1} s", t.elapsed().as_secs_f64());
         let input = repo.clone();
         variants.push(Variant {
