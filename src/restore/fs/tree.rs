@@ -134,6 +134,9 @@ pub struct Tree<B: Backend> {
     dirs: VecDeque<CachedDir<B::Node>>,
 }
 
+/// A resolved regular file, its size, and the bytes a read returns.
+type FileRange<N> = (Resolved<N>, u64, u64);
+
 /// A directory listing kept by its canonical path.
 type CachedDir<N> = (Vec<u8>, Rc<Vec<Child<N>>>);
 
@@ -281,6 +284,26 @@ impl<B: Backend> Tree<B> {
         Ok(Resolved { chain })
     }
 
+    /// The regular file at `path` (symlinks followed), its size and the
+    /// bytes a read of `len` at `offset` returns (at most [`MAX_READ`]);
+    /// `None` at or past its end.
+    fn file_range(
+        &mut self,
+        path: &[u8],
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<FileRange<B::Node>>> {
+        let r = self.resolve(path, true)?;
+        let entry = &r.last().entry;
+        check_regular(entry, &r.path())?;
+        let size = entry.size;
+        if offset >= size {
+            return Ok(None);
+        }
+        let want = (len.min(MAX_READ) as u64).min(size - offset);
+        Ok(Some((r, size, want)))
+    }
+
     fn read_node(&mut self, r: &Resolved<B::Node>, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let what = self.backend.what().to_string();
         let path = r.path();
@@ -354,16 +377,12 @@ impl<B: Backend> Filesystem for Tree<B> {
     }
 
     fn read(&mut self, path: &[u8], offset: u64, len: usize) -> Result<(Vec<u8>, bool)> {
-        let r = self.resolve(path, true)?;
-        let entry = r.last().entry.clone();
-        check_regular(&entry, &r.path())?;
-        if offset >= entry.size {
+        let Some((r, size, want)) = self.file_range(path, offset, len)? else {
             return Ok((Vec::new(), true));
-        }
-        let want = (len.min(MAX_READ) as u64).min(entry.size - offset) as usize;
-        let mut buf = vec![0u8; want];
+        };
+        let mut buf = vec![0u8; want as usize];
         let mut done = 0;
-        while done < want {
+        while done < buf.len() {
             let n = self.read_node(&r, offset + done as u64, &mut buf[done..])?;
             if n == 0 {
                 break;
@@ -371,23 +390,18 @@ impl<B: Backend> Filesystem for Tree<B> {
             done += n;
         }
         buf.truncate(done);
-        let eof = offset + done as u64 >= entry.size;
-        Ok((buf, eof))
+        Ok((buf, offset + done as u64 >= size))
     }
 
     fn map(&mut self, path: &[u8], offset: u64, len: usize) -> Result<Option<FileMap>> {
-        let r = self.resolve(path, true)?;
-        let entry = r.last().entry.clone();
-        let canonical = r.path();
-        check_regular(&entry, &canonical)?;
-        if offset >= entry.size {
+        let Some((r, size, want)) = self.file_range(path, offset, len)? else {
             return Ok(Some(FileMap {
                 extents: Vec::new(),
                 eof: true,
             }));
-        }
-        let want = (len.min(MAX_READ) as u64).min(entry.size - offset);
+        };
         let what = self.backend.what().to_string();
+        let canonical = r.path();
         let last = r.last();
         let backend = &mut self.backend;
         let Some(extents) = guarded(&what, &canonical, || {
@@ -405,7 +419,7 @@ impl<B: Backend> Filesystem for Tree<B> {
         }
         Ok(Some(FileMap {
             extents,
-            eof: offset + want >= entry.size,
+            eof: offset + want >= size,
         }))
     }
 
