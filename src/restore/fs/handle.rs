@@ -13,14 +13,14 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::restore::disk::Disk;
+use crate::restore::disk::{Disk, Slice};
 use crate::restore::fs::ext::ExtBackend;
 use crate::restore::fs::fat::{self, FatBackend};
 use crate::restore::fs::ntfs::NtfsBackend;
 use crate::restore::fs::tree::Tree;
 use crate::restore::fs::Filesystem;
 use crate::restore::probe::{probe, FsKind};
-use crate::restore::volume::{open_volume, volume_window};
+use crate::restore::volume::volume_window;
 
 type Job = Box<dyn FnOnce(&mut dyn Filesystem) + Send>;
 
@@ -79,10 +79,12 @@ impl FsHandle {
     /// Blocks while the superblock and metadata are read. Errors 1005 when
     /// the volume holds no filesystem this agent reads.
     pub fn open(disk: Arc<dyn Disk>, volume: &str) -> Result<FsHandle> {
+        // the partition table is read once: the window is both the volume
+        // and what `FileMap` offsets are relative to
         let (start, size) = volume_window(&disk, volume)?;
-        let start = start.min(disk.size());
-        let window = (start, size.min(disk.size() - start));
-        let vol = open_volume(disk, volume)?;
+        let slice = Slice::new(disk, start, size);
+        let window = (slice.start(), slice.size());
+        let vol: Arc<dyn Disk> = Arc::new(slice);
         let probed = probe(&vol)?;
         let kind = match (probed.fs, probed.unsupported) {
             (Some(k), None) => k,
