@@ -5,6 +5,7 @@
 //! `error` shared by all. `client` sits on `transport` and `rpc` framing.
 
 pub mod api;
+pub mod base64;
 pub mod calendar;
 pub mod client;
 pub mod demo;

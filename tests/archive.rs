@@ -593,7 +593,7 @@ struct SparseFile {
 impl Write for SparseFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         const ZERO: [u8; 4096] = [0; 4096];
-        let n = if self.pos % 4096 == 0 && buf.len() >= 4096 {
+        let n = if self.pos.is_multiple_of(4096) && buf.len() >= 4096 {
             let n = buf.len() / 4096 * 4096;
             if buf[..n].chunks(4096).all(|c| c == ZERO) {
                 self.file.seek(SeekFrom::Current(n as i64))?;

@@ -1,6 +1,6 @@
 //! Bulk read responses: `{"offset","length","eof","data"}` made of the
 //! pieces of data they return (ranges of the pool's chunk buffers, runs of
-//! zeros), base64-encoded with a SIMD encoder part by part while the
+//! zeros), base64-encoded (`crate::base64`) part by part while the
 //! connection writes them, so a response never sits in memory whole; and the
 //! memory budget shared by all connections that bounds the data responses
 //! hold until they are written.
@@ -143,7 +143,6 @@ impl BodySource for Encoder {
         if let Some(head) = self.head.take() {
             out.extend_from_slice(&head);
         }
-        let b64 = base64_simd::STANDARD;
         let mut room = PART_INPUT;
         while room >= 3 {
             let Some(piece) = self.pieces.get(self.index) else {
@@ -157,13 +156,13 @@ impl BodySource for Encoder {
                 self.carried += take;
                 self.pos += take;
                 if self.carried == 3 {
-                    b64.encode_append(self.carry, out);
+                    crate::base64::encode_append(&self.carry, out);
                     self.carried = 0;
                     room -= 3;
                 }
             } else {
                 let whole = rest.len().min(room) / 3 * 3;
-                b64.encode_append(&rest[..whole], out);
+                crate::base64::encode_append(&rest[..whole], out);
                 self.pos += whole;
                 room -= whole;
                 let left = &rest[whole..];
@@ -181,7 +180,7 @@ impl BodySource for Encoder {
         if self.index < self.pieces.len() {
             return true;
         }
-        b64.encode_append(&self.carry[..self.carried], out);
+        crate::base64::encode_append(&self.carry[..self.carried], out);
         self.carried = 0;
         out.extend_from_slice(tail);
         self.tail = None;
