@@ -96,9 +96,15 @@ struct StreamResult {
 /// The payload of a bulk answer: from its slot, or decoded here.
 fn payload(session: &Session, slot: Option<u64>, data: &str, what: &str) -> Result<Vec<u8>> {
     match slot {
-        Some(s) => session
-            .take_bulk(s)
-            .ok_or_else(|| ClientError::local(format!("payload for {what} went missing"))),
+        Some(s) => match session.take_bulk(s) {
+            Some(Ok(bytes)) => Ok(bytes),
+            Some(Err(e)) => Err(ClientError::local(format!(
+                "bad data from the agent for {what}: {e}"
+            ))),
+            None => Err(ClientError::local(format!(
+                "payload for {what} went missing"
+            ))),
+        },
         None => decode(data, what),
     }
 }

@@ -5,25 +5,28 @@
 //! multi-megabyte `fs.read`/`stream.read`/`image.read` answer would be
 //! scanned and copied three times on that path (once for the envelope, once
 //! into the result type, once by the caller), so the receiver handles those
-//! itself: it parses the line once with borrowed strings, decodes the base64
-//! payload straight into a buffer kept in [`BulkSlots`] under the request id,
-//! and gives jsonrpsee a small line whose result names that slot.
+//! itself: [`ResponseDecoder`] decodes the base64 payload while it arrives,
+//! the payload is kept in [`BulkSlots`] under the request id, and jsonrpsee
+//! gets the answer without its payload and with a `slot` member naming it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use futures_util::StreamExt;
+use bytes::BytesMut;
 use jsonrpsee::core::client::{ReceivedMessage, TransportReceiverT, TransportSenderT};
 use serde::Deserialize;
-use tokio::io::AsyncWriteExt;
-use tokio_util::codec::FramedRead;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::connect::{BoxRead, BoxWrite};
-use crate::transport::{Frame, LineDecoder};
+use super::frames::{Response, ResponseDecoder};
 
 /// Longest response line accepted: a 16 MiB read is about 22.4 MiB of base64.
 pub const MAX_RESPONSE_LINE: usize = 64 << 20;
+
+/// Bytes asked of the stream per read; bulk payloads are decoded from this
+/// buffer while they are still in the CPU cache.
+const READ_BUFFER: usize = 256 << 10;
 
 /// Methods whose result carries a base64 `data` payload.
 const BULK_METHODS: [&str; 3] = ["fs.read", "stream.read", "image.read"];
@@ -31,6 +34,9 @@ const BULK_METHODS: [&str; 3] = ["fs.read", "stream.read", "image.read"];
 /// Decoded payloads kept for requests nobody waits for any more (a caller
 /// that gave up on a pipelined read) are dropped beyond this many.
 const MAX_PARKED: usize = 64;
+
+/// A decoded bulk payload, or why the agent's data could not be decoded.
+pub type Payload = Result<Vec<u8>, String>;
 
 /// Decoded bulk payloads by request id, and the ids of bulk requests in flight.
 #[derive(Clone, Default)]
@@ -41,7 +47,7 @@ pub struct BulkSlots {
 #[derive(Default)]
 struct SlotState {
     pending: BTreeSet<u64>,
-    ready: BTreeMap<u64, Vec<u8>>,
+    ready: BTreeMap<u64, Payload>,
 }
 
 impl BulkSlots {
@@ -51,7 +57,7 @@ impl BulkSlots {
     }
 
     /// The payload of the response to request `slot`, once.
-    pub fn take(&self, slot: u64) -> Option<Vec<u8>> {
+    pub fn take(&self, slot: u64) -> Option<Payload> {
         self.lock().ready.remove(&slot)
     }
 }
@@ -62,12 +68,14 @@ pub struct LineSender {
 }
 
 pub struct LineReceiver {
-    frames: FramedRead<BoxRead, LineDecoder>,
+    reader: BoxRead,
+    buf: BytesMut,
+    decoder: ResponseDecoder,
+    eof: bool,
     slots: BulkSlots,
 }
 
 pub fn transport(reader: BoxRead, writer: BoxWrite) -> (LineSender, LineReceiver, BulkSlots) {
-    let frames = FramedRead::with_capacity(reader, LineDecoder::new(MAX_RESPONSE_LINE), 1 << 20);
     let slots = BulkSlots::default();
     (
         LineSender {
@@ -75,7 +83,10 @@ pub fn transport(reader: BoxRead, writer: BoxWrite) -> (LineSender, LineReceiver
             slots: slots.clone(),
         },
         LineReceiver {
-            frames,
+            reader,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+            decoder: ResponseDecoder::new(MAX_RESPONSE_LINE),
+            eof: false,
             slots: slots.clone(),
         },
         slots,
@@ -92,22 +103,6 @@ struct RequestHead<'a> {
 #[derive(Deserialize)]
 struct ResponseHead {
     id: u64,
-}
-
-#[derive(Deserialize)]
-struct BulkResponse<'a> {
-    id: u64,
-    #[serde(borrow)]
-    result: BulkResult<'a>,
-}
-
-#[derive(Deserialize)]
-struct BulkResult<'a> {
-    offset: Option<u64>,
-    length: Option<u64>,
-    eof: bool,
-    #[serde(borrow)]
-    data: &'a str,
 }
 
 /// Whether answers to `method` go through the bulk fast path.
@@ -142,110 +137,67 @@ impl TransportSenderT for LineSender {
 }
 
 impl LineReceiver {
-    /// The line jsonrpsee gets for `line`: the line itself, or for a bulk
-    /// answer a small stand-in naming the slot its decoded payload is in.
-    fn intercept(&self, line: &[u8]) -> Vec<u8> {
-        if self.slots.lock().pending.is_empty() || !line.starts_with(b"{") {
-            return line.to_vec();
-        }
-        // The JSON parser reads the answer without its payload (megabytes of
-        // base64 it would only scan); when that does not work out, it reads
-        // the whole line.
-        let excised = excise_data(line);
-        let parsed = match &excised {
-            Some((rest, payload)) => serde_json::from_slice::<BulkResponse>(rest)
-                .ok()
-                .filter(|b| b.result.data.is_empty())
-                .map(|b| (b, *payload)),
-            None => None,
-        };
-        let parsed = parsed.or_else(|| {
-            serde_json::from_slice::<BulkResponse>(line).ok().map(|b| {
-                let payload = b.result.data.as_bytes();
-                (b, payload)
-            })
-        });
-        let Some((bulk, payload)) = parsed else {
-            // An error answer (or anything else) ends a pending bulk request too.
-            if let Ok(head) = serde_json::from_slice::<ResponseHead>(line) {
-                self.slots.lock().pending.remove(&head.id);
-            }
-            return line.to_vec();
-        };
-        if !self.slots.lock().pending.remove(&bulk.id) {
-            return line.to_vec();
-        }
-        let Ok(data) = base64_simd::STANDARD.decode_to_vec(payload) else {
-            // Left for the caller to decode and report.
-            return line.to_vec();
-        };
-        let r = &bulk.result;
-        let mut result = serde_json::json!({ "eof": r.eof, "data": "", "slot": bulk.id });
-        if let Some(o) = r.offset {
-            result["offset"] = o.into();
-        }
-        if let Some(l) = r.length {
-            result["length"] = l.into();
-        }
-        let stand_in = serde_json::json!({ "jsonrpc": "2.0", "id": bulk.id, "result": result });
-        let mut slots = self.slots.lock();
-        slots.ready.insert(bulk.id, data);
-        while slots.ready.len() > MAX_PARKED {
-            slots.ready.pop_first();
-        }
-        stand_in.to_string().into_bytes()
+    /// The next answer decoded from what has been read, if there is one.
+    fn next_response(&mut self) -> Option<Response> {
+        let slots = self.slots.clone();
+        let wanted = move |id: u64| slots.lock().pending.contains(&id);
+        self.decoder.decode(&mut self.buf, &wanted)
     }
-}
 
-/// Cuts the string value of the first `"data"` member out of a bulk answer:
-/// the line with `"data":""` in its place, and the value. The value is
-/// base64 (it holds no `"` or `\\`); the caller checks that by decoding it.
-fn excise_data(line: &[u8]) -> Option<(Vec<u8>, &[u8])> {
-    const KEY: &[u8] = b"\"data\":\"";
-    let head = &line[..line.len().min(512)];
-    let start = memchr::memmem::find(head, KEY)? + KEY.len();
-    let end = start + memchr::memchr(b'"', &line[start..])?;
-    let mut rest = Vec::with_capacity(line.len() - (end - start));
-    rest.extend_from_slice(&line[..start]);
-    rest.extend_from_slice(&line[end..]);
-    Some((rest, &line[start..end]))
+    /// What jsonrpsee gets for `response`.
+    fn hand_over(&self, response: Response) -> io::Result<Vec<u8>> {
+        match response {
+            Response::Line(line) => {
+                // An error answer (or anything else) ends a pending bulk request too.
+                let mut slots = self.slots.lock();
+                if !slots.pending.is_empty() {
+                    if let Ok(head) = serde_json::from_slice::<ResponseHead>(&line) {
+                        slots.pending.remove(&head.id);
+                    }
+                }
+                Ok(line.to_vec())
+            }
+            Response::Bulk(answer) => {
+                let line = answer.line_with(&format!("\"slot\":{}", answer.id));
+                let mut slots = self.slots.lock();
+                slots.pending.remove(&answer.id);
+                slots.ready.insert(answer.id, answer.payload);
+                while slots.ready.len() > MAX_PARKED {
+                    slots.ready.pop_first();
+                }
+                Ok(line)
+            }
+            Response::TooLong => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("response line longer than {MAX_RESPONSE_LINE} bytes"),
+            )),
+        }
+    }
 }
 
 impl TransportReceiverT for LineReceiver {
     type Error = io::Error;
 
     async fn receive(&mut self) -> io::Result<ReceivedMessage> {
-        match self.frames.next().await {
-            Some(Ok(Frame::Line(line))) => Ok(ReceivedMessage::Bytes(self.intercept(&line))),
-            Some(Ok(Frame::TooLong)) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("response line longer than {MAX_RESPONSE_LINE} bytes"),
-            )),
-            Some(Err(e)) => Err(e),
-            None => Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the agent closed the connection",
-            )),
+        loop {
+            if let Some(response) = self.next_response() {
+                return self.hand_over(response).map(ReceivedMessage::Bytes);
+            }
+            if self.eof {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the agent closed the connection",
+                ));
+            }
+            self.buf.reserve(READ_BUFFER);
+            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                self.eof = true;
+                // A last line without its `\n` still counts (an answer cut
+                // off inside its payload comes out as an error payload).
+                if !self.buf.is_empty() || !self.decoder.at_start() {
+                    self.buf.extend_from_slice(b"\n");
+                }
+            }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_payload_is_cut_out_of_a_bulk_answer() {
-        let line = br#"{"jsonrpc":"2.0","id":7,"result":{"offset":0,"length":3,"eof":true,"data":"YWJj"}}"#;
-        let (rest, payload) = excise_data(line).expect("a data member");
-        assert_eq!(payload, b"YWJj");
-        assert_eq!(
-            rest,
-            br#"{"jsonrpc":"2.0","id":7,"result":{"offset":0,"length":3,"eof":true,"data":""}}"#
-        );
-        // an escaped quote inside a message is not a member
-        let err = br#"{"jsonrpc":"2.0","id":7,"error":{"code":1,"message":"\"data\":\"x"}}"#;
-        assert!(excise_data(err).is_none());
-        assert!(excise_data(b"{}").is_none());
     }
 }

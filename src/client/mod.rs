@@ -12,6 +12,7 @@ pub mod addr;
 pub mod bulk;
 mod connect;
 pub mod error;
+pub mod frames;
 mod lines;
 pub mod session;
 

@@ -135,7 +135,10 @@ impl Session {
         };
         let data = self
             .take_bulk(slot)
-            .ok_or_else(|| ClientError::local(format!("payload of {method} went missing")))?;
+            .ok_or_else(|| ClientError::local(format!("payload of {method} went missing")))?
+            .map_err(|e| {
+                ClientError::local(format!("bad data from the agent for {method}: {e}"))
+            })?;
         if let Some(obj) = v.as_object_mut() {
             obj.remove("slot");
             obj.insert(
@@ -148,7 +151,7 @@ impl Session {
     }
 
     /// The decoded payload of a bulk answer whose result names `slot`.
-    pub(crate) fn take_bulk(&self, slot: u64) -> Option<Vec<u8>> {
+    pub(crate) fn take_bulk(&self, slot: u64) -> Option<lines::Payload> {
         self.slots.take(slot)
     }
 

@@ -38,7 +38,7 @@ impl LineDecoder {
     }
 
     /// Cleans a raw line; `None` if nothing is left of it.
-    fn finish_line(mut line: BytesMut) -> Option<BytesMut> {
+    pub fn finish_line(mut line: BytesMut) -> Option<BytesMut> {
         if line.last() == Some(&b'\r') {
             line.truncate(line.len() - 1);
         }

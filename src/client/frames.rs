@@ -1,0 +1,509 @@
+//! Framing of the agent's answers on the client side: lines, and bulk
+//! answers whose base64 payload is decoded while it arrives.
+//!
+//! A bulk answer (`image.read`, `fs.read`, `stream.read`) is one line of up to
+//! 22 MiB, nearly all of it base64. Buffering the whole line, scanning it for
+//! its newline and for the end of the payload, then decoding it reads every
+//! byte three times from memory. [`ResponseDecoder`] instead recognises a bulk
+//! answer by its head (the bytes before `"data":"`), decodes the payload
+//! straight from the read buffer piece by piece as it arrives (while those
+//! bytes are still in the CPU cache), and keeps only the line without its
+//! payload. The read buffer never holds more than one read's worth of it.
+//!
+//! It is sans-IO: callers feed it the bytes they read, so the async
+//! transport and synchronous programs (benchmarks, tests) share it. It never
+//! trusts the payload: a bad character, padding in the middle, or a line that
+//! ends inside the payload make the payload an error, never data.
+
+use bytes::{Buf, BytesMut};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use crate::transport::LineDecoder;
+
+/// What precedes a bulk payload.
+const DATA_KEY: &[u8] = b"\"data\":\"";
+/// How far into a line `"data":"` may start for the line to be taken as a
+/// bulk answer (the agent writes a short head before the payload).
+const HEAD_MAX: usize = 512;
+/// Longest part of a bulk answer after its payload.
+const TAIL_MAX: usize = 512;
+/// Payload bytes reserved up front at most, whatever the head announces.
+const PREALLOC_MAX: usize = 16 << 20;
+
+/// One answer from the agent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Response {
+    /// A line without its terminator (never empty or whitespace-only).
+    Line(BytesMut),
+    /// A line longer than the limit (its rest is discarded).
+    TooLong,
+    /// A bulk answer for an id the caller asked about.
+    Bulk(BulkAnswer),
+}
+
+/// A bulk answer with its payload decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BulkAnswer {
+    pub id: u64,
+    /// The line up to and including `"data":"`.
+    head: Vec<u8>,
+    /// The line after the payload's closing quote.
+    tail: Vec<u8>,
+    /// The decoded payload, or why it is not usable.
+    pub payload: Result<Vec<u8>, String>,
+}
+
+impl BulkAnswer {
+    /// The answer with an empty `data` and `extra` members (e.g. `"slot":7`)
+    /// right after it: what a JSON parser may read instead of the whole line.
+    pub fn line_with(&self, extra: &str) -> Vec<u8> {
+        let mut line = Vec::with_capacity(self.head.len() + extra.len() + self.tail.len() + 2);
+        line.extend_from_slice(&self.head);
+        line.push(b'"');
+        if !extra.is_empty() {
+            line.push(b',');
+            line.extend_from_slice(extra.as_bytes());
+        }
+        line.extend_from_slice(&self.tail);
+        line
+    }
+}
+
+#[derive(Deserialize)]
+struct Head {
+    id: u64,
+    result: HeadResult,
+}
+
+#[derive(Deserialize)]
+struct HeadResult {
+    length: Option<u64>,
+    /// Only there to require a `data` member at this level.
+    #[allow(dead_code)]
+    data: IgnoredAny,
+}
+
+/// Splits the agent's byte stream into [`Response`]s.
+pub struct ResponseDecoder {
+    max_line: usize,
+    state: State,
+}
+
+enum State {
+    /// At the start of a line.
+    Start,
+    /// Inside a line that is not a bulk answer; searched up to `scanned`.
+    Line { scanned: usize },
+    /// Inside an over-long line: dropping bytes up to its newline.
+    Discard,
+    /// Inside a bulk answer's payload.
+    Payload(Box<Bulk>),
+    /// After a bulk answer's payload, up to its newline.
+    Tail(Box<Bulk>),
+}
+
+struct Bulk {
+    id: u64,
+    head: Vec<u8>,
+    out: Vec<u8>,
+    /// Characters of a 4-character group cut off by the end of a read.
+    carry: [u8; 4],
+    carried: usize,
+    /// The last group decoded was padded: nothing may follow it.
+    padded: bool,
+    /// Bytes of the line so far (for the line limit).
+    len: usize,
+    error: Option<String>,
+    tail: Vec<u8>,
+}
+
+impl Bulk {
+    fn new(id: u64, head: Vec<u8>, announced: Option<u64>) -> Box<Bulk> {
+        let capacity = announced
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0)
+            .min(PREALLOC_MAX);
+        Box::new(Bulk {
+            id,
+            len: head.len(),
+            head,
+            out: Vec::with_capacity(capacity),
+            carry: [0; 4],
+            carried: 0,
+            padded: false,
+            error: None,
+            tail: Vec::new(),
+        })
+    }
+
+    /// Decodes the base64 characters `chars` (part of the payload).
+    fn feed(&mut self, mut chars: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        if self.carried > 0 {
+            let take = (4 - self.carried).min(chars.len());
+            self.carry[self.carried..self.carried + take].copy_from_slice(&chars[..take]);
+            self.carried += take;
+            chars = &chars[take..];
+            if self.carried < 4 {
+                return;
+            }
+            let group = self.carry;
+            self.carried = 0;
+            self.decode(&group);
+        }
+        let whole = chars.len() / 4 * 4;
+        self.decode(&chars[..whole]);
+        let rest = &chars[whole..];
+        self.carry[..rest.len()].copy_from_slice(rest);
+        self.carried = rest.len();
+    }
+
+    /// Decodes whole 4-character groups.
+    fn decode(&mut self, groups: &[u8]) {
+        if groups.is_empty() || self.error.is_some() {
+            return;
+        }
+        if self.padded {
+            self.error = Some("base64 data goes on after its padding".into());
+            return;
+        }
+        match crate::base64::decode_append(groups, &mut self.out) {
+            Ok(()) => self.padded = groups.last() == Some(&b'='),
+            Err(e) => self.error = Some(format!("bad data: {e}")),
+        }
+    }
+
+    /// The payload ended at its closing quote.
+    fn finish(&mut self) {
+        if self.carried > 0 && self.error.is_none() {
+            self.error = Some("base64 data is not a whole number of groups".into());
+        }
+    }
+
+    fn answer(self) -> BulkAnswer {
+        let b = self;
+        BulkAnswer {
+            id: b.id,
+            head: b.head,
+            tail: b.tail,
+            payload: match b.error {
+                Some(e) => Err(e),
+                None => Ok(b.out),
+            },
+        }
+    }
+}
+
+impl ResponseDecoder {
+    /// `max_line` is the longest accepted line, terminator excluded.
+    pub fn new(max_line: usize) -> Self {
+        ResponseDecoder {
+            max_line,
+            state: State::Start,
+        }
+    }
+
+    /// Takes the next answer out of `buf` (consuming what it decodes), or
+    /// `None` when more bytes are needed. A line whose head shows a result
+    /// with a `data` member at `"data":"`, for an id `wanted` accepts, comes
+    /// out as [`Response::Bulk`].
+    pub fn decode(&mut self, buf: &mut BytesMut, wanted: &dyn Fn(u64) -> bool) -> Option<Response> {
+        loop {
+            match std::mem::replace(&mut self.state, State::Start) {
+                State::Start => {
+                    if buf.is_empty() {
+                        return None;
+                    }
+                    if let Some(bulk) = self.bulk_head(buf, wanted) {
+                        self.state = State::Payload(bulk);
+                        continue;
+                    }
+                    let window = HEAD_MAX + DATA_KEY.len();
+                    if buf.len() < window && memchr::memchr(b'\n', buf).is_none() {
+                        // Too little of the line to tell yet.
+                        return None;
+                    }
+                    self.state = State::Line { scanned: 0 };
+                }
+                State::Line { scanned } => match memchr::memchr(b'\n', &buf[scanned..]) {
+                    Some(i) => {
+                        let end = scanned + i;
+                        let mut line = buf.split_to(end + 1);
+                        line.truncate(end);
+                        let content = end - usize::from(line.last() == Some(&b'\r'));
+                        if content > self.max_line {
+                            return Some(Response::TooLong);
+                        }
+                        if let Some(line) = LineDecoder::finish_line(line) {
+                            return Some(Response::Line(line));
+                        }
+                    }
+                    None if buf.len() > self.max_line + 1 => {
+                        buf.clear();
+                        self.state = State::Discard;
+                        return Some(Response::TooLong);
+                    }
+                    None => {
+                        self.state = State::Line { scanned: buf.len() };
+                        return None;
+                    }
+                },
+                State::Discard => match memchr::memchr(b'\n', buf) {
+                    Some(i) => buf.advance(i + 1),
+                    None => {
+                        buf.clear();
+                        self.state = State::Discard;
+                        return None;
+                    }
+                },
+                State::Payload(mut bulk) => {
+                    let stop = memchr::memchr2(b'"', b'\n', buf);
+                    let piece = stop.unwrap_or(buf.len());
+                    bulk.len += piece;
+                    if bulk.len > self.max_line {
+                        buf.advance(piece);
+                        self.state = State::Discard;
+                        return Some(Response::TooLong);
+                    }
+                    bulk.feed(&buf[..piece]);
+                    buf.advance(piece);
+                    match stop.map(|_| buf[0]) {
+                        Some(b'"') => {
+                            buf.advance(1);
+                            bulk.finish();
+                            self.state = State::Tail(bulk);
+                        }
+                        Some(_) => {
+                            // The line ended inside the payload.
+                            buf.advance(1);
+                            bulk.error = Some("the answer ends inside its data".into());
+                            bulk.tail = b"}}".to_vec();
+                            return Some(Response::Bulk((*bulk).answer()));
+                        }
+                        None => {
+                            self.state = State::Payload(bulk);
+                            return None;
+                        }
+                    }
+                }
+                State::Tail(mut bulk) => {
+                    let newline = memchr::memchr(b'\n', buf);
+                    let piece = newline.unwrap_or(buf.len());
+                    if bulk.tail.len() + piece > TAIL_MAX {
+                        buf.advance(piece);
+                        self.state = State::Discard;
+                        return Some(Response::TooLong);
+                    }
+                    bulk.tail.extend_from_slice(&buf[..piece]);
+                    buf.advance(piece);
+                    if newline.is_none() {
+                        self.state = State::Tail(bulk);
+                        return None;
+                    }
+                    buf.advance(1);
+                    if bulk.tail.last() == Some(&b'\r') {
+                        bulk.tail.pop();
+                    }
+                    return Some(Response::Bulk((*bulk).answer()));
+                }
+            }
+        }
+    }
+
+    /// Whether the decoder is between answers (nothing of one is held).
+    pub fn at_start(&self) -> bool {
+        matches!(self.state, State::Start)
+    }
+
+    /// At the start of a line: the bulk answer it begins, when its head is
+    /// complete in `buf`, names a wanted id and has the payload's key at the
+    /// level of the result's members; the head is then taken out of `buf`.
+    fn bulk_head(&self, buf: &mut BytesMut, wanted: &dyn Fn(u64) -> bool) -> Option<Box<Bulk>> {
+        let window = &buf[..buf.len().min(HEAD_MAX + DATA_KEY.len())];
+        let window = match memchr::memchr(b'\n', window) {
+            Some(nl) => &window[..nl],
+            None => window,
+        };
+        let end = memchr::memmem::find(window, DATA_KEY)? + DATA_KEY.len();
+        // The head closed with an empty payload: valid JSON exactly when the
+        // key is a member of the result object.
+        let mut probe = Vec::with_capacity(end + 3);
+        probe.extend_from_slice(&window[..end]);
+        probe.extend_from_slice(b"\"}}");
+        let head: Head = serde_json::from_slice(&probe).ok()?;
+        if !wanted(head.id) {
+            return None;
+        }
+        probe.truncate(end);
+        buf.advance(end);
+        Some(Bulk::new(head.id, probe, head.result.length))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+
+    /// Feeds `input` in pieces of `step` bytes; every id is wanted.
+    fn decode_all(input: &[u8], step: usize) -> Vec<Response> {
+        let mut dec = ResponseDecoder::new(MAX);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(step.max(1)) {
+            buf.extend_from_slice(piece);
+            while let Some(r) = dec.decode(&mut buf, &|_| true) {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    fn bulk_line(id: u64, data: &[u8]) -> Vec<u8> {
+        format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"offset\":0,\"length\":{},\"eof\":true,\"data\":\"{}\"}}}}\n",
+            data.len(),
+            base64_simd::STANDARD.encode_to_string(data)
+        )
+        .into_bytes()
+    }
+
+    fn payload(r: &Response) -> &Result<Vec<u8>, String> {
+        match r {
+            Response::Bulk(b) => &b.payload,
+            other => panic!("not a bulk answer: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn payloads_decode_whatever_the_read_sizes() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let mut input = Vec::new();
+        for n in [0, 1, 2, 3, 4, 5, 1000, 99_999, 100_000] {
+            input.extend_from_slice(&bulk_line(n as u64, &data[..n]));
+        }
+        input.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":99,\"result\":{}}\n");
+        for step in [1, 2, 3, 5, 7, 64, 4096, 65_536, input.len()] {
+            let got = decode_all(&input, step);
+            assert_eq!(got.len(), 10, "step {step}");
+            for (r, n) in got.iter().zip([0, 1, 2, 3, 4, 5, 1000, 99_999, 100_000]) {
+                assert_eq!(
+                    payload(r).as_deref(),
+                    Ok(&data[..n]),
+                    "step {step}, {n} bytes"
+                );
+            }
+            assert_eq!(
+                got[9],
+                Response::Line(BytesMut::from(
+                    &b"{\"jsonrpc\":\"2.0\",\"id\":99,\"result\":{}}"[..]
+                ))
+            );
+        }
+    }
+
+    #[test]
+    fn the_line_without_its_payload_keeps_every_other_member() {
+        let line = b"{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"offset\":4,\"data\":\"YWJj\",\"eof\":false}}\r\n";
+        let got = decode_all(line, 3);
+        let [Response::Bulk(b)] = &got[..] else {
+            panic!("{got:?}");
+        };
+        assert_eq!(b.id, 7);
+        assert_eq!(b.payload.as_deref(), Ok(&b"abc"[..]));
+        assert_eq!(
+            b.line_with("\"slot\":7"),
+            b"{\"jsonrpc\":\"2.0\",\"id\":7,\"result\":{\"offset\":4,\"data\":\"\",\"slot\":7,\"eof\":false}}"
+        );
+    }
+
+    #[test]
+    fn bad_payloads_are_errors_never_data() {
+        let head =
+            "{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"length\":3,\"eof\":true,\"data\":\"";
+        for (body, why) in [
+            ("YW*j\"}}\n", "invalid base64"),
+            ("YQ==YWJj\"}}\n", "base64"),
+            ("YWJ\"}}\n", "whole number"),
+            ("YW\\u0041\"}}\n", "invalid base64"),
+            ("YWJj\n", "ends inside"),
+        ] {
+            let line = format!("{head}{body}{{\"jsonrpc\":\"2.0\",\"id\":2,\"result\":1}}\n");
+            for step in [1, 4, 1000] {
+                let got = decode_all(line.as_bytes(), step);
+                assert_eq!(got.len(), 2, "{body} step {step}: {got:?}");
+                let err = payload(&got[0]).as_ref().expect_err(body);
+                assert!(err.contains(why), "{body}: {err}");
+                assert!(matches!(&got[1], Response::Line(_)), "{body}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_result_members_of_wanted_ids_are_bulk() {
+        let lines: [&[u8]; 4] = [
+            // an error whose data is a string
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"error\":{\"code\":1,\"message\":\"m\",\"data\":\"YWJj\"}}\n",
+            // data one level deeper
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"x\":{\"data\":\"YWJj\"}}}\n",
+            // the key inside a string
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"m\":\"\\\"data\\\":\\\"YWJj\"}}\n",
+            // no id before the payload
+            b"{\"jsonrpc\":\"2.0\",\"result\":{\"data\":\"YWJj\"},\"id\":1}\n",
+        ];
+        for line in lines {
+            let got = decode_all(line, 5);
+            let want = &line[..line.len() - 1];
+            assert_eq!(got, vec![Response::Line(BytesMut::from(want))]);
+        }
+        // A bulk-shaped answer for an id nobody waits for is a plain line.
+        let line = bulk_line(5, b"abc");
+        let mut dec = ResponseDecoder::new(MAX);
+        let mut buf = BytesMut::from(&line[..]);
+        let got = dec.decode(&mut buf, &|id| id != 5);
+        assert_eq!(
+            got,
+            Some(Response::Line(BytesMut::from(&line[..line.len() - 1])))
+        );
+    }
+
+    #[test]
+    fn over_long_answers_are_reported_and_skipped() {
+        let data = vec![7u8; 3000];
+        let mut input = bulk_line(1, &data);
+        input.extend_from_slice(&[b'x'; 5000]);
+        input.push(b'\n');
+        input.extend_from_slice(&bulk_line(2, b"ok"));
+        for step in [1, 100, input.len()] {
+            let mut dec = ResponseDecoder::new(2000);
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in input.chunks(step) {
+                buf.extend_from_slice(piece);
+                while let Some(r) = dec.decode(&mut buf, &|_| true) {
+                    got.push(r);
+                }
+            }
+            assert_eq!(got.len(), 3, "step {step}");
+            assert_eq!(got[0], Response::TooLong);
+            assert_eq!(got[1], Response::TooLong);
+            assert_eq!(payload(&got[2]).as_deref(), Ok(&b"ok"[..]));
+        }
+    }
+
+    #[test]
+    fn blank_lines_and_short_lines_pass_as_lines() {
+        let got = decode_all(b"\n \r\n{\"a\":1}\r\n{}\n", 1);
+        assert_eq!(
+            got,
+            vec![
+                Response::Line(BytesMut::from(&b"{\"a\":1}"[..])),
+                Response::Line(BytesMut::from(&b"{}"[..]))
+            ]
+        );
+    }
+}
