@@ -19,6 +19,7 @@
 //!
 //! Usage: cargo bench --bench pool -- [--cold] [--size-mib N] [--dir DIR]
 //!        [--agent-arg ARG]...   (extra agent options for (c), e.g. --cache-mb 16)
+//!        [--agent-only]         (only (c), e.g. for profiling)
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -29,6 +30,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use restore_agent::client::frames::{Response, ResponseDecoder};
 use restore_agent::pool::{ChunkPool, PoolConfig};
 use restore_agent::store::chunk_store::ChunkStore;
 use restore_agent::store::datastore::{Archive, Datastore};
@@ -46,6 +49,11 @@ const ARCHIVE: &str = "drive-scsi0.img.fidx";
 const AGENT_CACHE_MIB: u64 = 48;
 /// `image.read` requests kept in flight in (c).
 const PIPELINE: usize = 4;
+/// What the client in (c) reads from the socket at a time (answers are
+/// decoded from it while it is in the CPU cache).
+const READ_BUFFER: usize = 256 << 10;
+/// Longest answer line: a 16 MiB read is about 22.4 MiB of base64.
+const MAX_RESPONSE_LINE: usize = 64 << 20;
 
 struct Args {
     cold: bool,
@@ -53,6 +61,8 @@ struct Args {
     dir: PathBuf,
     /// Extra options for the agent in (c), e.g. `--cache-mb 16`.
     agent_args: Vec<String>,
+    /// Only (c): for profiling the agent and its client.
+    agent_only: bool,
 }
 
 fn parse_args() -> Args {
@@ -61,6 +71,7 @@ fn parse_args() -> Args {
         size_mib: 1024,
         dir: std::env::temp_dir(),
         agent_args: Vec::new(),
+        agent_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -82,6 +93,7 @@ fn parse_args() -> Args {
                 it.next()
                     .unwrap_or_else(|| usage("--agent-arg needs a value")),
             ),
+            "--agent-only" => args.agent_only = true,
             "--bench" => {} // added by `cargo bench`
             other => usage(&format!("unknown argument {other}")),
         }
@@ -90,7 +102,7 @@ fn parse_args() -> Args {
 }
 
 fn usage(msg: &str) -> ! {
-    eprintln!("{msg}\nusage: pool [--cold] [--size-mib N] [--dir DIR] [--agent-arg ARG]...");
+    eprintln!("{msg}\nusage: pool [--cold] [--size-mib N] [--dir DIR] [--agent-arg ARG]... [--agent-only]");
     std::process::exit(2);
 }
 
@@ -423,21 +435,28 @@ fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The numeric fields of /proc/PID/stat after the parenthesised command
+/// name (`[7]` minor faults, `[11]` and `[12]` user and system clock ticks).
+fn proc_stat(pid: u32) -> Vec<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    rest.split_whitespace()
+        .map(|v| v.parse::<u64>().unwrap_or(0))
+        .collect()
+}
+
 /// User + system CPU time of process `pid` so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the
-    // 12th and 13th of them, in clock ticks.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
+    let f = proc_stat(pid);
+    let ticks = f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// Minor page faults of process `pid` so far.
+fn minor_faults(pid: u32) -> u64 {
+    proc_stat(pid).get(7).copied().unwrap_or(0)
 }
 
 /// CPU time (user + system) of the calling thread so far.
@@ -458,30 +477,26 @@ fn rusage_cpu(who: libc::c_int) -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// The id and base64 data of one `image.read` response line (the agent
-/// writes `"id":N` before `"result"` and the data last in the result).
-fn parse_read_response(line: &[u8]) -> (usize, &[u8]) {
-    let text = std::str::from_utf8(&line[..line.len().min(200)]).unwrap_or("");
-    let id = text
-        .split("\"id\":")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no id in response: {text}"));
-    let key = b"\"data\":\"";
-    let start = line
-        .windows(key.len())
-        .position(|w| w == key)
-        .unwrap_or_else(|| panic!("no data in response: {text}"))
-        + key.len();
-    // The data is the last member: it ends at the last quote of the line
-    // (found from the end, so the megabytes of base64 are not scanned).
-    let end = line
-        .iter()
-        .rposition(|&b| b == b'"')
-        .filter(|&e| e >= start)
-        .expect("end of data");
-    (id, &line[start..end])
+/// The next answer on `stream`, read through `buf` into `dec` (bulk
+/// answers come with their payload decoded as it arrives).
+fn next_response(
+    dec: &mut ResponseDecoder,
+    buf: &mut BytesMut,
+    stream: &mut UnixStream,
+) -> Response {
+    loop {
+        if let Some(r) = dec.decode(buf, &|_| true) {
+            return r;
+        }
+        buf.reserve(READ_BUFFER);
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: `read` only writes into the bytes it reports; they are
+        // then marked initialised.
+        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), spare.len()) };
+        let n = stream.read(dst).expect("read response");
+        assert!(n > 0, "the agent closed the connection");
+        unsafe { buf.set_len(buf.len() + n) };
+    }
 }
 
 /// (c) The whole image through `image.read` on a fresh release agent,
@@ -496,13 +511,18 @@ fn agent_scan(
     extra: &[String],
 ) -> (Duration, u64, u64, String) {
     let mut agent = AgentProcess::start(ds, run, extra);
-    let (mut writer, mut reader) = agent.connect();
+    let (mut writer, reader) = agent.connect();
     let idle_rss = proc_status_bytes(agent.pid(), "VmRSS");
     let image = File::open(&ds.image).expect("open image");
     let size = ds.index.size();
     let count = size.div_ceil(request as u64) as usize;
-    let mut line = Vec::with_capacity(request / 3 * 4 + 4096);
-    let mut data = vec![0u8; request];
+    assert!(
+        reader.buffer().is_empty(),
+        "nothing but the authenticate answer yet"
+    );
+    let mut stream = reader.into_inner();
+    let mut dec = ResponseDecoder::new(MAX_RESPONSE_LINE);
+    let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut expect = vec![0u8; request];
     let mut sent = 0;
     let mut received = 0;
@@ -516,6 +536,7 @@ fn agent_scan(
         .expect("send image.read");
     };
     let cpu_before = cpu_time(agent.pid());
+    let faults_before = minor_faults(agent.pid());
     let client_before = thread_cpu_time();
     let start = Instant::now();
     while sent < count.min(PIPELINE) {
@@ -523,20 +544,22 @@ fn agent_scan(
         sent += 1;
     }
     while received < count {
-        line.clear();
-        reader.read_until(b'\n', &mut line).expect("read response");
-        let (id, b64) = parse_read_response(&line);
-        let n = base64_simd::STANDARD
-            .decode(b64, base64_simd::Out::from_slice(&mut data))
-            .unwrap_or_else(|e| panic!("response {id}: bad base64: {e}"))
-            .len();
+        let answer = match next_response(&mut dec, &mut buf, &mut stream) {
+            Response::Bulk(answer) => answer,
+            other => panic!("not an image.read answer: {other:?}"),
+        };
+        let id = answer.id as usize;
+        let data = answer
+            .payload
+            .unwrap_or_else(|e| panic!("response {id}: {e}"));
+        let n = data.len();
         let offset = id as u64 * request as u64;
         assert_eq!(
             n as u64,
             (size - offset).min(request as u64),
             "length of read {id}"
         );
-        if id % 16 == 0 {
+        if id.is_multiple_of(16) {
             image
                 .read_exact_at(&mut expect[..n], offset)
                 .expect("read image");
@@ -556,16 +579,18 @@ fn agent_scan(
     assert_eq!(bytes, size);
     let peak = proc_status_bytes(agent.pid(), "VmHWM");
     let cpu = cpu_time(agent.pid()) - cpu_before;
+    let faults = minor_faults(agent.pid()) - faults_before;
     let client_cpu = thread_cpu_time() - client_before;
     // The agent's own view of the scan.
     writeln!(writer, r#"{{"jsonrpc":"2.0","id":"st","method":"status"}}"#).expect("send status");
-    line.clear();
-    reader.read_until(b'\n', &mut line).expect("status reply");
+    let Response::Line(line) = next_response(&mut dec, &mut buf, &mut stream) else {
+        panic!("no status answer");
+    };
     let st: serde_json::Value = serde_json::from_slice(&line).expect("status JSON");
     let c = &st["result"]["cache"];
     let p = &st["result"]["pool"];
     let info = format!(
-        "agent reads {} zero {} hits {} misses {} readahead_hits {}; cpu {:.2}s agent, {:.2}s client, in {:.2}s",
+        "agent reads {} zero {} hits {} misses {} readahead_hits {}, {faults} page faults; cpu {:.2}s agent, {:.2}s client, in {:.2}s",
         p["reads"],
         p["zero_reads"],
         c["hits"],
@@ -706,6 +731,18 @@ fn main() {
     let (mut a4, mut a128, mut b, mut pc) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut c, mut peaks, mut idle_rss, mut c_info) = (Vec::new(), Vec::new(), 0, String::new());
     let (mut info4, mut info128) = (String::new(), String::new());
+    if args.agent_only {
+        for run in 0..rounds {
+            prepare();
+            let (t, peak, _, info) = agent_scan(&ds, CHUNK, run, &args.agent_args);
+            println!(
+                "(c)  agent image.read, 4 MiB x {PIPELINE} deep {:>7.0} MB/s, peak RSS {:.1} MiB  {info}",
+                rate(size, t),
+                peak as f64 / (1u64 << 20) as f64
+            );
+        }
+        return;
+    }
     for _ in 0..rounds {
         prepare();
         let (info, t, busy) = measured(|| pool_scan(&ds, CHUNK));
