@@ -83,15 +83,21 @@ impl OpenStream {
         };
         let hold = reserve.await;
         let offset = cursor.position;
-        let (mut data, mut eof) = cursor.reader.read(max).await.map_err(stream_error)?;
+        // Reads that name their offset get `max` bytes, so the buffer is
+        // reserved once (growing it piece by piece copied it over and over).
+        let mut data = Vec::with_capacity(if at.is_some() { max } else { 0 });
+        let mut eof = cursor
+            .reader
+            .read_append(&mut data, max)
+            .await
+            .map_err(stream_error)?;
         while at.is_some() && !eof && data.len() < max {
-            let (more, end) = cursor
+            let want = max - data.len();
+            eof = cursor
                 .reader
-                .read(max - data.len())
+                .read_append(&mut data, want)
                 .await
                 .map_err(stream_error)?;
-            data.extend_from_slice(&more);
-            eof = end;
         }
         cursor.position += data.len() as u64;
         drop(cursor);

@@ -205,6 +205,14 @@ impl StreamReader {
     /// them (`true` comes with the last data when possible). A failed stream
     /// returns its error (once; later reads report that it failed).
     pub async fn read(&mut self, max: usize) -> io::Result<(Vec<u8>, bool)> {
+        let mut out = Vec::new();
+        let eof = self.read_append(&mut out, max).await?;
+        Ok((out, eof))
+    }
+
+    /// [`read`](Self::read), appending the bytes to `out`: a caller that
+    /// collects several reads into one buffer reserves it once.
+    pub async fn read_append(&mut self, out: &mut Vec<u8>, max: usize) -> io::Result<bool> {
         loop {
             {
                 let mut st = self.shared.lock();
@@ -216,7 +224,7 @@ impl StreamReader {
                 let finished = matches!(st.end, End::Finished);
                 if !st.buf.is_empty() || finished || max == 0 {
                     let n = max.min(st.buf.len());
-                    let mut out = Vec::with_capacity(n);
+                    out.reserve(n);
                     let (a, b) = st.buf.as_slices();
                     let from_a = n.min(a.len());
                     out.extend_from_slice(a.get(..from_a).unwrap_or(&[]));
@@ -225,7 +233,7 @@ impl StreamReader {
                     let eof = finished && st.buf.is_empty();
                     drop(st);
                     self.shared.space.notify_all();
-                    return Ok((out, eof));
+                    return Ok(eof);
                 }
             }
             // A notification sent between the check above and this await is
