@@ -182,15 +182,16 @@ pub async fn read_file(
     }
 }
 
-/// Pulls stream `stream` (from `fs.extract`) to its end, passing each piece to
-/// `sink`, and returns the number of bytes. Reads are pipelined like file
+/// Pulls stream `stream` (from `fs.extract`) to its end, handing each piece
+/// to `sink` (owned: a sink that passes pieces on to another thread need not
+/// copy them), and returns the number of bytes. Reads are pipelined like file
 /// reads: each names the stream offset it starts at, so the agent serves
 /// them in order and each returns a full [`READ_CHUNK`] until the end. The
 /// stream is closed on failure.
 pub async fn read_stream(
     session: &Session,
     stream: &Value,
-    sink: &mut (dyn FnMut(&[u8]) -> Result<()> + Send),
+    sink: &mut (dyn FnMut(Vec<u8>) -> Result<()> + Send),
 ) -> Result<u64> {
     type StreamFuture<'a> = Pin<Box<dyn Future<Output = Result<(u64, StreamResult)>> + Send + 'a>>;
     let issue = |offset: u64| -> StreamFuture<'_> {
@@ -222,16 +223,16 @@ pub async fn read_stream(
                     r.offset
                 )));
             }
-            sink(&bytes)?;
-            done += bytes.len() as u64;
+            let got = bytes.len() as u64;
+            sink(bytes)?;
+            done += got;
             if r.eof {
                 // the reads beyond the end are answered empty; not awaited
                 return Ok(done);
             }
-            if (bytes.len() as u64) < READ_CHUNK {
+            if got < READ_CHUNK {
                 return Err(ClientError::local(format!(
-                    "stream.read at {asked}: {} bytes before the end of the stream",
-                    bytes.len()
+                    "stream.read at {asked}: {got} bytes before the end of the stream"
                 )));
             }
         }

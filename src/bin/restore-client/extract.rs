@@ -232,11 +232,11 @@ async fn to_archive(
     let what = dest
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "stdout".into());
-    let mut sink = |data: &[u8]| {
+    let mut sink = |data: Vec<u8>| {
         if let Some(b) = &bar {
             b.inc(data.len() as u64);
         }
-        out.write_all(data)
+        out.write_all(&data)
             .map_err(|e| ClientError::local(format!("writing {what}: {e}")))
     };
     let result = bulk::read_stream(session, &stream, &mut sink).await;
@@ -397,8 +397,7 @@ async fn unpack_tree(
         .map_err(|e| ClientError::local(format!("starting the unpacker: {e}")))?;
     let mut gone = false;
     let streamed = {
-        let mut sink = |data: &[u8]| {
-            let piece = data.to_vec();
+        let mut sink = |piece: Vec<u8>| {
             let sent = match tx.try_send(piece) {
                 Ok(()) => Ok(()),
                 // Full: wait, telling the runtime this thread blocks.
