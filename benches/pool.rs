@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use restore_agent::client::frames::{Response, ResponseDecoder};
+use restore_agent::client::frames::{Response, ResponseDecoder, MAX_RESPONSE_LINE, READ_BUFFER};
 use restore_agent::pool::{ChunkPool, PoolConfig};
 use restore_agent::store::chunk_store::ChunkStore;
 use restore_agent::store::datastore::{Archive, Datastore};
@@ -49,11 +49,6 @@ const ARCHIVE: &str = "drive-scsi0.img.fidx";
 const AGENT_CACHE_MIB: u64 = 48;
 /// `image.read` requests kept in flight in (c).
 const PIPELINE: usize = 4;
-/// What the client in (c) reads from the socket at a time (answers are
-/// decoded from it while it is in the CPU cache).
-const READ_BUFFER: usize = 256 << 10;
-/// Longest answer line: a 16 MiB read is about 22.4 MiB of base64.
-const MAX_RESPONSE_LINE: usize = 64 << 20;
 
 struct Args {
     cold: bool,
@@ -495,6 +490,7 @@ fn next_response(
         let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast(), spare.len()) };
         let n = stream.read(dst).expect("read response");
         assert!(n > 0, "the agent closed the connection");
+        // SAFETY: `read` initialised these `n` bytes of the spare capacity.
         unsafe { buf.set_len(buf.len() + n) };
     }
 }

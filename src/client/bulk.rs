@@ -96,23 +96,16 @@ struct StreamResult {
 /// The payload of a bulk answer: from its slot, or decoded here.
 fn payload(session: &Session, slot: Option<u64>, data: &str, what: &str) -> Result<Vec<u8>> {
     match slot {
-        Some(s) => match session.take_bulk(s) {
-            Some(Ok(bytes)) => Ok(bytes),
-            Some(Err(e)) => Err(ClientError::local(format!(
-                "bad data from the agent for {what}: {e}"
-            ))),
-            None => Err(ClientError::local(format!(
-                "payload for {what} went missing"
-            ))),
-        },
+        Some(s) => session.take_bulk(s, what),
         None => decode(data, what),
     }
 }
 
 fn decode(data: &str, what: &str) -> Result<Vec<u8>> {
-    base64_simd::STANDARD
-        .decode_to_vec(data.as_bytes())
-        .map_err(|e| ClientError::local(format!("bad base64 data from the agent for {what}: {e}")))
+    let mut out = Vec::new();
+    crate::base64::decode_append(data.as_bytes(), &mut out)
+        .map_err(|e| ClientError::local(format!("bad data from the agent for {what}: {e}")))?;
+    Ok(out)
 }
 
 type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<(u64, u64, ReadResult)>> + Send + 'a>>;

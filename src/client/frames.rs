@@ -21,6 +21,13 @@ use serde::Deserialize;
 
 use crate::transport::LineDecoder;
 
+/// Longest answer line a client accepts: a 16 MiB read is about 22.4 MiB
+/// of base64.
+pub const MAX_RESPONSE_LINE: usize = 64 << 20;
+/// Bytes to read from the stream at a time: bulk payloads are decoded from
+/// the read buffer while they are still in the CPU cache.
+pub const READ_BUFFER: usize = 256 << 10;
+
 /// What precedes a bulk payload.
 const DATA_KEY: &[u8] = b"\"data\":\"";
 /// How far into a line `"data":"` may start for the line to be taken as a

@@ -19,14 +19,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::connect::{BoxRead, BoxWrite};
-use super::frames::{Response, ResponseDecoder};
-
-/// Longest response line accepted: a 16 MiB read is about 22.4 MiB of base64.
-pub const MAX_RESPONSE_LINE: usize = 64 << 20;
-
-/// Bytes asked of the stream per read; bulk payloads are decoded from this
-/// buffer while they are still in the CPU cache.
-const READ_BUFFER: usize = 256 << 10;
+use super::frames::{Response, ResponseDecoder, MAX_RESPONSE_LINE, READ_BUFFER};
 
 /// Methods whose result carries a base64 `data` payload.
 const BULK_METHODS: [&str; 3] = ["fs.read", "stream.read", "image.read"];

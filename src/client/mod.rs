@@ -4,7 +4,7 @@
 //! It owns connect addresses (`vsock`, `unix`, `tcp`, `hybrid`, `exec`), the
 //! hybrid-vsock handshake, the authenticated jsonrpsee session over our own
 //! line transport, and pipelined bulk reads. It sits on `transport` (line
-//! framing) and `rpc` (error codes) only: it must never import `api` or any
+//! framing), `rpc` (error codes) and the `base64` codec only: it must never import `api` or any
 //! layer below it, so that it speaks to the agent exactly as a remote program
 //! would.
 

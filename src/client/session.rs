@@ -133,12 +133,7 @@ impl Session {
         let Some(slot) = v.get("slot").and_then(serde_json::Value::as_u64) else {
             return Ok(raw);
         };
-        let data = self
-            .take_bulk(slot)
-            .ok_or_else(|| ClientError::local(format!("payload of {method} went missing")))?
-            .map_err(|e| {
-                ClientError::local(format!("bad data from the agent for {method}: {e}"))
-            })?;
+        let data = self.take_bulk(slot, method)?;
         if let Some(obj) = v.as_object_mut() {
             obj.remove("slot");
             obj.insert(
@@ -150,9 +145,18 @@ impl Session {
             .map_err(|e| ClientError::local(format!("result of {method}: {e}")))
     }
 
-    /// The decoded payload of a bulk answer whose result names `slot`.
-    pub(crate) fn take_bulk(&self, slot: u64) -> Option<lines::Payload> {
-        self.slots.take(slot)
+    /// The decoded payload of the bulk answer (of `what`, for messages)
+    /// whose result names `slot`.
+    pub(crate) fn take_bulk(&self, slot: u64, what: &str) -> Result<Vec<u8>> {
+        match self.slots.take(slot) {
+            Some(Ok(bytes)) => Ok(bytes),
+            Some(Err(e)) => Err(ClientError::local(format!(
+                "bad data from the agent for {what}: {e}"
+            ))),
+            None => Err(ClientError::local(format!(
+                "payload for {what} went missing"
+            ))),
+        }
     }
 
     /// Ends the session; for `exec:` closes the agent's stdin and reaps it
