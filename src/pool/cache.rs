@@ -23,14 +23,9 @@ pub(super) struct ChunkCache {
     capacity: usize,
     bytes: usize,
     next_tick: u64,
-    /// Ticks below every use, handed out downwards to demoted chunks.
-    low_tick: u64,
     entries: HashMap<ChunkKey, Entry>,
     order: BTreeMap<u64, ChunkKey>,
 }
-
-/// Where use ticks start; demoted chunks get ticks below it.
-const FIRST_TICK: u64 = 1 << 40;
 
 /// A cache lookup that found the chunk.
 pub(super) struct CacheHit {
@@ -44,8 +39,7 @@ impl ChunkCache {
         ChunkCache {
             capacity,
             bytes: 0,
-            next_tick: FIRST_TICK,
-            low_tick: FIRST_TICK,
+            next_tick: 0,
             entries: HashMap::new(),
             order: BTreeMap::new(),
         }
@@ -84,18 +78,6 @@ impl ChunkCache {
     /// found it already cached). Returns whether it is cached.
     pub fn touch(&mut self, key: &ChunkKey) -> bool {
         self.bump(key).is_some()
-    }
-
-    /// Makes a cached chunk the next to leave (its reader is done with
-    /// it), ahead of every chunk not demoted. A later use brings it back.
-    pub fn demote(&mut self, key: &ChunkKey) {
-        let Some(entry) = self.entries.get_mut(key) else {
-            return;
-        };
-        self.low_tick = self.low_tick.saturating_sub(1);
-        self.order.remove(&entry.tick);
-        self.order.insert(self.low_tick, *key);
-        entry.tick = self.low_tick;
     }
 
     /// Adds a chunk, evicting least recently used ones until it fits.
@@ -167,23 +149,6 @@ mod tests {
         assert!(cache.get(&key(1)).is_some());
         assert!(cache.get(&key(3)).is_some());
         assert_eq!(cache.bytes(), 80);
-    }
-
-    #[test]
-    fn demoted_chunks_leave_first_until_used_again() {
-        let mut cache = ChunkCache::new(100);
-        cache.insert(key(1), data(30), false);
-        cache.insert(key(2), data(30), false);
-        cache.insert(key(3), data(30), false);
-        cache.demote(&key(3));
-        cache.demote(&key(2));
-        assert!(cache.touch(&key(2))); // used again: no longer demoted
-        cache.insert(key(4), data(30), false);
-        assert!(cache.get(&key(3)).is_none(), "the demoted chunk left");
-        assert!(cache.get(&key(1)).is_some());
-        assert!(cache.get(&key(2)).is_some());
-        cache.demote(&key(9)); // not cached: nothing happens
-        assert_eq!(cache.bytes(), 90);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! thread: async callers await a tokio oneshot; only `read_at_blocking`
 //! sleeps, on a std channel, on its caller's thread.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -82,16 +82,14 @@ struct Sequential {
 }
 
 /// Chunks a caller announced it will read, loaded ahead a window at a time
-/// as the reads arrive (in any order). A chunk whose announced bytes have
-/// all been read is spent: its reader is done with it.
+/// as the reads arrive (in any order).
 #[derive(Debug, Default)]
 struct Plan {
     /// Announced chunks not requested yet, in the announced order; chunks
     /// read meanwhile are skipped when their turn comes.
     waiting: VecDeque<usize>,
-    /// Every announced chunk: where it stands, and its announced bytes
-    /// not read yet.
-    chunks: HashMap<usize, (Planned, u64)>,
+    /// Every announced chunk and where it stands.
+    chunks: HashMap<usize, Planned>,
     /// Chunks requested ahead and not read yet.
     requested: usize,
     /// Announced chunks not read yet.
@@ -106,36 +104,26 @@ enum Planned {
 }
 
 impl Plan {
-    /// A plan of `chunks` (chunk, announced bytes in it), in order.
-    fn new(chunks: Vec<(usize, u64)>) -> Plan {
+    /// A plan of `chunks`, in order, without repeats.
+    fn new(chunks: Vec<usize>) -> Plan {
         Plan {
             unread: chunks.len(),
-            chunks: chunks
-                .iter()
-                .map(|&(c, bytes)| (c, (Planned::Waiting, bytes)))
-                .collect(),
-            waiting: chunks.into_iter().map(|(c, _)| c).collect(),
+            chunks: chunks.iter().map(|&c| (c, Planned::Waiting)).collect(),
+            waiting: chunks.into(),
             requested: 0,
         }
     }
 
-    /// Records a read of `[offset, end)` over chunks `first..=last`
-    /// (`range(c)` is chunk c's byte range); returns whether it read
-    /// announced chunks, and the chunks it spent. Once every announced
-    /// chunk was read, the first read elsewhere ends the plan.
-    fn on_read(
-        &mut self,
-        (offset, end): (u64, u64),
-        (first, last): (usize, usize),
-        range: impl Fn(usize) -> Range<u64>,
-    ) -> (bool, Vec<usize>) {
+    /// Records a read of chunks `first..=last`; returns whether it read
+    /// announced chunks. Once every announced chunk was read, the first
+    /// read elsewhere ends the plan.
+    fn on_read(&mut self, (first, last): (usize, usize)) -> bool {
         if self.chunks.is_empty() {
-            return (false, Vec::new());
+            return false;
         }
         let mut planned = false;
-        let mut spent = Vec::new();
         for c in first..=last {
-            let Some((state, left)) = self.chunks.get_mut(&c) else {
+            let Some(state) = self.chunks.get_mut(&c) else {
                 continue;
             };
             planned = true;
@@ -146,19 +134,11 @@ impl Plan {
                 self.unread -= 1;
             }
             *state = Planned::Read;
-            let r = range(c);
-            let read = end.min(r.end).saturating_sub(offset.max(r.start));
-            if *left > 0 {
-                *left = left.saturating_sub(read);
-                if *left == 0 {
-                    spent.push(c);
-                }
-            }
         }
         if !planned && self.unread == 0 {
             *self = Plan::default();
         }
-        (planned, spent)
+        planned
     }
 
     /// The next chunks to request so that `window` are requested and not
@@ -169,7 +149,7 @@ impl Plan {
             let Some(c) = self.waiting.pop_front() else {
                 break;
             };
-            if let Some((state @ Planned::Waiting, _)) = self.chunks.get_mut(&c) {
+            if let Some(state @ Planned::Waiting) = self.chunks.get_mut(&c) {
                 *state = Planned::Requested;
                 self.requested += 1;
                 out.push(c);
@@ -360,17 +340,19 @@ impl ArchiveReader {
     /// read soon, roughly in this order: their chunks (at most
     /// [`MAX_PLANNED_CHUNKS`]) are loaded by the workers ahead of the
     /// reads, in parallel, a read-ahead window at a time, while reads of
-    /// announced chunks take the place of sequential read-ahead. A chunk
-    /// whose announced bytes have all been read is the first to leave the
-    /// cache (the caller said it is done with it). A later call replaces
-    /// the plan. Only a hint: reads work the same without it.
+    /// announced chunks take the place of sequential read-ahead. Read
+    /// chunks age out of the cache like any other: callers announce
+    /// metadata (directory blocks, inode tables), and the chunks holding it
+    /// usually hold what is read next too (file data, the next directory's
+    /// inodes). A later call replaces the plan. Only a hint: reads work the
+    /// same without it.
     pub fn plan_reads(&self, ranges: &[Range<u64>]) {
         let source = &self.inner.source;
         let size = source.size();
         let count = source.chunk_count();
-        // (chunk, announced bytes in it), in the announced order
-        let mut chunks: Vec<(usize, u64)> = Vec::new();
-        let mut at: HashMap<usize, usize> = HashMap::new();
+        // announced chunks, in the announced order
+        let mut chunks: Vec<usize> = Vec::new();
+        let mut seen: HashSet<usize> = HashSet::new();
         'ranges: for r in ranges {
             let end = r.end.min(size);
             if r.start >= end {
@@ -381,23 +363,17 @@ impl ArchiveReader {
                 continue;
             };
             for c in first..=last.min(count.saturating_sub(1)) {
-                let cr = source.chunk_range(c);
-                let bytes = end.min(cr.end).saturating_sub(r.start.max(cr.start));
-                let i = match at.get(&c) {
-                    Some(&i) => i,
-                    None => {
-                        if chunks.len() >= MAX_PLANNED_CHUNKS {
-                            break 'ranges;
-                        }
-                        at.insert(c, chunks.len());
-                        chunks.push((c, 0));
-                        chunks.len() - 1
-                    }
-                };
-                chunks[i].1 += bytes;
+                if seen.contains(&c) {
+                    continue;
+                }
+                if chunks.len() >= MAX_PLANNED_CHUNKS {
+                    break 'ranges;
+                }
+                seen.insert(c);
+                chunks.push(c);
             }
         }
-        let Some(&(sample, _)) = chunks.first() else {
+        let Some(&sample) = chunks.first() else {
             return;
         };
         // Two chunks per worker keep every worker busy without filling
@@ -443,27 +419,19 @@ impl ArchiveReader {
     fn read_ahead(&self, offset: u64, end: u64, first: usize, last: usize) {
         let max_window = self.window(last);
         let chunk_count = self.inner.source.chunk_count();
-        let source = &self.inner.source;
-        let (ahead, planned, spent) = {
+        let (ahead, planned) = {
             let mut access = self.inner.access.lock().unwrap_or_else(|p| p.into_inner());
-            let (planned, spent) = access
-                .plan
-                .on_read((offset, end), (first, last), |c| source.chunk_range(c));
-            if planned {
+            if access.plan.on_read((first, last)) {
                 // an announced read: the plan knows what comes next
                 access.next_offset = Some(end);
                 access.last_chunk = Some(last);
                 let window = max_window.min(self.inner.pool.workers.saturating_mul(2));
-                (access.plan.top_up(window), true, spent)
+                (access.plan.top_up(window), true)
             } else {
                 let range = access.on_read(offset, end, (first, last), max_window, chunk_count);
-                (range.collect(), false, spent)
+                (range.collect(), false)
             }
         };
-        // chunks spent by their plan leave the cache before the rest
-        for c in spent {
-            self.inner.pool.shared.demote(&source.key(c));
-        }
         self.prefetch(ahead, planned);
     }
 

@@ -88,8 +88,6 @@ struct Flight {
     /// Dispatched in request order rather than chunk-file order (reads
     /// announced in the order they will be needed).
     in_order: bool,
-    /// Its reader is already done with it: cache it as the next to leave.
-    demoted: bool,
 }
 
 /// A load taken by a worker, with the chunk file to hint next.
@@ -262,17 +260,6 @@ impl Shared {
         self.work.notify_one();
     }
 
-    /// A reader is done with chunk `key`: it leaves the cache first (once
-    /// cached, if its read is still in flight).
-    pub fn demote(&self, key: &ChunkKey) {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        match st.flights.get_mut(key) {
-            Some(flight) => flight.demoted = true,
-            None => st.cache.demote(key),
-        }
-    }
-
     /// Counts a read served from the shared all-zero buffer.
     pub fn count_zero_read(&self) {
         self.lock().counters.zero_reads += 1;
@@ -334,15 +321,9 @@ impl Shared {
             return;
         };
         let evicted = match &result {
-            Ok(data) => {
-                let evicted = st
-                    .cache
-                    .insert(key, data.clone(), flight.class == Class::Readahead);
-                if flight.demoted {
-                    st.cache.demote(&key);
-                }
-                evicted
-            }
+            Ok(data) => st
+                .cache
+                .insert(key, data.clone(), flight.class == Class::Readahead),
             Err(_) => Vec::new(),
         };
         drop(st);
@@ -387,7 +368,6 @@ impl State {
                 position: None,
                 hinted: false,
                 in_order: false,
-                demoted: false,
             },
         );
         self.queued += 1;

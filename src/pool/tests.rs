@@ -808,20 +808,30 @@ fn announced_reads_replace_sequential_read_ahead_until_done() {
 }
 
 #[test]
-fn chunks_spent_by_a_plan_leave_the_cache_first() {
+fn announced_chunks_that_are_read_again_stay_cached() {
+    // A tree walk announces a directory's blocks inside the data chunk it is
+    // reading, then goes on reading that chunk: it must not be evicted first.
     let store = TestStore::new(random_bytes(32, 10 * CS as usize));
-    let pool = pool(1, 4 * CS as usize, 8);
+    let pool = pool(1, 4 * CS as usize, 0);
     let reader = store.reader(&pool);
-    let mut buf = vec![0u8; CS as usize];
-    reader.read_at_blocking(0, &mut buf).unwrap();
-    reader.plan_reads(&[5 * CS..7 * CS, 7 * CS..9 * CS]);
-    for c in 5..9 {
-        reader.read_at_blocking(c * CS, &mut buf).unwrap();
-        assert_eq!(buf, expected(&store.data, c * CS, CS as usize));
+    let mut buf = vec![0u8; 100];
+    let mut read = |c: u64| {
+        reader.read_at_blocking(c * CS + 100, &mut buf).unwrap();
+        assert_eq!(buf, expected(&store.data, c * CS + 100, 100));
+    };
+    for c in [0, 5, 6] {
+        read(c);
+    }
+    reader.plan_reads(std::slice::from_ref(&(100..200)));
+    read(0);
+    for c in [7, 8] {
+        read(c);
     }
     let before = pool.stats().reads;
     assert_eq!(before, 5, "{:?}", pool.stats());
-    // the 4-chunk cache made room by dropping spent chunks, not chunk 0
-    reader.read_at_blocking(0, &mut buf).unwrap();
-    assert_eq!(pool.stats().reads, before);
+    // the 4-chunk cache made room by dropping chunk 5, used least recently
+    read(0);
+    assert_eq!(pool.stats().reads, before, "{:?}", pool.stats());
+    read(5);
+    assert_eq!(pool.stats().reads, before + 1);
 }
