@@ -7,7 +7,7 @@
 //!   (b) a naive reader: one chunk at a time, read file + decode inline,
 //!       no read-ahead, no cache, no zero-chunk shortcut,
 //!   (c) `image.read` through the release `restore-agent` binary (default
-//!       options: 48 MiB cache, read-ahead 8) over a Unix socket, 4 MiB
+//!       options: 48 MiB cache, read-ahead 8, at most half the cache) over a Unix socket, 4 MiB
 //!       reads pipelined 4 deep, base64 decoded by the client, with the
 //!       agent's peak RSS (VmHWM) while reading,
 //!   (d) the machine's limits: page-cache read of the chunk files and the
@@ -702,7 +702,7 @@ fn main() {
     } else {
         "warm page cache"
     };
-    println!("mode: {mode}; pool: {cores} workers, 48 MiB cache, read-ahead 8; rates in MB/s (1e6) of image bytes unless noted");
+    println!("mode: {mode}; pool: {cores} workers, 48 MiB cache, read-ahead 8 (at most half the cache); rates in MB/s (1e6) of image bytes unless noted");
 
     let prepare = || {
         if args.cold {

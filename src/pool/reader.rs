@@ -389,17 +389,18 @@ impl ArchiveReader {
         self.prefetch(ahead, true);
     }
 
-    /// The read-ahead window in chunks of the size of chunk `i`: room is
-    /// kept in the cache for the chunks being read and the window, or
-    /// read-ahead would evict its own work.
+    /// The read-ahead window in chunks of the size of chunk `i`: at most
+    /// half the cache, so that the other half keeps what readers are using
+    /// (the chunks being read, filesystem metadata). With less room,
+    /// read-ahead evicts chunks that are read again right after, e.g. the
+    /// inode tables and the current data chunk of a tree extract.
     fn window(&self, i: usize) -> usize {
         let pool = &self.inner.pool;
         let chunk = self.inner.source.chunk_range(i);
         let chunk_len = usize::try_from(chunk.end.saturating_sub(chunk.start))
             .unwrap_or(usize::MAX)
             .max(1);
-        pool.readahead
-            .min((pool.cache_bytes / chunk_len).saturating_sub(2))
+        pool.readahead.min(pool.cache_bytes / chunk_len / 2)
     }
 
     fn prefetch(&self, chunks: impl IntoIterator<Item = usize>, in_order: bool) {

@@ -492,6 +492,21 @@ async fn read_ahead_stops_when_the_reader_stops() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_takes_at_most_half_the_cache() {
+    let store = TestStore::new(random_bytes(11, 40 * CS as usize));
+    let pool = pool(2, 8 * CS as usize, 8);
+    let reader = store.reader(&pool);
+    for i in 0..5 {
+        reader.read_slices(i * CS, CS as usize).await.unwrap();
+    }
+    wait_until("read-ahead drained", || pool.stats().queued == 0);
+    std::thread::sleep(Duration::from_millis(50));
+    let reads = pool.stats().reads;
+    // Chunks 0..5 plus a window of at most 4 (half of the 8-chunk cache).
+    assert!((6..=5 + 4).contains(&reads), "reads {reads}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_reads_are_dispatched_in_inode_order() {
     let store = TestStore::new(random_bytes(11, 12 * CS as usize));
     let pool = pool(1, 16 << 20, 0);
