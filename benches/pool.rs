@@ -7,9 +7,9 @@
 //!   (b) a naive reader: one chunk at a time, read file + decode inline,
 //!       no read-ahead, no cache, no zero-chunk shortcut,
 //!   (c) `image.read` through the release `restore-agent` binary (default
-//!       options: 48 MiB cache, read-ahead 8, at most half the cache) over a Unix socket, 4 MiB
-//!       reads pipelined 4 deep, base64 decoded by the client, with the
-//!       agent's peak RSS (VmHWM) while reading,
+//!       options: 48 MiB cache, read-ahead 8, at most half the cache) over
+//!       a Unix socket, 4 MiB reads pipelined 4 deep, base64 decoded by the
+//!       client, with the agent's peak RSS (VmHWM) while reading,
 //!   (d) the machine's limits: page-cache read of the chunk files and the
 //!       single-core CRC + zstd + SHA-256 decode rate,
 //! and the ratios (a)/(b), (a)/min(page cache, 2 x decode) and (c)/(a).
