@@ -62,6 +62,53 @@ impl Piece {
     }
 }
 
+/// Most distinct chunk buffers the pieces of one response keep alive. A
+/// badly fragmented file can have its next extent in a new chunk every few
+/// KiB; holding every one of them until the response is written would pin
+/// far more memory than the cache is allowed (a 16 MiB read of 4 KiB
+/// extents could pin 4096 chunks of 4 MiB). Slices of further chunks are
+/// copied instead, so a response holds at most this many chunks plus its
+/// own length.
+const MAX_PINNED_CHUNKS: usize = 4;
+
+/// The pieces of one response as they are gathered, referencing at most
+/// [`MAX_PINNED_CHUNKS`] chunk buffers.
+#[derive(Default)]
+pub struct PieceList {
+    pieces: Vec<Piece>,
+    /// The chunk buffers referenced so far, by address.
+    pinned: Vec<usize>,
+}
+
+impl PieceList {
+    /// Appends a slice: by reference while few chunks are pinned, else as
+    /// a copy (merged into the previous copy when there is one).
+    pub fn push_slice(&mut self, slice: ChunkSlice) {
+        let id = Arc::as_ptr(&slice.chunk) as usize;
+        let known = self.pinned.contains(&id);
+        if known || self.pinned.len() < MAX_PINNED_CHUNKS {
+            if !known {
+                self.pinned.push(id);
+            }
+            self.pieces.push(Piece::Chunk(slice));
+            return;
+        }
+        match self.pieces.last_mut() {
+            Some(Piece::Owned(v)) => v.extend_from_slice(slice.as_slice()),
+            _ => self.pieces.push(Piece::Owned(slice.as_slice().to_vec())),
+        }
+    }
+
+    /// Appends `len` zero bytes.
+    pub fn push_zeros(&mut self, len: u64) {
+        push_zeros(&mut self.pieces, len);
+    }
+
+    pub fn into_pieces(self) -> Vec<Piece> {
+        self.pieces
+    }
+}
+
 /// Appends `len` zero bytes as pieces.
 pub fn push_zeros(pieces: &mut Vec<Piece>, len: u64) {
     let mut left = len;
@@ -193,6 +240,7 @@ impl BodySource for Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::ChunkData;
     use crate::rpc::Body;
 
     fn text(r: RawResult) -> Vec<u8> {
@@ -226,6 +274,32 @@ mod tests {
             );
             assert!(got == want.as_bytes(), "{cuts:?}");
         }
+    }
+
+    #[test]
+    fn a_response_pins_few_chunks_and_copies_the_rest() {
+        let chunks: Vec<ChunkData> = (0..10u8).map(|i| Arc::new(vec![i; 4096])).collect();
+        let mut list = PieceList::default();
+        let mut want = Vec::new();
+        // two slices of each chunk, like two extents of a fragmented file
+        for c in chunks.iter().chain(chunks.iter()) {
+            let slice = ChunkSlice {
+                chunk: c.clone(),
+                range: 100..300,
+            };
+            want.extend_from_slice(slice.as_slice());
+            list.push_slice(slice);
+        }
+        push_zeros(&mut list.pieces, 5);
+        want.extend_from_slice(&[0; 5]);
+        let pieces = list.into_pieces();
+        let held = chunks.iter().filter(|c| Arc::strong_count(c) > 1).count();
+        assert_eq!(held, MAX_PINNED_CHUNKS, "chunk buffers kept alive");
+        let got: Vec<u8> = pieces.iter().flat_map(|p| p.as_slice().to_vec()).collect();
+        assert_eq!(got, want);
+        let text = text(read_result(0, true, pieces, None));
+        let b64 = base64_simd::STANDARD.encode_to_string(&want);
+        assert!(text.ends_with(format!("\"data\":\"{b64}\"}}").as_bytes()));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::sync::Arc;
 
-use super::bulk::{self, Piece, MAX_READ};
+use super::bulk::{self, Piece, PieceList, MAX_READ};
 use super::{must, Agent};
 use crate::error::{Error, ErrorKind};
 use crate::pool::ArchiveReader;
@@ -277,10 +277,10 @@ async fn volume_pieces(
     extents: &[Extent],
 ) -> crate::error::Result<Vec<Piece>> {
     let (start, size) = window;
-    let mut pieces = Vec::new();
+    let mut pieces = PieceList::default();
     for e in extents {
         match *e {
-            Extent::Zero { len } => bulk::push_zeros(&mut pieces, len),
+            Extent::Zero { len } => pieces.push_zeros(len),
             Extent::Disk { offset, len } => {
                 let end = offset.checked_add(len).filter(|&end| end <= size);
                 if end.is_none() {
@@ -303,12 +303,14 @@ async fn volume_pieces(
                         )));
                     }
                     done += got;
-                    pieces.extend(slices.into_iter().map(Piece::Chunk));
+                    for slice in slices {
+                        pieces.push_slice(slice);
+                    }
                 }
             }
         }
     }
-    Ok(pieces)
+    Ok(pieces.into_pieces())
 }
 
 async fn fs_extract(
