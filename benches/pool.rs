@@ -21,6 +21,9 @@
 //!        [--agent-arg ARG]...   (extra agent options for (c), e.g. --cache-mb 16)
 //!        [--agent-only]         (only (c), e.g. for profiling)
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
@@ -420,16 +423,6 @@ impl Drop for AgentProcess {
     }
 }
 
-/// A field of /proc/PID/status in bytes (e.g. `VmHWM`, `VmRSS`).
-fn proc_status_bytes(pid: u32, field: &str) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// The numeric fields of /proc/PID/stat after the parenthesised command
 /// name (`[7]` minor faults, `[11]` and `[12]` user and system clock ticks).
 fn proc_stat(pid: u32) -> Vec<u64> {
@@ -508,7 +501,7 @@ fn agent_scan(
 ) -> (Duration, u64, u64, String) {
     let mut agent = AgentProcess::start(ds, run, extra);
     let (mut writer, reader) = agent.connect();
-    let idle_rss = proc_status_bytes(agent.pid(), "VmRSS");
+    let idle_rss = common::proc_status_bytes(agent.pid(), "VmRSS");
     let image = File::open(&ds.image).expect("open image");
     let size = ds.index.size();
     let count = size.div_ceil(request as u64) as usize;
@@ -573,7 +566,7 @@ fn agent_scan(
     }
     let t = start.elapsed();
     assert_eq!(bytes, size);
-    let peak = proc_status_bytes(agent.pid(), "VmHWM");
+    let peak = common::proc_status_bytes(agent.pid(), "VmHWM");
     let cpu = cpu_time(agent.pid()) - cpu_before;
     let faults = minor_faults(agent.pid()) - faults_before;
     let client_cpu = thread_cpu_time() - client_before;

@@ -1688,14 +1688,6 @@ fn hostile_images_give_clear_errors_and_the_agent_serves_on() {
 
 // --------------------------------------------------------------- fragments
 
-/// Peak resident set size of a process we started, from /proc.
-fn peak_rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    kib * 1024
-}
-
 /// A file whose 4 KiB blocks each lie in a chunk of their own, the shape of
 /// a file appended to slowly on a full disk: one `fs.read` of it returns
 /// the right bytes, and the answer does not keep every chunk it touched
@@ -1761,7 +1753,7 @@ fn a_badly_fragmented_file_reads_right_without_pinning_its_chunks() {
         .start();
     let mut c = a.connect_authed();
     ping(&mut c);
-    let before = peak_rss(a.pid());
+    let before = common::proc_status_bytes(a.pid() as u32, "VmHWM");
     let v = Vol {
         snapshot: SNAP_RAW,
         volume: "raw",
@@ -1773,7 +1765,7 @@ fn a_badly_fragmented_file_reads_right_without_pinning_its_chunks() {
     let (meta, data) = bulk(&mut c, "fs.read", p).unwrap();
     assert_eq!(meta["eof"], true);
     assert!(data == want, "fs.read returned other bytes than the file's");
-    let grew = peak_rss(a.pid()).saturating_sub(before);
+    let grew = common::proc_status_bytes(a.pid() as u32, "VmHWM").saturating_sub(before);
     // 8 MiB of cache and a few chunks in flight and pinned (33 MiB here),
     // not 48 chunks (193 MiB before responses copied what they cannot pin)
     assert!(grew < 64 * MIB, "agent peak RSS grew by {} MiB", grew / MIB);

@@ -290,7 +290,7 @@ mod tests {
             want.extend_from_slice(slice.as_slice());
             list.push_slice(slice);
         }
-        push_zeros(&mut list.pieces, 5);
+        list.push_zeros(5);
         want.extend_from_slice(&[0; 5]);
         let pieces = list.into_pieces();
         let held = chunks.iter().filter(|c| Arc::strong_count(c) > 1).count();

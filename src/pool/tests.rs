@@ -470,17 +470,23 @@ async fn random_access_is_not_read_ahead() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_ahead_stops_when_the_reader_stops() {
-    let store = TestStore::new(random_bytes(10, 40 * CS as usize));
-    let pool = pool(2, 40 * CS as usize, 8);
-    let reader = store.reader(&pool);
+/// Reads chunks 0..5 whole, in order, waits until the read-ahead they
+/// started is done, and returns the chunk loads so far.
+async fn loads_after_reading_five_chunks(store: &TestStore, pool: &ChunkPool) -> u64 {
+    let reader = store.reader(pool);
     for i in 0..5 {
         reader.read_slices(i * CS, CS as usize).await.unwrap();
     }
     wait_until("read-ahead drained", || pool.stats().queued == 0);
     std::thread::sleep(Duration::from_millis(50));
-    let reads = pool.stats().reads;
+    pool.stats().reads
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_stops_when_the_reader_stops() {
+    let store = TestStore::new(random_bytes(10, 40 * CS as usize));
+    let pool = pool(2, 40 * CS as usize, 8);
+    let reads = loads_after_reading_five_chunks(&store, &pool).await;
     // Chunks 0..5 plus at most one full window beyond them.
     assert!((6..=5 + 8).contains(&reads), "reads {reads}");
     std::thread::sleep(Duration::from_millis(50));
@@ -495,13 +501,7 @@ async fn read_ahead_stops_when_the_reader_stops() {
 async fn read_ahead_takes_at_most_half_the_cache() {
     let store = TestStore::new(random_bytes(11, 40 * CS as usize));
     let pool = pool(2, 8 * CS as usize, 8);
-    let reader = store.reader(&pool);
-    for i in 0..5 {
-        reader.read_slices(i * CS, CS as usize).await.unwrap();
-    }
-    wait_until("read-ahead drained", || pool.stats().queued == 0);
-    std::thread::sleep(Duration::from_millis(50));
-    let reads = pool.stats().reads;
+    let reads = loads_after_reading_five_chunks(&store, &pool).await;
     // Chunks 0..5 plus a window of at most 4 (half of the 8-chunk cache).
     assert!((6..=5 + 4).contains(&reads), "reads {reads}");
 }
