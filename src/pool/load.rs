@@ -1,18 +1,18 @@
 //! Loading one chunk: the only I/O the pool does.
 //!
-//! A chunk file is read whole, in one read call, into a buffer of exactly its
-//! size, then decoded and verified against its digest; a raw-image
+//! A chunk file is read whole in one read call, decoded and verified against
+//! its digest. A raw-image
 //! pseudo-chunk is one positioned read. This module never caches, never
 //! touches pool state and never runs on a tokio thread (pool workers only).
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::store::{blob, digest_hex, Digest};
+use crate::store::{blob, digest_hex, sha256, Digest};
 
 /// Size of the pseudo-chunks a raw image is served in.
 pub const RAW_CHUNK_SIZE: u64 = 4 << 20;
@@ -79,7 +79,7 @@ impl Load {
     }
 
     /// Reads and decodes the chunk; `raw` is the worker's reusable buffer
-    /// for chunk file contents.
+    /// for compressed payloads.
     pub fn run(&self, raw: &mut Vec<u8>) -> Result<Vec<u8>> {
         match self {
             Load::Chunk {
@@ -92,13 +92,17 @@ impl Load {
     }
 }
 
-/// Reads a chunk file in one read into a buffer of its exact size (found by
-/// fstat) and decodes it, checking CRC, size limit and digest.
+/// Reads a chunk file whole in one read call and decodes it, checking
+/// magic, CRC, size limit and digest.
 ///
-/// The buffer is a prefix of `raw`, which the worker keeps from chunk to
-/// chunk: its pages stay mapped and are not zeroed again, which saves a
-/// memset and a page fault per 4 KiB of every chunk. It never grows past
-/// the largest accepted chunk file.
+/// The read (`readv`) puts the blob header into a small buffer and the
+/// payload after it. A payload of exactly the chunk's size is stored
+/// uncompressed (compression is kept only when it is smaller): it goes
+/// straight into a vector of its size, not zeroed first, which becomes
+/// the chunk's data without a copy. A smaller one goes into `raw`, which
+/// the worker keeps from chunk to chunk (its pages stay mapped) and which
+/// never grows past the largest accepted chunk file, and is decompressed
+/// from there (or copied out, for a short uncompressed chunk).
 pub(super) fn read_chunk_file(
     path: &Path,
     digest: &Digest,
@@ -106,7 +110,7 @@ pub(super) fn read_chunk_file(
     raw: &mut Vec<u8>,
 ) -> Result<Vec<u8>> {
     let what = || format!("chunk {} ({})", digest_hex(digest), path.display());
-    let mut file = File::open(path).map_err(|e| {
+    let file = File::open(path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Error::not_found(format!("{} missing", what()))
         } else {
@@ -122,24 +126,90 @@ pub(super) fn read_chunk_file(
         )));
     }
     let len = len as usize;
-    if raw.len() < len {
-        raw.resize(len, 0);
-    }
-    let buf = raw.get_mut(..len).unwrap_or_default();
-    file.read_exact(buf).map_err(|e| {
+    let mut head = [0u8; blob::HEADER_SIZE];
+    let Some(payload_len) = len.checked_sub(head.len()) else {
+        return Err(Error::corrupt(format!(
+            "{}: truncated blob ({len} bytes)",
+            what()
+        )));
+    };
+    let read_error = |e: io::Error| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::corrupt(format!("{}: file shrank while being read", what()))
         } else {
             Error::io(what(), &e)
         }
-    })?;
-    let hex = digest_hex(digest);
-    blob::decode(buf, Some(digest), max_size).map_err(|mut e| {
-        if !e.message.contains(&hex) {
-            e.message = format!("chunk {hex}: {}", e.message);
+    };
+    let data = if payload_len == max_size {
+        let mut payload = Vec::with_capacity(payload_len);
+        read_whole(&file, &mut head, &mut payload, payload_len).map_err(read_error)?;
+        let header = blob::parse_header(&head, Some(digest))?;
+        blob::check_crc(&header, &payload, Some(digest))?;
+        if header.compressed {
+            blob::decompress_payload(&payload, max_size, Some(digest))?
+        } else {
+            payload
         }
-        e
-    })
+    } else {
+        read_whole(&file, &mut head, raw, payload_len).map_err(read_error)?;
+        let header = blob::parse_header(&head, Some(digest))?;
+        blob::check_crc(&header, raw, Some(digest))?;
+        if header.compressed {
+            blob::decompress_payload(raw, max_size, Some(digest))?
+        } else {
+            blob::check_size(raw.len(), max_size, Some(digest))?;
+            raw.to_vec()
+        }
+    };
+    blob::check_digest(digest, &sha256(&data))?;
+    Ok(data)
+}
+
+/// Reads `head.len()` bytes of `file` into `head` and the `len` bytes after
+/// them into the empty vector `data`, from the file's position, in one
+/// `readv` call (more only if the kernel returns less). `data`'s spare
+/// capacity is not zeroed first.
+fn read_whole(file: &File, head: &mut [u8], data: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    data.clear();
+    data.reserve_exact(len);
+    let mut head_done = 0;
+    while head_done < head.len() || data.len() < len {
+        let rest = head.get_mut(head_done..).unwrap_or_default();
+        let done = data.len();
+        let spare = data.spare_capacity_mut();
+        let iov = [
+            libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            },
+            libc::iovec {
+                iov_base: spare.as_mut_ptr().cast(),
+                iov_len: spare.len().min(len - done),
+            },
+        ];
+        // SAFETY: each iovec points at memory of its length that this
+        // function may write: the rest of `head`, and spare capacity of
+        // `data`. The kernel writes at most that much to each.
+        let n = unsafe { libc::readv(file.as_raw_fd(), iov.as_ptr(), 2) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = n as usize;
+        let into_head = n.min(iov[0].iov_len);
+        head_done += into_head;
+        // SAFETY: the kernel initialised `n - into_head` (at most
+        // `iov[1].iov_len`) bytes right after the initialised part.
+        unsafe { data.set_len(done + (n - into_head)) };
+    }
+    Ok(())
 }
 
 /// Asks the kernel to start reading a chunk file into the page cache

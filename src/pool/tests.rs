@@ -306,12 +306,15 @@ async fn corrupt_file_shapes_are_1004() {
     let pool = pool(1, 4 << 20, 0);
     let reader = store.reader(&pool);
     // Another chunk's content under this digest's name, a truncated blob,
-    // and a file far larger than any blob of a 64 KiB chunk.
+    // a file far larger than any blob of a 64 KiB chunk, and a file too
+    // short for a blob header.
     std::fs::copy(store.chunk_path(1), store.chunk_path(0)).unwrap();
     let raw = std::fs::read(store.chunk_path(4)).unwrap();
     std::fs::write(store.chunk_path(4), &raw[..raw.len() / 2]).unwrap();
     std::fs::write(store.chunk_path(5), vec![1u8; 2 * CS as usize]).unwrap();
-    for i in [0u64, 4, 5] {
+    // Shorter than a blob header.
+    std::fs::write(store.chunk_path(6), &raw[..5]).unwrap();
+    for i in [0u64, 4, 5, 6] {
         let err = reader.read_slices(i * CS, 1).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Corrupt, "chunk {i}: {}", err.message);
         let hex = digest_hex(store.index.chunk_digest(i as usize));

@@ -49,10 +49,19 @@ fn what(expected: Option<&Digest>) -> String {
     }
 }
 
-/// Decodes a DataBlob: checks magic and CRC, decompresses (never producing
-/// more than `max_size` bytes, whatever the frame claims) and, when
-/// `expected` is given, checks that SHA-256 of the result equals it.
-pub fn decode(raw: &[u8], expected: Option<&Digest>, max_size: usize) -> Result<Vec<u8>> {
+/// What a blob's 12-byte header says of its payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// The payload is one zstd frame (else the data itself).
+    pub compressed: bool,
+    /// CRC32 of the payload.
+    pub crc: u32,
+}
+
+/// Parses the header at the start of `raw` (at least [`HEADER_SIZE`] bytes
+/// of it; `expected` names the chunk in messages). Encrypted blobs are
+/// unsupported, anything else unknown is corrupt.
+pub fn parse_header(raw: &[u8], expected: Option<&Digest>) -> Result<Header> {
     let magic: [u8; 8] = match raw.get(..8).and_then(|m| m.try_into().ok()) {
         Some(m) => m,
         None => {
@@ -80,46 +89,80 @@ pub fn decode(raw: &[u8], expected: Option<&Digest>, max_size: usize) -> Result<
             )))
         }
     };
-    let (header, payload) = match raw.split_at_checked(HEADER_SIZE) {
-        Some(parts) => parts,
-        None => {
-            return Err(Error::corrupt(format!(
-                "{}: truncated blob header",
-                what(expected)
-            )))
-        }
-    };
-    let stored_crc = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-    let crc = crc32fast::hash(payload);
-    if crc != stored_crc {
-        return Err(Error::corrupt(format!(
-            "{}: CRC mismatch (stored {stored_crc:08x}, computed {crc:08x})",
+    match raw.get(8..HEADER_SIZE) {
+        Some(&[a, b, c, d]) => Ok(Header {
+            compressed,
+            crc: u32::from_le_bytes([a, b, c, d]),
+        }),
+        _ => Err(Error::corrupt(format!(
+            "{}: truncated blob header",
             what(expected)
+        ))),
+    }
+}
+
+/// Checks `payload` (the bytes after the header) against the header's CRC.
+pub fn check_crc(header: &Header, payload: &[u8], expected: Option<&Digest>) -> Result<()> {
+    let crc = crc32fast::hash(payload);
+    if crc != header.crc {
+        return Err(Error::corrupt(format!(
+            "{}: CRC mismatch (stored {:08x}, computed {crc:08x})",
+            what(expected),
+            header.crc
         )));
     }
-    let data = if compressed {
-        decompress(payload, max_size).map_err(|e| {
-            Error::corrupt(format!("{}: zstd payload: {}", what(expected), e.message))
-        })?
+    Ok(())
+}
+
+/// The data of a compressed payload whose CRC was checked: never more than
+/// `max_size` bytes, whatever the frame claims.
+pub fn decompress_payload(
+    payload: &[u8],
+    max_size: usize,
+    expected: Option<&Digest>,
+) -> Result<Vec<u8>> {
+    decompress(payload, max_size)
+        .map_err(|e| Error::corrupt(format!("{}: zstd payload: {}", what(expected), e.message)))
+}
+
+/// Refuses uncompressed data of more than `max_size` bytes.
+pub fn check_size(len: usize, max_size: usize, expected: Option<&Digest>) -> Result<()> {
+    if len > max_size {
+        return Err(Error::corrupt(format!(
+            "{}: {len} bytes exceed the limit of {max_size}",
+            what(expected),
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that the decoded data of chunk `expected` hashed to `actual`.
+pub fn check_digest(expected: &Digest, actual: &Digest) -> Result<()> {
+    if actual != expected {
+        return Err(Error::corrupt(format!(
+            "chunk {}: digest mismatch (data hashes to {})",
+            digest_hex(expected),
+            digest_hex(actual)
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes a DataBlob: checks magic and CRC, decompresses (never producing
+/// more than `max_size` bytes, whatever the frame claims) and, when
+/// `expected` is given, checks that SHA-256 of the result equals it.
+pub fn decode(raw: &[u8], expected: Option<&Digest>, max_size: usize) -> Result<Vec<u8>> {
+    let header = parse_header(raw, expected)?;
+    let payload = raw.get(HEADER_SIZE..).unwrap_or_default();
+    check_crc(&header, payload, expected)?;
+    let data = if header.compressed {
+        decompress_payload(payload, max_size, expected)?
     } else {
-        if payload.len() > max_size {
-            return Err(Error::corrupt(format!(
-                "{}: {} bytes exceed the limit of {max_size}",
-                what(expected),
-                payload.len()
-            )));
-        }
+        check_size(payload.len(), max_size, expected)?;
         payload.to_vec()
     };
     if let Some(expected) = expected {
-        let actual = sha256(&data);
-        if &actual != expected {
-            return Err(Error::corrupt(format!(
-                "chunk {}: digest mismatch (data hashes to {})",
-                digest_hex(expected),
-                digest_hex(&actual)
-            )));
-        }
+        check_digest(expected, &sha256(&data))?;
     }
     Ok(data)
 }
