@@ -15,7 +15,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use restore_agent::restore::archive::{
-    byte_stream, new_writer, ArchiveEntry, ArchiveWriter, EntryKind, Format, StreamReader,
+    byte_stream, new_stream_writer, new_writer, ArchiveEntry, ArchiveWriter, EntryKind, Format,
+    StreamReader,
 };
 use sha2::{Digest, Sha256};
 
@@ -36,7 +37,7 @@ where
     let (writer, reader) = byte_stream(capacity);
     let closer = writer.closer();
     let handle = std::thread::spawn(move || {
-        let result = new_writer(format, zstd, Box::new(writer)).and_then(|mut archive| {
+        let result = new_stream_writer(format, zstd, writer).and_then(|mut archive| {
             fill(&mut *archive)?;
             archive.finish()
         });

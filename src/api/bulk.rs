@@ -6,6 +6,8 @@
 //! hold until they are written.
 
 use std::sync::Arc;
+
+use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::pool::ChunkSlice;
@@ -48,8 +50,10 @@ pub enum Piece {
     Chunk(ChunkSlice),
     /// this many zero bytes, at most 64 KiB (see [`push_zeros`])
     Zeros(usize),
-    /// bytes of its own (an archive stream's output)
+    /// bytes of its own (copies of scattered chunk slices)
     Owned(Vec<u8>),
+    /// a block of an archive stream's output
+    Stream(Bytes),
 }
 
 impl Piece {
@@ -58,6 +62,7 @@ impl Piece {
             Piece::Chunk(c) => c.as_slice(),
             Piece::Zeros(n) => &ZEROS[..(*n).min(ZEROS.len())],
             Piece::Owned(v) => v,
+            Piece::Stream(b) => b,
         }
     }
 }
@@ -135,13 +140,13 @@ pub fn read_result(
 pub fn stream_result(
     offset: u64,
     eof: bool,
-    data: Vec<u8>,
+    data: Vec<Bytes>,
     hold: Option<OwnedSemaphorePermit>,
 ) -> RawResult {
     let tail = format!("\",\"eof\":{eof}}}");
     streamed(
         format!("{{\"offset\":{offset},\"data\":\"").into_bytes(),
-        vec![Piece::Owned(data)],
+        data.into_iter().map(Piece::Stream).collect(),
         tail.into_bytes(),
         hold,
     )
@@ -337,7 +342,12 @@ mod tests {
     fn empty_reads_and_stream_results() {
         let got = text(read_result(5, true, Vec::new(), None));
         assert_eq!(got, br#"{"offset":5,"length":0,"eof":true,"data":""}"#);
-        let got = text(stream_result(9, false, b"hi!!".to_vec(), None));
+        let got = text(stream_result(
+            9,
+            false,
+            vec![Bytes::from_static(b"hi!!")],
+            None,
+        ));
         assert_eq!(got, br#"{"offset":9,"data":"aGkhIQ==","eof":false}"#);
     }
 }

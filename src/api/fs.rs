@@ -12,7 +12,7 @@ use super::{must, Agent};
 use crate::error::{Error, ErrorKind};
 use crate::pool::ArchiveReader;
 use crate::restore::archive::{
-    byte_stream, new_writer, ArchiveEntry, EntryKind, Format, StreamWriter,
+    byte_stream, new_stream_writer, ArchiveEntry, EntryKind, Format, StreamWriter,
 };
 use crate::restore::fs::{Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry};
 use crate::restore::volume::list_volumes;
@@ -382,7 +382,7 @@ async fn stream_read(
 fn produce(fs: &mut dyn Filesystem, path: &[u8], format: Format, zstd: bool, out: StreamWriter) {
     let closer = out.closer();
     let result = (|| {
-        let mut archive = new_writer(format, zstd, Box::new(out))?;
+        let mut archive = new_stream_writer(format, zstd, out)?;
         fs.walk(path, &mut |we, data| {
             let Some(entry) = archive_entry(we, format) else {
                 return Ok(());

@@ -3,6 +3,7 @@
 //! connection that opened it, is closed with it, and holds off the idle
 //! watchdog while open. At most 8 per connection and 32 in all.
 
+use bytes::Bytes;
 use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::ConnectionId;
 use std::collections::HashMap;
@@ -49,13 +50,13 @@ impl OpenStream {
     /// and returns exactly `max` bytes unless the archive ends first.
     /// `reserve` is awaited once it is this read's turn, so that reads
     /// waiting for their turn hold no share of the memory budget.
-    /// Returns (offset, data, eof, reservation).
+    /// Returns (offset, data as the stream's blocks, eof, reservation).
     pub async fn read<H>(
         &self,
         at: Option<u64>,
         max: usize,
         reserve: impl std::future::Future<Output = H>,
-    ) -> Result<(u64, Vec<u8>, bool, H), ErrorObjectOwned> {
+    ) -> Result<(u64, Vec<Bytes>, bool, H), ErrorObjectOwned> {
         let deadline = tokio::time::Instant::now() + TURN_WAIT;
         let mut cursor = loop {
             let moved = self.moved.notified();
@@ -83,23 +84,23 @@ impl OpenStream {
         };
         let hold = reserve.await;
         let offset = cursor.position;
-        // Reads that name their offset get `max` bytes, so the buffer is
-        // reserved once (growing it piece by piece copied it over and over).
-        let mut data = Vec::with_capacity(if at.is_some() { max } else { 0 });
-        let mut eof = cursor
+        let mut data = Vec::new();
+        let (mut len, mut eof) = cursor
             .reader
-            .read_append(&mut data, max)
+            .read_pieces(&mut data, max)
             .await
             .map_err(stream_error)?;
-        while at.is_some() && !eof && data.len() < max {
-            let want = max - data.len();
-            eof = cursor
+        // Reads that name their offset get `max` bytes unless the end comes first.
+        while at.is_some() && !eof && len < max {
+            let (more, end) = cursor
                 .reader
-                .read_append(&mut data, want)
+                .read_pieces(&mut data, max - len)
                 .await
                 .map_err(stream_error)?;
+            len += more;
+            eof = end;
         }
-        cursor.position += data.len() as u64;
+        cursor.position += len as u64;
         drop(cursor);
         self.moved.notify_waiters();
         Ok((offset, data, eof, hold))

@@ -102,17 +102,42 @@ pub fn new_writer(
 ) -> io::Result<Box<dyn ArchiveWriter>> {
     let out = io::BufWriter::with_capacity(OUTPUT_BUFFER, out);
     let sink: Box<dyn FinishWrite> = if zstd {
-        let mut encoder = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
-        // A content checksum lets `zstd -d` detect a damaged download.
-        encoder.include_checksum(true)?;
-        Box::new(ZstdSink(encoder))
+        Box::new(zstd_sink(out)?)
     } else {
         Box::new(PlainSink(out))
     };
-    Ok(match format {
+    Ok(format_writer(format, sink))
+}
+
+/// [`new_writer`] onto a byte stream. The stream gathers bytes into blocks
+/// itself (no buffer in between), and a plain archive's file data is read
+/// straight into those blocks: file data is copied once on its way from the
+/// filesystem to the consumer.
+pub fn new_stream_writer(
+    format: Format,
+    zstd: bool,
+    out: StreamWriter,
+) -> io::Result<Box<dyn ArchiveWriter>> {
+    let sink: Box<dyn FinishWrite> = if zstd {
+        Box::new(zstd_sink(out)?)
+    } else {
+        Box::new(StreamSink(out))
+    };
+    Ok(format_writer(format, sink))
+}
+
+fn format_writer(format: Format, sink: Box<dyn FinishWrite>) -> Box<dyn ArchiveWriter> {
+    match format {
         Format::Tar => Box::new(tar::TarWriter::new(sink)),
         Format::Zip => Box::new(zip::ZipWriter::new(sink)),
-    })
+    }
+}
+
+fn zstd_sink<W: Write + Send + 'static>(out: W) -> io::Result<ZstdSink<W>> {
+    let mut encoder = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?;
+    // A content checksum lets `zstd -d` detect a damaged download.
+    encoder.include_checksum(true)?;
+    Ok(ZstdSink(encoder))
 }
 
 /// Whether `p` is acceptable as a member path: non-empty, relative, no empty,
@@ -126,8 +151,23 @@ pub fn check_member_path(p: &[u8]) -> bool {
 
 /// The output of a writer: a `Write` that must be told when the archive is
 /// complete (zstd needs to write its frame end).
-pub(crate) trait FinishWrite: Write + Send {
+pub(crate) trait FinishWrite: DirectWrite + Send {
     fn finish(self: Box<Self>) -> io::Result<()>;
+}
+
+/// A `Write` that may take file data straight from a reader.
+pub(crate) trait DirectWrite: Write {
+    /// Reads up to `max` bytes of `src` straight into the output's own
+    /// buffer and passes them to `seen`; `None` when the output has no
+    /// such buffer (the caller copies through a block of its own).
+    fn write_from(
+        &mut self,
+        _src: &mut dyn Read,
+        _max: usize,
+        _seen: &mut dyn FnMut(&[u8]),
+    ) -> Option<io::Result<usize>> {
+        None
+    }
 }
 
 struct PlainSink(io::BufWriter<Box<dyn Write + Send>>);
@@ -144,15 +184,49 @@ impl Write for PlainSink {
     }
 }
 
+impl DirectWrite for PlainSink {}
+
 impl FinishWrite for PlainSink {
     fn finish(mut self: Box<Self>) -> io::Result<()> {
         self.0.flush()
     }
 }
 
-struct ZstdSink(zstd::stream::write::Encoder<'static, io::BufWriter<Box<dyn Write + Send>>>);
+/// A byte stream as the output: it buffers by itself.
+struct StreamSink(StreamWriter);
 
-impl Write for ZstdSink {
+impl Write for StreamSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl FinishWrite for StreamSink {
+    fn finish(mut self: Box<Self>) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl DirectWrite for StreamSink {
+    fn write_from(
+        &mut self,
+        src: &mut dyn Read,
+        max: usize,
+        seen: &mut dyn FnMut(&[u8]),
+    ) -> Option<io::Result<usize>> {
+        Some(self.0.write_from(src, max, seen))
+    }
+}
+
+struct ZstdSink<W: Write>(zstd::stream::write::Encoder<'static, W>);
+
+impl<W: Write + Send> Write for ZstdSink<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.write(buf)
     }
@@ -161,7 +235,9 @@ impl Write for ZstdSink {
     }
 }
 
-impl FinishWrite for ZstdSink {
+impl<W: Write + Send> DirectWrite for ZstdSink<W> {}
+
+impl<W: Write + Send> FinishWrite for ZstdSink<W> {
     fn finish(self: Box<Self>) -> io::Result<()> {
         let mut out = self.0.finish()?;
         out.flush()
@@ -193,14 +269,15 @@ pub(crate) fn check_entry(entry: &ArchiveEntry) -> io::Result<()> {
     }
 }
 
-/// Copies exactly `size` bytes from `data` to `out` in bounded blocks,
-/// passing each block to `seen` (for checksums). A reader that ends early is
-/// an `UnexpectedEof` error naming the member.
+/// Copies exactly `size` bytes from `data` to `out`, straight into the
+/// output's buffer where it has one, else through a bounded block, passing
+/// the bytes to `seen` (for checksums). A reader that ends early is an
+/// `UnexpectedEof` error naming the member.
 pub(crate) fn copy_data(
     path: &[u8],
     size: u64,
     data: Option<&mut dyn Read>,
-    out: &mut dyn Write,
+    out: &mut dyn DirectWrite,
     mut seen: impl FnMut(&[u8]),
 ) -> io::Result<()> {
     if size == 0 {
@@ -210,14 +287,23 @@ pub(crate) fn copy_data(
         return Err(invalid(path, "file data missing"));
     };
     let block = DATA_BLOCK.min(usize::try_from(size).unwrap_or(DATA_BLOCK));
-    let mut buf = vec![0u8; block];
+    let mut buf = Vec::new();
     let mut left = size;
     while left > 0 {
         let want = block.min(usize::try_from(left).unwrap_or(block));
-        let Some(chunk) = buf.get_mut(..want) else {
-            break;
+        let read = match out.write_from(data, want, &mut seen) {
+            Some(read) => read,
+            None => {
+                buf.resize(block, 0);
+                let chunk = buf.get_mut(..want).unwrap_or_default();
+                data.read(chunk).and_then(|n| {
+                    let got = chunk.get(..n).unwrap_or_default();
+                    seen(got);
+                    out.write_all(got).map(|()| n)
+                })
+            }
         };
-        let n = match data.read(chunk) {
+        let n = match read {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -231,9 +317,6 @@ pub(crate) fn copy_data(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let got = chunk.get(..n).unwrap_or(&[]);
-        seen(got);
-        out.write_all(got)?;
         left -= n as u64;
     }
     Ok(())

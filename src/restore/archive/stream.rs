@@ -2,7 +2,11 @@
 //! consumer.
 //!
 //! The producer writes through [`StreamWriter`] (an `std::io::Write` that
-//! blocks while the buffer is full) and ends the stream through a
+//! blocks while the buffer is full), which gathers bytes into blocks of its
+//! own and hands each full block over whole; the consumer takes blocks (or
+//! the front of one) as shared [`Bytes`], so bytes are copied once on their
+//! way through, into the block. A file's data can be read straight into the
+//! block ([`StreamWriter::write_from`]). The producer ends the stream through a
 //! [`StreamCloser`]: `finish` for a complete stream, `fail` for an error. If
 //! every producer handle is dropped without either (an early return, a
 //! panic), the consumer gets an error, so a broken producer can never look
@@ -11,17 +15,26 @@
 //! knows nothing about archives or what the bytes mean.
 
 use std::collections::VecDeque;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::sync::Notify;
 
-/// Creates a stream buffering at most `capacity` bytes (at least 1).
+/// Bytes the producer gathers before handing them to the consumer (the
+/// stream's capacity, if smaller, caps it).
+const BLOCK: usize = 256 << 10;
+
+/// Creates a stream buffering at most `capacity` bytes (at least 1): the
+/// blocks handed over and not read yet, plus the block being filled.
 pub fn byte_stream(capacity: usize) -> (StreamWriter, StreamReader) {
+    let capacity = capacity.max(1);
+    let block = BLOCK.min(capacity.div_ceil(2));
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             buf: VecDeque::new(),
-            capacity: capacity.max(1),
+            len: 0,
+            capacity: capacity - block,
             end: End::Open,
             producers: 1,
             reader_gone: false,
@@ -32,6 +45,8 @@ pub fn byte_stream(capacity: usize) -> (StreamWriter, StreamReader) {
     (
         StreamWriter {
             shared: shared.clone(),
+            block: BytesMut::new(),
+            block_size: block,
         },
         StreamReader { shared },
     )
@@ -46,7 +61,11 @@ struct Shared {
 }
 
 struct State {
-    buf: VecDeque<u8>,
+    /// Blocks handed over and not read yet (the first maybe partly read).
+    buf: VecDeque<Bytes>,
+    /// Bytes in `buf`.
+    len: usize,
+    /// Most bytes `buf` holds, beyond one block that may always go in.
     capacity: usize,
     end: End,
     /// Live producer handles (writer and closers); when the last one goes
@@ -75,6 +94,7 @@ impl Shared {
         if matches!(st.end, End::Open) {
             if matches!(end, End::Failed(_)) {
                 st.buf = VecDeque::new();
+                st.len = 0;
             }
             st.end = end;
         }
@@ -99,6 +119,10 @@ impl Shared {
 /// The producer's end: a blocking `Write`.
 pub struct StreamWriter {
     shared: Arc<Shared>,
+    /// The block being filled, handed over when it is full and more bytes
+    /// come, or on `flush`.
+    block: BytesMut,
+    block_size: usize,
 }
 
 impl StreamWriter {
@@ -110,12 +134,43 @@ impl StreamWriter {
             shared: self.shared.clone(),
         }
     }
-}
 
-impl Write for StreamWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if data.is_empty() {
+    /// Reads up to `max` bytes of `src` straight into the stream (no buffer
+    /// in between) and passes them to `seen`; returns how many (0: `src`
+    /// ended, or `max` was 0). Blocks while the stream is full.
+    pub fn write_from(
+        &mut self,
+        src: &mut dyn Read,
+        max: usize,
+        seen: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<usize> {
+        if self.block.len() >= self.block_size {
+            self.hand_over()?;
+        }
+        let start = self.block.len();
+        let want = max.min(self.block_size - start);
+        if want == 0 {
             return Ok(0);
+        }
+        self.block.resize(start + want, 0);
+        let read = src.read(self.block.get_mut(start..).unwrap_or_default());
+        let n = match read {
+            Ok(n) => n.min(want),
+            Err(e) => {
+                self.block.truncate(start);
+                return Err(e);
+            }
+        };
+        self.block.truncate(start + n);
+        seen(self.block.get(start..).unwrap_or_default());
+        Ok(n)
+    }
+
+    /// Hands the block being filled to the consumer, waiting while the
+    /// stream is full.
+    fn hand_over(&mut self) -> io::Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
         }
         let mut st = self.shared.lock();
         loop {
@@ -131,13 +186,16 @@ impl Write for StreamWriter {
                     "the stream was already ended",
                 ));
             }
-            let room = st.capacity.saturating_sub(st.buf.len());
-            if room > 0 {
-                let n = room.min(data.len());
-                st.buf.extend(data.get(..n).unwrap_or(&[]));
+            if st.len == 0 || st.len + self.block.len() <= st.capacity {
+                let block = self.block.split().freeze();
+                st.len += block.len();
+                st.buf.push_back(block);
                 drop(st);
                 self.shared.data.notify_one();
-                return Ok(n);
+                // The next block gets an allocation of its own: the one
+                // handed over lives on in the consumer's answers.
+                self.block.reserve(self.block_size);
+                return Ok(());
             }
             st = self
                 .shared
@@ -146,14 +204,34 @@ impl Write for StreamWriter {
                 .unwrap_or_else(|e| e.into_inner());
         }
     }
+}
 
+impl Write for StreamWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            if self.block.len() >= self.block_size {
+                self.hand_over()?;
+            }
+            let n = rest.len().min(self.block_size - self.block.len());
+            let (now, later) = rest.split_at(n);
+            self.block.extend_from_slice(now);
+            rest = later;
+        }
+        Ok(data.len())
+    }
+
+    /// Hands over what is gathered so far.
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        self.hand_over()
     }
 }
 
 impl Drop for StreamWriter {
     fn drop(&mut self) {
+        // Whatever was written reaches the consumer even if nobody flushed;
+        // the stream is complete only when a closer says so.
+        let _ = self.hand_over();
         self.shared.release_producer();
     }
 }
@@ -205,14 +283,23 @@ impl StreamReader {
     /// them (`true` comes with the last data when possible). A failed stream
     /// returns its error (once; later reads report that it failed).
     pub async fn read(&mut self, max: usize) -> io::Result<(Vec<u8>, bool)> {
-        let mut out = Vec::new();
-        let eof = self.read_append(&mut out, max).await?;
+        let mut pieces = Vec::new();
+        let (n, eof) = self.read_pieces(&mut pieces, max).await?;
+        let mut out = Vec::with_capacity(n);
+        for piece in &pieces {
+            out.extend_from_slice(piece);
+        }
         Ok((out, eof))
     }
 
-    /// [`read`](Self::read), appending the bytes to `out`: a caller that
-    /// collects several reads into one buffer reserves it once.
-    pub async fn read_append(&mut self, out: &mut Vec<u8>, max: usize) -> io::Result<bool> {
+    /// [`read`](Self::read), appending the bytes to `out` as the blocks the
+    /// producer filled (without copying them); returns how many bytes and
+    /// whether the stream is complete after them.
+    pub async fn read_pieces(
+        &mut self,
+        out: &mut Vec<Bytes>,
+        max: usize,
+    ) -> io::Result<(usize, bool)> {
         loop {
             {
                 let mut st = self.shared.lock();
@@ -223,17 +310,27 @@ impl StreamReader {
                 }
                 let finished = matches!(st.end, End::Finished);
                 if !st.buf.is_empty() || finished || max == 0 {
-                    let n = max.min(st.buf.len());
-                    out.reserve(n);
-                    let (a, b) = st.buf.as_slices();
-                    let from_a = n.min(a.len());
-                    out.extend_from_slice(a.get(..from_a).unwrap_or(&[]));
-                    out.extend_from_slice(b.get(..n - from_a).unwrap_or(&[]));
-                    st.buf.drain(..n);
+                    let mut taken = 0;
+                    while taken < max {
+                        let Some(front) = st.buf.front_mut() else {
+                            break;
+                        };
+                        let want = max - taken;
+                        let piece = if front.len() <= want {
+                            st.buf.pop_front().unwrap_or_default()
+                        } else {
+                            let piece = front.slice(..want);
+                            front.advance(want);
+                            piece
+                        };
+                        taken += piece.len();
+                        out.push(piece);
+                    }
+                    st.len -= taken;
                     let eof = finished && st.buf.is_empty();
                     drop(st);
                     self.shared.space.notify_all();
-                    return Ok(eof);
+                    return Ok((taken, eof));
                 }
             }
             // A notification sent between the check above and this await is
@@ -287,6 +384,92 @@ mod tests {
         producer.join().unwrap();
         let want: Vec<u8> = (0..1000u32).flat_map(|i| i.to_le_bytes()).collect();
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn the_writer_waits_while_the_stream_holds_its_capacity() {
+        let (mut w, mut r) = byte_stream(64);
+        let closer = w.closer();
+        w.write_all(&[7u8; 64]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let producer = std::thread::spawn(move || {
+            w.write_all(&[8u8; 40]).unwrap();
+            tx.send(()).unwrap();
+            w.flush().unwrap();
+            drop(w);
+            closer.finish();
+        });
+        // 64 bytes held: the next block cannot go in until some are read.
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(100))
+            .is_err());
+        let rt = runtime();
+        let mut got = Vec::new();
+        loop {
+            let (data, eof) = rt.block_on(r.read(100)).unwrap();
+            got.extend(data);
+            if eof {
+                break;
+            }
+        }
+        rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        producer.join().unwrap();
+        let mut want = vec![7u8; 64];
+        want.extend([8u8; 40]);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn data_read_straight_into_the_stream_arrives_whole_and_is_seen() {
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut w, mut r) = byte_stream(100_000);
+        let closer = w.closer();
+        let source = data.clone();
+        let producer = std::thread::spawn(move || {
+            let mut src = &source[..];
+            let mut seen = 0usize;
+            w.write_all(b"head").unwrap();
+            loop {
+                let n = w
+                    .write_from(&mut src, 77_777, &mut |b| seen += b.len())
+                    .unwrap();
+                if n == 0 {
+                    break;
+                }
+            }
+            drop(w);
+            closer.finish();
+            seen
+        });
+        let got = runtime().block_on(async {
+            let mut got = Vec::new();
+            loop {
+                let mut pieces = Vec::new();
+                let (n, eof) = r.read_pieces(&mut pieces, 300_000).await.unwrap();
+                assert!(n <= 300_000);
+                assert_eq!(n, pieces.iter().map(|p| p.len()).sum::<usize>());
+                for p in pieces {
+                    got.extend_from_slice(&p);
+                }
+                if eof {
+                    return got;
+                }
+            }
+        });
+        assert_eq!(producer.join().unwrap(), data.len());
+        assert_eq!(&got[..4], b"head");
+        assert_eq!(&got[4..], &data[..]);
+    }
+
+    #[test]
+    fn bytes_written_without_a_flush_still_arrive() {
+        let (mut w, mut r) = byte_stream(1 << 20);
+        let closer = w.closer();
+        w.write_all(b"not flushed").unwrap();
+        drop(w);
+        closer.finish();
+        let got = runtime().block_on(r.read(100)).unwrap();
+        assert_eq!(got, (b"not flushed".to_vec(), true));
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl ArchiveWriter for TarWriter {
         }
         self.out.write_all(&header)?;
         if let EntryKind::File { size } = entry.kind {
-            copy_data(&entry.path, size, data, &mut self.out, |_| {})?;
+            copy_data(&entry.path, size, data, &mut *self.out, |_| {})?;
             self.write_padding(size)?;
         }
         Ok(())

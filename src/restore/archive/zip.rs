@@ -16,7 +16,10 @@
 
 use std::io::{self, Read, Write};
 
-use super::{check_entry, copy_data, invalid, ArchiveEntry, ArchiveWriter, EntryKind, FinishWrite};
+use super::{
+    check_entry, copy_data, invalid, ArchiveEntry, ArchiveWriter, DirectWrite, EntryKind,
+    FinishWrite,
+};
 use crate::calendar::civil_from_days;
 
 const LOCAL_HEADER_SIG: u32 = 0x0403_4b50;
@@ -96,6 +99,21 @@ impl Write for Counting {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl DirectWrite for Counting {
+    fn write_from(
+        &mut self,
+        src: &mut dyn Read,
+        max: usize,
+        seen: &mut dyn FnMut(&[u8]),
+    ) -> Option<io::Result<usize>> {
+        let n = self.inner.write_from(src, max, seen)?;
+        if let Ok(n) = n {
+            self.written += n as u64;
+        }
+        Some(n)
     }
 }
 
@@ -352,6 +370,7 @@ mod tests {
             Ok(())
         }
     }
+    impl DirectWrite for Sink {}
     impl FinishWrite for Sink {
         fn finish(self: Box<Self>) -> io::Result<()> {
             Ok(())
