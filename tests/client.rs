@@ -14,7 +14,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 
 use common::{Agent, AGENT_BIN, TICKET};
@@ -933,6 +934,107 @@ fn exec_and_hybrid_connections() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("ERR unexpected"));
+}
+
+#[test]
+fn bulk_reads_are_pipelined() {
+    let fx = fixture();
+    let agent = start_agent();
+    let dir = tmp();
+    // cat of a 9 MiB file: three 4 MiB fs.read calls, all sent at once.
+    let (relay, most) = counting_relay(dir.path(), "cat.sock", &agent.sock);
+    let out = ok(client_at(
+        &format!("unix:{}", relay.display()),
+        &agent.ticket_path,
+        &["cat", SNAPSHOT, EXT4, "raw", "/a/b/big.bin"],
+    ));
+    assert_eq!(
+        out.stdout,
+        fs::read(fx.src.join("a/b/big.bin")).expect("read")
+    );
+    assert_eq!(most.load(Ordering::SeqCst), 3, "fs.read calls in flight");
+    // extract -o of a tree of more than 25 MiB: stream.read calls 4 deep.
+    let (relay, most) = counting_relay(dir.path(), "extract.sock", &agent.sock);
+    let dest = dir.path().join("many");
+    ok(client_at(
+        &format!("unix:{}", relay.display()),
+        &agent.ticket_path,
+        &[
+            "extract",
+            SNAPSHOT,
+            MANY,
+            "raw",
+            "/",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ],
+    ));
+    assert_eq!(
+        sha256(&dest.join("top1/sub1/big1.bin")),
+        sha256(&fx.many_src.join("top1/sub1/big1.bin"))
+    );
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        4,
+        "stream.read calls in flight"
+    );
+}
+
+/// A relay between the client and the agent on Unix socket `name` in `dir`
+/// that counts request lines sent and answer lines returned, and keeps the
+/// most requests that were waiting for their answers at once.
+fn counting_relay(dir: &Path, name: &str, agent_sock: &Path) -> (PathBuf, Arc<AtomicUsize>) {
+    let sock = dir.join(name);
+    let listener = UnixListener::bind(&sock).expect("bind");
+    let target = agent_sock.to_path_buf();
+    let most = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&most);
+    thread::spawn(move || {
+        let Ok((conn, _)) = listener.accept() else {
+            return;
+        };
+        let agent = UnixStream::connect(&target).expect("connect to the agent");
+        let asked = Arc::new(AtomicUsize::new(0));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let (mut a_r, mut c_w) = (
+            agent.try_clone().expect("clone"),
+            conn.try_clone().expect("clone"),
+        );
+        let done = Arc::clone(&answered);
+        let down = thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(n) = a_r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                // Counted before the client can see them (and ask again).
+                let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
+                done.fetch_add(lines, Ordering::SeqCst);
+                if c_w.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = c_w.shutdown(std::net::Shutdown::Both);
+        });
+        let (mut c_r, mut a_w) = (conn, agent);
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = c_r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            for _ in buf[..n].iter().filter(|&&b| b == b'\n') {
+                let waiting =
+                    asked.fetch_add(1, Ordering::SeqCst) + 1 - answered.load(Ordering::SeqCst);
+                seen.fetch_max(waiting, Ordering::SeqCst);
+            }
+            if a_w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = a_w.shutdown(std::net::Shutdown::Both);
+        let _ = down.join();
+    });
+    (sock, most)
 }
 
 /// A test-only stand-in for a Firecracker / vhost-device-vsock socket: accepts

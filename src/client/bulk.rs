@@ -5,10 +5,10 @@
 //! Several reads are kept in flight so that a transfer is bound by the agent's
 //! throughput, not by round trips.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -128,7 +128,10 @@ pub async fn read_file(
             Ok((offset, length, r))
         })
     };
-    let mut in_flight: VecDeque<ReadFuture<'_>> = VecDeque::new();
+    // Futures do nothing until polled: the set polls every read in flight
+    // (each sends its request on its first poll) and yields them in order,
+    // so the agent works on all of them while the oldest is handled here.
+    let mut in_flight: FuturesOrdered<ReadFuture<'_>> = FuturesOrdered::new();
     let mut next = 0u64;
     let mut done = 0u64;
     loop {
@@ -136,12 +139,10 @@ pub async fn read_file(
             in_flight.push_back(issue(next));
             next += READ_CHUNK.min(size - next);
         }
-        // The oldest read is awaited while the younger ones are already on
-        // the wire: the agent works on all of them at once.
-        let Some(oldest) = in_flight.pop_front() else {
+        let Some(oldest) = in_flight.next().await else {
             return Ok(done);
         };
-        let (offset, asked, r) = oldest.await?;
+        let (offset, asked, r) = oldest?;
         if r.offset != offset {
             return Err(ClientError::local(format!(
                 "fs.read of {} at {offset}: the agent answered for offset {}",
@@ -166,7 +167,7 @@ pub async fn read_file(
         if r.length < asked {
             // A short read before the end: everything already asked for
             // beyond it is void; go on from where it ended.
-            in_flight.clear();
+            in_flight = FuturesOrdered::new();
             next = offset + r.length;
             if r.length == 0 {
                 return Ok(done);
@@ -198,17 +199,18 @@ pub async fn read_stream(
     };
     let mut done = 0u64;
     let result = async {
-        let mut in_flight: VecDeque<StreamFuture<'_>> = VecDeque::new();
+        // polled together, yielded in order (see read_file)
+        let mut in_flight: FuturesOrdered<StreamFuture<'_>> = FuturesOrdered::new();
         let mut next = 0u64;
         loop {
             while in_flight.len() < READ_DEPTH {
                 in_flight.push_back(issue(next));
                 next += READ_CHUNK;
             }
-            let Some(oldest) = in_flight.pop_front() else {
+            let Some(oldest) = in_flight.next().await else {
                 return Ok(done);
             };
-            let (asked, r) = oldest.await?;
+            let (asked, r) = oldest?;
             let bytes = payload(session, r.slot, &r.data, "stream")?;
             if r.offset != asked || asked != done {
                 return Err(ClientError::local(format!(
