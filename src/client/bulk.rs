@@ -160,6 +160,7 @@ pub async fn read_file(
             )));
         }
         sink(&bytes)?;
+        session.spare_buffers().give(bytes);
         done += r.length;
         if r.eof {
             return Ok(done);

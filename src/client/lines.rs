@@ -19,7 +19,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::connect::{BoxRead, BoxWrite};
-use super::frames::{Response, ResponseDecoder, MAX_RESPONSE_LINE, READ_BUFFER};
+use super::frames::{Response, ResponseDecoder, SpareBuffers, MAX_RESPONSE_LINE, READ_BUFFER};
 
 /// Methods whose result carries a base64 `data` payload.
 const BULK_METHODS: [&str; 3] = ["fs.read", "stream.read", "image.read"];
@@ -68,8 +68,14 @@ pub struct LineReceiver {
     slots: BulkSlots,
 }
 
-pub fn transport(reader: BoxRead, writer: BoxWrite) -> (LineSender, LineReceiver, BulkSlots) {
+/// The transport's two halves, its slots for decoded payloads, and the
+/// spare buffers that payloads are decoded into.
+pub fn transport(
+    reader: BoxRead,
+    writer: BoxWrite,
+) -> (LineSender, LineReceiver, BulkSlots, SpareBuffers) {
     let slots = BulkSlots::default();
+    let spares = SpareBuffers::default();
     (
         LineSender {
             writer,
@@ -78,11 +84,12 @@ pub fn transport(reader: BoxRead, writer: BoxWrite) -> (LineSender, LineReceiver
         LineReceiver {
             reader,
             buf: BytesMut::with_capacity(READ_BUFFER),
-            decoder: ResponseDecoder::new(MAX_RESPONSE_LINE),
+            decoder: ResponseDecoder::new(MAX_RESPONSE_LINE).with_spares(spares.clone()),
             eof: false,
             slots: slots.clone(),
         },
         slots,
+        spares,
     )
 }
 

@@ -17,6 +17,7 @@ use tokio::process::Child;
 use super::addr::ConnectAddr;
 use super::connect;
 use super::error::{ClientError, Result};
+use super::frames::SpareBuffers;
 use super::lines;
 use crate::rpc::codes;
 
@@ -52,6 +53,7 @@ impl ToRpcParams for RawParams {
 pub struct Session {
     rpc: Client<RpcService>,
     slots: lines::BulkSlots,
+    spares: SpareBuffers,
     child: Option<Child>,
     /// The `authenticate` result: protocol, agent name and version.
     pub hello: serde_json::Value,
@@ -61,7 +63,7 @@ impl Session {
     /// Connects to `addr` and authenticates with `ticket`.
     pub async fn connect(addr: &ConnectAddr, ticket: &str, opts: &ConnectOptions) -> Result<Self> {
         let stream = connect::open(addr, opts.connect_timeout).await?;
-        let (tx, rx, slots) = lines::transport(stream.reader, stream.writer);
+        let (tx, rx, slots, spares) = lines::transport(stream.reader, stream.writer);
         let rpc = ClientBuilder::default()
             .set_rpc_middleware(RpcServiceBuilder::new())
             .request_timeout(opts.request_timeout)
@@ -69,6 +71,7 @@ impl Session {
         let mut session = Session {
             rpc,
             slots,
+            spares,
             child: stream.child,
             hello: serde_json::Value::Null,
         };
@@ -157,6 +160,12 @@ impl Session {
                 "payload for {what} went missing"
             ))),
         }
+    }
+
+    /// Where to hand back bulk payloads once done with them (from any
+    /// thread), so that later answers decode into them.
+    pub fn spare_buffers(&self) -> SpareBuffers {
+        self.spares.clone()
     }
 
     /// Ends the session; for `exec:` closes the agent's stdin and reaps it

@@ -28,7 +28,7 @@ use restore_agent::client::bulk::{self, FileRef};
 use restore_agent::client::{ClientError, Session};
 use serde_json::{json, Value};
 
-use crate::remote::{stat_entry, Entry, FileArgs};
+use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
 use crate::untar::Unpacker;
 use crate::{Global, Outcome};
 
@@ -216,7 +216,7 @@ async fn to_archive(
             })?;
             Box::new(io::BufWriter::with_capacity(1 << 20, f))
         }
-        None => Box::new(io::BufWriter::with_capacity(1 << 20, io::stdout())),
+        None => Box::new(io::BufWriter::with_capacity(1 << 20, data_stdout()?)),
     };
     let opened: Value = session
         .call(
@@ -386,11 +386,13 @@ async fn unpack_tree(
         bar,
     );
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIECES_AHEAD);
+    let spares = session.spare_buffers();
     let worker = std::thread::Builder::new()
         .name("unpack".into())
         .spawn(move || {
             for piece in rx {
                 unpacker.feed(&piece)?;
+                spares.give(piece);
             }
             unpacker.end()
         })

@@ -509,6 +509,18 @@ async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome
     Ok(Outcome::new(v, text))
 }
 
+/// Standard output for file data: its file descriptor itself (a duplicate).
+/// Rust's `Stdout` is line-buffered, so every write would be searched for
+/// its last newline first (a few ms per 100 MiB) and split there.
+pub fn data_stdout() -> Result<std::fs::File, ClientError> {
+    use std::os::fd::AsFd;
+    std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .map_err(|e| ClientError::local(format!("standard output: {e}")))
+}
+
 async fn cat(session: &Session, file: &FileRef) -> Result<Outcome, ClientError> {
     let v = stat_entry(session, file, true).await?;
     let e = Entry::from_value(&v)?;
@@ -521,7 +533,7 @@ async fn cat(session: &Session, file: &FileRef) -> Result<Outcome, ClientError> 
             file.display()
         )));
     }
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout());
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, data_stdout()?);
     let mut sink = |data: &[u8]| {
         out.write_all(data)
             .map_err(|e| ClientError::local(format!("writing to stdout: {e}")))
