@@ -380,32 +380,40 @@ fn file_bench(args: &Args) {
         .build()
         .expect("runtime");
     let image_size = fs::metadata(&image).expect("stat").len();
-    // In-process image.read: a fresh pool per round (same cache state as an
-    // agent meeting the data for the first time), 4 MiB reads in order.
-    let in_process_image = || {
+    // A fresh pool per round: the same cache state as an agent meeting the
+    // data for the first time.
+    let fresh_backups = || {
+        Backups::open(
+            Some(&store),
+            Vec::new(),
+            ChunkPool::new(PoolConfig::default()),
+        )
+        .expect("open store")
+    };
+    // In-process image.read of byte ranges of the image, in 4 MiB reads.
+    let in_process_ranges = |ranges: &[(u64, u64)]| {
         runtime.block_on(async {
-            let pool = ChunkPool::new(PoolConfig::default());
-            let backups = Backups::open(Some(&store), Vec::new(), pool).expect("open store");
+            let backups = fresh_backups();
             let reader = backups.open_archive(SNAPSHOT, ARCHIVE).expect("archive");
             let t = Instant::now();
-            let mut offset = 0u64;
-            while offset < image_size {
-                let slices = reader
-                    .read_slices(offset, 4 << 20)
-                    .await
-                    .expect("read_slices");
-                let n: usize = slices.iter().map(|s| s.len()).sum();
-                assert!(n > 0, "short image");
-                offset += n as u64;
+            for &(start, len) in ranges {
+                let mut offset = start;
+                while offset < start + len {
+                    let want = (start + len - offset).min(4 << 20) as usize;
+                    let slices = reader.read_slices(offset, want).await.expect("read_slices");
+                    let n: usize = slices.iter().map(|s| s.len()).sum();
+                    assert_eq!(n, want, "short image");
+                    offset += n as u64;
+                }
             }
             t.elapsed()
         })
     };
+    let in_process_image = || in_process_ranges(&[(0, image_size)]);
     // Where the file's bytes lie in the image (volume `raw` is the whole
     // disk), for image.read of exactly the bytes cat returns.
     let file_extents: Vec<(u64, u64)> = runtime.block_on(async {
-        let pool = ChunkPool::new(PoolConfig::default());
-        let backups = Backups::open(Some(&store), Vec::new(), pool).expect("open store");
+        let backups = fresh_backups();
         let fs = backups
             .filesystem(SNAPSHOT, ARCHIVE, "raw")
             .expect("filesystem");
@@ -437,31 +445,10 @@ fn file_bench(args: &Args) {
         size as u64,
         "extents cover the file"
     );
-    // In-process image.read of the file's bytes: as above, extent by
-    // extent, in 4 MiB reads.
-    let in_process_extents = || {
-        runtime.block_on(async {
-            let pool = ChunkPool::new(PoolConfig::default());
-            let backups = Backups::open(Some(&store), Vec::new(), pool).expect("open store");
-            let reader = backups.open_archive(SNAPSHOT, ARCHIVE).expect("archive");
-            let t = Instant::now();
-            for &(start, len) in &file_extents {
-                let mut offset = start;
-                while offset < start + len {
-                    let want = (start + len - offset).min(4 << 20) as usize;
-                    let slices = reader.read_slices(offset, want).await.expect("read_slices");
-                    let n: usize = slices.iter().map(|s| s.len()).sum();
-                    assert_eq!(n, want, "short image");
-                    offset += n as u64;
-                }
-            }
-            t.elapsed()
-        })
-    };
+    let in_process_extents = || in_process_ranges(&file_extents);
     let in_process_fs = || {
         runtime.block_on(async {
-            let pool = ChunkPool::new(PoolConfig::default());
-            let backups = Backups::open(Some(&store), Vec::new(), pool).expect("open store");
+            let backups = fresh_backups();
             let fs = backups
                 .filesystem(SNAPSHOT, ARCHIVE, "raw")
                 .expect("filesystem");

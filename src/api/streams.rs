@@ -85,21 +85,20 @@ impl OpenStream {
         let hold = reserve.await;
         let offset = cursor.position;
         let mut data = Vec::new();
-        let (mut len, mut eof) = cursor
-            .reader
-            .read_pieces(&mut data, max)
-            .await
-            .map_err(stream_error)?;
-        // Reads that name their offset get `max` bytes unless the end comes first.
-        while at.is_some() && !eof && len < max {
+        // Reads that name their offset get `max` bytes unless the end comes
+        // first; others get what is buffered.
+        let mut len = 0;
+        let eof = loop {
             let (more, end) = cursor
                 .reader
                 .read_pieces(&mut data, max - len)
                 .await
                 .map_err(stream_error)?;
             len += more;
-            eof = end;
-        }
+            if at.is_none() || end || len >= max {
+                break end;
+            }
+        };
         cursor.position += len as u64;
         drop(cursor);
         self.moved.notify_waiters();

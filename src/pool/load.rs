@@ -5,6 +5,7 @@
 //! pseudo-chunk is one positioned read. This module never caches, never
 //! touches pool state and never runs on a tokio thread (pool workers only).
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::store::{blob, digest_hex, sha256, Digest};
+use crate::store::{blob, digest_hex, Digest};
 
 /// Size of the pseudo-chunks a raw image is served in.
 pub const RAW_CHUNK_SIZE: u64 = 4 << 20;
@@ -133,36 +134,25 @@ pub(super) fn read_chunk_file(
             what()
         )));
     };
-    let read_error = |e: io::Error| {
+    // An exact-size payload is the uncompressed data: read into a vector
+    // of its own, it is kept as it is.
+    let mut own = Vec::new();
+    let exact = payload_len == max_size;
+    let buf = if exact { &mut own } else { raw };
+    read_whole(&file, &mut head, buf, payload_len).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::corrupt(format!("{}: file shrank while being read", what()))
         } else {
             Error::io(what(), &e)
         }
-    };
-    let data = if payload_len == max_size {
-        let mut payload = Vec::with_capacity(payload_len);
-        read_whole(&file, &mut head, &mut payload, payload_len).map_err(read_error)?;
-        let header = blob::parse_header(&head, Some(digest))?;
-        blob::check_crc(&header, &payload, Some(digest))?;
-        if header.compressed {
-            blob::decompress_payload(&payload, max_size, Some(digest))?
-        } else {
-            payload
-        }
+    })?;
+    let header = blob::parse_header(&head, Some(digest))?;
+    let payload = if exact {
+        Cow::Owned(std::mem::take(buf))
     } else {
-        read_whole(&file, &mut head, raw, payload_len).map_err(read_error)?;
-        let header = blob::parse_header(&head, Some(digest))?;
-        blob::check_crc(&header, raw, Some(digest))?;
-        if header.compressed {
-            blob::decompress_payload(raw, max_size, Some(digest))?
-        } else {
-            blob::check_size(raw.len(), max_size, Some(digest))?;
-            raw.to_vec()
-        }
+        Cow::Borrowed(&buf[..])
     };
-    blob::check_digest(digest, &sha256(&data))?;
-    Ok(data)
+    blob::decode_payload(&header, payload, Some(digest), max_size)
 }
 
 /// Reads `head.len()` bytes of `file` into `head` and the `len` bytes after

@@ -6,6 +6,7 @@
 //! This module also holds the other format magics so all seven live together.
 //! It owns encoding and decoding only: no file I/O, no caching.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io::Cursor;
 
@@ -101,9 +102,25 @@ pub fn parse_header(raw: &[u8], expected: Option<&Digest>) -> Result<Header> {
     }
 }
 
-/// Checks `payload` (the bytes after the header) against the header's CRC.
-pub fn check_crc(header: &Header, payload: &[u8], expected: Option<&Digest>) -> Result<()> {
-    let crc = crc32fast::hash(payload);
+/// Decodes a DataBlob: checks magic and CRC, decompresses (never producing
+/// more than `max_size` bytes, whatever the frame claims) and, when
+/// `expected` is given, checks that SHA-256 of the result equals it.
+pub fn decode(raw: &[u8], expected: Option<&Digest>, max_size: usize) -> Result<Vec<u8>> {
+    let header = parse_header(raw, expected)?;
+    let payload = raw.get(HEADER_SIZE..).unwrap_or_default();
+    decode_payload(&header, Cow::Borrowed(payload), expected, max_size)
+}
+
+/// [`decode`] of a blob whose header was parsed apart from its payload (the
+/// bytes after the header). An owned uncompressed payload becomes the data
+/// as it is, without a copy.
+pub fn decode_payload(
+    header: &Header,
+    payload: Cow<'_, [u8]>,
+    expected: Option<&Digest>,
+    max_size: usize,
+) -> Result<Vec<u8>> {
+    let crc = crc32fast::hash(&payload);
     if crc != header.crc {
         return Err(Error::corrupt(format!(
             "{}: CRC mismatch (stored {:08x}, computed {crc:08x})",
@@ -111,58 +128,29 @@ pub fn check_crc(header: &Header, payload: &[u8], expected: Option<&Digest>) -> 
             header.crc
         )));
     }
-    Ok(())
-}
-
-/// The data of a compressed payload whose CRC was checked: never more than
-/// `max_size` bytes, whatever the frame claims.
-pub fn decompress_payload(
-    payload: &[u8],
-    max_size: usize,
-    expected: Option<&Digest>,
-) -> Result<Vec<u8>> {
-    decompress(payload, max_size)
-        .map_err(|e| Error::corrupt(format!("{}: zstd payload: {}", what(expected), e.message)))
-}
-
-/// Refuses uncompressed data of more than `max_size` bytes.
-pub fn check_size(len: usize, max_size: usize, expected: Option<&Digest>) -> Result<()> {
-    if len > max_size {
-        return Err(Error::corrupt(format!(
-            "{}: {len} bytes exceed the limit of {max_size}",
-            what(expected),
-        )));
-    }
-    Ok(())
-}
-
-/// Checks that the decoded data of chunk `expected` hashed to `actual`.
-pub fn check_digest(expected: &Digest, actual: &Digest) -> Result<()> {
-    if actual != expected {
-        return Err(Error::corrupt(format!(
-            "chunk {}: digest mismatch (data hashes to {})",
-            digest_hex(expected),
-            digest_hex(actual)
-        )));
-    }
-    Ok(())
-}
-
-/// Decodes a DataBlob: checks magic and CRC, decompresses (never producing
-/// more than `max_size` bytes, whatever the frame claims) and, when
-/// `expected` is given, checks that SHA-256 of the result equals it.
-pub fn decode(raw: &[u8], expected: Option<&Digest>, max_size: usize) -> Result<Vec<u8>> {
-    let header = parse_header(raw, expected)?;
-    let payload = raw.get(HEADER_SIZE..).unwrap_or_default();
-    check_crc(&header, payload, expected)?;
     let data = if header.compressed {
-        decompress_payload(payload, max_size, expected)?
+        decompress(&payload, max_size).map_err(|e| {
+            Error::corrupt(format!("{}: zstd payload: {}", what(expected), e.message))
+        })?
     } else {
-        check_size(payload.len(), max_size, expected)?;
-        payload.to_vec()
+        if payload.len() > max_size {
+            return Err(Error::corrupt(format!(
+                "{}: {} bytes exceed the limit of {max_size}",
+                what(expected),
+                payload.len()
+            )));
+        }
+        payload.into_owned()
     };
     if let Some(expected) = expected {
-        check_digest(expected, &sha256(&data))?;
+        let actual = sha256(&data);
+        if &actual != expected {
+            return Err(Error::corrupt(format!(
+                "chunk {}: digest mismatch (data hashes to {})",
+                digest_hex(expected),
+                digest_hex(&actual)
+            )));
+        }
     }
     Ok(data)
 }
