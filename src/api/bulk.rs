@@ -50,7 +50,8 @@ pub enum Piece {
     Chunk(ChunkSlice),
     /// this many zero bytes, at most 64 KiB (see [`push_zeros`])
     Zeros(usize),
-    /// bytes of its own (copies of scattered chunk slices)
+    /// bytes of its own: a filesystem's read where it cannot say where
+    /// the bytes lie, or copies of chunk slices past the pinning limit
     Owned(Vec<u8>),
     /// a block of an archive stream's output
     Stream(Bytes),

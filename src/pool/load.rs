@@ -1,9 +1,9 @@
 //! Loading one chunk: the only I/O the pool does.
 //!
 //! A chunk file is read whole in one read call, decoded and verified against
-//! its digest. A raw-image
-//! pseudo-chunk is one positioned read. This module never caches, never
-//! touches pool state and never runs on a tokio thread (pool workers only).
+//! its digest; a raw-image pseudo-chunk is one positioned read. This module
+//! never caches, never touches pool state and never runs on a tokio thread
+//! (pool workers only).
 
 use std::borrow::Cow;
 use std::fs::File;
