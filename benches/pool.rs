@@ -8,8 +8,9 @@
 //!       no read-ahead, no cache, no zero-chunk shortcut,
 //!   (c) `image.read` through the release `restore-agent` binary (default
 //!       options: 48 MiB cache, read-ahead 8, at most half the cache) over
-//!       a Unix socket, 4 MiB reads pipelined 4 deep, base64 decoded by the
-//!       client, with the agent's peak RSS (VmHWM) while reading,
+//!       a Unix socket, 4 MiB reads pipelined 4 deep, the data raw after
+//!       each answer line (`"encoding":"raw"`, as `restore-client` reads), with the
+//!       agent's peak RSS (VmHWM) while reading,
 //!   (d) the machine's limits: page-cache read of the chunk files and the
 //!       single-core CRC + zstd + SHA-256 decode rate,
 //! and the ratios (a)/(b), (a)/min(page cache, 2 x decode) and (c)/(a).
@@ -489,7 +490,7 @@ fn next_response(
 }
 
 /// (c) The whole image through `image.read` on a fresh release agent,
-/// `request`-byte reads with `PIPELINE` in flight, decoded and checked
+/// `request`-byte raw reads with `PIPELINE` in flight, framed and checked
 /// against the image file every 16th read. Returns the time, the agent's
 /// peak RSS (VmHWM), its RSS right after start, and its counters and CPU
 /// time.
@@ -520,7 +521,7 @@ fn agent_scan(
         let offset = i as u64 * request as u64;
         writeln!(
             w,
-            r#"{{"jsonrpc":"2.0","id":{i},"method":"image.read","params":{{"snapshot":"{SNAPSHOT}","archive":"{ARCHIVE}","offset":{offset},"length":{request}}}}}"#
+            r#"{{"jsonrpc":"2.0","id":{i},"method":"image.read","params":{{"snapshot":"{SNAPSHOT}","archive":"{ARCHIVE}","offset":{offset},"length":{request},"encoding":"raw"}}}}"#
         )
         .expect("send image.read");
     };

@@ -981,8 +981,9 @@ fn bulk_reads_are_pipelined() {
 }
 
 /// A relay between the client and the agent on Unix socket `name` in `dir`
-/// that counts request lines sent and answer lines returned, and keeps the
-/// most requests that were waiting for their answers at once.
+/// that counts request lines sent and answer lines returned (the data that
+/// follows a raw answer's line is not searched for lines), and keeps the most
+/// requests that were waiting for their answers at once.
 fn counting_relay(dir: &Path, name: &str, agent_sock: &Path) -> (PathBuf, Arc<AtomicUsize>) {
     let sock = dir.join(name);
     let listener = UnixListener::bind(&sock).expect("bind");
@@ -1003,13 +1004,30 @@ fn counting_relay(dir: &Path, name: &str, agent_sock: &Path) -> (PathBuf, Arc<At
         let done = Arc::clone(&answered);
         let down = thread::spawn(move || {
             let mut buf = vec![0u8; 1 << 16];
+            let mut line = Vec::new();
+            let mut raw_left = 0usize;
             while let Ok(n) = a_r.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
                 // Counted before the client can see them (and ask again).
-                let lines = buf[..n].iter().filter(|&&b| b == b'\n').count();
-                done.fetch_add(lines, Ordering::SeqCst);
+                let mut at = 0;
+                while at < n {
+                    if raw_left > 0 {
+                        let k = raw_left.min(n - at);
+                        (at, raw_left) = (at + k, raw_left - k);
+                        continue;
+                    }
+                    let Some(nl) = buf[at..n].iter().position(|&b| b == b'\n') else {
+                        line.extend_from_slice(&buf[at..n]);
+                        break;
+                    };
+                    line.extend_from_slice(&buf[at..at + nl]);
+                    at += nl + 1;
+                    done.fetch_add(1, Ordering::SeqCst);
+                    raw_left = raw_length(&line);
+                    line.clear();
+                }
                 if c_w.write_all(&buf[..n]).is_err() {
                     break;
                 }
@@ -1035,6 +1053,17 @@ fn counting_relay(dir: &Path, name: &str, agent_sock: &Path) -> (PathBuf, Arc<At
         let _ = down.join();
     });
     (sock, most)
+}
+
+/// The bytes that follow an answer line with `"encoding":"raw"`.
+fn raw_length(line: &[u8]) -> usize {
+    let Ok(v) = serde_json::from_slice::<Value>(line) else {
+        return 0;
+    };
+    match (&v["result"]["encoding"], v["result"]["length"].as_u64()) {
+        (Value::String(e), Some(n)) if e == "raw" => n as usize,
+        _ => 0,
+    }
 }
 
 /// A test-only stand-in for a Firecracker / vhost-device-vsock socket: accepts

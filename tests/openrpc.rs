@@ -451,6 +451,12 @@ impl Client {
 
 /// The checks every answer gets: the response line schema, then the method's
 /// result schema or its documented error codes.
+fn b64(data: &Value) -> Vec<u8> {
+    base64_simd::STANDARD
+        .decode_to_vec(data.as_str().expect("data is a string"))
+        .expect("data is base64")
+}
+
 struct Checker {
     doc: Value,
     request: Validator,
@@ -495,6 +501,19 @@ impl Checker {
 
     /// Calls a documented method expecting the error `code`, which the
     /// document must list for that method.
+    /// Calls a bulk read with `"encoding": "raw"`: checks its line like
+    /// `call_ok`, then reads the `length` data bytes that follow the line.
+    fn call_raw(&self, client: &mut Client, method: &str, mut params: Value) -> (Value, Vec<u8>) {
+        params["encoding"] = json!("raw");
+        let result = self.call_ok(client, method, Some(params));
+        assert_eq!(result["encoding"], "raw", "{method}: {result}");
+        assert!(result.get("data").is_none(), "{method}: {result}");
+        let length = result["length"].as_u64().expect("length");
+        let mut data = vec![0; length as usize];
+        client.reader.read_exact(&mut data).expect("raw data");
+        (result, data)
+    }
+
     fn call_err(&self, client: &mut Client, method: &str, params: Option<Value>, code: i64) {
         let resp = self.call(client, json!(7), method, params);
         assert_eq!(resp["error"]["code"], code, "{method}: {resp}");
@@ -623,7 +642,27 @@ fn data_methods_answer_as_documented() {
     let mut read = arch.clone();
     read["offset"] = json!(1 << 20);
     read["length"] = json!(4096);
-    check.call_ok(&mut c, "image.read", Some(read.clone()));
+    let as_base64 = check.call_ok(&mut c, "image.read", Some(read.clone()));
+    // The same bytes raw, then the connection goes on with lines; a newline
+    // in the data must not end anything.
+    let (raw, data) = check.call_raw(&mut c, "image.read", read.clone());
+    assert_eq!(raw["length"], 4096, "{raw}");
+    assert_eq!(
+        data,
+        b64(&as_base64["data"]),
+        "image.read raw against base64"
+    );
+    let mut inside = read.clone();
+    inside["encoding"] = json!("raw");
+    let batch = c.exchange(
+        &json!([{"jsonrpc": "2.0", "id": 1, "method": "image.read", "params": inside}]).to_string(),
+    );
+    assert_eq!(
+        batch[0]["error"]["code"], -32602,
+        "raw data inside a batch: {batch}"
+    );
+    inside["encoding"] = json!("hex");
+    check.call_err(&mut c, "image.read", Some(inside), -32602);
     read["length"] = json!((16 << 20) + 1);
     check.call_err(&mut c, "image.read", Some(read), -32602);
     let missing = json!({"snapshot": "vm/1/2026-01-01T00:00:00Z", "archive": "x.img.fidx", "offset": 0, "length": 1});
@@ -657,7 +696,10 @@ fn data_methods_answer_as_documented() {
     file["path"] = json!("/etc/motd");
     file["offset"] = json!(0);
     file["length"] = json!(100);
-    check.call_ok(&mut c, "fs.read", Some(file.clone()));
+    let as_base64 = check.call_ok(&mut c, "fs.read", Some(file.clone()));
+    let (raw, data) = check.call_raw(&mut c, "fs.read", file.clone());
+    assert_eq!(raw["eof"], as_base64["eof"], "{raw}");
+    assert_eq!(data, b64(&as_base64["data"]), "fs.read raw against base64");
     file["path"] = json!("/etc");
     check.call_err(&mut c, "fs.read", Some(file.clone()), 1003);
     file["path"] = json!("/nope");
@@ -675,8 +717,10 @@ fn data_methods_answer_as_documented() {
     extract["format"] = json!("tar");
     let handle = check.call_ok(&mut c, "fs.extract", Some(extract.clone()));
     let stream = handle["stream"].clone();
+    let mut whole = Vec::new();
     loop {
         let chunk = check.call_ok(&mut c, "stream.read", Some(json!({"stream": stream})));
+        whole.extend_from_slice(&b64(&chunk["data"]));
         if chunk["eof"] == json!(true) {
             break;
         }
@@ -690,6 +734,19 @@ fn data_methods_answer_as_documented() {
         "stream.read",
         Some(json!({"stream": stream, "offset": 0, "length": 10})),
     );
+    // refused inside a batch before it runs: offset 10 is still to be read
+    let read = json!({"stream": stream, "offset": 10, "length": 300, "encoding": "raw"});
+    let batch = c.exchange(
+        &json!([{"jsonrpc": "2.0", "id": 1, "method": "stream.read", "params": read}]).to_string(),
+    );
+    assert_eq!(batch[0]["error"]["code"], -32602, "{batch}");
+    let (raw, data) = check.call_raw(
+        &mut c,
+        "stream.read",
+        json!({"stream": stream, "offset": 10, "length": 300}),
+    );
+    assert_eq!(raw["offset"], 10, "{raw}");
+    assert_eq!(data, whole[10..310], "stream.read raw against base64");
     check.call_ok(&mut c, "stream.close", Some(json!({"stream": stream})));
     check.call_err(&mut c, "stream.read", Some(json!({"stream": stream})), 1008);
     check.call_err(

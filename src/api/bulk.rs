@@ -1,17 +1,34 @@
 //! Bulk read responses: `{"offset","length","eof","data"}` made of the
 //! pieces of data they return (ranges of the pool's chunk buffers, runs of
 //! zeros), base64-encoded (`crate::base64`) part by part while the
-//! connection writes them, so a response never sits in memory whole; and the
-//! memory budget shared by all connections that bounds the data responses
-//! hold until they are written.
+//! connection writes them, so a response never sits in memory whole; or,
+//! for a client that asked for `"encoding": "raw"`, `{"offset","length",
+//! "eof","encoding":"raw"}` with the pieces sent as they are right after the
+//! line. And the memory budget shared by all connections that bounds the
+//! data responses hold until they are written.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::pool::ChunkSlice;
-use crate::rpc::{BodySource, RawResult};
+use crate::rpc::{BodySource, RawResult, Trailer};
+
+/// How a read's data travels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// base64 in the answer's `data` member: plain JSON, what a person at
+    /// `socat` can read.
+    #[default]
+    Base64,
+    /// the bytes themselves, `length` of them right after the answer's
+    /// newline: a quarter fewer bytes and no encoding on either side, for
+    /// clients that frame the data themselves.
+    Raw,
+}
 
 /// Largest `length` one read may ask for.
 pub const MAX_READ: u64 = 16 << 20;
@@ -131,8 +148,16 @@ pub fn read_result(
     eof: bool,
     pieces: Vec<Piece>,
     hold: Option<OwnedSemaphorePermit>,
+    encoding: Encoding,
 ) -> RawResult {
-    let len: usize = pieces.iter().map(|p| p.as_slice().len()).sum();
+    let len = data_len(&pieces);
+    if encoding == Encoding::Raw {
+        return raw(
+            format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"encoding\":\"raw\"}}"),
+            pieces,
+            hold,
+        );
+    }
     let head = format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"data\":\"");
     streamed(head.into_bytes(), pieces, b"\"}".to_vec(), hold)
 }
@@ -143,14 +168,52 @@ pub fn stream_result(
     eof: bool,
     data: Vec<Bytes>,
     hold: Option<OwnedSemaphorePermit>,
+    encoding: Encoding,
 ) -> RawResult {
+    let pieces: Vec<Piece> = data.into_iter().map(Piece::Stream).collect();
+    if encoding == Encoding::Raw {
+        let len = data_len(&pieces);
+        return raw(
+            format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"encoding\":\"raw\"}}"),
+            pieces,
+            hold,
+        );
+    }
     let tail = format!("\",\"eof\":{eof}}}");
     streamed(
         format!("{{\"offset\":{offset},\"data\":\"").into_bytes(),
-        data.into_iter().map(Piece::Stream).collect(),
+        pieces,
         tail.into_bytes(),
         hold,
     )
+}
+
+fn data_len(pieces: &[Piece]) -> usize {
+    pieces.iter().map(|p| p.as_slice().len()).sum()
+}
+
+/// `json` as the result, the pieces as they are after its line.
+fn raw(json: String, pieces: Vec<Piece>, hold: Option<OwnedSemaphorePermit>) -> RawResult {
+    let result =
+        RawResult::new(json.into_bytes()).with_trailer(Box::new(RawPieces { pieces, index: 0 }));
+    match hold {
+        Some(permit) => result.holding(permit),
+        None => result,
+    }
+}
+
+/// The pieces of a raw answer, one after the other.
+struct RawPieces {
+    pieces: Vec<Piece>,
+    index: usize,
+}
+
+impl Trailer for RawPieces {
+    fn next_bytes(&mut self) -> Option<&[u8]> {
+        let piece = self.pieces.get(self.index)?;
+        self.index += 1;
+        Some(piece.as_slice())
+    }
 }
 
 fn streamed(
@@ -273,7 +336,7 @@ mod tests {
                 start = c;
             }
             pieces.push(Piece::Owned(data[start..].to_vec()));
-            let got = text(read_result(7, true, pieces, None));
+            let got = text(read_result(7, true, pieces, None, Encoding::Base64));
             let want = format!(
                 "{{\"offset\":7,\"length\":{n},\"eof\":true,\"data\":\"{}\"}}",
                 base64_simd::STANDARD.encode_to_string(&data)
@@ -303,7 +366,7 @@ mod tests {
         assert_eq!(held, MAX_PINNED_CHUNKS, "chunk buffers kept alive");
         let got: Vec<u8> = pieces.iter().flat_map(|p| p.as_slice().to_vec()).collect();
         assert_eq!(got, want);
-        let text = text(read_result(0, true, pieces, None));
+        let text = text(read_result(0, true, pieces, None, Encoding::Base64));
         let b64 = base64_simd::STANDARD.encode_to_string(&want);
         assert!(text.ends_with(format!("\"data\":\"{b64}\"}}").as_bytes()));
     }
@@ -313,7 +376,8 @@ mod tests {
         let mut pieces = Vec::new();
         push_zeros(&mut pieces, 1_000_001);
         assert_eq!(pieces.len(), 16);
-        let Body::Parts(mut src) = read_result(0, false, pieces, None).json else {
+        let Body::Parts(mut src) = read_result(0, false, pieces, None, Encoding::Base64).json
+        else {
             panic!("a read result is streamed");
         };
         let mut total = 0;
@@ -341,13 +405,14 @@ mod tests {
 
     #[test]
     fn empty_reads_and_stream_results() {
-        let got = text(read_result(5, true, Vec::new(), None));
+        let got = text(read_result(5, true, Vec::new(), None, Encoding::Base64));
         assert_eq!(got, br#"{"offset":5,"length":0,"eof":true,"data":""}"#);
         let got = text(stream_result(
             9,
             false,
             vec![Bytes::from_static(b"hi!!")],
             None,
+            Encoding::Base64,
         ));
         assert_eq!(got, br#"{"offset":9,"data":"aGkhIQ==","eof":false}"#);
     }

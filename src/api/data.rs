@@ -5,7 +5,7 @@ use jsonrpsee::{ConnectionId, RpcModule};
 use serde::Deserialize;
 use std::sync::Arc;
 
-use super::bulk::{self, Piece, MAX_READ};
+use super::bulk::{self, Encoding, Piece, MAX_READ};
 use super::{must, Agent};
 use crate::pool::ArchiveReader;
 use crate::rpc::codes::{app_error, invalid_params};
@@ -25,6 +25,8 @@ struct ReadParams {
     archive: String,
     offset: u64,
     length: u64,
+    #[serde(default)]
+    encoding: Encoding,
 }
 
 pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
@@ -63,7 +65,7 @@ async fn image_read(
         )));
     }
     let reader = agent.reader(conn, &p.snapshot, &p.archive)?;
-    read_response(&agent, &reader, p.offset, p.length).await
+    read_response(&agent, &reader, p.offset, p.length, p.encoding).await
 }
 
 /// Reads `[offset, offset + length)` of an archive (clamped at its end) into
@@ -73,6 +75,7 @@ pub(super) async fn read_response(
     reader: &ArchiveReader,
     offset: u64,
     length: u64,
+    encoding: Encoding,
 ) -> Result<RawResult, ErrorObjectOwned> {
     let length = usize::try_from(length).unwrap_or(usize::MAX);
     let hold = agent.budget.reserve(length).await;
@@ -83,5 +86,5 @@ pub(super) async fn read_response(
     let read: u64 = slices.iter().map(|s| s.range.len() as u64).sum();
     let eof = offset.saturating_add(read) >= reader.size();
     let pieces = slices.into_iter().map(Piece::Chunk).collect();
-    Ok(bulk::read_result(offset, eof, pieces, hold))
+    Ok(bulk::read_result(offset, eof, pieces, hold, encoding))
 }

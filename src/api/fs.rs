@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::sync::Arc;
 
-use super::bulk::{self, Piece, PieceList, MAX_READ};
+use super::bulk::{self, Encoding, Piece, PieceList, MAX_READ};
 use super::{must, Agent};
 use crate::error::{Error, ErrorKind};
 use crate::pool::ArchiveReader;
@@ -124,6 +124,8 @@ struct StatExtra {
 struct ReadExtra {
     offset: u64,
     length: u64,
+    #[serde(default)]
+    encoding: Encoding,
 }
 
 #[derive(Deserialize)]
@@ -141,6 +143,8 @@ struct StreamReadParams {
     length: Option<u64>,
     #[serde(default)]
     offset: Option<u64>,
+    #[serde(default)]
+    encoding: Encoding,
 }
 
 #[derive(Deserialize)]
@@ -236,7 +240,7 @@ async fn fs_read(
     params: Params<'static>,
     conn: ConnectionId,
 ) -> Result<RawResult, ErrorObjectOwned> {
-    let (t, x): (Target, ReadExtra) = parse(&params, &["offset", "length"])?;
+    let (t, x): (Target, ReadExtra) = parse(&params, &["offset", "length", "encoding"])?;
     if x.length > MAX_READ {
         return Err(invalid_params(format!(
             "length {} is over the limit of {MAX_READ}",
@@ -247,7 +251,7 @@ async fn fs_read(
     let fs = t.filesystem(&agent).await?;
     let len = usize::try_from(x.length).unwrap_or(usize::MAX);
     let hold = agent.budget.reserve(len).await;
-    let offset = x.offset;
+    let (offset, encoding) = (x.offset, x.encoding);
     // The filesystem thread only says where the bytes are; they come
     // straight from the pool's chunk buffers, so reads of one volume run in
     // parallel and the data is copied once, into the response.
@@ -257,7 +261,7 @@ async fn fs_read(
         let pieces = volume_pieces(&reader, fs.window(), &map.extents)
             .await
             .map_err(app_error)?;
-        return Ok(bulk::read_result(offset, map.eof, pieces, hold));
+        return Ok(bulk::read_result(offset, map.eof, pieces, hold, encoding));
     }
     let (data, eof) = on_fs(&fs, move |fs| fs.read(&path, offset, len)).await?;
     Ok(bulk::read_result(
@@ -265,6 +269,7 @@ async fn fs_read(
         eof,
         vec![Piece::Owned(data)],
         hold,
+        encoding,
     ))
 }
 
@@ -374,7 +379,7 @@ async fn stream_read(
         // get the end; later ones get 1008.
         let _ = agent.streams.close(conn, p.stream);
     }
-    Ok(bulk::stream_result(offset, eof, data, hold))
+    Ok(bulk::stream_result(offset, eof, data, hold, p.encoding))
 }
 
 /// Writes the archive of `path` into `out`; runs on the filesystem thread.

@@ -1,6 +1,8 @@
 //! Bulk transfers: file contents through pipelined `fs.read` calls and
-//! archive streams through `stream.read`, decoded with base64-simd and handed
-//! to a sink in order.
+//! archive streams through `stream.read`, handed to a sink in order. The
+//! reads ask for `"encoding": "raw"` (the data follows each answer's line,
+//! taken by the transport, see `lines`); base64 `data` from an agent that
+//! sends it anyway is decoded too.
 //!
 //! Several reads are kept in flight so that a transfer is bound by the agent's
 //! throughput, not by round trips.
@@ -80,14 +82,18 @@ struct ReadResult {
     offset: u64,
     length: u64,
     eof: bool,
+    /// base64; empty when the data came raw and is in `slot`
+    #[serde(default)]
     data: String,
-    /// Set when the transport already decoded `data` (see `lines`).
+    /// Set when the transport already decoded `data` or took the raw data
+    /// after the line (see `lines`).
     slot: Option<u64>,
 }
 
 #[derive(Deserialize)]
 struct StreamResult {
     offset: u64,
+    #[serde(default)]
     data: String,
     eof: bool,
     slot: Option<u64>,
@@ -122,8 +128,9 @@ pub async fn read_file(
     let issue = |offset: u64| -> ReadFuture<'_> {
         let length = READ_CHUNK.min(size - offset);
         Box::pin(async move {
-            let params =
-                file.params_with(serde_json::json!({ "offset": offset, "length": length }));
+            let params = file.params_with(serde_json::json!({
+                "offset": offset, "length": length, "encoding": "raw"
+            }));
             let r: ReadResult = session.call("fs.read", params).await?;
             Ok((offset, length, r))
         })
@@ -192,7 +199,7 @@ pub async fn read_stream(
     let issue = |offset: u64| -> StreamFuture<'_> {
         Box::pin(async move {
             let params = serde_json::json!({
-                "stream": stream, "offset": offset, "length": READ_CHUNK
+                "stream": stream, "offset": offset, "length": READ_CHUNK, "encoding": "raw"
             });
             let r: StreamResult = session.call("stream.read", params).await?;
             Ok((offset, r))

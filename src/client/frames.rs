@@ -1,5 +1,6 @@
 //! Framing of the agent's answers on the client side: lines, and bulk
-//! answers whose base64 payload is decoded while it arrives.
+//! answers whose base64 payload is decoded while it arrives, or whose raw
+//! payload follows their line (`"encoding":"raw"`).
 //!
 //! A bulk answer (`image.read`, `fs.read`, `stream.read`) is one line of up to
 //! 22 MiB, nearly all of it base64. Buffering the whole line, scanning it for
@@ -9,6 +10,11 @@
 //! straight from the read buffer piece by piece as it arrives (while those
 //! bytes are still in the CPU cache), and keeps only the line without its
 //! payload. The read buffer never holds more than one read's worth of it.
+//!
+//! A raw answer (`{"offset","length","eof","encoding":"raw"}`) is a short
+//! line followed by exactly `length` bytes of data, which are moved into the
+//! payload as they arrive; they are never searched for newlines, so they
+//! can hold any bytes.
 //!
 //! It is sans-IO: callers feed it the bytes they read, so the async
 //! transport and synchronous programs (benchmarks, tests) share it. It never
@@ -32,6 +38,8 @@ pub const READ_BUFFER: usize = 256 << 10;
 
 /// What precedes a bulk payload.
 const DATA_KEY: &[u8] = b"\"data\":\"";
+/// What marks a raw answer, whose payload follows its line.
+const RAW_KEY: &[u8] = b"\"encoding\":\"raw\"";
 /// How far into a line `"data":"` may start for the line to be taken as a
 /// bulk answer (the agent writes a short head before the payload).
 const HEAD_MAX: usize = 512;
@@ -97,26 +105,27 @@ pub enum Response {
 #[derive(Debug, PartialEq, Eq)]
 pub struct BulkAnswer {
     pub id: u64,
-    /// The line up to and including `"data":"`.
-    head: Vec<u8>,
-    /// The line after the payload's closing quote.
-    tail: Vec<u8>,
+    /// The line without its payload up to where more members may go: up
+    /// to and including `"data":""`, or `"encoding":"raw"`.
+    before: Vec<u8>,
+    /// The rest of the line.
+    after: Vec<u8>,
     /// The decoded payload, or why it is not usable.
     pub payload: Result<Vec<u8>, String>,
 }
 
 impl BulkAnswer {
-    /// The answer with an empty `data` and `extra` members (e.g. `"slot":7`)
-    /// right after it: what a JSON parser may read instead of the whole line.
+    /// The answer without its payload (an empty `data`) and with `extra`
+    /// members (e.g. `"slot":7`) after `data` or `encoding`: what a JSON
+    /// parser may read instead of the whole answer.
     pub fn line_with(&self, extra: &str) -> Vec<u8> {
-        let mut line = Vec::with_capacity(self.head.len() + extra.len() + self.tail.len() + 2);
-        line.extend_from_slice(&self.head);
-        line.push(b'"');
+        let mut line = Vec::with_capacity(self.before.len() + extra.len() + self.after.len() + 1);
+        line.extend_from_slice(&self.before);
         if !extra.is_empty() {
             line.push(b',');
             line.extend_from_slice(extra.as_bytes());
         }
-        line.extend_from_slice(&self.tail);
+        line.extend_from_slice(&self.after);
         line
     }
 }
@@ -125,6 +134,19 @@ impl BulkAnswer {
 struct Head {
     id: u64,
     result: HeadResult,
+}
+
+/// The members of a raw answer's line that frame its payload.
+#[derive(Deserialize)]
+struct RawHead {
+    id: Option<u64>,
+    result: RawHeadResult,
+}
+
+#[derive(Deserialize)]
+struct RawHeadResult {
+    length: u64,
+    encoding: String,
 }
 
 #[derive(Deserialize)]
@@ -153,6 +175,10 @@ enum State {
     Payload(Box<Bulk>),
     /// After a bulk answer's payload, up to its newline.
     Tail(Box<Bulk>),
+    /// Inside a raw answer's payload, with this many bytes still to come.
+    Raw(Box<Bulk>, usize),
+    /// Dropping this many bytes of a raw payload nobody asked for.
+    Skip(u64),
 }
 
 struct Bulk {
@@ -168,6 +194,9 @@ struct Bulk {
     len: usize,
     error: Option<String>,
     tail: Vec<u8>,
+    /// A raw answer: `head` is the line up to `"encoding":"raw"` and `tail`
+    /// the rest of it.
+    raw: bool,
 }
 
 impl Bulk {
@@ -186,6 +215,7 @@ impl Bulk {
             padded: false,
             error: None,
             tail: Vec::new(),
+            raw: false,
         })
     }
 
@@ -236,11 +266,15 @@ impl Bulk {
     }
 
     fn answer(self) -> BulkAnswer {
-        let b = self;
+        let mut b = self;
+        if !b.raw {
+            // `"data":"` becomes `"data":""`
+            b.head.push(b'"');
+        }
         BulkAnswer {
             id: b.id,
-            head: b.head,
-            tail: b.tail,
+            before: b.head,
+            after: b.tail,
             payload: match b.error {
                 Some(e) => Err(e),
                 None => Ok(b.out),
@@ -297,7 +331,9 @@ impl ResponseDecoder {
                             return Some(Response::TooLong);
                         }
                         if let Some(line) = LineDecoder::finish_line(line) {
-                            return Some(Response::Line(line));
+                            if let Some(r) = self.after_line(line, wanted) {
+                                return Some(r);
+                            }
                         }
                     }
                     None if buf.len() > self.max_line + 1 => {
@@ -368,6 +404,98 @@ impl ResponseDecoder {
                     }
                     return Some(Response::Bulk((*bulk).answer()));
                 }
+                State::Raw(mut bulk, left) => {
+                    let n = left.min(buf.len());
+                    bulk.out.extend_from_slice(&buf[..n]);
+                    buf.advance(n);
+                    if n == left {
+                        return Some(Response::Bulk((*bulk).answer()));
+                    }
+                    self.state = State::Raw(bulk, left - n);
+                    return None;
+                }
+                State::Skip(left) => {
+                    let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+                    buf.advance(n);
+                    let left = left - n as u64;
+                    if left > 0 {
+                        self.state = State::Skip(left);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Inside a raw payload: its buffer and how many bytes it still lacks,
+    /// so that a caller whose read buffer is empty can read them straight
+    /// into it (one copy fewer) and count them off.
+    pub fn raw_payload_mut(&mut self) -> Option<(&mut Vec<u8>, &mut usize)> {
+        match &mut self.state {
+            State::Raw(bulk, left) if bulk.error.is_none() => Some((&mut bulk.out, left)),
+            _ => None,
+        }
+    }
+
+    /// The stream ended after what `buf` holds: a last line without its
+    /// `\n` still counts, and an answer cut off inside its payload comes out
+    /// with an error payload.
+    pub fn end_of_stream(&mut self, buf: &mut BytesMut) {
+        let at_start = self.at_start();
+        match &mut self.state {
+            State::Raw(bulk, left) => {
+                bulk.out.extend_from_slice(buf);
+                buf.clear();
+                bulk.error = Some("the answer ends inside its data".into());
+                *left = 0;
+            }
+            State::Skip(_) => {
+                buf.clear();
+                self.state = State::Start;
+            }
+            _ if !buf.is_empty() || !at_start => buf.extend_from_slice(b"\n"),
+            _ => {}
+        }
+    }
+
+    /// A whole line that is not a base64 bulk answer: a raw answer's line
+    /// (its payload follows: `None`, the state says what comes), or any
+    /// other line.
+    fn after_line(&mut self, line: BytesMut, wanted: &dyn Fn(u64) -> bool) -> Option<Response> {
+        let Some((id, length)) = raw_head(&line) else {
+            return Some(Response::Line(line));
+        };
+        let asked = id.is_some_and(wanted);
+        match usize::try_from(length) {
+            Ok(left) if asked && left <= self.max_line => {
+                let marker = memchr::memmem::find(&line, RAW_KEY).map_or(0, |i| i + RAW_KEY.len());
+                let mut bulk = Bulk::new(
+                    id.unwrap_or_default(),
+                    line[..marker].to_vec(),
+                    Some(length),
+                    &self.spares,
+                );
+                bulk.tail = line[marker..].to_vec();
+                bulk.raw = true;
+                self.state = State::Raw(bulk, left);
+                None
+            }
+            _ => {
+                // Stay in step with the stream whatever happens to the answer.
+                self.state = State::Skip(length);
+                if !asked {
+                    return Some(Response::Line(line));
+                }
+                let marker = memchr::memmem::find(&line, RAW_KEY).map_or(0, |i| i + RAW_KEY.len());
+                Some(Response::Bulk(BulkAnswer {
+                    id: id.unwrap_or_default(),
+                    before: line[..marker].to_vec(),
+                    after: line[marker..].to_vec(),
+                    payload: Err(format!(
+                        "the answer announces {length} bytes of data, more than the limit of {}",
+                        self.max_line
+                    )),
+                }))
             }
         }
     }
@@ -402,6 +530,16 @@ impl ResponseDecoder {
     }
 }
 
+/// The id and payload length of a raw answer's line; `None` for any other
+/// line. Such a line is short; it is parsed only if it has the marker.
+fn raw_head(line: &[u8]) -> Option<(Option<u64>, u64)> {
+    if line.len() > HEAD_MAX + TAIL_MAX || memchr::memmem::find(line, RAW_KEY).is_none() {
+        return None;
+    }
+    let head: RawHead = serde_json::from_slice(line).ok()?;
+    (head.result.encoding == "raw").then_some((head.id, head.result.length))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,12 +548,23 @@ mod tests {
 
     /// Feeds `input` in pieces of `step` bytes; every id is wanted.
     fn decode_all(input: &[u8], step: usize) -> Vec<Response> {
-        let mut dec = ResponseDecoder::new(MAX);
+        decode_with(input, step, MAX, &|_| true)
+    }
+
+    /// Feeds `input` in pieces of `step` bytes to a decoder with line limit
+    /// `max_line` that wants the ids `wanted` accepts.
+    fn decode_with(
+        input: &[u8],
+        step: usize,
+        max_line: usize,
+        wanted: &dyn Fn(u64) -> bool,
+    ) -> Vec<Response> {
+        let mut dec = ResponseDecoder::new(max_line);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         for piece in input.chunks(step.max(1)) {
             buf.extend_from_slice(piece);
-            while let Some(r) = dec.decode(&mut buf, &|_| true) {
+            while let Some(r) = dec.decode(&mut buf, wanted) {
                 out.push(r);
             }
         }
@@ -530,6 +679,98 @@ mod tests {
         );
     }
 
+    fn raw_answer(id: u64, data: &[u8]) -> Vec<u8> {
+        let mut v = format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{{\"offset\":0,\"length\":{},\"eof\":false,\"encoding\":\"raw\"}}}}\n",
+            data.len()
+        )
+        .into_bytes();
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn raw_payloads_follow_their_line_whatever_bytes_they_hold() {
+        // newlines, quotes, a whole answer line and invalid UTF-8 as data
+        let mut data = b"\n\"x\"\n".to_vec();
+        data.extend_from_slice(&bulk_line(9, b"not an answer"));
+        data.extend((0..5000u32).map(|i| (i * 7 % 256) as u8));
+        let mut input = Vec::new();
+        for n in [0, 1, 4, 200, data.len()] {
+            input.extend_from_slice(&raw_answer(n as u64, &data[..n]));
+        }
+        input.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":99,\"result\":{}}\n");
+        for step in [1, 2, 7, 100, 4096, input.len()] {
+            let got = decode_all(&input, step);
+            assert_eq!(got.len(), 6, "step {step}: {got:?}");
+            for (r, n) in got.iter().zip([0, 1, 4, 200, data.len()]) {
+                assert_eq!(
+                    payload(r).as_deref(),
+                    Ok(&data[..n]),
+                    "step {step}, {n} bytes"
+                );
+            }
+            assert!(matches!(&got[5], Response::Line(l) if l.ends_with(b"{}}")));
+        }
+        let got = decode_all(&raw_answer(3, b"abc"), 2);
+        let [Response::Bulk(b)] = &got[..] else {
+            panic!("{got:?}");
+        };
+        assert_eq!(
+            b.line_with("\"slot\":3"),
+            b"{\"jsonrpc\":\"2.0\",\"id\":3,\"result\":{\"offset\":0,\"length\":3,\"eof\":false,\"encoding\":\"raw\",\"slot\":3}}"
+        );
+    }
+
+    #[test]
+    fn raw_payloads_nobody_asked_for_or_too_long_are_skipped() {
+        // answer lines are about 90 bytes, the limit 120, the data 200
+        let data: Vec<u8> = b"12\n45\n78\n".repeat(20);
+        let mut input = raw_answer(5, &data);
+        input.extend_from_slice(&raw_answer(6, &data));
+        input.extend_from_slice(&raw_answer(7, b"ok"));
+        for step in [1, 3, input.len()] {
+            let got = decode_with(&input, step, 120, &|id| id != 5);
+            assert_eq!(got.len(), 3, "step {step}: {got:?}");
+            // not wanted: the line as it is, its data dropped
+            assert!(matches!(&got[0], Response::Line(l) if l.ends_with(b"\"raw\"}}")));
+            // 200 bytes over a limit of 120: an error, its data dropped
+            let err = payload(&got[1]).as_ref().expect_err("over the limit");
+            assert!(err.contains("more than the limit"), "{err}");
+            assert_eq!(payload(&got[2]).as_deref(), Ok(&b"ok"[..]));
+        }
+    }
+
+    #[test]
+    fn a_raw_payload_cut_off_by_the_end_of_the_stream_is_an_error() {
+        let input = raw_answer(1, b"abcdef");
+        let mut dec = ResponseDecoder::new(MAX);
+        let mut buf = BytesMut::from(&input[..input.len() - 2]);
+        assert_eq!(dec.decode(&mut buf, &|_| true), None);
+        dec.end_of_stream(&mut buf);
+        let got = dec.decode(&mut buf, &|_| true).expect("an answer");
+        let err = payload(&got).as_ref().expect_err("cut off");
+        assert!(err.contains("ends inside"), "{err}");
+        assert!(dec.at_start() && buf.is_empty());
+    }
+
+    #[test]
+    fn raw_payloads_can_be_read_straight_into_their_buffer() {
+        let input = raw_answer(1, b"0123456789");
+        let line_end = input.iter().position(|&b| b == b'\n').expect("line") + 1;
+        let mut dec = ResponseDecoder::new(MAX);
+        let mut buf = BytesMut::from(&input[..line_end + 3]);
+        assert_eq!(dec.decode(&mut buf, &|_| true), None);
+        assert!(buf.is_empty(), "the first data bytes went into the payload");
+        let (payload_buf, left) = dec.raw_payload_mut().expect("inside a raw payload");
+        assert_eq!(*left, 7);
+        payload_buf.extend_from_slice(&input[line_end + 3..]);
+        *left = 0;
+        let got = dec.decode(&mut buf, &|_| true).expect("the answer");
+        assert_eq!(payload(&got).as_deref(), Ok(&b"0123456789"[..]));
+        assert!(dec.raw_payload_mut().is_none());
+    }
+
     #[test]
     fn over_long_answers_are_reported_and_skipped() {
         let data = vec![7u8; 3000];
@@ -538,15 +779,7 @@ mod tests {
         input.push(b'\n');
         input.extend_from_slice(&bulk_line(2, b"ok"));
         for step in [1, 100, input.len()] {
-            let mut dec = ResponseDecoder::new(2000);
-            let mut buf = BytesMut::new();
-            let mut got = Vec::new();
-            for piece in input.chunks(step) {
-                buf.extend_from_slice(piece);
-                while let Some(r) = dec.decode(&mut buf, &|_| true) {
-                    got.push(r);
-                }
-            }
+            let got = decode_with(&input, step, 2000, &|_| true);
             assert_eq!(got.len(), 3, "step {step}");
             assert_eq!(got[0], Response::TooLong);
             assert_eq!(got[1], Response::TooLong);

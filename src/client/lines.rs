@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use jsonrpsee::core::client::{ReceivedMessage, TransportReceiverT, TransportSenderT};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -189,14 +189,22 @@ impl TransportReceiverT for LineReceiver {
                     "the agent closed the connection",
                 ));
             }
+            if self.buf.is_empty() {
+                if let Some((payload, left)) = self.decoder.raw_payload_mut() {
+                    // Raw data goes straight into its payload buffer.
+                    let n = self.reader.read_buf(&mut payload.limit(*left)).await?;
+                    *left -= n;
+                    if n == 0 {
+                        self.eof = true;
+                        self.decoder.end_of_stream(&mut self.buf);
+                    }
+                    continue;
+                }
+            }
             self.buf.reserve(READ_BUFFER);
             if self.reader.read_buf(&mut self.buf).await? == 0 {
                 self.eof = true;
-                // A last line without its `\n` still counts (an answer cut
-                // off inside its payload comes out as an error payload).
-                if !self.buf.is_empty() || !self.decoder.at_start() {
-                    self.buf.extend_from_slice(b"\n");
-                }
+                self.decoder.end_of_stream(&mut self.buf);
             }
         }
     }

@@ -17,7 +17,7 @@ use super::envelope::{
     error_line, error_object_line, parse_message, parse_request, result_head, result_line, Id,
     Message,
 };
-use super::router::{Body, Outcome, AUTHENTICATE};
+use super::router::{Body, Outcome, Trailer, AUTHENTICATE};
 use super::server::Inner;
 use crate::transport::listener::Stream;
 use crate::transport::{Frame, LineDecoder};
@@ -29,12 +29,14 @@ const AUTH_RESULT: &str = concat!(
     "\"}"
 );
 
-/// One response line: `head`, then `body` (a result too large to copy again,
-/// or produced while it is written), then `tail`; the writer adds the newline.
+/// One response: `head`, then `body` (a result too large to copy again, or
+/// produced while it is written), then `tail`, the newline the writer adds,
+/// and the `trailer`'s bytes if the result has any.
 struct Outgoing {
     head: Vec<u8>,
     body: Body,
     tail: &'static [u8],
+    trailer: Option<Box<dyn Trailer>>,
     _hold: Option<Box<dyn Send + Sync>>,
 }
 
@@ -48,17 +50,19 @@ impl Outgoing {
             head: line,
             body: Body::Bytes(Vec::new()),
             tail: b"",
+            trailer: None,
             _hold: None,
         }
     }
 
     fn reply(id: &Id, outcome: Outcome) -> Outgoing {
         match outcome {
-            Outcome::Result(body, hold) => Outgoing {
+            Outcome::Result(r) => Outgoing {
                 head: result_head(id),
-                body,
+                body: r.json,
                 tail: b"}",
-                _hold: hold,
+                trailer: r.trailer,
+                _hold: r.hold,
             },
             Outcome::Error(err) => Outgoing::line(error_object_line(id, &err)),
         }
@@ -270,7 +274,7 @@ async fn answer(conn: Arc<Conn>, line: bytes::BytesMut, tx: Sender, permit: Owne
 async fn respond(conn: &Conn, line: &[u8]) -> Option<Outgoing> {
     let items = match parse_message(line) {
         Err(r) => return Some(Outgoing::line(error_line(&r.id, r.code, r.message))),
-        Ok(Message::Single(raw)) => return respond_one(conn, raw).await,
+        Ok(Message::Single(raw)) => return respond_one(conn, raw, false).await,
         Ok(Message::Batch(items)) => items,
     };
     if items.is_empty() {
@@ -290,7 +294,7 @@ async fn respond(conn: &Conn, line: &[u8]) -> Option<Outgoing> {
     }
     let mut out = Vec::new();
     for raw in items {
-        if let Some(reply) = respond_one(conn, raw).await {
+        if let Some(reply) = respond_one(conn, raw, true).await {
             out.push(if out.is_empty() { b'[' } else { b',' });
             out.extend_from_slice(&reply.into_bytes());
         }
@@ -302,7 +306,9 @@ async fn respond(conn: &Conn, line: &[u8]) -> Option<Outgoing> {
     Some(Outgoing::line(out))
 }
 
-async fn respond_one(conn: &Conn, raw: &RawValue) -> Option<Outgoing> {
+/// Answers one request; `in_batch`: its answer goes into a batch's one
+/// line, which cannot carry bytes after it.
+async fn respond_one(conn: &Conn, raw: &RawValue, in_batch: bool) -> Option<Outgoing> {
     let req = match parse_request(raw) {
         Ok(req) => req,
         Err(r) => return Some(Outgoing::line(error_line(&r.id, r.code, r.message))),
@@ -315,6 +321,12 @@ async fn respond_one(conn: &Conn, raw: &RawValue) -> Option<Outgoing> {
             .id
             .map(|id| Outgoing::line(result_line(&id, AUTH_RESULT)));
     }
+    // Refused before it runs: a stream read would lose its data.
+    if in_batch && asks_for_raw(req.params) {
+        return req
+            .id
+            .map(|id| Outgoing::line(error_line(&id, INVALID_PARAMS, RAW_IN_BATCH)));
+    }
     let router = &conn.inner.router;
     if router.resets_watchdog(&req.method, req.params) {
         shared.touch();
@@ -322,7 +334,30 @@ async fn respond_one(conn: &Conn, raw: &RawValue) -> Option<Outgoing> {
     let outcome = router
         .call(&req.method, req.params, conn.id, &conn.ext)
         .await;
-    req.id.map(|id| Outgoing::reply(&id, outcome))
+    let id = req.id?;
+    if in_batch && matches!(&outcome, Outcome::Result(r) if r.trailer.is_some()) {
+        return Some(Outgoing::line(error_line(
+            &id,
+            INVALID_PARAMS,
+            RAW_IN_BATCH,
+        )));
+    }
+    Some(Outgoing::reply(&id, outcome))
+}
+
+const RAW_IN_BATCH: &str =
+    "Invalid params: data sent after the answer line (\"encoding\": \"raw\") cannot be part of a batch";
+
+/// Whether `params` ask for the data after the answer line.
+fn asks_for_raw(params: Option<&RawValue>) -> bool {
+    #[derive(Deserialize)]
+    struct Encoding<'a> {
+        #[serde(borrow)]
+        encoding: Option<&'a str>,
+    }
+    params
+        .and_then(|p| serde_json::from_str::<Encoding>(p.get()).ok())
+        .is_some_and(|p| p.encoding == Some("raw"))
 }
 
 async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) {
@@ -347,6 +382,11 @@ async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoi
             }
             w.write_all(out.tail).await?;
             w.write_all(b"\n").await?;
+            if let Some(trailer) = &mut out.trailer {
+                while let Some(bytes) = trailer.next_bytes() {
+                    w.write_all(bytes).await?;
+                }
+            }
             // Coalesce: flush only when no other response is waiting.
             if rx.is_empty() {
                 w.flush().await?;
