@@ -430,18 +430,16 @@ fn snapshots_archives_volumes_as_json_and_tables() {
     )));
     assert_eq!(v["size"], 13);
     // A bulk method through `call` keeps its base64 data.
-    let v = json(&ok(client(
-        &agent,
-        &[
-            "--output",
-            "json",
-            "call",
-            "fs.read",
-            &format!(
-                r#"{{"snapshot":"{SNAPSHOT}","archive":"{EXT4}","volume":"raw","path":"/small.txt","offset":0,"length":100}}"#
-            ),
-        ],
-    )));
+    let call_read = |encoding: &str| {
+        let params = format!(
+            r#"{{"snapshot":"{SNAPSHOT}","archive":"{EXT4}","volume":"raw","path":"/small.txt","offset":0,"length":100,"encoding":"{encoding}"}}"#
+        );
+        json(&ok(client(
+            &agent,
+            &["--output", "json", "call", "fs.read", &params],
+        )))
+    };
+    let v = call_read("base64");
     assert_eq!(v["length"], 13, "{v}");
     assert_eq!(v["eof"], true, "{v}");
     assert!(v.get("slot").is_none(), "{v}");
@@ -458,6 +456,9 @@ fn snapshots_archives_volumes_as_json_and_tables() {
         })
         .expect("base64 -d");
     assert_eq!(got.stdout, want);
+    // Asked for raw, `call` prints the same.
+    let raw = call_read("raw");
+    assert_eq!(raw, v);
 }
 
 #[test]

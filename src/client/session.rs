@@ -121,7 +121,8 @@ impl Session {
 
     /// Calls `method` with params given as JSON text (or none) and returns the
     /// result as the agent sent it (a bulk payload the transport decoded is
-    /// put back as base64).
+    /// put back as base64, and a raw one too: the result then reads as the
+    /// base64 answer would).
     pub async fn call_raw(
         &self,
         method: &str,
@@ -139,6 +140,9 @@ impl Session {
         let data = self.take_bulk(slot, method)?;
         if let Some(obj) = v.as_object_mut() {
             obj.remove("slot");
+            if obj.remove("encoding").is_some() && method == "stream.read" {
+                obj.remove("length");
+            }
             obj.insert(
                 "data".into(),
                 base64_simd::STANDARD.encode_to_string(&data).into(),
