@@ -462,35 +462,31 @@ impl ResponseDecoder {
     /// (its payload follows: `None`, the state says what comes), or any
     /// other line.
     fn after_line(&mut self, line: BytesMut, wanted: &dyn Fn(u64) -> bool) -> Option<Response> {
-        let Some((id, length)) = raw_head(&line) else {
+        let Some(head) = raw_head(&line) else {
             return Some(Response::Line(line));
         };
-        let asked = id.is_some_and(wanted);
-        match usize::try_from(length) {
-            Ok(left) if asked && left <= self.max_line => {
-                let marker = memchr::memmem::find(&line, RAW_KEY).map_or(0, |i| i + RAW_KEY.len());
-                let mut bulk = Bulk::new(
-                    id.unwrap_or_default(),
-                    line[..marker].to_vec(),
-                    Some(length),
-                    &self.spares,
-                );
-                bulk.tail = line[marker..].to_vec();
+        let (before, after) = line.split_at(head.marker_end);
+        let Some(id) = head.id.filter(|&id| wanted(id)) else {
+            // Not asked for: the line as it is, its data dropped.
+            self.state = State::Skip(head.length);
+            return Some(Response::Line(line));
+        };
+        match usize::try_from(head.length) {
+            Ok(left) if left <= self.max_line => {
+                let mut bulk = Bulk::new(id, before.to_vec(), Some(head.length), &self.spares);
+                bulk.tail = after.to_vec();
                 bulk.raw = true;
                 self.state = State::Raw(bulk, left);
                 None
             }
             _ => {
                 // Stay in step with the stream whatever happens to the answer.
-                self.state = State::Skip(length);
-                if !asked {
-                    return Some(Response::Line(line));
-                }
-                let marker = memchr::memmem::find(&line, RAW_KEY).map_or(0, |i| i + RAW_KEY.len());
+                self.state = State::Skip(head.length);
+                let length = head.length;
                 Some(Response::Bulk(BulkAnswer {
-                    id: id.unwrap_or_default(),
-                    before: line[..marker].to_vec(),
-                    after: line[marker..].to_vec(),
+                    id,
+                    before: before.to_vec(),
+                    after: after.to_vec(),
                     payload: Err(format!(
                         "the answer announces {length} bytes of data, more than the limit of {}",
                         self.max_line
@@ -530,14 +526,28 @@ impl ResponseDecoder {
     }
 }
 
-/// The id and payload length of a raw answer's line; `None` for any other
-/// line. Such a line is short; it is parsed only if it has the marker.
-fn raw_head(line: &[u8]) -> Option<(Option<u64>, u64)> {
-    if line.len() > HEAD_MAX + TAIL_MAX || memchr::memmem::find(line, RAW_KEY).is_none() {
+/// What frames a raw answer's payload.
+struct RawFrame {
+    id: Option<u64>,
+    /// Data bytes after the line.
+    length: u64,
+    /// Where `"encoding":"raw"` ends in the line.
+    marker_end: usize,
+}
+
+/// The frame of a raw answer's line; `None` for any other line. Such a line
+/// is short; it is parsed only if it has the marker.
+fn raw_head(line: &[u8]) -> Option<RawFrame> {
+    if line.len() > HEAD_MAX + TAIL_MAX {
         return None;
     }
+    let marker_end = memchr::memmem::find(line, RAW_KEY)? + RAW_KEY.len();
     let head: RawHead = serde_json::from_slice(line).ok()?;
-    (head.result.encoding == "raw").then_some((head.id, head.result.length))
+    (head.result.encoding == "raw").then_some(RawFrame {
+        id: head.id,
+        length: head.result.length,
+        marker_end,
+    })
 }
 
 #[cfg(test)]
