@@ -150,14 +150,10 @@ pub fn read_result(
     hold: Option<OwnedSemaphorePermit>,
     encoding: Encoding,
 ) -> RawResult {
-    let len = data_len(&pieces);
     if encoding == Encoding::Raw {
-        return raw(
-            format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"encoding\":\"raw\"}}"),
-            pieces,
-            hold,
-        );
+        return raw(offset, eof, pieces, hold);
     }
+    let len = data_len(&pieces);
     let head = format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"data\":\"");
     streamed(head.into_bytes(), pieces, b"\"}".to_vec(), hold)
 }
@@ -172,12 +168,7 @@ pub fn stream_result(
 ) -> RawResult {
     let pieces: Vec<Piece> = data.into_iter().map(Piece::Stream).collect();
     if encoding == Encoding::Raw {
-        let len = data_len(&pieces);
-        return raw(
-            format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"encoding\":\"raw\"}}"),
-            pieces,
-            hold,
-        );
+        return raw(offset, eof, pieces, hold);
     }
     let tail = format!("\",\"eof\":{eof}}}");
     streamed(
@@ -192,8 +183,18 @@ fn data_len(pieces: &[Piece]) -> usize {
     pieces.iter().map(|p| p.as_slice().len()).sum()
 }
 
-/// `json` as the result, the pieces as they are after its line.
-fn raw(json: String, pieces: Vec<Piece>, hold: Option<OwnedSemaphorePermit>) -> RawResult {
+/// The raw answer to a read of `pieces` at `offset` (of a file, an image or
+/// a stream alike): its line says how many bytes follow, the pieces follow
+/// as they are.
+fn raw(
+    offset: u64,
+    eof: bool,
+    pieces: Vec<Piece>,
+    hold: Option<OwnedSemaphorePermit>,
+) -> RawResult {
+    let len = data_len(&pieces);
+    let json =
+        format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"encoding\":\"raw\"}}");
     let result =
         RawResult::new(json.into_bytes()).with_trailer(Box::new(RawPieces { pieces, index: 0 }));
     match hold {

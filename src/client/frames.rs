@@ -183,7 +183,8 @@ enum State {
 
 struct Bulk {
     id: u64,
-    head: Vec<u8>,
+    /// The line up to where more members may go (see [`BulkAnswer`]).
+    before: Vec<u8>,
     out: Vec<u8>,
     /// Characters of a 4-character group cut off by the end of a read.
     carry: [u8; 4],
@@ -193,29 +194,26 @@ struct Bulk {
     /// Bytes of the line so far (for the line limit).
     len: usize,
     error: Option<String>,
+    /// The line after the payload (base64) or after `"encoding":"raw"`.
     tail: Vec<u8>,
-    /// A raw answer: `head` is the line up to `"encoding":"raw"` and `tail`
-    /// the rest of it.
-    raw: bool,
 }
 
 impl Bulk {
-    fn new(id: u64, head: Vec<u8>, announced: Option<u64>, spares: &SpareBuffers) -> Box<Bulk> {
+    fn new(id: u64, before: Vec<u8>, announced: Option<u64>, spares: &SpareBuffers) -> Box<Bulk> {
         let capacity = announced
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or(0)
             .min(PREALLOC_MAX);
         Box::new(Bulk {
             id,
-            len: head.len(),
-            head,
+            len: before.len(),
+            before,
             out: spares.take(capacity),
             carry: [0; 4],
             carried: 0,
             padded: false,
             error: None,
             tail: Vec::new(),
-            raw: false,
         })
     }
 
@@ -266,14 +264,10 @@ impl Bulk {
     }
 
     fn answer(self) -> BulkAnswer {
-        let mut b = self;
-        if !b.raw {
-            // `"data":"` becomes `"data":""`
-            b.head.push(b'"');
-        }
+        let b = self;
         BulkAnswer {
             id: b.id,
-            before: b.head,
+            before: b.before,
             after: b.tail,
             payload: match b.error {
                 Some(e) => Err(e),
@@ -475,7 +469,6 @@ impl ResponseDecoder {
             Ok(left) if left <= self.max_line => {
                 let mut bulk = Bulk::new(id, before.to_vec(), Some(head.length), &self.spares);
                 bulk.tail = after.to_vec();
-                bulk.raw = true;
                 self.state = State::Raw(bulk, left);
                 None
             }
@@ -520,7 +513,9 @@ impl ResponseDecoder {
         if !wanted(head.id) {
             return None;
         }
+        // `"data":"` becomes `"data":""`: the line without its payload.
         probe.truncate(end);
+        probe.push(b'"');
         buf.advance(end);
         Some(Bulk::new(head.id, probe, head.result.length, &self.spares))
     }

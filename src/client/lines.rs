@@ -189,20 +189,24 @@ impl TransportReceiverT for LineReceiver {
                     "the agent closed the connection",
                 ));
             }
-            if self.buf.is_empty() {
-                if let Some((payload, left)) = self.decoder.raw_payload_mut() {
-                    // Raw data goes straight into its payload buffer.
+            // Raw data goes straight into its payload buffer.
+            let raw = if self.buf.is_empty() {
+                self.decoder.raw_payload_mut()
+            } else {
+                None
+            };
+            let n = match raw {
+                Some((payload, left)) => {
                     let n = self.reader.read_buf(&mut payload.limit(*left)).await?;
                     *left -= n;
-                    if n == 0 {
-                        self.eof = true;
-                        self.decoder.end_of_stream(&mut self.buf);
-                    }
-                    continue;
+                    n
                 }
-            }
-            self.buf.reserve(READ_BUFFER);
-            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                None => {
+                    self.buf.reserve(READ_BUFFER);
+                    self.reader.read_buf(&mut self.buf).await?
+                }
+            };
+            if n == 0 {
                 self.eof = true;
                 self.decoder.end_of_stream(&mut self.buf);
             }

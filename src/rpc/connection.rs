@@ -335,6 +335,8 @@ async fn respond_one(conn: &Conn, raw: &RawValue, in_batch: bool) -> Option<Outg
         .call(&req.method, req.params, conn.id, &conn.ext)
         .await;
     let id = req.id?;
+    // Params given by position carry no `encoding` name for the check above;
+    // their raw answer still cannot go into the batch's line.
     if in_batch && matches!(&outcome, Outcome::Result(r) if r.trailer.is_some()) {
         return Some(Outgoing::line(error_line(
             &id,
@@ -348,7 +350,8 @@ async fn respond_one(conn: &Conn, raw: &RawValue, in_batch: bool) -> Option<Outg
 const RAW_IN_BATCH: &str =
     "Invalid params: data sent after the answer line (\"encoding\": \"raw\") cannot be part of a batch";
 
-/// Whether `params` ask for the data after the answer line.
+/// Whether `params` (by name) ask for the data after the answer line: a
+/// framing rule of the protocol (see the `Trailer`), whichever method.
 fn asks_for_raw(params: Option<&RawValue>) -> bool {
     #[derive(Deserialize)]
     struct Encoding<'a> {
