@@ -94,7 +94,7 @@ impl Load {
 }
 
 /// Reads a chunk file whole in one read call and decodes it, checking
-/// magic, CRC, size limit and digest.
+/// magic, size limit and digest (the digest stands in for the CRC).
 ///
 /// The read (`readv`) puts the blob header into a small buffer and the
 /// payload after it. A payload of exactly the chunk's size is stored

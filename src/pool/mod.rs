@@ -2,7 +2,8 @@
 //! it.
 //!
 //! A fixed set of worker threads reads chunk files whole (one read each),
-//! checks CRC, decompresses and verifies SHA-256; concurrent requests for
+//! decompresses and verifies SHA-256 (which covers what the blob's CRC
+//! would, see `blob::decode_payload`); concurrent requests for
 //! one chunk share a read; decoded chunks sit in a byte-bounded LRU cache
 //! keyed by digest; sequential readers get read-ahead, and readers that
 //! announce what they will read get it loaded ahead in parallel; the

@@ -102,25 +102,38 @@ pub fn parse_header(raw: &[u8], expected: Option<&Digest>) -> Result<Header> {
     }
 }
 
-/// Decodes a DataBlob: checks magic and CRC, decompresses (never producing
-/// more than `max_size` bytes, whatever the frame claims) and, when
-/// `expected` is given, checks that SHA-256 of the result equals it.
+/// Decodes a DataBlob with every check: magic, CRC, decompression (never
+/// producing more than `max_size` bytes, whatever the frame claims) and,
+/// when `expected` is given, SHA-256 of the result. For `store verify`,
+/// which must report any damage, and for blobs without a digest.
 pub fn decode(raw: &[u8], expected: Option<&Digest>, max_size: usize) -> Result<Vec<u8>> {
     let header = parse_header(raw, expected)?;
     let payload = raw.get(HEADER_SIZE..).unwrap_or_default();
-    decode_payload(&header, Cow::Borrowed(payload), expected, max_size)
+    check_crc(&header, payload, expected)?;
+    decode_checked(&header, Cow::Borrowed(payload), expected, max_size)
 }
 
-/// [`decode`] of a blob whose header was parsed apart from its payload (the
-/// bytes after the header). An owned uncompressed payload becomes the data
-/// as it is, without a copy.
+/// The read path's decode of a blob whose header was parsed apart from its
+/// payload (the bytes after the header). With `expected`, only the digest
+/// of the decoded data is checked, as Proxmox Backup's chunk readers do: it
+/// is the stronger check and covers the payload as well (damaged bytes
+/// decode to other data, or fail to decode), so the CRC would only cost a
+/// pass over the data. Without it, the CRC is checked. An owned
+/// uncompressed payload becomes the data as it is, without a copy.
 pub fn decode_payload(
     header: &Header,
     payload: Cow<'_, [u8]>,
     expected: Option<&Digest>,
     max_size: usize,
 ) -> Result<Vec<u8>> {
-    let crc = crc32fast::hash(&payload);
+    if expected.is_none() {
+        check_crc(header, &payload, expected)?;
+    }
+    decode_checked(header, payload, expected, max_size)
+}
+
+fn check_crc(header: &Header, payload: &[u8], expected: Option<&Digest>) -> Result<()> {
+    let crc = crc32fast::hash(payload);
     if crc != header.crc {
         return Err(Error::corrupt(format!(
             "{}: CRC mismatch (stored {:08x}, computed {crc:08x})",
@@ -128,6 +141,16 @@ pub fn decode_payload(
             header.crc
         )));
     }
+    Ok(())
+}
+
+/// Decompresses (bounded by `max_size`) and checks the digest when given.
+fn decode_checked(
+    header: &Header,
+    payload: Cow<'_, [u8]>,
+    expected: Option<&Digest>,
+    max_size: usize,
+) -> Result<Vec<u8>> {
     let data = if header.compressed {
         decompress(&payload, max_size).map_err(|e| {
             Error::corrupt(format!("{}: zstd payload: {}", what(expected), e.message))
@@ -394,6 +417,62 @@ mod tests {
         let blob = encode(b"", true);
         assert_eq!(blob.len(), HEADER_SIZE);
         assert_eq!(decode(&blob, Some(&sha256(b"")), 0).unwrap(), b"");
+    }
+
+    #[test]
+    fn read_path_relies_on_the_digest() {
+        let data = test_chunk();
+        let digest = sha256(&data);
+        for compress in [false, true] {
+            let blob = encode(&data, compress);
+            let payload = |b: &[u8]| b[HEADER_SIZE..].to_vec();
+            // A damaged CRC field alone: the data is intact and is
+            // returned; verify's decode still reports the damage.
+            let mut bad_crc = blob.clone();
+            bad_crc[9] ^= 0x40;
+            let header = parse_header(&bad_crc, Some(&digest)).unwrap();
+            let got = decode_payload(
+                &header,
+                Cow::Owned(payload(&bad_crc)),
+                Some(&digest),
+                MAX_CHUNK_SIZE,
+            )
+            .unwrap();
+            assert_eq!(got, data);
+            assert_eq!(
+                decode(&bad_crc, Some(&digest), MAX_CHUNK_SIZE)
+                    .unwrap_err()
+                    .kind,
+                ErrorKind::Corrupt
+            );
+            // Without a digest the CRC is what catches it.
+            assert_eq!(
+                decode_payload(&header, Cow::Owned(payload(&bad_crc)), None, MAX_CHUNK_SIZE)
+                    .unwrap_err()
+                    .kind,
+                ErrorKind::Corrupt
+            );
+            // A damaged payload byte never comes back as wrong data: an
+            // uncompressed one always fails; a compressed one fails or (a
+            // byte the frame does not need) still decodes to the data.
+            for at in HEADER_SIZE..blob.len() {
+                let mut bad = blob.clone();
+                bad[at] ^= 0x10;
+                let header = parse_header(&bad, Some(&digest)).unwrap();
+                match decode_payload(
+                    &header,
+                    Cow::Owned(payload(&bad)),
+                    Some(&digest),
+                    MAX_CHUNK_SIZE,
+                ) {
+                    Err(e) => assert_eq!(e.kind, ErrorKind::Corrupt, "{compress} {at}"),
+                    Ok(got) => assert!(compress && got == data, "{compress} {at}"),
+                }
+                if !compress && at > HEADER_SIZE + 4096 {
+                    break;
+                }
+            }
+        }
     }
 
     #[test]
