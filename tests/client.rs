@@ -1213,3 +1213,159 @@ fn completions_and_manpage() {
         .expect("run"));
     assert!(String::from_utf8_lossy(&out.stdout).contains(".TH restore-client"));
 }
+
+/// Runs `cmd` with its stderr on a new pseudo-terminal (120 columns) and
+/// returns its exit status and everything it wrote there.
+fn with_stderr_on_a_terminal(cmd: &mut Command) -> (std::process::ExitStatus, Vec<u8>) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds into the given ints and reads `size`.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just opened and are owned here alone.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("spawn");
+    // Replacing it drops the command's copy of the slave end: the child's is
+    // then the only one, and reading the master ends (EIO) when it exits.
+    cmd.stderr(Stdio::null());
+    let reader = thread::spawn(move || {
+        let mut master = fs::File::from(master);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        seen
+    });
+    let status = child.wait().expect("wait");
+    (status, reader.join().expect("reader"))
+}
+
+#[test]
+fn progress_bars_show_on_a_terminal_only() {
+    let agent = start_agent();
+    let out_dir = tmp();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(CLIENT_BIN);
+        cmd.arg("--connect")
+            .arg(format!("unix:{}", agent.sock.display()))
+            .arg("--ticket-file")
+            .arg(&agent.ticket_path)
+            .args(args);
+        let (status, seen) = with_stderr_on_a_terminal(&mut cmd);
+        assert!(
+            status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        // Whatever else it wrote, the bar is cleared at the end.
+        String::from_utf8_lossy(&seen).into_owned()
+    };
+    // One file: a bar with its total and an ETA.
+    let file = out_dir.path().join("one");
+    let shown = run(&[
+        "extract",
+        SNAPSHOT,
+        EXT4,
+        "raw",
+        "/a/b/big.bin",
+        "-o",
+        file.to_str().expect("utf8"),
+    ]);
+    assert!(
+        shown.contains("ETA") && shown.contains("9.01 MiB"),
+        "{shown:?}"
+    );
+    // A tree: bytes and rate, no total.
+    let tree = out_dir.path().join("tree");
+    let shown = run(&[
+        "extract",
+        SNAPSHOT,
+        EXT4,
+        "raw",
+        "/a",
+        "-o",
+        tree.to_str().expect("utf8"),
+    ]);
+    assert!(shown.contains("/s"), "{shown:?}");
+    assert_eq!(
+        sha256(&tree.join("b/big.bin")),
+        sha256(&fixture().src.join("a/b/big.bin"))
+    );
+    // An import: a bar with its total and an ETA.
+    // A store's 65536 chunk directories come and go fast on tmpfs only.
+    let shm = Path::new("/dev/shm");
+    let store_dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .expect("temp dir");
+    let image = store_dir.path().join("disk.img");
+    fs::write(&image, noise(6 << 20, 9)).expect("write image");
+    let store = store_dir.path().join("store");
+    ok(Command::new(CLIENT_BIN)
+        .args(["store", "init"])
+        .arg(&store)
+        .output()
+        .expect("run"));
+    let mut import = Command::new(CLIENT_BIN);
+    import
+        .args(["store", "import-image", "--store"])
+        .arg(&store)
+        .args([
+            "--snapshot",
+            "host/t/2026-01-01T00:00:00Z",
+            "--archive",
+            "disk.img",
+        ])
+        .arg(&image);
+    let (status, seen) = with_stderr_on_a_terminal(&mut import);
+    let shown = String::from_utf8_lossy(&seen);
+    assert!(status.success(), "{shown}");
+    assert!(
+        shown.contains("ETA") && shown.contains("6.00 MiB"),
+        "{shown:?}"
+    );
+    // Not a terminal: nothing on stderr.
+    let again = out_dir.path().join("again");
+    let out = ok(client(
+        &agent,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/a/b/big.bin",
+            "-o",
+            again.to_str().expect("utf8"),
+        ],
+    ));
+    assert!(
+        out.stderr.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
