@@ -1369,3 +1369,139 @@ fn progress_bars_show_on_a_terminal_only() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A Unix-socket relay to the agent that passes on the first `pass` bytes
+/// of the agent's answers and holds back the rest until the client goes.
+fn stalling_relay(dir: &Path, agent_sock: &Path, pass: u64) -> PathBuf {
+    let path = dir.join("stall.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let target = agent_sock.to_path_buf();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let Ok(agent) = UnixStream::connect(&target) else {
+                return;
+            };
+            let (gone_tx, gone_rx) = std::sync::mpsc::channel::<()>();
+            let (a_r, mut c_w) = (
+                agent.try_clone().expect("clone"),
+                conn.try_clone().expect("clone"),
+            );
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut a_r.take(pass), &mut c_w);
+                // Holds the connection open: ends when the client's side
+                // closed (the sender below is dropped).
+                let _ = gone_rx.recv();
+            });
+            let (mut c_r, mut a_w) = (conn, agent);
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut c_r, &mut a_w);
+                let _ = a_w.shutdown(std::net::Shutdown::Both);
+                drop(gone_tx);
+            });
+        }
+    });
+    path
+}
+
+#[test]
+fn ctrl_c_during_extract_removes_the_partial_file() {
+    let agent = start_agent();
+    let dir = tmp();
+    // authenticate, fs.stat and the first 4 MiB read get through; the
+    // transfer then waits with part of the file written.
+    let relay = stalling_relay(dir.path(), &agent.sock, 6 << 20);
+    let dest = dir.path().join("out");
+    let mut child = Command::new(CLIENT_BIN)
+        .arg("--connect")
+        .arg(format!("unix:{}", relay.display()))
+        .arg("--ticket-file")
+        .arg(&agent.ticket_path)
+        .args(["extract", SNAPSHOT, EXT4, "raw", "/a/b/big.bin", "-o"])
+        .arg(&dest)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let file = dest.join("big.bin");
+    let under_way = common::wait_until(std::time::Duration::from_secs(30), || {
+        fs::metadata(&file).map(|m| m.len()).unwrap_or(0) > 0
+            || child.try_wait().ok().flatten().is_some()
+    });
+    assert!(under_way, "no data written within 30 s");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the client ended before it was interrupted"
+    );
+    // SAFETY: kill with the pid of a child this test started and has not
+    // reaped yet.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(!file.exists(), "partial file left behind");
+    assert!(dest.is_dir());
+}
+
+#[test]
+fn ticket_from_the_environment_and_a_tcp_connection() {
+    let port = common::free_tcp_port();
+    let mut agent = common::Agent::builder()
+        .arg("--datastore")
+        .arg(fixture().store.to_string_lossy())
+        .arg("--listen")
+        .arg(format!("tcp:127.0.0.1:{port}"))
+        .start();
+    agent.wait_for_log(
+        &format!("listening on tcp:127.0.0.1:{port}"),
+        std::time::Duration::from_secs(20),
+    );
+    let ticket = fs::read_to_string(&agent.ticket_path).expect("ticket");
+    let run = |env_ticket: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(CLIENT_BIN);
+        cmd.arg("--connect")
+            .arg(format!("tcp:127.0.0.1:{port}"))
+            .args(args)
+            .env_remove("RESTORE_AGENT_TICKET")
+            .stdin(Stdio::null());
+        if let Some(t) = env_ticket {
+            cmd.env("RESTORE_AGENT_TICKET", t);
+        }
+        cmd.output().expect("run")
+    };
+    // The ticket from the environment; options after the subcommand.
+    let out = ok(run(
+        Some(ticket.trim_end()),
+        &[
+            "cat",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/small.txt",
+            "--output",
+            "json",
+        ],
+    ));
+    assert_eq!(
+        out.stdout,
+        fs::read(fixture().src.join("small.txt")).expect("read")
+    );
+    // A wrong one is the agent's refusal: exit 1.
+    let out = run(Some("not the ticket"), &["ping"]);
+    exits(&out, 1);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("authentication failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // None at all: a usage error that says where a ticket comes from.
+    let out = run(None, &["ping"]);
+    exits(&out, 2);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("RESTORE_AGENT_TICKET"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

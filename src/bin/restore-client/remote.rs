@@ -541,8 +541,8 @@ async fn cat(session: &Session, file: &FileRef) -> Result<Outcome, ClientError> 
     let bytes = bulk::read_file(session, file, e.size, &mut sink).await?;
     out.flush()
         .map_err(|e| ClientError::local(format!("writing to stdout: {e}")))?;
-    Ok(Outcome::new(
-        json!({ "path": file.display(), "bytes": bytes }),
-        "",
-    ))
+    log::debug!("cat {}: {bytes} bytes", file.display());
+    // The file's bytes are all of stdout, also with `--output json` (as for
+    // `extract -`): a report after them would corrupt the data.
+    Ok(Outcome::new(Value::Null, ""))
 }
