@@ -1505,3 +1505,64 @@ fn ticket_from_the_environment_and_a_tcp_connection() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_closed_stdout_ends_commands_quietly() {
+    let agent = start_agent();
+    let connect = format!("unix:{}", agent.sock.display());
+    let ticket = agent.ticket_path.to_str().expect("utf8");
+    let remote = |args: &[&'static str]| {
+        let mut v = vec!["--connect", connect.as_str(), "--ticket-file", ticket];
+        v.extend_from_slice(args);
+        v
+    };
+    for args in [
+        remote(&["ls", "-R", SNAPSHOT, EXT4, "raw", "/"]),
+        remote(&["--output", "json", "snapshots"]),
+        remote(&["cat", SNAPSHOT, EXT4, "raw", "/a/b/big.bin"]),
+        remote(&["extract", SNAPSHOT, EXT4, "raw", "/a", "-"]),
+        vec!["completions", "bash"],
+        vec!["manpage"],
+    ] {
+        // `restore-client ... | head` once head has gone: every write to
+        // stdout fails with EPIPE.
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(CLIENT_BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Any other write failure is an error.
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let out = Command::new(CLIENT_BIN)
+        .args(remote(&["cat", SNAPSHOT, EXT4, "raw", "/a/b/big.bin"]))
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run");
+    exits(&out, 2);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No space left"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

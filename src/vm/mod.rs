@@ -135,20 +135,24 @@ pub fn resolve(name: &str) -> Result<(String, PathBuf), String> {
     launch::resolve(name)
 }
 
-/// Runs a `vm` subcommand; prints results (JSON when `json`) and returns
-/// the process exit code: 0 done, 2 a local failure (the VM did not start,
-/// is unknown, the state file is unusable), as for every other
-/// restore-client command that fails without an agent error.
-pub fn run(cmd: VmCommand, json: bool) -> i32 {
+/// Runs a `vm` subcommand; appends what goes to stdout (JSON when `json`)
+/// to `out`, prints problems on stderr, and returns the process exit code:
+/// 0 done, 2 a local failure (the VM did not start, is unknown, the state
+/// file is unusable), as for every other restore-client command that fails
+/// without an agent error.
+pub fn run(cmd: VmCommand, json: bool, out: &mut String) -> i32 {
+    use std::fmt::Write as _;
     match cmd {
         VmCommand::Start(args) => {
             let started = std::time::Instant::now();
             match launch::start(&args.options()) {
                 Ok(rec) => {
                     if json {
-                        println!("{}", serde_json::to_string(&rec).unwrap_or_default());
+                        let _ =
+                            writeln!(out, "{}", serde_json::to_string(&rec).unwrap_or_default());
                     } else {
-                        println!(
+                        let _ = writeln!(
+                            out,
                             "started {} (pid {}, cid {}) in {:.1} s\nconnect: {}\nticket file: {}\nconsole log: {}",
                             rec.name,
                             rec.pid,
@@ -161,7 +165,7 @@ pub fn run(cmd: VmCommand, json: bool) -> i32 {
                     }
                     0
                 }
-                Err(e) => fail(&e, json),
+                Err(e) => fail(&e, json, out),
             }
         }
         VmCommand::List => match launch::list() {
@@ -177,15 +181,17 @@ pub fn run(cmd: VmCommand, json: bool) -> i32 {
                             v
                         })
                         .collect();
-                    println!("{}", serde_json::Value::Array(v));
+                    let _ = writeln!(out, "{}", serde_json::Value::Array(v));
                 } else {
-                    println!(
+                    let _ = writeln!(
+                        out,
                         "{:<20} {:>8} {:>6} {:<8} CONNECT",
                         "NAME", "PID", "CID", "STATE"
                     );
                     for (r, alive) in &vms {
                         let st = if *alive { "running" } else { "gone" };
-                        println!(
+                        let _ = writeln!(
+                            out,
                             "{:<20} {:>8} {:>6} {:<8} {}",
                             r.name, r.pid, r.cid, st, r.connect
                         );
@@ -193,31 +199,36 @@ pub fn run(cmd: VmCommand, json: bool) -> i32 {
                 }
                 0
             }
-            Err(e) => fail(&e, json),
+            Err(e) => fail(&e, json, out),
         },
         VmCommand::Stop {
             name,
             timeout,
             keep_logs,
         } => match launch::stop(&name, Duration::from_secs(timeout), keep_logs) {
-            Ok(out) => {
+            Ok(stopped) => {
                 if json {
-                    println!("{}", serde_json::to_string(&out).unwrap_or_default());
-                } else if out.powered_off {
-                    println!("{name}: powered off");
+                    let _ = writeln!(
+                        out,
+                        "{}",
+                        serde_json::to_string(&stopped).unwrap_or_default()
+                    );
+                } else if stopped.powered_off {
+                    let _ = writeln!(out, "{name}: powered off");
                 } else {
-                    println!("{name}: killed (did not power off within {timeout} s)");
+                    let _ = writeln!(out, "{name}: killed (did not power off within {timeout} s)");
                 }
                 0
             }
-            Err(e) => fail(&e, json),
+            Err(e) => fail(&e, json, out),
         },
     }
 }
 
-fn fail(msg: &str, json: bool) -> i32 {
+fn fail(msg: &str, json: bool, out: &mut String) -> i32 {
     if json {
-        println!("{}", serde_json::json!({ "error": { "message": msg } }));
+        out.push_str(&serde_json::json!({ "error": { "message": msg } }).to_string());
+        out.push('\n');
     } else {
         eprintln!("restore-client: {msg}");
     }

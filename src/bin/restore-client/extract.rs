@@ -237,15 +237,14 @@ async fn to_archive(
             b.inc(data.len() as u64);
         }
         out.write_all(&data)
-            .map_err(|e| ClientError::local(format!("writing {what}: {e}")))
+            .map_err(|e| write_error(dest, &what, e))
     };
     let result = bulk::read_stream(session, &stream, &mut sink).await;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     let bytes = result?;
-    out.flush()
-        .map_err(|e| ClientError::local(format!("writing {what}: {e}")))?;
+    out.flush().map_err(|e| write_error(dest, &what, e))?;
     drop(out);
     if let Some(path) = dest {
         partial.done(path);
@@ -259,6 +258,14 @@ async fn to_archive(
         None => Value::Null,
     };
     Ok(Outcome::new(json, text))
+}
+
+/// The error for a failed write of the archive to `dest` (stdout if none).
+fn write_error(dest: Option<&Path>, what: &str, e: io::Error) -> ClientError {
+    match dest {
+        Some(_) => ClientError::local(format!("writing {what}: {e}")),
+        None => crate::stdout_error(e),
+    }
 }
 
 /// Counts for the report.

@@ -164,16 +164,22 @@ fn main() -> ExitCode {
     };
     let output = cli.global.output;
     if let Command::Vm(cmd) = cli.command {
-        let code = restore_agent::vm::run(cmd, output == OutputFormat::Json);
+        let mut out = String::new();
+        let code = restore_agent::vm::run(cmd, output == OutputFormat::Json, &mut out);
+        write_stdout(out.as_bytes());
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let result = run(cli);
     match result {
         Ok(outcome) => {
             match output {
-                OutputFormat::Json if !outcome.json.is_null() => println!("{}", outcome.json),
+                OutputFormat::Json if !outcome.json.is_null() => {
+                    write_stdout(format!("{}\n", outcome.json).as_bytes())
+                }
                 OutputFormat::Json => {}
-                OutputFormat::Human if !outcome.text.is_empty() => println!("{}", outcome.text),
+                OutputFormat::Human if !outcome.text.is_empty() => {
+                    write_stdout(format!("{}\n", outcome.text).as_bytes())
+                }
                 OutputFormat::Human => {}
             }
             for p in &outcome.problems {
@@ -188,11 +194,34 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("restore-client: error: {e}");
             if output == OutputFormat::Json {
-                println!("{}", e.to_json());
+                write_stdout(format!("{}\n", e.to_json()).as_bytes());
             }
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Writes a command's report to stdout (see [`stdout_error`] for failures).
+fn write_stdout(bytes: &[u8]) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        let e = stdout_error(e);
+        eprintln!("restore-client: error: {e}");
+        std::process::exit(i32::from(e.exit_code()));
+    }
+}
+
+/// The error for a failed write to stdout. When stdout's reader has gone
+/// (`restore-client ls -R ... | head`) the command ends here, quietly and
+/// with status 0: what a Unix tool killed by SIGPIPE does, without the
+/// signal itself, which would also kill the client on a broken connection
+/// to the agent instead of reporting it.
+pub(crate) fn stdout_error(e: std::io::Error) -> ClientError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    ClientError::local(format!("writing to stdout: {e}"))
 }
 
 fn run(cli: Cli) -> Result<Outcome, ClientError> {
@@ -210,18 +239,18 @@ fn run(cli: Cli) -> Result<Outcome, ClientError> {
                 "fish" => clap_complete::Shell::Fish,
                 _ => clap_complete::Shell::Bash,
             };
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "restore-client",
-                &mut std::io::stdout(),
-            );
+            // Into memory first: clap_complete panics when a write fails.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "restore-client", &mut script);
+            write_stdout(&script);
             Ok(Outcome::new(serde_json::Value::Null, ""))
         }
         Command::Manpage => {
+            let mut page = Vec::new();
             clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
+                .render(&mut page)
                 .map_err(|e| ClientError::local(format!("writing the manual page: {e}")))?;
+            write_stdout(&page);
             Ok(Outcome::new(serde_json::Value::Null, ""))
         }
         command => {

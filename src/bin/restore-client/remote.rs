@@ -534,13 +534,9 @@ async fn cat(session: &Session, file: &FileRef) -> Result<Outcome, ClientError> 
         )));
     }
     let mut out = std::io::BufWriter::with_capacity(1 << 20, data_stdout()?);
-    let mut sink = |data: &[u8]| {
-        out.write_all(data)
-            .map_err(|e| ClientError::local(format!("writing to stdout: {e}")))
-    };
+    let mut sink = |data: &[u8]| out.write_all(data).map_err(crate::stdout_error);
     let bytes = bulk::read_file(session, file, e.size, &mut sink).await?;
-    out.flush()
-        .map_err(|e| ClientError::local(format!("writing to stdout: {e}")))?;
+    out.flush().map_err(crate::stdout_error)?;
     log::debug!("cat {}: {bytes} bytes", file.display());
     // The file's bytes are all of stdout, also with `--output json` (as for
     // `extract -`): a report after them would corrupt the data.
