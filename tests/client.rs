@@ -1315,14 +1315,7 @@ fn progress_bars_show_on_a_terminal_only() {
         sha256(&fixture().src.join("a/b/big.bin"))
     );
     // An import: a bar with its total and an ETA.
-    // A store's 65536 chunk directories come and go fast on tmpfs only.
-    let shm = Path::new("/dev/shm");
-    let store_dir = if shm.is_dir() {
-        tempfile::tempdir_in(shm)
-    } else {
-        tempfile::tempdir()
-    }
-    .expect("temp dir");
+    let store_dir = common::shm_tempdir();
     let image = store_dir.path().join("disk.img");
     fs::write(&image, noise(6 << 20, 9)).expect("write image");
     let store = store_dir.path().join("store");
@@ -1565,4 +1558,106 @@ fn a_closed_stdout_ends_commands_quietly() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn names_with_control_characters_are_escaped_for_people_and_exact_for_scripts() {
+    // Their own small image: names a terminal would act on.
+    let dir = common::shm_tempdir();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("d")).expect("mkdir");
+    let nasty = ["new\nline", "esc\u{1b}[2Jclear", "bell\u{7}"];
+    for (i, name) in nasty.iter().enumerate() {
+        fs::write(src.join("d").join(name), format!("{i}")).expect("write");
+    }
+    let img = dir.path().join("w.img");
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("image");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&src)
+        .arg(&img)
+        .status()
+        .expect("mkfs.ext4");
+    assert!(mkfs.success());
+    let store = dir.path().join("store");
+    ok(Command::new(CLIENT_BIN)
+        .args(["store", "init"])
+        .arg(&store)
+        .output()
+        .expect("run"));
+    ok(Command::new(CLIENT_BIN)
+        .args(["store", "import-image", "--store"])
+        .arg(&store)
+        .args([
+            "--snapshot",
+            "host/w/2026-01-01T00:00:00Z",
+            "--archive",
+            "w.img",
+        ])
+        .arg(&img)
+        .output()
+        .expect("run"));
+    let agent = Agent::builder()
+        .arg("--datastore")
+        .arg(store.to_string_lossy())
+        .start();
+    let snap = ["host/w/2026-01-01T00:00:00Z", "w.img.fidx", "raw"];
+    let human = |args: &[&str], path: &str| {
+        let mut v = args.to_vec();
+        v.extend_from_slice(&snap);
+        v.push(path);
+        let out = ok(client(&agent, &v));
+        String::from_utf8(out.stdout).expect("utf8")
+    };
+    for args in [&["ls"][..], &["ls", "-l"], &["ls", "-R"]] {
+        let shown = human(args, "/d");
+        assert!(
+            !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+            "{args:?}: {shown:?}"
+        );
+        for escaped in ["new\\nline", "esc\\x1b[2Jclear", "bell\\x07"] {
+            assert!(shown.contains(escaped), "{args:?}: {shown:?}");
+        }
+    }
+    let shown = human(&["stat"], "/d/esc\u{1b}[2Jclear");
+    assert!(shown.contains("/d/esc\\x1b[2Jclear"), "{shown:?}");
+    // An error naming such a path escapes it on stderr too.
+    let mut v = vec!["stat"];
+    v.extend_from_slice(&snap);
+    v.push("/d/gone\u{1b}[2J");
+    let out = client(&agent, &v);
+    exits(&out, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gone\\x1b[2J") && !err.contains('\u{1b}'),
+        "{err:?}"
+    );
+    // JSON and extract keep the exact names.
+    let mut v = vec!["--output", "json", "ls"];
+    v.extend_from_slice(&snap);
+    v.push("/d");
+    let listed = json(&ok(client(&agent, &v)));
+    let mut names: Vec<&str> = listed["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    let mut want = nasty.to_vec();
+    want.sort_unstable();
+    assert_eq!(names, want);
+    let out_dir = dir.path().join("out");
+    let mut v = vec!["extract"];
+    v.extend_from_slice(&snap);
+    v.extend_from_slice(&["/d", "-o", out_dir.to_str().expect("utf8")]);
+    ok(client(&agent, &v));
+    for (i, name) in nasty.iter().enumerate() {
+        assert_eq!(
+            fs::read_to_string(out_dir.join(name)).expect("restored"),
+            format!("{i}")
+        );
+    }
 }

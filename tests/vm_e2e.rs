@@ -159,15 +159,7 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
-        // A datastore has 65536 chunk directories: on tmpfs they are made
-        // and removed in a blink, on a busy overlay disk in minutes.
-        let shm = Path::new("/dev/shm");
-        let dir = if shm.is_dir() {
-            tempfile::tempdir_in(shm)
-        } else {
-            tempfile::tempdir()
-        }
-        .expect("tempdir");
+        let dir = common::shm_tempdir();
         let src = dir.path().join("src");
         let d = src.join("dir");
         fs::create_dir_all(d.join("sub/deeper")).unwrap();

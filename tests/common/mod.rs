@@ -651,3 +651,16 @@ pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
 }
+
+/// A temporary directory on /dev/shm when there is one: a datastore's 65536
+/// chunk directories come and go in a blink on tmpfs, in minutes on a busy
+/// overlay disk.
+pub fn shm_tempdir() -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .expect("temp dir")
+}

@@ -350,7 +350,7 @@ async fn to_dir(
         eprintln!(
             "restore-client: skipped {} special files (devices, sockets): {}",
             s.skipped.len(),
-            s.skipped.join(", ")
+            crate::fmt::printable(&s.skipped.join(", "))
         );
         outcome
             .text

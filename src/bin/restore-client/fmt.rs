@@ -1,6 +1,35 @@
-//! Human output: aligned tables, sizes, times and `ls -l` mode strings.
+//! Human output: aligned tables, sizes, times and `ls -l` mode strings, and
+//! names made safe to show on a terminal.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use restore_agent::calendar::civil_from_days;
+
+/// `s` with its control characters escaped (`\n`, `\t`, `\r`, `\x1b`,
+/// `\x9b`). Names and messages come from the backup: shown as they are, an
+/// escape sequence in a file name would drive the user's terminal, and a
+/// line break would make one name look like two. `--output json` keeps the
+/// exact names.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            // Every control character is below U+00A0: two hex digits.
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// A size like `ls -h`: `512`, `1.5K`, `23M`.
 pub fn size(bytes: u64) -> String {
@@ -77,7 +106,10 @@ pub fn table(header: Option<&[&str]>, align: &[Align], rows: &[Vec<String>]) -> 
     if let Some(h) = header {
         all.push(h.iter().map(|s| s.to_string()).collect());
     }
-    all.extend(rows.iter().cloned());
+    all.extend(
+        rows.iter()
+            .map(|row| row.iter().map(|c| printable(c).into_owned()).collect()),
+    );
     let columns = all.iter().map(Vec::len).max().unwrap_or(0);
     let mut widths = vec![0usize; columns];
     for row in &all {
@@ -141,6 +173,18 @@ mod tests {
         assert_eq!(mode("dir", 0o1777), "drwxrwxrwt");
         assert_eq!(mode("symlink", 0o777), "lrwxrwxrwx");
         assert_eq!(mode("file", 0o2640), "-rw-r-S---");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert!(matches!(printable("plain ü name"), Cow::Borrowed(_)));
+        assert_eq!(printable("new\nline\ttab\r"), "new\\nline\\ttab\\r");
+        assert_eq!(
+            printable("\u{1b}]0;title\u{7}x\u{7f}\u{9b}"),
+            "\\x1b]0;title\\x07x\\x7f\\x9b"
+        );
+        let t = table(None, &[Align::Left], &[vec!["a\u{1b}[2Jb".into()]]);
+        assert_eq!(t, "a\\x1b[2Jb");
     }
 
     #[test]

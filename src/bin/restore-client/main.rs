@@ -183,7 +183,7 @@ fn main() -> ExitCode {
                 OutputFormat::Human => {}
             }
             for p in &outcome.problems {
-                eprintln!("restore-client: {p}");
+                eprintln!("restore-client: {}", fmt::printable(p));
             }
             if outcome.problems.is_empty() {
                 ExitCode::SUCCESS
@@ -192,7 +192,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("restore-client: error: {e}");
+            eprintln!("restore-client: error: {}", fmt::printable(&e.to_string()));
             if output == OutputFormat::Json {
                 write_stdout(format!("{}\n", e.to_json()).as_bytes());
             }

@@ -407,7 +407,7 @@ fn listing(entries: &[Entry], long: bool) -> String {
     } else {
         entries
             .iter()
-            .map(|e| e.name.as_str())
+            .map(|e| fmt::printable(&e.name))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -431,7 +431,7 @@ async fn ls(
                 row[6] = root.display();
                 fmt::table(None, &LONG_ALIGN, &[row])
             } else {
-                root.display()
+                fmt::printable(&root.display()).into_owned()
             };
             return Ok(Outcome::new(
                 json!({ "path": root.display(), "entries": [v] }),
@@ -459,7 +459,7 @@ async fn ls(
         }
         let body = listing(&entries, long);
         sections.push(if recursive {
-            format!("{}:\n{body}", dir.display())
+            format!("{}:\n{body}", fmt::printable(&dir.display()))
         } else {
             body
         });
