@@ -93,7 +93,7 @@ impl Session {
                         }
                     }
                     ClientError::Connection(m) => ClientError::Connection(format!(
-                        "{addr} closed the connection during authentication ({m})"
+                        "the connection to {addr} failed during authentication ({m})"
                     )),
                     other => other,
                 })
