@@ -1560,6 +1560,43 @@ fn a_closed_stdout_ends_commands_quietly() {
     );
 }
 
+/// An agent serving `src` as an ext4 image of `mib` MiB (made in `dir` by
+/// mkfs.ext4 -d), imported as snapshot `host/NAME/2026-01-01T00:00:00Z`,
+/// archive `NAME.img.fidx`.
+fn serve_image_of(dir: &Path, src: &Path, name: &str, mib: u64) -> Agent {
+    let img = dir.join(format!("{name}.img"));
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(mib << 20))
+        .expect("image");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(src)
+        .arg(&img)
+        .status()
+        .expect("mkfs.ext4");
+    assert!(mkfs.success());
+    let store = dir.join("store");
+    ok(Command::new(CLIENT_BIN)
+        .args(["store", "init"])
+        .arg(&store)
+        .output()
+        .expect("run"));
+    ok(Command::new(CLIENT_BIN)
+        .args(["store", "import-image", "--store"])
+        .arg(&store)
+        .arg("--snapshot")
+        .arg(format!("host/{name}/2026-01-01T00:00:00Z"))
+        .arg("--archive")
+        .arg(format!("{name}.img"))
+        .arg(&img)
+        .output()
+        .expect("run"));
+    Agent::builder()
+        .arg("--datastore")
+        .arg(store.to_string_lossy())
+        .start()
+}
+
 #[test]
 fn names_with_control_characters_are_escaped_for_people_and_exact_for_scripts() {
     // Their own small image: names a terminal would act on.
@@ -1570,39 +1607,7 @@ fn names_with_control_characters_are_escaped_for_people_and_exact_for_scripts() 
     for (i, name) in nasty.iter().enumerate() {
         fs::write(src.join("d").join(name), format!("{i}")).expect("write");
     }
-    let img = dir.path().join("w.img");
-    fs::File::create(&img)
-        .and_then(|f| f.set_len(16 << 20))
-        .expect("image");
-    let mkfs = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(&src)
-        .arg(&img)
-        .status()
-        .expect("mkfs.ext4");
-    assert!(mkfs.success());
-    let store = dir.path().join("store");
-    ok(Command::new(CLIENT_BIN)
-        .args(["store", "init"])
-        .arg(&store)
-        .output()
-        .expect("run"));
-    ok(Command::new(CLIENT_BIN)
-        .args(["store", "import-image", "--store"])
-        .arg(&store)
-        .args([
-            "--snapshot",
-            "host/w/2026-01-01T00:00:00Z",
-            "--archive",
-            "w.img",
-        ])
-        .arg(&img)
-        .output()
-        .expect("run"));
-    let agent = Agent::builder()
-        .arg("--datastore")
-        .arg(store.to_string_lossy())
-        .start();
+    let agent = serve_image_of(dir.path(), &src, "w", 16);
     let snap = ["host/w/2026-01-01T00:00:00Z", "w.img.fidx", "raw"];
     let human = |args: &[&str], path: &str| {
         let mut v = args.to_vec();
@@ -1660,4 +1665,57 @@ fn names_with_control_characters_are_escaped_for_people_and_exact_for_scripts() 
             format!("{i}")
         );
     }
+}
+
+#[test]
+fn sparse_files_come_back_sparse() {
+    let dir = common::shm_tempdir();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("d")).expect("mkdir");
+    // 1 MiB of data, a 40 MiB hole, 1 MiB of data, an 8 MiB hole at the end;
+    // and a file of zeros that were written, not a hole.
+    let sparse = src.join("d/disk.raw");
+    {
+        let f = fs::File::create(&sparse).expect("create");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&noise(1 << 20, 31), 0).expect("write");
+        f.write_all_at(&noise(1 << 20, 32), 41 << 20)
+            .expect("write");
+        f.set_len(50 << 20).expect("set_len");
+    }
+    fs::write(src.join("d/zeros"), vec![0u8; 3 << 20]).expect("write");
+    let agent = serve_image_of(dir.path(), &src, "s", 64);
+    let extract = |path: &str, out: &Path| {
+        ok(client(
+            &agent,
+            &[
+                "extract",
+                "host/s/2026-01-01T00:00:00Z",
+                "s.img.fidx",
+                "raw",
+                path,
+                "-o",
+                out.to_str().expect("utf8"),
+            ],
+        ));
+    };
+    // The tree (a tar stream) and the one file (fs.read) take different paths.
+    let tree = dir.path().join("tree");
+    extract("/d", &tree);
+    let one = dir.path().join("one");
+    extract("/d/disk.raw", &one);
+    for got in [tree.join("disk.raw"), one.join("disk.raw")] {
+        assert_eq!(sha256(&got), sha256(&sparse), "{}", got.display());
+        let meta = fs::metadata(&got).expect("stat");
+        assert_eq!(meta.len(), 50 << 20);
+        // 2 MiB of data; the holes take no space.
+        assert!(
+            meta.blocks() * 512 < 3 << 20,
+            "{}: {} bytes allocated",
+            got.display(),
+            meta.blocks() * 512
+        );
+    }
+    let zeros = tree.join("zeros");
+    assert_eq!(fs::read(&zeros).expect("read"), vec![0u8; 3 << 20]);
 }

@@ -29,6 +29,7 @@ use restore_agent::client::{ClientError, Session};
 use serde_json::{json, Value};
 
 use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
+use crate::sparse::SparseFile;
 use crate::untar::Unpacker;
 use crate::{Global, Outcome};
 
@@ -477,19 +478,21 @@ async fn single(
         }
     }
     replace_if_forced(force, top, &name, &local)?;
-    let mut file = partial
+    let file = partial
         .create(&local, || create_at(top, &name))
         .map_err(|err| exists_or(&local, err))?;
+    let mut file = SparseFile::new(file);
     let result = {
         let mut sink = |data: &[u8]| {
             if let Some(b) = &bar {
                 b.inc(data.len() as u64);
             }
-            file.write_all(data).map_err(|err| local_io(&local, err))
+            file.write(data).map_err(|err| local_io(&local, err))
         };
         bulk::read_file(session, root, e.size, &mut sink).await
     };
     let result = result.and_then(|written| {
+        let file = file.finish().map_err(|err| local_io(&local, err))?;
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
             e.mode & 0o7777,
         ))
@@ -497,7 +500,6 @@ async fn single(
         .map_err(|err| local_io(&local, err))?;
         Ok(written)
     });
-    drop(file);
     if result.is_err() {
         let _ = unlinkat(top, &name);
     }

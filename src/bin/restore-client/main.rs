@@ -10,6 +10,7 @@
 mod extract;
 mod fmt;
 mod remote;
+mod sparse;
 mod store;
 mod untar;
 

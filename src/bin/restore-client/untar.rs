@@ -11,8 +11,7 @@
 //! a bad header is an error naming the member, not a panic.
 
 use std::ffi::{CStr, CString, OsStr};
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +24,7 @@ use crate::extract::{
     create_at, exists_or, local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name,
     set_mtime_at, set_mtime_fd, symlinkat, Finish, Partial, Stats,
 };
+use crate::sparse::SparseFile;
 
 const BLOCK: usize = 512;
 /// Largest pax extended header accepted.
@@ -55,7 +55,7 @@ enum State {
 
 /// The file being written.
 struct Open {
-    file: File,
+    file: SparseFile,
     local: PathBuf,
     left: u64,
     size: u64,
@@ -198,9 +198,7 @@ impl Unpacker {
                 State::Data(open) => {
                     let k = open.left.min(data.len() as u64) as usize;
                     let (now, rest) = data.split_at(k);
-                    open.file
-                        .write_all(now)
-                        .map_err(|e| local_io(&open.local, e))?;
+                    open.file.write(now).map_err(|e| local_io(&open.local, e))?;
                     if let Some(b) = &self.bar {
                         b.inc(k as u64);
                     }
@@ -271,6 +269,7 @@ impl Unpacker {
             mtime,
             ..
         } = open;
+        let file = file.finish().map_err(|e| local_io(&local, e))?;
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
             .and_then(|()| set_mtime_fd(&file, mtime))
             .map_err(|e| local_io(&local, e))?;
@@ -484,7 +483,7 @@ impl Unpacker {
             .create(&local, || create_at(&fd, &name))
             .map_err(|e| exists_or(&local, e))?;
         self.state = State::Data(Open {
-            file,
+            file: SparseFile::new(file),
             local,
             left: size,
             size,
