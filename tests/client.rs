@@ -1719,3 +1719,84 @@ fn sparse_files_come_back_sparse() {
     let zeros = tree.join("zeros");
     assert_eq!(fs::read(&zeros).expect("read"), vec![0u8; 3 << 20]);
 }
+
+#[test]
+fn names_and_link_targets_that_are_not_utf8_round_trip() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let dir = common::shm_tempdir();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("b")).expect("mkdir");
+    let name = OsStr::from_bytes(b"caf\xe9");
+    let target = OsStr::from_bytes(b"tgt\xfe\xff");
+    fs::write(src.join("b").join(name), "latin1").expect("write");
+    std::os::unix::fs::symlink(target, src.join("b/link")).expect("symlink");
+    let agent = serve_image_of(dir.path(), &src, "u", 16);
+    let run = |args: &[&OsStr]| {
+        let mut cmd = Command::new(CLIENT_BIN);
+        cmd.arg("--connect")
+            .arg(format!("unix:{}", agent.sock.display()))
+            .arg("--ticket-file")
+            .arg(&agent.ticket_path)
+            .args(args)
+            .stdin(Stdio::null());
+        ok(cmd.output().expect("run"))
+    };
+    let snap = ["host/u/2026-01-01T00:00:00Z", "u.img.fidx", "raw"].map(OsStr::new);
+    let with = |head: &[&str], path: &OsStr, tail: &[&OsStr]| {
+        let mut v: Vec<&OsStr> = head.iter().map(OsStr::new).collect();
+        v.extend_from_slice(&snap);
+        v.push(path);
+        v.extend_from_slice(tail);
+        run(&v)
+    };
+    // People see the bytes that are not UTF-8 as \xNN.
+    let shown = String::from_utf8(with(&["ls", "-l"], OsStr::new("/b"), &[]).stdout).expect("utf8");
+    assert!(shown.contains("caf\\xe9"), "{shown}");
+    assert!(shown.contains("link -> tgt\\xfe\\xff"), "{shown}");
+    // Scripts get them exact, in base64.
+    let listed = json(&with(&["--output", "json", "ls"], OsStr::new("/b"), &[]));
+    let entries = listed["entries"].as_array().expect("entries");
+    let link = entries
+        .iter()
+        .find(|e| e["name"] == "link")
+        .expect("link entry");
+    assert_eq!(link["target_b64"], "dGd0/v8=", "{link}");
+    assert!(
+        entries.iter().any(|e| e["name_b64"] == "Y2Fm6Q=="),
+        "{listed}"
+    );
+    // Paths that are not UTF-8 can be given on the command line.
+    let mut path = b"/b/".to_vec();
+    path.extend_from_slice(name.as_bytes());
+    assert_eq!(
+        with(&["cat"], OsStr::from_bytes(&path), &[]).stdout,
+        b"latin1"
+    );
+    // Extract keeps both exact, alone and in a tree.
+    let one = dir.path().join("one");
+    with(
+        &["extract"],
+        OsStr::new("/b/link"),
+        &[OsStr::new("-o"), one.as_os_str()],
+    );
+    assert_eq!(
+        fs::read_link(one.join("link"))
+            .expect("readlink")
+            .as_os_str(),
+        target
+    );
+    let tree = dir.path().join("tree");
+    with(
+        &["extract"],
+        OsStr::new("/b"),
+        &[OsStr::new("-o"), tree.as_os_str()],
+    );
+    assert_eq!(
+        fs::read_link(tree.join("link"))
+            .expect("readlink")
+            .as_os_str(),
+        target
+    );
+    assert_eq!(fs::read(tree.join(name)).expect("read"), b"latin1");
+}

@@ -31,6 +31,20 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Name or path bytes for people: UTF-8 as [`printable`] shows it, any byte
+/// that is not UTF-8 as `\xNN`, so that names differing only there stay
+/// apart.
+pub fn printable_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(&printable(chunk.valid()));
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
 /// A size like `ls -h`: `512`, `1.5K`, `23M`.
 pub fn size(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["K", "M", "G", "T", "P", "E"];
@@ -185,6 +199,10 @@ mod tests {
         );
         let t = table(None, &[Align::Left], &[vec!["a\u{1b}[2Jb".into()]]);
         assert_eq!(t, "a\\x1b[2Jb");
+        assert_eq!(
+            printable_bytes(b"bad\xff\xfename\n\xc3\xbc"),
+            "bad\\xff\\xfename\\n\u{fc}"
+        );
     }
 
     #[test]

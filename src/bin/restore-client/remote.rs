@@ -27,8 +27,8 @@ pub struct FileArgs {
     pub archive: String,
     /// Volume, e.g. part/1 or raw (see `volumes`)
     pub volume: String,
-    /// Absolute path inside the volume
-    pub path: String,
+    /// Absolute path inside the volume (any bytes: names need not be UTF-8)
+    pub path: std::ffi::OsString,
 }
 
 impl FileArgs {
@@ -37,7 +37,7 @@ impl FileArgs {
             snapshot: self.snapshot.clone(),
             archive: self.archive.clone(),
             volume: self.volume.clone(),
-            path: self.path.clone().into_bytes(),
+            path: std::os::unix::ffi::OsStrExt::as_bytes(self.path.as_os_str()).to_vec(),
         }
     }
 }
@@ -373,11 +373,21 @@ pub async fn stat_entry(
 }
 
 /// One `ls -l` line for an entry.
+/// An entry's name for people (its exact bytes, non-UTF-8 ones escaped).
+fn shown_name(e: &Entry) -> String {
+    e.raw_name()
+        .map(|n| fmt::printable_bytes(&n))
+        .unwrap_or_else(|_| fmt::printable(&e.name).into_owned())
+}
+
 fn long_row(e: &Entry) -> Vec<String> {
-    let mut name = e.name.clone();
+    let mut name = shown_name(e);
     if e.kind == "symlink" {
         name.push_str(" -> ");
-        name.push_str(e.target.as_deref().unwrap_or(""));
+        match e.raw_target() {
+            Ok(t) => name.push_str(&fmt::printable_bytes(&t)),
+            Err(_) => name.push_str(&fmt::printable(e.target.as_deref().unwrap_or(""))),
+        }
     }
     vec![
         fmt::mode(&e.kind, e.mode),
@@ -407,7 +417,7 @@ fn listing(entries: &[Entry], long: bool) -> String {
     } else {
         entries
             .iter()
-            .map(|e| fmt::printable(&e.name))
+            .map(shown_name)
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -428,10 +438,10 @@ async fn ls(
             v["path"] = root.display().into();
             let text = if long {
                 let mut row = long_row(&e);
-                row[6] = root.display();
+                row[6] = fmt::printable_bytes(&root.path);
                 fmt::table(None, &LONG_ALIGN, &[row])
             } else {
-                fmt::printable(&root.display()).into_owned()
+                fmt::printable_bytes(&root.path)
             };
             return Ok(Outcome::new(
                 json!({ "path": root.display(), "entries": [v] }),
@@ -459,7 +469,7 @@ async fn ls(
         }
         let body = listing(&entries, long);
         sections.push(if recursive {
-            format!("{}:\n{body}", fmt::printable(&dir.display()))
+            format!("{}:\n{body}", fmt::printable_bytes(&dir.path))
         } else {
             body
         });
@@ -483,7 +493,7 @@ async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome
     let v = stat_entry(session, file, follow).await?;
     let e = Entry::from_value(&v)?;
     let mut rows = vec![
-        vec!["path".to_string(), file.display()],
+        vec!["path".to_string(), fmt::printable_bytes(&file.path)],
         vec!["type".to_string(), e.kind.clone()],
         vec![
             "size".to_string(),

@@ -117,13 +117,15 @@ fn ext_child(
         uid: a.uid,
         gid: a.gid,
         mtime: a.mtime,
-        target: link
-            .as_ref()
-            .map(|l| String::from_utf8_lossy(l).into_owned()),
+        target: None,
+        target_b64: None,
         inode: u64::from(number),
         nlink: a.nlink,
     };
     entry.set_name(&name);
+    if let Some(l) = &link {
+        entry.set_target(l);
+    }
     Child {
         name,
         node: number,

@@ -145,6 +145,7 @@ fn entry_of(e: &fatfs::DirEntry<'_, DiskCursor>) -> Entry {
         gid: 0,
         mtime: unix_time(e.modified()),
         target: None,
+        target_b64: None,
         inode: 0,
         nlink: 1,
     }
@@ -167,6 +168,7 @@ impl<'a> Backend for FatBackend<'a> {
                 gid: 0,
                 mtime: 0,
                 target: None,
+                target_b64: None,
                 inode: 0,
                 nlink: 1,
             },

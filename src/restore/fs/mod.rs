@@ -69,6 +69,10 @@ pub struct Entry {
     /// symlink target, lossy UTF-8
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// standard base64 of the raw symlink target, only when it is not valid
+    /// UTF-8
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_b64: Option<String>,
     /// inode or file record number; 0 where the filesystem has none (FAT)
     pub inode: u64,
     pub nlink: u64,
@@ -77,16 +81,28 @@ pub struct Entry {
 impl Entry {
     /// Sets `name` (and `name_b64` when `raw` is not UTF-8).
     pub fn set_name(&mut self, raw: &[u8]) {
-        match std::str::from_utf8(raw) {
-            Ok(s) => {
-                self.name = s.to_string();
-                self.name_b64 = None;
-            }
-            Err(_) => {
-                use base64::Engine;
-                self.name = String::from_utf8_lossy(raw).into_owned();
-                self.name_b64 = Some(base64::engine::general_purpose::STANDARD.encode(raw));
-            }
+        (self.name, self.name_b64) = text_and_b64(raw);
+    }
+
+    /// Sets a symlink's `target` (and `target_b64` when `raw` is not UTF-8).
+    pub fn set_target(&mut self, raw: &[u8]) {
+        let (text, b64) = text_and_b64(raw);
+        self.target = Some(text);
+        self.target_b64 = b64;
+    }
+}
+
+/// Bytes as JSON can carry them: lossy UTF-8, plus standard base64 of the
+/// exact bytes when they are not UTF-8.
+fn text_and_b64(raw: &[u8]) -> (String, Option<String>) {
+    match std::str::from_utf8(raw) {
+        Ok(s) => (s.to_string(), None),
+        Err(_) => {
+            use base64::Engine;
+            (
+                String::from_utf8_lossy(raw).into_owned(),
+                Some(base64::engine::general_purpose::STANDARD.encode(raw)),
+            )
         }
     }
 }

@@ -147,6 +147,7 @@ fn entry_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) 
         gid: 0,
         mtime: unix_time(info.modification_time().nt_timestamp()),
         target: None,
+        target_b64: None,
         inode: record,
         nlink: u64::from(file.hard_link_count()).max(1),
     })
