@@ -1800,3 +1800,50 @@ fn names_and_link_targets_that_are_not_utf8_round_trip() {
     );
     assert_eq!(fs::read(tree.join(name)).expect("read"), b"latin1");
 }
+
+#[test]
+fn extract_takes_the_name_the_path_resolves_to() {
+    let agent = start_agent();
+    let fx = fixture();
+    let out = tmp();
+    let extract = |archive: &str, path: &str, to: &str| -> PathBuf {
+        let dest = out.path().join(to);
+        ok(client(
+            &agent,
+            &[
+                "extract",
+                SNAPSHOT,
+                archive,
+                "raw",
+                path,
+                "-o",
+                dest.to_str().expect("utf8"),
+            ],
+        ));
+        dest
+    };
+    // `.` and `..` resolve as the agent resolves them.
+    let here = extract(EXT4, "/a/b/c/.", "here");
+    assert_eq!(
+        sha256(&here.join("d/deep.txt")),
+        sha256(&fx.src.join("a/b/c/d/deep.txt"))
+    );
+    let up = extract(EXT4, "/a/b/c/d/..", "up");
+    assert!(up.join("d/deep.txt").is_file());
+    let file = extract(EXT4, "/a/b/../b/big.bin", "file");
+    assert_eq!(
+        sha256(&file.join("big.bin")),
+        sha256(&fx.src.join("a/b/big.bin"))
+    );
+    // FAT finds names in any case; the files keep their own.
+    let docs = extract(FAT, "/docs/sub", "docs");
+    assert_eq!(
+        sha256(&docs.join("x.dat")),
+        sha256(&fx.fat_src.join("DOCS/SUB/x.dat"))
+    );
+    let readme = extract(FAT, "/readme.txt", "readme");
+    assert_eq!(
+        fs::read(readme.join("README.TXT")).expect("read"),
+        b"hello from FAT\n"
+    );
+}

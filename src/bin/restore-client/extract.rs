@@ -292,6 +292,13 @@ async fn to_dir(
 ) -> Result<Outcome, ClientError> {
     let root_value = stat_entry(session, root, false).await?;
     let root_entry = Entry::from_value(&root_value)?;
+    // The name the agent resolved the path to: what the tar stream's members
+    // start with. The path's last component may differ (`/d/.`, `/d/..`, or
+    // `/DIR` on FAT, found case-insensitively).
+    let top_name = match root_entry.raw_name()? {
+        root_dir if root_dir == b"/" => Vec::new(),
+        name => name,
+    };
     std::fs::create_dir_all(dir)
         .map_err(|e| ClientError::local(format!("cannot create {}: {e}", dir.display())))?;
     let top = open_dir(dir)
@@ -302,11 +309,22 @@ async fn to_dir(
         Some(root_entry.size)
     });
     let result = if root_entry.kind == "dir" {
-        unpack_tree(session, root, dir, top, force, partial, bar.clone()).await
+        unpack_tree(
+            session,
+            root,
+            &top_name,
+            dir,
+            top,
+            force,
+            partial,
+            bar.clone(),
+        )
+        .await
     } else {
         single(
             session,
             root,
+            &top_name,
             dir,
             &top,
             &root_entry,
@@ -368,9 +386,11 @@ pub(crate) type Finish = Vec<(PathBuf, u32, i64)>;
 /// (`fs.extract`), unpacked on a thread of its own while the next pieces
 /// travel. One stream instead of a call per file: the agent reads the tree
 /// in its own order and no round trip is paid per file.
+#[allow(clippy::too_many_arguments)]
 async fn unpack_tree(
     session: &Session,
     root: &FileRef,
+    top_name: &[u8],
     dir: &Path,
     top: OwnedFd,
     force: bool,
@@ -387,7 +407,7 @@ async fn unpack_tree(
     let mut unpacker = Unpacker::new(
         dir,
         top,
-        base_name(&root.path),
+        top_name.to_vec(),
         root.display(),
         force,
         partial.clone(),
@@ -440,6 +460,7 @@ async fn unpack_tree(
 async fn single(
     session: &Session,
     root: &FileRef,
+    top_name: &[u8],
     dir: &Path,
     top: &OwnedFd,
     e: &Entry,
@@ -447,8 +468,7 @@ async fn single(
     partial: &Partial,
     bar: Option<ProgressBar>,
 ) -> Result<(Stats, Finish), ClientError> {
-    let raw = base_name(&root.path);
-    let name = safe_name(&raw)?;
+    let name = safe_name(top_name)?;
     let local = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
     let mut stats = Stats::default();
     match e.kind.as_str() {
@@ -538,21 +558,6 @@ pub(crate) fn exists_or(path: &Path, err: io::Error) -> ClientError {
         ))
     } else {
         local_io(path, err)
-    }
-}
-
-/// The last component of a remote path (`/` for the root).
-pub(crate) fn base_name(path: &[u8]) -> Vec<u8> {
-    let trimmed: &[u8] = {
-        let mut p = path;
-        while p.len() > 1 && p.ends_with(b"/") {
-            p = &p[..p.len() - 1];
-        }
-        p
-    };
-    match trimmed.iter().rposition(|&b| b == b'/') {
-        Some(i) => trimmed[i + 1..].to_vec(),
-        None => trimmed.to_vec(),
     }
 }
 
@@ -681,12 +686,5 @@ mod tests {
         }
         assert!(safe_name(b"...").is_ok());
         assert!(safe_name("é x".as_bytes()).is_ok());
-    }
-
-    #[test]
-    fn base_names() {
-        assert_eq!(base_name(b"/a/b"), b"b");
-        assert_eq!(base_name(b"/a/b/"), b"b");
-        assert_eq!(base_name(b"b"), b"b");
     }
 }
