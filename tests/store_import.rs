@@ -102,8 +102,15 @@ fn init_import_dedup_verify_and_detect_corruption() {
     let o = client(&["store", "init", store_s]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(count_chunk_files(&store), 0);
-    // Initialising twice is an operation failure, not a crash.
-    assert_eq!(client(&["store", "init", store_s]).status.code(), Some(1));
+    // Initialising twice is an operation failure, not a crash, and it is
+    // the store's, not an agent's.
+    let o = client(&["store", "init", store_s]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("store error 1007: ") && stderr(&o).contains("already a datastore"),
+        "{}",
+        stderr(&o)
+    );
 
     let o = client(&[
         "--output",

@@ -11,6 +11,9 @@ pub enum ClientError {
         message: String,
         data: Option<serde_json::Value>,
     },
+    /// A `store` command (run here, without an agent) failed; the code is
+    /// the one the agent gives for the same failure.
+    Store { code: i32, message: String },
     /// The agent could not be reached, or the connection broke.
     Connection(String),
     /// A local failure: a file that cannot be written, an unsafe name from the
@@ -21,18 +24,19 @@ pub enum ClientError {
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 impl ClientError {
-    /// The process exit code: 1 when the agent reported an error, 2 otherwise.
+    /// The process exit code: 1 when the agent (or the datastore, for
+    /// `store` commands) reported an error, 2 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Agent { .. } => 1,
+            ClientError::Agent { .. } | ClientError::Store { .. } => 1,
             ClientError::Connection(_) | ClientError::Local(_) => 2,
         }
     }
 
-    /// The agent's error code, if the agent sent one.
+    /// The agent's error code, if the agent (or the datastore) gave one.
     pub fn code(&self) -> Option<i32> {
         match self {
-            ClientError::Agent { code, .. } => Some(*code),
+            ClientError::Agent { code, .. } | ClientError::Store { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -59,6 +63,9 @@ impl ClientError {
                 }
                 serde_json::json!({ "error": e })
             }
+            ClientError::Store { code, message } => {
+                serde_json::json!({ "error": { "code": code, "message": message } })
+            }
             ClientError::Connection(m) => {
                 serde_json::json!({ "error": { "kind": "connection", "message": m } })
             }
@@ -84,6 +91,7 @@ impl fmt::Display for ClientError {
                     None => Ok(()),
                 }
             }
+            ClientError::Store { code, message } => write!(f, "store error {code}: {message}"),
             ClientError::Connection(m) => write!(f, "connection: {m}"),
             ClientError::Local(m) => f.write_str(m),
         }

@@ -228,10 +228,9 @@ pub(crate) fn stdout_error(e: std::io::Error) -> ClientError {
 fn run(cli: Cli) -> Result<Outcome, ClientError> {
     let global = cli.global;
     match cli.command {
-        Command::Store(cmd) => store::run_store(cmd).map_err(|e| ClientError::Agent {
+        Command::Store(cmd) => store::run_store(cmd).map_err(|e| ClientError::Store {
             code: e.kind.code(),
             message: e.message,
-            data: None,
         }),
         Command::Vm(_) => Err(ClientError::local("internal: `vm` reached run()")),
         Command::Completions { shell } => {
