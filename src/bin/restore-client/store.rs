@@ -94,7 +94,9 @@ pub fn run_store(cmd: StoreCommand) -> Result<Outcome, Error> {
             );
             let mut problems = r.errors.clone();
             if !problems.is_empty() {
-                problems.push(format!("verify failed: {} problems", r.errors.len()));
+                let n = r.errors.len();
+                let noun = if n == 1 { "problem" } else { "problems" };
+                problems.push(format!("verify failed: {n} {noun}"));
             }
             Ok(Outcome {
                 json: to_json(&r),
