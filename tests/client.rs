@@ -1399,6 +1399,15 @@ fn stalling_relay(dir: &Path, agent_sock: &Path, pass: u64) -> PathBuf {
 
 #[test]
 fn ctrl_c_during_extract_removes_the_partial_file() {
+    interrupted_extract_removes_the_partial_file(libc::SIGINT, 130, "interrupted");
+}
+
+#[test]
+fn sigterm_during_extract_removes_the_partial_file() {
+    interrupted_extract_removes_the_partial_file(libc::SIGTERM, 143, "terminated");
+}
+
+fn interrupted_extract_removes_the_partial_file(signal: i32, status: i32, says: &str) {
     let agent = start_agent();
     let dir = tmp();
     // authenticate, fs.stat and the first 4 MiB read get through; the
@@ -1429,11 +1438,11 @@ fn ctrl_c_during_extract_removes_the_partial_file() {
     );
     // SAFETY: kill with the pid of a child this test started and has not
     // reaped yet.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
     let out = child.wait_with_output().expect("wait");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(out.status.code(), Some(status), "{err}");
+    assert!(err.contains(says), "{err}");
     assert!(!file.exists(), "partial file left behind");
     assert!(dest.is_dir());
 }

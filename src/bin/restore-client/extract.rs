@@ -10,7 +10,7 @@
 //! `O_NOFOLLOW` relative to their parent's descriptor, and files are created
 //! with `O_EXCL` (so an existing symlink is never followed). Existing files are
 //! kept unless `--force`. Every file still being written is removed on
-//! failure or Ctrl-C.
+//! failure, Ctrl-C or SIGTERM.
 
 use std::collections::HashSet;
 use std::ffi::{CStr, CString};
@@ -153,18 +153,28 @@ pub async fn run(
             .await
         }
     };
+    // Ctrl-C, or a SIGTERM (`kill`, `timeout`, a service stopping): the
+    // files still being written go, and the exit status says which signal.
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| ClientError::local(format!("cannot watch for SIGTERM: {e}")))?;
     let result = tokio::select! {
         r = work => r,
-        _ = tokio::signal::ctrl_c() => {
-            partial.remove_all();
-            eprintln!("restore-client: interrupted");
-            std::process::exit(130);
-        }
+        _ = tokio::signal::ctrl_c() => interrupted(&partial, "interrupted", 130),
+        _ = terminate.recv() => interrupted(&partial, "terminated", 143),
     };
     if result.is_err() {
         partial.remove_all();
     }
     result
+}
+
+/// Removes the files still being written and exits with `status` (128 +
+/// the signal's number, as a shell reports a process the signal killed).
+fn interrupted(partial: &Partial, what: &str, status: i32) -> ! {
+    partial.remove_all();
+    eprintln!("restore-client: {what}");
+    std::process::exit(status);
 }
 
 fn progress(total: Option<u64>) -> Option<ProgressBar> {
