@@ -1550,6 +1550,24 @@ fn a_closed_stdout_ends_commands_quietly() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // A command that failed keeps its exit status.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(CLIENT_BIN)
+        .args(remote(&[
+            "--output", "json", "cat", SNAPSHOT, EXT4, "raw", "/nope",
+        ]))
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run");
+    exits(&out, 1);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1001"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Any other write failure is an error.
     let full = fs::OpenOptions::new()
         .write(true)

@@ -195,22 +195,29 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("restore-client: error: {}", fmt::printable(&e.to_string()));
             if output == OutputFormat::Json {
-                write_stdout(format!("{}\n", e.to_json()).as_bytes());
+                // The failure's own exit code stands, whether or not its
+                // report could be written.
+                let _ = try_write_stdout(format!("{}\n", e.to_json()).as_bytes());
             }
             ExitCode::from(e.exit_code())
         }
     }
 }
 
-/// Writes a command's report to stdout (see [`stdout_error`] for failures).
+/// Writes a successful command's report to stdout (see [`stdout_error`]
+/// for failures).
 fn write_stdout(bytes: &[u8]) {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+    if let Err(e) = try_write_stdout(bytes) {
         let e = stdout_error(e);
         eprintln!("restore-client: error: {e}");
         std::process::exit(i32::from(e.exit_code()));
     }
+}
+
+fn try_write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes).and_then(|()| stdout.flush())
 }
 
 /// The error for a failed write to stdout. When stdout's reader has gone
