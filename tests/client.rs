@@ -315,14 +315,30 @@ fn client(agent: &Agent, args: &[&str]) -> Output {
 }
 
 fn client_at(connect: &str, ticket: &Path, args: &[&str]) -> Output {
+    client_command(connect, ticket)
+        .args(args)
+        .output()
+        .expect("run restore-client")
+}
+
+/// `restore-client --connect CONNECT --ticket-file TICKET`, stdin closed,
+/// for the arguments and stdio a test gives it.
+fn client_command(connect: &str, ticket: &Path) -> Command {
     let mut cmd = Command::new(CLIENT_BIN);
     cmd.arg("--connect")
         .arg(connect)
         .arg("--ticket-file")
         .arg(ticket)
-        .args(args)
         .stdin(Stdio::null());
-    cmd.output().expect("run restore-client")
+    cmd
+}
+
+/// [`client_command`] for `agent`'s Unix socket.
+fn agent_command(agent: &Agent) -> Command {
+    client_command(
+        &format!("unix:{}", agent.sock.display()),
+        &agent.ticket_path,
+    )
 }
 
 fn ok(out: Output) -> Output {
@@ -1268,13 +1284,7 @@ fn progress_bars_show_on_a_terminal_only() {
     let agent = start_agent();
     let out_dir = tmp();
     let run = |args: &[&str]| {
-        let mut cmd = Command::new(CLIENT_BIN);
-        cmd.arg("--connect")
-            .arg(format!("unix:{}", agent.sock.display()))
-            .arg("--ticket-file")
-            .arg(&agent.ticket_path)
-            .args(args);
-        let (status, seen) = with_stderr_on_a_terminal(&mut cmd);
+        let (status, seen) = with_stderr_on_a_terminal(agent_command(&agent).args(args));
         assert!(
             status.success(),
             "{args:?}: {}",
@@ -1416,14 +1426,9 @@ fn interrupted_extract_removes_the_partial_file(signal: i32, status: i32, says: 
     // order, and the file is written in order.)
     let relay = stalling_relay(dir.path(), &agent.sock, 1 << 20);
     let dest = dir.path().join("out");
-    let mut child = Command::new(CLIENT_BIN)
-        .arg("--connect")
-        .arg(format!("unix:{}", relay.display()))
-        .arg("--ticket-file")
-        .arg(&agent.ticket_path)
+    let mut child = client_command(&format!("unix:{}", relay.display()), &agent.ticket_path)
         .args(["extract", SNAPSHOT, EXT4, "raw", "/a/b/big.bin", "-o"])
         .arg(&dest)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -1760,16 +1765,7 @@ fn names_and_link_targets_that_are_not_utf8_round_trip() {
     fs::write(src.join("b").join(name), "latin1").expect("write");
     std::os::unix::fs::symlink(target, src.join("b/link")).expect("symlink");
     let agent = serve_image_of(dir.path(), &src, "u", 16);
-    let run = |args: &[&OsStr]| {
-        let mut cmd = Command::new(CLIENT_BIN);
-        cmd.arg("--connect")
-            .arg(format!("unix:{}", agent.sock.display()))
-            .arg("--ticket-file")
-            .arg(&agent.ticket_path)
-            .args(args)
-            .stdin(Stdio::null());
-        ok(cmd.output().expect("run"))
-    };
+    let run = |args: &[&OsStr]| ok(agent_command(&agent).args(args).output().expect("run"));
     let snap = ["host/u/2026-01-01T00:00:00Z", "u.img.fidx", "raw"].map(OsStr::new);
     let with = |head: &[&str], path: &OsStr, tail: &[&OsStr]| {
         let mut v: Vec<&OsStr> = head.iter().map(OsStr::new).collect();
@@ -1802,30 +1798,17 @@ fn names_and_link_targets_that_are_not_utf8_round_trip() {
         b"latin1"
     );
     // Extract keeps both exact, alone and in a tree.
-    let one = dir.path().join("one");
-    with(
-        &["extract"],
-        OsStr::new("/b/link"),
-        &[OsStr::new("-o"), one.as_os_str()],
-    );
-    assert_eq!(
-        fs::read_link(one.join("link"))
-            .expect("readlink")
-            .as_os_str(),
-        target
-    );
+    for (path, to) in [("/b/link", "one"), ("/b", "tree")] {
+        let out = dir.path().join(to);
+        with(
+            &["extract"],
+            OsStr::new(path),
+            &[OsStr::new("-o"), out.as_os_str()],
+        );
+        let link = fs::read_link(out.join("link")).expect("readlink");
+        assert_eq!(link.as_os_str(), target, "{path}");
+    }
     let tree = dir.path().join("tree");
-    with(
-        &["extract"],
-        OsStr::new("/b"),
-        &[OsStr::new("-o"), tree.as_os_str()],
-    );
-    assert_eq!(
-        fs::read_link(tree.join("link"))
-            .expect("readlink")
-            .as_os_str(),
-        target
-    );
     assert_eq!(fs::read(tree.join(name)).expect("read"), b"latin1");
 }
 

@@ -226,9 +226,13 @@ pub fn run(cmd: VmCommand, json: bool, out: &mut String) -> i32 {
 }
 
 fn fail(msg: &str, json: bool, out: &mut String) -> i32 {
+    use std::fmt::Write as _;
     if json {
-        out.push_str(&serde_json::json!({ "error": { "message": msg } }).to_string());
-        out.push('\n');
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "error": { "message": msg } })
+        );
     } else {
         eprintln!("restore-client: {msg}");
     }

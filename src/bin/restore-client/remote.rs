@@ -372,7 +372,6 @@ pub async fn stat_entry(
         .await
 }
 
-/// One `ls -l` line for an entry.
 /// An entry's name for people (its exact bytes, non-UTF-8 ones escaped).
 fn shown_name(e: &Entry) -> String {
     e.raw_name()
@@ -380,6 +379,7 @@ fn shown_name(e: &Entry) -> String {
         .unwrap_or_else(|_| fmt::printable(&e.name).into_owned())
 }
 
+/// One `ls -l` line for an entry.
 fn long_row(e: &Entry) -> Vec<String> {
     let mut name = shown_name(e);
     if e.kind == "symlink" {

@@ -35,45 +35,33 @@ impl SparseFile {
     /// whole zero blocks at block boundaries are skipped. Zeros that do not
     /// fill a whole block (also where a block is split between two calls)
     /// are written.
-    pub(crate) fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            // The run to write: up to the first whole zero block.
-            let mut run = 0usize;
-            while run < data.len() {
-                let piece = self.piece(run, data.len());
-                if piece as u64 == BLOCK && is_zero(&data[run..run + piece]) {
-                    break;
-                }
-                run += piece;
+    pub(crate) fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        // `data[run..at]` is the run not written yet.
+        let (mut run, mut at) = (0usize, 0usize);
+        while at < data.len() {
+            // Up to the file's next block boundary.
+            let to_boundary = BLOCK - (self.pos + at as u64) % BLOCK;
+            let piece = (data.len() - at).min(to_boundary as usize);
+            if piece as u64 == BLOCK && is_zero(&data[at..at + piece]) {
+                self.write_at(&data[run..at], run)?;
+                run = at + piece;
             }
-            if run > 0 {
-                self.file.write_all_at(&data[..run], self.pos)?;
-                self.pos += run as u64;
-                self.end = self.pos;
-                data = &data[run..];
-            }
-            // Then the whole zero blocks after it.
-            let mut zeros = 0usize;
-            while zeros < data.len() {
-                let piece = self.piece(zeros, data.len());
-                if piece as u64 != BLOCK || !is_zero(&data[zeros..zeros + piece]) {
-                    break;
-                }
-                zeros += piece;
-            }
-            self.pos += zeros as u64;
-            data = &data[zeros..];
+            at += piece;
         }
+        self.write_at(&data[run..], run)?;
+        self.pos += data.len() as u64;
         Ok(())
     }
 
-    /// The length of the piece of data starting `at` bytes into the current
-    /// call (whose data is `len` bytes): up to the next block boundary of
-    /// the file.
-    fn piece(&self, at: usize, len: usize) -> usize {
+    /// Writes `bytes` at `at` bytes past the current position.
+    fn write_at(&mut self, bytes: &[u8], at: usize) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
         let offset = self.pos + at as u64;
-        let to_boundary = BLOCK - offset % BLOCK;
-        (len - at).min(to_boundary as usize)
+        self.file.write_all_at(bytes, offset)?;
+        self.end = offset + bytes.len() as u64;
+        Ok(())
     }
 
     /// Gives the file its full length (a trailing hole has no bytes
