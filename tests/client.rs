@@ -1556,23 +1556,34 @@ fn a_closed_stdout_ends_commands_quietly() {
         );
     }
     // A command that failed keeps its exit status.
-    let (reader, writer) = std::io::pipe().expect("pipe");
-    drop(reader);
-    let out = Command::new(CLIENT_BIN)
-        .args(remote(&[
-            "--output", "json", "cat", SNAPSHOT, EXT4, "raw", "/nope",
-        ]))
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run");
-    exits(&out, 1);
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("1001"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let run_dir = tmp();
+    for (args, status, says) in [
+        (
+            remote(&["--output", "json", "cat", SNAPSHOT, EXT4, "raw", "/nope"]),
+            1,
+            Some("1001"),
+        ),
+        // (vm reports its failure in the JSON on stdout only)
+        (
+            vec!["--output", "json", "vm", "stop", "no-such-vm"],
+            2,
+            None,
+        ),
+    ] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(CLIENT_BIN)
+            .args(&args)
+            .env("RESTORE_AGENT_RUN_DIR", run_dir.path())
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run");
+        exits(&out, status);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(says.is_none_or(|s| err.contains(s)), "{args:?}: {err}");
+    }
     // Any other write failure is an error.
     let full = fs::OpenOptions::new()
         .write(true)

@@ -167,7 +167,12 @@ fn main() -> ExitCode {
     if let Command::Vm(cmd) = cli.command {
         let mut out = String::new();
         let code = restore_agent::vm::run(cmd, output == OutputFormat::Json, &mut out);
-        write_stdout(out.as_bytes());
+        if code == 0 {
+            write_stdout(out.as_bytes());
+        } else {
+            // As for any failed command: its status stands.
+            let _ = try_write_stdout(out.as_bytes());
+        }
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let result = run(cli);
