@@ -142,11 +142,14 @@ fn client(args: &[&str]) -> String {
         "  restore-client {cmd:?}: {:.2} s",
         t.elapsed().as_secs_f64()
     );
+    // With --output json a failure's reason (for `vm start`: QEMU's output
+    // and the console's last lines) is on stdout.
     assert!(
         out.status.success(),
-        "restore-client {args:?}: {}\n{}",
+        "restore-client {args:?}: {}\n{}{}",
         out.status,
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
