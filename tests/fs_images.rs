@@ -1259,6 +1259,110 @@ fn crc32c(seed: u32, data: &[u8]) -> u32 {
     c
 }
 
+/// Byte offset of the inode of `path` in an ext image with `block`-byte
+/// blocks, from debugfs.
+fn inode_offset(img: &Path, path: &str, block: u64) -> usize {
+    let imap = debugfs(img, false, &format!("imap {path}\n"));
+    // "Inode N is part of block group G\n\tlocated at block B, offset 0xO"
+    assert!(imap.contains("located at block"), "{imap}");
+    let nums: Vec<u64> = imap
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter_map(|w| {
+            w.strip_prefix("0x")
+                .map(|h| u64::from_str_radix(h, 16).unwrap())
+                .or_else(|| w.parse().ok())
+        })
+        .collect();
+    let (b, offset) = (nums[nums.len() - 2], nums[nums.len() - 1]);
+    (b * block + offset) as usize
+}
+
+/// A corrupt block map or extent tree that points back at one of its own
+/// blocks is refused (1004) instead of being walked again and again: one
+/// triple-indirect block of 4 KiB pointing 1024 times at one full of
+/// pointers to a zero block is 2^30 hole pointers, and with 64 KiB blocks
+/// 2^42, which took hours.
+#[test]
+fn maps_that_point_back_are_corrupt() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("f"), b"hello\n");
+    let le = |v: u32| v.to_le_bytes();
+    // ext2: /f's triple-indirect block X holds 1024 pointers to Y, Y 1024
+    // to Z, Z is all zeros; the size says 16 TiB (blocks 2000-2002 of the
+    // 2048 are free)
+    let ext2 = dir.path().join("ext2.img");
+    mkimg_ext(&src, &ext2, &["-t", "ext2", "-b", "4096"], 8);
+    let (x, y) = (2000u32, 2001u32);
+    let mut d = std::fs::read(&ext2).unwrap();
+    for i in 0..1024 {
+        let at = x as usize * 4096 + i * 4;
+        d[at..at + 4].copy_from_slice(&le(y));
+        let at = y as usize * 4096 + i * 4;
+        d[at..at + 4].copy_from_slice(&le(y + 1));
+    }
+    std::fs::write(&ext2, &d).unwrap();
+    debugfs(
+        &ext2,
+        true,
+        &format!("sif /f block[TIND] {x}\nsif /f size 0x100000000000\n"),
+    );
+    // ext4 without metadata_csum (no inode checksum to fix up): /f's
+    // extent root is an index whose two entries name the same leaf L
+    let ext4 = dir.path().join("ext4.img");
+    mkimg_ext(
+        &src,
+        &ext4,
+        &["-t", "ext4", "-b", "4096", "-O", "^metadata_csum"],
+        8,
+    );
+    let ino = inode_offset(&ext4, "/f", 4096);
+    let leaf = 2000u32;
+    let mut d = std::fs::read(&ext4).unwrap();
+    let header = |entries: u16, max: u16, depth: u16| {
+        let mut h = vec![];
+        for v in [0xF30A, entries, max, depth] {
+            h.extend_from_slice(&v.to_le_bytes());
+        }
+        h.extend_from_slice(&[0; 4]);
+        h
+    };
+    let mut node = header(1, 340, 0);
+    // logical 0, 1 block, at block 2001
+    node.extend_from_slice(&le(0));
+    node.extend_from_slice(&[1, 0, 0, 0]);
+    node.extend_from_slice(&le(leaf + 1));
+    let at = leaf as usize * 4096;
+    d[at..at + node.len()].copy_from_slice(&node);
+    let mut root = header(2, 4, 1);
+    for logical in [0, 1] {
+        root.extend_from_slice(&le(logical));
+        root.extend_from_slice(&le(leaf));
+        root.extend_from_slice(&[0; 4]);
+    }
+    // i_block at 0x28 (60 bytes)
+    d[ino + 0x28..ino + 0x28 + root.len()].copy_from_slice(&root);
+    std::fs::write(&ext4, &d).unwrap();
+
+    for (img, what) in [
+        (&ext2, "indirect block 2002"),
+        (&ext4, "extent tree block 2000"),
+    ] {
+        let e = with_fs(img, "raw", |fs| fs.read(b"/f", 0, 4096))
+            .err()
+            .unwrap_or_else(|| panic!("{what}: read served data"));
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+        assert!(
+            e.message.contains(&format!("{what} is used twice")),
+            "{}",
+            e.message
+        );
+    }
+}
+
 #[test]
 fn listing_checks_inode_and_directory_checksums() {
     if !have_tools() {
@@ -1274,20 +1378,8 @@ fn listing_checks_inode_and_directory_checksums() {
     let listed = with_fs(&img, "raw", |fs| fs.list(b"/d", None, 100).unwrap().0);
     assert_eq!(listed.len(), 3);
     // an inode of the directory with a changed uid, checksum left as is
-    let imap = debugfs(&img, false, "imap /d/b\n");
-    let nums: Vec<u64> = imap
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter_map(|w| {
-            w.strip_prefix("0x")
-                .map(|h| u64::from_str_radix(h, 16).unwrap())
-                .or_else(|| w.parse().ok())
-        })
-        .collect();
-    // "Inode N is part of block group G\n\tlocated at block B, offset 0xO"
     // (1 KiB blocks on a 16 MiB filesystem); +2 is the uid
-    assert!(imap.contains("located at block"), "{imap}");
-    let (block, offset) = (nums[nums.len() - 2], nums[nums.len() - 1]);
-    let at = (block * 1024 + offset) as usize + 2;
+    let at = inode_offset(&img, "/d/b", 1024) + 2;
     let (_d, bad_inode) = damaged(&img, |d| d[at] ^= 0x55);
     with_fs(&bad_inode, "raw", |fs| {
         let e = fs.list(b"/d", None, 100).err().unwrap();

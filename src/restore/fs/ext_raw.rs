@@ -11,7 +11,7 @@
 //! Must never write, and never trust an on-disk count for an allocation.
 //! It reads the on-disk state as is: an unreplayed journal is not applied.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -82,6 +82,20 @@ struct Run {
     logical: u64,
     physical: u64,
     len: u64,
+}
+
+/// The state of mapping one block-mapped (ext2/3) file.
+struct BlockMapWalk {
+    inode: u32,
+    /// blocks the file's size covers; pointers past it are not read
+    nblocks: u64,
+    /// the logical block the next pointer maps
+    logical: u64,
+    runs: Vec<Run>,
+    /// Indirect blocks already read. A file uses each one once; a corrupt
+    /// map that points back at one would otherwise be walked again and
+    /// again (up to 2^30 pointers under one triple-indirect block).
+    seen: HashSet<u64>,
 }
 
 /// Appends `e`, merging it into the last extent when they are contiguous.
@@ -300,18 +314,24 @@ impl ExtRaw {
         let nblocks = ino.size.div_ceil(self.block_size);
         let mut runs = Vec::new();
         if ino.uses_extents() {
-            let mut visits = 0usize;
-            self.extent_node(ino.number, &ino.block, 0, &mut runs, &mut visits)?;
+            let mut seen = HashSet::new();
+            self.extent_node(ino.number, &ino.block, 0, &mut runs, &mut seen)?;
         } else {
-            let mut logical = 0u64;
+            let mut walk = BlockMapWalk {
+                inode: ino.number,
+                nblocks,
+                logical: 0,
+                runs,
+                seen: HashSet::new(),
+            };
             for i in 0..15 {
-                if logical >= nblocks {
+                if walk.logical >= nblocks {
                     break;
                 }
                 let p = u64::from(le32(&ino.block, i * 4));
-                let level = i.saturating_sub(11);
-                self.map_level(ino.number, p, level, &mut logical, nblocks, &mut runs)?;
+                self.map_level(&mut walk, p, i.saturating_sub(11))?;
             }
+            runs = walk.runs;
         }
         let r = Rc::new(runs);
         self.runs_cache = Some((ino.number, r.clone()));
@@ -336,21 +356,14 @@ impl ExtRaw {
     }
 
     /// Maps a block-map pointer at `level` (0 direct, 1..3 indirect),
-    /// advancing `logical` over the blocks it covers. A zero pointer is a
-    /// hole covering the whole subtree.
-    fn map_level(
-        &mut self,
-        inode: u32,
-        ptr: u64,
-        level: usize,
-        logical: &mut u64,
-        nblocks: u64,
-        runs: &mut Vec<Run>,
-    ) -> Result<()> {
+    /// advancing `walk.logical` over the blocks it covers. A zero pointer
+    /// is a hole covering the whole subtree.
+    fn map_level(&mut self, walk: &mut BlockMapWalk, ptr: u64, level: usize) -> Result<()> {
         let per = self.block_size / 4;
         let span = per.pow(level as u32);
+        let inode = walk.inode;
         if ptr == 0 {
-            *logical = logical.saturating_add(span);
+            walk.logical = walk.logical.saturating_add(span);
             return Ok(());
         }
         if level == 0 {
@@ -359,39 +372,44 @@ impl ExtRaw {
                     "inode {inode}: block pointer {ptr} out of range"
                 )));
             }
-            Self::push_run(
-                runs,
-                inode,
-                Run {
-                    logical: *logical,
-                    physical: ptr,
-                    len: 1,
-                },
-            )?;
-            *logical += 1;
+            let run = Run {
+                logical: walk.logical,
+                physical: ptr,
+                len: 1,
+            };
+            Self::push_run(&mut walk.runs, inode, run)?;
+            walk.logical += 1;
             return Ok(());
+        }
+        if !walk.seen.insert(ptr) {
+            return Err(bad(format!(
+                "inode {inode}: indirect block {ptr} is used twice"
+            )));
         }
         let blk = self.block(ptr)?;
         for i in 0..per as usize {
-            if *logical >= nblocks {
+            if walk.logical >= walk.nblocks {
                 break;
             }
             let p = u64::from(le32(&blk, i * 4));
-            self.map_level(inode, p, level - 1, logical, nblocks, runs)?;
+            self.map_level(walk, p, level - 1)?;
         }
         Ok(())
     }
 
+    /// Collects the runs of an extent tree node (the root lives in the
+    /// inode). `seen` holds the tree blocks already read for this file: a
+    /// tree uses each block once, and a corrupt index that points back at
+    /// one would otherwise multiply the work at every level.
     fn extent_node(
         &mut self,
         inode: u32,
         node: &[u8],
         depth: u32,
         runs: &mut Vec<Run>,
-        visits: &mut usize,
+        seen: &mut HashSet<u64>,
     ) -> Result<()> {
-        *visits += 1;
-        if *visits > MAX_EXTENT_NODES {
+        if seen.len() >= MAX_EXTENT_NODES {
             return Err(bad(format!("inode {inode}: extent tree too large")));
         }
         if le16(node, 0) != 0xF30A {
@@ -427,8 +445,13 @@ impl ExtRaw {
                 )?;
             } else {
                 let child = (u64::from(le16(e, 8)) << 32) | u64::from(le32(e, 4));
+                if !seen.insert(child) {
+                    return Err(bad(format!(
+                        "inode {inode}: extent tree block {child} is used twice"
+                    )));
+                }
                 let blk = self.block(child)?;
-                self.extent_node(inode, &blk, depth + 1, runs, visits)?;
+                self.extent_node(inode, &blk, depth + 1, runs, seen)?;
             }
         }
         Ok(())
