@@ -80,7 +80,7 @@ fn set_mtime(path: &Path, secs: i64) {
 }
 
 /// Bump when the fixture's content changes, so that a stale copy is not used.
-const FIXTURE_VERSION: u32 = 2;
+const FIXTURE_VERSION: u32 = 3;
 
 /// The fixture is kept in cargo's target tmp dir and reused by later runs
 /// (a datastore is 65,536 chunk directories: slow to create and to delete).
@@ -203,9 +203,36 @@ fn build_fixture() -> Fixture {
         .arg("64M")
         .env("E2FSPROGS_FAKE_TIME", "1750000000"));
 
+    // A damaged FAT: SHORT.BIN's directory entry says 1,000,000 bytes,
+    // its cluster chain holds 4096.
+    let short_src = root.join("SHORT.BIN");
+    fs::write(&short_src, noise(4096, 31)).expect("write");
+    let short = root.join("fat-short.img");
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-F", "12", "-n", "SHORT"])
+        .arg(&short)
+        .arg("1024"));
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(&short)
+        .arg(&short_src)
+        .arg("::/"));
+    let mut image = fs::read(&short).expect("read");
+    let at = image
+        .windows(11)
+        .position(|w| w == b"SHORT   BIN")
+        .expect("directory entry");
+    image[at + 28..at + 32].copy_from_slice(&1_000_000u32.to_le_bytes());
+    fs::write(&short, &image).expect("write");
+
     let store = root.join("store");
     run(Command::new(CLIENT_BIN).args(["store", "init"]).arg(&store));
-    for (img, name) in [(&ext4, "ext4.img"), (&fat, "fat.img"), (&many, "many.img")] {
+    for (img, name) in [
+        (&ext4, "ext4.img"),
+        (&fat, "fat.img"),
+        (&many, "many.img"),
+        (&short, "fat-short.img"),
+    ] {
         run(Command::new(CLIENT_BIN)
             .args(["store", "import-image", "--store"])
             .arg(&store)
@@ -1209,6 +1236,51 @@ fn error_paths_have_their_exit_codes() {
     assert_eq!(out.status.code(), Some(2));
     let out = client(&agent, &["ls"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A file whose data ends before its size (a FAT chain shorter than the
+/// directory entry says) is an error, never a download that ends early and
+/// passes for the whole file.
+#[test]
+fn a_file_shorter_than_its_size_is_an_error() {
+    let agent = start_agent();
+    let dir = tmp();
+    let short = "fat-short.img.fidx";
+    let out = client(&agent, &["cat", SNAPSHOT, short, "raw", "/SHORT.BIN"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("1004"), "{err}");
+    assert!(
+        err.contains("file data ends at 4096 of 1000000 bytes"),
+        "{err}"
+    );
+    // extract of the file, and of the directory holding it (a stream)
+    for path in ["/SHORT.BIN", "/"] {
+        let to = dir
+            .path()
+            .join(path.trim_start_matches('/').replace('.', "-"));
+        let out = client(
+            &agent,
+            &[
+                "extract",
+                SNAPSHOT,
+                short,
+                "raw",
+                path,
+                "-o",
+                to.to_str().unwrap(),
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{path}: {err}");
+        assert!(err.contains("file data ends at 4096"), "{path}: {err}");
+        // no truncated file is left behind
+        assert!(
+            walk(&to).iter().all(|(_, m)| !m.is_file()),
+            "{path}: {:?}",
+            walk(&to)
+        );
+    }
 }
 
 #[test]

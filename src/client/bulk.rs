@@ -175,11 +175,16 @@ pub async fn read_file(
         if r.length < asked {
             // A short read before the end: everything already asked for
             // beyond it is void; go on from where it ended.
+            if r.length == 0 {
+                // the agent ends a file with `eof`; nothing more at a
+                // point before it would otherwise pass for the end
+                return Err(ClientError::local(format!(
+                    "fs.read of {} at {offset}: no data and no end of file",
+                    file.display()
+                )));
+            }
             in_flight = FuturesOrdered::new();
             next = offset + r.length;
-            if r.length == 0 {
-                return Ok(done);
-            }
         }
     }
 }

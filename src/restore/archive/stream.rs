@@ -21,6 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::sync::Notify;
 
+use crate::error::{Error, ErrorKind};
+
 /// Bytes the producer gathers before handing them to the consumer (the
 /// stream's capacity, if smaller, caps it).
 const BLOCK: usize = 256 << 10;
@@ -77,8 +79,10 @@ struct State {
 enum End {
     Open,
     Finished,
-    /// Reported to the consumer once it asks; taken on the first report.
-    Failed(Option<io::Error>),
+    /// Reported to every read from then on: with several reads in
+    /// flight, the one that happens to look first is not always the one
+    /// whose answer the client shows.
+    Failed(Error),
 }
 
 impl Shared {
@@ -109,9 +113,10 @@ impl Shared {
         let last = st.producers == 0;
         drop(st);
         if last {
-            self.end(End::Failed(Some(io::Error::other(
+            self.end(End::Failed(Error::new(
+                ErrorKind::Io,
                 "the archive producer stopped before finishing the stream",
-            ))));
+            )));
         }
     }
 }
@@ -248,10 +253,16 @@ impl StreamCloser {
         self.shared.end(End::Finished);
     }
 
-    /// Fails the stream: the consumer's next read returns `err` (buffered data
-    /// is dropped: the stream is unusable anyway).
+    /// Fails the stream: the consumer's reads return `err` from now on
+    /// (buffered data is dropped: the stream is unusable anyway). An
+    /// [`Error`] inside `err` is kept as it is, so its code reaches the
+    /// client.
     pub fn fail(self, err: io::Error) {
-        self.shared.end(End::Failed(Some(err)));
+        let err = match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
+            Some(app) => app.clone(),
+            None => Error::new(ErrorKind::Io, format!("stream failed: {err}")),
+        };
+        self.shared.end(End::Failed(err));
     }
 }
 
@@ -281,7 +292,7 @@ impl StreamReader {
     /// Waits until data is buffered, the stream finished, or it failed; then
     /// returns up to `max` bytes and whether the stream is complete after
     /// them (`true` comes with the last data when possible). A failed stream
-    /// returns its error (once; later reads report that it failed).
+    /// returns its error, to every read.
     pub async fn read(&mut self, max: usize) -> io::Result<(Vec<u8>, bool)> {
         let mut pieces = Vec::new();
         let (n, eof) = self.read_pieces(&mut pieces, max).await?;
@@ -303,10 +314,8 @@ impl StreamReader {
         loop {
             {
                 let mut st = self.shared.lock();
-                if let End::Failed(err) = &mut st.end {
-                    return Err(err
-                        .take()
-                        .unwrap_or_else(|| io::Error::other("the stream failed earlier")));
+                if let End::Failed(err) = &st.end {
+                    return Err(io::Error::other(err.clone()));
                 }
                 let finished = matches!(st.end, End::Finished);
                 if !st.buf.is_empty() || finished || max == 0 {
@@ -490,9 +499,20 @@ mod tests {
         w.write_all(b"partial").unwrap();
         closer.fail(io::Error::other("disk block unreadable"));
         let rt = runtime();
-        let err = rt.block_on(r.read(100)).unwrap_err();
-        assert!(err.to_string().contains("disk block unreadable"), "{err}");
-        assert!(rt.block_on(r.read(100)).is_err());
+        // every read gets the error (several may be in flight)
+        for _ in 0..2 {
+            let err = rt.block_on(r.read(100)).unwrap_err();
+            assert!(err.to_string().contains("disk block unreadable"), "{err}");
+        }
+        // an application error inside keeps its kind
+        let (w, mut r) = byte_stream(64);
+        let corrupt = Error::corrupt("/f: file data ends at 4096 of 9999 bytes");
+        w.closer().fail(io::Error::other(corrupt.clone()));
+        for _ in 0..2 {
+            let err = rt.block_on(r.read(100)).unwrap_err();
+            let inner = err.get_ref().and_then(|e| e.downcast_ref::<Error>());
+            assert_eq!(inner, Some(&corrupt), "{err}");
+        }
     }
 
     #[test]

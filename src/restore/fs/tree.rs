@@ -385,12 +385,18 @@ impl<B: Backend> Filesystem for Tree<B> {
         while done < buf.len() {
             let n = self.read_node(&r, offset + done as u64, &mut buf[done..])?;
             if n == 0 {
-                break;
+                // `want` stops at the size: the data ends before the
+                // file does (a corrupt FAT chain shorter than its size)
+                return Err(Error::corrupt(format!(
+                    "{}: {}: file data ends at {} of {size} bytes",
+                    self.backend.what(),
+                    show(&r.path()),
+                    offset + done as u64
+                )));
             }
             done += n;
         }
-        buf.truncate(done);
-        Ok((buf, offset + done as u64 >= size))
+        Ok((buf, offset + want >= size))
     }
 
     fn map(&mut self, path: &[u8], offset: u64, len: usize) -> Result<Option<FileMap>> {
