@@ -1259,6 +1259,170 @@ fn crc32c(seed: u32, data: &[u8]) -> u32 {
     c
 }
 
+/// The layout of a FAT16 image, from its boot sector.
+struct Fat16 {
+    /// the first FAT
+    fat: usize,
+    /// the further FAT copies, in bytes after the first
+    fat_copies: Vec<usize>,
+    root: usize,
+    root_entries: usize,
+    data: usize,
+    cluster: usize,
+}
+
+impl Fat16 {
+    fn of(d: &[u8]) -> Fat16 {
+        let u16_at = |at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
+        let (bps, spc, rsv, nf) = (
+            u16_at(11),
+            usize::from(d[13]),
+            u16_at(14),
+            usize::from(d[16]),
+        );
+        let (root_entries, fat_sectors) = (u16_at(17), u16_at(22));
+        let root = (rsv + nf * fat_sectors) * bps;
+        Fat16 {
+            fat: rsv * bps,
+            fat_copies: (1..nf).map(|k| k * fat_sectors * bps).collect(),
+            root,
+            root_entries,
+            data: root + root_entries * 32,
+            cluster: spc * bps,
+        }
+    }
+
+    /// The cluster chain starting at `first`.
+    fn chain(&self, d: &[u8], first: u16) -> Vec<u16> {
+        let mut chain = vec![first];
+        loop {
+            let at = self.fat + 2 * usize::from(chain[chain.len() - 1]);
+            let next = u16::from_le_bytes([d[at], d[at + 1]]);
+            if next >= 0xFFF8 {
+                return chain;
+            }
+            chain.push(next);
+        }
+    }
+
+    /// Byte offsets of the 32-byte entries of a directory's clusters (the
+    /// root's when `first` is `None`).
+    fn entries(&self, d: &[u8], first: Option<u16>) -> Vec<usize> {
+        match first {
+            None => (0..self.root_entries).map(|i| self.root + 32 * i).collect(),
+            Some(c) => self
+                .chain(d, c)
+                .iter()
+                .flat_map(|&c| {
+                    let start = self.data + (usize::from(c) - 2) * self.cluster;
+                    (start..start + self.cluster).step_by(32)
+                })
+                .collect(),
+        }
+    }
+
+    /// Where the entry with the 8.3 name `name` (space-padded to 11 bytes)
+    /// lies in a directory, and its first cluster.
+    fn find(&self, d: &[u8], dir: Option<u16>, name: &[u8; 11]) -> (usize, u16) {
+        let at = self
+            .entries(d, dir)
+            .into_iter()
+            .find(|&e| &d[e..e + 11] == name)
+            .unwrap_or_else(|| panic!("no entry {}", String::from_utf8_lossy(name)));
+        (at, u16::from_le_bytes([d[at + 26], d[at + 27]]))
+    }
+
+    /// Sets FAT entry `cluster` to `next` in every FAT copy.
+    fn link(&self, d: &mut [u8], cluster: u16, next: u16) {
+        let at = self.fat + 2 * usize::from(cluster);
+        for off in std::iter::once(0).chain(self.fat_copies.iter().copied()) {
+            d[at + off..at + off + 2].copy_from_slice(&next.to_le_bytes());
+        }
+    }
+}
+
+/// FAT names no inodes, so a directory that loops back (an entry naming
+/// its parent's cluster, or a cluster chain that returns to its start) is
+/// found by where its entries lie; it is 1004, never a walk down 1024
+/// copies of the tree (which took gigabytes) nor a listing without end
+/// (which aborted the agent on a failed allocation).
+#[test]
+fn fat_directory_loops_are_corrupt() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    for i in 0..40 {
+        write(
+            &src.join(format!("D/F{i:02}.TXT")),
+            format!("{i}\n").as_bytes(),
+        );
+    }
+    write(&src.join("D/SUB/X.TXT"), b"x\n");
+    let img = dir.path().join("fat.img");
+    // one 512-byte sector per cluster: /D spans 3 clusters
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-F", "16", "-s", "1"])
+        .arg(&img)
+        .arg("8192"));
+    run(Command::new("mcopy")
+        .args(["-s", "-i"])
+        .arg(&img)
+        .arg(src.join("D"))
+        .arg("::/"));
+    let mut d = std::fs::read(&img).unwrap();
+    let fat = Fat16::of(&d);
+    let (_, d_cluster) = fat.find(&d, None, b"D          ");
+    let chain = fat.chain(&d, d_cluster);
+    assert!(chain.len() >= 3, "{chain:?}");
+    // /D/SUB names /D's own cluster
+    let (sub, _) = fat.find(&d, Some(d_cluster), b"SUB        ");
+    let mut parent_loop = d.clone();
+    parent_loop[sub + 26..sub + 28].copy_from_slice(&d_cluster.to_le_bytes());
+    // /D's next-to-last cluster leads back to its first
+    fat.link(&mut d, chain[chain.len() - 2], chain[0]);
+    let chain_loop = d;
+    let parent_loop_img = dir.path().join("parent-loop.img");
+    std::fs::write(&parent_loop_img, &parent_loop).unwrap();
+    let chain_loop_img = dir.path().join("chain-loop.img");
+    std::fs::write(&chain_loop_img, &chain_loop).unwrap();
+
+    let (walked, listed) = with_fs(&parent_loop_img, "raw", |fs| {
+        let mut n = 0;
+        let walked = fs.walk(b"/", &mut |_, _| {
+            n += 1;
+            Ok(())
+        });
+        (
+            walked.map(|_| n),
+            fs.list(b"/D", None, 100).map(|l| l.0.len()),
+        )
+    });
+    let e = walked.expect_err("the walk ended without an error");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+    assert!(
+        e.message.contains("/D/SUB: directory loop"),
+        "{}",
+        e.message
+    );
+    // the directory itself still lists (40 files and SUB)
+    assert_eq!(listed.unwrap(), 41);
+
+    let (listed, walked) = with_fs(&chain_loop_img, "raw", |fs| {
+        let listed = fs.list(b"/D", None, 100).map(|l| l.0.len());
+        (listed, fs.walk(b"/", &mut |_, _| Ok(())))
+    });
+    for e in [listed.expect_err("listed"), walked.expect_err("walked")] {
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+        assert!(
+            e.message.contains("more than 65536 directory entries"),
+            "{}",
+            e.message
+        );
+    }
+}
+
 /// Byte offset of the inode of `path` in an ext image with `block`-byte
 /// blocks, from debugfs.
 fn inode_offset(img: &Path, path: &str, block: u64) -> usize {

@@ -6,8 +6,9 @@
 //! and nlink 1; timestamps are taken as UTC. Names match exactly first,
 //! then case-insensitively, as on Windows. Must never write.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fatfs::{FileSystem, FsOptions};
@@ -19,8 +20,46 @@ use crate::restore::fs::tree::{Backend, Child};
 use crate::restore::fs::{Entry, EntryType};
 use crate::restore::probe::{fixed_label, FsKind, Probe};
 
-type Fat = FileSystem<DiskCursor>;
-type FatDir<'a> = fatfs::Dir<'a, DiskCursor>;
+type Fat = FileSystem<FatCursor>;
+type FatDir<'a> = fatfs::Dir<'a, FatCursor>;
+
+/// Most entries in one directory: FAT allows 65,536 32-byte slots, and a
+/// cluster chain that loops back would otherwise yield entries forever.
+const MAX_DIR_ENTRIES: usize = 65_536;
+/// No read noted yet.
+const NO_READ: u64 = u64::MAX;
+
+/// The volume as fatfs reads it, noting where the last read started.
+/// fatfs does not tell a directory's first cluster, but the first read of
+/// a directory's entries starts there, so that offset names the directory
+/// (see [`FatBackend::dir_identity`]).
+pub struct FatCursor {
+    disk: DiskCursor,
+    last_read: Arc<AtomicU64>,
+}
+
+impl Read for FatCursor {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let at = self.disk.stream_position()?;
+        self.last_read.store(at, Ordering::Relaxed);
+        self.disk.read(buf)
+    }
+}
+
+impl Seek for FatCursor {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.disk.seek(pos)
+    }
+}
+
+impl Write for FatCursor {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.disk.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.disk.flush()
+    }
+}
 
 fn io_err(what: &str, e: std::io::Error) -> Error {
     if let Some(ours) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
@@ -41,12 +80,15 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::new(kind, text)
 }
 
-fn open_fs(disk: Arc<dyn Disk>) -> Result<Fat> {
+fn open_fs(disk: Arc<dyn Disk>) -> Result<(Fat, Arc<AtomicU64>)> {
     let opts = FsOptions::new().update_accessed_date(false);
-    match catch_unwind(AssertUnwindSafe(|| {
-        FileSystem::new(DiskCursor::new(disk), opts)
-    })) {
-        Ok(Ok(fs)) => Ok(fs),
+    let last_read = Arc::new(AtomicU64::new(NO_READ));
+    let cursor = FatCursor {
+        disk: DiskCursor::new(disk),
+        last_read: last_read.clone(),
+    };
+    match catch_unwind(AssertUnwindSafe(|| FileSystem::new(cursor, opts))) {
+        Ok(Ok(fs)) => Ok((fs, last_read)),
         Ok(Err(e)) => Err(io_err("FAT filesystem", e)),
         Err(_) => Err(Error::corrupt(
             "FAT filesystem: the reader failed on the boot sector: corrupt filesystem",
@@ -69,7 +111,7 @@ pub fn probe(disk: Arc<dyn Disk>, head: &[u8]) -> Probe {
         unsupported: None,
     };
     match open_fs(disk) {
-        Ok(fs) => {
+        Ok((fs, _)) => {
             let root_label =
                 catch_unwind(AssertUnwindSafe(|| fs.read_volume_label_from_root_dir()));
             if let Ok(Ok(Some(l))) = root_label {
@@ -98,9 +140,16 @@ fn unix_time(t: fatfs::DateTime) -> i64 {
         + i64::from(t.time.sec)
 }
 
-/// Opens the FAT filesystem on `disk`; [`FatBackend`] borrows it.
-pub fn open(disk: Arc<dyn Disk>) -> Result<Fat> {
-    open_fs(disk)
+/// An open FAT filesystem; [`FatBackend`] borrows it.
+pub struct FatVolume {
+    fs: Fat,
+    last_read: Arc<AtomicU64>,
+}
+
+/// Opens the FAT filesystem on `disk`.
+pub fn open(disk: Arc<dyn Disk>) -> Result<FatVolume> {
+    let (fs, last_read) = open_fs(disk)?;
+    Ok(FatVolume { fs, last_read })
 }
 
 /// A FAT node: directories and files are kept as fatfs handles, so reads
@@ -108,19 +157,25 @@ pub fn open(disk: Arc<dyn Disk>) -> Result<Fat> {
 #[derive(Clone)]
 pub enum FatNode<'a> {
     Dir(FatDir<'a>),
-    File(fatfs::File<'a, DiskCursor>),
+    File(fatfs::File<'a, FatCursor>),
 }
 
 pub struct FatBackend<'a> {
     fs: &'a Fat,
+    /// where the volume's last read started
+    last_read: &'a AtomicU64,
     /// the file last read and its path, to continue sequential reads
     /// without walking the cluster chain from the start
-    reading: Option<(Vec<u8>, fatfs::File<'a, DiskCursor>)>,
+    reading: Option<(Vec<u8>, fatfs::File<'a, FatCursor>)>,
 }
 
 impl<'a> FatBackend<'a> {
-    pub fn new(fs: &'a Fat) -> FatBackend<'a> {
-        FatBackend { fs, reading: None }
+    pub fn new(volume: &'a FatVolume) -> FatBackend<'a> {
+        FatBackend {
+            fs: &volume.fs,
+            last_read: &volume.last_read,
+            reading: None,
+        }
     }
 }
 
@@ -128,7 +183,7 @@ fn show(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
 }
 
-fn entry_of(e: &fatfs::DirEntry<'_, DiskCursor>) -> Entry {
+fn entry_of(e: &fatfs::DirEntry<'_, FatCursor>) -> Entry {
     let dir = e.is_dir();
     let mut mode = if dir { 0o755 } else { 0o644 };
     if e.attributes().contains(fatfs::FileAttributes::READ_ONLY) {
@@ -185,7 +240,14 @@ impl<'a> Backend for FatBackend<'a> {
             ));
         };
         let mut out = Vec::new();
-        for e in d.iter() {
+        for (i, e) in d.iter().enumerate() {
+            if i >= MAX_DIR_ENTRIES {
+                return Err(Error::corrupt(format!(
+                    "{}: corrupt FAT filesystem: more than {MAX_DIR_ENTRIES} directory entries \
+                     (its cluster chain loops)",
+                    show(path)
+                )));
+            }
             let e = e.map_err(|e| io_err(&show(path), e))?;
             let entry = entry_of(&e);
             if entry.name == "." || entry.name == ".." {
@@ -248,6 +310,21 @@ impl<'a> Backend for FatBackend<'a> {
         }
         self.reading = Some((path.to_vec(), f));
         Ok(done)
+    }
+
+    /// Where the directory's entries start on the volume (its first
+    /// cluster), noted from the read of its first entry; `None` for an
+    /// empty directory without clusters, which cannot loop.
+    fn dir_identity(&mut self, dir: &FatNode<'a>, path: &[u8]) -> Result<Option<u64>> {
+        let FatNode::Dir(d) = dir else {
+            return Ok(None);
+        };
+        self.last_read.store(NO_READ, Ordering::Relaxed);
+        if let Some(Err(e)) = d.iter().next() {
+            return Err(io_err(&show(path), e));
+        }
+        let at = self.last_read.load(Ordering::Relaxed);
+        Ok((at != NO_READ).then_some(at))
     }
 
     fn case_insensitive(&self) -> bool {

@@ -70,6 +70,11 @@ pub trait Backend {
     ) -> Result<Option<Vec<Extent>>> {
         Ok(None)
     }
+    /// What identifies a directory for loop detection, for backends
+    /// whose entries carry no inode numbers (FAT); `None` when unknown.
+    fn dir_identity(&mut self, _dir: &Self::Node, _path: &[u8]) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// Names this filesystem in error messages.
     fn what(&self) -> &str;
     /// Whether names match case-insensitively when no exact match exists
@@ -490,7 +495,14 @@ impl<B: Backend> Filesystem for Tree<B> {
                     show(&abs)
                 )));
             }
-            if node.entry.inode != 0 && !dirs_seen.insert(node.entry.inode) {
+            let identity = if node.entry.inode != 0 {
+                Some(node.entry.inode)
+            } else {
+                let what = self.backend.what().to_string();
+                let backend = &mut self.backend;
+                guarded(&what, &abs, || backend.dir_identity(&node.node, &abs))?
+            };
+            if identity.is_some_and(|id| !dirs_seen.insert(id)) {
                 return Err(Error::corrupt(format!("{}: directory loop", show(&abs))));
             }
             let kids = self.listing(&node, &abs)?;
