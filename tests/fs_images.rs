@@ -1423,6 +1423,52 @@ fn fat_directory_loops_are_corrupt() {
     }
 }
 
+/// An NTFS index entry naming its own index record as its subnode is
+/// 1004. The ntfs crate's iterator descended into it forever inside one
+/// call (a copy of the record per level) until an allocation failed and
+/// aborted the agent.
+#[test]
+fn ntfs_index_loops_are_corrupt() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ntfs.img");
+    // enough files for the root's index to need index records
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("n{i:03}.txt"), format!("{i}\n").into_bytes()))
+        .collect();
+    mkimg_ntfs(&img, "16M", "LOOP", &dir.path().join("scratch"), &files);
+    let listed = with_fs(&img, "raw", |fs| {
+        fs.list(b"/", None, 1000).map(|l| l.0.len())
+    });
+    assert_eq!(listed.unwrap(), 40);
+    let mut d = std::fs::read(&img).unwrap();
+    let le16 = |d: &[u8], at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
+    // the image's first index record: the root directory's, VCN 0
+    let record = (0..d.len())
+        .step_by(4096)
+        .find(|&o| &d[o..o + 4] == b"INDX")
+        .expect("an index record");
+    let vcn = &d[record + 16..record + 24].to_vec();
+    let first = record + 0x18 + le16(&d, record + 0x18);
+    // a subnode's VCN is the entry's last 8 bytes
+    let at = first + le16(&d, first + 8) - 8;
+    // the update sequence owns the last two bytes of every sector
+    assert!((at - record) % 512 + 8 <= 510, "VCN across a sector end");
+    d[first + 12] |= 1; // HAS_SUBNODE
+    d[at..at + 8].copy_from_slice(vcn);
+    let bad = dir.path().join("loop.img");
+    std::fs::write(&bad, &d).unwrap();
+    let e = with_fs(&bad, "raw", |fs| fs.list(b"/", None, 1000)).expect_err("the root listed");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+    assert!(
+        e.message.contains("index record 0 is named twice"),
+        "{}",
+        e.message
+    );
+}
+
 /// Byte offset of the inode of `path` in an ext image with `block`-byte
 /// blocks, from debugfs.
 fn inode_offset(img: &Path, path: &str, block: u64) -> usize {

@@ -9,11 +9,19 @@
 //! exactly first, then case-insensitively, as on Windows.
 //! Must never write.
 
+use std::collections::HashSet;
 use std::io::SeekFrom;
 use std::sync::Arc;
 
-use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
-use ntfs::{Ntfs, NtfsAttributeFlags, NtfsError, NtfsFile, NtfsReadSeek};
+use ntfs::indexes::NtfsFileNameIndex;
+use ntfs::structured_values::{
+    NtfsFileAttributeFlags, NtfsFileNamespace, NtfsIndexAllocation, NtfsIndexRoot,
+};
+use ntfs::types::Vcn;
+use ntfs::{
+    Ntfs, NtfsAttributeFlags, NtfsAttributeItem, NtfsAttributeType, NtfsError, NtfsFile,
+    NtfsIndexNodeEntries, NtfsReadSeek,
+};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, DiskCursor};
@@ -28,6 +36,8 @@ const FIRST_USER_RECORD: u64 = 24;
 const NT_TO_UNIX: i64 = 11_644_473_600;
 /// Most entries read from one directory index.
 const MAX_DIR_ENTRIES: usize = 4 << 20;
+/// The name of a directory's file name index.
+const DIR_INDEX: &str = "$I30";
 
 fn map_err(what: &str, e: NtfsError) -> Error {
     if let NtfsError::Io(io) = &e {
@@ -153,6 +163,139 @@ fn entry_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) 
     })
 }
 
+/// The attribute of type `ty` of a directory's file name index, if any.
+fn index_attribute<'n, 'f>(
+    file: &'f NtfsFile<'n>,
+    cur: &mut DiskCursor,
+    ty: NtfsAttributeType,
+) -> std::result::Result<Option<NtfsAttributeItem<'n, 'f>>, NtfsError> {
+    let mut attributes = file.attributes();
+    while let Some(item) = attributes.next(cur) {
+        let item = item?;
+        let attribute = item.to_attribute()?;
+        if attribute.ty()? == ty && attribute.name()? == DIR_INDEX {
+            return Ok(Some(item));
+        }
+    }
+    Ok(None)
+}
+
+/// The names and file record numbers in a directory's index (any order;
+/// DOS names and metafiles left out).
+///
+/// The index is a B-tree: an entry may name a subnode (an index record, by
+/// VCN) holding the entries before it. The crate's own iterator descends
+/// into every subnode it is given, so a corrupt entry naming its own record
+/// made it descend forever inside one call, holding a copy of the record
+/// per level until an allocation failed and aborted the agent. Here each
+/// record is read at most once, one node at a time.
+fn directory_names(
+    file: &NtfsFile<'_>,
+    cur: &mut DiskCursor,
+    what: &str,
+) -> Result<Vec<(String, u64)>> {
+    let err = |e| map_err(what, e);
+    if !file.is_directory() {
+        return Err(Error::new(
+            ErrorKind::NotADirectory,
+            format!("{what}: not a directory"),
+        ));
+    }
+    let root_item = index_attribute(file, cur, NtfsAttributeType::IndexRoot)
+        .map_err(err)?
+        .ok_or_else(|| Error::corrupt(format!("{what}: corrupt NTFS filesystem: no index root")))?;
+    let root_attribute = root_item.to_attribute().map_err(err)?;
+    let root = root_attribute
+        .resident_structured_value::<NtfsIndexRoot>()
+        .map_err(err)?;
+    let allocation_item = if root.is_large_index() {
+        index_attribute(file, cur, NtfsAttributeType::IndexAllocation).map_err(err)?
+    } else {
+        None
+    };
+    let allocation_attribute = match &allocation_item {
+        Some(item) => Some(item.to_attribute().map_err(err)?),
+        None => None,
+    };
+    let allocation = match &allocation_attribute {
+        Some(a) => Some(
+            a.structured_value::<_, NtfsIndexAllocation>(cur)
+                .map_err(err)?,
+        ),
+        None => None,
+    };
+    let mut walk = IndexWalk {
+        what,
+        names: Vec::new(),
+        pending: Vec::new(),
+        seen: HashSet::new(),
+        entries: 0,
+    };
+    walk.node(root.entries().map_err(err)?)?;
+    while let Some(vcn) = walk.pending.pop() {
+        let Some(allocation) = &allocation else {
+            return Err(Error::corrupt(format!(
+                "{what}: corrupt NTFS filesystem: a subnode without an index allocation"
+            )));
+        };
+        let record = allocation
+            .record_from_vcn(cur, root.index_record_size(), vcn)
+            .map_err(err)?;
+        walk.node(record.entries().map_err(err)?)?;
+    }
+    Ok(walk.names)
+}
+
+/// The state of reading one directory index.
+struct IndexWalk<'w> {
+    what: &'w str,
+    names: Vec<(String, u64)>,
+    /// subnodes named but not read yet
+    pending: Vec<Vcn>,
+    /// every subnode named so far: a B-tree names each once
+    seen: HashSet<i64>,
+    /// entries read, named or not
+    entries: usize,
+}
+
+impl IndexWalk<'_> {
+    /// Takes the names of one node's entries and notes its subnodes.
+    fn node(&mut self, entries: NtfsIndexNodeEntries<'_, NtfsFileNameIndex>) -> Result<()> {
+        let what = self.what;
+        for e in entries {
+            self.entries += 1;
+            if self.entries > MAX_DIR_ENTRIES {
+                return Err(Error::corrupt(format!(
+                    "{what}: too many directory entries"
+                )));
+            }
+            let e = e.map_err(|e| map_err(what, e))?;
+            if let Some(vcn) = e.subnode_vcn() {
+                let vcn = vcn.map_err(|e| map_err(what, e))?;
+                if !self.seen.insert(vcn.value()) {
+                    return Err(Error::corrupt(format!(
+                        "{what}: corrupt NTFS filesystem: index record {} is named twice",
+                        vcn.value()
+                    )));
+                }
+                self.pending.push(vcn);
+            }
+            let Some(key) = e.key() else { continue };
+            let key = key.map_err(|e| map_err(what, e))?;
+            if key.namespace() == NtfsFileNamespace::Dos {
+                continue;
+            }
+            let record = e.file_reference().file_record_number();
+            let name = key.name().to_string_lossy();
+            if record < FIRST_USER_RECORD && (name.starts_with('$') || name == ".") {
+                continue;
+            }
+            self.names.push((name, record));
+        }
+        Ok(())
+    }
+}
+
 impl Backend for NtfsBackend {
     type Node = u64;
 
@@ -177,28 +320,7 @@ impl Backend for NtfsBackend {
         let what = String::from_utf8_lossy(path).into_owned();
         let cur = &mut self.cur;
         let file = self.ntfs.file(cur, *dir).map_err(|e| map_err(&what, e))?;
-        let index = file.directory_index(cur).map_err(|e| map_err(&what, e))?;
-        let mut iter = index.entries();
-        let mut names: Vec<(String, u64)> = Vec::new();
-        while let Some(e) = iter.next(cur) {
-            let e = e.map_err(|e| map_err(&what, e))?;
-            let Some(key) = e.key() else { continue };
-            let key = key.map_err(|e| map_err(&what, e))?;
-            if key.namespace() == NtfsFileNamespace::Dos {
-                continue;
-            }
-            let record = e.file_reference().file_record_number();
-            let name = key.name().to_string_lossy();
-            if record < FIRST_USER_RECORD && (name.starts_with('$') || name == ".") {
-                continue;
-            }
-            if names.len() >= MAX_DIR_ENTRIES {
-                return Err(Error::corrupt(format!(
-                    "{what}: too many directory entries"
-                )));
-            }
-            names.push((name, record));
-        }
+        let names = directory_names(&file, cur, &what)?;
         let mut out = Vec::with_capacity(names.len());
         for (name, record) in names {
             let child_what = format!("{what}/{name}");
