@@ -1491,7 +1491,9 @@ fn inode_offset(img: &Path, path: &str, block: u64) -> usize {
 /// blocks is refused (1004) instead of being walked again and again: one
 /// triple-indirect block of 4 KiB pointing 1024 times at one full of
 /// pointers to a zero block is 2^30 hole pointers, and with 64 KiB blocks
-/// 2^42, which took hours.
+/// 2^42, which took hours. A directory whose map names one block many
+/// times is refused too (it was listed that many times: gigabytes from a
+/// few MiB of image).
 #[test]
 fn maps_that_point_back_are_corrupt() {
     if !have_tools() {
@@ -1500,6 +1502,7 @@ fn maps_that_point_back_are_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     write(&src.join("f"), b"hello\n");
+    write(&src.join("d/x"), b"x\n");
     let le = |v: u32| v.to_le_bytes();
     // ext2: /f's triple-indirect block X holds 1024 pointers to Y, Y 1024
     // to Z, Z is all zeros; the size says 16 TiB (blocks 2000-2002 of the
@@ -1555,7 +1558,26 @@ fn maps_that_point_back_are_corrupt() {
     }
     // i_block at 0x28 (60 bytes)
     d[ino + 0x28..ino + 0x28 + root.len()].copy_from_slice(&root);
+    // /d's two blocks are both its first one
+    let dir_block: u32 = debugfs(&ext4, false, "bmap /d 0\n")
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap();
+    let ino = inode_offset(&ext4, "/d", 4096);
+    let mut root = header(2, 4, 0);
+    for logical in [0, 1] {
+        root.extend_from_slice(&le(logical));
+        root.extend_from_slice(&[1, 0, 0, 0]);
+        root.extend_from_slice(&le(dir_block));
+    }
+    d[ino + 0x28..ino + 0x28 + root.len()].copy_from_slice(&root);
+    d[ino + 4..ino + 8].copy_from_slice(&le(2 * 4096));
     std::fs::write(&ext4, &d).unwrap();
+    let e = with_fs(&ext4, "raw", |fs| fs.list(b"/d", None, 100))
+        .expect_err("a directory listed its block twice");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+    let twice = format!("block {dir_block} is used twice");
+    assert!(e.message.contains(&twice), "{}", e.message);
 
     for (img, what) in [
         (&ext2, "indirect block 2002"),

@@ -579,6 +579,17 @@ impl ExtRaw {
             blocks.push(r.physical * bs..(r.physical + len) * bs);
         }
         self.disk.will_read(&blocks);
+        // A directory owns its blocks. A corrupt map that names one block
+        // many times would list its entries as often: 341 entries per 4 KiB
+        // block, about 400 bytes each once listed.
+        blocks.sort_unstable_by_key(|b| b.start);
+        if let Some(w) = blocks.windows(2).find(|w| w[1].start < w[0].end) {
+            return Err(bad(format!(
+                "directory inode {}: block {} is used twice",
+                dir.number,
+                w[1].start / bs
+            )));
+        }
         let mut names = Vec::new();
         let mut block = vec![0u8; bs as usize];
         for r in runs.iter().filter(|r| r.physical != 0) {
