@@ -29,6 +29,13 @@ const MAX_WALK_NODES: usize = 20_000_000;
 const MAX_READ: usize = 64 * 1024 * 1024;
 /// Directory listings kept for repeated lookups and pagination.
 const DIR_CACHE: usize = 8;
+/// Bytes of listings kept beyond the most recent one (by the estimate
+/// below, about 25,000 entries): eight listings of 100,000 entries, over
+/// 300 MB, would not fit a 128 MiB VM.
+const DIR_CACHE_BYTES: usize = 8 << 20;
+/// Heap bytes of one listed entry besides its struct and name bytes (the
+/// name's two allocations and the allocator's overhead).
+const ENTRY_HEAP_BYTES: usize = 64;
 
 /// A node in a directory listing.
 #[derive(Clone)]
@@ -142,8 +149,9 @@ pub struct Tree<B: Backend> {
 /// A resolved regular file, its size, and the bytes a read returns.
 type FileRange<N> = (Resolved<N>, u64, u64);
 
-/// A directory listing kept by its canonical path.
-type CachedDir<N> = (Vec<u8>, Rc<Vec<Child<N>>>);
+/// A directory listing kept by its canonical path, with its estimated
+/// size in bytes.
+type CachedDir<N> = (Vec<u8>, Rc<Vec<Child<N>>>, usize);
 
 /// A pending node of a walk: relative path, canonical absolute path,
 /// node, depth.
@@ -174,10 +182,10 @@ impl<B: Backend> Tree<B> {
 
     /// The sorted listing of a directory, from the cache if there.
     fn listing(&mut self, dir: &Child<B::Node>, path: &[u8]) -> Result<Rc<Vec<Child<B::Node>>>> {
-        if let Some(pos) = self.dirs.iter().position(|(p, _)| p == path) {
-            let hit = self.dirs.remove(pos).map(|(_, l)| l);
-            if let Some(l) = hit {
-                self.dirs.push_front((path.to_vec(), l.clone()));
+        if let Some(pos) = self.dirs.iter().position(|(p, _, _)| p == path) {
+            if let Some(hit) = self.dirs.remove(pos) {
+                let l = hit.1.clone();
+                self.dirs.push_front(hit);
                 return Ok(l);
             }
         }
@@ -189,9 +197,27 @@ impl<B: Backend> Tree<B> {
         });
         kids.sort_by(|a, b| a.name.cmp(&b.name));
         kids.dedup_by(|a, b| a.name == b.name);
+        kids.shrink_to_fit();
+        let bytes = kids
+            .iter()
+            .map(|c| {
+                std::mem::size_of::<Child<B::Node>>()
+                    + ENTRY_HEAP_BYTES
+                    + 2 * c.name.len()
+                    + c.link.as_ref().map_or(0, |l| 2 * l.len())
+            })
+            .sum();
         let l = Rc::new(kids);
-        self.dirs.push_front((path.to_vec(), l.clone()));
+        self.dirs.push_front((path.to_vec(), l.clone(), bytes));
         self.dirs.truncate(DIR_CACHE);
+        // the newest listing stays however large: it is being paged through
+        let mut kept = 0;
+        let fits = self.dirs.iter().skip(1).take_while(|(_, _, b)| {
+            kept += b;
+            kept <= DIR_CACHE_BYTES
+        });
+        let keep = 1 + fits.count();
+        self.dirs.truncate(keep);
         Ok(l)
     }
 
