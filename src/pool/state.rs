@@ -127,6 +127,10 @@ pub(super) struct State {
     pub cache: ChunkCache,
     flights: HashMap<ChunkKey, Flight>,
     inbox: Vec<Unplaced>,
+    /// A worker is placing a batch taken from the inbox (it stats chunk
+    /// files without the lock). Others wait for it: a later batch placed
+    /// first would be dispatched before the earlier one.
+    placing: bool,
     heap: BinaryHeap<Reverse<Queued>>,
     next_seq: u64,
     /// Flights not yet started.
@@ -164,6 +168,7 @@ impl Shared {
                 cache: ChunkCache::new(cache_bytes),
                 flights: HashMap::new(),
                 inbox: Vec::new(),
+                placing: false,
                 heap: BinaryHeap::new(),
                 next_seq: 0,
                 queued: 0,
@@ -273,9 +278,10 @@ impl Shared {
             if guard.shutdown {
                 return None;
             }
-            if !guard.is_paused() {
+            if !guard.is_paused() && !guard.placing {
                 if !guard.inbox.is_empty() {
                     let batch = std::mem::take(&mut guard.inbox);
+                    guard.placing = true;
                     drop(guard);
                     let placed: Vec<(ChunkKey, u64, (u64, u64))> = batch
                         .into_iter()
@@ -283,6 +289,7 @@ impl Shared {
                         .collect();
                     guard = self.lock();
                     guard.place(placed);
+                    guard.placing = false;
                     self.work.notify_all();
                     continue;
                 }
