@@ -1243,6 +1243,74 @@ fn journal_needing_recovery_is_listed_as_replayed() {
     assert_eq!(replayed.1, b"hi\n");
 }
 
+/// A journal that needs replaying but holds more revocations waiting for
+/// one commit than a replay keeps (ext4-view keeps every one in memory) is
+/// refused (1005) before the replay: thousands of identical revocation
+/// blocks cost next to nothing in a deduplicating datastore, and such a
+/// journal took gigabytes in `volumes` and aborted the agent.
+#[test]
+fn journals_too_large_to_replay_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("top"), b"x\n");
+    let img = dir.path().join("j.img");
+    // 1 KiB blocks, a journal of 16,384 blocks
+    mkimg_ext(&src, &img, &["-t", "ext4", "-J", "size=16"], 64);
+    // a transaction, so that the journal needs replaying
+    let block: u64 = debugfs(&img, false, "bmap /top 0\n")
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap();
+    let blk_file = dir.path().join("blk.bin");
+    std::fs::write(&blk_file, [0u8; 1024]).unwrap();
+    debugfs(
+        &img,
+        true,
+        &format!("jo -c\njw -b {block} {}\njc\n", blk_file.display()),
+    );
+    let v = list_volumes(disk(&img)).unwrap();
+    assert!(v[0].supported, "{v:?}");
+    // the journal's blocks in order
+    let places: Vec<usize> = debugfs(&img, false, "blocks <8>\n")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(places.len(), 16384);
+    let journal_at = |n: u64| places[n as usize] * 1024;
+    let mut d = std::fs::read(&img).unwrap();
+    let jsb = journal_at(0);
+    let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+    let (sequence, start) = (be32(&d, jsb + 0x18), u64::from(be32(&d, jsb + 0x1C)));
+    assert_ne!(start, 0, "the journal needs no replay");
+    let per_block = if be32(&d, jsb + 0x28) & 0x2 != 0 {
+        126
+    } else {
+        252
+    };
+    let count = (1 << 20) / per_block + 2;
+    // from the log's start on, revocation blocks of the transaction's
+    // sequence and no commit
+    let mut revoke = vec![0u8; 1024];
+    for (at, v) in [(0, 0xC03B_3998u32), (4, 5), (8, sequence), (12, 1024)] {
+        revoke[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    for n in start..start + count {
+        let at = journal_at(n);
+        d[at..at + 1024].copy_from_slice(&revoke);
+    }
+    let bad = dir.path().join("revokes.img");
+    std::fs::write(&bad, &d).unwrap();
+    let v = list_volumes(disk(&bad)).unwrap();
+    assert!(!v[0].supported, "{v:?}");
+    let why = v[0].reason.clone().unwrap_or_default();
+    assert!(why.contains("revoked blocks wait for one commit"), "{why}");
+    let e = FsHandle::open(disk(&bad), "raw").err().unwrap();
+    assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
+}
+
 /// crc32c as ext4 uses it (no final inversion), bit by bit.
 fn crc32c(seed: u32, data: &[u8]) -> u32 {
     let mut c = seed;

@@ -28,6 +28,7 @@ use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, Ext4Reader};
+use crate::restore::fs::ext_journal;
 use crate::restore::fs::ext_raw::{ExtRaw, Inode};
 use crate::restore::fs::tree::{Backend, Child};
 use crate::restore::fs::{Entry, EntryType, Extent};
@@ -64,9 +65,12 @@ fn map_err(what: &str, e: Ext4Error) -> Error {
 /// otherwise look sequential and start read-ahead of chunks past them.
 const HEAD_ANNOUNCED: u64 = 1 << 20;
 
-fn load(disk: Arc<dyn Disk>) -> Result<Ext4> {
+/// Loads the filesystem with ext4-view, which replays a journal that needs
+/// it; `raw` is the same filesystem, to check that journal first.
+fn load(disk: Arc<dyn Disk>, raw: &mut ExtRaw) -> Result<Ext4> {
     let head = 0..HEAD_ANNOUNCED.min(disk.size());
     disk.will_read(std::slice::from_ref(&head));
+    ext_journal::check_replay(raw)?;
     match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {
         Ok(Ok(fs)) => Ok(fs),
         Ok(Err(e)) => Err(map_err("ext filesystem", e)),
@@ -78,8 +82,8 @@ fn load(disk: Arc<dyn Disk>) -> Result<Ext4> {
 
 /// Ok when this agent can read the ext filesystem on `disk`, else why not.
 pub fn check_supported(disk: Arc<dyn Disk>) -> Result<()> {
-    load(disk.clone())?;
-    ExtRaw::open(disk)?;
+    let mut raw = ExtRaw::open(disk.clone())?;
+    load(disk, &mut raw)?;
     Ok(())
 }
 
@@ -144,8 +148,8 @@ pub struct ExtBackend {
 
 impl ExtBackend {
     pub fn open(disk: Arc<dyn Disk>) -> Result<ExtBackend> {
-        let fs = load(disk.clone())?;
-        let raw = ExtRaw::open(disk)?;
+        let mut raw = ExtRaw::open(disk.clone())?;
+        let fs = load(disk, &mut raw)?;
         Ok(ExtBackend {
             fs,
             raw,

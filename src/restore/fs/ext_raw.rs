@@ -38,6 +38,8 @@ const MAX_LINK_TARGET: u64 = 4096;
 const MAX_INLINE_LINK: u64 = 59;
 /// The journal holds transactions not yet written to their home blocks.
 const INCOMPAT_RECOVER: u32 = 0x4;
+/// The filesystem has a journal.
+const COMPAT_HAS_JOURNAL: u32 = 0x4;
 /// Most cached metadata blocks.
 const BLOCK_CACHE: usize = 2048;
 /// Most runs a file's block map may have.
@@ -119,6 +121,8 @@ pub struct ExtRaw {
     csum_seed: Option<u32>,
     /// whether the journal must be replayed to see the current state
     needs_recovery: bool,
+    /// the inode holding the journal, if it is in this filesystem
+    journal_inode: Option<u32>,
     block_size: u64,
     blocks_count: u64,
     inodes_per_group: u32,
@@ -210,6 +214,9 @@ impl ExtRaw {
             disk,
             csum_seed,
             needs_recovery: incompat & INCOMPAT_RECOVER != 0,
+            journal_inode: (le32(&sb, 0x5C) & COMPAT_HAS_JOURNAL != 0)
+                .then(|| le32(&sb, 0xE0))
+                .filter(|&n| n != 0),
             block_size,
             blocks_count,
             inodes_per_group,
@@ -455,6 +462,16 @@ impl ExtRaw {
             }
         }
         Ok(())
+    }
+
+    /// The inode holding the journal, if the journal is in this filesystem.
+    pub fn journal_inode(&self) -> Option<u32> {
+        self.journal_inode
+    }
+
+    /// Bytes per block.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
     }
 
     /// Whether the superblock says the journal needs replaying; when it does

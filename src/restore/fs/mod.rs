@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::error::Result;
 
 pub mod ext;
+mod ext_journal;
 mod ext_raw;
 pub mod fat;
 mod handle;
