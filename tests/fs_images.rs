@@ -1537,6 +1537,63 @@ fn ntfs_index_loops_are_corrupt() {
     );
 }
 
+/// Bytes of an NTFS file past its valid data length read as zeros, as
+/// Windows and ntfs-3g read them, not as whatever its clusters hold (stale
+/// data of a preallocated or extended file).
+#[test]
+fn ntfs_reads_zeros_past_the_valid_data_length() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ntfs.img");
+    let data = noise(41, 358_400);
+    let files = vec![("big.bin".to_string(), data.clone())];
+    mkimg_ntfs(&img, "16M", "VDL", &dir.path().join("scratch"), &files);
+    let mut d = std::fs::read(&img).unwrap();
+    let le16 = |d: &[u8], at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
+    let le32 = |d: &[u8], at: usize| u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+    let name: Vec<u8> = "big.bin"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    // big.bin's file record, and in it its unnamed non-resident $DATA
+    let record = (0..d.len())
+        .step_by(1024)
+        .find(|&r| d[r..r + 4] == *b"FILE" && d[r..r + 1024].windows(14).any(|w| w == name))
+        .expect("the file record");
+    let mut attribute = record + le16(&d, record + 0x14);
+    while le32(&d, attribute) != 0x80 || d[attribute + 8] != 1 || d[attribute + 9] != 0 {
+        assert_ne!(le32(&d, attribute), 0xFFFF_FFFF, "no non-resident $DATA");
+        attribute += le32(&d, attribute + 4) as usize;
+    }
+    // the valid data length, clear of the sector ends the update sequence owns
+    let at = attribute + 0x38;
+    assert!((at - record) % 512 + 8 <= 510);
+    d[at..at + 8].copy_from_slice(&4096u64.to_le_bytes());
+    let short = dir.path().join("vdl.img");
+    std::fs::write(&short, &d).unwrap();
+
+    let read = with_fs(&short, "raw", |fs| read_all(fs, b"/big.bin"));
+    let mut want = data[..4096].to_vec();
+    want.resize(data.len(), 0);
+    assert!(read == want, "past the valid data length");
+    // as ntfs-3g reads it
+    let cat = Command::new("ntfscat")
+        .arg(&short)
+        .arg("big.bin")
+        .output()
+        .unwrap();
+    assert!(
+        cat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cat.stderr)
+    );
+    assert!(cat.stdout == want, "ntfscat disagrees");
+    // the whole file where the valid data length is the size
+    assert!(with_fs(&img, "raw", |fs| read_all(fs, b"/big.bin")) == data);
+}
+
 /// Byte offset of the inode of `path` in an ext image with `block`-byte
 /// blocks, from debugfs.
 fn inode_offset(img: &Path, path: &str, block: u64) -> usize {

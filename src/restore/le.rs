@@ -13,3 +13,7 @@ pub fn le32(b: &[u8], at: usize) -> u32 {
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
         .unwrap_or(0)
 }
+
+pub fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from(le32(b, at)) | (u64::from(le32(b, at + 4)) << 32)
+}

@@ -19,14 +19,15 @@ use ntfs::structured_values::{
 };
 use ntfs::types::Vcn;
 use ntfs::{
-    Ntfs, NtfsAttributeFlags, NtfsAttributeItem, NtfsAttributeType, NtfsError, NtfsFile,
-    NtfsIndexNodeEntries, NtfsReadSeek,
+    Ntfs, NtfsAttribute, NtfsAttributeFlags, NtfsAttributeItem, NtfsAttributeType, NtfsError,
+    NtfsFile, NtfsIndexNodeEntries, NtfsReadSeek,
 };
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::restore::disk::{Disk, DiskCursor};
+use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::tree::{Backend, Child};
 use crate::restore::fs::{Entry, EntryType};
+use crate::restore::le::{le16, le64};
 use crate::restore::probe::{FsKind, Probe};
 
 const ROOT_RECORD: u64 = 5;
@@ -88,14 +89,71 @@ fn unix_time(nt: u64) -> i64 {
 pub struct NtfsBackend {
     ntfs: Ntfs,
     cur: DiskCursor,
+    disk: Arc<dyn Disk>,
 }
 
 impl NtfsBackend {
     pub fn open(disk: Arc<dyn Disk>) -> Result<NtfsBackend> {
-        let mut cur = DiskCursor::new(disk);
+        let mut cur = DiskCursor::new(disk.clone());
         let ntfs = open_ntfs(&mut cur)?;
-        Ok(NtfsBackend { ntfs, cur })
+        Ok(NtfsBackend { ntfs, cur, disk })
     }
+
+    /// The valid data length of a non-resident attribute: Windows reads
+    /// the bytes past it as zeros, whatever the clusters hold (stale data
+    /// of a preallocated or extended file). The ntfs crate parses it but
+    /// does not tell it, so it is read from the attribute's header in its
+    /// file record, with the record's update sequence applied.
+    fn initialized_size(&self, attribute: &NtfsAttribute<'_, '_>, what: &str) -> Result<u64> {
+        let unknown = || {
+            Error::corrupt(format!(
+                "{what}: corrupt NTFS filesystem: the file record of its data is unreadable"
+            ))
+        };
+        let at = attribute.position().value().ok_or_else(unknown)?.get();
+        let size = u64::from(self.ntfs.file_record_size());
+        // the record holding the attribute starts at a sector boundary at
+        // most one record before it
+        let mut record = vec![0u8; size as usize];
+        let mut start = at - at % 512;
+        loop {
+            if at - start >= size {
+                return Err(unknown());
+            }
+            read_exact_at(&*self.disk, start, &mut record, "NTFS file record")?;
+            if record.starts_with(b"FILE") && apply_fixups(&mut record) {
+                break;
+            }
+            start = start.checked_sub(512).ok_or_else(unknown)?;
+        }
+        let off = (at - start) as usize;
+        let header = record.get(off..off + 0x40).ok_or_else(unknown)?;
+        // non-resident, and the data size the crate reads
+        if header[8] != 1 || le64(header, 0x30) != attribute.value_length() {
+            return Err(unknown());
+        }
+        Ok(le64(header, 0x38))
+    }
+}
+
+/// Puts back the last two bytes of each sector of a file record, which the
+/// update sequence replaced on disk; false when a sector does not carry
+/// the sequence number (a torn or foreign record).
+fn apply_fixups(record: &mut [u8]) -> bool {
+    let (array, count) = (usize::from(le16(record, 4)), usize::from(le16(record, 6)));
+    if count == 0 || array + 2 * count > record.len() || (count - 1) * 512 > record.len() {
+        return false;
+    }
+    let usn = [record[array], record[array + 1]];
+    for i in 1..count {
+        let end = i * 512;
+        if record[end - 2..end] != usn {
+            return false;
+        }
+        let saved = [record[array + 2 * i], record[array + 2 * i + 1]];
+        record[end - 2..end].copy_from_slice(&saved);
+    }
+    true
 }
 
 /// Why the default $DATA of `file` cannot be read correctly, if so.
@@ -361,24 +419,37 @@ impl Backend for NtfsBackend {
             None => return Ok(0),
         };
         let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
+        let valid = if attr.is_resident() {
+            attr.value_length()
+        } else {
+            self.initialized_size(&attr, &what)?
+        };
+        let cur = &mut self.cur;
         let mut value = attr.value(cur).map_err(|e| map_err(&what, e))?;
-        if offset >= value.len() {
+        let size = value.len();
+        if offset >= size {
             return Ok(0);
         }
-        value
-            .seek(cur, SeekFrom::Start(offset))
-            .map_err(|e| map_err(&what, e))?;
+        let want = buf.len().min((size - offset) as usize);
+        // the data on disk up to the valid data length, zeros after it
+        let on_disk = want.min(valid.saturating_sub(offset) as usize);
         let mut done = 0;
-        while done < buf.len() {
+        if on_disk > 0 {
+            value
+                .seek(cur, SeekFrom::Start(offset))
+                .map_err(|e| map_err(&what, e))?;
+        }
+        while done < on_disk {
             let n = value
-                .read(cur, &mut buf[done..])
+                .read(cur, &mut buf[done..on_disk])
                 .map_err(|e| map_err(&what, e))?;
             if n == 0 {
-                break;
+                return Ok(done);
             }
             done += n;
         }
-        Ok(done)
+        buf[done..want].fill(0);
+        Ok(want)
     }
 
     fn case_insensitive(&self) -> bool {
