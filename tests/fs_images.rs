@@ -1456,17 +1456,23 @@ fn fat_directory_loops_are_corrupt() {
     let chain_loop_img = dir.path().join("chain-loop.img");
     std::fs::write(&chain_loop_img, &chain_loop).unwrap();
 
-    let (walked, listed) = with_fs(&parent_loop_img, "raw", |fs| {
+    let (walked, listed, looped) = with_fs(&parent_loop_img, "raw", |fs| {
         let mut n = 0;
         let walked = fs.walk(b"/", &mut |_, _| {
             n += 1;
             Ok(())
         });
-        (
-            walked.map(|_| n),
-            fs.list(b"/D", None, 100).map(|l| l.0.len()),
-        )
+        let listed = fs.list(b"/D", None, 100).map(|l| l.0.len());
+        // a recursive listing (restore-client ls -R) goes down by path
+        (walked.map(|_| n), listed, fs.list(b"/D/SUB", None, 100))
     });
+    let e = looped.expect_err("/D/SUB listed");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+    assert!(
+        e.message.contains("/D/SUB: directory loop"),
+        "{}",
+        e.message
+    );
     let e = walked.expect_err("the walk ended without an error");
     assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
     assert!(

@@ -237,6 +237,10 @@ impl<B: Backend> Tree<B> {
             )));
         }
         let root = self.root()?;
+        // the identities of the directories on the chain: a directory
+        // that is its own ancestor is a loop (a corrupt FAT), down which a
+        // recursive listing would never end
+        let mut ids = vec![self.dir_identity(&root, b"/")?];
         let mut chain = vec![root.clone()];
         let mut pending: VecDeque<Vec<u8>> = components(path).collect();
         let mut hops = 0usize;
@@ -244,6 +248,7 @@ impl<B: Backend> Tree<B> {
             if comp == b".." {
                 if chain.len() > 1 {
                     chain.pop();
+                    ids.pop();
                 }
                 continue;
             }
@@ -304,15 +309,42 @@ impl<B: Backend> Tree<B> {
                 }
                 if target.first() == Some(&b'/') {
                     chain.truncate(1);
+                    ids.truncate(1);
                 }
                 for c in components(&target).collect::<Vec<_>>().into_iter().rev() {
                     pending.push_front(c);
                 }
                 continue;
             }
+            let id = if child.entry.kind == EntryType::Dir {
+                let mut p = dir_path;
+                if p != b"/" {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(&child.name);
+                let id = self.dir_identity(&child, &p)?;
+                if id.is_some() && ids.contains(&id) {
+                    return Err(Error::corrupt(format!("{}: directory loop", show(&p))));
+                }
+                id
+            } else {
+                None
+            };
+            ids.push(id);
             chain.push(child);
         }
         Ok(Resolved { chain })
+    }
+
+    /// What identifies directory `dir` (at `path`) for loop detection: its
+    /// inode number, or what the backend knows of it.
+    fn dir_identity(&mut self, dir: &Child<B::Node>, path: &[u8]) -> Result<Option<u64>> {
+        if dir.entry.inode != 0 {
+            return Ok(Some(dir.entry.inode));
+        }
+        let what = self.backend.what().to_string();
+        let backend = &mut self.backend;
+        guarded(&what, path, || backend.dir_identity(&dir.node, path))
     }
 
     /// The regular file at `path` (symlinks followed), its size and the
@@ -521,13 +553,7 @@ impl<B: Backend> Filesystem for Tree<B> {
                     show(&abs)
                 )));
             }
-            let identity = if node.entry.inode != 0 {
-                Some(node.entry.inode)
-            } else {
-                let what = self.backend.what().to_string();
-                let backend = &mut self.backend;
-                guarded(&what, &abs, || backend.dir_identity(&node.node, &abs))?
-            };
+            let identity = self.dir_identity(&node, &abs)?;
             if identity.is_some_and(|id| !dirs_seen.insert(id)) {
                 return Err(Error::corrupt(format!("{}: directory loop", show(&abs))));
             }
