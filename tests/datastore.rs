@@ -674,6 +674,54 @@ fn snapshot_list_shows_every_namespace_or_one() {
     }
 }
 
+/// An extended boot record that cannot be read (its chunk is corrupt) is
+/// an error, not an empty extended partition: `volume.list` answered
+/// without the logical partitions, as if they did not exist.
+#[test]
+fn an_unreadable_extended_boot_record_is_an_error() {
+    let dir = scratch();
+    let store = init_store(dir.path());
+    // 16 MiB: part 1 in the first chunk, the extended partition (its first
+    // EBR at 6 MiB) in the second
+    let img = dir.path().join("mbr.img");
+    File::create(&img).unwrap().set_len(16 * MIB).unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk");
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\n2048,4096,83\n12288,,5\n14336,2048,83\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let snap = format!("vm/1/{T1}");
+    import(&store, &snap, "drive-scsi0.img", &img);
+    let agent = Agent::builder().datastore(&store).start();
+    let mut conn = agent.connect_authed();
+    let target = json!({"snapshot": snap, "archive": DISK});
+    let listed = conn.call_ok("volume.list", Some(target.clone()));
+    let names: Vec<&str> = listed["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["volume"].as_str())
+        .collect();
+    assert_eq!(names, ["part/1", "part/5"], "{listed}");
+    let ebr_chunk = chunk_path(&store, &fidx_digests(&store, &snap)[1]);
+    overwrite(&ebr_chunk, b"not a chunk");
+    let agent = Agent::builder().datastore(&store).start();
+    let mut conn = agent.connect_authed();
+    let v = conn.call("volume.list", Some(target));
+    assert_eq!(error_code(&v), 1004, "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("partition table"), "{message}");
+    assert_eq!(conn.call_ok("ping", None), json!("pong"));
+}
+
 #[test]
 fn bad_input_gives_the_pinned_errors_and_the_agent_serves_on() {
     let dir = scratch();

@@ -147,6 +147,10 @@ pub struct DiskCursor {
     pos: u64,
     /// (start offset, bytes), most recently used first
     blocks: Vec<(u64, Vec<u8>)>,
+    /// The last read error: a parser that takes a failed read for an
+    /// absent structure (mbrman does, for the first extended boot record)
+    /// would otherwise hide it.
+    error: Option<Error>,
 }
 
 /// Size of one buffered block.
@@ -160,14 +164,28 @@ impl DiskCursor {
             disk,
             pos: 0,
             blocks: Vec::new(),
+            error: None,
         }
+    }
+
+    /// The last read error since the previous call, if any.
+    pub fn take_error(&mut self) -> Option<Error> {
+        self.error.take()
+    }
+
+    fn noted(&mut self, err: Error) -> io::Error {
+        self.error = Some(err.clone());
+        to_io(err)
     }
 }
 
 impl Read for DiskCursor {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.len() as u64 >= CURSOR_BLOCK {
-            let n = self.disk.read_at(self.pos, buf).map_err(to_io)?;
+            let n = match self.disk.read_at(self.pos, buf) {
+                Ok(n) => n,
+                Err(e) => return Err(self.noted(e)),
+            };
             self.pos += n as u64;
             return Ok(n);
         }
@@ -177,7 +195,10 @@ impl Read for DiskCursor {
             Some(i) => self.blocks.remove(i),
             None => {
                 let mut b = vec![0u8; CURSOR_BLOCK as usize];
-                let n = self.disk.read_at(start, &mut b).map_err(to_io)?;
+                let n = match self.disk.read_at(start, &mut b) {
+                    Ok(n) => n,
+                    Err(e) => return Err(self.noted(e)),
+                };
                 b.truncate(n);
                 (start, b)
             }

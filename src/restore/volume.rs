@@ -171,7 +171,15 @@ fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
         return Ok(None);
     }
     let mut cur = DiskCursor::new(disk.clone());
-    let mbr = match catch(|| mbrman::MBR::read_from(&mut cur, 512).ok()) {
+    let mbr = catch(|| mbrman::MBR::read_from(&mut cur, 512).ok());
+    if let Some(e) = cur.take_error() {
+        // an unreadable extended boot record is not an absent one
+        return Err(Error::new(
+            e.kind,
+            format!("partition table: {}", e.message),
+        ));
+    }
+    let mbr = match mbr {
         Ok(Some(mbr)) => mbr,
         _ => return Ok(None),
     };
