@@ -1600,6 +1600,62 @@ fn ntfs_reads_zeros_past_the_valid_data_length() {
     assert!(with_fs(&img, "raw", |fs| read_all(fs, b"/big.bin")) == data);
 }
 
+/// An NTFS file whose data lies in pieces over several file records (an
+/// attribute list: a badly fragmented file) shows its size and is refused
+/// (1005) when read; the ntfs crate handed over a later piece as the whole
+/// and the file read as 0 bytes. Needs ntfs-3g's FUSE mount to write such
+/// a file (interleaved appends); skipped without it.
+#[test]
+fn ntfs_data_in_pieces_is_refused_not_empty() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("frag.img");
+    run(Command::new("truncate").arg("-s").arg("32M").arg(&img));
+    run(Command::new("mkntfs")
+        .args(["-q", "-F", "-Q", "-c", "4096"])
+        .arg(&img));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("ntfs-3g").arg(&img).arg(&mnt).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: ntfs-3g cannot mount here (FUSE)");
+        return;
+    }
+    // three files written 4 KiB at a time in turn: 1,200 fragments each
+    let written = (|| -> std::io::Result<()> {
+        let mut files = Vec::new();
+        for i in 0..3 {
+            files.push(std::fs::File::create(mnt.join(format!("frag{i}.bin")))?);
+        }
+        for k in 0..1200usize {
+            for (i, f) in files.iter_mut().enumerate() {
+                use std::io::Write;
+                f.write_all(&[((k * 7 + i) & 255) as u8; 4096])?;
+                f.sync_all()?;
+            }
+        }
+        Ok(())
+    })();
+    run(Command::new("umount").arg(&mnt));
+    written.unwrap();
+    let (stat, read) = with_fs(&img, "raw", |fs| {
+        (
+            fs.stat(b"/frag0.bin", true),
+            fs.read(b"/frag0.bin", 0, 65536),
+        )
+    });
+    assert_eq!(stat.unwrap().size, 1200 * 4096);
+    let e = read.expect_err("read as if whole");
+    assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
+    assert!(
+        e.message.contains("pieces over several file records"),
+        "{}",
+        e.message
+    );
+}
+
 /// Byte offset of the inode of `path` in an ext image with `block`-byte
 /// blocks, from debugfs.
 fn inode_offset(img: &Path, path: &str, block: u64) -> usize {

@@ -104,6 +104,13 @@ impl NtfsBackend {
     /// of a preallocated or extended file). The ntfs crate parses it but
     /// does not tell it, so it is read from the attribute's header in its
     /// file record, with the record's update sequence applied.
+    ///
+    /// The header also says where the piece begins. Data spread over
+    /// several file records (a fragmented file, with an attribute list)
+    /// comes in pieces that the crate joins only when their instance
+    /// numbers match; ntfs-3g numbers each piece on its own, and the crate
+    /// then hands over a later piece (size 0) as the whole: the file read
+    /// as empty. A first piece that does not begin at the start is refused.
     fn initialized_size(&self, attribute: &NtfsAttribute<'_, '_>, what: &str) -> Result<u64> {
         let unknown = || {
             Error::corrupt(format!(
@@ -131,6 +138,11 @@ impl NtfsBackend {
         // non-resident, and the data size the crate reads
         if header[8] != 1 || le64(header, 0x30) != attribute.value_length() {
             return Err(unknown());
+        }
+        if le64(header, 0x10) != 0 {
+            return Err(Error::unsupported(format!(
+                "{what}: NTFS file data in pieces over several file records is not supported"
+            )));
         }
         Ok(le64(header, 0x38))
     }
@@ -185,11 +197,25 @@ fn unreadable(
     None
 }
 
+/// The size of a file's data as its base record's unnamed non-resident
+/// `$DATA` says: when the data is in pieces over several records, the
+/// first piece is there, and the piece the crate's `data()` hands over
+/// may be a later one, whose header says 0.
+fn base_record_data_size(file: &NtfsFile<'_>) -> Option<u64> {
+    file.attributes_raw().flatten().find_map(|a| {
+        let data = a.ty().ok()? == NtfsAttributeType::Data;
+        let unnamed = a.name_length() == 0;
+        (data && unnamed && !a.is_resident()).then(|| a.value_length())
+    })
+}
+
 fn entry_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) -> Result<Entry> {
     let info = file.info().map_err(|e| map_err(what, e))?;
     let dir = file.is_directory();
     let size = if dir {
         0
+    } else if let Some(size) = base_record_data_size(file) {
+        size
     } else {
         match file.data(cur, "") {
             Some(Ok(item)) => item
