@@ -1098,6 +1098,27 @@ fn hostile_partition_tables() {
         d[first + 446 + 16 + 4] = 0x05;
     });
     let _ = list_volumes(disk(&ebr));
+    // an extended boot record without its signature: an error, not a disk
+    // without (logical) partitions
+    let ext = {
+        let d = std::fs::read(&im.mbr).unwrap();
+        u32::from_le_bytes(d[446 + 16 + 8..446 + 16 + 12].try_into().unwrap()) as usize * 512
+    };
+    let second = {
+        let d = std::fs::read(&im.mbr).unwrap();
+        let next = &d[ext + 446 + 16 + 8..ext + 446 + 16 + 12];
+        ext + u32::from_le_bytes(next.try_into().unwrap()) as usize * 512
+    };
+    assert!(second > ext, "the test disk has two logical partitions");
+    for (at, why) in [
+        (ext, "first boot record has no signature"),
+        (second, "partition table"),
+    ] {
+        let (_d, bad) = damaged(&im.mbr, |d| d[at + 510] = 0);
+        let e = list_volumes(disk(&bad)).expect_err("listed");
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+        assert!(e.message.contains(why), "{}", e.message);
+    }
     // partitions that reach past the end of the disk are clipped to it
     let (_d, short) = damaged(&im.mbr, |d| d.truncate(d.len() / 2));
     for v in list_volumes(disk(&short)).unwrap() {

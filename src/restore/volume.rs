@@ -170,8 +170,16 @@ fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
     if probe(disk)?.fs.is_some() {
         return Ok(None);
     }
+    let mut sig = [0u8; 2];
+    if disk.size() < 512 {
+        return Ok(None);
+    }
+    read_exact_at(&**disk, 510, &mut sig, "master boot record")?;
+    if sig != [0x55, 0xAA] {
+        return Ok(None);
+    }
     let mut cur = DiskCursor::new(disk.clone());
-    let mbr = catch(|| mbrman::MBR::read_from(&mut cur, 512).ok());
+    let mbr = catch(|| mbrman::MBR::read_from(&mut cur, 512))?;
     if let Some(e) = cur.take_error() {
         // an unreadable extended boot record is not an absent one
         return Err(Error::new(
@@ -179,10 +187,26 @@ fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
             format!("partition table: {}", e.message),
         ));
     }
-    let mbr = match mbr {
-        Ok(Some(mbr)) => mbr,
-        _ => return Ok(None),
-    };
+    // the MBR is there: when something behind it is broken (an extended
+    // boot record without its signature, a link past the disk), that is
+    // not a disk without partitions
+    let mbr = mbr.map_err(|e| Error::corrupt(format!("partition table: {e}")))?;
+    // mbrman takes an extended partition whose first boot record is not
+    // one for an empty one
+    for (_, p) in mbr.iter() {
+        if p.is_used() && is_extended(p.sys) {
+            let mut sig = [0u8; 2];
+            let at = u64::from(p.starting_lba) * 512 + 510;
+            if at + 2 <= disk.size() {
+                read_exact_at(&**disk, at, &mut sig, "extended boot record")?;
+                if sig != [0x55, 0xAA] {
+                    return Err(Error::corrupt(
+                        "partition table: the extended partition's first boot record has no signature",
+                    ));
+                }
+            }
+        }
+    }
     let mut out = Vec::new();
     for (n, p) in mbr.iter() {
         if !p.is_used() || is_extended(p.sys) {
