@@ -825,14 +825,15 @@ fn damaged(src: &Path, damage: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir,
 
 /// Physical byte offset of a directory's first block, from debugfs.
 fn dir_block_offset(img: &Path, dir: &str) -> usize {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("bmap {dir} 0"))
-        .arg(img)
-        .output()
-        .unwrap();
-    let block: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    block * 4096
+    bmap(img, dir, 0) as usize * 4096
+}
+
+/// The physical block of block `n` of `path` in an ext image, from debugfs.
+fn bmap(img: &Path, path: &str, n: u64) -> u64 {
+    debugfs(img, false, &format!("bmap {path} {n}\n"))
+        .lines()
+        .find_map(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("bmap {path} {n}"))
 }
 
 #[test]
@@ -1223,11 +1224,7 @@ fn journal_needing_recovery_is_listed_as_replayed() {
     assert_ne!(clean[0].inode, 0);
     // a transaction in the journal renames old -> new in the directory
     // block; the on-disk block still says old
-    let block: u64 = debugfs(&img, false, "bmap /jdir 0\n")
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .next()
-        .expect("bmap /jdir 0");
+    let block = bmap(&img, "/jdir", 0);
     let mut data = std::fs::read(&img).unwrap();
     let at = block as usize * 1024;
     let blk = &mut data[at..at + 1024];
@@ -1281,10 +1278,7 @@ fn journals_too_large_to_replay_are_refused() {
     // 1 KiB blocks, a journal of 16,384 blocks
     mkimg_ext(&src, &img, &["-t", "ext4", "-J", "size=16"], 64);
     // a transaction, so that the journal needs replaying
-    let block: u64 = debugfs(&img, false, "bmap /top 0\n")
-        .lines()
-        .find_map(|l| l.trim().parse().ok())
-        .unwrap();
+    let block = bmap(&img, "/top", 0);
     let blk_file = dir.path().join("blk.bin");
     std::fs::write(&blk_file, [0u8; 1024]).unwrap();
     debugfs(
@@ -1767,10 +1761,7 @@ fn maps_that_point_back_are_corrupt() {
     // i_block at 0x28 (60 bytes)
     d[ino + 0x28..ino + 0x28 + root.len()].copy_from_slice(&root);
     // /d's two blocks are both its first one
-    let dir_block: u32 = debugfs(&ext4, false, "bmap /d 0\n")
-        .lines()
-        .find_map(|l| l.trim().parse().ok())
-        .unwrap();
+    let dir_block = bmap(&ext4, "/d", 0) as u32;
     let ino = inode_offset(&ext4, "/d", 4096);
     let mut root = header(2, 4, 0);
     for logical in [0, 1] {
@@ -1827,15 +1818,7 @@ fn listing_checks_inode_and_directory_checksums() {
         assert!(e.message.contains("checksum"), "{}", e.message);
     });
     // a directory entry's name changed, the block checksum left as is
-    let off = {
-        let out = debugfs(&img, false, "bmap /d 0\n");
-        let b: usize = out
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .next()
-            .unwrap();
-        b * 1024
-    };
+    let off = bmap(&img, "/d", 0) as usize * 1024;
     let (_d, bad_dir) = damaged(&img, |d| {
         let blk = &mut d[off..off + 1024];
         let name = blk.windows(2).position(|w| w == b"\x01c").unwrap() + 1;

@@ -14,7 +14,7 @@
 //! blocks and revocations. Must never write, and never replay anything.
 
 use crate::error::{Error, Result};
-use crate::restore::fs::ext_raw::ExtRaw;
+use crate::restore::fs::ext_raw::{reused_at, ExtRaw};
 use crate::restore::fs::Extent;
 
 /// JBD2 block header magic.
@@ -67,19 +67,17 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
     }
     // every journal block has a place of its own (the map's own blocks are
     // checked while it is read)
-    let mut places: Vec<(u64, u64)> = raw
+    let mut places: Vec<_> = raw
         .map(&journal, 0, blocks * bs)?
         .into_iter()
         .filter_map(|e| match e {
-            Extent::Disk { offset, len } => Some((offset, offset + len)),
+            Extent::Disk { offset, len } => Some(offset..offset + len),
             Extent::Zero { .. } => None,
         })
         .collect();
-    places.sort_unstable();
-    if let Some(w) = places.windows(2).find(|w| w[1].0 < w[0].1) {
+    if let Some(at) = reused_at(&mut places) {
         return Err(Error::corrupt(format!(
-            "ext filesystem: journal block at byte {} is used twice",
-            w[1].0
+            "ext filesystem: journal block at byte {at} is used twice"
         )));
     }
     let mut block = vec![0u8; bs as usize];

@@ -100,6 +100,17 @@ struct BlockMapWalk {
     seen: HashSet<u64>,
 }
 
+/// Where byte ranges on the volume overlap, if they do (sorts them): a
+/// file or directory owns its blocks, so a map naming one twice is
+/// corrupt.
+pub fn reused_at(ranges: &mut [Range<u64>]) -> Option<u64> {
+    ranges.sort_unstable_by_key(|r| r.start);
+    ranges
+        .windows(2)
+        .find(|w| w[1].start < w[0].end)
+        .map(|w| w[1].start)
+}
+
 /// Appends `e`, merging it into the last extent when they are contiguous.
 fn push_extent(out: &mut Vec<Extent>, e: Extent) {
     match (out.last_mut(), e) {
@@ -599,12 +610,11 @@ impl ExtRaw {
         // A directory owns its blocks. A corrupt map that names one block
         // many times would list its entries as often: 341 entries per 4 KiB
         // block, about 400 bytes each once listed.
-        blocks.sort_unstable_by_key(|b| b.start);
-        if let Some(w) = blocks.windows(2).find(|w| w[1].start < w[0].end) {
+        if let Some(at) = reused_at(&mut blocks) {
             return Err(bad(format!(
                 "directory inode {}: block {} is used twice",
                 dir.number,
-                w[1].start / bs
+                at / bs
             )));
         }
         let mut names = Vec::new();

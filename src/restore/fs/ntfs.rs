@@ -90,13 +90,21 @@ pub struct NtfsBackend {
     ntfs: Ntfs,
     cur: DiskCursor,
     disk: Arc<dyn Disk>,
+    /// the valid data length of the file last read (record, bytes), so
+    /// that reading a file piece by piece reads its record header once
+    valid_length: Option<(u64, u64)>,
 }
 
 impl NtfsBackend {
     pub fn open(disk: Arc<dyn Disk>) -> Result<NtfsBackend> {
         let mut cur = DiskCursor::new(disk.clone());
         let ntfs = open_ntfs(&mut cur)?;
-        Ok(NtfsBackend { ntfs, cur, disk })
+        Ok(NtfsBackend {
+            ntfs,
+            cur,
+            disk,
+            valid_length: None,
+        })
     }
 
     /// The valid data length of a non-resident attribute: Windows reads
@@ -297,17 +305,16 @@ fn directory_names(
     } else {
         None
     };
-    let allocation_attribute = match &allocation_item {
-        Some(item) => Some(item.to_attribute().map_err(err)?),
-        None => None,
-    };
-    let allocation = match &allocation_attribute {
-        Some(a) => Some(
-            a.structured_value::<_, NtfsIndexAllocation>(cur)
-                .map_err(err)?,
-        ),
-        None => None,
-    };
+    let allocation_attribute = allocation_item
+        .as_ref()
+        .map(|item| item.to_attribute())
+        .transpose()
+        .map_err(err)?;
+    let allocation = allocation_attribute
+        .as_ref()
+        .map(|a| a.structured_value::<_, NtfsIndexAllocation>(cur))
+        .transpose()
+        .map_err(err)?;
     let mut walk = IndexWalk {
         what,
         names: Vec::new(),
@@ -445,10 +452,14 @@ impl Backend for NtfsBackend {
             None => return Ok(0),
         };
         let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
-        let valid = if attr.is_resident() {
-            attr.value_length()
-        } else {
-            self.initialized_size(&attr, &what)?
+        let valid = match self.valid_length {
+            _ if attr.is_resident() => attr.value_length(),
+            Some((record, valid)) if record == *node => valid,
+            _ => {
+                let valid = self.initialized_size(&attr, &what)?;
+                self.valid_length = Some((*node, valid));
+                valid
+            }
         };
         let cur = &mut self.cur;
         let mut value = attr.value(cur).map_err(|e| map_err(&what, e))?;
