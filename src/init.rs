@@ -96,10 +96,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// of it (at least 8 MiB), so that a 128 MiB VM keeps the agent near 32 MiB
 /// while extracting. `None` when the memory size is unknown.
 pub fn cache_cap_mb() -> Option<u64> {
+    Some((memory_mb()? / 6).max(8))
+}
+
+/// This machine's memory in MiB (MemTotal), if readable.
+pub fn memory_mb() -> Option<u64> {
     let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some((kib / 1024 / 6).max(8))
+    Some(kib / 1024)
 }
 
 fn mount_fs(

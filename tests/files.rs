@@ -1771,3 +1771,94 @@ fn a_badly_fragmented_file_reads_right_without_pinning_its_chunks() {
     assert!(grew < 64 * MIB, "agent peak RSS grew by {} MiB", grew / MIB);
     assert_no_panic(&a);
 }
+
+#[test]
+fn a_directory_too_large_for_the_listing_memory_is_refused_and_the_agent_serves_on() {
+    if !have_tools() {
+        return;
+    }
+    const HUGE: usize = 4000;
+    let dir = scratch();
+    let src = dir.path().join("src");
+    for i in 0..HUGE {
+        write(
+            &src.join(format!("huge/entry-{i:05}-of-a-large-directory")),
+            b"",
+        );
+    }
+    write(&src.join("small/one.txt"), b"one\n");
+    write(&src.join("small/two.txt"), b"two\n");
+    let img = dir.path().join("huge.img");
+    mkimg_ext(&src, &img, &["-t", "ext4", "-N", "4200"], 32);
+    let store = dir.path().join("store");
+    client(&["store", "init", store.to_str().unwrap()]);
+    import(&store, SNAP_RAW, &img);
+    let v = Vol {
+        snapshot: SNAP_RAW,
+        volume: "raw",
+    };
+
+    // 4,000 entries take more than 1 MiB of listing (about 400 bytes each)
+    let a = Agent::builder()
+        .arg("--datastore")
+        .arg(store.to_str().unwrap())
+        .arg("--listing-mb")
+        .arg("1")
+        .start();
+    let mut c = a.connect_authed();
+    let (small, _) = list_all(&mut c, v, b"/small", 100);
+    assert_eq!(small.len(), 2);
+    let (code, msg) = fails(&mut c, "fs.list", target(v, b"/huge"));
+    assert_eq!(code, 1005, "{msg}");
+    assert!(
+        msg.contains("/huge") && msg.contains("too large to list") && msg.contains("--listing-mb"),
+        "{msg}"
+    );
+    // its files cannot be reached either: finding one lists the directory
+    let (code, msg) = fails(
+        &mut c,
+        "fs.stat",
+        target(v, b"/huge/entry-00007-of-a-large-directory"),
+    );
+    assert_eq!(code, 1005, "{msg}");
+    // an extraction that reaches it fails with the same error, not with a
+    // tar that silently lacks the directory
+    let p = with(target(v, b"/"), json!({"format": "tar", "zstd": false}));
+    let stream = ok(&mut c, "fs.extract", p)["stream"].as_u64().unwrap();
+    let failed = loop {
+        match bulk(
+            &mut c,
+            "stream.read",
+            json!({"stream": stream, "length": MAX_READ}),
+        ) {
+            Ok((meta, _)) => assert_ne!(meta["eof"], json!(true), "the tar ended"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(failed["code"], 1005, "{failed}");
+    assert!(
+        failed["message"]
+            .as_str()
+            .unwrap()
+            .contains("too large to list"),
+        "{failed}"
+    );
+    // the agent serves on, and the small directory lists as before
+    let (small, _) = list_all(&mut c, v, b"/small", 100);
+    assert_eq!(small.len(), 2);
+    ping(&mut c);
+    assert_no_panic(&a);
+    drop(c);
+    drop(a);
+
+    // with the default memory for listings, the directory lists whole
+    let a = Agent::builder()
+        .arg("--datastore")
+        .arg(store.to_str().unwrap())
+        .start();
+    let mut c = a.connect_authed();
+    let (huge, _) = list_all(&mut c, v, b"/huge", 1000);
+    assert_eq!(huge.len(), HUGE);
+    assert_eq!(huge[7]["name"], json!("entry-00007-of-a-large-directory"));
+    assert_no_panic(&a);
+}

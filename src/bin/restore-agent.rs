@@ -58,6 +58,11 @@ struct Args {
     /// Decoded-chunk cache size in MiB
     #[arg(long, value_name = "MIB", default_value_t = 48)]
     cache_mb: u64,
+    /// Memory for directory listings in MiB, all open filesystems together;
+    /// a larger directory is refused (1005) [default: a quarter of the
+    /// machine's memory, at least 16]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    listing_mb: Option<u64>,
     /// Most chunks read ahead on sequential access
     #[arg(long, value_name = "N", default_value_t = 8)]
     readahead: usize,
@@ -278,7 +283,16 @@ async fn serve(
     Ok(())
 }
 
+/// `--listing-mb` when the machine's memory size is unknown.
+const LISTING_MB_UNKNOWN: u64 = 64;
+
 fn open_backups(args: &Args) -> Result<Backups, String> {
+    let listing_mb = args.listing_mb.unwrap_or_else(|| {
+        restore_agent::init::memory_mb().map_or(LISTING_MB_UNKNOWN, |m| (m / 4).max(16))
+    });
+    restore_agent::restore::fs::set_listing_limit(
+        usize::try_from(listing_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+    );
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let pool = ChunkPool::new(PoolConfig {
         workers: args.workers.map_or(cores, |w| w as usize),

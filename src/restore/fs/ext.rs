@@ -28,9 +28,10 @@ use ext4_view::{Ext4, Ext4Error, Metadata};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, Ext4Reader};
+use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_journal;
 use crate::restore::fs::ext_raw::{ExtRaw, Inode};
-use crate::restore::fs::tree::{Backend, Child};
+use crate::restore::fs::tree::{child_bytes, Backend, Child};
 use crate::restore::fs::{Entry, EntryType, Extent};
 
 const ROOT_INODE: u32 = 2;
@@ -158,11 +159,14 @@ impl ExtBackend {
     }
 
     /// inode numbers of a directory's entries, from the on-disk blocks
-    fn raw_numbers(&mut self, dir: u32) -> HashMap<Vec<u8>, u32> {
+    fn raw_numbers(&mut self, dir: u32, charge: &mut Charge) -> HashMap<Vec<u8>, u32> {
         if dir == 0 {
             return HashMap::new();
         }
-        let listed = self.raw.inode(dir).and_then(|ino| self.raw.read_dir(&ino));
+        let listed = self
+            .raw
+            .inode(dir)
+            .and_then(|ino| self.raw.read_dir(&ino, charge));
         listed.map(|v| v.into_iter().collect()).unwrap_or_default()
     }
 
@@ -231,8 +235,8 @@ impl ExtBackend {
     /// directory and one read of each inode, instead of ext4-view's pass
     /// plus a second one for inode numbers and link counts. Only while the
     /// journal is clean, when the on-disk state is the current one.
-    fn read_dir_raw(&mut self, dir: u32) -> Result<Vec<Child<u32>>> {
-        let listed = self.raw.list_dir(dir)?;
+    fn read_dir_raw(&mut self, dir: u32, charge: &mut Charge) -> Result<Vec<Child<u32>>> {
+        let listed = self.raw.list_dir(dir, charge)?;
         let mut out = Vec::with_capacity(listed.len());
         for (name, ino) in listed {
             let kind = EntryType::from_unix_mode(u32::from(ino.mode)).ok_or_else(|| {
@@ -259,6 +263,10 @@ impl ExtBackend {
                 mtime: ino.mtime,
                 nlink: u64::from(ino.links),
             };
+            charge.add(child_bytes::<u32>(
+                name.len(),
+                link.as_ref().map_or(0, Vec::len),
+            ))?;
             out.push(ext_child(name, ino.number, attrs, link, broken));
         }
         Ok(out)
@@ -307,14 +315,14 @@ impl Backend for ExtBackend {
         self.child(Vec::new(), ROOT_INODE, &md, b"/")
     }
 
-    fn read_dir(&mut self, dir: &u32, path: &[u8]) -> Result<Vec<Child<u32>>> {
+    fn read_dir(&mut self, dir: &u32, path: &[u8], charge: &mut Charge) -> Result<Vec<Child<u32>>> {
         if *dir != 0 && !self.raw.needs_recovery() {
-            return self.read_dir_raw(*dir);
+            return self.read_dir_raw(*dir, charge);
         }
         let what = String::from_utf8_lossy(path).into_owned();
         let p = ext4_view::Path::try_from(path)
             .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))?;
-        let numbers = self.raw_numbers(*dir);
+        let numbers = self.raw_numbers(*dir, charge);
         let mut found = Vec::new();
         for e in self.fs.read_dir(p).map_err(|e| map_err(&what, e))? {
             let e = e.map_err(|e| map_err(&what, e))?;
@@ -323,6 +331,7 @@ impl Backend for ExtBackend {
                 continue;
             }
             let md = e.metadata().map_err(|e| map_err(&what, e))?;
+            charge.add(std::mem::size_of::<(Vec<u8>, Metadata)>() + name.len() + 16)?;
             found.push((name, md));
         }
         let mut out = Vec::with_capacity(found.len());
@@ -333,7 +342,12 @@ impl Backend for ExtBackend {
             }
             child_path.extend_from_slice(&name);
             let number = numbers.get(&name).copied().unwrap_or(0);
-            out.push(self.child(name, number, &md, &child_path)?);
+            let child = self.child(name, number, &md, &child_path)?;
+            charge.add(child_bytes::<u32>(
+                child.name.len(),
+                child.link.as_ref().map_or(0, Vec::len),
+            ))?;
+            out.push(child);
         }
         Ok(out)
     }

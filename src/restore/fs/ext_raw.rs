@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::restore::disk::{read_exact_at, Disk};
+use crate::restore::fs::budget::Charge;
 use crate::restore::fs::Extent;
 use crate::restore::le::{le16, le32};
 
@@ -584,7 +585,7 @@ impl ExtRaw {
     /// directory blocks, then those holding the inodes, are announced to
     /// the disk ahead of the reads so they load in parallel.
     /// On-disk state only: for use while the journal is clean.
-    pub fn list_dir(&mut self, dir: u32) -> Result<Vec<(Vec<u8>, Inode)>> {
+    pub fn list_dir(&mut self, dir: u32, charge: &mut Charge) -> Result<Vec<(Vec<u8>, Inode)>> {
         let dir = self.read_inode(dir, true)?;
         if dir.is_encrypted() {
             return Err(Error::unsupported(format!(
@@ -640,6 +641,7 @@ impl ExtRaw {
                                 dir.number
                             )));
                         }
+                        charge.add(std::mem::size_of::<(Vec<u8>, Inode)>() + name.len() + 16)?;
                         names.push((name.to_vec(), ino));
                     }
                     Ok(())
@@ -728,7 +730,7 @@ impl ExtRaw {
     }
 
     /// The entries of a directory inode: (name, inode number).
-    pub fn read_dir(&mut self, dir: &Inode) -> Result<Vec<(Vec<u8>, u32)>> {
+    pub fn read_dir(&mut self, dir: &Inode, charge: &mut Charge) -> Result<Vec<(Vec<u8>, u32)>> {
         if dir.size > MAX_DIR_SIZE {
             return Err(bad(format!("directory inode {} is too large", dir.number)));
         }
@@ -744,6 +746,7 @@ impl ExtRaw {
                         dir.number
                     )));
                 }
+                charge.add(std::mem::size_of::<(Vec<u8>, u32)>() + name.len() + 16)?;
                 out.push((name.to_vec(), ino));
                 Ok(())
             })?;

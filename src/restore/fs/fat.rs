@@ -16,7 +16,8 @@ use fatfs::{FileSystem, FsOptions};
 use crate::calendar::days_from_civil;
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, DiskCursor};
-use crate::restore::fs::tree::{Backend, Child};
+use crate::restore::fs::budget::Charge;
+use crate::restore::fs::tree::{child_bytes, Backend, Child};
 use crate::restore::fs::{Entry, EntryType};
 use crate::restore::probe::{fixed_label, FsKind, Probe};
 
@@ -232,7 +233,12 @@ impl<'a> Backend for FatBackend<'a> {
         })
     }
 
-    fn read_dir(&mut self, dir: &FatNode<'a>, path: &[u8]) -> Result<Vec<Child<FatNode<'a>>>> {
+    fn read_dir(
+        &mut self,
+        dir: &FatNode<'a>,
+        path: &[u8],
+        charge: &mut Charge,
+    ) -> Result<Vec<Child<FatNode<'a>>>> {
         let FatNode::Dir(d) = dir else {
             return Err(Error::new(
                 ErrorKind::NotADirectory,
@@ -253,6 +259,7 @@ impl<'a> Backend for FatBackend<'a> {
             if entry.name == "." || entry.name == ".." {
                 continue;
             }
+            charge.add(child_bytes::<FatNode<'a>>(entry.name.len(), 0))?;
             let node = if e.is_dir() {
                 FatNode::Dir(e.to_dir())
             } else {

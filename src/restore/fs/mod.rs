@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 
+mod budget;
 pub mod ext;
 mod ext_journal;
 mod ext_raw;
@@ -18,6 +19,7 @@ mod handle;
 pub mod ntfs;
 mod tree;
 
+pub use budget::{listing_limit, set_listing_limit};
 pub use handle::FsHandle;
 
 /// The type of a directory entry.

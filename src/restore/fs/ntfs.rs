@@ -25,7 +25,8 @@ use ntfs::{
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
-use crate::restore::fs::tree::{Backend, Child};
+use crate::restore::fs::budget::Charge;
+use crate::restore::fs::tree::{child_bytes, Backend, Child};
 use crate::restore::fs::{Entry, EntryType};
 use crate::restore::le::{le16, le64};
 use crate::restore::probe::{FsKind, Probe};
@@ -285,6 +286,7 @@ fn directory_names(
     file: &NtfsFile<'_>,
     cur: &mut DiskCursor,
     what: &str,
+    charge: &mut Charge,
 ) -> Result<Vec<(String, u64)>> {
     let err = |e| map_err(what, e);
     if !file.is_directory() {
@@ -317,6 +319,7 @@ fn directory_names(
         .map_err(err)?;
     let mut walk = IndexWalk {
         what,
+        charge,
         names: Vec::new(),
         pending: Vec::new(),
         seen: HashSet::new(),
@@ -340,6 +343,8 @@ fn directory_names(
 /// The state of reading one directory index.
 struct IndexWalk<'w> {
     what: &'w str,
+    /// counts `names`, which lives on beside the listing built from it
+    charge: &'w mut Charge,
     names: Vec<(String, u64)>,
     /// subnodes named but not read yet
     pending: Vec<Vcn>,
@@ -381,6 +386,8 @@ impl IndexWalk<'_> {
             if record < FIRST_USER_RECORD && (name.starts_with('$') || name == ".") {
                 continue;
             }
+            self.charge
+                .add(std::mem::size_of::<(String, u64)>() + 2 * name.len() + 16)?;
             self.names.push((name, record));
         }
         Ok(())
@@ -407,11 +414,11 @@ impl Backend for NtfsBackend {
         })
     }
 
-    fn read_dir(&mut self, dir: &u64, path: &[u8]) -> Result<Vec<Child<u64>>> {
+    fn read_dir(&mut self, dir: &u64, path: &[u8], charge: &mut Charge) -> Result<Vec<Child<u64>>> {
         let what = String::from_utf8_lossy(path).into_owned();
         let cur = &mut self.cur;
         let file = self.ntfs.file(cur, *dir).map_err(|e| map_err(&what, e))?;
-        let names = directory_names(&file, cur, &what)?;
+        let names = directory_names(&file, cur, &what, charge)?;
         let mut out = Vec::with_capacity(names.len());
         for (name, record) in names {
             let child_what = format!("{what}/{name}");
@@ -420,6 +427,7 @@ impl Backend for NtfsBackend {
                 .file(cur, record)
                 .map_err(|e| map_err(&child_what, e))?;
             let mut entry = entry_of(&f, cur, record, &child_what)?;
+            charge.add(child_bytes::<u64>(name.len(), 0))?;
             entry.name = name.clone();
             out.push(Child {
                 name: name.into_bytes(),

@@ -12,6 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::restore::fs::budget::Charge;
 use crate::restore::fs::{
     Entry, EntryType, Extent, FileData, FileMap, Filesystem, WalkEntry, WalkVisitor,
 };
@@ -37,6 +38,13 @@ const DIR_CACHE_BYTES: usize = 8 << 20;
 /// name's two allocations and the allocator's overhead).
 const ENTRY_HEAP_BYTES: usize = 64;
 
+/// The estimated bytes one listed entry takes, with a name of `name` bytes
+/// and a symlink target of `link` bytes; backends charge it for every
+/// child they list (see [`Charge`]).
+pub fn child_bytes<N>(name: usize, link: usize) -> usize {
+    std::mem::size_of::<Child<N>>() + ENTRY_HEAP_BYTES + 2 * name + 2 * link
+}
+
 /// A node in a directory listing.
 #[derive(Clone)]
 pub struct Child<N> {
@@ -55,8 +63,16 @@ pub struct Child<N> {
 pub trait Backend {
     type Node: Clone;
     fn root(&mut self) -> Result<Child<Self::Node>>;
-    /// Children of a directory, in any order, without `.` and `..`.
-    fn read_dir(&mut self, dir: &Self::Node, path: &[u8]) -> Result<Vec<Child<Self::Node>>>;
+    /// Children of a directory, in any order, without `.` and `..`. Every
+    /// child is counted in `charge` ([`child_bytes`]) as it is listed, and
+    /// so are the buffers the backend needs meanwhile, so that a huge
+    /// directory is refused before it exhausts memory.
+    fn read_dir(
+        &mut self,
+        dir: &Self::Node,
+        path: &[u8],
+        charge: &mut Charge,
+    ) -> Result<Vec<Child<Self::Node>>>;
     /// Reads file data at `offset`; short only at end of file.
     fn read_at(
         &mut self,
@@ -149,13 +165,25 @@ pub struct Tree<B: Backend> {
 /// A resolved regular file, its size, and the bytes a read returns.
 type FileRange<N> = (Resolved<N>, u64, u64);
 
-/// A directory listing kept by its canonical path, with its estimated
-/// size in bytes.
-type CachedDir<N> = (Vec<u8>, Rc<Vec<Child<N>>>, usize);
+/// The children of one directory, sorted by name, and the memory they are
+/// counted for.
+struct Listing<N> {
+    kids: Vec<Child<N>>,
+    charge: Charge,
+}
 
-/// A pending node of a walk: relative path, canonical absolute path,
-/// node, depth.
-type WalkItem<N> = (Vec<u8>, Vec<u8>, Child<N>, usize);
+/// A directory listing kept by its canonical path.
+type CachedDir<N> = (Vec<u8>, Rc<Listing<N>>);
+
+/// A directory being walked: its listing, the next child to visit, its
+/// path relative to the walk and its canonical absolute path, its depth.
+struct WalkFrame<N> {
+    kids: Rc<Listing<N>>,
+    next: usize,
+    rel: Vec<u8>,
+    abs: Vec<u8>,
+    depth: usize,
+}
 
 impl<B: Backend> Tree<B> {
     pub fn new(backend: B) -> Tree<B> {
@@ -181,8 +209,8 @@ impl<B: Backend> Tree<B> {
     }
 
     /// The sorted listing of a directory, from the cache if there.
-    fn listing(&mut self, dir: &Child<B::Node>, path: &[u8]) -> Result<Rc<Vec<Child<B::Node>>>> {
-        if let Some(pos) = self.dirs.iter().position(|(p, _, _)| p == path) {
+    fn listing(&mut self, dir: &Child<B::Node>, path: &[u8]) -> Result<Rc<Listing<B::Node>>> {
+        if let Some(pos) = self.dirs.iter().position(|(p, _)| p == path) {
             if let Some(hit) = self.dirs.remove(pos) {
                 let l = hit.1.clone();
                 self.dirs.push_front(hit);
@@ -190,8 +218,26 @@ impl<B: Backend> Tree<B> {
             }
         }
         let what = self.backend.what().to_string();
+        let mut charge = Charge::new(path);
         let backend = &mut self.backend;
-        let mut kids = guarded(&what, path, || backend.read_dir(&dir.node, path))?;
+        let read = guarded(&what, path, || {
+            backend.read_dir(&dir.node, path, &mut charge)
+        });
+        let mut kids = match read {
+            Ok(kids) => kids,
+            // the memory for listings may be held by the ones kept here:
+            // let them go and try once more
+            Err(e) if e.kind == ErrorKind::Unsupported && !self.dirs.is_empty() => {
+                self.dirs.clear();
+                drop(charge);
+                charge = Charge::new(path);
+                let backend = &mut self.backend;
+                guarded(&what, path, || {
+                    backend.read_dir(&dir.node, path, &mut charge)
+                })?
+            }
+            Err(e) => return Err(e),
+        };
         kids.retain(|c| {
             c.name != b"." && c.name != b".." && !c.name.is_empty() && !c.name.contains(&b'/')
         });
@@ -200,20 +246,17 @@ impl<B: Backend> Tree<B> {
         kids.shrink_to_fit();
         let bytes = kids
             .iter()
-            .map(|c| {
-                std::mem::size_of::<Child<B::Node>>()
-                    + ENTRY_HEAP_BYTES
-                    + 2 * c.name.len()
-                    + c.link.as_ref().map_or(0, |l| 2 * l.len())
-            })
+            .map(|c| child_bytes::<B::Node>(c.name.len(), c.link.as_ref().map_or(0, Vec::len)))
             .sum();
-        let l = Rc::new(kids);
-        self.dirs.push_front((path.to_vec(), l.clone(), bytes));
+        // what the backend needed besides the children is gone now
+        charge.settle(bytes);
+        let l = Rc::new(Listing { kids, charge });
+        self.dirs.push_front((path.to_vec(), l.clone()));
         self.dirs.truncate(DIR_CACHE);
         // the newest listing stays however large: it is being paged through
         let mut kept = 0;
-        let fits = self.dirs.iter().skip(1).take_while(|(_, _, b)| {
-            kept += b;
+        let fits = self.dirs.iter().skip(1).take_while(|(_, l)| {
+            kept += l.charge.bytes();
             kept <= DIR_CACHE_BYTES
         });
         let keep = 1 + fits.count();
@@ -262,7 +305,8 @@ impl<B: Backend> Tree<B> {
                     format!("{}: not a directory (in {:?})", show(&dir_path), show(path)),
                 ));
             }
-            let kids = self.listing(&dir, &dir_path)?;
+            let listing = self.listing(&dir, &dir_path)?;
+            let kids = &listing.kids;
             let exact = kids.binary_search_by(|c| c.name.as_slice().cmp(&comp)).ok();
             let found = exact.or_else(|| {
                 if !self.backend.case_insensitive() {
@@ -415,7 +459,8 @@ impl<B: Backend> Filesystem for Tree<B> {
                 format!("{}: not a directory", show(&dir_path)),
             ));
         }
-        let kids = self.listing(&dir, &dir_path)?;
+        let listing = self.listing(&dir, &dir_path)?;
+        let kids = &listing.kids;
         let start = match cursor {
             None => 0,
             Some(c) => c
@@ -495,84 +540,132 @@ impl<B: Backend> Filesystem for Tree<B> {
     fn walk(&mut self, path: &[u8], visit: &mut WalkVisitor<'_>) -> Result<()> {
         let r = self.resolve(path, false)?;
         let top = r.last().clone();
-        let base = top.name.clone();
-        let mut seen: HashMap<u64, Vec<u8>> = HashMap::new();
-        let mut dirs_seen: HashSet<u64> = HashSet::new();
-        // (relative path, canonical absolute path, node, depth)
-        let mut stack: Vec<WalkItem<B::Node>> = vec![(base, r.path(), top, 0)];
-        let mut visited = 0usize;
-        while let Some((rel, abs, node, depth)) = stack.pop() {
-            visited += 1;
-            if visited > MAX_WALK_NODES {
-                return Err(Error::corrupt(format!(
-                    "{}: more than {MAX_WALK_NODES} entries, directories probably loop",
-                    show(path)
-                )));
-            }
-            let is_dir = node.entry.kind == EntryType::Dir;
-            let mut hardlink_to = None;
-            if !is_dir && node.entry.nlink > 1 && node.entry.inode != 0 {
-                match seen.get(&node.entry.inode) {
-                    Some(first) => hardlink_to = Some(first.clone()),
-                    None => {
-                        seen.insert(node.entry.inode, rel.clone());
-                    }
-                }
-            }
-            if !rel.is_empty() {
-                let we = WalkEntry {
-                    path: rel.clone(),
-                    entry: node.entry.clone(),
-                    link_target: node.link.clone(),
-                    hardlink_to: hardlink_to.clone(),
-                };
-                // Hardlinks get their data too: formats without hardlinks
-                // (zip) store the file again.
-                if node.entry.kind == EntryType::File {
-                    let r = Resolved {
-                        chain: vec![node.clone()],
-                    };
-                    let mut data = WalkData {
-                        tree: self,
-                        node: &r,
-                        abs: &abs,
-                        pos: 0,
-                        size: node.entry.size,
-                    };
-                    visit(&we, Some(&mut data))?;
-                } else {
-                    visit(&we, None)?;
-                }
-            }
-            if !is_dir {
+        let mut walk = Walk {
+            path,
+            visit,
+            hardlinks: HashMap::new(),
+            dirs_seen: HashSet::new(),
+            visited: 0,
+        };
+        // Directories are walked from frames that share the cached listing:
+        // a child is copied only while it is being visited, so a walk holds
+        // no more than the listings of the directories it is inside.
+        let mut stack: Vec<WalkFrame<B::Node>> = Vec::new();
+        if let Some(frame) = walk.node(self, top.name.clone(), r.path(), &top, 0)? {
+            stack.push(frame);
+        }
+        while let Some(frame) = stack.last_mut() {
+            let Some(child) = frame.kids.kids.get(frame.next) else {
+                stack.pop();
                 continue;
+            };
+            frame.next += 1;
+            let child = child.clone();
+            let mut rel = frame.rel.clone();
+            if !rel.is_empty() {
+                rel.push(b'/');
             }
-            if depth >= MAX_WALK_DEPTH {
-                return Err(Error::corrupt(format!(
-                    "{}: directories nested too deep",
-                    show(&abs)
-                )));
+            rel.extend_from_slice(&child.name);
+            let mut abs = frame.abs.clone();
+            if abs != b"/" {
+                abs.push(b'/');
             }
-            let identity = self.dir_identity(&node, &abs)?;
-            if identity.is_some_and(|id| !dirs_seen.insert(id)) {
-                return Err(Error::corrupt(format!("{}: directory loop", show(&abs))));
-            }
-            let kids = self.listing(&node, &abs)?;
-            for c in kids.iter().rev() {
-                let mut crel = rel.clone();
-                if !crel.is_empty() {
-                    crel.push(b'/');
-                }
-                crel.extend_from_slice(&c.name);
-                let mut cabs = abs.clone();
-                if cabs != b"/" {
-                    cabs.push(b'/');
-                }
-                cabs.extend_from_slice(&c.name);
-                stack.push((crel, cabs, c.clone(), depth + 1));
+            abs.extend_from_slice(&child.name);
+            let depth = frame.depth + 1;
+            if let Some(frame) = walk.node(self, rel, abs, &child, depth)? {
+                stack.push(frame);
             }
         }
         Ok(())
+    }
+}
+
+/// The state of one [`Filesystem::walk`].
+struct Walk<'p, 'v, 'w> {
+    /// the walked path, for error messages
+    path: &'p [u8],
+    visit: &'v mut WalkVisitor<'w>,
+    /// inode of a file with several links -> where it was first met
+    hardlinks: HashMap<u64, Vec<u8>>,
+    dirs_seen: HashSet<u64>,
+    visited: usize,
+}
+
+impl Walk<'_, '_, '_> {
+    /// Visits one node (the walked one has an empty `rel` when it is the
+    /// root, and is not visited then); for a directory, returns the frame
+    /// that walks its children.
+    fn node<B: Backend>(
+        &mut self,
+        tree: &mut Tree<B>,
+        rel: Vec<u8>,
+        abs: Vec<u8>,
+        node: &Child<B::Node>,
+        depth: usize,
+    ) -> Result<Option<WalkFrame<B::Node>>> {
+        self.visited += 1;
+        if self.visited > MAX_WALK_NODES {
+            return Err(Error::corrupt(format!(
+                "{}: more than {MAX_WALK_NODES} entries, directories probably loop",
+                show(self.path)
+            )));
+        }
+        let is_dir = node.entry.kind == EntryType::Dir;
+        let mut hardlink_to = None;
+        if !is_dir && node.entry.nlink > 1 && node.entry.inode != 0 {
+            match self.hardlinks.get(&node.entry.inode) {
+                Some(first) => hardlink_to = Some(first.clone()),
+                None => {
+                    self.hardlinks.insert(node.entry.inode, rel.clone());
+                }
+            }
+        }
+        if !rel.is_empty() {
+            let we = WalkEntry {
+                path: rel.clone(),
+                entry: node.entry.clone(),
+                link_target: node.link.clone(),
+                hardlink_to,
+            };
+            // Hardlinks get their data too: formats without hardlinks
+            // (zip) store the file again.
+            if node.entry.kind == EntryType::File {
+                let r = Resolved {
+                    chain: vec![node.clone()],
+                };
+                let mut data = WalkData {
+                    tree: &mut *tree,
+                    node: &r,
+                    abs: &abs,
+                    pos: 0,
+                    size: node.entry.size,
+                };
+                (self.visit)(&we, Some(&mut data))?;
+            } else {
+                (self.visit)(&we, None)?;
+            }
+        }
+        if !is_dir {
+            return Ok(None);
+        }
+        if depth >= MAX_WALK_DEPTH {
+            return Err(Error::corrupt(format!(
+                "{}: directories nested too deep",
+                show(&abs)
+            )));
+        }
+        let identity = tree.dir_identity(node, &abs)?;
+        if identity.is_some_and(|id| !self.dirs_seen.insert(id)) {
+            return Err(Error::corrupt(format!("{}: directory loop", show(&abs))));
+        }
+        let kids = tree.listing(node, &abs)?;
+        Ok(Some(WalkFrame {
+            kids,
+            next: 0,
+            rel,
+            abs,
+            depth,
+        }))
     }
 }
 
