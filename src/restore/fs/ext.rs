@@ -107,7 +107,7 @@ fn ext_child(
     number: u32,
     a: Attrs,
     link: Option<Vec<u8>>,
-    broken: Option<Error>,
+    broken: Option<Box<Error>>,
 ) -> Child<u32> {
     let has_size = matches!(
         a.kind,
@@ -202,7 +202,7 @@ impl ExtBackend {
                 .and_then(|p| self.fs.read_link(p).map_err(|e| map_err(&what, e)));
             match target {
                 Ok(t) => (Some(t.as_ref().to_vec()), None),
-                Err(e) => (None, Some(e)),
+                Err(e) => (None, Some(Box::new(e))),
             }
         } else {
             (None, None)
@@ -236,24 +236,22 @@ impl ExtBackend {
     /// plus a second one for inode numbers and link counts. Only while the
     /// journal is clean, when the on-disk state is the current one.
     fn read_dir_raw(&mut self, dir: u32, charge: &mut Charge) -> Result<Vec<Child<u32>>> {
-        let listed = self.raw.list_dir(dir, charge)?;
-        let mut out = Vec::with_capacity(listed.len());
-        for (name, ino) in listed {
+        let mut out = Vec::new();
+        // `list_dir` needs the reader and so does a symlink's target: the
+        // targets are read once the listing is done
+        let mut links = Vec::new();
+        self.raw.list_dir(dir, charge, &mut |name, ino, charge| {
             let kind = EntryType::from_unix_mode(u32::from(ino.mode)).ok_or_else(|| {
                 Error::corrupt(format!(
                     "ext filesystem: inode {} has an invalid file type (mode {:o})",
                     ino.number, ino.mode
                 ))
             })?;
-            // as in `child`: a broken target must not hide the siblings
-            let (link, broken) = if kind == EntryType::Symlink {
-                match self.raw.link_target(&ino) {
-                    Ok(t) => (Some(t), None),
-                    Err(e) => (None, Some(e)),
-                }
-            } else {
-                (None, None)
-            };
+            if kind == EntryType::Symlink {
+                // a symlink's inode holds its target (or where it is)
+                charge.add(std::mem::size_of::<(usize, Inode)>())?;
+                links.push((out.len(), ino.clone()));
+            }
             let attrs = Attrs {
                 kind,
                 size: ino.size,
@@ -263,11 +261,23 @@ impl ExtBackend {
                 mtime: ino.mtime,
                 nlink: u64::from(ino.links),
             };
-            charge.add(child_bytes::<u32>(
-                name.len(),
-                link.as_ref().map_or(0, Vec::len),
-            ))?;
-            out.push(ext_child(name, ino.number, attrs, link, broken));
+            charge.add(child_bytes::<u32>(name.len(), 0))?;
+            out.push(ext_child(name, ino.number, attrs, None, None));
+            Ok(())
+        })?;
+        for (i, ino) in links {
+            // as in `child`: a broken target must not hide the siblings
+            let Some(child) = out.get_mut(i) else {
+                continue;
+            };
+            match self.raw.link_target(&ino) {
+                Ok(t) => {
+                    charge.add(2 * t.len())?;
+                    child.entry.set_target(&t);
+                    child.link = Some(t);
+                }
+                Err(e) => child.broken = Some(Box::new(e)),
+            }
         }
         Ok(out)
     }

@@ -148,6 +148,10 @@ fn bad(msg: impl std::fmt::Display) -> Error {
     Error::corrupt(format!("ext filesystem: {msg}"))
 }
 
+/// What [`ExtRaw::list_dir`] calls for each entry: its name (handed over),
+/// its inode, and the charge for what the caller builds of it.
+pub type ListedEntry<'a> = dyn FnMut(Vec<u8>, &Inode, &mut Charge) -> Result<()> + 'a;
+
 impl ExtRaw {
     pub fn open(disk: Arc<dyn Disk>) -> Result<ExtRaw> {
         let mut sb = vec![0u8; 1024];
@@ -578,14 +582,21 @@ impl ExtRaw {
         Ok(done)
     }
 
-    /// The entries of directory `dir` (without `.` and `..`), each with its
-    /// inode, from one pass over the directory's blocks and one read of
-    /// each inode; directory blocks and inodes are checked against their
-    /// checksums when the filesystem has them. The chunks holding the
-    /// directory blocks, then those holding the inodes, are announced to
-    /// the disk ahead of the reads so they load in parallel.
+    /// Calls `each(name, inode, charge)` for the entries of directory `dir`
+    /// (without `.` and `..`), in inode order, from one pass over the
+    /// directory's blocks and one read of each inode; directory blocks and
+    /// inodes are checked against their checksums when the filesystem has
+    /// them. The chunks holding the directory blocks, then those holding
+    /// the inodes, are announced to the disk ahead of the reads so they load
+    /// in parallel. Only the names are held meanwhile (counted in
+    /// `charge`); each is handed over, not copied.
     /// On-disk state only: for use while the journal is clean.
-    pub fn list_dir(&mut self, dir: u32, charge: &mut Charge) -> Result<Vec<(Vec<u8>, Inode)>> {
+    pub fn list_dir(
+        &mut self,
+        dir: u32,
+        charge: &mut Charge,
+        each: &mut ListedEntry<'_>,
+    ) -> Result<()> {
         let dir = self.read_inode(dir, true)?;
         if dir.is_encrypted() {
             return Err(Error::unsupported(format!(
@@ -641,7 +652,13 @@ impl ExtRaw {
                                 dir.number
                             )));
                         }
-                        charge.add(std::mem::size_of::<(Vec<u8>, Inode)>() + name.len() + 16)?;
+                        // the name, its place in `names` and in `order`
+                        charge.add(
+                            std::mem::size_of::<(Vec<u8>, u32)>()
+                                + std::mem::size_of::<usize>()
+                                + name.len()
+                                + 16,
+                        )?;
                         names.push((name.to_vec(), ino));
                     }
                     Ok(())
@@ -661,15 +678,11 @@ impl ExtRaw {
             }
         }
         self.disk.will_read(&tables);
-        let mut inodes: Vec<Option<Inode>> = vec![None; names.len()];
         for &i in &order {
-            inodes[i] = Some(self.read_inode(names[i].1, true)?);
+            let ino = self.read_inode(names[i].1, true)?;
+            each(std::mem::take(&mut names[i].0), &ino, charge)?;
         }
-        Ok(names
-            .into_iter()
-            .zip(inodes)
-            .filter_map(|((name, _), ino)| Some((name, ino?)))
-            .collect())
+        Ok(())
     }
 
     /// Checks a directory block's checksum (leaf blocks end in a checksum

@@ -54,7 +54,7 @@ pub struct Child<N> {
     /// raw symlink target, for symlinks
     pub link: Option<Vec<u8>>,
     /// why this node's symlink target could not be read, if so
-    pub broken: Option<Error>,
+    pub broken: Option<Box<Error>>,
 }
 
 /// What a filesystem backend provides; `path` arguments are the canonical
@@ -342,7 +342,7 @@ impl<B: Backend> Tree<B> {
                     )));
                 }
                 if let Some(e) = &child.broken {
-                    return Err(e.clone());
+                    return Err(Error::clone(e));
                 }
                 let target = child.link.clone().unwrap_or_default();
                 if target.is_empty() {
