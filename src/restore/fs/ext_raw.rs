@@ -41,8 +41,9 @@ const MAX_INLINE_LINK: u64 = 59;
 const INCOMPAT_RECOVER: u32 = 0x4;
 /// The filesystem has a journal.
 const COMPAT_HAS_JOURNAL: u32 = 0x4;
-/// Most cached metadata blocks.
-const BLOCK_CACHE: usize = 2048;
+/// Bytes of cached metadata blocks (2,048 blocks of 4 KiB): a bound by
+/// count would let 64 KiB blocks take 128 MiB.
+const BLOCK_CACHE_BYTES: u64 = 8 << 20;
 /// Most runs a file's block map may have.
 const MAX_RUNS: usize = 1 << 22;
 /// Largest directory read (bytes).
@@ -257,7 +258,7 @@ impl ExtRaw {
             &mut buf,
             "ext metadata block",
         )?;
-        if self.cache.len() >= BLOCK_CACHE {
+        if self.cache.len() as u64 >= BLOCK_CACHE_BYTES / self.block_size {
             self.cache.clear();
         }
         let b = Rc::new(buf);
@@ -892,7 +893,41 @@ fn crc32c(seed: u32, data: &[u8]) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use super::crc32c;
+    use super::*;
+    use crate::restore::disk::FileDisk;
+
+    #[test]
+    fn cached_metadata_blocks_stay_within_their_bytes_whatever_the_block_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("ext4-64k.img");
+        // 64 KiB blocks, inodes of 256 bytes: mke2fs makes 65,280 of them,
+        // 255 blocks (16 MiB) of inode table
+        let made = std::process::Command::new("mke2fs")
+            .args([
+                "-q", "-F", "-t", "ext4", "-b", "65536", "-I", "256", "-N", "65000",
+            ])
+            .arg(&img)
+            .arg("1G")
+            .output();
+        if !made.is_ok_and(|o| o.status.success()) {
+            eprintln!("skipped: mke2fs could not make a 64 KiB-block image");
+            return;
+        }
+        let disk: Arc<dyn Disk> = Arc::new(FileDisk::open(&img).unwrap());
+        let mut raw = ExtRaw::open(disk).unwrap();
+        assert_eq!(raw.block_size, 65536);
+        // one inode of every inode table block
+        let per_block = (raw.block_size / raw.inode_size) as u32;
+        let inodes = raw.inodes_per_group * raw.inode_tables.len() as u32;
+        let mut read = 0;
+        for number in (1..=inodes).step_by(per_block as usize) {
+            raw.inode(number).unwrap();
+            read += 1;
+            let cached: u64 = raw.cache.values().map(|b| b.len() as u64).sum();
+            assert!(cached <= BLOCK_CACHE_BYTES, "{cached} bytes cached");
+        }
+        assert!(read >= 250, "{read} inode table blocks read");
+    }
 
     #[test]
     fn crc32c_matches_the_standard_check_value() {
