@@ -141,6 +141,17 @@ fn import(store: &Path, snapshot: &str, image: &Path) {
     ]);
 }
 
+/// Runs debugfs commands that write to `img` (the script is kept in `dir`).
+fn debugfs_write(dir: &Path, img: &Path, commands: &str) {
+    let script = dir.join("debugfs.cmds");
+    std::fs::write(&script, commands).unwrap();
+    run(Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script)
+        .arg(img));
+}
+
 /// Copies `src` to `dst` and applies `damage` to the copy.
 fn damaged(src: &Path, dst: &Path, damage: impl FnOnce(&mut Vec<u8>)) {
     let mut data = std::fs::read(src).unwrap();
@@ -1718,13 +1729,7 @@ fn a_badly_fragmented_file_reads_right_without_pinning_its_chunks() {
         cmds += &format!("sif /frag.bin block[{k}] {}\n", at(k));
     }
     cmds += &format!("sif /frag.bin block[IND] {indirect}\n");
-    let script = dir.path().join("debugfs.cmds");
-    std::fs::write(&script, cmds).unwrap();
-    run(Command::new("debugfs")
-        .arg("-w")
-        .arg("-f")
-        .arg(&script)
-        .arg(&img));
+    debugfs_write(dir.path(), &img, &cmds);
     // the indirect block's pointers, and noise in every data block
     let image = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     let mut pointers = vec![0u8; BLOCK as usize];
@@ -1860,5 +1865,115 @@ fn a_directory_too_large_for_the_listing_memory_is_refused_and_the_agent_serves_
     let (huge, _) = list_all(&mut c, v, b"/huge", 1000);
     assert_eq!(huge.len(), HUGE);
     assert_eq!(huge[7]["name"], json!("entry-00007-of-a-large-directory"));
+    assert_no_panic(&a);
+}
+
+#[test]
+fn a_file_in_two_million_pieces_reads_right_in_bounded_memory() {
+    if !have_tools() {
+        return;
+    }
+    const BLOCK: u64 = 4096;
+    const PER: u64 = BLOCK / 4;
+    // logical blocks before the triple-indirect block's: direct, indirect,
+    // double indirect (all holes here)
+    const FIRST: u64 = 12 + PER + PER * PER;
+    const INDIRECT: u64 = 2048;
+    const PIECES: u64 = INDIRECT * PER;
+    let (tind, dind, ind, block_a, block_b) = (2000u64, 2001u64, 2100u64, 5000u64, 5001u64);
+    let dir = scratch();
+    let img = dir.path().join("pieces.img");
+    // ext2 with 4 KiB blocks in one block group: blocks past 2000 are free
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext2", "-b", "4096", "-N", "64"])
+        .arg(&img)
+        .arg("64M"));
+    let size = (FIRST + PIECES) * BLOCK;
+    debugfs_write(
+        dir.path(),
+        &img,
+        &format!(
+            "write /dev/null pieces.bin\nsif /pieces.bin block[TIND] {tind}\n\
+             sif /pieces.bin size {size}\n"
+        ),
+    );
+    // 2 double-indirect blocks of 1,024 indirect blocks, whose pointers
+    // alternate between two data blocks: 2,097,152 runs of one block
+    use std::os::unix::fs::FileExt;
+    let image = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let pointers = |first: u64, n: u64, step: u64| -> Vec<u8> {
+        (0..PER)
+            .flat_map(|i| {
+                let p = if i < n { first + i * step } else { 0 };
+                (p as u32).to_le_bytes()
+            })
+            .collect()
+    };
+    image
+        .write_all_at(&pointers(dind, 2, 1), tind * BLOCK)
+        .unwrap();
+    for d in 0..2 {
+        let first = ind + d * PER;
+        image
+            .write_all_at(&pointers(first, PER, 1), (dind + d) * BLOCK)
+            .unwrap();
+    }
+    let alternate: Vec<u8> = (0..PER)
+        .flat_map(|i| (if i % 2 == 0 { block_a } else { block_b } as u32).to_le_bytes())
+        .collect();
+    for k in 0..INDIRECT {
+        image.write_all_at(&alternate, (ind + k) * BLOCK).unwrap();
+    }
+    let (data_a, data_b) = (noise(1, BLOCK as usize), noise(2, BLOCK as usize));
+    image.write_all_at(&data_a, block_a * BLOCK).unwrap();
+    image.write_all_at(&data_b, block_b * BLOCK).unwrap();
+    drop(image);
+
+    let a = Agent::builder()
+        .image("disk", &img)
+        .arg("--cache-mb")
+        .arg("8")
+        .start();
+    let mut c = a.connect_authed();
+    // the filesystem opened, the file found, its map not read yet
+    let p = json!({"snapshot": "attached", "archive": "disk", "volume": "raw",
+        "path": "/pieces.bin"});
+    assert_eq!(ok(&mut c, "fs.stat", p)["size"], json!(size));
+    let before = common::proc_status_bytes(a.pid() as u32, "VmHWM");
+    let mut read = |block: u64, blocks: u64| -> Vec<u8> {
+        let p = json!({"snapshot": "attached", "archive": "disk", "volume": "raw",
+            "path": "/pieces.bin", "offset": block * BLOCK, "length": blocks * BLOCK});
+        let (_, data) = bulk(&mut c, "fs.read", p).unwrap();
+        assert_eq!(data.len() as u64, blocks * BLOCK);
+        data
+    };
+    let want = |block: u64| -> &[u8] {
+        match block.checked_sub(FIRST) {
+            None => &[0u8; BLOCK as usize],
+            Some(j) if j % 2 == 0 => &data_a,
+            Some(_) => &data_b,
+        }
+    };
+    // the hole before the pieces, the first pieces, pieces far into the
+    // map, across what one window of the map holds (65,536 runs), and the
+    // last pieces
+    for (start, blocks) in [
+        (FIRST - 4, 8),
+        (FIRST + 65_536 - 8, 16),
+        (FIRST + 65_536 * 3 + 5, 3),
+        (FIRST + PIECES / 2 - 1, 2),
+        (FIRST + PIECES - 16, 16),
+        (FIRST + 1000, 4),
+    ] {
+        let data = read(start, blocks);
+        for (i, got) in data.chunks(BLOCK as usize).enumerate() {
+            let b = start + i as u64;
+            assert!(got == want(b), "block {b} of the file reads wrong");
+        }
+    }
+    // the whole map as runs would be 2,097,152 x 24 bytes: 48 MiB or more
+    let grew = common::proc_status_bytes(a.pid() as u32, "VmHWM").saturating_sub(before);
+    eprintln!("agent peak RSS grew by {} KiB", grew / 1024);
+    assert!(grew < 24 * MIB, "agent peak RSS grew by {} MiB", grew / MIB);
     assert_no_panic(&a);
 }

@@ -44,14 +44,17 @@ const COMPAT_HAS_JOURNAL: u32 = 0x4;
 /// Bytes of cached metadata blocks (2,048 blocks of 4 KiB): a bound by
 /// count would let 64 KiB blocks take 128 MiB.
 const BLOCK_CACHE_BYTES: u64 = 8 << 20;
-/// Most runs a file's block map may have.
-const MAX_RUNS: usize = 1 << 22;
+/// Most runs one window of a file's block map holds (1.5 MiB): a file in
+/// more pieces is mapped a window at a time, so that its map takes no more
+/// memory than this however fragmented the file is.
+const WINDOW_RUNS: usize = 1 << 16;
 /// Largest directory read (bytes).
 const MAX_DIR_SIZE: u64 = 1 << 32;
 /// Most entries listed from one directory.
 const MAX_DIR_ENTRIES: usize = 4 << 20;
-/// Most extent tree nodes visited for one file.
-const MAX_EXTENT_NODES: usize = 1 << 20;
+/// Most extent tree nodes visited while mapping one window of a file (a
+/// valid tree needs a few hundred for a window's runs).
+const MAX_EXTENT_NODES: usize = 1 << 16;
 
 /// A decoded inode.
 #[derive(Clone, Debug)]
@@ -88,14 +91,79 @@ struct Run {
     len: u64,
 }
 
+/// The runs of one file's logical blocks `[start, end)`, in logical order;
+/// the blocks between them are holes.
+struct RunWindow {
+    start: u64,
+    end: u64,
+    runs: Vec<Run>,
+}
+
+/// The runs of a window, collected while a block map or extent tree is
+/// walked in logical order.
+struct Collect {
+    inode: u32,
+    /// the first logical block of the window: runs that end before it are
+    /// passed over
+    from: u64,
+    runs: Vec<Run>,
+    /// where the window ends, once it holds [`WINDOW_RUNS`] runs
+    full_at: Option<u64>,
+}
+
+impl Collect {
+    fn new(inode: u32, from: u64) -> Collect {
+        Collect {
+            inode,
+            from,
+            runs: Vec::new(),
+            full_at: None,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.full_at.is_some()
+    }
+
+    /// Adds the next run in logical order, merged into the last one when
+    /// both are contiguous. Runs that overlap or go backwards are corrupt:
+    /// the window would not say what lies where.
+    fn push(&mut self, run: Run) -> Result<()> {
+        if self.full() || run.logical.saturating_add(run.len) <= self.from {
+            return Ok(());
+        }
+        if let Some(last) = self.runs.last_mut() {
+            let last_end = last.logical.saturating_add(last.len);
+            if run.logical < last_end {
+                return Err(bad(format!(
+                    "inode {}: the block map names logical block {} twice",
+                    self.inode, run.logical
+                )));
+            }
+            if last.physical != 0
+                && last_end == run.logical
+                && last.physical.saturating_add(last.len) == run.physical
+            {
+                last.len += run.len;
+                return Ok(());
+            }
+        }
+        if self.runs.len() >= WINDOW_RUNS {
+            self.full_at = Some(run.logical);
+            return Ok(());
+        }
+        self.runs.push(run);
+        Ok(())
+    }
+}
+
 /// The state of mapping one block-mapped (ext2/3) file.
 struct BlockMapWalk {
-    inode: u32,
     /// blocks the file's size covers; pointers past it are not read
     nblocks: u64,
     /// the logical block the next pointer maps
     logical: u64,
-    runs: Vec<Run>,
+    runs: Collect,
     /// Indirect blocks already read. A file uses each one once; a corrupt
     /// map that points back at one would otherwise be walked again and
     /// again (up to 2^30 pointers under one triple-indirect block).
@@ -142,7 +210,7 @@ pub struct ExtRaw {
     inode_size: u64,
     inode_tables: Vec<u64>,
     cache: HashMap<u64, Rc<Vec<u8>>>,
-    runs_cache: Option<(u32, Rc<Vec<Run>>)>,
+    runs_cache: Option<(u32, Rc<RunWindow>)>,
 }
 
 fn bad(msg: impl std::fmt::Display) -> Error {
@@ -323,10 +391,12 @@ impl ExtRaw {
         })
     }
 
-    fn runs(&mut self, ino: &Inode) -> Result<Rc<Vec<Run>>> {
-        if let Some((n, r)) = &self.runs_cache {
-            if *n == ino.number {
-                return Ok(r.clone());
+    /// The window of a file's block map that starts at logical block
+    /// `from`: up to [`WINDOW_RUNS`] runs.
+    fn runs(&mut self, ino: &Inode, from: u64) -> Result<Rc<RunWindow>> {
+        if let Some((n, w)) = &self.runs_cache {
+            if *n == ino.number && w.start <= from && from < w.end {
+                return Ok(w.clone());
             }
         }
         if ino.flags & EXT4_INLINE_DATA_FL != 0 {
@@ -336,47 +406,34 @@ impl ExtRaw {
             )));
         }
         let nblocks = ino.size.div_ceil(self.block_size);
-        let mut runs = Vec::new();
-        if ino.uses_extents() {
+        let runs = if ino.uses_extents() {
+            let mut collect = Collect::new(ino.number, from);
             let mut seen = HashSet::new();
-            self.extent_node(ino.number, &ino.block, 0, &mut runs, &mut seen)?;
+            self.extent_node(&ino.block, 0, u64::MAX, &mut collect, &mut seen)?;
+            collect
         } else {
             let mut walk = BlockMapWalk {
-                inode: ino.number,
                 nblocks,
                 logical: 0,
-                runs,
+                runs: Collect::new(ino.number, from),
                 seen: HashSet::new(),
             };
             for i in 0..15 {
-                if walk.logical >= nblocks {
+                if walk.logical >= nblocks || walk.runs.full() {
                     break;
                 }
                 let p = u64::from(le32(&ino.block, i * 4));
                 self.map_level(&mut walk, p, i.saturating_sub(11))?;
             }
-            runs = walk.runs;
-        }
-        let r = Rc::new(runs);
-        self.runs_cache = Some((ino.number, r.clone()));
-        Ok(r)
-    }
-
-    fn push_run(runs: &mut Vec<Run>, inode: u32, run: Run) -> Result<()> {
-        if let Some(last) = runs.last_mut() {
-            if last.physical != 0
-                && last.logical + last.len == run.logical
-                && last.physical + last.len == run.physical
-            {
-                last.len += run.len;
-                return Ok(());
-            }
-        }
-        if runs.len() >= MAX_RUNS {
-            return Err(bad(format!("inode {inode}: too many fragments")));
-        }
-        runs.push(run);
-        Ok(())
+            walk.runs
+        };
+        let w = Rc::new(RunWindow {
+            start: from,
+            end: runs.full_at.unwrap_or(u64::MAX),
+            runs: runs.runs,
+        });
+        self.runs_cache = Some((ino.number, w.clone()));
+        Ok(w)
     }
 
     /// Maps a block-map pointer at `level` (0 direct, 1..3 indirect),
@@ -384,9 +441,10 @@ impl ExtRaw {
     /// is a hole covering the whole subtree.
     fn map_level(&mut self, walk: &mut BlockMapWalk, ptr: u64, level: usize) -> Result<()> {
         let per = self.block_size / 4;
-        let span = per.pow(level as u32);
-        let inode = walk.inode;
-        if ptr == 0 {
+        let span = per.saturating_pow(level as u32);
+        let inode = walk.runs.inode;
+        // a hole, or blocks before the window: nothing to read
+        if ptr == 0 || walk.logical.saturating_add(span) <= walk.runs.from {
             walk.logical = walk.logical.saturating_add(span);
             return Ok(());
         }
@@ -401,7 +459,7 @@ impl ExtRaw {
                 physical: ptr,
                 len: 1,
             };
-            Self::push_run(&mut walk.runs, inode, run)?;
+            walk.runs.push(run)?;
             walk.logical += 1;
             return Ok(());
         }
@@ -412,7 +470,7 @@ impl ExtRaw {
         }
         let blk = self.block(ptr)?;
         for i in 0..per as usize {
-            if walk.logical >= walk.nblocks {
+            if walk.logical >= walk.nblocks || walk.runs.full() {
                 break;
             }
             let p = u64::from(le32(&blk, i * 4));
@@ -422,17 +480,20 @@ impl ExtRaw {
     }
 
     /// Collects the runs of an extent tree node (the root lives in the
-    /// inode). `seen` holds the tree blocks already read for this file: a
-    /// tree uses each block once, and a corrupt index that points back at
-    /// one would otherwise multiply the work at every level.
+    /// inode) that `runs` wants; the node covers logical blocks below
+    /// `limit`, and of its children only those reaching the window are read
+    /// (the lookup the kernel makes). `seen` holds the tree blocks already
+    /// read: a tree uses each block once, and a corrupt index that points
+    /// back at one would otherwise multiply the work at every level.
     fn extent_node(
         &mut self,
-        inode: u32,
         node: &[u8],
         depth: u32,
-        runs: &mut Vec<Run>,
+        limit: u64,
+        runs: &mut Collect,
         seen: &mut HashSet<u64>,
     ) -> Result<()> {
+        let inode = runs.inode;
         if seen.len() >= MAX_EXTENT_NODES {
             return Err(bad(format!("inode {inode}: extent tree too large")));
         }
@@ -444,7 +505,11 @@ impl ExtRaw {
         if depth > 5 || tree_depth > 5 || 12 + entries * 12 > node.len() {
             return Err(bad(format!("inode {inode}: bad extent tree")));
         }
+        let key = |i: usize| u64::from(le32(node, 12 + i * 12));
         for i in 0..entries {
+            if runs.full() {
+                break;
+            }
             let e = &node[12 + i * 12..24 + i * 12];
             if tree_depth == 0 {
                 let logical = u64::from(le32(e, 0));
@@ -458,16 +523,16 @@ impl ExtRaw {
                     return Err(bad(format!("inode {inode}: extent out of range")));
                 }
                 let physical = if uninit { 0 } else { physical };
-                Self::push_run(
-                    runs,
-                    inode,
-                    Run {
-                        logical,
-                        physical,
-                        len,
-                    },
-                )?;
+                runs.push(Run {
+                    logical,
+                    physical,
+                    len,
+                })?;
             } else {
+                let end = if i + 1 < entries { key(i + 1) } else { limit };
+                if end <= runs.from {
+                    continue;
+                }
                 let child = (u64::from(le16(e, 8)) << 32) | u64::from(le32(e, 4));
                 if !seen.insert(child) {
                     return Err(bad(format!(
@@ -475,7 +540,7 @@ impl ExtRaw {
                     )));
                 }
                 let blk = self.block(child)?;
-                self.extent_node(inode, &blk, depth + 1, runs, seen)?;
+                self.extent_node(&blk, depth + 1, end, runs, seen)?;
             }
         }
         Ok(())
@@ -501,8 +566,18 @@ impl ExtRaw {
     /// nowhere).
     pub fn is_sparse(&mut self, ino: &Inode) -> Result<bool> {
         let nblocks = ino.size.div_ceil(self.block_size);
-        let runs = self.runs(ino)?;
-        let mapped: u64 = runs.iter().filter(|r| r.physical != 0).map(|r| r.len).sum();
+        let mut mapped = 0u64;
+        let mut from = 0;
+        while from < nblocks {
+            let w = self.runs(ino, from)?;
+            for r in w.runs.iter().filter(|r| r.physical != 0) {
+                // a run reaching back before `from` was counted with the
+                // window before
+                let end = r.logical.saturating_add(r.len).min(nblocks);
+                mapped += end.saturating_sub(r.logical.max(from));
+            }
+            from = w.end;
+        }
         Ok(mapped < nblocks)
     }
 
@@ -520,42 +595,49 @@ impl ExtRaw {
             return Ok(Vec::new());
         }
         let end = offset + len.min(ino.size - offset);
-        let runs = self.runs(ino)?;
         let bs = self.block_size;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
-        let first_block = offset / bs;
-        let start_idx = runs.partition_point(|r| r.logical + r.len <= first_block);
-        for r in &runs[start_idx..] {
-            let rs = r.logical.saturating_mul(bs);
-            let re = r.logical.saturating_add(r.len).saturating_mul(bs);
-            if rs >= end {
-                break;
+        while pos < end {
+            let w = self.runs(ino, pos / bs)?;
+            // the bytes this window says all of; it starts at or before `pos`
+            let w_end = w.end.saturating_mul(bs).min(end);
+            let first_block = pos / bs;
+            let start_idx = w.runs.partition_point(|r| r.logical + r.len <= first_block);
+            for r in &w.runs[start_idx..] {
+                let rs = r.logical.saturating_mul(bs);
+                let re = r.logical.saturating_add(r.len).saturating_mul(bs);
+                if rs >= w_end {
+                    break;
+                }
+                let s = rs.max(pos);
+                let e = re.min(w_end);
+                if s >= e || r.physical == 0 {
+                    continue;
+                }
+                if s > pos {
+                    push_extent(&mut out, Extent::Zero { len: s - pos });
+                }
+                let at = r
+                    .physical
+                    .checked_mul(bs)
+                    .and_then(|p| p.checked_add(s - rs))
+                    .ok_or_else(|| {
+                        bad(format!("inode {}: block number out of range", ino.number))
+                    })?;
+                push_extent(
+                    &mut out,
+                    Extent::Disk {
+                        offset: at,
+                        len: e - s,
+                    },
+                );
+                pos = e;
             }
-            let s = rs.max(pos);
-            let e = re.min(end);
-            if s >= e || r.physical == 0 {
-                continue;
+            if pos < w_end {
+                push_extent(&mut out, Extent::Zero { len: w_end - pos });
+                pos = w_end;
             }
-            if s > pos {
-                push_extent(&mut out, Extent::Zero { len: s - pos });
-            }
-            let at = r
-                .physical
-                .checked_mul(bs)
-                .and_then(|p| p.checked_add(s - rs))
-                .ok_or_else(|| bad(format!("inode {}: block number out of range", ino.number)))?;
-            push_extent(
-                &mut out,
-                Extent::Disk {
-                    offset: at,
-                    len: e - s,
-                },
-            );
-            pos = e;
-        }
-        if pos < end {
-            push_extent(&mut out, Extent::Zero { len: end - pos });
         }
         Ok(out)
     }
@@ -610,15 +692,29 @@ impl ExtRaw {
         }
         let bs = self.block_size;
         let nblocks = dir.size.div_ceil(bs);
-        let runs = self.runs(&dir)?;
-        let mut blocks = Vec::new();
-        for r in runs
-            .iter()
-            .filter(|r| r.physical != 0 && r.logical < nblocks)
-        {
-            let len = r.len.min(nblocks - r.logical);
-            blocks.push(r.physical * bs..(r.physical + len) * bs);
+        // the directory's runs within its size, window by window, each
+        // clipped to start in its own window
+        let mut runs: Vec<Run> = Vec::new();
+        let mut from = 0;
+        while from < nblocks {
+            let w = self.runs(&dir, from)?;
+            for r in w.runs.iter().filter(|r| r.physical != 0) {
+                let start = r.logical.max(from);
+                let end = r.logical.saturating_add(r.len).min(nblocks);
+                if start >= end {
+                    continue;
+                }
+                charge.add(std::mem::size_of::<Run>() + std::mem::size_of::<Range<u64>>())?;
+                runs.push(Run {
+                    logical: start,
+                    physical: r.physical + (start - r.logical),
+                    len: end - start,
+                });
+            }
+            from = w.end;
         }
+        let blocks_of = |r: &Run| r.physical * bs..(r.physical + r.len) * bs;
+        let mut blocks: Vec<Range<u64>> = runs.iter().map(blocks_of).collect();
         self.disk.will_read(&blocks);
         // A directory owns its blocks. A corrupt map that names one block
         // many times would list its entries as often: 341 entries per 4 KiB
@@ -632,12 +728,9 @@ impl ExtRaw {
         }
         let mut names = Vec::new();
         let mut block = vec![0u8; bs as usize];
-        for r in runs.iter().filter(|r| r.physical != 0) {
+        for r in &runs {
             for k in 0..r.len {
                 let logical = r.logical + k;
-                if logical >= nblocks {
-                    break;
-                }
                 read_exact_at(
                     &*self.disk,
                     (r.physical + k) * bs,
