@@ -1783,13 +1783,13 @@ fn a_directory_too_large_for_the_listing_memory_is_refused_and_the_agent_serves_
         return;
     }
     const HUGE: usize = 4000;
+    // 120-byte names: over 400 bytes an entry while the directory is read
+    const LONG: &str = "of-a-large-directory-whose-names-are-long-enough-that-its-listing-takes-\
+                        more-than-one-mebibyte";
     let dir = scratch();
     let src = dir.path().join("src");
     for i in 0..HUGE {
-        write(
-            &src.join(format!("huge/entry-{i:05}-of-a-large-directory")),
-            b"",
-        );
+        write(&src.join(format!("huge/entry-{i:05}-{LONG}")), b"");
     }
     write(&src.join("small/one.txt"), b"one\n");
     write(&src.join("small/two.txt"), b"two\n");
@@ -1803,7 +1803,7 @@ fn a_directory_too_large_for_the_listing_memory_is_refused_and_the_agent_serves_
         volume: "raw",
     };
 
-    // 4,000 entries take more than 1 MiB of listing (about 400 bytes each)
+    // 4,000 entries take more than 1 MiB of listing
     let a = Agent::builder()
         .arg("--datastore")
         .arg(store.to_str().unwrap())
@@ -1823,7 +1823,7 @@ fn a_directory_too_large_for_the_listing_memory_is_refused_and_the_agent_serves_
     let (code, msg) = fails(
         &mut c,
         "fs.stat",
-        target(v, b"/huge/entry-00007-of-a-large-directory"),
+        target(v, format!("/huge/entry-00007-{LONG}").as_bytes()),
     );
     assert_eq!(code, 1005, "{msg}");
     // an extraction that reaches it fails with the same error, not with a
@@ -1864,7 +1864,7 @@ fn a_directory_too_large_for_the_listing_memory_is_refused_and_the_agent_serves_
     let mut c = a.connect_authed();
     let (huge, _) = list_all(&mut c, v, b"/huge", 1000);
     assert_eq!(huge.len(), HUGE);
-    assert_eq!(huge[7]["name"], json!("entry-00007-of-a-large-directory"));
+    assert_eq!(huge[7]["name"], json!(format!("entry-00007-{LONG}")));
     assert_no_panic(&a);
 }
 

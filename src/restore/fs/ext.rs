@@ -32,7 +32,7 @@ use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_journal;
 use crate::restore::fs::ext_raw::{ExtRaw, Inode};
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
-use crate::restore::fs::{Entry, EntryType, Extent};
+use crate::restore::fs::{EntryType, Extent, Meta};
 
 const ROOT_INODE: u32 = 2;
 
@@ -113,28 +113,20 @@ fn ext_child(
         a.kind,
         EntryType::File | EntryType::Dir | EntryType::Symlink
     );
-    let mut entry = Entry {
-        name: String::new(),
-        name_b64: None,
+    let meta = Meta {
         kind: a.kind,
         size: if has_size { a.size } else { 0 },
         mode: a.mode & 0o7777,
         uid: a.uid,
         gid: a.gid,
         mtime: a.mtime,
-        target: None,
-        target_b64: None,
         inode: u64::from(number),
         nlink: a.nlink,
     };
-    entry.set_name(&name);
-    if let Some(l) = &link {
-        entry.set_target(l);
-    }
     Child {
         name,
         node: number,
-        entry,
+        meta,
         link,
         broken,
     }
@@ -272,8 +264,7 @@ impl ExtBackend {
             };
             match self.raw.link_target(&ino) {
                 Ok(t) => {
-                    charge.add(2 * t.len())?;
-                    child.entry.set_target(&t);
+                    charge.add(child_bytes::<u32>(0, t.len()) - child_bytes::<u32>(0, 0))?;
                     child.link = Some(t);
                 }
                 Err(e) => child.broken = Some(Box::new(e)),
@@ -362,14 +353,7 @@ impl Backend for ExtBackend {
         Ok(out)
     }
 
-    fn read_at(
-        &mut self,
-        node: &u32,
-        _entry: &Entry,
-        path: &[u8],
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<usize> {
+    fn read_at(&mut self, node: &u32, path: &[u8], offset: u64, buf: &mut [u8]) -> Result<usize> {
         if *node != 0 {
             let ino: Inode = self.raw.inode(*node)?;
             if !ino.is_encrypted() && self.raw_is_current(&ino)? {
@@ -379,13 +363,7 @@ impl Backend for ExtBackend {
         self.read_view(*node, path, offset, buf)
     }
 
-    fn map_at(
-        &mut self,
-        node: &u32,
-        _entry: &Entry,
-        offset: u64,
-        len: u64,
-    ) -> Result<Option<Vec<Extent>>> {
+    fn map_at(&mut self, node: &u32, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
         if *node == 0 {
             return Ok(None);
         }

@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
-use crate::restore::fs::{Entry, EntryType};
+use crate::restore::fs::{EntryType, Meta};
 use crate::restore::probe::{fixed_label, FsKind, Probe};
 
 type Fat = FileSystem<FatCursor>;
@@ -184,24 +184,19 @@ fn show(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
 }
 
-fn entry_of(e: &fatfs::DirEntry<'_, FatCursor>) -> Entry {
+fn meta_of(e: &fatfs::DirEntry<'_, FatCursor>) -> Meta {
     let dir = e.is_dir();
     let mut mode = if dir { 0o755 } else { 0o644 };
     if e.attributes().contains(fatfs::FileAttributes::READ_ONLY) {
         mode &= !0o222;
     }
-    let name = e.file_name();
-    Entry {
-        name: name.clone(),
-        name_b64: None,
+    Meta {
         kind: if dir { EntryType::Dir } else { EntryType::File },
         size: if dir { 0 } else { e.len() },
         mode,
         uid: 0,
         gid: 0,
         mtime: unix_time(e.modified()),
-        target: None,
-        target_b64: None,
         inode: 0,
         nlink: 1,
     }
@@ -214,17 +209,13 @@ impl<'a> Backend for FatBackend<'a> {
         Ok(Child {
             name: Vec::new(),
             node: FatNode::Dir(self.fs.root_dir()),
-            entry: Entry {
-                name: "/".into(),
-                name_b64: None,
+            meta: Meta {
                 kind: EntryType::Dir,
                 size: 0,
                 mode: 0o755,
                 uid: 0,
                 gid: 0,
                 mtime: 0,
-                target: None,
-                target_b64: None,
                 inode: 0,
                 nlink: 1,
             },
@@ -255,20 +246,20 @@ impl<'a> Backend for FatBackend<'a> {
                 )));
             }
             let e = e.map_err(|e| io_err(&show(path), e))?;
-            let entry = entry_of(&e);
-            if entry.name == "." || entry.name == ".." {
+            let name = e.file_name();
+            if name == "." || name == ".." {
                 continue;
             }
-            charge.add(child_bytes::<FatNode<'a>>(entry.name.len(), 0))?;
+            charge.add(child_bytes::<FatNode<'a>>(name.len(), 0))?;
             let node = if e.is_dir() {
                 FatNode::Dir(e.to_dir())
             } else {
                 FatNode::File(e.to_file())
             };
             out.push(Child {
-                name: entry.name.clone().into_bytes(),
+                name: name.into_bytes(),
                 node,
-                entry,
+                meta: meta_of(&e),
                 link: None,
                 broken: None,
             });
@@ -279,7 +270,6 @@ impl<'a> Backend for FatBackend<'a> {
     fn read_at(
         &mut self,
         node: &FatNode<'a>,
-        _entry: &Entry,
         path: &[u8],
         offset: u64,
         buf: &mut [u8],

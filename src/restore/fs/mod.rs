@@ -81,7 +81,48 @@ pub struct Entry {
     pub nlink: u64,
 }
 
+/// What a listing keeps of a node besides its name and symlink target:
+/// the [`Entry`] fields that need no allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub kind: EntryType,
+    pub size: u64,
+    /// permission bits including suid/sgid/sticky, without the type bits
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// seconds since the Unix epoch
+    pub mtime: i64,
+    /// inode or file record number; 0 where the filesystem has none (FAT)
+    pub inode: u64,
+    pub nlink: u64,
+}
+
 impl Entry {
+    /// The entry of a node called `name` (raw bytes), with its symlink
+    /// target when it is one.
+    pub fn new(name: &[u8], meta: &Meta, target: Option<&[u8]>) -> Entry {
+        let mut e = Entry {
+            name: String::new(),
+            name_b64: None,
+            kind: meta.kind,
+            size: meta.size,
+            mode: meta.mode,
+            uid: meta.uid,
+            gid: meta.gid,
+            mtime: meta.mtime,
+            target: None,
+            target_b64: None,
+            inode: meta.inode,
+            nlink: meta.nlink,
+        };
+        e.set_name(name);
+        if let Some(t) = target {
+            e.set_target(t);
+        }
+        e
+    }
+
     /// Sets `name` (and `name_b64` when `raw` is not UTF-8).
     pub fn set_name(&mut self, raw: &[u8]) {
         (self.name, self.name_b64) = text_and_b64(raw);

@@ -27,7 +27,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
-use crate::restore::fs::{Entry, EntryType};
+use crate::restore::fs::{EntryType, Meta};
 use crate::restore::le::{le16, le64};
 use crate::restore::probe::{FsKind, Probe};
 
@@ -218,7 +218,7 @@ fn base_record_data_size(file: &NtfsFile<'_>) -> Option<u64> {
     })
 }
 
-fn entry_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) -> Result<Entry> {
+fn meta_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) -> Result<Meta> {
     let info = file.info().map_err(|e| map_err(what, e))?;
     let dir = file.is_directory();
     let size = if dir {
@@ -240,17 +240,13 @@ fn entry_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) 
     if attrs.contains(NtfsFileAttributeFlags::READ_ONLY) {
         mode &= !0o222;
     }
-    Ok(Entry {
-        name: String::new(),
-        name_b64: None,
+    Ok(Meta {
         kind: if dir { EntryType::Dir } else { EntryType::File },
         size,
         mode,
         uid: 0,
         gid: 0,
         mtime: unix_time(info.modification_time().nt_timestamp()),
-        target: None,
-        target_b64: None,
         inode: record,
         nlink: u64::from(file.hard_link_count()).max(1),
     })
@@ -403,12 +399,11 @@ impl Backend for NtfsBackend {
             .ntfs
             .file(&mut self.cur, ROOT_RECORD)
             .map_err(|e| map_err(what, e))?;
-        let mut entry = entry_of(&file, &mut self.cur, ROOT_RECORD, what)?;
-        entry.name = "/".into();
+        let meta = meta_of(&file, &mut self.cur, ROOT_RECORD, what)?;
         Ok(Child {
             name: Vec::new(),
             node: ROOT_RECORD,
-            entry,
+            meta,
             link: None,
             broken: None,
         })
@@ -426,13 +421,12 @@ impl Backend for NtfsBackend {
                 .ntfs
                 .file(cur, record)
                 .map_err(|e| map_err(&child_what, e))?;
-            let mut entry = entry_of(&f, cur, record, &child_what)?;
+            let meta = meta_of(&f, cur, record, &child_what)?;
             charge.add(child_bytes::<u64>(name.len(), 0))?;
-            entry.name = name.clone();
             out.push(Child {
                 name: name.into_bytes(),
                 node: record,
-                entry,
+                meta,
                 link: None,
                 broken: None,
             });
@@ -440,14 +434,7 @@ impl Backend for NtfsBackend {
         Ok(out)
     }
 
-    fn read_at(
-        &mut self,
-        node: &u64,
-        _entry: &Entry,
-        path: &[u8],
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<usize> {
+    fn read_at(&mut self, node: &u64, path: &[u8], offset: u64, buf: &mut [u8]) -> Result<usize> {
         let what = String::from_utf8_lossy(path).into_owned();
         let cur = &mut self.cur;
         let file = self.ntfs.file(cur, *node).map_err(|e| map_err(&what, e))?;

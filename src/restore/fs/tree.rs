@@ -14,7 +14,7 @@ use std::rc::Rc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::{
-    Entry, EntryType, Extent, FileData, FileMap, Filesystem, WalkEntry, WalkVisitor,
+    Entry, EntryType, Extent, FileData, FileMap, Filesystem, Meta, WalkEntry, WalkVisitor,
 };
 
 /// Most symlinks followed while resolving one path.
@@ -34,23 +34,25 @@ const DIR_CACHE: usize = 8;
 /// below, about 25,000 entries): eight listings of 100,000 entries, over
 /// 300 MB, would not fit a 128 MiB VM.
 const DIR_CACHE_BYTES: usize = 8 << 20;
-/// Heap bytes of one listed entry besides its struct and name bytes (the
-/// name's two allocations and the allocator's overhead).
-const ENTRY_HEAP_BYTES: usize = 64;
+/// What the allocator adds to one heap allocation, rounding included.
+const ALLOC_OVERHEAD: usize = 24;
 
 /// The estimated bytes one listed entry takes, with a name of `name` bytes
 /// and a symlink target of `link` bytes; backends charge it for every
 /// child they list (see [`Charge`]).
 pub fn child_bytes<N>(name: usize, link: usize) -> usize {
-    std::mem::size_of::<Child<N>>() + ENTRY_HEAP_BYTES + 2 * name + 2 * link
+    let target = if link > 0 { ALLOC_OVERHEAD + link } else { 0 };
+    std::mem::size_of::<Child<N>>() + ALLOC_OVERHEAD + name + target
 }
 
-/// A node in a directory listing.
+/// A node in a directory listing. It keeps no [`Entry`]: that one holds
+/// its name and target again, as text, and is made only when handed out.
 #[derive(Clone)]
 pub struct Child<N> {
+    /// raw name; empty for the root
     pub name: Vec<u8>,
     pub node: N,
-    pub entry: Entry,
+    pub meta: Meta,
     /// raw symlink target, for symlinks
     pub link: Option<Vec<u8>>,
     /// why this node's symlink target could not be read, if so
@@ -77,7 +79,6 @@ pub trait Backend {
     fn read_at(
         &mut self,
         node: &Self::Node,
-        entry: &Entry,
         path: &[u8],
         offset: u64,
         buf: &mut [u8],
@@ -87,7 +88,6 @@ pub trait Backend {
     fn map_at(
         &mut self,
         _node: &Self::Node,
-        _entry: &Entry,
         _offset: u64,
         _len: u64,
     ) -> Result<Option<Vec<Extent>>> {
@@ -104,6 +104,18 @@ pub trait Backend {
     /// (FAT, NTFS as Windows sees them).
     fn case_insensitive(&self) -> bool {
         false
+    }
+}
+
+impl<N> Child<N> {
+    /// The entry handed out for this node.
+    fn entry(&self) -> Entry {
+        let name: &[u8] = if self.name.is_empty() {
+            b"/"
+        } else {
+            &self.name
+        };
+        Entry::new(name, &self.meta, self.link.as_deref())
     }
 }
 
@@ -202,8 +214,6 @@ impl<B: Backend> Tree<B> {
         let backend = &mut self.backend;
         let mut r = guarded(&what, b"/", || backend.root())?;
         r.name = Vec::new();
-        r.entry.name = "/".into();
-        r.entry.name_b64 = None;
         self.root = Some(r.clone());
         Ok(r)
     }
@@ -299,7 +309,7 @@ impl<B: Backend> Tree<B> {
             let dir = cur.last().clone();
             let dir_path = cur.path();
             chain = cur.chain;
-            if dir.entry.kind != EntryType::Dir {
+            if dir.meta.kind != EntryType::Dir {
                 return Err(Error::new(
                     ErrorKind::NotADirectory,
                     format!("{}: not a directory (in {:?})", show(&dir_path), show(path)),
@@ -333,7 +343,7 @@ impl<B: Backend> Tree<B> {
                     )));
                 }
             };
-            if child.entry.kind == EntryType::Symlink && (follow || !pending.is_empty()) {
+            if child.meta.kind == EntryType::Symlink && (follow || !pending.is_empty()) {
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
                     return Err(Error::invalid_path(format!(
@@ -360,7 +370,7 @@ impl<B: Backend> Tree<B> {
                 }
                 continue;
             }
-            let id = if child.entry.kind == EntryType::Dir {
+            let id = if child.meta.kind == EntryType::Dir {
                 let mut p = dir_path;
                 if p != b"/" {
                     p.push(b'/');
@@ -383,8 +393,8 @@ impl<B: Backend> Tree<B> {
     /// What identifies directory `dir` (at `path`) for loop detection: its
     /// inode number, or what the backend knows of it.
     fn dir_identity(&mut self, dir: &Child<B::Node>, path: &[u8]) -> Result<Option<u64>> {
-        if dir.entry.inode != 0 {
-            return Ok(Some(dir.entry.inode));
+        if dir.meta.inode != 0 {
+            return Ok(Some(dir.meta.inode));
         }
         let what = self.backend.what().to_string();
         let backend = &mut self.backend;
@@ -401,9 +411,9 @@ impl<B: Backend> Tree<B> {
         len: usize,
     ) -> Result<Option<FileRange<B::Node>>> {
         let r = self.resolve(path, true)?;
-        let entry = &r.last().entry;
-        check_regular(entry, &r.path())?;
-        let size = entry.size;
+        let meta = &r.last().meta;
+        check_regular(meta, &r.path())?;
+        let size = meta.size;
         if offset >= size {
             return Ok(None);
         }
@@ -417,7 +427,7 @@ impl<B: Backend> Tree<B> {
         let last = r.last();
         let backend = &mut self.backend;
         guarded(&what, &path, || {
-            backend.read_at(&last.node, &last.entry, &path, offset, buf)
+            backend.read_at(&last.node, &path, offset, buf)
         })
     }
 }
@@ -429,8 +439,8 @@ fn components(path: &[u8]) -> impl Iterator<Item = Vec<u8>> + '_ {
         .map(|c| c.to_vec())
 }
 
-fn check_regular(entry: &Entry, path: &[u8]) -> Result<()> {
-    match entry.kind {
+fn check_regular(meta: &Meta, path: &[u8]) -> Result<()> {
+    match meta.kind {
         EntryType::File => Ok(()),
         EntryType::Dir => Err(Error::new(
             ErrorKind::IsADirectory,
@@ -453,7 +463,7 @@ impl<B: Backend> Filesystem for Tree<B> {
         let r = self.resolve(path, true)?;
         let dir = r.last().clone();
         let dir_path = r.path();
-        if dir.entry.kind != EntryType::Dir {
+        if dir.meta.kind != EntryType::Dir {
             return Err(Error::new(
                 ErrorKind::NotADirectory,
                 format!("{}: not a directory", show(&dir_path)),
@@ -475,13 +485,13 @@ impl<B: Backend> Filesystem for Tree<B> {
                 })?,
         };
         let end = start.saturating_add(limit.max(1)).min(kids.len());
-        let entries = kids[start..end].iter().map(|c| c.entry.clone()).collect();
+        let entries = kids[start..end].iter().map(Child::entry).collect();
         let next = (end < kids.len()).then(|| end.to_string());
         Ok((entries, next))
     }
 
     fn stat(&mut self, path: &[u8], follow: bool) -> Result<Entry> {
-        Ok(self.resolve(path, follow)?.last().entry.clone())
+        Ok(self.resolve(path, follow)?.last().entry())
     }
 
     fn read(&mut self, path: &[u8], offset: u64, len: usize) -> Result<(Vec<u8>, bool)> {
@@ -519,7 +529,7 @@ impl<B: Backend> Filesystem for Tree<B> {
         let last = r.last();
         let backend = &mut self.backend;
         let Some(extents) = guarded(&what, &canonical, || {
-            backend.map_at(&last.node, &last.entry, offset, want)
+            backend.map_at(&last.node, offset, want)
         })?
         else {
             return Ok(None);
@@ -610,26 +620,26 @@ impl Walk<'_, '_, '_> {
                 show(self.path)
             )));
         }
-        let is_dir = node.entry.kind == EntryType::Dir;
+        let is_dir = node.meta.kind == EntryType::Dir;
         let mut hardlink_to = None;
-        if !is_dir && node.entry.nlink > 1 && node.entry.inode != 0 {
-            match self.hardlinks.get(&node.entry.inode) {
+        if !is_dir && node.meta.nlink > 1 && node.meta.inode != 0 {
+            match self.hardlinks.get(&node.meta.inode) {
                 Some(first) => hardlink_to = Some(first.clone()),
                 None => {
-                    self.hardlinks.insert(node.entry.inode, rel.clone());
+                    self.hardlinks.insert(node.meta.inode, rel.clone());
                 }
             }
         }
         if !rel.is_empty() {
             let we = WalkEntry {
                 path: rel.clone(),
-                entry: node.entry.clone(),
+                entry: node.entry(),
                 link_target: node.link.clone(),
                 hardlink_to,
             };
             // Hardlinks get their data too: formats without hardlinks
             // (zip) store the file again.
-            if node.entry.kind == EntryType::File {
+            if node.meta.kind == EntryType::File {
                 let r = Resolved {
                     chain: vec![node.clone()],
                 };
@@ -638,7 +648,7 @@ impl Walk<'_, '_, '_> {
                     node: &r,
                     abs: &abs,
                     pos: 0,
-                    size: node.entry.size,
+                    size: node.meta.size,
                 };
                 (self.visit)(&we, Some(&mut data))?;
             } else {
@@ -689,7 +699,7 @@ impl<B: Backend> FileData for WalkData<'_, B> {
         let backend = &mut self.tree.backend;
         let (pos, abs) = (self.pos, self.abs);
         let n = guarded(&what, abs, || {
-            backend.read_at(&last.node, &last.entry, abs, pos, &mut buf[..want])
+            backend.read_at(&last.node, abs, pos, &mut buf[..want])
         })?;
         if n == 0 {
             return Err(Error::corrupt(format!(
