@@ -3,9 +3,12 @@
 //!
 //! Owns: the path rules (absolute, `/`-separated bytes; `.` and `..`
 //! resolved here and clamped at the volume root; symlinks followed within
-//! the volume, at most 40 hops), pagination, hardlink detection in walks,
-//! and panic containment around the backend crates. Must never read the
-//! disk itself.
+//! the volume, at most 40 hops), the listings of directories (sorted, a few
+//! kept, each counted against the listing memory of [`budget`]),
+//! pagination, hardlink detection in walks, and panic containment around
+//! the backend crates. Must never read the disk itself.
+//!
+//! [`budget`]: crate::restore::fs::budget
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -37,10 +40,16 @@ const DIR_CACHE_BYTES: usize = 8 << 20;
 /// What the allocator adds to one heap allocation, rounding included.
 const ALLOC_OVERHEAD: usize = 24;
 
-/// The estimated bytes one listed entry takes, with a name of `name` bytes
-/// and a symlink target of `link` bytes; backends charge it for every
-/// child they list (see [`Charge`]).
+/// The estimated bytes one entry takes while its directory is listed, with
+/// a name of `name` bytes and a symlink target of `link` bytes; backends
+/// charge it for every child they list (see [`Charge`]). The vector being
+/// filled may hold twice as many children as it has.
 pub fn child_bytes<N>(name: usize, link: usize) -> usize {
+    kept_bytes::<N>(name, link) + std::mem::size_of::<Child<N>>()
+}
+
+/// The estimated bytes one entry of a finished listing takes.
+fn kept_bytes<N>(name: usize, link: usize) -> usize {
     let target = if link > 0 { ALLOC_OVERHEAD + link } else { 0 };
     std::mem::size_of::<Child<N>>() + ALLOC_OVERHEAD + name + target
 }
@@ -256,7 +265,7 @@ impl<B: Backend> Tree<B> {
         kids.shrink_to_fit();
         let bytes = kids
             .iter()
-            .map(|c| child_bytes::<B::Node>(c.name.len(), c.link.as_ref().map_or(0, Vec::len)))
+            .map(|c| kept_bytes::<B::Node>(c.name.len(), c.link.as_ref().map_or(0, Vec::len)))
             .sum();
         // what the backend needed besides the children is gone now
         charge.settle(bytes);
