@@ -1977,3 +1977,68 @@ fn a_file_in_two_million_pieces_reads_right_in_bounded_memory() {
     assert!(grew < 24 * MIB, "agent peak RSS grew by {} MiB", grew / MIB);
     assert_no_panic(&a);
 }
+
+#[test]
+fn deep_trees_and_many_hard_links_extract_in_bounded_memory() {
+    if !have_tools() {
+        return;
+    }
+    const DEPTH: usize = 1000;
+    const FILES: usize = 100;
+    let dir = scratch();
+    let img = dir.path().join("deep.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-b", "1024", "-N", "4000"])
+        .arg(&img)
+        .arg("32M"));
+    // 1,000 nested directories with 255-byte names (a 256,000-byte path),
+    // and at the bottom 100 files whose link count says 2 (their paths are
+    // remembered for hard links, 25 MB, past the walk's 8 MiB for them)
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let mut cmds = String::new();
+    for d in 0..DEPTH {
+        cmds += &format!(
+            "mkdir {d:04}{}\ncd {d:04}{}\n",
+            "d".repeat(251),
+            "d".repeat(251)
+        );
+    }
+    for i in 0..FILES {
+        cmds += &format!("write {} f{i}\nsif f{i} links_count 2\n", empty.display());
+    }
+    debugfs_write(dir.path(), &img, &cmds);
+
+    let a = Agent::builder().image("disk", &img).start();
+    let mut c = a.connect_authed();
+    ping(&mut c);
+    let before = common::proc_status_bytes(a.pid() as u32, "VmHWM");
+    let p = json!({"snapshot": "attached", "archive": "disk", "volume": "raw", "path": "/",
+        "format": "tar", "zstd": false});
+    let stream = ok(&mut c, "fs.extract", p)["stream"].as_u64().unwrap();
+    let tar = pull(&mut c, stream, MAX_READ);
+    let grew = common::proc_status_bytes(a.pid() as u32, "VmHWM").saturating_sub(before);
+    let tar_file = dir.path().join("deep.tar");
+    std::fs::write(&tar_file, &tar).unwrap();
+    let listing = sh(Command::new("tar").arg("-tvf").arg(&tar_file));
+    let listing = String::from_utf8_lossy(&listing);
+    let (dirs, files) = listing
+        .lines()
+        .fold((0, 0), |(d, f), l| match l.as_bytes()[0] {
+            b'd' => (d + 1, f),
+            b'-' | b'h' => (d, f + 1),
+            _ => (d, f),
+        });
+    // with lost+found
+    assert_eq!(
+        (dirs, files),
+        (DEPTH + 1, FILES),
+        "{}",
+        &listing[..listing.len().min(300)]
+    );
+    let deepest = listing.lines().map(|l| l.len()).max().unwrap();
+    assert!(deepest > 256 * DEPTH, "the deepest path is {deepest} bytes");
+    // a path per level of the walk took 513 MiB here
+    assert!(grew < 64 * MIB, "agent peak RSS grew by {} MiB", grew / MIB);
+    assert_no_panic(&a);
+}

@@ -30,33 +30,30 @@ pub fn listing_limit() -> usize {
 }
 
 /// The bytes of one directory's listing, counted against the limit until
-/// dropped.
-#[derive(Debug)]
+/// dropped. It keeps no path: a walk holds the listings of all the
+/// directories it is inside, and their paths would grow with the square
+/// of the depth.
+#[derive(Debug, Default)]
 pub struct Charge {
     bytes: usize,
-    /// the directory, for the error message
-    path: Vec<u8>,
 }
 
 impl Charge {
-    pub fn new(path: &[u8]) -> Charge {
-        Charge {
-            bytes: 0,
-            path: path.to_vec(),
-        }
+    pub fn new() -> Charge {
+        Charge::default()
     }
 
     /// Counts `n` more bytes, or refuses (1005) when all listings together
-    /// would pass the limit; the caller then drops what it built.
+    /// would pass the limit; the caller then drops what it built, and names
+    /// the directory in the error.
     pub fn add(&mut self, n: usize) -> Result<()> {
         let before = USED.fetch_add(n, Ordering::Relaxed);
         let limit = listing_limit();
         if before.saturating_add(n) > limit {
             USED.fetch_sub(n, Ordering::Relaxed);
             return Err(Error::unsupported(format!(
-                "{}: directory too large to list in the {} MiB the agent keeps for \
+                "directory too large to list in the {} MiB the agent keeps for \
                  directory listings (--listing-mb)",
-                String::from_utf8_lossy(&self.path),
                 limit.div_ceil(1 << 20)
             )));
         }

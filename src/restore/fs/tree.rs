@@ -29,6 +29,11 @@ const MAX_WALK_DEPTH: usize = 1024;
 /// Most nodes one walk visits: a bound for corrupt trees whose directories
 /// loop back without inode numbers to notice it (FAT).
 const MAX_WALK_NODES: usize = 20_000_000;
+/// Bytes of first paths a walk remembers for files with several links;
+/// beyond them, further links to new files come out as copies.
+const HARDLINK_PATH_BYTES: usize = 8 << 20;
+/// What one remembered path costs besides its bytes (map slot, allocation).
+const HARDLINK_ENTRY_BYTES: usize = 64;
 /// Largest single read served.
 const MAX_READ: usize = 64 * 1024 * 1024;
 /// Directory listings kept for repeated lookups and pagination.
@@ -196,13 +201,14 @@ struct Listing<N> {
 /// A directory listing kept by its canonical path.
 type CachedDir<N> = (Vec<u8>, Rc<Listing<N>>);
 
-/// A directory being walked: its listing, the next child to visit, its
-/// path relative to the walk and its canonical absolute path, its depth.
+/// A directory being walked: its listing, the next child to visit, the
+/// lengths of its path relative to the walk and of its canonical absolute
+/// path (the walk keeps one of each, cut back to these), its depth.
 struct WalkFrame<N> {
     kids: Rc<Listing<N>>,
     next: usize,
-    rel: Vec<u8>,
-    abs: Vec<u8>,
+    rel_len: usize,
+    abs_len: usize,
     depth: usize,
 }
 
@@ -237,7 +243,7 @@ impl<B: Backend> Tree<B> {
             }
         }
         let what = self.backend.what().to_string();
-        let mut charge = Charge::new(path);
+        let mut charge = Charge::new();
         let backend = &mut self.backend;
         let read = guarded(&what, path, || {
             backend.read_dir(&dir.node, path, &mut charge)
@@ -249,7 +255,7 @@ impl<B: Backend> Tree<B> {
             Err(e) if e.kind == ErrorKind::Unsupported && !self.dirs.is_empty() => {
                 self.dirs.clear();
                 drop(charge);
-                charge = Charge::new(path);
+                charge = Charge::new();
                 let backend = &mut self.backend;
                 guarded(&what, path, || {
                     backend.read_dir(&dir.node, path, &mut charge)
@@ -563,14 +569,19 @@ impl<B: Backend> Filesystem for Tree<B> {
             path,
             visit,
             hardlinks: HashMap::new(),
+            hardlink_bytes: 0,
             dirs_seen: HashSet::new(),
             visited: 0,
         };
         // Directories are walked from frames that share the cached listing:
         // a child is copied only while it is being visited, so a walk holds
-        // no more than the listings of the directories it is inside.
+        // no more than the listings of the directories it is inside. One
+        // path of each kind grows and shrinks with the walk: a path per
+        // frame would be quadratic in the depth (1,024 levels of 255-byte
+        // names: 256 MiB).
         let mut stack: Vec<WalkFrame<B::Node>> = Vec::new();
-        if let Some(frame) = walk.node(self, top.name.clone(), r.path(), &top, 0)? {
+        let (mut rel, mut abs) = (top.name.clone(), r.path());
+        if let Some(frame) = walk.node(self, &rel, &abs, &top, 0)? {
             stack.push(frame);
         }
         while let Some(frame) = stack.last_mut() {
@@ -580,18 +591,18 @@ impl<B: Backend> Filesystem for Tree<B> {
             };
             frame.next += 1;
             let child = child.clone();
-            let mut rel = frame.rel.clone();
+            rel.truncate(frame.rel_len);
             if !rel.is_empty() {
                 rel.push(b'/');
             }
             rel.extend_from_slice(&child.name);
-            let mut abs = frame.abs.clone();
+            abs.truncate(frame.abs_len);
             if abs != b"/" {
                 abs.push(b'/');
             }
             abs.extend_from_slice(&child.name);
             let depth = frame.depth + 1;
-            if let Some(frame) = walk.node(self, rel, abs, &child, depth)? {
+            if let Some(frame) = walk.node(self, &rel, &abs, &child, depth)? {
                 stack.push(frame);
             }
         }
@@ -606,6 +617,8 @@ struct Walk<'p, 'v, 'w> {
     visit: &'v mut WalkVisitor<'w>,
     /// inode of a file with several links -> where it was first met
     hardlinks: HashMap<u64, Vec<u8>>,
+    /// bytes of the paths in `hardlinks`, at most [`HARDLINK_PATH_BYTES`]
+    hardlink_bytes: usize,
     dirs_seen: HashSet<u64>,
     visited: usize,
 }
@@ -617,8 +630,8 @@ impl Walk<'_, '_, '_> {
     fn node<B: Backend>(
         &mut self,
         tree: &mut Tree<B>,
-        rel: Vec<u8>,
-        abs: Vec<u8>,
+        rel: &[u8],
+        abs: &[u8],
         node: &Child<B::Node>,
         depth: usize,
     ) -> Result<Option<WalkFrame<B::Node>>> {
@@ -632,16 +645,20 @@ impl Walk<'_, '_, '_> {
         let is_dir = node.meta.kind == EntryType::Dir;
         let mut hardlink_to = None;
         if !is_dir && node.meta.nlink > 1 && node.meta.inode != 0 {
+            let cost = rel.len() + HARDLINK_ENTRY_BYTES;
             match self.hardlinks.get(&node.meta.inode) {
                 Some(first) => hardlink_to = Some(first.clone()),
-                None => {
-                    self.hardlinks.insert(node.meta.inode, rel.clone());
+                // past the bound, further links come out as copies
+                None if self.hardlink_bytes + cost <= HARDLINK_PATH_BYTES => {
+                    self.hardlink_bytes += cost;
+                    self.hardlinks.insert(node.meta.inode, rel.to_vec());
                 }
+                None => {}
             }
         }
         if !rel.is_empty() {
             let we = WalkEntry {
-                path: rel.clone(),
+                path: rel.to_vec(),
                 entry: node.entry(),
                 link_target: node.link.clone(),
                 hardlink_to,
@@ -655,7 +672,7 @@ impl Walk<'_, '_, '_> {
                 let mut data = WalkData {
                     tree: &mut *tree,
                     node: &r,
-                    abs: &abs,
+                    abs,
                     pos: 0,
                     size: node.meta.size,
                 };
@@ -670,19 +687,19 @@ impl Walk<'_, '_, '_> {
         if depth >= MAX_WALK_DEPTH {
             return Err(Error::corrupt(format!(
                 "{}: directories nested too deep",
-                show(&abs)
+                show(abs)
             )));
         }
-        let identity = tree.dir_identity(node, &abs)?;
+        let identity = tree.dir_identity(node, abs)?;
         if identity.is_some_and(|id| !self.dirs_seen.insert(id)) {
-            return Err(Error::corrupt(format!("{}: directory loop", show(&abs))));
+            return Err(Error::corrupt(format!("{}: directory loop", show(abs))));
         }
-        let kids = tree.listing(node, &abs)?;
+        let kids = tree.listing(node, abs)?;
         Ok(Some(WalkFrame {
             kids,
             next: 0,
-            rel,
-            abs,
+            rel_len: rel.len(),
+            abs_len: abs.len(),
             depth,
         }))
     }
