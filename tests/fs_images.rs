@@ -1891,3 +1891,60 @@ fn extent_trees_larger_than_a_window_read_right() {
         assert!(sha(&all) == sha(&w), "the file reads wrong");
     });
 }
+
+#[test]
+fn ntfs_record_sizes_past_64_kib_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ntfs.img");
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("n{i:03}.txt"), format!("{i}\n").into_bytes()))
+        .collect();
+    mkimg_ntfs(&img, "16M", "SIZES", &dir.path().join("scratch"), &files);
+    let d = std::fs::read(&img).unwrap();
+    let le16 = |d: &[u8], at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
+    let le32 = |d: &[u8], at: usize| u32::from_le_bytes(d[at..at + 4].try_into().unwrap()) as usize;
+
+    // the boot sector: 2 MiB clusters, 127 clusters per file record (254
+    // MiB, which the ntfs crate allocated and read on opening)
+    let mut boot = d.clone();
+    boot[0x0D] = 0xF4;
+    boot[0x40] = 127;
+    let bad = dir.path().join("boot.img");
+    std::fs::write(&bad, &boot).unwrap();
+    let v = list_volumes(disk(&bad)).unwrap();
+    assert!(!v[0].supported, "{v:?}");
+    let why = v[0].reason.clone().unwrap_or_default();
+    assert!(why.contains("266338304-byte file records"), "{why}");
+
+    // the root directory's index root: 1 GiB index records
+    let cluster = le16(&d, 0x0B) * usize::from(d[0x0D]);
+    let mft = u64::from_le_bytes(d[0x30..0x38].try_into().unwrap()) as usize * cluster;
+    let root = mft + 5 * 1024;
+    assert_eq!(&d[root..root + 4], b"FILE");
+    let mut at = root + le16(&d, root + 0x14);
+    while le32(&d, at) != 0x90 {
+        assert_ne!(le32(&d, at), 0xFFFF_FFFF, "no index root");
+        at += le32(&d, at + 4);
+    }
+    let field = at + le16(&d, at + 0x14) + 8;
+    // the update sequence owns the last two bytes of every sector
+    assert!(
+        (field - root) % 512 + 4 <= 510,
+        "the field crosses a sector end"
+    );
+    assert_eq!(le32(&d, field), 4096);
+    let mut index = d.clone();
+    index[field..field + 4].copy_from_slice(&(1u32 << 30).to_le_bytes());
+    let bad = dir.path().join("index.img");
+    std::fs::write(&bad, &index).unwrap();
+    let e = with_fs(&bad, "raw", |fs| fs.list(b"/", None, 1000)).expect_err("the root listed");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+    assert!(
+        e.message.contains("1073741824-byte index records"),
+        "{}",
+        e.message
+    );
+}

@@ -51,7 +51,42 @@ fn map_err(what: &str, e: NtfsError) -> Error {
     Error::corrupt(format!("{what}: corrupt NTFS filesystem: {e}"))
 }
 
-fn open_ntfs(cur: &mut DiskCursor) -> Result<Ntfs> {
+/// Largest file record and index record read: Windows makes 1 KiB file
+/// records (4 KiB on 4Kn disks) and 4 KiB index records. The ntfs crate
+/// allocates one record of the size the boot sector or an index root
+/// names, which can say 2 GiB.
+const MAX_RECORD_SIZE: u64 = 64 << 10;
+
+/// Checks the record sizes the boot sector names before the ntfs crate
+/// allocates by them.
+fn check_boot_sector(disk: &dyn Disk) -> Result<()> {
+    let mut boot = [0u8; 512];
+    read_exact_at(disk, 0, &mut boot, "NTFS boot sector")?;
+    let sector = u64::from(le16(&boot, 0x0B));
+    // below 0x80 a count of sectors, above it a power of two
+    let cluster = match boot[0x0D] {
+        n @ 0..=0x80 => u64::from(n) * sector,
+        n => sector << (256 - u32::from(n)).min(31),
+    };
+    // a positive count of clusters, or a negative power of two in bytes
+    let record_size = |raw: u8| match raw as i8 {
+        n @ 0.. => (n as u64).saturating_mul(cluster),
+        n => 1u64 << n.unsigned_abs().min(63),
+    };
+    for (what, at) in [("file record", 0x40), ("index record", 0x44)] {
+        let size = record_size(boot[at]);
+        if size > MAX_RECORD_SIZE {
+            return Err(Error::corrupt(format!(
+                "NTFS filesystem: corrupt boot sector: {size}-byte {what}s \
+                 (at most {MAX_RECORD_SIZE} are read)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn open_ntfs(cur: &mut DiskCursor, disk: &dyn Disk) -> Result<Ntfs> {
+    check_boot_sector(disk)?;
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Ntfs::new(cur))) {
         Ok(Ok(n)) => Ok(n),
         Ok(Err(e)) => Err(map_err("NTFS filesystem", e)),
@@ -63,12 +98,12 @@ fn open_ntfs(cur: &mut DiskCursor) -> Result<Ntfs> {
 
 /// Describes the NTFS filesystem on `disk`.
 pub fn probe(disk: Arc<dyn Disk>) -> Probe {
-    let mut cur = DiskCursor::new(disk);
+    let mut cur = DiskCursor::new(disk.clone());
     let mut probe = Probe {
         fs: Some(FsKind::Ntfs),
         ..Probe::default()
     };
-    match open_ntfs(&mut cur) {
+    match open_ntfs(&mut cur, &*disk) {
         Ok(ntfs) => {
             probe.uuid = Some(format!("{:016X}", ntfs.serial_number()));
             let name = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -99,7 +134,7 @@ pub struct NtfsBackend {
 impl NtfsBackend {
     pub fn open(disk: Arc<dyn Disk>) -> Result<NtfsBackend> {
         let mut cur = DiskCursor::new(disk.clone());
-        let ntfs = open_ntfs(&mut cur)?;
+        let ntfs = open_ntfs(&mut cur, &*disk)?;
         Ok(NtfsBackend {
             ntfs,
             cur,
@@ -322,6 +357,13 @@ fn directory_names(
         entries: 0,
     };
     walk.node(root.entries().map_err(err)?)?;
+    let record_size = root.index_record_size();
+    if u64::from(record_size) > MAX_RECORD_SIZE {
+        return Err(Error::corrupt(format!(
+            "{what}: corrupt NTFS filesystem: {record_size}-byte index records \
+             (at most {MAX_RECORD_SIZE} are read)"
+        )));
+    }
     while let Some(vcn) = walk.pending.pop() {
         let Some(allocation) = &allocation else {
             return Err(Error::corrupt(format!(
@@ -329,7 +371,7 @@ fn directory_names(
             )));
         };
         let record = allocation
-            .record_from_vcn(cur, root.index_record_size(), vcn)
+            .record_from_vcn(cur, record_size, vcn)
             .map_err(err)?;
         walk.node(record.entries().map_err(err)?)?;
     }
