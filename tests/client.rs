@@ -1194,6 +1194,38 @@ fn a_transfer_cut_short_leaves_no_partial_file() {
     );
     exits(&out, 2);
     assert!(!tar.exists(), "partial archive left behind");
+    // what was there and is not a regular file (a FIFO here; /dev/null
+    // was deleted so) is written to and left in place
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf8")).expect("no NUL");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = std::fs::File::open(fifo).expect("open the fifo");
+            std::io::copy(&mut f, &mut std::io::sink()).expect("drain the fifo")
+        })
+    };
+    let out = client_at(
+        &format!("hybrid:{}:1234", vmm.display()),
+        &agent.ticket_path,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/",
+            "--force",
+            "--tar",
+            fifo.to_str().expect("utf8"),
+        ],
+    );
+    exits(&out, 2);
+    reader.join().expect("the reader");
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::symlink_metadata(&fifo).map(|m| m.file_type().is_fifo());
+    assert!(matches!(kind, Ok(true)), "the fifo was removed: {kind:?}");
 }
 
 #[test]

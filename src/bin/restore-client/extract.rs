@@ -76,7 +76,9 @@ impl Partial {
     }
 
     /// Creates `path` with `create` and registers it, in one step, so that
-    /// an interruption never misses it.
+    /// an interruption never misses it. Only a regular file is registered:
+    /// `--tar /dev/null --force` or a FIFO opens what is there, and removing
+    /// that would delete a device node or someone's pipe.
     pub(crate) fn create(
         &self,
         path: &Path,
@@ -87,7 +89,9 @@ impl Partial {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
         }
         let file = create()?;
-        state.paths.insert(path.to_path_buf());
+        if file.metadata()?.file_type().is_file() {
+            state.paths.insert(path.to_path_buf());
+        }
         Ok(file)
     }
 
