@@ -48,6 +48,11 @@ const BLOCK_CACHE_BYTES: u64 = 8 << 20;
 /// more pieces is mapped a window at a time, so that its map takes no more
 /// memory than this however fragmented the file is.
 const WINDOW_RUNS: usize = 1 << 16;
+/// Most block groups: 8 TiB in groups of 128 MiB (4 KiB blocks). The
+/// descriptors are held in memory, here and in ext4-view (about 130 bytes
+/// a group while opening, 9 MiB at this bound), and a superblock with
+/// small groups can name a million of them for a 32 MiB volume.
+const MAX_GROUPS: u64 = 1 << 16;
 /// Largest directory read (bytes).
 const MAX_DIR_SIZE: u64 = 1 << 32;
 /// Most entries listed from one directory.
@@ -253,7 +258,9 @@ impl ExtRaw {
         } else {
             32
         };
+        // a group's block bitmap is one block
         if blocks_per_group == 0
+            || blocks_per_group > 8 * block_size
             || inodes_per_group == 0
             || !(128..=block_size).contains(&inode_size)
             || desc_size > 1024
@@ -268,6 +275,12 @@ impl ExtRaw {
         let groups = blocks_count
             .saturating_sub(first_data_block)
             .div_ceil(blocks_per_group);
+        if groups > MAX_GROUPS {
+            return Err(Error::unsupported(format!(
+                "ext filesystem: {groups} block groups, more than the {MAX_GROUPS} read here \
+                 (their descriptors are held in memory)"
+            )));
+        }
         let gdt_bytes = groups.saturating_mul(desc_size);
         if gdt_bytes > disk.size() {
             return Err(bad("group descriptor table larger than the volume"));
