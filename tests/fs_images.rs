@@ -1977,3 +1977,53 @@ fn superblocks_naming_too_many_block_groups_are_refused() {
     let e = FsHandle::open(disk(&img), "raw").err().unwrap();
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
 }
+
+#[test]
+fn tables_of_more_than_256_partitions_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // a GPT with 300 used entries, made by sgdisk
+    let gpt = dir.path().join("gpt300.img");
+    std::fs::File::create(&gpt)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let mut sgdisk = Command::new("sgdisk");
+    sgdisk.args(["-o", "--resize-table=512", "-a", "1"]);
+    for i in 1..=300 {
+        sgdisk.arg("-n").arg(format!("{i}:0:+1"));
+    }
+    run(sgdisk.arg(&gpt));
+    // an MBR whose extended partition chains 300 boot records, one a sector
+    let mbr = dir.path().join("mbr300.img");
+    let mut d = vec![0u8; 1 << 20];
+    let entry = |d: &mut [u8], at: usize, kind: u8, start: u32, sectors: u32| {
+        d[at + 4] = kind;
+        d[at + 8..at + 12].copy_from_slice(&start.to_le_bytes());
+        d[at + 12..at + 16].copy_from_slice(&sectors.to_le_bytes());
+    };
+    entry(&mut d, 446, 0x05, 1, 1000);
+    d[510..512].copy_from_slice(&[0x55, 0xAA]);
+    for k in 0..300usize {
+        let ebr = (1 + k) * 512;
+        entry(&mut d, ebr + 446, 0x83, 1, 1);
+        if k + 1 < 300 {
+            entry(&mut d, ebr + 462, 0x05, k as u32 + 1, 1);
+        }
+        d[ebr + 510..ebr + 512].copy_from_slice(&[0x55, 0xAA]);
+    }
+    std::fs::write(&mbr, &d).unwrap();
+    for img in [&gpt, &mbr] {
+        // each partition was probed and listed: 30,000 logical ones took
+        // 53 MiB to list
+        let e = list_volumes(disk(img)).expect_err("listed");
+        assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
+        assert!(
+            e.message.contains("more than 256 partitions"),
+            "{}",
+            e.message
+        );
+    }
+}

@@ -68,6 +68,45 @@ fn is_extended(sys: u8) -> bool {
 
 /// Most GPT partition entries accepted (the usual table has 128).
 const MAX_GPT_ENTRIES: u32 = 16384;
+/// Most partitions of one disk, Linux's limit (DISK_MAX_PARTS): each is
+/// probed and listed, and a crafted table can name tens of thousands (an
+/// EBR chain of one sector per logical partition).
+const MAX_PARTITIONS: usize = 256;
+
+fn too_many_partitions(or: &str) -> Error {
+    Error::unsupported(format!(
+        "partition table: more than {MAX_PARTITIONS} partitions (Linux's limit){or}"
+    ))
+}
+
+/// Follows the chain of extended boot records from the one at sector
+/// `ext` (the extended partition's start) without keeping them, so that
+/// mbrman, which reads a chain whole, never meets one longer than
+/// [`MAX_PARTITIONS`]. A chain that leaves the disk or lacks a signature
+/// is mbrman's to report.
+fn check_ebr_chain(disk: &Arc<dyn Disk>, ext: u64) -> Result<()> {
+    let mut ebr = [0u8; 512];
+    let mut at = ext;
+    for _ in 0..=MAX_PARTITIONS {
+        let Some(byte) = at.checked_mul(512).filter(|b| b + 512 <= disk.size()) else {
+            return Ok(());
+        };
+        read_exact_at(&**disk, byte, &mut ebr, "extended boot record")?;
+        if ebr[510..512] != [0x55, 0xAA] {
+            return Ok(());
+        }
+        // the second entry links to the next record, relative to `ext`
+        let next = &ebr[446 + 16..446 + 32];
+        let start = u64::from(u32::from_le_bytes([next[8], next[9], next[10], next[11]]));
+        if next[4] == 0 || start == 0 {
+            return Ok(());
+        }
+        at = ext + start;
+    }
+    Err(too_many_partitions(
+        ", or a chain of extended boot records that loops",
+    ))
+}
 
 /// Refuses a GPT header at byte `at` (if one is there) whose entry count
 /// or size would make the table parser read and allocate without bound.
@@ -152,6 +191,9 @@ fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
             if !p.is_used() || p.ending_lba < p.starting_lba {
                 continue;
             }
+            if out.len() == MAX_PARTITIONS {
+                return Err(too_many_partitions(""));
+            }
             let name = p.partition_name.as_str().trim_end_matches('\0').to_string();
             out.push(Partition {
                 number: i as u32 + 1,
@@ -177,6 +219,15 @@ fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
     read_exact_at(&**disk, 510, &mut sig, "master boot record")?;
     if sig != [0x55, 0xAA] {
         return Ok(None);
+    }
+    for slot in 0..4 {
+        let e = 446 + slot * 16;
+        let mut entry = [0u8; 16];
+        read_exact_at(&**disk, e as u64, &mut entry, "master boot record")?;
+        if is_extended(entry[4]) {
+            let start = u32::from_le_bytes([entry[8], entry[9], entry[10], entry[11]]);
+            check_ebr_chain(disk, u64::from(start))?;
+        }
     }
     let mut cur = DiskCursor::new(disk.clone());
     let mbr = catch(|| mbrman::MBR::read_from(&mut cur, 512))?;
