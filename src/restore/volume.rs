@@ -91,7 +91,10 @@ fn check_ebr_chain(disk: &Arc<dyn Disk>, ext: u64) -> Result<()> {
         let Some(byte) = at.checked_mul(512).filter(|b| b + 512 <= disk.size()) else {
             return Ok(());
         };
-        read_exact_at(&**disk, byte, &mut ebr, "extended boot record")?;
+        read_exact_at(&**disk, byte, &mut ebr, "extended boot record").map_err(|e| {
+            // as when mbrman cannot read it
+            Error::new(e.kind, format!("partition table: {}", e.message))
+        })?;
         if ebr[510..512] != [0x55, 0xAA] {
             return Ok(());
         }
