@@ -1261,6 +1261,24 @@ fn journal_needing_recovery_is_listed_as_replayed() {
     assert_eq!(replayed.1, b"hi\n");
 }
 
+/// An ext4 image made with `mkfs_args` (`mib` MiB) whose journal holds one
+/// committed transaction, so that it needs replaying.
+fn journal_needing_replay(dir: &Path, mkfs_args: &[&str], mib: u64) -> PathBuf {
+    let src = dir.join("src");
+    write(&src.join("top"), b"x\n");
+    let img = dir.join("j.img");
+    mkimg_ext(&src, &img, mkfs_args, mib);
+    let block = bmap(&img, "/top", 0);
+    let blk_file = dir.join("blk.bin");
+    std::fs::write(&blk_file, [0u8; 1024]).unwrap();
+    debugfs(
+        &img,
+        true,
+        &format!("jo -c\njw -b {block} {}\njc\n", blk_file.display()),
+    );
+    img
+}
+
 /// A journal that needs replaying but holds more revocations waiting for
 /// one commit than a replay keeps (ext4-view keeps every one in memory) is
 /// refused (1005) before the replay: thousands of identical revocation
@@ -1272,20 +1290,8 @@ fn journals_too_large_to_replay_are_refused() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    write(&src.join("top"), b"x\n");
-    let img = dir.path().join("j.img");
     // 1 KiB blocks, a journal of 16,384 blocks
-    mkimg_ext(&src, &img, &["-t", "ext4", "-J", "size=16"], 64);
-    // a transaction, so that the journal needs replaying
-    let block = bmap(&img, "/top", 0);
-    let blk_file = dir.path().join("blk.bin");
-    std::fs::write(&blk_file, [0u8; 1024]).unwrap();
-    debugfs(
-        &img,
-        true,
-        &format!("jo -c\njw -b {block} {}\njc\n", blk_file.display()),
-    );
+    let img = journal_needing_replay(dir.path(), &["-t", "ext4", "-J", "size=16"], 64);
     let v = list_volumes(disk(&img)).unwrap();
     assert!(v[0].supported, "{v:?}");
     // the journal's blocks in order
@@ -2027,4 +2033,76 @@ fn tables_of_more_than_256_partitions_are_refused() {
             e.message
         );
     }
+}
+
+#[test]
+fn journals_with_too_many_blocks_to_copy_are_refused() {
+    if !have_tools() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    // 1 KiB blocks, a journal of 307,200 blocks (300 MiB, left unwritten)
+    let args = [
+        "-t",
+        "ext4",
+        "-b",
+        "1024",
+        "-J",
+        "size=300",
+        "-E",
+        "lazy_journal_init=1",
+    ];
+    let img = journal_needing_replay(dir.path(), &args, 700);
+    // where journal blocks lie (`blocks <8>` would list the extent tree's
+    // own block among them)
+    let journal_blocks = 307_200;
+    let bmap_all = |ns: &[usize]| -> Vec<u64> {
+        let script: String = ns.iter().map(|n| format!("bmap <8> {n}\n")).collect();
+        let out = debugfs(&img, false, &script);
+        // each answer on a line of its own, after the echoed command
+        let places: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        assert_eq!(places.len(), ns.len(), "{}", &out[..out.len().min(300)]);
+        places
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut jsb = [0u8; 1024];
+    f.read_exact_at(&mut jsb, bmap_all(&[0])[0] * 1024).unwrap();
+    let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+    let (sequence, start) = (be32(&jsb, 0x18), be32(&jsb, 0x1C) as usize);
+    assert_ne!(start, 0, "the journal needs no replay");
+    let features = be32(&jsb, 0x28);
+    // checksum v3 tags, 64-bit ones, plain ones; checksums end in a tail
+    let tag_bytes = match features {
+        f if f & 0x10 != 0 => 16,
+        f if f & 0x2 != 0 => 12,
+        _ => 8,
+    };
+    let tail = if features & 0x18 != 0 { 4 } else { 0 };
+    // from the log's start on, descriptor blocks of the transaction's
+    // sequence, each full of tags (one data block follows per tag) and no
+    // commit: 2^18 blocks to copy and more, which ext4-view maps in memory
+    let mut desc = vec![0u8; 1024];
+    for (at, v) in [(0, 0xC03B_3998u32), (4, 1), (8, sequence)] {
+        desc[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    let tags = (1024 - 12 - tail) / tag_bytes;
+    for t in 0..tags {
+        // the same UUID as the tag before (the first one's is left out too)
+        let at = 12 + t * tag_bytes;
+        desc[at + 4..at + 8].copy_from_slice(&2u32.to_be_bytes());
+    }
+    let at: Vec<usize> = (start..journal_blocks - tags).step_by(tags + 1).collect();
+    for place in bmap_all(&at) {
+        f.write_all_at(&desc, place * 1024).unwrap();
+    }
+    drop(f);
+    let v = list_volumes(disk(&img)).unwrap();
+    assert!(!v[0].supported, "{v:?}");
+    let why = v[0].reason.clone().unwrap_or_default();
+    assert!(why.contains("more than 262144 blocks to copy"), "{why}");
 }

@@ -13,6 +13,8 @@
 //! Owns: the JBD2 block headers (big-endian) as far as needed to count
 //! blocks and revocations. Must never write, and never replay anything.
 
+use std::ops::Range;
+
 use crate::error::{Error, Result};
 use crate::restore::fs::ext_raw::{reused_at, ExtRaw};
 use crate::restore::fs::Extent;
@@ -34,7 +36,13 @@ const TAG_LAST: u32 = 0x8;
 pub const MAX_JOURNAL_BLOCKS: u64 = 1 << 20;
 /// Most revoked block numbers pending before a commit (ext4-view keeps
 /// each, 8 bytes or more).
-pub const MAX_PENDING_REVOKES: u64 = 1 << 20;
+pub const MAX_PENDING_REVOKES: u64 = 1 << 18;
+/// Most blocks a replay copies (descriptor tags in the whole log):
+/// ext4-view maps each in memory, about 80 bytes apiece (a million took
+/// 79 MiB).
+pub const MAX_REPLAYED_BLOCKS: u64 = 1 << 18;
+/// Journal blocks mapped at a time while checking where they lie.
+const MAP_STEP: u64 = 1 << 16;
 
 fn be32(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
@@ -66,15 +74,19 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
         )));
     }
     // every journal block has a place of its own (the map's own blocks are
-    // checked while it is read)
-    let mut places: Vec<_> = raw
-        .map(&journal, 0, blocks * bs)?
-        .into_iter()
-        .filter_map(|e| match e {
-            Extent::Disk { offset, len } => Some(offset..offset + len),
-            Extent::Zero { .. } => None,
-        })
-        .collect();
+    // checked while it is read); mapped a step at a time, holes left out
+    let mut places: Vec<Range<u64>> = Vec::new();
+    for from in (0..blocks).step_by(MAP_STEP as usize) {
+        let len = MAP_STEP.min(blocks - from) * bs;
+        for e in raw.map(&journal, from * bs, len)? {
+            if let Extent::Disk { offset, len } = e {
+                match places.last_mut() {
+                    Some(last) if last.end == offset => last.end += len,
+                    _ => places.push(offset..offset + len),
+                }
+            }
+        }
+    }
     if let Some(at) = reused_at(&mut places) {
         return Err(Error::corrupt(format!(
             "ext filesystem: journal block at byte {at} is used twice"
@@ -119,6 +131,7 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
     let mut at = start;
     let mut walked = 0u64;
     let mut pending_revokes = 0u64;
+    let mut replayed = 0u64;
     while walked < last - first {
         read(raw, at, &mut block)?;
         if be32(&block, 0) != JBD2_MAGIC || be32(&block, 8) != sequence {
@@ -131,6 +144,12 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
                 let mut tag = 12;
                 while tag + tag_bytes <= block.len() - tail {
                     step += 1;
+                    replayed += 1;
+                    if replayed > MAX_REPLAYED_BLOCKS {
+                        return Err(too_large(format!(
+                            "more than {MAX_REPLAYED_BLOCKS} blocks to copy"
+                        )));
+                    }
                     let flags = if csum_v3 {
                         be32(&block, tag + 4)
                     } else {
