@@ -41,9 +41,10 @@ const MAX_INLINE_LINK: u64 = 59;
 const INCOMPAT_RECOVER: u32 = 0x4;
 /// The filesystem has a journal.
 const COMPAT_HAS_JOURNAL: u32 = 0x4;
-/// Bytes of cached metadata blocks (2,048 blocks of 4 KiB): a bound by
-/// count would let 64 KiB blocks take 128 MiB.
-const BLOCK_CACHE_BYTES: u64 = 8 << 20;
+/// Bytes of cached metadata blocks (512 blocks of 4 KiB), per open
+/// filesystem (the agent keeps up to 8 open): a bound by count would let
+/// 64 KiB blocks take 128 MiB. A miss costs a copy out of the chunk cache.
+const BLOCK_CACHE_BYTES: u64 = 2 << 20;
 /// Most runs one window of a file's block map holds (1.5 MiB): a file in
 /// more pieces is mapped a window at a time, so that its map takes no more
 /// memory than this however fragmented the file is.
