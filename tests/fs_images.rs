@@ -2106,3 +2106,42 @@ fn journals_with_too_many_blocks_to_copy_are_refused() {
     let why = v[0].reason.clone().unwrap_or_default();
     assert!(why.contains("more than 262144 blocks to copy"), "{why}");
 }
+
+/// A file size past what the file's block map can address is corrupt: a
+/// fuzzed size byte made a 4 KiB file 7.8 PiB, whose extraction streamed
+/// zeros for what would have been years.
+#[test]
+fn sizes_past_the_block_map_are_corrupt() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("d/f"), &noise(5, 4096));
+    write(&src.join("d/g"), b"fine\n");
+    for (kind, most) in [("ext2", 4_402_345_721_856u64), ("ext4", 1u64 << 44)] {
+        let img = dir.path().join(format!("{kind}.img"));
+        mkimg_ext(&src, &img, &["-t", kind, "-b", "4096"], 16);
+        // the size's high half set (debugfs keeps the inode's checksum)
+        let size = (1u64 << 46) + 4096;
+        debugfs(&img, true, &format!("sif /d/f size {size}\n"));
+        with_fs(&img, "raw", move |fs| {
+            assert_eq!(fs.stat(b"/d/f", false).unwrap().size, size);
+            let Err(e) = fs.read(b"/d/f", 0, 4096) else {
+                panic!("the read succeeded")
+            };
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+            let want = format!("size {size} is more than its block map can address ({most} bytes)");
+            assert!(e.message.contains(&want), "{}", e.message);
+            let walked = fs.walk(b"/d", &mut |_, data| {
+                if let Some(data) = data {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while data.read(&mut buf)? > 0 {}
+                }
+                Ok(())
+            });
+            assert_eq!(walked.expect_err("walked").kind, ErrorKind::Corrupt);
+            assert_eq!(read_all(fs, b"/d/g"), b"fine\n");
+        });
+    }
+}

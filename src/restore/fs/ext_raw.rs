@@ -595,6 +595,19 @@ impl ExtRaw {
         Ok(mapped < nblocks)
     }
 
+    /// The largest size a file's block map can address: 2^32 blocks with
+    /// extents, the direct and 1-3 times indirect blocks without.
+    fn max_file_size(&self, ino: &Inode) -> u64 {
+        let bs = self.block_size;
+        let blocks = if ino.uses_extents() {
+            1 << 32
+        } else {
+            let per = bs / 4;
+            12 + per + per * per + per * per * per
+        };
+        blocks * bs
+    }
+
     /// Where `[offset, offset + len)` of a file (clamped at its size) lies
     /// on the volume: byte ranges in file order, holes and unwritten extents
     /// as [`Extent::Zero`]. Adjacent pieces are merged.
@@ -603,6 +616,14 @@ impl ExtRaw {
             return Err(Error::unsupported(format!(
                 "inode {}: encrypted files are not supported",
                 ino.number
+            )));
+        }
+        let most = self.max_file_size(ino);
+        if ino.size > most {
+            // its reads would stream zeros for years: a corrupt size
+            return Err(bad(format!(
+                "inode {}: size {} is more than its block map can address ({most} bytes)",
+                ino.number, ino.size
             )));
         }
         if offset >= ino.size {
