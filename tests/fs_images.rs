@@ -1564,6 +1564,24 @@ fn ntfs_index_loops_are_corrupt() {
     );
 }
 
+/// The file record of the NTFS file called `name` in image bytes `d`, and
+/// the offset of its unnamed non-resident $DATA attribute.
+fn ntfs_data_attribute(d: &[u8], name: &str) -> (usize, usize) {
+    let le16 = |at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
+    let le32 = |at: usize| u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+    let name: Vec<u8> = name.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let record = (0..d.len())
+        .step_by(1024)
+        .find(|&r| d[r..r + 4] == *b"FILE" && d[r..r + 1024].windows(name.len()).any(|w| w == name))
+        .expect("the file record");
+    let mut attribute = record + le16(record + 0x14);
+    while le32(attribute) != 0x80 || d[attribute + 8] != 1 || d[attribute + 9] != 0 {
+        assert_ne!(le32(attribute), 0xFFFF_FFFF, "no non-resident $DATA");
+        attribute += le32(attribute + 4) as usize;
+    }
+    (record, attribute)
+}
+
 /// Bytes of an NTFS file past its valid data length read as zeros, as
 /// Windows and ntfs-3g read them, not as whatever its clusters hold (stale
 /// data of a preallocated or extended file).
@@ -1578,22 +1596,7 @@ fn ntfs_reads_zeros_past_the_valid_data_length() {
     let files = vec![("big.bin".to_string(), data.clone())];
     mkimg_ntfs(&img, "16M", "VDL", &dir.path().join("scratch"), &files);
     let mut d = std::fs::read(&img).unwrap();
-    let le16 = |d: &[u8], at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
-    let le32 = |d: &[u8], at: usize| u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
-    let name: Vec<u8> = "big.bin"
-        .encode_utf16()
-        .flat_map(u16::to_le_bytes)
-        .collect();
-    // big.bin's file record, and in it its unnamed non-resident $DATA
-    let record = (0..d.len())
-        .step_by(1024)
-        .find(|&r| d[r..r + 4] == *b"FILE" && d[r..r + 1024].windows(14).any(|w| w == name))
-        .expect("the file record");
-    let mut attribute = record + le16(&d, record + 0x14);
-    while le32(&d, attribute) != 0x80 || d[attribute + 8] != 1 || d[attribute + 9] != 0 {
-        assert_ne!(le32(&d, attribute), 0xFFFF_FFFF, "no non-resident $DATA");
-        attribute += le32(&d, attribute + 4) as usize;
-    }
+    let (record, attribute) = ntfs_data_attribute(&d, "big.bin");
     // the valid data length, clear of the sector ends the update sequence owns
     let at = attribute + 0x38;
     assert!((at - record) % 512 + 8 <= 510);
@@ -2144,4 +2147,36 @@ fn sizes_past_the_block_map_are_corrupt() {
             assert_eq!(read_all(fs, b"/d/g"), b"fine\n");
         });
     }
+}
+
+/// An NTFS file size past 2^32 clusters is corrupt: past the valid data
+/// length the file reads as zeros, which streamed for years.
+#[test]
+fn ntfs_sizes_past_2_32_clusters_are_corrupt() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ntfs.img");
+    let files = vec![("big.bin".to_string(), noise(42, 65_536))];
+    mkimg_ntfs(&img, "16M", "HUGE", &dir.path().join("scratch"), &files);
+    let mut d = std::fs::read(&img).unwrap();
+    let (record, attribute) = ntfs_data_attribute(&d, "big.bin");
+    // the data size: 2^50 bytes, past 2^32 clusters of 4 KiB
+    let at = attribute + 0x30;
+    assert!((at - record) % 512 + 8 <= 510);
+    d[at..at + 8].copy_from_slice(&(1u64 << 50).to_le_bytes());
+    let huge = dir.path().join("huge.img");
+    std::fs::write(&huge, &d).unwrap();
+    with_fs(&huge, "raw", |fs| {
+        let Err(e) = fs.read(b"/big.bin", 0, 4096) else {
+            panic!("the read succeeded")
+        };
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+        assert!(
+            e.message.contains("more than 2^32 clusters"),
+            "{}",
+            e.message
+        );
+    });
 }

@@ -501,6 +501,15 @@ impl Backend for NtfsBackend {
         let cur = &mut self.cur;
         let mut value = attr.value(cur).map_err(|e| map_err(&what, e))?;
         let size = value.len();
+        // NTFS addresses 2^32 clusters of a file; past its valid data
+        // length a larger size would read as zeros for years
+        let most = u64::from(self.ntfs.cluster_size()) << 32;
+        if size > most {
+            return Err(Error::corrupt(format!(
+                "{what}: corrupt NTFS filesystem: size {size} is more than 2^32 clusters \
+                 ({most} bytes)"
+            )));
+        }
         if offset >= size {
             return Ok(0);
         }
