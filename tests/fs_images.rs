@@ -1716,8 +1716,8 @@ fn maps_that_point_back_are_corrupt() {
     write(&src.join("d/x"), b"x\n");
     let le = |v: u32| v.to_le_bytes();
     // ext2: /f's triple-indirect block X holds 1024 pointers to Y, Y 1024
-    // to Z, Z is all zeros; the size says 16 TiB (blocks 2000-2002 of the
-    // 2048 are free)
+    // to Z, Z is all zeros; the size says 4 TiB, about all a block map of
+    // 4 KiB blocks addresses (blocks 2000-2002 of the 2048 are free)
     let ext2 = dir.path().join("ext2.img");
     mkimg_ext(&src, &ext2, &["-t", "ext2", "-b", "4096"], 8);
     let (x, y) = (2000u32, 2001u32);
@@ -1732,7 +1732,7 @@ fn maps_that_point_back_are_corrupt() {
     debugfs(
         &ext2,
         true,
-        &format!("sif /f block[TIND] {x}\nsif /f size 0x100000000000\n"),
+        &format!("sif /f block[TIND] {x}\nsif /f size 0x40000000000\n"),
     );
     // ext4 without metadata_csum (no inode checksum to fix up): /f's
     // extent root is an index whose two entries name the same leaf L
