@@ -1161,37 +1161,20 @@ fn a_transfer_cut_short_leaves_no_partial_file() {
     let dir = tmp();
     // Enough for authenticate and fs.stat, not for the first 4 MiB read.
     let vmm = fake_vmm(dir.path(), &agent.sock, Some(1 << 20));
+    let connect = format!("hybrid:{}:1234", vmm.display());
+    // `extract SNAPSHOT EXT4 raw ARGS...` through the cutting relay
+    let extract = |args: &[&str]| {
+        let mut all = vec!["extract", SNAPSHOT, EXT4, "raw"];
+        all.extend_from_slice(args);
+        client_at(&connect, &agent.ticket_path, &all)
+    };
     let dest = dir.path().join("out");
-    let out = client_at(
-        &format!("hybrid:{}:1234", vmm.display()),
-        &agent.ticket_path,
-        &[
-            "extract",
-            SNAPSHOT,
-            EXT4,
-            "raw",
-            "/a/b/big.bin",
-            "-o",
-            dest.to_str().expect("utf8"),
-        ],
-    );
+    let out = extract(&["/a/b/big.bin", "-o", dest.to_str().expect("utf8")]);
     exits(&out, 2);
     assert!(dest.is_dir());
     assert!(!dest.join("big.bin").exists(), "partial file left behind");
     let tar = dir.path().join("cut.tar");
-    let out = client_at(
-        &format!("hybrid:{}:1234", vmm.display()),
-        &agent.ticket_path,
-        &[
-            "extract",
-            SNAPSHOT,
-            EXT4,
-            "raw",
-            "/",
-            "--tar",
-            tar.to_str().expect("utf8"),
-        ],
-    );
+    let out = extract(&["/", "--tar", tar.to_str().expect("utf8")]);
     exits(&out, 2);
     assert!(!tar.exists(), "partial archive left behind");
     // what was there and is not a regular file (a FIFO here; /dev/null
@@ -1207,20 +1190,7 @@ fn a_transfer_cut_short_leaves_no_partial_file() {
             std::io::copy(&mut f, &mut std::io::sink()).expect("drain the fifo")
         })
     };
-    let out = client_at(
-        &format!("hybrid:{}:1234", vmm.display()),
-        &agent.ticket_path,
-        &[
-            "extract",
-            SNAPSHOT,
-            EXT4,
-            "raw",
-            "/",
-            "--force",
-            "--tar",
-            fifo.to_str().expect("utf8"),
-        ],
-    );
+    let out = extract(&["/", "--force", "--tar", fifo.to_str().expect("utf8")]);
     exits(&out, 2);
     reader.join().expect("the reader");
     use std::os::unix::fs::FileTypeExt;

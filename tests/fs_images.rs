@@ -186,6 +186,12 @@ fn with_fs<R: Send + 'static>(
     rt.block_on(h.run(job)).unwrap()
 }
 
+/// Asserts that `e` is of `kind` and says `needle`.
+fn assert_error(e: &restore_agent::error::Error, kind: ErrorKind, needle: &str) {
+    assert_eq!(e.kind, kind, "{e:?}");
+    assert!(e.message.contains(needle), "{}", e.message);
+}
+
 fn sha(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
@@ -863,8 +869,7 @@ fn hostile_images_give_clear_errors() {
     });
     with_fs(&bad_dir, "raw", |fs| {
         let e = fs.list(b"/a/b", None, 100).err().unwrap();
-        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-        assert!(e.message.contains("directory"), "{}", e.message);
+        assert_error(&e, ErrorKind::Corrupt, "directory");
         eprintln!("garbage directory block: {} {}", e.kind.code(), e.message);
         // the rest still serves
         assert_eq!(read_all(fs, b"/hello.txt"), b"hello, world\n");
@@ -1040,8 +1045,7 @@ fn unsupported_volumes_are_listed_with_a_reason() {
         let e = fs.stat(b"/text.txt", false).unwrap();
         assert_eq!(e.size, 19 * 50_000);
         let err = fs.read(b"/text.txt", 0, 100).err().unwrap();
-        assert_eq!(err.kind, ErrorKind::Unsupported, "{err:?}");
-        assert!(err.message.contains("compressed"), "{}", err.message);
+        assert_error(&err, ErrorKind::Unsupported, "compressed");
     });
 }
 
@@ -1083,8 +1087,7 @@ fn hostile_partition_tables() {
         d[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes())
     });
     let e = list_volumes(disk(&huge)).err().unwrap();
-    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-    assert!(e.message.contains("GPT"), "{}", e.message);
+    assert_error(&e, ErrorKind::Corrupt, "GPT");
     // a primary GPT of garbage: the backup header at the end is used
     let (_d, primary) = damaged(&im.gpt, |d| d[512..1024].copy_from_slice(&noise(21, 512)));
     let v = list_volumes(disk(&primary)).unwrap();
@@ -1117,8 +1120,7 @@ fn hostile_partition_tables() {
     ] {
         let (_d, bad) = damaged(&im.mbr, |d| d[at + 510] = 0);
         let e = list_volumes(disk(&bad)).expect_err("listed");
-        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-        assert!(e.message.contains(why), "{}", e.message);
+        assert_error(&e, ErrorKind::Corrupt, why);
     }
     // partitions that reach past the end of the disk are clipped to it
     let (_d, short) = damaged(&im.mbr, |d| d.truncate(d.len() / 2));
@@ -1488,19 +1490,9 @@ fn fat_directory_loops_are_corrupt() {
         (walked.map(|_| n), listed, fs.list(b"/D/SUB", None, 100))
     });
     let e = looped.expect_err("/D/SUB listed");
-    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-    assert!(
-        e.message.contains("/D/SUB: directory loop"),
-        "{}",
-        e.message
-    );
+    assert_error(&e, ErrorKind::Corrupt, "/D/SUB: directory loop");
     let e = walked.expect_err("the walk ended without an error");
-    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-    assert!(
-        e.message.contains("/D/SUB: directory loop"),
-        "{}",
-        e.message
-    );
+    assert_error(&e, ErrorKind::Corrupt, "/D/SUB: directory loop");
     // the directory itself still lists (40 files and SUB)
     assert_eq!(listed.unwrap(), 41);
 
@@ -1509,12 +1501,7 @@ fn fat_directory_loops_are_corrupt() {
         (listed, fs.walk(b"/", &mut |_, _| Ok(())))
     });
     for e in [listed.expect_err("listed"), walked.expect_err("walked")] {
-        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-        assert!(
-            e.message.contains("more than 65536 directory entries"),
-            "{}",
-            e.message
-        );
+        assert_error(&e, ErrorKind::Corrupt, "more than 65536 directory entries");
     }
 }
 
@@ -1556,12 +1543,7 @@ fn ntfs_index_loops_are_corrupt() {
     let bad = dir.path().join("loop.img");
     std::fs::write(&bad, &d).unwrap();
     let e = with_fs(&bad, "raw", |fs| fs.list(b"/", None, 1000)).expect_err("the root listed");
-    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-    assert!(
-        e.message.contains("index record 0 is named twice"),
-        "{}",
-        e.message
-    );
+    assert_error(&e, ErrorKind::Corrupt, "index record 0 is named twice");
 }
 
 /// The file record of the NTFS file called `name` in image bytes `d`, and
@@ -1672,11 +1654,10 @@ fn ntfs_data_in_pieces_is_refused_not_empty() {
     });
     assert_eq!(stat.unwrap().size, 1200 * 4096);
     let e = read.expect_err("read as if whole");
-    assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
-    assert!(
-        e.message.contains("pieces over several file records"),
-        "{}",
-        e.message
+    assert_error(
+        &e,
+        ErrorKind::Unsupported,
+        "pieces over several file records",
     );
 }
 
@@ -1794,12 +1775,7 @@ fn maps_that_point_back_are_corrupt() {
         let e = with_fs(img, "raw", |fs| fs.read(b"/f", 0, 4096))
             .err()
             .unwrap_or_else(|| panic!("{what}: read served data"));
-        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-        assert!(
-            e.message.contains(&format!("{what} is used twice")),
-            "{}",
-            e.message
-        );
+        assert_error(&e, ErrorKind::Corrupt, &format!("{what} is used twice"));
     }
 }
 
@@ -1823,8 +1799,7 @@ fn listing_checks_inode_and_directory_checksums() {
     let (_d, bad_inode) = damaged(&img, |d| d[at] ^= 0x55);
     with_fs(&bad_inode, "raw", |fs| {
         let e = fs.list(b"/d", None, 100).err().unwrap();
-        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-        assert!(e.message.contains("checksum"), "{}", e.message);
+        assert_error(&e, ErrorKind::Corrupt, "checksum");
     });
     // a directory entry's name changed, the block checksum left as is
     let off = bmap(&img, "/d", 0) as usize * 1024;
@@ -1835,8 +1810,7 @@ fn listing_checks_inode_and_directory_checksums() {
     });
     with_fs(&bad_dir, "raw", |fs| {
         let e = fs.list(b"/d", None, 100).err().unwrap();
-        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-        assert!(e.message.contains("checksum"), "{}", e.message);
+        assert_error(&e, ErrorKind::Corrupt, "checksum");
     });
 }
 
@@ -1950,12 +1924,7 @@ fn ntfs_record_sizes_past_64_kib_are_refused() {
     let bad = dir.path().join("index.img");
     std::fs::write(&bad, &index).unwrap();
     let e = with_fs(&bad, "raw", |fs| fs.list(b"/", None, 1000)).expect_err("the root listed");
-    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-    assert!(
-        e.message.contains("1073741824-byte index records"),
-        "{}",
-        e.message
-    );
+    assert_error(&e, ErrorKind::Corrupt, "1073741824-byte index records");
 }
 
 #[test]
@@ -2029,12 +1998,7 @@ fn tables_of_more_than_256_partitions_are_refused() {
         // 53 MiB to list
         let e = list_volumes(disk(img)).err();
         let e = e.unwrap_or_else(|| panic!("{} listed", img.display()));
-        assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
-        assert!(
-            e.message.contains("more than 256 partitions"),
-            "{}",
-            e.message
-        );
+        assert_error(&e, ErrorKind::Unsupported, "more than 256 partitions");
     }
 }
 
@@ -2172,11 +2136,6 @@ fn ntfs_sizes_past_2_32_clusters_are_corrupt() {
         let Err(e) = fs.read(b"/big.bin", 0, 4096) else {
             panic!("the read succeeded")
         };
-        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-        assert!(
-            e.message.contains("more than 2^32 clusters"),
-            "{}",
-            e.message
-        );
+        assert_error(&e, ErrorKind::Corrupt, "more than 2^32 clusters");
     });
 }

@@ -223,10 +223,9 @@ fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
     if sig != [0x55, 0xAA] {
         return Ok(None);
     }
-    for slot in 0..4 {
-        let e = 446 + slot * 16;
-        let mut entry = [0u8; 16];
-        read_exact_at(&**disk, e as u64, &mut entry, "master boot record")?;
+    let mut table = [0u8; 64];
+    read_exact_at(&**disk, 446, &mut table, "master boot record")?;
+    for entry in table.chunks_exact(16) {
         if is_extended(entry[4]) {
             let start = u32::from_le_bytes([entry[8], entry[9], entry[10], entry[11]]);
             check_ebr_chain(disk, u64::from(start))?;

@@ -31,7 +31,7 @@ use crate::restore::disk::{Disk, Ext4Reader};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_journal;
 use crate::restore::fs::ext_raw::{ExtRaw, Inode};
-use crate::restore::fs::tree::{child_bytes, Backend, Child};
+use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::{EntryType, Extent, Meta};
 
 const ROOT_INODE: u32 = 2;
@@ -264,7 +264,7 @@ impl ExtBackend {
             };
             match self.raw.link_target(&ino) {
                 Ok(t) => {
-                    charge.add(child_bytes::<u32>(0, t.len()) - child_bytes::<u32>(0, 0))?;
+                    charge.add(link_bytes(t.len()))?;
                     child.link = Some(t);
                 }
                 Err(e) => child.broken = Some(Box::new(e)),

@@ -55,8 +55,14 @@ pub fn child_bytes<N>(name: usize, link: usize) -> usize {
 
 /// The estimated bytes one entry of a finished listing takes.
 fn kept_bytes<N>(name: usize, link: usize) -> usize {
-    let target = if link > 0 { ALLOC_OVERHEAD + link } else { 0 };
+    let target = if link > 0 { link_bytes(link) } else { 0 };
     std::mem::size_of::<Child<N>>() + ALLOC_OVERHEAD + name + target
+}
+
+/// The estimated bytes of a symlink target of `len` bytes, for backends
+/// that read targets after listing their children.
+pub fn link_bytes(len: usize) -> usize {
+    ALLOC_OVERHEAD + len
 }
 
 /// A node in a directory listing. It keeps no [`Entry`]: that one holds
@@ -243,25 +249,20 @@ impl<B: Backend> Tree<B> {
             }
         }
         let what = self.backend.what().to_string();
-        let mut charge = Charge::new();
-        let backend = &mut self.backend;
-        let read = guarded(&what, path, || {
-            backend.read_dir(&dir.node, path, &mut charge)
-        });
-        let mut kids = match read {
-            Ok(kids) => kids,
-            // the memory for listings may be held by the ones kept here:
-            // let them go and try once more
-            Err(e) if e.kind == ErrorKind::Unsupported && !self.dirs.is_empty() => {
-                self.dirs.clear();
-                drop(charge);
-                charge = Charge::new();
-                let backend = &mut self.backend;
-                guarded(&what, path, || {
-                    backend.read_dir(&dir.node, path, &mut charge)
-                })?
+        let (mut kids, mut charge) = loop {
+            let mut charge = Charge::new();
+            let backend = &mut self.backend;
+            match guarded(&what, path, || {
+                backend.read_dir(&dir.node, path, &mut charge)
+            }) {
+                Ok(kids) => break (kids, charge),
+                // the memory for listings may be held by the ones kept
+                // here: let them go and try once more
+                Err(e) if e.kind == ErrorKind::Unsupported && !self.dirs.is_empty() => {
+                    self.dirs.clear()
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         };
         kids.retain(|c| {
             c.name != b"." && c.name != b".." && !c.name.is_empty() && !c.name.contains(&b'/')
