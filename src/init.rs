@@ -30,6 +30,12 @@ pub const DATASTORE_MOUNT: &str = "/datastore";
 pub const TICKET_FILE: &str = "/ticket";
 /// The vsock port the agent listens on inside the VM.
 pub const VSOCK_PORT: u32 = 807;
+/// How the agent's console log line about a bound listener begins. The
+/// host's launcher connects only once the console shows it for vsock: a
+/// connection made while the guest is still setting up its vsock device can
+/// stop vhost-device-vsock 0.3.0 from relaying anything (see
+/// `vm::launch::wait_ready`).
+pub const LISTENING_LOG: &str = "listening on";
 /// 9p message size: large reads of chunk files need few round trips. The
 /// virtio transport of the 6.1 kernel accepts up to about 512 KiB.
 const NINEP_MSIZE: u32 = 512 * 1024;

@@ -128,9 +128,16 @@ const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
 
 /// Runs restore-client with `args`, panicking unless it exits 0; returns stdout.
 fn client(args: &[&str]) -> String {
+    client_env(args, &[])
+}
+
+/// `client` with `env` added to restore-client's environment (and so to
+/// that of the processes `vm start` leaves running).
+fn client_env(args: &[&str], env: &[(&str, &str)]) -> String {
     let t = Instant::now();
     let out = Command::new(CLIENT)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run restore-client");
     let cmd: Vec<&str> = args
@@ -264,31 +271,36 @@ fn boot_list_extract_status_and_stop_powers_off() {
     );
     let _one = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let t = Instant::now();
-    let started = client(&[
-        "--output",
-        "json",
-        "vm",
-        "start",
-        "--name",
-        "e2e",
-        "--store",
-        fx.path("store").to_str().unwrap(),
-        "--image",
-        &format!("disk0={}", fx.path("disk.img").display()),
-        "--accel",
-        "tcg",
-        "--vsock",
-        "vhost-user",
-        "--memory",
-        "128",
-        "--image-dir",
-        s.image_dir.to_str().unwrap(),
-        "--vhost-device-vsock",
-        s.vhost.to_str().unwrap(),
-        // Generous: one boot took 42 s while both cores were compiling.
-        "--ready-timeout",
-        "120",
-    ]);
+    // vhost-device-vsock logs each connection that arrives before QEMU has
+    // handed it the guest's memory, at level warn.
+    let started = client_env(
+        &[
+            "--output",
+            "json",
+            "vm",
+            "start",
+            "--name",
+            "e2e",
+            "--store",
+            fx.path("store").to_str().unwrap(),
+            "--image",
+            &format!("disk0={}", fx.path("disk.img").display()),
+            "--accel",
+            "tcg",
+            "--vsock",
+            "vhost-user",
+            "--memory",
+            "128",
+            "--image-dir",
+            s.image_dir.to_str().unwrap(),
+            "--vhost-device-vsock",
+            s.vhost.to_str().unwrap(),
+            // Generous: one boot took 42 s while both cores were compiling.
+            "--ready-timeout",
+            "120",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
     let ready = t.elapsed();
     eprintln!(
         "boot to ready: {:.2} s (TCG, 128 MiB, vm start to ping)",
@@ -299,6 +311,15 @@ fn boot_list_extract_status_and_stop_powers_off() {
     assert!(rec.cid >= 10);
     let mode = fs::metadata(&rec.ticket_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "ticket file mode {mode:o}");
+
+    // `vm start` connected only once the guest listened: a connection made
+    // while the guest sets up its vsock device can stop the helper from
+    // relaying anything at all (src/vm/launch.rs, wait_ready).
+    let helper_log = fs::read_to_string(rec.dir.join("vhost.log")).unwrap();
+    assert!(
+        !helper_log.contains("before vring initialization"),
+        "vm start connected before the guest's vsock device was up:\n{helper_log}"
+    );
 
     // The VM is listed and resolvable.
     let listed: Value = serde_json::from_str(&client(&["--output", "json", "vm", "list"])).unwrap();

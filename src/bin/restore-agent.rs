@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use restore_agent::api::Agent;
 use restore_agent::demo::Demo;
+use restore_agent::init::LISTENING_LOG;
 use restore_agent::pool::{ChunkPool, PoolConfig};
 use restore_agent::restore::backups::Backups;
 use restore_agent::rpc::auth::Ticket;
@@ -251,7 +252,7 @@ async fn serve(
         let listener = Listener::bind(addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        log::info!("listening on {}", listener.local_addr());
+        log::info!("{LISTENING_LOG} {}", listener.local_addr());
         listeners.push(listener);
     }
     if let Some(demo) = demo {

@@ -19,9 +19,10 @@ use base64::Engine;
 use serde_json::json;
 
 use super::agent_call;
+use super::console::{tail, ConsoleWatch};
 use super::cpio::CpioWriter;
 use super::state::{self, StateLock, VmRecord, QEMU_NAME_PREFIX};
-use crate::init::{valid_image_name, DATASTORE_TAG, VSOCK_PORT};
+use crate::init::{valid_image_name, DATASTORE_TAG, LISTENING_LOG, VSOCK_PORT};
 
 /// Lowest guest CID handed out (0..2 are reserved, low ones are often taken).
 const MIN_CID: u32 = 10;
@@ -210,11 +211,17 @@ pub fn start(opts: &StartOptions) -> Result<VmRecord, String> {
                             .unwrap_or(MIN_CID);
                         continue;
                     }
-                    return Err(format!(
+                    let mut msg = format!(
                         "{e}\n--- qemu ---\n{}\n--- console (last lines) ---\n{}",
                         qemu_log.trim_end(),
                         tail(&console_log, 20)
-                    ));
+                    );
+                    let helper_log = tail(&dir.join("vhost.log"), 20);
+                    if !helper_log.is_empty() {
+                        msg.push_str("\n--- vhost-device-vsock ---\n");
+                        msg.push_str(&helper_log);
+                    }
+                    return Err(msg);
                 }
             }
         }
@@ -501,8 +508,30 @@ fn qemu_opt_value(s: &str) -> Result<String, String> {
     Ok(s.replace(',', ",,"))
 }
 
+/// Waits until the agent answers `ping`, or `timeout`.
+///
+/// The first connection is made only once the console shows the agent's
+/// vsock listener. vhost-device-vsock 0.3.0 handles a host connection by
+/// walking the guest's TX ring; if one arrives after QEMU has handed it the
+/// guest's memory but before the rings are set up, that walk fails and the
+/// helper's worker thread ends for good: the guest boots and listens, and
+/// every later connection hangs without an answer. Polling from the start
+/// of the boot hit that window now and then on a loaded machine.
 fn wait_ready(rec: &VmRecord, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
+    let mut console = ConsoleWatch::new(&rec.console_log, &format!("{LISTENING_LOG} vsock:"));
+    while !console.seen() {
+        if !state::qemu_alive(rec.pid, &rec.name) {
+            return Err("the VM exited before its agent listened".into());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the agent did not start listening within {} s (no \"{LISTENING_LOG} vsock:\" on the console)",
+                timeout.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut last = String::new();
     loop {
         if !state::qemu_alive(rec.pid, &rec.name) {
@@ -588,12 +617,6 @@ fn cleanup_dead(rec: &VmRecord) {
     kill_processes(rec);
     let _ = state::reap(rec.pid);
     let _ = fs::remove_dir_all(&rec.dir);
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Default `--image-dir`: `$RESTORE_AGENT_VM_DIR`, else the packaged

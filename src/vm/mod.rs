@@ -11,6 +11,7 @@
 //! layout constants.
 
 mod agent_call;
+mod console;
 pub mod cpio;
 pub mod image;
 pub mod launch;
