@@ -123,6 +123,18 @@ fn console(rec: &VmRecord) -> String {
     std::fs::read_to_string(&rec.console_log).unwrap_or_default()
 }
 
+/// Stops VM `.0` when a test panics before it has stopped the VM itself: a
+/// failed assertion must not leave QEMU and its helper running.
+struct StopOnPanic(&'static str);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = vm::launch::stop(self.0, Duration::from_secs(5), false);
+        }
+    }
+}
+
 const CLIENT: &str = env!("CARGO_BIN_EXE_restore-client");
 const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
 
@@ -270,6 +282,7 @@ fn boot_list_extract_status_and_stop_powers_off() {
         t.elapsed().as_secs_f64()
     );
     let _one = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _stop = StopOnPanic("e2e");
     let t = Instant::now();
     // vhost-device-vsock logs each connection that arrives before QEMU has
     // handed it the guest's memory, at level warn.
@@ -435,6 +448,7 @@ fn boot_list_extract_status_and_stop_powers_off() {
 fn wrong_ticket_is_refused_and_the_idle_watchdog_powers_off() {
     let Some(s) = setup() else { return };
     let _one = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _stop = StopOnPanic("idle");
     let mut opts = options(s, "idle");
     opts.idle_timeout = Some(8);
     let rec = vm::launch::start(&opts).unwrap_or_else(|e| panic!("vm start: {e}"));
