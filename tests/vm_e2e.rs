@@ -408,6 +408,26 @@ fn boot_list_extract_status_and_stop_powers_off() {
         "{status}"
     );
 
+    // A guest slow to answer a connection: QEMU stopped for 7 s. Clients must
+    // wait for the answer instead of closing the connection unanswered:
+    // vhost-device-vsock 0.3.0 panics writing the late `OK` to a closed
+    // socket, and the VM can never be reached again (src/vm/agent_call.rs).
+    let pause = || {
+        let pid = libc::pid_t::try_from(rec.pid).unwrap();
+        // SAFETY: kill takes no pointers; the pid is this test's QEMU.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(7));
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        })
+    };
+    let resume = pause();
+    with(&["--connect-timeout", "30", "ping"]);
+    resume.join().unwrap();
+    with(&["ping"]);
+
+    let resume = pause();
     let t = Instant::now();
     let stopped: Value = serde_json::from_str(&client(&[
         "--output",
@@ -418,7 +438,11 @@ fn boot_list_extract_status_and_stop_powers_off() {
         "--keep-logs",
     ]))
     .unwrap();
-    eprintln!("stop to power off: {:.2} s", t.elapsed().as_secs_f64());
+    resume.join().unwrap();
+    eprintln!(
+        "stop to power off: {:.2} s (7 s of it with QEMU stopped)",
+        t.elapsed().as_secs_f64()
+    );
     let log = console(&rec);
     assert_eq!(stopped["powered_off"], true, "{stopped}; console:\n{log}");
     // QEMU was orphaned when `vm start` exited; this process is its subreaper.

@@ -5,6 +5,14 @@
 //! `CONNECT PORT`, expect a line starting with `OK `) and `vsock:CID:PORT`.
 //! It is deliberately tiny and private to `vm`; the host CLI's full client
 //! lives elsewhere. It never retries: the caller owns the deadline.
+//!
+//! HANDSHAKE: a hybrid connection must not be closed while its `CONNECT` is
+//! unanswered. vhost-device-vsock 0.3.0 writes the guest's `OK` to the
+//! socket and panics when that write fails, which ends its worker thread:
+//! the VM can then never be reached again. So the wait for the reply gets
+//! the caller's whole timeout; the helper itself closes the socket at once
+//! when the guest refuses, so a guest that is not listening yet costs no
+//! wait.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;

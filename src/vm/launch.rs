@@ -261,14 +261,14 @@ pub fn stop(name: &str, timeout: Duration, keep_dir: bool) -> Result<StopOutcome
         .ok_or_else(|| format!("no VM named {name}"))?;
     let mut powered_off = false;
     if state::qemu_alive(rec.pid, name) {
-        let _ = agent_call::call(
-            &rec.connect,
-            &rec.ticket_file,
-            "stop",
-            json!({}),
-            Duration::from_secs(5),
+        let deadline = Instant::now() + timeout;
+        // The whole timeout for the call too: see HANDSHAKE in agent_call.
+        let _ = agent_call::call(&rec.connect, &rec.ticket_file, "stop", json!({}), timeout);
+        powered_off = wait_gone(
+            rec.pid,
+            name,
+            deadline.saturating_duration_since(Instant::now()),
         );
-        powered_off = wait_gone(rec.pid, name, timeout);
     }
     // A process that is exiting has lost its command line before it is a
     // zombie: give it a moment, then collect its exit code if it is ours.
@@ -537,13 +537,12 @@ fn wait_ready(rec: &VmRecord, timeout: Duration) -> Result<(), String> {
         if !state::qemu_alive(rec.pid, &rec.name) {
             return Err(format!("the VM exited before its agent answered ({last})"));
         }
-        match agent_call::call(
-            &rec.connect,
-            &rec.ticket_file,
-            "ping",
-            json!({}),
-            Duration::from_secs(5),
-        ) {
+        // All the time left, not a few seconds per attempt: see HANDSHAKE in
+        // agent_call.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        match agent_call::call(&rec.connect, &rec.ticket_file, "ping", json!({}), left) {
             Ok(_) => return Ok(()),
             Err(e) => last = e,
         }
