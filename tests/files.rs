@@ -1397,7 +1397,13 @@ fn pipelined_stream_reads_are_served_in_offset_order() {
 #[test]
 fn stream_limits_and_lifetimes() {
     let Some(f) = fixture() else { return };
-    let a = agent(f);
+    // the default depends on this machine's memory
+    let a = Agent::builder()
+        .arg("--datastore")
+        .arg(f.store.to_str().unwrap())
+        .arg("--max-streams")
+        .arg("32")
+        .start();
     let mut c1 = a.connect_authed();
     let mut c2 = a.connect_authed();
     // 8 per connection, the 9th is refused; another connection still may
@@ -1500,6 +1506,58 @@ fn stream_limits_and_lifetimes() {
     let r = rss(&mut c2);
     assert!(r < RSS_LIMIT, "agent RSS {r} with 33 streams opened");
     ping(&mut c2);
+    assert_no_panic(&a);
+}
+
+#[test]
+fn max_streams_bounds_the_producers_also_for_requests_sent_together() {
+    let Some(f) = fixture() else { return };
+    let a = Agent::builder()
+        .arg("--datastore")
+        .arg(f.store.to_str().unwrap())
+        .arg("--max-streams")
+        .arg("2")
+        .start();
+    let mut c1 = a.connect_authed();
+    let mut c2 = a.connect_authed();
+    assert_eq!(status(&mut c2)["streams"]["max"], 2);
+    // six requests in one write: each producer runs a filesystem of its
+    // own, so only two may start, however close together they come
+    let mut lines = String::new();
+    for id in 0..6 {
+        let req = json!({"jsonrpc": "2.0", "id": 9000 + id, "method": "fs.extract",
+            "params": with(target(EXT3, b"/"), json!({"format": "tar"}))});
+        lines.push_str(&format!("{req}\n"));
+    }
+    c1.send(lines.as_bytes());
+    let mut opened = Vec::new();
+    for _ in 0..6 {
+        let v = c1.recv();
+        match v.get("error") {
+            None => opened.push(v["result"]["stream"].as_u64().unwrap()),
+            Some(e) => {
+                assert_eq!(e["code"], -32003, "{v}");
+                let msg = e["message"].as_str().unwrap();
+                assert!(
+                    msg.contains("at most 2") && msg.contains("--max-streams"),
+                    "{msg}"
+                );
+            }
+        }
+    }
+    assert_eq!(opened.len(), 2, "streams opened by six requests at once");
+    assert_eq!(open_streams(&mut c2), 2);
+    let (code, _) = open_stream(&mut c2, EXT3).unwrap_err();
+    assert_eq!(code, -32003);
+    // a closed stream's place is free once its producer has stopped
+    ok(&mut c1, "stream.close", json!({ "stream": opened[0] }));
+    assert!(
+        common::wait_until(Duration::from_secs(5), || open_stream(&mut c2, EXT3)
+            .is_ok()),
+        "no stream could be opened after one was closed: {}",
+        status(&mut c2)
+    );
+    ping(&mut c1);
     assert_no_panic(&a);
 }
 

@@ -334,7 +334,7 @@ async fn fs_extract(
         }
     };
     let path = t.path()?;
-    agent.streams.check_room(conn)?;
+    let producer = agent.streams.check_room(conn)?;
     // A filesystem of its own: a long extraction must not queue every other
     // request on this volume behind it.
     let (a, s, ar, v) = (
@@ -354,6 +354,9 @@ async fn fs_extract(
         let _ = fs
             .run(move |fs| produce(fs, &path, format, x.zstd, writer))
             .await;
+        // the filesystem's thread ends once its last handle is gone
+        drop(fs);
+        drop(producer);
     });
     Ok(RawResult::new(format!("{{\"stream\":{id}}}").into_bytes()))
 }

@@ -44,6 +44,13 @@ impl Agent {
         }
     }
 
+    /// At most `total` extraction streams open at once, all connections
+    /// together (the agent's `--max-streams`).
+    pub fn with_max_streams(mut self, total: usize) -> Agent {
+        self.streams = streams::Streams::new(total);
+        self
+    }
+
     /// This connection's reader of an archive, opened on first use.
     fn reader(
         &self,

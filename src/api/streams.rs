@@ -1,7 +1,9 @@
 //! Extraction streams: archives produced on a filesystem thread while the
 //! client pulls them with `stream.read`. Each stream belongs to the
 //! connection that opened it, is closed with it, and holds off the idle
-//! watchdog while open. At most 8 per connection and 32 in all.
+//! watchdog while open. At most 8 per connection; in all, as many as the
+//! agent was given producers for (`--max-streams`): each one runs a
+//! filesystem of its own, whose caches and buffers take a few MiB.
 
 use bytes::Bytes;
 use jsonrpsee::types::ErrorObjectOwned;
@@ -10,15 +12,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, ErrorKind};
 use crate::restore::archive::StreamReader;
 use crate::rpc::codes::{app_error, invalid_params, limit_reached};
 use crate::rpc::server::WatchdogHold;
 
+/// Streams one connection may hold open.
 pub const PER_CONNECTION: usize = 8;
-pub const TOTAL: usize = 32;
+/// Producers all connections together may run, unless told otherwise.
+pub const DEFAULT_TOTAL: usize = 32;
 
 /// How long a read with an `offset` waits for the reads before it.
 const TURN_WAIT: Duration = Duration::from_secs(30);
@@ -106,31 +110,63 @@ impl OpenStream {
     }
 }
 
-#[derive(Default)]
 pub struct Streams {
     slots: Mutex<HashMap<u64, Slot>>,
     next_id: AtomicU64,
+    /// One permit per producer that may run. A producer holds its permit
+    /// until it has ended, also when its stream was closed before: the
+    /// memory it holds is gone only then.
+    producers: Arc<Semaphore>,
+    total: usize,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams::new(DEFAULT_TOTAL)
+    }
 }
 
 impl Streams {
+    /// At most `total` producers at once (at least one).
+    pub fn new(total: usize) -> Streams {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        Streams {
+            slots: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            producers: Arc::new(Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// The most streams open at once, all connections together.
+    pub fn max(&self) -> usize {
+        self.total
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Checks the limits before any work is started for a new stream.
-    pub fn check_room(&self, conn: ConnectionId) -> Result<(), ErrorObjectOwned> {
-        let slots = self.lock();
-        if slots.len() >= TOTAL {
-            return Err(limit_reached(format!(
-                "too many open streams (at most {TOTAL})"
-            )));
-        }
-        if slots.values().filter(|s| s.conn == conn.0).count() >= PER_CONNECTION {
+    fn check_connection(&self, conn: ConnectionId) -> Result<(), ErrorObjectOwned> {
+        if self.lock().values().filter(|s| s.conn == conn.0).count() >= PER_CONNECTION {
             return Err(limit_reached(format!(
                 "too many open streams on this connection (at most {PER_CONNECTION})"
             )));
         }
         Ok(())
+    }
+
+    /// Checks the limits before any work is started for a new stream, and
+    /// takes the permit its producer holds until it ends. Taking it here,
+    /// at once, keeps requests that arrive together from all passing.
+    pub fn check_room(&self, conn: ConnectionId) -> Result<OwnedSemaphorePermit, ErrorObjectOwned> {
+        self.check_connection(conn)?;
+        self.producers.clone().try_acquire_owned().map_err(|_| {
+            limit_reached(format!(
+                "too many open streams (at most {}, --max-streams)",
+                self.total
+            ))
+        })
     }
 
     pub fn insert(
@@ -139,7 +175,7 @@ impl Streams {
         reader: StreamReader,
         hold: WatchdogHold,
     ) -> Result<u64, ErrorObjectOwned> {
-        self.check_room(conn)?;
+        self.check_connection(conn)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.lock().insert(
             id,

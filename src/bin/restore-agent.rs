@@ -64,6 +64,12 @@ struct Args {
     /// machine's memory, at least 16]
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
     listing_mb: Option<u64>,
+    /// Most extraction streams open at once, all connections together; each
+    /// reads its filesystem on a thread of its own, with caches and buffers
+    /// of a few MiB [default: one per 16 MiB of the machine's memory, from
+    /// 2 to 32]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_streams: Option<u64>,
     /// Most chunks read ahead on sequential access
     #[arg(long, value_name = "N", default_value_t = 8)]
     readahead: usize,
@@ -267,7 +273,12 @@ async fn serve(
         secs => Some(Duration::from_secs(secs)),
     };
     let shared = Shared::new(idle);
-    let router = restore_agent::api::router(Agent::new(shared.clone(), backups));
+    let max_streams = args
+        .max_streams
+        .map_or_else(default_max_streams, |n| n as usize);
+    let router = restore_agent::api::router(
+        Agent::new(shared.clone(), backups).with_max_streams(max_streams),
+    );
     let cfg = ServerConfig {
         auth_timeout: Duration::from_secs(args.auth_timeout),
         auth_fail_delay: Duration::from_millis(args.auth_fail_delay_ms),
@@ -282,6 +293,14 @@ async fn serve(
         .await;
     log::info!("stopped");
     Ok(())
+}
+
+/// `--max-streams` by default: one per 16 MiB of memory. A stream's own
+/// filesystem, its buffer and the archive blocks in flight took 4-6 MiB
+/// each; 8 at once exhausted a 128 MiB VM.
+fn default_max_streams() -> usize {
+    restore_agent::init::memory_mb()
+        .map_or(32, |m| usize::try_from(m / 16).unwrap_or(32).clamp(2, 32))
 }
 
 /// `--listing-mb` when the machine's memory size is unknown.
