@@ -232,5 +232,19 @@ fn read_raw_chunk(image: &RawImage, chunk: u64) -> Result<Vec<u8>> {
             Error::io(what, &e)
         }
     })?;
+    forget_cached(&image.file, start, len);
     Ok(buf)
+}
+
+/// Asks the kernel to drop its page cache of what was just read: the pool
+/// keeps the bytes it needs, and a second copy in the 128 MiB VM left so
+/// little memory that two extractions at once stalled its vsock. Advice
+/// only; chunk files (shared over 9p without a page cache in the VM, warm
+/// in the host's cache for benchmarks) are left alone.
+fn forget_cached(file: &File, start: u64, len: usize) {
+    use std::os::unix::io::AsRawFd;
+    if let (Ok(start), Ok(len)) = (libc::off_t::try_from(start), libc::off_t::try_from(len)) {
+        // SAFETY: an advisory syscall on an open descriptor; no pointers.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), start, len, libc::POSIX_FADV_DONTNEED) };
+    }
 }

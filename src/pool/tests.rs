@@ -227,6 +227,65 @@ async fn raw_image_reads_equal_source() {
     assert_eq!(dir_err.kind, ErrorKind::IsADirectory);
 }
 
+/// Pages of the file at `path` that the kernel's page cache holds.
+fn cached_pages(path: &std::path::Path) -> usize {
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let mut resident = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a read-only shared mapping of `len` bytes of an open file,
+    // only passed to mincore (never read through) and unmapped before the
+    // file is closed; `resident` has one byte per page of it.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(map, len, resident.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+    }
+    resident.iter().filter(|b| *b & 1 == 1).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_image_reads_leave_the_image_out_of_the_page_cache() {
+    // The pool keeps what it read; a second copy in the kernel's page cache
+    // only costs memory, and in the 128 MiB VM that pressure stalled two
+    // extractions at once.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    let data = random_bytes(21, 3 * RAW_CHUNK_SIZE as usize + 4096);
+    std::fs::write(&path, &data).unwrap();
+    {
+        use std::os::unix::io::AsRawFd;
+        let f = std::fs::File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: plain syscall on an open fd.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+    if cached_pages(&path) > 0 {
+        eprintln!("SKIPPED: this filesystem keeps file pages cached (tmpfs?)");
+        return;
+    }
+    let pool = pool(2, 64 << 20, 8);
+    let reader = pool.open_raw_image(&path, "disk".into()).unwrap();
+    let mut buf = vec![0u8; data.len()];
+    let n = reader.read_at(0, &mut buf).await.unwrap();
+    assert!(n == data.len() && buf == data);
+    let cached = cached_pages(&path);
+    assert!(
+        cached <= 64,
+        "{cached} of {} pages of the image stay in the page cache",
+        data.len() / 4096
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_readers_of_one_chunk_share_one_read() {
     let store = TestStore::new(mixed_image());
