@@ -47,9 +47,13 @@ echo "VM of $mem MiB: $("$client" --vm cx --output json status |
 start=$(date +%s.%N)
 for i in $(seq "$n"); do
     (
-        bytes=$(timeout "$timeout_s" "$client" --vm cx extract attached disk0 raw / - \
-            2>"$work/err.$i" | wc -c)
-        echo "extract $i: $bytes bytes $(head -c 200 "$work/err.$i")"
+        set +e +o pipefail
+        timeout "$timeout_s" "$client" --vm cx extract attached disk0 raw / - \
+            2>"$work/err.$i" >"$work/out.$i"
+        status=$?
+        echo "extract $i: exit $status, $(stat -c %s "$work/out.$i") bytes" \
+            "$(head -c 200 "$work/err.$i")"
+        rm -f "$work/out.$i"
     ) &
 done
 wait
