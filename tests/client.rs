@@ -17,6 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use common::{Agent, AGENT_BIN, TICKET};
 use serde_json::Value;
@@ -986,7 +987,7 @@ fn bulk_reads_are_pipelined() {
     let agent = start_agent();
     let dir = tmp();
     // cat of a 9 MiB file: three 4 MiB fs.read calls, all sent at once.
-    let (relay, most) = counting_relay(dir.path(), "cat.sock", &agent.sock);
+    let (relay, most) = counting_relay(dir.path(), "cat.sock", &agent.sock, 3);
     let out = ok(client_at(
         &format!("unix:{}", relay.display()),
         &agent.ticket_path,
@@ -998,7 +999,7 @@ fn bulk_reads_are_pipelined() {
     );
     assert_eq!(most.load(Ordering::SeqCst), 3, "fs.read calls in flight");
     // extract -o of a tree of more than 25 MiB: stream.read calls 4 deep.
-    let (relay, most) = counting_relay(dir.path(), "extract.sock", &agent.sock);
+    let (relay, most) = counting_relay(dir.path(), "extract.sock", &agent.sock, 4);
     let dest = dir.path().join("many");
     ok(client_at(
         &format!("unix:{}", relay.display()),
@@ -1028,7 +1029,17 @@ fn bulk_reads_are_pipelined() {
 /// that counts request lines sent and answer lines returned (the data that
 /// follows a raw answer's line is not searched for lines), and keeps the most
 /// requests that were waiting for their answers at once.
-fn counting_relay(dir: &Path, name: &str, agent_sock: &Path) -> (PathBuf, Arc<AtomicUsize>) {
+/// A relay between the client and the agent's socket that records the most
+/// requests the client had waiting for an answer. The first bulk answer
+/// (raw bytes after its line) is held back, for at most 2 s, until `expect`
+/// requests are waiting: a client that pipelines has sent them all by then
+/// however its threads are scheduled, and one that does not never gets there.
+fn counting_relay(
+    dir: &Path,
+    name: &str,
+    agent_sock: &Path,
+    expect: usize,
+) -> (PathBuf, Arc<AtomicUsize>) {
     let sock = dir.join(name);
     let listener = UnixListener::bind(&sock).expect("bind");
     let target = agent_sock.to_path_buf();
@@ -1046,6 +1057,7 @@ fn counting_relay(dir: &Path, name: &str, agent_sock: &Path) -> (PathBuf, Arc<At
             conn.try_clone().expect("clone"),
         );
         let done = Arc::clone(&answered);
+        let most_seen = Arc::clone(&seen);
         let down = thread::spawn(move || {
             let mut buf = vec![0u8; 1 << 16];
             let mut line = Vec::new();
@@ -1054,7 +1066,8 @@ fn counting_relay(dir: &Path, name: &str, agent_sock: &Path) -> (PathBuf, Arc<At
                 if n == 0 {
                     break;
                 }
-                // Counted before the client can see them (and ask again).
+                // Counted before the client can see them (and ask again),
+                // so that the count never runs ahead of the client.
                 let mut at = 0;
                 while at < n {
                     if raw_left > 0 {
@@ -1068,9 +1081,16 @@ fn counting_relay(dir: &Path, name: &str, agent_sock: &Path) -> (PathBuf, Arc<At
                     };
                     line.extend_from_slice(&buf[at..at + nl]);
                     at += nl + 1;
-                    done.fetch_add(1, Ordering::SeqCst);
                     raw_left = raw_length(&line);
                     line.clear();
+                    let held = Instant::now();
+                    while raw_left > 0
+                        && most_seen.load(Ordering::SeqCst) < expect
+                        && held.elapsed() < Duration::from_secs(2)
+                    {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
                 }
                 if c_w.write_all(&buf[..n]).is_err() {
                     break;
