@@ -340,10 +340,19 @@ fn build() -> Fixture {
 }
 
 fn agent(f: &Fixture) -> Agent {
-    Agent::builder()
+    agent_with_max_streams(f, None)
+}
+
+/// An agent serving the fixture's datastore, with `--max-streams` when
+/// given (its default depends on this machine's memory).
+fn agent_with_max_streams(f: &Fixture, max_streams: Option<u32>) -> Agent {
+    let mut b = Agent::builder()
         .arg("--datastore")
-        .arg(f.store.to_str().unwrap())
-        .start()
+        .arg(f.store.to_str().unwrap());
+    if let Some(n) = max_streams {
+        b = b.arg("--max-streams").arg(n.to_string());
+    }
+    b.start()
 }
 
 // --------------------------------------------------------------- the wire
@@ -1397,13 +1406,7 @@ fn pipelined_stream_reads_are_served_in_offset_order() {
 #[test]
 fn stream_limits_and_lifetimes() {
     let Some(f) = fixture() else { return };
-    // the default depends on this machine's memory
-    let a = Agent::builder()
-        .arg("--datastore")
-        .arg(f.store.to_str().unwrap())
-        .arg("--max-streams")
-        .arg("32")
-        .start();
+    let a = agent_with_max_streams(f, Some(32));
     let mut c1 = a.connect_authed();
     let mut c2 = a.connect_authed();
     // 8 per connection, the 9th is refused; another connection still may
@@ -1512,12 +1515,7 @@ fn stream_limits_and_lifetimes() {
 #[test]
 fn max_streams_bounds_the_producers_also_for_requests_sent_together() {
     let Some(f) = fixture() else { return };
-    let a = Agent::builder()
-        .arg("--datastore")
-        .arg(f.store.to_str().unwrap())
-        .arg("--max-streams")
-        .arg("2")
-        .start();
+    let a = agent_with_max_streams(f, Some(2));
     let mut c1 = a.connect_authed();
     let mut c2 = a.connect_authed();
     assert_eq!(status(&mut c2)["streams"]["max"], 2);
