@@ -999,6 +999,32 @@ fn many_in_flight_with_backpressure() {
 }
 
 #[test]
+fn a_connection_whose_answers_cannot_be_written_is_closed() {
+    // The client shuts down its reading side but goes on sending: the
+    // agent's writes fail (EPIPE). The agent must then close the connection
+    // and free its slot, not read on with nobody able to get an answer.
+    let agent = Agent::start();
+    let mut c = agent.connect_authed();
+    let (_deaf, mut w) = split_authed(&agent);
+    w.shutdown(std::net::Shutdown::Read).expect("shutdown");
+    w.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n")
+        .expect("write");
+    let mut last = Value::Null;
+    let closed = wait_until(Duration::from_secs(5), || {
+        last = c.call_ok("status", None);
+        last["connections"] == json!(1)
+    });
+    assert!(closed, "the deaf connection is still open: {last}");
+    // The agent closed its end: writing on fails sooner or later.
+    let refused = wait_until(Duration::from_secs(5), || {
+        w.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"ping\"}\n")
+            .is_err()
+    });
+    assert!(refused, "the agent still reads the deaf connection");
+    assert_eq!(c.call_ok("ping", None), json!("pong"));
+}
+
+#[test]
 fn max_connections_rejects_the_extra_one() {
     let agent = Agent::builder().arg("--max-connections").arg("2").start();
     let mut a = agent.connect_authed();

@@ -90,7 +90,7 @@ pub(super) async fn serve(inner: Arc<Inner>, stream: Box<dyn Stream>, id: usize)
     let mut frames =
         FramedRead::with_capacity(rd, LineDecoder::new(inner.cfg.max_request_bytes), 64 << 10);
     let (tx, rx) = mpsc::channel(inner.cfg.max_in_flight);
-    let mut writer = tokio::spawn(write_lines(wr, rx));
+    let mut writer = tokio::spawn(write_lines(wr, rx, id));
     let mut ext = Extensions::new();
     ext.insert(ConnectionId(id));
     let conn = Arc::new(Conn {
@@ -202,14 +202,19 @@ async fn serve_requests(conn: &Arc<Conn>, frames: &mut Frames, tx: &Sender) {
     let shutdown = conn.inner.shared.shutdown_token();
     let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
     loop {
+        // A writer that failed has closed the receiving end: answers can
+        // no longer reach the client, so reading on would only hold the
+        // connection open without serving it.
         let permit = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = tx.closed() => break,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let frame = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = tx.closed() => break,
             f = frames.next() => f,
         };
         match frame {
@@ -363,7 +368,10 @@ fn asks_for_raw(params: Option<&RawValue>) -> bool {
         .is_some_and(|p| p.encoding == Some("raw"))
 }
 
-async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>) {
+/// Writes the answers in the order they come; on a write error it logs it
+/// and returns, dropping `rx`, which ends the connection (see
+/// `serve_requests`).
+async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>, id: usize) {
     let mut w = BufWriter::with_capacity(64 << 10, wr);
     let mut part = Vec::new();
     while let Some(mut out) = rx.recv().await {
@@ -396,10 +404,22 @@ async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoi
             }
             std::io::Result::Ok(())
         };
-        if written.await.is_err() {
+        if let Err(e) = written.await {
+            log_write_error(id, &e);
             return;
         }
     }
     let _ = w.flush().await;
     let _ = w.shutdown().await;
+}
+
+/// A client that closes its connection while answers are still on their way
+/// is ordinary; any other write error is worth a warning.
+fn log_write_error(id: usize, e: &std::io::Error) {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+    if matches!(e.kind(), BrokenPipe | ConnectionReset) {
+        log::debug!("conn {id}: the client stopped reading ({e}); closing");
+    } else {
+        log::warn!("conn {id}: writing an answer failed: {e}; closing the connection");
+    }
 }
