@@ -20,7 +20,7 @@ use super::envelope::{
 use super::router::{Body, Outcome, Trailer, AUTHENTICATE};
 use super::server::Inner;
 use crate::transport::listener::Stream;
-use crate::transport::{Frame, LineDecoder};
+use crate::transport::{Frame, LineDecoder, ShortageRetry};
 
 /// The result of a successful `authenticate`.
 const AUTH_RESULT: &str = concat!(
@@ -90,6 +90,7 @@ pub(super) async fn serve(inner: Arc<Inner>, stream: Box<dyn Stream>, id: usize)
     let mut frames =
         FramedRead::with_capacity(rd, LineDecoder::new(inner.cfg.max_request_bytes), 64 << 10);
     let (tx, rx) = mpsc::channel(inner.cfg.max_in_flight);
+    let wr = ShortageRetry::new(wr, format!("conn {id}"));
     let mut writer = tokio::spawn(write_lines(wr, rx, id));
     let mut ext = Extensions::new();
     ext.insert(ConnectionId(id));

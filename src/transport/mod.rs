@@ -7,7 +7,9 @@
 pub mod addr;
 pub mod framing;
 pub mod listener;
+pub mod shortage;
 
 pub use addr::ListenAddr;
 pub use framing::{Frame, LineDecoder};
 pub use listener::{Connection, Listener};
+pub use shortage::ShortageRetry;
