@@ -1963,3 +1963,36 @@ fn extract_takes_the_name_the_path_resolves_to() {
         b"hello from FAT\n"
     );
 }
+
+#[test]
+fn vm_start_refuses_a_guest_smaller_than_128_mib() {
+    // Checked before anything is started: empty stand-ins for the kernel,
+    // the initramfs and the disk are enough to reach the check.
+    let dir = tmp();
+    for f in ["vmlinux", "initramfs.cpio", "disk.img"] {
+        fs::write(dir.path().join(f), b"").expect("write");
+    }
+    let run_dir = tmp();
+    let image = format!("disk0={}", dir.path().join("disk.img").display());
+    let start = |memory: &str| {
+        Command::new(CLIENT_BIN)
+            .args(["vm", "start", "--image", &image, "--memory", memory])
+            .arg("--image-dir")
+            .arg(dir.path())
+            .env("RESTORE_AGENT_RUN_DIR", run_dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run")
+    };
+    let out = start("112");
+    exits(&out, 2);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--memory must be at least 128 MiB"), "{err}");
+    let list = Command::new(CLIENT_BIN)
+        .args(["--output", "json", "vm", "list"])
+        .env("RESTORE_AGENT_RUN_DIR", run_dir.path())
+        .output()
+        .expect("run");
+    let vms: Value = serde_json::from_slice(&list.stdout).expect("json");
+    assert_eq!(vms, serde_json::json!([]), "nothing was started");
+}

@@ -57,7 +57,7 @@ pub struct StartArgs {
     pub accel: Accel,
     #[arg(long, value_enum, default_value_t = Vsock::Auto)]
     pub vsock: Vsock,
-    /// Guest memory
+    /// Guest memory, at least 128 MiB
     #[arg(long, value_name = "MiB", default_value_t = 128)]
     pub memory: u32,
     /// Directory holding vmlinux and initramfs.cpio [env: RESTORE_AGENT_VM_DIR,
