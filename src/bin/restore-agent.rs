@@ -297,9 +297,9 @@ async fn serve(
 
 /// `--max-streams` by default: one per 24 MiB of memory. A stream's own
 /// filesystem, its buffer and the archive blocks in flight took 4-6 MiB
-/// each; 8 at once exhausted a 128 MiB VM (80 MiB for the guest), and with
-/// 4 at once its vsock stalled in 2 of 6 runs, with 3 in 1 of 10 (see
-/// README.rst, "Known problem").
+/// each; 8 at once exhausted a 128 MiB VM (80 MiB for the guest), and the
+/// more run at once, the more often its kernel runs short of memory for
+/// vsock packets (see README.rst, "Concurrent extractions in a small VM").
 fn default_max_streams() -> usize {
     restore_agent::init::memory_mb()
         .map_or(32, |m| usize::try_from(m / 24).unwrap_or(32).clamp(2, 32))

@@ -237,8 +237,9 @@ fn read_raw_chunk(image: &RawImage, chunk: u64) -> Result<Vec<u8>> {
 }
 
 /// Asks the kernel to drop its page cache of what was just read: the pool
-/// keeps the bytes it needs, and a second copy in the 128 MiB VM left so
-/// little memory that two extractions at once stalled its vsock. Advice
+/// keeps the bytes it needs, and a second copy in the 128 MiB VM left its
+/// kernel so short of memory that, with two extractions at once, vsock
+/// writes of the agent failed (ENOMEM) in 4 runs of 4. Advice
 /// only; chunk files (shared over 9p without a page cache in the VM, warm
 /// in the host's cache for benchmarks) are left alone.
 fn forget_cached(file: &File, start: u64, len: usize) {

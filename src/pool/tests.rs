@@ -256,8 +256,8 @@ fn cached_pages(path: &std::path::Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_image_reads_leave_the_image_out_of_the_page_cache() {
     // The pool keeps what it read; a second copy in the kernel's page cache
-    // only costs memory, and in the 128 MiB VM that pressure stalled two
-    // extractions at once.
+    // only costs memory, and in the 128 MiB VM that pressure made the
+    // guest kernel's vsock writes fail (ENOMEM) with two extractions at once.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.raw");
     let data = random_bytes(21, 3 * RAW_CHUNK_SIZE as usize + 4096);
