@@ -1025,6 +1025,54 @@ fn a_connection_whose_answers_cannot_be_written_is_closed() {
 }
 
 #[test]
+fn answers_get_through_socket_writes_failing_for_lack_of_kernel_memory() {
+    // A small VM's kernel can fail a socket write with ENOMEM (it could not
+    // allocate the packet); nothing was sent and the same write succeeds
+    // later. tests/fault/enomem_write.c, preloaded into the agent, fails
+    // every third socket write of 1 KiB or more that way.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shim = dir.path().join("enomem_write.so");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fault/enomem_write.c");
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&shim)
+        .arg(source)
+        .arg("-ldl")
+        .status()
+        .expect("run cc");
+    assert!(cc.success(), "cc failed");
+    let image = dir.path().join("disk.img");
+    let data: Vec<u8> = (0..12u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(&image, &data).expect("write image");
+    let preload = format!("LD_PRELOAD={}", shim.display());
+    let agent = Agent::builder()
+        .image("disk0", &image)
+        .wrapper(&["env", &preload, "RESTORE_AGENT_FAULT_ENOMEM_EVERY=3"])
+        .start();
+    let mut c = agent.connect_authed();
+    for offset in [0u64, 4 << 20, 8 << 20] {
+        let r = c.call_ok(
+            "image.read",
+            Some(json!({"snapshot": "attached", "archive": "disk0",
+                        "offset": offset, "length": 4 << 20})),
+        );
+        let got = base64_simd::STANDARD
+            .decode_to_vec(r["data"].as_str().unwrap_or_else(|| panic!("{r}")))
+            .expect("base64");
+        let at = usize::try_from(offset).expect("offset");
+        assert!(got == data[at..at + (4 << 20)], "wrong bytes at {offset}");
+    }
+    assert_eq!(c.call_ok("ping", None), json!("pong"));
+    let log = agent.stderr();
+    assert!(
+        log.contains("short of memory") && log.contains("shortage ended"),
+        "no shortage was met or waited out:\n{log}"
+    );
+}
+
+#[test]
 fn max_connections_rejects_the_extra_one() {
     let agent = Agent::builder().arg("--max-connections").arg("2").start();
     let mut a = agent.connect_authed();
