@@ -67,8 +67,8 @@ pub struct StartOptions {
 
 /// The smallest guest `start` accepts. Two extractions at once (the
 /// default `--max-streams` there) panicked a 104 MiB guest's kernel
-/// ("System is deadlocked on memory") in every run and a 112 MiB one's in
-/// 1 of 2; 128 MiB passed 30 runs of three at once.
+/// ("System is deadlocked on memory") in 4 runs of 4 and a 112 MiB one's
+/// in 3 of 9; 128 MiB passed 30 runs of three at once.
 pub const MIN_MEMORY_MIB: u32 = 128;
 
 /// Boots a VM and records it; returns once the agent answers `ping`.
