@@ -202,20 +202,23 @@ async fn serve_requests(conn: &Arc<Conn>, frames: &mut Frames, tx: &Sender) {
     let cfg = &conn.inner.cfg;
     let shutdown = conn.inner.shared.shutdown_token();
     let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
+    // A writer that failed has closed the receiving end: answers can no
+    // longer reach the client, so reading on would only hold the connection
+    // open without serving it. One future for the whole loop: it registers
+    // with the channel once, not twice per request.
+    let writer_gone = tx.closed();
+    tokio::pin!(writer_gone);
     loop {
-        // A writer that failed has closed the receiving end: answers can
-        // no longer reach the client, so reading on would only hold the
-        // connection open without serving it.
         let permit = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = tx.closed() => break,
+            _ = &mut writer_gone => break,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
         };
         let frame = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = tx.closed() => break,
+            _ = &mut writer_gone => break,
             f = frames.next() => f,
         };
         match frame {
