@@ -242,7 +242,7 @@ fn read_raw_chunk(image: &RawImage, chunk: u64) -> Result<Vec<u8>> {
 /// writes of the agent failed (ENOMEM) in 4 runs of 4. Advice
 /// only; chunk files (shared over 9p without a page cache in the VM, warm
 /// in the host's cache for benchmarks) are left alone.
-fn forget_cached(file: &File, start: u64, len: usize) {
+pub(super) fn forget_cached(file: &File, start: u64, len: usize) {
     use std::os::unix::io::AsRawFd;
     if let (Ok(start), Ok(len)) = (libc::off_t::try_from(start), libc::off_t::try_from(len)) {
         // SAFETY: an advisory syscall on an open descriptor; no pointers.

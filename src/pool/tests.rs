@@ -263,11 +263,9 @@ async fn raw_image_reads_leave_the_image_out_of_the_page_cache() {
     let data = random_bytes(21, 3 * RAW_CHUNK_SIZE as usize + 4096);
     std::fs::write(&path, &data).unwrap();
     {
-        use std::os::unix::io::AsRawFd;
         let f = std::fs::File::open(&path).unwrap();
         f.sync_all().unwrap();
-        // SAFETY: plain syscall on an open fd.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        super::load::forget_cached(&f, 0, 0); // 0: to the end of the file
     }
     if cached_pages(&path) > 0 {
         eprintln!("SKIPPED: this filesystem keeps file pages cached (tmpfs?)");

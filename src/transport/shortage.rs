@@ -21,14 +21,14 @@ use tokio::io::AsyncWrite;
 use tokio::time::Sleep;
 
 /// How long one shortage may last before the write fails after all.
-pub const SHORTAGE_LIMIT: Duration = Duration::from_secs(60);
+const SHORTAGE_LIMIT: Duration = Duration::from_secs(60);
 
 /// The first pause; each further one doubles, up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(1);
 const MAX_PAUSE: Duration = Duration::from_millis(200);
 
 /// Whether `e` says the kernel lacked memory for the write, and nothing else.
-pub fn is_shortage(e: &io::Error) -> bool {
+fn is_shortage(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOMEM) | Some(libc::ENOBUFS))
 }
 
@@ -46,7 +46,6 @@ struct Shortage {
     since: Instant,
     retries: u32,
     pause: Pin<Box<Sleep>>,
-    next_pause: Duration,
 }
 
 impl<W> ShortageRetry<W> {
@@ -118,7 +117,6 @@ impl<W> ShortageRetry<W> {
                     since: Instant::now(),
                     retries: 0,
                     pause: Box::pin(tokio::time::sleep(Duration::ZERO)),
-                    next_pause: FIRST_PAUSE,
                 })
             }
         };
@@ -126,9 +124,10 @@ impl<W> ShortageRetry<W> {
             self.shortage = None;
             return Err(e);
         }
+        let pause = FIRST_PAUSE
+            .saturating_mul(1 << s.retries.min(16))
+            .min(MAX_PAUSE);
         s.retries += 1;
-        let pause = s.next_pause;
-        s.next_pause = (pause * 2).min(MAX_PAUSE);
         s.pause.as_mut().reset(tokio::time::Instant::now() + pause);
         Ok(())
     }
