@@ -10,6 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use restore_agent::error::ErrorKind;
 use restore_agent::restore::disk::{Disk, FileDisk};
@@ -1471,13 +1472,21 @@ fn fat_directory_loops_are_corrupt() {
     let (sub, _) = fat.find(&d, Some(d_cluster), b"SUB        ");
     let mut parent_loop = d.clone();
     parent_loop[sub + 26..sub + 28].copy_from_slice(&d_cluster.to_le_bytes());
+    let d_slots = fat.entries(&d, Some(d_cluster));
     // /D's next-to-last cluster leads back to its first
     fat.link(&mut d, chain[chain.len() - 2], chain[0]);
     let chain_loop = d;
+    // ... and every slot in it deleted, so that no entry is ever found
+    let mut deleted_loop = chain_loop.clone();
+    for at in d_slots {
+        deleted_loop[at] = 0xE5;
+    }
     let parent_loop_img = dir.path().join("parent-loop.img");
     std::fs::write(&parent_loop_img, &parent_loop).unwrap();
     let chain_loop_img = dir.path().join("chain-loop.img");
     std::fs::write(&chain_loop_img, &chain_loop).unwrap();
+    let deleted_loop_img = dir.path().join("deleted-loop.img");
+    std::fs::write(&deleted_loop_img, &deleted_loop).unwrap();
 
     let (walked, listed, looped) = with_fs(&parent_loop_img, "raw", |fs| {
         let mut n = 0;
@@ -1503,6 +1512,81 @@ fn fat_directory_loops_are_corrupt() {
     for e in [listed.expect_err("listed"), walked.expect_err("walked")] {
         assert_error(&e, ErrorKind::Corrupt, "more than 65536 directory entries");
     }
+
+    let (listed, walked) = within(Duration::from_secs(60), move || {
+        with_fs(&deleted_loop_img, "raw", |fs| {
+            let listed = fs.list(b"/D", None, 100).map(|l| l.0.len());
+            (listed, fs.walk(b"/", &mut |_, _| Ok(())))
+        })
+    });
+    for e in [listed.expect_err("listed"), walked.expect_err("walked")] {
+        assert_error(&e, ErrorKind::Corrupt, "/D: corrupt FAT filesystem");
+        assert_error(&e, ErrorKind::Corrupt, "cluster chain loops");
+    }
+}
+
+/// Runs `job` on a thread of its own and gives its result, or fails the
+/// test if it takes longer than `limit` (a job that never ends is left
+/// spinning until the test process exits).
+fn within<R: Send + 'static>(limit: Duration, job: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(job());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|e| panic!("not done within {limit:?}: {e}"))
+}
+
+/// A FAT32 root directory whose cluster chain loops, holding only deleted
+/// slots: probing the volume (which reads the root for its label) and
+/// listing the root end with 1004. fatfs skips deleted slots inside one
+/// step of its iterator, so it used to read the same cluster forever, and
+/// `volume.list` never answered.
+#[test]
+fn a_fat32_root_that_loops_over_deleted_slots_is_corrupt() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fat32.img");
+    // 40 MiB with one 512-byte sector per cluster: enough clusters for FAT32
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-F", "32", "-s", "1", "-n", "LOOPROOT"])
+        .arg(&img)
+        .arg("40960"));
+    let mut d = std::fs::read(&img).unwrap();
+    let u16_at = |d: &[u8], at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
+    let u32_at =
+        |d: &[u8], at: usize| u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]) as usize;
+    let (bps, spc, rsv, nf) = (
+        u16_at(&d, 11),
+        usize::from(d[13]),
+        u16_at(&d, 14),
+        usize::from(d[16]),
+    );
+    let (fat_sectors, root) = (u32_at(&d, 36), u32_at(&d, 44));
+    let data = (rsv + nf * fat_sectors) * bps;
+    let root_at = data + (root - 2) * spc * bps;
+    for k in 0..nf {
+        let at = (rsv + k * fat_sectors) * bps + 4 * root;
+        d[at..at + 4].copy_from_slice(&(root as u32).to_le_bytes());
+    }
+    for slot in (root_at..root_at + spc * bps).step_by(32) {
+        d[slot] = 0xE5;
+    }
+    std::fs::write(&img, &d).unwrap();
+
+    let probed = img.clone();
+    let volumes = within(Duration::from_secs(60), move || list_volumes(disk(&probed)));
+    let volumes = volumes.unwrap();
+    assert_eq!(volumes.len(), 1, "{volumes:?}");
+    let listed = within(Duration::from_secs(60), move || {
+        with_fs(&img, "raw", |fs| {
+            fs.list(b"/", None, 100).map(|l| l.0.len())
+        })
+    });
+    let e = listed.expect_err("the root listed");
+    assert_error(&e, ErrorKind::Corrupt, "cluster chain loops");
 }
 
 /// An NTFS index entry naming its own index record as its subnode is

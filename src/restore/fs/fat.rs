@@ -27,23 +27,70 @@ type FatDir<'a> = fatfs::Dir<'a, FatCursor>;
 /// Most entries in one directory: FAT allows 65,536 32-byte slots, and a
 /// cluster chain that loops back would otherwise yield entries forever.
 const MAX_DIR_ENTRIES: usize = 65_536;
-/// No read noted yet.
-const NO_READ: u64 = u64::MAX;
+/// Most bytes one directory scan may read: its 65,536 slots (2 MiB) and
+/// the FAT entries of their clusters, with room to spare. fatfs skips
+/// deleted and long-name slots inside one step of its iterator, so a
+/// looping cluster chain holding only those never yields an entry for
+/// [`MAX_DIR_ENTRIES`] to count: only the bytes read show the loop.
+const DIR_SCAN_BYTES: u64 = 4 << 20;
+/// No read noted yet; no scan under way.
+const NONE: u64 = u64::MAX;
 
-/// The volume as fatfs reads it, noting where the last read started.
-/// fatfs does not tell a directory's first cluster, but the first read of
-/// a directory's entries starts there, so that offset names the directory
-/// (see [`FatBackend::dir_identity`]).
+/// What the cursor notes of fatfs's reads, shared with the backend.
+struct Watch {
+    /// Where the last read started. fatfs does not tell a directory's
+    /// first cluster, but the first read of a directory's entries starts
+    /// there, so that offset names the directory (see
+    /// [`FatBackend::dir_identity`]).
+    last_read: AtomicU64,
+    /// Bytes the directory scan under way may still read ([`NONE`]: no
+    /// scan, no limit).
+    scan_left: AtomicU64,
+}
+
+/// The volume as fatfs reads it, watched (see [`Watch`]).
 pub struct FatCursor {
     disk: DiskCursor,
-    last_read: Arc<AtomicU64>,
+    watch: Arc<Watch>,
 }
 
 impl Read for FatCursor {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.watch.scan_left.load(Ordering::Relaxed);
+        if left != NONE {
+            let want = buf.len() as u64;
+            if want > left {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "a directory reads more than {} MiB, more than 65,536 entries take \
+                         (its cluster chain loops)",
+                        DIR_SCAN_BYTES >> 20
+                    ),
+                ));
+            }
+            self.watch.scan_left.store(left - want, Ordering::Relaxed);
+        }
         let at = self.disk.stream_position()?;
-        self.last_read.store(at, Ordering::Relaxed);
+        self.watch.last_read.store(at, Ordering::Relaxed);
         self.disk.read(buf)
+    }
+}
+
+/// A directory scan under way: reads are counted against
+/// [`DIR_SCAN_BYTES`] until it is dropped.
+struct DirScan<'a>(&'a Watch);
+
+impl<'a> DirScan<'a> {
+    fn start(watch: &'a Watch) -> DirScan<'a> {
+        watch.scan_left.store(DIR_SCAN_BYTES, Ordering::Relaxed);
+        DirScan(watch)
+    }
+}
+
+impl Drop for DirScan<'_> {
+    fn drop(&mut self) {
+        self.0.scan_left.store(NONE, Ordering::Relaxed);
     }
 }
 
@@ -81,15 +128,18 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::new(kind, text)
 }
 
-fn open_fs(disk: Arc<dyn Disk>) -> Result<(Fat, Arc<AtomicU64>)> {
+fn open_fs(disk: Arc<dyn Disk>) -> Result<(Fat, Arc<Watch>)> {
     let opts = FsOptions::new().update_accessed_date(false);
-    let last_read = Arc::new(AtomicU64::new(NO_READ));
+    let watch = Arc::new(Watch {
+        last_read: AtomicU64::new(NONE),
+        scan_left: AtomicU64::new(NONE),
+    });
     let cursor = FatCursor {
         disk: DiskCursor::new(disk),
-        last_read: last_read.clone(),
+        watch: watch.clone(),
     };
     match catch_unwind(AssertUnwindSafe(|| FileSystem::new(cursor, opts))) {
-        Ok(Ok(fs)) => Ok((fs, last_read)),
+        Ok(Ok(fs)) => Ok((fs, watch)),
         Ok(Err(e)) => Err(io_err("FAT filesystem", e)),
         Err(_) => Err(Error::corrupt(
             "FAT filesystem: the reader failed on the boot sector: corrupt filesystem",
@@ -112,7 +162,8 @@ pub fn probe(disk: Arc<dyn Disk>, head: &[u8]) -> Probe {
         unsupported: None,
     };
     match open_fs(disk) {
-        Ok((fs, _)) => {
+        Ok((fs, watch)) => {
+            let _scan = DirScan::start(&watch);
             let root_label =
                 catch_unwind(AssertUnwindSafe(|| fs.read_volume_label_from_root_dir()));
             if let Ok(Ok(Some(l))) = root_label {
@@ -144,13 +195,13 @@ fn unix_time(t: fatfs::DateTime) -> i64 {
 /// An open FAT filesystem; [`FatBackend`] borrows it.
 pub struct FatVolume {
     fs: Fat,
-    last_read: Arc<AtomicU64>,
+    watch: Arc<Watch>,
 }
 
 /// Opens the FAT filesystem on `disk`.
 pub fn open(disk: Arc<dyn Disk>) -> Result<FatVolume> {
-    let (fs, last_read) = open_fs(disk)?;
-    Ok(FatVolume { fs, last_read })
+    let (fs, watch) = open_fs(disk)?;
+    Ok(FatVolume { fs, watch })
 }
 
 /// A FAT node: directories and files are kept as fatfs handles, so reads
@@ -163,8 +214,8 @@ pub enum FatNode<'a> {
 
 pub struct FatBackend<'a> {
     fs: &'a Fat,
-    /// where the volume's last read started
-    last_read: &'a AtomicU64,
+    /// what the cursor notes of the volume's reads
+    watch: &'a Watch,
     /// the file last read and its path, to continue sequential reads
     /// without walking the cluster chain from the start
     reading: Option<(Vec<u8>, fatfs::File<'a, FatCursor>)>,
@@ -174,7 +225,7 @@ impl<'a> FatBackend<'a> {
     pub fn new(volume: &'a FatVolume) -> FatBackend<'a> {
         FatBackend {
             fs: &volume.fs,
-            last_read: &volume.last_read,
+            watch: &volume.watch,
             reading: None,
         }
     }
@@ -236,6 +287,7 @@ impl<'a> Backend for FatBackend<'a> {
                 format!("{}: not a directory", show(path)),
             ));
         };
+        let _scan = DirScan::start(self.watch);
         let mut out = Vec::new();
         for (i, e) in d.iter().enumerate() {
             if i >= MAX_DIR_ENTRIES {
@@ -316,12 +368,14 @@ impl<'a> Backend for FatBackend<'a> {
         let FatNode::Dir(d) = dir else {
             return Ok(None);
         };
-        self.last_read.store(NO_READ, Ordering::Relaxed);
+        self.watch.last_read.store(NONE, Ordering::Relaxed);
+        let scan = DirScan::start(self.watch);
         if let Some(Err(e)) = d.iter().next() {
             return Err(io_err(&show(path), e));
         }
-        let at = self.last_read.load(Ordering::Relaxed);
-        Ok((at != NO_READ).then_some(at))
+        drop(scan);
+        let at = self.watch.last_read.load(Ordering::Relaxed);
+        Ok((at != NONE).then_some(at))
     }
 
     fn case_insensitive(&self) -> bool {
