@@ -858,6 +858,75 @@ fn max_batch_is_enforced() {
     assert_next_is_pong(&mut c, 99);
 }
 
+fn read_item(id: u64, offset: u64, length: u64) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "image.read",
+        "params": {"snapshot": "attached", "archive": "disk", "offset": offset, "length": length}})
+}
+
+fn base64_data(r: &Value) -> Vec<u8> {
+    let text = r["result"]["data"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no data: {r}"));
+    base64_simd::STANDARD.decode_to_vec(text).expect("base64")
+}
+
+/// A batch is answered in one line built whole, so the answers of batches
+/// not yet written may take 8 MiB in all: a read whose answer does not fit
+/// gets -32003 with advice, its neighbours their answers, and the same read
+/// sent on its own its data. A batch of 16 base64 reads of 16 MiB used to
+/// build a 360 MB line (64 of them, 1.4 GB: more than the VM has).
+#[test]
+fn batch_answers_are_bounded() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let src: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    fs::write(&image, &src).unwrap();
+    let agent = Agent::builder().image("disk", &image).start();
+    let mut c = agent.connect_authed();
+
+    for round in 0..2 {
+        let ping = json!({"jsonrpc": "2.0", "id": 4, "method": "ping"});
+        let items = [
+            read_item(1, 0, 4 * MIB),
+            read_item(2, 4 * MIB, 4 * MIB),
+            read_item(3, 8 * MIB, 4 * MIB),
+            ping,
+        ];
+        c.send_json(&Value::Array(items.to_vec()));
+        let r = c.recv();
+        assert!(
+            base64_data(by_id(&r, &json!(1))) == src[..4 << 20],
+            "round {round}"
+        );
+        for id in [2, 3] {
+            let e = by_id(&r, &json!(id));
+            assert!(e.get("error").is_some(), "round {round}: {id} got its data");
+            assert_eq!(error_code(e), -32003, "round {round}: {e}");
+            let msg = e["error"]["message"].as_str().unwrap_or_default();
+            assert!(msg.contains("send this request on its own"), "{e}");
+        }
+        assert_eq!(by_id(&r, &json!(4))["result"], "pong", "{r}");
+    }
+    c.send_json(&read_item(2, 4 * MIB, 4 * MIB));
+    assert!(base64_data(&c.recv()) == src[4 << 20..8 << 20]);
+
+    let big: Vec<Value> = (1..=16).map(|id| read_item(id, 0, 16 * MIB)).collect();
+    c.send_json(&Value::Array(big));
+    let r = c.recv();
+    for id in 1..=16 {
+        let e = by_id(&r, &json!(id));
+        assert!(e.get("error").is_some(), "{id} got its data");
+        assert_eq!(error_code(e), -32003, "{e}");
+    }
+    let peak = proc_status_bytes(agent.pid() as u32, "VmHWM");
+    // 75 MiB here; 400 MiB when the whole line was built
+    assert!(peak < 128 * MIB, "agent peak RSS {} MiB", peak / MIB);
+    assert_next_is_pong(&mut c, 99);
+}
+
 /// What a pipelined request should get back.
 #[derive(Clone, Copy, Debug)]
 enum Expect {

@@ -12,7 +12,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::FramedRead;
 
-use super::codes::{AUTH_FAILED, AUTH_REQUIRED, INVALID_PARAMS, INVALID_REQUEST, SHUTTING_DOWN};
+use super::codes::{
+    AUTH_FAILED, AUTH_REQUIRED, INVALID_PARAMS, INVALID_REQUEST, LIMIT_REACHED, SHUTTING_DOWN,
+};
 use super::envelope::{
     error_line, error_object_line, parse_message, parse_request, result_head, result_line, Id,
     Message,
@@ -39,6 +41,16 @@ struct Outgoing {
     trailer: Option<Box<dyn Trailer>>,
     _hold: Option<Box<dyn Send + Sync>>,
 }
+
+/// Bytes that batch answers not yet written may take, over all
+/// connections. A batch is answered in one line, built whole (it cannot be
+/// streamed like a single bulk read's answer, whose share of the read
+/// budget is held until it is written), so without this bound a batch of
+/// 64 base64 reads of 16 MiB would build a 1.4 GB line.
+pub(super) const BATCH_ANSWER_BYTES: usize = 8 << 20;
+
+const BATCH_ANSWER_FULL: &str = "limit reached: batch answers not yet written may take 8 MiB \
+     over all connections; send this request on its own";
 
 /// Capacity of the buffer a connection's writer produces streamed result
 /// parts into (reused for every part of every response).
@@ -302,17 +314,42 @@ async fn respond(conn: &Conn, line: &[u8]) -> Option<Outgoing> {
         )));
     }
     let mut out = Vec::new();
+    let mut held = Vec::new();
     for raw in items {
-        if let Some(reply) = respond_one(conn, raw, true).await {
-            out.push(if out.is_empty() { b'[' } else { b',' });
-            out.extend_from_slice(&reply.into_bytes());
+        let Some(reply) = respond_one(conn, raw, true).await else {
+            continue;
+        };
+        let mut bytes = reply.into_bytes();
+        let room = u32::try_from(bytes.len()).ok().and_then(|n| {
+            conn.inner
+                .batch_answers
+                .clone()
+                .try_acquire_many_owned(n)
+                .ok()
+        });
+        match room {
+            Some(permit) => held.push(permit),
+            None => bytes = error_line(&id_of(raw), LIMIT_REACHED, BATCH_ANSWER_FULL),
         }
+        out.push(if out.is_empty() { b'[' } else { b',' });
+        out.extend_from_slice(&bytes);
     }
     if out.is_empty() {
         return None;
     }
     out.push(b']');
-    Some(Outgoing::line(out))
+    let mut line = Outgoing::line(out);
+    line._hold = Some(Box::new(held));
+    Some(line)
+}
+
+/// The id of a batch item that was answered: its request's, or the one its
+/// rejection names.
+fn id_of(raw: &RawValue) -> Id {
+    match parse_request(raw) {
+        Ok(req) => req.id.unwrap_or_else(Id::null),
+        Err(r) => r.id,
+    }
 }
 
 /// Answers one request; `in_batch`: its answer goes into a batch's one

@@ -158,6 +158,9 @@ pub(super) struct Inner {
     pub shared: Arc<Shared>,
     pub router: Router,
     pub ticket: Ticket,
+    /// Bytes that batch answers not yet written may take, all connections
+    /// together (see `connection::BATCH_ANSWER_BYTES`).
+    pub batch_answers: Arc<tokio::sync::Semaphore>,
     next_conn_id: AtomicUsize,
 }
 
@@ -173,6 +176,9 @@ impl Server {
                 shared,
                 router,
                 ticket,
+                batch_answers: Arc::new(tokio::sync::Semaphore::new(
+                    super::connection::BATCH_ANSWER_BYTES,
+                )),
                 next_conn_id: AtomicUsize::new(1),
             }),
         }
