@@ -2223,3 +2223,56 @@ fn ntfs_sizes_past_2_32_clusters_are_corrupt() {
         assert_error(&e, ErrorKind::Corrupt, "more than 2^32 clusters");
     });
 }
+
+/// A page of a listing stops at about 1 MiB of JSON as well as at its
+/// `limit`: 300 symlinks with 4,000-byte targets that are not UTF-8 (each
+/// 17 KB as lossy text plus base64) come in several pages, and paging
+/// through them gives every one. A page used to hold all it was asked
+/// for: 10,000 such entries made one answer of 120 MB.
+#[test]
+fn listing_pages_are_bounded_in_bytes() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("links")).unwrap();
+    let target = |i: usize| {
+        let mut t = vec![0xFF; 4000];
+        t[..4].copy_from_slice(format!("{i:04}").as_bytes());
+        t
+    };
+    for i in 0..300 {
+        let t = std::ffi::OsStr::from_bytes(&target(i)).to_owned();
+        std::os::unix::fs::symlink(t, src.join(format!("links/l{i:03}"))).unwrap();
+    }
+    let img = dir.path().join("links.img");
+    mkimg_ext(&src, &img, &["-t", "ext4", "-T", "default"], 16);
+
+    let pages = with_fs(&img, "raw", |fs| {
+        let mut pages = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (entries, next) = fs.list(b"/links", cursor.as_deref(), 1000).unwrap();
+            pages.push(entries);
+            match next {
+                Some(c) => cursor = Some(c),
+                None => return pages,
+            }
+        }
+    });
+    assert!(pages.len() >= 5, "{} pages", pages.len());
+    for p in &pages {
+        let json = serde_json::to_vec(p).unwrap();
+        assert!(json.len() <= 1 << 20, "a page of {} bytes", json.len());
+    }
+    let all: Vec<&Entry> = pages.iter().flatten().collect();
+    assert_eq!(all.len(), 300);
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.name, format!("l{i:03}"));
+        let raw = base64_simd::STANDARD
+            .decode_to_vec(e.target_b64.as_deref().expect("target_b64"))
+            .unwrap();
+        assert!(raw == target(i), "target of {}", e.name);
+    }
+}

@@ -42,6 +42,10 @@ const DIR_CACHE: usize = 8;
 /// below, about 25,000 entries): eight listings of 100,000 entries, over
 /// 300 MB, would not fit a 128 MiB VM.
 const DIR_CACHE_BYTES: usize = 8 << 20;
+/// Most bytes of JSON one `list` page may take (by [`page_bytes`]): a page
+/// is answered whole, and 10,000 symlinks with 4 KiB targets that are not
+/// UTF-8 (lossy text plus base64) would make one of 120 MB.
+const PAGE_BYTES: usize = 1 << 20;
 /// What the allocator adds to one heap allocation, rounding included.
 const ALLOC_OVERHEAD: usize = 24;
 
@@ -51,6 +55,30 @@ const ALLOC_OVERHEAD: usize = 24;
 /// filled may hold twice as many children as it has.
 pub fn child_bytes<N>(name: usize, link: usize) -> usize {
     kept_bytes::<N>(name, link) + std::mem::size_of::<Child<N>>()
+}
+
+/// The most JSON bytes an entry of a `list` page takes: at most 256 for
+/// its fixed members (numbers at their longest), plus its name and symlink
+/// target as text.
+fn page_bytes(name: &[u8], link: Option<&[u8]>) -> usize {
+    256 + json_text_bytes(name) + link.map_or(0, json_text_bytes)
+}
+
+/// The most bytes `raw` takes as a JSON string member's value (see
+/// `Entry::set_name`): escaped UTF-8, or for other bytes lossy UTF-8 (a
+/// replacement character is 3 bytes) plus their base64 in a second member.
+fn json_text_bytes(raw: &[u8]) -> usize {
+    match std::str::from_utf8(raw) {
+        Ok(text) => text
+            .bytes()
+            .map(|b| match b {
+                b'"' | b'\\' => 2,
+                0..=0x1F => 6,
+                _ => 1,
+            })
+            .sum(),
+        Err(_) => 3 * raw.len() + 4 * raw.len().div_ceil(3) + 16,
+    }
 }
 
 /// The estimated bytes one entry of a finished listing takes.
@@ -500,7 +528,17 @@ impl<B: Backend> Filesystem for Tree<B> {
                     ))
                 })?,
         };
-        let end = start.saturating_add(limit.max(1)).min(kids.len());
+        // at most `limit` entries and PAGE_BYTES, but never none
+        let last = start.saturating_add(limit.max(1)).min(kids.len());
+        let mut end = start;
+        let mut bytes = 0;
+        while let Some(k) = kids.get(end).filter(|_| end < last) {
+            bytes += page_bytes(&k.name, k.link.as_deref());
+            if end > start && bytes > PAGE_BYTES {
+                break;
+            }
+            end += 1;
+        }
         let entries = kids[start..end].iter().map(Child::entry).collect();
         let next = (end < kids.len()).then(|| end.to_string());
         Ok((entries, next))
@@ -738,5 +776,42 @@ impl<B: Backend> FileData for WalkData<'_, B> {
         }
         self.pos += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The estimate bounds the real JSON, however the name and target are
+    /// made, with every number at its longest.
+    #[test]
+    fn page_bytes_bound_the_json_of_an_entry() {
+        let meta = Meta {
+            kind: EntryType::Symlink,
+            size: u64::MAX,
+            mode: u32::MAX,
+            uid: u32::MAX,
+            gid: u32::MAX,
+            mtime: i64::MIN,
+            inode: u64::MAX,
+            nlink: u64::MAX,
+        };
+        let texts: [&[u8]; 6] = [
+            b"",
+            b"plain-name.txt",
+            b"\"quoted\\back\"",
+            b"\x01\x02\n\t\x1f",
+            b"\xff\xfe not UTF-8 \x80",
+            "Grüße, 日本".as_bytes(),
+        ];
+        for name in texts {
+            for link in texts {
+                let e = Entry::new(name, &meta, Some(link));
+                let json = serde_json::to_vec(&e).unwrap();
+                let bound = page_bytes(name, Some(link));
+                assert!(json.len() <= bound, "{} > {bound}: {e:?}", json.len());
+            }
+        }
     }
 }
