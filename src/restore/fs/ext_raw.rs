@@ -49,11 +49,14 @@ const BLOCK_CACHE_BYTES: u64 = 2 << 20;
 /// more pieces is mapped a window at a time, so that its map takes no more
 /// memory than this however fragmented the file is.
 const WINDOW_RUNS: usize = 1 << 16;
-/// Most block groups: 8 TiB in groups of 128 MiB (4 KiB blocks). The
-/// descriptors are held in memory, here and in ext4-view (about 130 bytes
-/// a group while opening, 9 MiB at this bound), and a superblock with
-/// small groups can name a million of them for a 32 MiB volume.
+/// Most block groups: 8 TiB in groups of 128 MiB (4 KiB blocks). What the
+/// descriptors say is held in memory, here (8 bytes a group) and in
+/// ext4-view (about 130 bytes a group while opening, 9 MiB at this bound),
+/// and a superblock with small groups can name a million of them for a 32
+/// MiB volume.
 const MAX_GROUPS: u64 = 1 << 16;
+/// Bytes of group descriptors read at a time.
+const GDT_PIECE_BYTES: u64 = 64 << 10;
 /// Largest directory read (bytes).
 const MAX_DIR_SIZE: u64 = 1 << 32;
 /// Most entries listed from one directory.
@@ -286,21 +289,32 @@ impl ExtRaw {
         if gdt_bytes > disk.size() {
             return Err(bad("group descriptor table larger than the volume"));
         }
-        let mut gdt = vec![0u8; gdt_bytes as usize];
-        read_exact_at(
-            &*disk,
-            (first_data_block + 1) * block_size,
-            &mut gdt,
-            "ext group descriptors",
-        )?;
+        // Read in pieces: only the inode table locations are kept, and the
+        // table itself can be 64 MiB (65,536 descriptors of 1,024 bytes).
+        let gdt_start = (first_data_block + 1) * block_size;
+        let per_piece = (GDT_PIECE_BYTES / desc_size).max(1);
+        let mut piece = vec![0u8; (per_piece * desc_size) as usize];
         let mut inode_tables = Vec::with_capacity(groups as usize);
-        for g in 0..groups as usize {
-            let d = &gdt[g * desc_size as usize..(g + 1) * desc_size as usize];
-            let mut t = u64::from(le32(d, 0x08));
-            if desc_size >= 64 {
-                t |= u64::from(le32(d, 0x28)) << 32;
+        let mut group = 0;
+        while group < groups {
+            let n = per_piece.min(groups - group);
+            let piece = piece
+                .get_mut(..(n * desc_size) as usize)
+                .unwrap_or_default();
+            read_exact_at(
+                &*disk,
+                gdt_start + group * desc_size,
+                piece,
+                "ext group descriptors",
+            )?;
+            for d in piece.chunks_exact(desc_size as usize) {
+                let mut t = u64::from(le32(d, 0x08));
+                if desc_size >= 64 {
+                    t |= u64::from(le32(d, 0x28)) << 32;
+                }
+                inode_tables.push(t);
             }
-            inode_tables.push(t);
+            group += n;
         }
         let csum_seed = (le32(&sb, 0x64) & RO_COMPAT_METADATA_CSUM != 0).then(|| {
             if incompat & INCOMPAT_CSUM_SEED != 0 {
