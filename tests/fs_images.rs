@@ -1123,10 +1123,28 @@ fn hostile_partition_tables() {
         let e = list_volumes(disk(&bad)).expect_err("listed");
         assert_error(&e, ErrorKind::Corrupt, why);
     }
+    // a GPT entry from LBA 0 to the last LBA there can be: clipped to
+    // the disk (its size, ending - starting + 1, used to overflow)
+    let (_d, whole) = damaged(&im.gpt, |d| {
+        let le32 = |d: &[u8], at: usize| u32::from_le_bytes(d[at..at + 4].try_into().unwrap());
+        let (hdr, entries) = (512, 1024);
+        let table = (le32(d, hdr + 80) * le32(d, hdr + 84)) as usize;
+        d[entries + 32..entries + 40].copy_from_slice(&0u64.to_le_bytes());
+        d[entries + 40..entries + 48].copy_from_slice(&u64::MAX.to_le_bytes());
+        let crc = crc32fast::hash(&d[entries..entries + table]);
+        d[hdr + 88..hdr + 92].copy_from_slice(&crc.to_le_bytes());
+        d[hdr + 16..hdr + 20].fill(0);
+        let crc = crc32fast::hash(&d[hdr..hdr + le32(d, hdr + 12) as usize]);
+        d[hdr + 16..hdr + 20].copy_from_slice(&crc.to_le_bytes());
+    });
+    let v = list_volumes(disk(&whole)).unwrap();
+    let size = std::fs::metadata(&whole).unwrap().len();
+    assert_eq!((vol(&v, "part/1").start, vol(&v, "part/1").size), (0, size));
     // partitions that reach past the end of the disk are clipped to it
     let (_d, short) = damaged(&im.mbr, |d| d.truncate(d.len() / 2));
+    let len = std::fs::metadata(&short).unwrap().len();
     for v in list_volumes(disk(&short)).unwrap() {
-        assert!(v.start <= std::fs::metadata(&short).unwrap().len(), "{v:?}");
+        assert!(v.start <= len && v.size <= len - v.start, "{v:?}");
     }
 }
 

@@ -201,7 +201,9 @@ fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
             out.push(Partition {
                 number: i as u32 + 1,
                 start: p.starting_lba.saturating_mul(ss),
-                size: (p.ending_lba - p.starting_lba + 1).saturating_mul(ss),
+                size: (p.ending_lba - p.starting_lba)
+                    .saturating_add(1)
+                    .saturating_mul(ss),
                 table: "gpt",
                 type_guid: Some(guid_string(&p.partition_type_guid)),
                 mbr_type: None,
@@ -329,7 +331,11 @@ pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
     };
     let mut out = Vec::with_capacity(parts.len());
     for p in parts {
-        let slice: Arc<dyn Disk> = Arc::new(Slice::new(disk.clone(), p.start, p.size));
+        // what the volume's reads can reach: the table's extent clipped to
+        // the disk (a truncated image, a corrupt entry)
+        let window = Slice::new(disk.clone(), p.start, p.size);
+        let (start, size) = (window.start(), window.size());
+        let slice: Arc<dyn Disk> = Arc::new(window);
         let probed = match probe(&slice) {
             Ok(pr) => pr,
             Err(e) => Probe {
@@ -345,8 +351,8 @@ pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
             volume: format!("part/{}", p.number),
             kind: "partition",
             number: Some(p.number),
-            start: p.start,
-            size: p.size,
+            start,
+            size,
             table: Some(p.table),
             type_guid: p.type_guid,
             mbr_type: p.mbr_type,
