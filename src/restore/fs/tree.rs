@@ -34,6 +34,11 @@ const MAX_WALK_NODES: usize = 20_000_000;
 const HARDLINK_PATH_BYTES: usize = 8 << 20;
 /// What one remembered path costs besides its bytes (map slot, allocation).
 const HARDLINK_ENTRY_BYTES: usize = 64;
+/// Most directories a walk remembers besides those it is inside: one seen
+/// again elsewhere (cross-linked FAT clusters) is an error while it is
+/// remembered. Beyond them (4 to 8 MiB of set) only the directories the
+/// walk is inside are checked, which is all that a loop needs.
+const DIRS_SEEN_MAX: usize = 1 << 18;
 /// Largest single read served.
 const MAX_READ: usize = 64 * 1024 * 1024;
 /// Directory listings kept for repeated lookups and pagination.
@@ -240,6 +245,8 @@ type CachedDir<N> = (Vec<u8>, Rc<Listing<N>>);
 /// path (the walk keeps one of each, cut back to these), its depth.
 struct WalkFrame<N> {
     kids: Rc<Listing<N>>,
+    /// the directory's identity, see [`Backend::dir_identity`]
+    identity: Option<u64>,
     next: usize,
     rel_len: usize,
     abs_len: usize,
@@ -620,7 +627,7 @@ impl<B: Backend> Filesystem for Tree<B> {
         // names: 256 MiB).
         let mut stack: Vec<WalkFrame<B::Node>> = Vec::new();
         let (mut rel, mut abs) = (top.name.clone(), r.path());
-        if let Some(frame) = walk.node(self, &rel, &abs, &top, 0)? {
+        if let Some(frame) = walk.node(self, &rel, &abs, &top, 0, &[])? {
             stack.push(frame);
         }
         while let Some(frame) = stack.last_mut() {
@@ -641,7 +648,7 @@ impl<B: Backend> Filesystem for Tree<B> {
             }
             abs.extend_from_slice(&child.name);
             let depth = frame.depth + 1;
-            if let Some(frame) = walk.node(self, &rel, &abs, &child, depth)? {
+            if let Some(frame) = walk.node(self, &rel, &abs, &child, depth, &stack)? {
                 stack.push(frame);
             }
         }
@@ -658,6 +665,7 @@ struct Walk<'p, 'v, 'w> {
     hardlinks: HashMap<u64, Vec<u8>>,
     /// bytes of the paths in `hardlinks`, at most [`HARDLINK_PATH_BYTES`]
     hardlink_bytes: usize,
+    /// identities of the directories met, the first [`DIRS_SEEN_MAX`]
     dirs_seen: HashSet<u64>,
     visited: usize,
 }
@@ -673,6 +681,7 @@ impl Walk<'_, '_, '_> {
         abs: &[u8],
         node: &Child<B::Node>,
         depth: usize,
+        inside: &[WalkFrame<B::Node>],
     ) -> Result<Option<WalkFrame<B::Node>>> {
         self.visited += 1;
         if self.visited > MAX_WALK_NODES {
@@ -730,12 +739,18 @@ impl Walk<'_, '_, '_> {
             )));
         }
         let identity = tree.dir_identity(node, abs)?;
-        if identity.is_some_and(|id| !self.dirs_seen.insert(id)) {
-            return Err(Error::corrupt(format!("{}: directory loop", show(abs))));
+        if let Some(id) = identity {
+            if self.dirs_seen.contains(&id) || inside.iter().any(|f| f.identity == Some(id)) {
+                return Err(Error::corrupt(format!("{}: directory loop", show(abs))));
+            }
+            if self.dirs_seen.len() < DIRS_SEEN_MAX {
+                self.dirs_seen.insert(id);
+            }
         }
         let kids = tree.listing(node, abs)?;
         Ok(Some(WalkFrame {
             kids,
+            identity,
             next: 0,
             rel_len: rel.len(),
             abs_len: abs.len(),
