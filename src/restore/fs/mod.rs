@@ -19,6 +19,7 @@ mod handle;
 pub mod ntfs;
 mod tree;
 
+pub(crate) use budget::Charge;
 pub use budget::{listing_limit, set_listing_limit};
 pub use handle::FsHandle;
 
