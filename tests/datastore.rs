@@ -1385,3 +1385,65 @@ fn hostile_indexes_manifests_and_chunk_files_are_refused() {
         agent.stderr()
     );
 }
+
+/// Indexes take no more memory opening than they keep, and the ones kept
+/// for later reads are bounded in bytes, not only in number: three 32 MiB
+/// indexes (64 GiB disks in 64 KiB chunks, every chunk zero, so that no
+/// chunk file is needed) read one after the other. Opening used to hold
+/// the file and a copy of its digests (twice the index), and all three
+/// were kept.
+#[test]
+fn large_indexes_are_opened_in_one_copy_and_not_all_kept() {
+    const SMALL_CHUNK: u64 = 64 << 10;
+    const DIGESTS: u64 = 1 << 20;
+    let dir = scratch();
+    let store = init_store(dir.path());
+    let zero = sha256(&[0u8; SMALL_CHUNK as usize]);
+    let snaps: Vec<String> = (1..=3)
+        .map(|d| format!("vm/300/2026-01-0{d}T00:00:00Z"))
+        .collect();
+    for (i, snap) in snaps.iter().enumerate() {
+        let sdir = snapshot_dir(&store, snap);
+        fs::create_dir_all(&sdir).unwrap();
+        let idx = FixedIndex::new(
+            DISK,
+            DIGESTS * SMALL_CHUNK,
+            SMALL_CHUNK,
+            vec![zero; DIGESTS as usize],
+            [i as u8; 16],
+            1_767_225_600,
+        )
+        .unwrap();
+        idx.write(&sdir.join(DISK)).unwrap();
+        let mut m = Manifest::new("vm", "300", 1_767_225_600 + i as i64 * 86_400);
+        m.set_file(FileEntry {
+            filename: DISK.into(),
+            crypt_mode: "none".into(),
+            size: idx.size(),
+            csum: digest_hex(idx.index_csum()),
+        });
+        m.store(&sdir.join(MANIFEST_BLOB_NAME)).unwrap();
+    }
+    let agent = Agent::builder()
+        .datastore(&store)
+        .arg("--cache-mb")
+        .arg("4")
+        .start();
+    let pid = agent.pid() as u32;
+    let mut conn = agent.connect_authed();
+    status(&mut conn);
+    let peak = || common::proc_status_bytes(pid, "VmHWM");
+    let before = peak();
+    let mut grew = Vec::new();
+    for snap in &snaps {
+        let r = read_ok(&mut conn, snap, DISK, 5 * SMALL_CHUNK, 4096);
+        assert!(r.data.iter().all(|&b| b == 0), "{snap}");
+        grew.push((peak() - before) / MIB);
+    }
+    eprintln!("peak RSS grew by {grew:?} MiB");
+    // 33 here; 64 when the file and the digests were both held
+    assert!(grew[0] < 48, "opening a 32 MiB index took {} MiB", grew[0]);
+    // 65: the index read and the one before it; 96 when all three were kept
+    assert!(grew[2] < 80, "three 32 MiB indexes kept: {} MiB", grew[2]);
+    assert!(!agent.stderr().contains("panicked"), "{}", agent.stderr());
+}

@@ -23,6 +23,13 @@ use crate::rpc::{Router, Shared};
 /// Archive readers one connection keeps open (each remembers where the
 /// connection last read, for read-ahead).
 const READERS_PER_CONNECTION: usize = 8;
+/// Bytes of indexes a connection's readers may keep besides its most
+/// recent one's: each reader keeps its archive's index in memory, and
+/// eight of 1 TiB disks (8 MiB each) would not fit a 128 MiB VM.
+const READER_INDEX_BYTES: usize = 16 << 20;
+
+/// A connection's reader of one archive and when it was last used.
+type Readers = HashMap<(usize, String, String), (u64, ArchiveReader)>;
 
 /// What every handler can reach.
 pub struct Agent {
@@ -30,7 +37,9 @@ pub struct Agent {
     pub backups: Backups,
     budget: bulk::Budget,
     streams: streams::Streams,
-    readers: Mutex<HashMap<(usize, String, String), ArchiveReader>>,
+    readers: Mutex<Readers>,
+    /// uses of readers so far, to order them by recency
+    reader_uses: std::sync::atomic::AtomicU64,
 }
 
 impl Agent {
@@ -41,6 +50,7 @@ impl Agent {
             budget: bulk::Budget::default(),
             streams: streams::Streams::default(),
             readers: Mutex::new(HashMap::new()),
+            reader_uses: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -59,7 +69,11 @@ impl Agent {
         archive: &str,
     ) -> Result<ArchiveReader, ErrorObjectOwned> {
         let key = (conn.0, snapshot.to_string(), archive.to_string());
-        if let Some(r) = self.lock_readers().get(&key) {
+        let now = self
+            .reader_uses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some((used, r)) = self.lock_readers().get_mut(&key) {
+            *used = now;
             return Ok(r.clone());
         }
         let reader = self
@@ -67,19 +81,27 @@ impl Agent {
             .open_archive(snapshot, archive)
             .map_err(app_error)?;
         let mut readers = self.lock_readers();
-        let mine: Vec<_> = readers.keys().filter(|k| k.0 == conn.0).cloned().collect();
-        if mine.len() >= READERS_PER_CONNECTION {
-            for k in &mine[..=mine.len() - READERS_PER_CONNECTION] {
-                readers.remove(k);
+        readers.insert(key, (now, reader.clone()));
+        // the most recent first; the newest stays however large its index
+        let mut mine: Vec<_> = readers
+            .iter()
+            .filter(|(k, _)| k.0 == conn.0)
+            .map(|(k, (used, r))| (*used, r.index_bytes(), k.clone()))
+            .collect();
+        mine.sort_unstable_by_key(|m| std::cmp::Reverse(m.0));
+        let mut kept = 0usize;
+        for (i, (_, bytes, k)) in mine.into_iter().enumerate() {
+            if i > 0 {
+                kept = kept.saturating_add(bytes);
+                if i >= READERS_PER_CONNECTION || kept > READER_INDEX_BYTES {
+                    readers.remove(&k);
+                }
             }
         }
-        readers.insert(key, reader.clone());
         Ok(reader)
     }
 
-    fn lock_readers(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(usize, String, String), ArchiveReader>> {
+    fn lock_readers(&self) -> std::sync::MutexGuard<'_, Readers> {
         self.readers.lock().unwrap_or_else(|p| p.into_inner())
     }
 

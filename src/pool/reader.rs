@@ -222,6 +222,15 @@ impl ArchiveReader {
         &self.inner.name
     }
 
+    /// Bytes the archive's index holds in memory (about; 0 for a raw
+    /// image, which has none).
+    pub fn index_bytes(&self) -> usize {
+        match &self.inner.source {
+            Source::Index { index, .. } => index.memory_bytes(),
+            Source::Raw(_) => 0,
+        }
+    }
+
     /// Zero-copy view of `[offset, offset+len)` clamped at EOF (and at
     /// [`MAX_SLICES_BYTES`]): the chunk buffers and the ranges inside them,
     /// in order. Empty at or past EOF.

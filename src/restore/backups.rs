@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::error::{Error, Result};
 use crate::pool::{ArchiveReader, ChunkPool};
@@ -23,12 +23,68 @@ pub const ATTACHED: &str = "attached";
 
 /// How many opened indexes are kept.
 const OPEN_INDEXES: usize = 16;
+/// Bytes of digests the kept indexes may hold beyond the most recent one
+/// (a 1 TiB disk in 4 MiB chunks has 8 MiB of them; sixteen such would not
+/// fit a 128 MiB VM).
+const OPEN_INDEX_BYTES: usize = 16 << 20;
 
 /// How many open filesystems (one thread each) are kept for reuse.
 const OPEN_FILESYSTEMS: usize = 8;
 
 type FsKey = (String, String, String);
 type IndexEntry = (String, String, Arc<dyn ChunkIndex>);
+
+/// The indexes opened: the few kept for later requests, and every one that
+/// readers still hold, so that an index is never in memory twice.
+#[derive(Default)]
+struct Indexes {
+    /// most recent first, at most [`OPEN_INDEXES`] and [`OPEN_INDEX_BYTES`]
+    kept: VecDeque<IndexEntry>,
+    alive: Vec<(String, String, Weak<dyn ChunkIndex>)>,
+}
+
+impl Indexes {
+    fn find(&mut self, snapshot: &str, archive: &str) -> Option<Arc<dyn ChunkIndex>> {
+        let named = |s: &String, a: &String| s == snapshot && a == archive;
+        if let Some(at) = self.kept.iter().position(|(s, a, _)| named(s, a)) {
+            let hit = self.kept.remove(at)?;
+            let idx = hit.2.clone();
+            self.kept.push_front(hit);
+            return Some(idx);
+        }
+        let idx = self
+            .alive
+            .iter()
+            .find(|(s, a, _)| named(s, a))
+            .and_then(|(_, _, w)| w.upgrade())?;
+        self.keep(snapshot, archive, idx.clone());
+        Some(idx)
+    }
+
+    fn add(&mut self, snapshot: &str, archive: &str, idx: Arc<dyn ChunkIndex>) {
+        self.alive.retain(|(_, _, w)| w.strong_count() > 0);
+        self.alive.push((
+            snapshot.to_string(),
+            archive.to_string(),
+            Arc::downgrade(&idx),
+        ));
+        self.keep(snapshot, archive, idx);
+    }
+
+    fn keep(&mut self, snapshot: &str, archive: &str, idx: Arc<dyn ChunkIndex>) {
+        self.kept
+            .push_front((snapshot.to_string(), archive.to_string(), idx));
+        self.kept.truncate(OPEN_INDEXES);
+        // the newest stays however large: it is being read
+        let mut kept = 0;
+        let fits = self.kept.iter().skip(1).take_while(|(_, _, idx)| {
+            kept += idx.memory_bytes();
+            kept <= OPEN_INDEX_BYTES
+        });
+        let keep = 1 + fits.count();
+        self.kept.truncate(keep);
+    }
+}
 
 /// An archive as a disk: positional reads through the chunk pool. Reads
 /// block the calling thread, so it is only used from filesystem threads and
@@ -52,7 +108,7 @@ pub struct Backups {
     chunks: Option<Arc<ChunkStore>>,
     images: Vec<(String, PathBuf, u64)>,
     pool: ChunkPool,
-    indexes: Mutex<VecDeque<IndexEntry>>,
+    indexes: Mutex<Indexes>,
     filesystems: Mutex<VecDeque<(FsKey, FsHandle)>>,
 }
 
@@ -87,7 +143,7 @@ impl Backups {
             chunks,
             images: sized,
             pool,
-            indexes: Mutex::new(VecDeque::new()),
+            indexes: Mutex::new(Indexes::default()),
             filesystems: Mutex::new(VecDeque::new()),
         })
     }
@@ -183,14 +239,8 @@ impl Backups {
     }
 
     fn index(&self, ds: &Datastore, snapshot: &str, archive: &str) -> Result<Arc<dyn ChunkIndex>> {
-        {
-            let indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((_, _, idx)) = indexes
-                .iter()
-                .find(|(s, a, _)| s == snapshot && a == archive)
-            {
-                return Ok(idx.clone());
-            }
+        if let Some(idx) = self.lock_indexes().find(snapshot, archive) {
+            return Ok(idx);
         }
         let index: Arc<dyn ChunkIndex> = match ds.open_archive(snapshot, archive)? {
             Archive::Fixed(i) => i,
@@ -201,9 +251,16 @@ impl Backups {
                 )))
             }
         };
-        let mut indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
-        indexes.push_front((snapshot.to_string(), archive.to_string(), index.clone()));
-        indexes.truncate(OPEN_INDEXES);
+        let mut indexes = self.lock_indexes();
+        // opened meanwhile by another request: use that one
+        if let Some(idx) = indexes.find(snapshot, archive) {
+            return Ok(idx);
+        }
+        indexes.add(snapshot, archive, index.clone());
         Ok(index)
+    }
+
+    fn lock_indexes(&self) -> std::sync::MutexGuard<'_, Indexes> {
+        self.indexes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -4,15 +4,20 @@
 //! SHA-256 over the entries as stored. Validated on open (offsets strictly
 //! increasing, no chunk over 16 MiB); `write` is for writers/tests only.
 
+use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::store::blob::DYNAMIC_INDEX_MAGIC;
-use crate::store::index::{read_index_file, ChunkIndex, IndexHeader, NO_DIGEST};
+use crate::store::index::{
+    check_end, open_index_file, read_body, read_header, ChunkIndex, IndexHeader, NO_DIGEST,
+};
 use crate::store::{atomic_file, digest_hex, sha256, Digest, MAX_CHUNK_SIZE};
 
 const ENTRY_SIZE: usize = 40;
+/// Entries read at a time while opening (64 KiB).
+const PIECE_ENTRIES: usize = 1638;
 
 /// A validated dynamic-size chunk index.
 #[derive(Debug, Clone)]
@@ -27,20 +32,49 @@ pub struct DynamicIndex {
 impl DynamicIndex {
     /// Reads and validates the index file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = read_index_file(path)?;
-        Self::parse(&bytes, &path.display().to_string())
+        let (mut file, len) = open_index_file(path)?;
+        Self::read(&mut file, len, &path.display().to_string())
     }
 
     /// Validates an index held in memory; `name` names it in errors.
     pub fn parse(bytes: &[u8], name: &str) -> Result<Self> {
-        let (header, _, body) = IndexHeader::parse(bytes, &DYNAMIC_INDEX_MAGIC, "dynamic", name)?;
-        if body.len() % ENTRY_SIZE != 0 {
+        Self::read(&mut &bytes[..], bytes.len() as u64, name)
+    }
+
+    /// Reads and validates an index of `len` bytes from `r`, the entries a
+    /// piece at a time into the vectors kept, so that opening takes no
+    /// more memory than the index keeps.
+    fn read(r: &mut dyn Read, len: u64, name: &str) -> Result<Self> {
+        use sha2::Digest as _;
+        let (header, _, body_len) = read_header(r, len, &DYNAMIC_INDEX_MAGIC, "dynamic", name)?;
+        if body_len % ENTRY_SIZE as u64 != 0 {
             return Err(Error::corrupt(format!(
-                "{name}: body of {} bytes is not a whole number of {ENTRY_SIZE}-byte entries",
-                body.len()
+                "{name}: body of {body_len} bytes is not a whole number of {ENTRY_SIZE}-byte entries"
             )));
         }
-        let csum = sha256(body);
+        let n = usize::try_from(body_len / ENTRY_SIZE as u64)
+            .map_err(|_| Error::unsupported(format!("{name}: {body_len}-byte index")))?;
+        let mut ends = Vec::with_capacity(n);
+        let mut digests = Vec::with_capacity(n);
+        let mut hasher = sha2::Sha256::new();
+        let mut piece = vec![0u8; PIECE_ENTRIES * ENTRY_SIZE];
+        while ends.len() < n {
+            let k = PIECE_ENTRIES.min(n - ends.len());
+            let piece = piece.get_mut(..k * ENTRY_SIZE).unwrap_or_default();
+            read_body(r, piece, name)?;
+            hasher.update(&*piece);
+            for entry in piece.chunks_exact(ENTRY_SIZE) {
+                let (end, digest) = entry.split_at(8);
+                let mut e = [0u8; 8];
+                e.copy_from_slice(end);
+                let mut d = [0u8; 32];
+                d.copy_from_slice(digest);
+                ends.push(u64::from_le_bytes(e));
+                digests.push(d);
+            }
+        }
+        check_end(r, name)?;
+        let csum: Digest = hasher.finalize().into();
         if csum != header.index_csum {
             return Err(Error::corrupt(format!(
                 "{name}: index checksum mismatch (header {}, entries hash to {})",
@@ -48,19 +82,9 @@ impl DynamicIndex {
                 digest_hex(&csum)
             )));
         }
-        let n = body.len() / ENTRY_SIZE;
-        let mut ends = Vec::with_capacity(n);
-        let mut digests = Vec::with_capacity(n);
         let mut prev = 0u64;
-        for (i, entry) in body.chunks_exact(ENTRY_SIZE).enumerate() {
-            let mut end = [0u8; 8];
-            end.copy_from_slice(&entry[..8]);
-            let end = u64::from_le_bytes(end);
+        for (i, &end) in ends.iter().enumerate() {
             check_chunk(name, i, prev, end)?;
-            let mut d = [0u8; 32];
-            d.copy_from_slice(&entry[8..]);
-            ends.push(end);
-            digests.push(d);
             prev = end;
         }
         Ok(DynamicIndex {
@@ -170,6 +194,9 @@ impl ChunkIndex for DynamicIndex {
     }
     fn fixed_chunk_size(&self) -> Option<u64> {
         None
+    }
+    fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(self.ends.as_slice()) + std::mem::size_of_val(self.digests.as_slice())
     }
 }
 

@@ -3,12 +3,16 @@
 //! exactly ceil(size/chunk_size) 32-byte digests. Everything is validated
 //! on open; `write` is for the importer only.
 
+use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::store::blob::FIXED_INDEX_MAGIC;
-use crate::store::index::{read_index_file, ChunkIndex, IndexHeader, INDEX_HEADER_SIZE, NO_DIGEST};
+use crate::store::index::{
+    check_end, open_index_file, read_body, read_header, ChunkIndex, IndexHeader, INDEX_HEADER_SIZE,
+    NO_DIGEST,
+};
 use crate::store::{atomic_file, digest_hex, sha256, Digest};
 
 /// Smallest chunk size we accept (Proxmox Backup clients allow 64 KiB..4 MiB).
@@ -29,27 +33,38 @@ pub struct FixedIndex {
 impl FixedIndex {
     /// Reads and validates the index file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = read_index_file(path)?;
-        Self::parse(&bytes, &path.display().to_string())
+        let (mut file, len) = open_index_file(path)?;
+        Self::read(&mut file, len, &path.display().to_string())
     }
 
     /// Validates an index held in memory; `name` names it in errors.
     pub fn parse(bytes: &[u8], name: &str) -> Result<Self> {
-        let (header, raw_header, body) =
-            IndexHeader::parse(bytes, &FIXED_INDEX_MAGIC, "fixed", name)?;
-        let size = u64_at(raw_header, 64);
-        let chunk_size = u64_at(raw_header, 72);
+        Self::read(&mut &bytes[..], bytes.len() as u64, name)
+    }
+
+    /// Reads and validates an index of `len` bytes from `r`: the digests go
+    /// straight into the vector kept, so that opening takes no more memory
+    /// than the index keeps.
+    fn read(r: &mut dyn Read, len: u64, name: &str) -> Result<Self> {
+        let (header, raw_header, body_len) =
+            read_header(r, len, &FIXED_INDEX_MAGIC, "fixed", name)?;
+        let size = u64_at(&raw_header, 64);
+        let chunk_size = u64_at(&raw_header, 72);
         check_chunk_size(chunk_size).map_err(|m| Error::corrupt(format!("{name}: {m}")))?;
         let count = size.div_ceil(chunk_size);
         let expected = count.checked_mul(32);
-        if expected != Some(body.len() as u64) {
+        if expected != Some(body_len) {
             return Err(Error::corrupt(format!(
-                "{name}: body is {} bytes, expected {count} digests for size {size} \
-                 and chunk size {chunk_size}",
-                body.len()
+                "{name}: body is {body_len} bytes, expected {count} digests for size {size} \
+                 and chunk size {chunk_size}"
             )));
         }
-        let csum = sha256(body);
+        let count = usize::try_from(count)
+            .map_err(|_| Error::unsupported(format!("{name}: {count} digests")))?;
+        let mut digests = vec![[0u8; 32]; count];
+        read_body(r, digests.as_flattened_mut(), name)?;
+        check_end(r, name)?;
+        let csum = sha256(digests.as_flattened());
         if csum != header.index_csum {
             return Err(Error::corrupt(format!(
                 "{name}: index checksum mismatch (header {}, digests hash to {})",
@@ -57,14 +72,6 @@ impl FixedIndex {
                 digest_hex(&csum)
             )));
         }
-        let digests = body
-            .chunks_exact(32)
-            .map(|c| {
-                let mut d = [0u8; 32];
-                d.copy_from_slice(c);
-                d
-            })
-            .collect();
         Ok(FixedIndex {
             name: name.to_string(),
             header,
@@ -185,6 +192,9 @@ impl ChunkIndex for FixedIndex {
     }
     fn fixed_chunk_size(&self) -> Option<u64> {
         Some(self.chunk_size)
+    }
+    fn memory_bytes(&self) -> usize {
+        std::mem::size_of_val(self.digests.as_slice())
     }
 }
 

@@ -22,6 +22,8 @@ pub trait ChunkIndex: Send + Sync + std::fmt::Debug {
     /// `Some(chunk_size)` for fixed indexes (every chunk but the last has
     /// this size, which makes the all-zero chunk recognisable), None for dynamic.
     fn fixed_chunk_size(&self) -> Option<u64>;
+    /// Bytes the index holds in memory (its digests and offsets).
+    fn memory_bytes(&self) -> usize;
 }
 
 /// Size of the fixed and dynamic index headers.
@@ -30,11 +32,13 @@ pub const INDEX_HEADER_SIZE: usize = 4096;
 /// Largest index file we load (a 16 TiB image at 4 MiB chunks needs 128 MiB).
 pub const MAX_INDEX_FILE_SIZE: u64 = 256 << 20;
 
-/// Reads a whole index file, refusing files over [`MAX_INDEX_FILE_SIZE`]
-/// so a huge or hostile file cannot exhaust memory.
-pub(crate) fn read_index_file(path: &std::path::Path) -> crate::error::Result<Vec<u8>> {
+/// Opens the index file at `path` for [`read_header`]: the file and its
+/// length, refusing files over [`MAX_INDEX_FILE_SIZE`] so a huge or hostile
+/// file cannot exhaust memory.
+pub(crate) fn open_index_file(
+    path: &std::path::Path,
+) -> crate::error::Result<(std::fs::File, u64)> {
     use crate::error::Error;
-    use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| Error::io(path.display(), &e))?;
     let len = file
         .metadata()
@@ -46,17 +50,53 @@ pub(crate) fn read_index_file(path: &std::path::Path) -> crate::error::Result<Ve
             path.display()
         )));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
-    file.take(MAX_INDEX_FILE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| Error::io(path.display(), &e))?;
-    if bytes.len() as u64 > MAX_INDEX_FILE_SIZE {
-        return Err(Error::unsupported(format!(
-            "{}: index file grew over the limit of {MAX_INDEX_FILE_SIZE}",
-            path.display()
+    Ok((file, len))
+}
+
+/// Reads the 4096-byte header of an index of `len` bytes from `r` and
+/// checks its magic; returns it, the raw header and the body's length.
+/// The caller reads the body straight into what it keeps (no copy of the
+/// whole file), then calls [`check_end`].
+pub(crate) fn read_header(
+    r: &mut dyn std::io::Read,
+    len: u64,
+    magic: &[u8; 8],
+    kind: &str,
+    name: &str,
+) -> crate::error::Result<(IndexHeader, Vec<u8>, u64)> {
+    use crate::error::Error;
+    let Some(body_len) = len.checked_sub(INDEX_HEADER_SIZE as u64) else {
+        return Err(Error::corrupt(format!(
+            "{name}: truncated {kind} index header ({len} of {INDEX_HEADER_SIZE} bytes)"
         )));
+    };
+    let mut raw = vec![0u8; INDEX_HEADER_SIZE];
+    r.read_exact(&mut raw).map_err(|e| Error::io(name, &e))?;
+    let (header, _, _) = IndexHeader::parse(&raw, magic, kind, name)?;
+    Ok((header, raw, body_len))
+}
+
+/// Reads exactly `buf.len()` bytes of an index body.
+pub(crate) fn read_body(
+    r: &mut dyn std::io::Read,
+    buf: &mut [u8],
+    name: &str,
+) -> crate::error::Result<()> {
+    r.read_exact(buf)
+        .map_err(|e| crate::error::Error::io(name, &e))
+}
+
+/// Checks that nothing follows the body just read (the file did not grow
+/// since its length was taken).
+pub(crate) fn check_end(r: &mut dyn std::io::Read, name: &str) -> crate::error::Result<()> {
+    let mut more = [0u8; 1];
+    match r.read(&mut more) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(crate::error::Error::corrupt(format!(
+            "{name}: the index file grew while it was read"
+        ))),
+        Err(e) => Err(crate::error::Error::io(name, &e)),
     }
-    Ok(bytes)
 }
 
 /// The header fields common to both index kinds (offsets 0..64).
