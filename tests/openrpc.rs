@@ -740,6 +740,14 @@ fn data_methods_answer_as_documented() {
         &json!([{"jsonrpc": "2.0", "id": 1, "method": "stream.read", "params": read}]).to_string(),
     );
     assert_eq!(batch[0]["error"]["code"], -32602, "{batch}");
+    // ... also with its params by position (it used to run, and its data
+    // was lost with the refusal)
+    let batch = c.exchange(
+        &json!([{"jsonrpc": "2.0", "id": 2, "method": "stream.read",
+            "params": [stream, 300, 10, "raw"]}])
+        .to_string(),
+    );
+    assert_eq!(batch[0]["error"]["code"], -32602, "{batch}");
     let (raw, data) = check.call_raw(
         &mut c,
         "stream.read",

@@ -10,11 +10,12 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use jsonrpsee::types::ErrorObjectOwned;
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::pool::ChunkSlice;
-use crate::rpc::{BodySource, RawResult, Trailer};
+use crate::rpc::{raw_in_batch, BodySource, Call, RawResult, Trailer};
 
 /// How a read's data travels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -40,6 +41,15 @@ const BUDGET_BYTES: usize = 8 << 20;
 
 /// Input bytes encoded per written part (a multiple of 3): 256 KiB of base64.
 const PART_INPUT: usize = 192 << 10;
+
+/// Refuses data after the answer line inside a batch, before the read does
+/// anything (see [`Call`]).
+pub fn refuse_raw_in_batch(call: Call, encoding: Encoding) -> Result<(), ErrorObjectOwned> {
+    if call.in_batch && encoding == Encoding::Raw {
+        return Err(raw_in_batch());
+    }
+    Ok(())
+}
 
 #[derive(Clone)]
 pub struct Budget(Arc<Semaphore>);

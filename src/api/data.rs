@@ -1,7 +1,7 @@
 //! Datastore methods: `snapshot.list` and `image.read`.
 
 use jsonrpsee::types::{ErrorObjectOwned, Params};
-use jsonrpsee::{ConnectionId, RpcModule};
+use jsonrpsee::RpcModule;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -9,7 +9,7 @@ use super::bulk::{self, Encoding, Piece, MAX_READ};
 use super::{must, Agent};
 use crate::pool::ArchiveReader;
 use crate::rpc::codes::{app_error, invalid_params};
-use crate::rpc::{RawResult, Router};
+use crate::rpc::{Call, RawResult, Router};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,24 +47,25 @@ pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
 }
 
 pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
-    router.register_raw("image.read", move |params, conn| {
-        image_read(agent.clone(), params, conn)
+    router.register_raw("image.read", move |params, call| {
+        image_read(agent.clone(), params, call)
     });
 }
 
 async fn image_read(
     agent: Arc<Agent>,
     params: Params<'static>,
-    conn: ConnectionId,
+    call: Call,
 ) -> Result<RawResult, ErrorObjectOwned> {
     let p: ReadParams = params.parse()?;
+    bulk::refuse_raw_in_batch(call, p.encoding)?;
     if p.length > MAX_READ {
         return Err(invalid_params(format!(
             "length {} is over the limit of {MAX_READ}",
             p.length
         )));
     }
-    let reader = agent.reader(conn, &p.snapshot, &p.archive)?;
+    let reader = agent.reader(call.conn, &p.snapshot, &p.archive)?;
     read_response(&agent, &reader, p.offset, p.length, p.encoding).await
 }
 

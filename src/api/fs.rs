@@ -17,7 +17,7 @@ use crate::restore::archive::{
 use crate::restore::fs::{Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry};
 use crate::restore::volume::list_volumes;
 use crate::rpc::codes::{app_error, internal, invalid_params};
-use crate::rpc::{RawResult, Router};
+use crate::rpc::{Call, RawResult, Router};
 
 /// Default and largest page of `fs.list`.
 const LIST_DEFAULT: usize = 1000;
@@ -190,15 +190,15 @@ pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
     let a = agent.clone();
     router.register_raw("fs.list", move |params, _| fs_list(a.clone(), params));
     let a = agent.clone();
-    router.register_raw("fs.read", move |params, conn| {
-        fs_read(a.clone(), params, conn)
+    router.register_raw("fs.read", move |params, call| {
+        fs_read(a.clone(), params, call)
     });
     let a = agent.clone();
-    router.register_raw("fs.extract", move |params, conn| {
-        fs_extract(a.clone(), params, conn)
+    router.register_raw("fs.extract", move |params, call| {
+        fs_extract(a.clone(), params, call.conn)
     });
-    router.register_raw("stream.read", move |params, conn| {
-        stream_read(agent.clone(), params, conn)
+    router.register_raw("stream.read", move |params, call| {
+        stream_read(agent.clone(), params, call)
     });
 }
 
@@ -238,9 +238,11 @@ async fn fs_list(
 async fn fs_read(
     agent: Arc<Agent>,
     params: Params<'static>,
-    conn: ConnectionId,
+    call: Call,
 ) -> Result<RawResult, ErrorObjectOwned> {
+    let conn = call.conn;
     let (t, x): (Target, ReadExtra) = parse(&params, &["offset", "length", "encoding"])?;
+    bulk::refuse_raw_in_batch(call, x.encoding)?;
     if x.length > MAX_READ {
         return Err(invalid_params(format!(
             "length {} is over the limit of {MAX_READ}",
@@ -364,9 +366,11 @@ async fn fs_extract(
 async fn stream_read(
     agent: Arc<Agent>,
     params: Params<'static>,
-    conn: ConnectionId,
+    call: Call,
 ) -> Result<RawResult, ErrorObjectOwned> {
+    let conn = call.conn;
     let p: StreamReadParams = params.parse()?;
+    bulk::refuse_raw_in_batch(call, p.encoding)?;
     let length = p.length.unwrap_or(STREAM_READ_DEFAULT);
     if length == 0 || length > MAX_READ {
         return Err(invalid_params(format!("length must be 1..={MAX_READ}")));

@@ -19,7 +19,7 @@ use super::envelope::{
     error_line, error_object_line, parse_message, parse_request, result_head, result_line, Id,
     Message,
 };
-use super::router::{Body, Outcome, Trailer, AUTHENTICATE};
+use super::router::{Body, Call, Outcome, Trailer, AUTHENTICATE, RAW_IN_BATCH};
 use super::server::Inner;
 use crate::transport::listener::Stream;
 use crate::transport::{Frame, LineDecoder, ShortageRetry};
@@ -367,22 +367,18 @@ async fn respond_one(conn: &Conn, raw: &RawValue, in_batch: bool) -> Option<Outg
             .id
             .map(|id| Outgoing::line(result_line(&id, AUTH_RESULT)));
     }
-    // Refused before it runs: a stream read would lose its data.
-    if in_batch && asks_for_raw(req.params) {
-        return req
-            .id
-            .map(|id| Outgoing::line(error_line(&id, INVALID_PARAMS, RAW_IN_BATCH)));
-    }
     let router = &conn.inner.router;
     if router.resets_watchdog(&req.method, req.params) {
         shared.touch();
     }
-    let outcome = router
-        .call(&req.method, req.params, conn.id, &conn.ext)
-        .await;
+    let call = Call {
+        conn: conn.id,
+        in_batch,
+    };
+    let outcome = router.call(&req.method, req.params, call, &conn.ext).await;
     let id = req.id?;
-    // Params given by position carry no `encoding` name for the check above;
-    // their raw answer still cannot go into the batch's line.
+    // A raw method refuses raw data in a batch before it runs (see `Call`);
+    // should one not, its answer still cannot go into the batch's line.
     if in_batch && matches!(&outcome, Outcome::Result(r) if r.trailer.is_some()) {
         return Some(Outgoing::line(error_line(
             &id,
@@ -391,22 +387,6 @@ async fn respond_one(conn: &Conn, raw: &RawValue, in_batch: bool) -> Option<Outg
         )));
     }
     Some(Outgoing::reply(&id, outcome))
-}
-
-const RAW_IN_BATCH: &str =
-    "Invalid params: data sent after the answer line (\"encoding\": \"raw\") cannot be part of a batch";
-
-/// Whether `params` (by name) ask for the data after the answer line: a
-/// framing rule of the protocol (see the `Trailer`), whichever method.
-fn asks_for_raw(params: Option<&RawValue>) -> bool {
-    #[derive(Deserialize)]
-    struct Encoding<'a> {
-        #[serde(borrow)]
-        encoding: Option<&'a str>,
-    }
-    params
-        .and_then(|p| serde_json::from_str::<Encoding>(p.get()).ok())
-        .is_some_and(|p| p.encoding == Some("raw"))
 }
 
 /// Writes the answers in the order they come; on a write error it logs it

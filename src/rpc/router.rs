@@ -96,7 +96,27 @@ impl RawResult {
 }
 
 pub type RawFuture = Pin<Box<dyn Future<Output = Result<RawResult, ErrorObjectOwned>> + Send>>;
-type RawHandler = Arc<dyn Fn(Params<'static>, ConnectionId) -> RawFuture + Send + Sync>;
+type RawHandler = Arc<dyn Fn(Params<'static>, Call) -> RawFuture + Send + Sync>;
+
+/// Who calls a raw method, and how.
+#[derive(Clone, Copy, Debug)]
+pub struct Call {
+    pub conn: ConnectionId,
+    /// The request is part of a batch, whose answers share one line: a
+    /// method that would send data after its answer line must refuse it
+    /// with [`raw_in_batch`] before it does anything (a stream read would
+    /// lose its data).
+    pub in_batch: bool,
+}
+
+/// The error of a request for data after its answer line (`"encoding":
+/// "raw"`) inside a batch.
+pub fn raw_in_batch() -> ErrorObjectOwned {
+    ErrorObjectOwned::owned::<()>(super::codes::INVALID_PARAMS, RAW_IN_BATCH, None)
+}
+
+pub(super) const RAW_IN_BATCH: &str = "Invalid params: data sent after the answer line \
+     (\"encoding\": \"raw\") cannot be part of a batch";
 type IdleExempt = fn(&Params<'_>) -> bool;
 type CloseHook = Arc<dyn Fn(ConnectionId) + Send + Sync>;
 
@@ -144,7 +164,7 @@ impl Router {
     /// Registers a method whose handler returns ready-made result JSON.
     pub fn register_raw<F, Fut>(&mut self, name: &'static str, handler: F)
     where
-        F: Fn(Params<'static>, ConnectionId) -> Fut + Send + Sync + 'static,
+        F: Fn(Params<'static>, Call) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<RawResult, ErrorObjectOwned>> + Send + 'static,
     {
         self.raw
@@ -194,10 +214,10 @@ impl Router {
         &self,
         method: &str,
         params: Option<&RawValue>,
-        conn: ConnectionId,
+        call: Call,
         ext: &Extensions,
     ) -> Outcome {
-        let call = self.dispatch(method, params, conn, ext);
+        let call = self.dispatch(method, params, call, ext);
         match AssertUnwindSafe(call).catch_unwind().await {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -211,12 +231,13 @@ impl Router {
         &self,
         method: &str,
         params: Option<&RawValue>,
-        conn: ConnectionId,
+        call: Call,
         ext: &Extensions,
     ) -> Outcome {
         let params = Params::new(params.map(RawValue::get));
+        let conn = call.conn;
         if let Some(handler) = self.raw.get(method) {
-            return match handler(params.into_owned(), conn).await {
+            return match handler(params.into_owned(), call).await {
                 Ok(result) => Outcome::Result(result),
                 Err(e) => Outcome::error(e),
             };
