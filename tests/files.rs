@@ -12,7 +12,7 @@ mod common;
 #[path = "common/trees.rs"]
 mod trees;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -1583,6 +1583,74 @@ fn max_streams_bounds_the_producers_also_for_requests_sent_together() {
         status(&mut c2)
     );
     ping(&mut c1);
+    assert_no_panic(&a);
+}
+
+/// `--max-streams` counts open streams, not only running producers: the
+/// archive of one small file is buffered whole at once and its producer
+/// is done, yet its stream holds its place until it is closed. Two such
+/// streams used to leave room for any number more.
+#[test]
+fn max_streams_counts_streams_whose_producer_is_done() {
+    let Some(f) = fixture() else { return };
+    let a = agent_with_max_streams(f, Some(2));
+    let mut c = a.connect_authed();
+    let small = || with(target(EXT4, b"/hello.txt"), json!({"format": "tar"}));
+    let mut opened = Vec::new();
+    for _ in 0..2 {
+        opened.push(
+            ok(&mut c, "fs.extract", small())["stream"]
+                .as_u64()
+                .unwrap(),
+        );
+        // let the producer finish: its archive fits the stream's buffer
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (code, msg) = fails(&mut c, "fs.extract", small());
+    assert_eq!(code, -32003, "{msg}");
+    assert!(msg.contains("--max-streams"), "{msg}");
+    assert_eq!(open_streams(&mut c), 2);
+    ok(&mut c, "stream.close", json!({ "stream": opened[0] }));
+    let id = ok(&mut c, "fs.extract", small())["stream"]
+        .as_u64()
+        .unwrap();
+    let tar = read_stream(&mut c, id).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        tar.windows(9).any(|w| w == b"hello.txt"),
+        "no hello.txt in the tar"
+    );
+    assert_no_panic(&a);
+}
+
+/// A read waiting for its turn (its offset ahead of the stream) ends with
+/// 1008 as soon as the stream is closed; it used to wait out its 30 s.
+#[test]
+fn closing_a_stream_ends_the_reads_waiting_for_their_turn() {
+    let Some(f) = fixture() else { return };
+    let a = agent(f);
+    let mut c = a.connect_authed();
+    let id = open_stream(&mut c, EXT3).unwrap();
+    c.send_json(&json!({"jsonrpc": "2.0", "id": 77, "method": "stream.read",
+        "params": {"stream": id, "offset": 1000, "length": 100}}));
+    c.expect_silence(Duration::from_millis(300));
+    let started = Instant::now();
+    c.send_json(
+        &json!({"jsonrpc": "2.0", "id": 78, "method": "stream.close",
+        "params": {"stream": id}}),
+    );
+    let mut answers = HashMap::new();
+    for _ in 0..2 {
+        let v = c.recv();
+        answers.insert(v["id"].as_u64().unwrap(), v);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(answers[&78]["result"]["closed"], json!(true), "{answers:?}");
+    assert_eq!(answers[&77]["error"]["code"], json!(1008), "{answers:?}");
+    ping(&mut c);
     assert_no_panic(&a);
 }
 

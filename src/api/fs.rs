@@ -351,7 +351,7 @@ async fn fs_extract(
     let (writer, reader) = byte_stream(STREAM_BUFFER);
     let id = agent
         .streams
-        .insert(conn, reader, agent.shared.hold_watchdog())?;
+        .insert(conn, reader, agent.shared.hold_watchdog(), producer.clone())?;
     tokio::spawn(async move {
         let _ = fs
             .run(move |fs| produce(fs, &path, format, x.zstd, writer))

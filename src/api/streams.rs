@@ -1,15 +1,17 @@
 //! Extraction streams: archives produced on a filesystem thread while the
 //! client pulls them with `stream.read`. Each stream belongs to the
 //! connection that opened it, is closed with it, and holds off the idle
-//! watchdog while open. At most 8 per connection; in all, as many as the
-//! agent was given producers for (`--max-streams`): each one runs a
-//! filesystem of its own, whose caches and buffers take a few MiB.
+//! watchdog while open. At most 8 per connection; in all, `--max-streams`,
+//! counting each from its opening until it is closed and its producer has
+//! stopped: a producer runs a filesystem of its own, whose caches and
+//! buffers take a few MiB, and a stream whose producer is done still holds
+//! what it buffered.
 
 use bytes::Bytes;
 use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::ConnectionId;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -31,13 +33,18 @@ struct Slot {
     conn: usize,
     stream: Arc<OpenStream>,
     _hold: WatchdogHold,
+    /// the stream's share of `--max-streams`, also held by its producer
+    _room: Arc<OwnedSemaphorePermit>,
 }
 
 /// An open stream: its reader and how far it has been read.
 pub struct OpenStream {
+    id: u64,
     cursor: tokio::sync::Mutex<Cursor>,
-    /// woken whenever `position` moves
+    /// woken whenever `position` moves, and when the stream is closed
     moved: Notify,
+    /// closed by `stream.close` or with its connection
+    closed: AtomicBool,
 }
 
 struct Cursor {
@@ -47,6 +54,12 @@ struct Cursor {
 }
 
 impl OpenStream {
+    /// Reads waiting for their turn end with 1008; reads under way finish.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.moved.notify_waiters();
+    }
+
     /// The next bytes of the archive, at most `max`: what is buffered (at
     /// least one byte unless the archive ended). With `at`, the read is
     /// served when the stream has been read up to `at` (reads pipelined by
@@ -75,6 +88,9 @@ impl OpenStream {
                 // a read beyond the end gets the end (empty, eof) or the error
                 Some(at) if at > cursor.position && !cursor.reader.ended() => {
                     drop(cursor);
+                    if self.closed.load(Ordering::Relaxed) {
+                        return Err(unknown(self.id));
+                    }
                     if tokio::time::timeout_at(deadline, moved).await.is_err() {
                         return Err(invalid_params(format!(
                             "stream offset {at}: the reads before it did not arrive \
@@ -113,9 +129,9 @@ impl OpenStream {
 pub struct Streams {
     slots: Mutex<HashMap<u64, Slot>>,
     next_id: AtomicU64,
-    /// One permit per producer that may run. A producer holds its permit
-    /// until it has ended, also when its stream was closed before: the
-    /// memory it holds is gone only then.
+    /// One permit per stream that may be open. The stream and its producer
+    /// share it: it is free again once the stream is closed and its
+    /// producer has ended (the memory it holds is gone only then).
     producers: Arc<Semaphore>,
     total: usize,
 }
@@ -157,16 +173,21 @@ impl Streams {
     }
 
     /// Checks the limits before any work is started for a new stream, and
-    /// takes the permit its producer holds until it ends. Taking it here,
-    /// at once, keeps requests that arrive together from all passing.
-    pub fn check_room(&self, conn: ConnectionId) -> Result<OwnedSemaphorePermit, ErrorObjectOwned> {
+    /// takes its share of `--max-streams`, which the stream and its
+    /// producer hold (see `producers`). Taking it here, at once, keeps
+    /// requests that arrive together from all passing.
+    pub fn check_room(
+        &self,
+        conn: ConnectionId,
+    ) -> Result<Arc<OwnedSemaphorePermit>, ErrorObjectOwned> {
         self.check_connection(conn)?;
-        self.producers.clone().try_acquire_owned().map_err(|_| {
+        let permit = self.producers.clone().try_acquire_owned().map_err(|_| {
             limit_reached(format!(
                 "too many open streams (at most {}, --max-streams)",
                 self.total
             ))
-        })
+        })?;
+        Ok(Arc::new(permit))
     }
 
     pub fn insert(
@@ -174,6 +195,7 @@ impl Streams {
         conn: ConnectionId,
         reader: StreamReader,
         hold: WatchdogHold,
+        room: Arc<OwnedSemaphorePermit>,
     ) -> Result<u64, ErrorObjectOwned> {
         self.check_connection(conn)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -182,13 +204,16 @@ impl Streams {
             Slot {
                 conn: conn.0,
                 stream: Arc::new(OpenStream {
+                    id,
                     cursor: tokio::sync::Mutex::new(Cursor {
                         reader,
                         position: 0,
                     }),
                     moved: Notify::new(),
+                    closed: AtomicBool::new(false),
                 }),
                 _hold: hold,
+                _room: room,
             },
         );
         Ok(id)
@@ -206,7 +231,9 @@ impl Streams {
         let mut slots = self.lock();
         match slots.get(&id) {
             Some(slot) if slot.conn == conn.0 => {
-                slots.remove(&id);
+                if let Some(slot) = slots.remove(&id) {
+                    slot.stream.close();
+                }
                 Ok(())
             }
             _ => Err(unknown(id)),
@@ -218,7 +245,13 @@ impl Streams {
     }
 
     pub fn connection_closed(&self, conn: ConnectionId) {
-        self.lock().retain(|_, s| s.conn != conn.0);
+        self.lock().retain(|_, s| {
+            let keep = s.conn != conn.0;
+            if !keep {
+                s.stream.close();
+            }
+            keep
+        });
     }
 }
 
