@@ -123,3 +123,42 @@ fn demo_serves_the_demo_disk_and_cleans_up() {
     assert_eq!(status.code(), Some(0));
     assert!(!demo_dir.exists(), "{} left behind", demo_dir.display());
 }
+
+/// `--demo` makes its own listeners, ticket and datastore: with any of
+/// those options it is a usage error naming the conflict, not a demo that
+/// ignores the ticket given and prints a socket it does not listen on.
+#[test]
+fn demo_refuses_the_options_it_would_ignore() {
+    for extra in [
+        ["--listen", "unix:/tmp/restore-agent-demo-test.sock"],
+        ["--ticket-file", "/tmp/restore-agent-demo-ticket"],
+        ["--datastore", "/tmp"],
+        ["--image", "disk=/dev/null"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_restore-agent"))
+            .arg("--demo")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run restore-agent --demo");
+        let started = Instant::now();
+        while child.try_wait().expect("wait").is_none() {
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("restore-agent --demo {extra:?} is serving");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().expect("output");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(
+            err.contains("cannot be used with") && err.contains(extra[0]),
+            "{extra:?}: {err}"
+        );
+        assert!(out.stdout.is_empty(), "{extra:?} printed instructions");
+    }
+}

@@ -74,7 +74,8 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 8)]
     readahead: usize,
     /// Serve a built-in demo datastore on a Unix socket and TCP 127.0.0.1 with a fresh ticket
-    #[arg(long)]
+    /// (it makes its own listeners, ticket and datastore, so it takes none of those options)
+    #[arg(long, conflicts_with_all = ["listen", "ticket_file", "datastore", "images"])]
     demo: bool,
     /// Chunk read worker threads (default: number of cores)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -210,12 +211,10 @@ fn run(mut args: Args) -> Result<(), String> {
         None
     };
     if let Some(demo) = &demo {
-        if args.listen.is_empty() {
-            args.listen = vec![
-                format!("unix:{}", demo.socket.display()),
-                "tcp:127.0.0.1:0".into(),
-            ];
-        }
+        args.listen = vec![
+            format!("unix:{}", demo.socket.display()),
+            "tcp:127.0.0.1:0".into(),
+        ];
         args.ticket_file = demo.ticket_file.clone();
         args.datastore = Some(demo.store.clone());
         args.idle_timeout = Some(args.idle_timeout.unwrap_or(0));
