@@ -1218,6 +1218,31 @@ fn a_transfer_cut_short_leaves_no_partial_file() {
     assert!(matches!(kind, Ok(true)), "the fifo was removed: {kind:?}");
 }
 
+/// An agent at its connection limit answers a new connection with one
+/// `-32003` line and closes it: the client says so (exit 2), instead of
+/// "request ID=null is not a pending call" or "Broken pipe".
+#[test]
+fn a_full_agent_is_reported_as_refusing_the_connection() {
+    let agent = Agent::builder()
+        .arg("--datastore")
+        .arg(fixture().store.to_string_lossy())
+        .arg("--max-connections")
+        .arg("1")
+        .start();
+    let mut held = agent.connect_authed();
+    for output in ["text", "json"] {
+        let out = client(&agent, &["--output", output, "status"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        let text = format!("{err}{}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains("refused the connection") && text.contains("too many connections"),
+            "{text}"
+        );
+    }
+    held.call_ok("ping", None);
+}
+
 #[test]
 fn error_paths_have_their_exit_codes() {
     let agent = start_agent();

@@ -105,6 +105,42 @@ struct ResponseHead {
     id: u64,
 }
 
+/// An error the agent sent with id `null`: about no request it could name,
+/// e.g. `-32600` for a request line over its `--max-request-bytes`.
+/// jsonrpsee would call it an answer to no pending call and drop it, and
+/// the request would wait out its timeout; the client shows it instead.
+fn connection_error(line: &[u8]) -> Option<io::Error> {
+    #[derive(Deserialize)]
+    struct NullIdError<'a> {
+        id: Option<u64>,
+        #[serde(borrow)]
+        error: ErrorHead<'a>,
+    }
+    #[derive(Deserialize)]
+    struct ErrorHead<'a> {
+        code: i64,
+        #[serde(borrow)]
+        message: std::borrow::Cow<'a, str>,
+    }
+    // the agent writes the id near the front; other lines (a page of
+    // 10,000 entries) are not parsed twice
+    let head = line.get(..64).unwrap_or(line);
+    if !head.windows(9).any(|w| w == b"\"id\":null") {
+        return None;
+    }
+    let e = serde_json::from_slice::<NullIdError>(line).ok()?;
+    if e.id.is_some() {
+        return None;
+    }
+    Some(io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "the agent answered with an error that names no request: {} ({})",
+            e.error.message, e.error.code
+        ),
+    ))
+}
+
 /// Whether answers to `method` go through the bulk fast path.
 pub fn is_bulk_method(method: &str) -> bool {
     BULK_METHODS.contains(&method)
@@ -148,6 +184,9 @@ impl LineReceiver {
     fn hand_over(&self, response: Response) -> io::Result<Vec<u8>> {
         match response {
             Response::Line(line) => {
+                if let Some(refusal) = connection_error(&line) {
+                    return Err(refusal);
+                }
                 // An error answer (or anything else) ends a pending bulk request too.
                 let mut slots = self.slots.lock();
                 if !slots.pending.is_empty() {
@@ -210,6 +249,34 @@ impl TransportReceiverT for LineReceiver {
                 self.eof = true;
                 self.decoder.end_of_stream(&mut self.buf);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::connection_error;
+
+    #[test]
+    fn only_errors_without_an_id_are_about_the_connection() {
+        let too_long = br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32600,"message":"Invalid Request: line too long"}}"#;
+        let e = connection_error(too_long).expect("an error naming no request");
+        let text = e.to_string();
+        assert!(
+            text.contains("line too long") && text.contains("-32600"),
+            "{text}"
+        );
+        for line in [
+            &br#"{"jsonrpc":"2.0","id":7,"error":{"code":1001,"message":"not found"}}"#[..],
+            br#"{"jsonrpc":"2.0","id":null,"result":"pong"}"#,
+            br#"{"jsonrpc":"2.0","id":8,"result":{"error":{"code":1,"message":"x"}}}"#,
+            b"not json",
+        ] {
+            assert!(
+                connection_error(line).is_none(),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 }

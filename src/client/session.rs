@@ -38,6 +38,91 @@ impl Default for ConnectOptions {
     }
 }
 
+/// Longest answer to `authenticate` accepted.
+const AUTH_ANSWER_MAX: usize = 64 << 10;
+
+/// The first exchange on a connection, done on the stream itself before the
+/// jsonrpsee client takes it over: an agent at its connection limit sends
+/// its `-32003` line and closes, and the line is still there to be read
+/// when sending the request failed for the closed socket. Returns the
+/// answer's result and any bytes read past its line.
+async fn authenticate(
+    reader: &mut connect::BoxRead,
+    writer: &mut connect::BoxWrite,
+    ticket: &str,
+) -> Result<(serde_json::Value, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = serde_json::json!({"jsonrpc": "2.0", "id": "authenticate",
+        "method": "authenticate", "params": {"ticket": ticket}});
+    let mut line = request.to_string().into_bytes();
+    line.push(b'\n');
+    let sent = match writer.write_all(&line).await {
+        Ok(()) => writer.flush().await,
+        Err(e) => Err(e),
+    };
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
+            break end;
+        }
+        if buf.len() > AUTH_ANSWER_MAX {
+            return Err(ClientError::connection(
+                "the answer to `authenticate` is too long",
+            ));
+        }
+        let mut piece = [0u8; 4096];
+        let n = match reader.read(&mut piece).await {
+            Ok(n) => n,
+            Err(e) => {
+                return Err(ClientError::connection(format!(
+                    "connection to the agent lost: {e}"
+                )))
+            }
+        };
+        if n == 0 {
+            let why = match sent {
+                Err(e) => e.to_string(),
+                Ok(()) => "the agent closed the connection".into(),
+            };
+            return Err(ClientError::connection(format!(
+                "connection to the agent lost: {why}"
+            )));
+        }
+        buf.extend_from_slice(&piece[..n]);
+    };
+    let early = buf.split_off(end + 1);
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        id: serde_json::Value,
+        result: Option<serde_json::Value>,
+        error: Option<ErrorObject>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorObject {
+        code: i32,
+        message: String,
+        data: Option<serde_json::Value>,
+    }
+    let answer: Answer = serde_json::from_slice(&buf).map_err(|e| {
+        ClientError::connection(format!("the answer to `authenticate` is not JSON-RPC: {e}"))
+    })?;
+    match (answer.result, answer.error) {
+        (_, Some(e)) if answer.id.is_null() => Err(ClientError::connection(format!(
+            "the agent refused the connection: {} ({})",
+            e.message, e.code
+        ))),
+        (_, Some(e)) => Err(ClientError::Agent {
+            code: e.code,
+            message: e.message,
+            data: e.data,
+        }),
+        (Some(hello), None) if answer.id == "authenticate" => Ok((hello, early)),
+        _ => Err(ClientError::connection(
+            "the answer to `authenticate` is not JSON-RPC",
+        )),
+    }
+}
+
 /// How long an `exec:` agent gets to exit after its stdin is closed.
 const CHILD_EXIT_GRACE: Duration = Duration::from_secs(5);
 
@@ -62,48 +147,66 @@ pub struct Session {
 impl Session {
     /// Connects to `addr` and authenticates with `ticket`.
     pub async fn connect(addr: &ConnectAddr, ticket: &str, opts: &ConnectOptions) -> Result<Self> {
-        let stream = connect::open(addr, opts.connect_timeout).await?;
-        let (tx, rx, slots, spares) = lines::transport(stream.reader, stream.writer);
+        let mut stream = connect::open(addr, opts.connect_timeout).await?;
+        let auth = authenticate(&mut stream.reader, &mut stream.writer, ticket);
+        let error = match tokio::time::timeout(opts.connect_timeout, auth).await {
+            Ok(Ok((hello, early))) => return Ok(Session::start(stream, hello, early, opts)),
+            Ok(Err(ClientError::Agent { code, .. })) if code == codes::AUTH_FAILED => {
+                ClientError::Agent {
+                    code,
+                    message: format!("authentication failed: {addr} refused the ticket"),
+                    data: None,
+                }
+            }
+            Ok(Err(ClientError::Connection(m))) => ClientError::Connection(format!(
+                "the connection to {addr} failed during authentication ({m})"
+            )),
+            Ok(Err(other)) => other,
+            Err(_) => {
+                ClientError::connection(format!("{addr} did not answer `authenticate` in time"))
+            }
+        };
+        // an `exec:` agent ends when its stdin closes
+        let connect::Stream {
+            reader,
+            writer,
+            child,
+        } = stream;
+        drop((reader, writer));
+        if let Some(child) = child {
+            let _ = reap(child).await;
+        }
+        Err(error)
+    }
+
+    /// The jsonrpsee client over an authenticated stream; `early` are the
+    /// bytes read past the answer to `authenticate` (the agent sends none
+    /// unasked).
+    fn start(
+        stream: connect::Stream,
+        hello: serde_json::Value,
+        early: Vec<u8>,
+        opts: &ConnectOptions,
+    ) -> Session {
+        let reader: connect::BoxRead = if early.is_empty() {
+            stream.reader
+        } else {
+            Box::new(tokio::io::AsyncReadExt::chain(
+                std::io::Cursor::new(early),
+                stream.reader,
+            ))
+        };
+        let (tx, rx, slots, spares) = lines::transport(reader, stream.writer);
         let rpc = ClientBuilder::default()
             .set_rpc_middleware(RpcServiceBuilder::new())
             .request_timeout(opts.request_timeout)
             .build_with_tokio(tx, rx);
-        let mut session = Session {
+        Session {
             rpc,
             slots,
             spares,
             child: stream.child,
-            hello: serde_json::Value::Null,
-        };
-        let auth = session
-            .call::<serde_json::Value>("authenticate", serde_json::json!({ "ticket": ticket }));
-        match tokio::time::timeout(opts.connect_timeout, auth).await {
-            Ok(Ok(hello)) => {
-                session.hello = hello;
-                Ok(session)
-            }
-            Ok(Err(e)) => {
-                let _ = session.close().await;
-                Err(match e {
-                    ClientError::Agent { code, .. } if code == codes::AUTH_FAILED => {
-                        ClientError::Agent {
-                            code,
-                            message: format!("authentication failed: {addr} refused the ticket"),
-                            data: None,
-                        }
-                    }
-                    ClientError::Connection(m) => ClientError::Connection(format!(
-                        "the connection to {addr} failed during authentication ({m})"
-                    )),
-                    other => other,
-                })
-            }
-            Err(_) => {
-                let _ = session.close().await;
-                Err(ClientError::connection(format!(
-                    "{addr} did not answer `authenticate` in time"
-                )))
-            }
+            hello,
         }
     }
 
@@ -177,11 +280,19 @@ impl Session {
     pub async fn close(mut self) -> Result<Option<ExitStatus>> {
         let child = self.child.take();
         drop(self);
-        let Some(mut child) = child else {
-            return Ok(None);
-        };
+        match child {
+            Some(child) => reap(child).await.map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Waits for an `exec:` agent whose stdin was closed to exit, killing it
+/// after [`CHILD_EXIT_GRACE`].
+async fn reap(mut child: Child) -> Result<ExitStatus> {
+    {
         match tokio::time::timeout(CHILD_EXIT_GRACE, child.wait()).await {
-            Ok(Ok(status)) => Ok(Some(status)),
+            Ok(Ok(status)) => Ok(status),
             Ok(Err(e)) => Err(ClientError::local(format!(
                 "waiting for the agent process: {e}"
             ))),
@@ -190,7 +301,6 @@ impl Session {
                 child
                     .wait()
                     .await
-                    .map(Some)
                     .map_err(|e| ClientError::local(format!("reaping the agent process: {e}")))
             }
         }
