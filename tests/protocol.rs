@@ -927,6 +927,41 @@ fn batch_answers_are_bounded() {
     assert_next_is_pong(&mut c, 99);
 }
 
+/// A client that stops reading keeps what its unwritten answers hold of
+/// the read budget, but no more than a connection's share: another
+/// client's reads go on. One unread 16 MiB `image.read` (and more queued
+/// behind it) used to hold the whole budget, and every other connection's
+/// reads waited until that client read or left.
+#[test]
+fn a_client_that_stops_reading_does_not_stall_the_reads_of_others() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let src: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    fs::write(&image, &src).unwrap();
+    let agent = Agent::builder().image("disk", &image).start();
+    let mut stalled = agent.connect_authed();
+    for id in 1..=4 {
+        stalled.send_json(&read_item(id, 0, 16 * MIB));
+    }
+    // its first answer fills the socket's buffers and waits to be written
+    thread::sleep(ms(500));
+    let mut other = agent.connect_authed();
+    for (id, offset) in [(10, 0), (11, 4 * MIB), (12, 12 * MIB)] {
+        other.send_json(&read_item(id, offset, 4 * MIB));
+        let r = match other.recv_line_within(Duration::from_secs(10)) {
+            Recv::Line(line) => parse_response_line(&String::from_utf8_lossy(&line)),
+            _ => panic!("read {id} of the other client got no answer"),
+        };
+        let at = offset as usize;
+        assert!(base64_data(&r) == src[at..at + (4 << 20)], "read {id}");
+    }
+    assert_next_is_pong(&mut other, 99);
+    drop(stalled);
+}
+
 /// What a pipelined request should get back.
 #[derive(Clone, Copy, Debug)]
 enum Expect {

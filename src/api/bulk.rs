@@ -4,13 +4,16 @@
 //! connection writes them, so a response never sits in memory whole; or,
 //! for a client that asked for `"encoding": "raw"`, `{"offset","length",
 //! "eof","encoding":"raw"}` with the pieces sent as they are right after the
-//! line. And the memory budget shared by all connections that bounds the
-//! data responses hold until they are written.
+//! line. And the memory budget that bounds the data responses hold until
+//! they are written: shared by all connections, each of which may hold no
+//! more than its share of it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use jsonrpsee::types::ErrorObjectOwned;
+use jsonrpsee::ConnectionId;
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -36,8 +39,13 @@ pub const MAX_READ: u64 = 16 << 20;
 
 /// Data bytes that responses not yet written may hold, over all
 /// connections: keeps the agent inside a small VM however many reads are
-/// pipelined, while two 4 MiB reads can be in flight.
-const BUDGET_BYTES: usize = 8 << 20;
+/// pipelined.
+const BUDGET_BYTES: usize = 12 << 20;
+
+/// What one connection's unwritten responses may hold of [`BUDGET_BYTES`]:
+/// two 4 MiB reads in flight, and a client that stops reading (a paused
+/// `restore-client cat | less`) leaves the rest to the others.
+const CONNECTION_BYTES: usize = 8 << 20;
 
 /// Input bytes encoded per written part (a multiple of 3): 256 KiB of base64.
 const PART_INPUT: usize = 192 << 10;
@@ -51,20 +59,55 @@ pub fn refuse_raw_in_batch(call: Call, encoding: Encoding) -> Result<(), ErrorOb
     Ok(())
 }
 
+/// The memory budget of unwritten data responses: the whole of it, and
+/// each connection's share.
 #[derive(Clone)]
-pub struct Budget(Arc<Semaphore>);
+pub struct Budget {
+    all: Arc<Semaphore>,
+    shares: Arc<Mutex<HashMap<usize, Arc<Semaphore>>>>,
+}
+
+/// What a response holds of the budget until it is written.
+pub struct Hold {
+    _share: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
+}
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget(Arc::new(Semaphore::new(BUDGET_BYTES)))
+        Budget {
+            all: Arc::new(Semaphore::new(BUDGET_BYTES)),
+            shares: Arc::default(),
+        }
     }
 }
 
 impl Budget {
-    /// Waits until `bytes` (capped at the whole budget) are free.
-    pub async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
-        let n = u32::try_from(bytes.min(BUDGET_BYTES)).unwrap_or(u32::MAX);
-        self.0.clone().acquire_many_owned(n).await.ok()
+    /// Waits until `bytes` (capped at a connection's share) are free in
+    /// the share of `conn` and then in the whole budget; the share first,
+    /// so that a connection's queued reads wait on it alone.
+    pub async fn reserve(&self, conn: ConnectionId, bytes: usize) -> Option<Hold> {
+        let n = u32::try_from(bytes.min(CONNECTION_BYTES)).unwrap_or(u32::MAX);
+        let share = {
+            let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+            shares
+                .entry(conn.0)
+                .or_insert_with(|| Arc::new(Semaphore::new(CONNECTION_BYTES)))
+                .clone()
+        };
+        let share = share.acquire_many_owned(n).await.ok()?;
+        let all = self.all.clone().acquire_many_owned(n).await.ok()?;
+        Some(Hold {
+            _share: share,
+            _all: all,
+        })
+    }
+
+    /// Forgets the share of a closed connection (its responses still hold
+    /// theirs until they are dropped).
+    pub fn connection_closed(&self, conn: ConnectionId) {
+        let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        shares.remove(&conn.0);
     }
 }
 
@@ -157,7 +200,7 @@ pub fn read_result(
     offset: u64,
     eof: bool,
     pieces: Vec<Piece>,
-    hold: Option<OwnedSemaphorePermit>,
+    hold: Option<Hold>,
     encoding: Encoding,
 ) -> RawResult {
     if encoding == Encoding::Raw {
@@ -173,7 +216,7 @@ pub fn stream_result(
     offset: u64,
     eof: bool,
     data: Vec<Bytes>,
-    hold: Option<OwnedSemaphorePermit>,
+    hold: Option<Hold>,
     encoding: Encoding,
 ) -> RawResult {
     let pieces: Vec<Piece> = data.into_iter().map(Piece::Stream).collect();
@@ -196,12 +239,7 @@ fn data_len(pieces: &[Piece]) -> usize {
 /// The raw answer to a read of `pieces` at `offset` (of a file, an image or
 /// a stream alike): its line says how many bytes follow, the pieces follow
 /// as they are.
-fn raw(
-    offset: u64,
-    eof: bool,
-    pieces: Vec<Piece>,
-    hold: Option<OwnedSemaphorePermit>,
-) -> RawResult {
+fn raw(offset: u64, eof: bool, pieces: Vec<Piece>, hold: Option<Hold>) -> RawResult {
     let len = data_len(&pieces);
     let json =
         format!("{{\"offset\":{offset},\"length\":{len},\"eof\":{eof},\"encoding\":\"raw\"}}");
@@ -227,12 +265,7 @@ impl Trailer for RawPieces {
     }
 }
 
-fn streamed(
-    head: Vec<u8>,
-    pieces: Vec<Piece>,
-    tail: Vec<u8>,
-    hold: Option<OwnedSemaphorePermit>,
-) -> RawResult {
+fn streamed(head: Vec<u8>, pieces: Vec<Piece>, tail: Vec<u8>, hold: Option<Hold>) -> RawResult {
     let result = RawResult::streamed(Box::new(Encoder {
         head: Some(head),
         pieces,

@@ -66,20 +66,20 @@ async fn image_read(
         )));
     }
     let reader = agent.reader(call.conn, &p.snapshot, &p.archive)?;
-    read_response(&agent, &reader, p.offset, p.length, p.encoding).await
+    let length = usize::try_from(p.length).unwrap_or(usize::MAX);
+    let hold = agent.budget.reserve(call.conn, length).await;
+    read_response(&reader, p.offset, length, hold, p.encoding).await
 }
 
 /// Reads `[offset, offset + length)` of an archive (clamped at its end) into
-/// a read result.
-pub(super) async fn read_response(
-    agent: &Agent,
+/// a read result holding `hold` of the budget.
+async fn read_response(
     reader: &ArchiveReader,
     offset: u64,
-    length: u64,
+    length: usize,
+    hold: Option<bulk::Hold>,
     encoding: Encoding,
 ) -> Result<RawResult, ErrorObjectOwned> {
-    let length = usize::try_from(length).unwrap_or(usize::MAX);
-    let hold = agent.budget.reserve(length).await;
     let slices = reader
         .read_slices(offset, length)
         .await

@@ -252,7 +252,7 @@ async fn fs_read(
     let path = t.path()?;
     let fs = t.filesystem(&agent).await?;
     let len = usize::try_from(x.length).unwrap_or(usize::MAX);
-    let hold = agent.budget.reserve(len).await;
+    let hold = agent.budget.reserve(conn, len).await;
     let (offset, encoding) = (x.offset, x.encoding);
     // The filesystem thread only says where the bytes are; they come
     // straight from the pool's chunk buffers, so reads of one volume run in
@@ -378,7 +378,7 @@ async fn stream_read(
     let stream = agent.streams.get(conn, p.stream)?;
     let len = usize::try_from(length).unwrap_or(usize::MAX);
     let (offset, data, eof, hold) = stream
-        .read(p.offset, len, agent.budget.reserve(len))
+        .read(p.offset, len, agent.budget.reserve(conn, len))
         .await?;
     if eof {
         // Done: the slot and its hold on the idle watchdog go now, not when

@@ -108,6 +108,7 @@ impl Agent {
     fn connection_closed(&self, conn: ConnectionId) {
         self.lock_readers().retain(|k, _| k.0 != conn.0);
         self.streams.connection_closed(conn);
+        self.budget.connection_closed(conn);
     }
 }
 
