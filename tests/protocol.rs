@@ -858,6 +858,21 @@ fn max_batch_is_enforced() {
     assert_next_is_pong(&mut c, 99);
 }
 
+const MIB: u64 = 1 << 20;
+
+/// An agent serving a 16 MiB image of pseudo-random bytes as `attached`
+/// `disk`; the image's directory lives as long as the first value.
+fn agent_on_a_16_mib_image() -> (tempfile::TempDir, Vec<u8>, Agent) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let src: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    fs::write(&image, &src).unwrap();
+    let agent = Agent::builder().image("disk", &image).start();
+    (dir, src, agent)
+}
+
 fn read_item(id: u64, offset: u64, length: u64) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": "image.read",
         "params": {"snapshot": "attached", "archive": "disk", "offset": offset, "length": length}})
@@ -877,14 +892,7 @@ fn base64_data(r: &Value) -> Vec<u8> {
 /// build a 360 MB line (64 of them, 1.4 GB: more than the VM has).
 #[test]
 fn batch_answers_are_bounded() {
-    const MIB: u64 = 1 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let src: Vec<u8> = (0..16u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    fs::write(&image, &src).unwrap();
-    let agent = Agent::builder().image("disk", &image).start();
+    let (_dir, src, agent) = agent_on_a_16_mib_image();
     let mut c = agent.connect_authed();
 
     for round in 0..2 {
@@ -934,14 +942,7 @@ fn batch_answers_are_bounded() {
 /// reads waited until that client read or left.
 #[test]
 fn a_client_that_stops_reading_does_not_stall_the_reads_of_others() {
-    const MIB: u64 = 1 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("disk.raw");
-    let src: Vec<u8> = (0..16u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    fs::write(&image, &src).unwrap();
-    let agent = Agent::builder().image("disk", &image).start();
+    let (_dir, src, agent) = agent_on_a_16_mib_image();
     let mut stalled = agent.connect_authed();
     for id in 1..=4 {
         stalled.send_json(&read_item(id, 0, 16 * MIB));
