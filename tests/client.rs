@@ -1572,6 +1572,61 @@ fn interrupted_extract_removes_the_partial_file(signal: i32, status: i32, says: 
     assert!(dest.is_dir());
 }
 
+/// `--force` replaces a file only once the new one is complete: Ctrl-C in
+/// the middle of the transfer leaves the old file (and no temporary one).
+/// The old file used to be deleted first, and the partial new one removed
+/// on the interruption, so nothing was left.
+#[test]
+fn ctrl_c_during_a_forced_extract_keeps_the_old_file() {
+    let agent = start_agent();
+    for archive in [false, true] {
+        let dir = tmp();
+        let relay = stalling_relay(dir.path(), &agent.sock, 1 << 20);
+        let dest = dir.path().join("out");
+        fs::create_dir(&dest).expect("mkdir");
+        let (old, target): (PathBuf, Vec<std::ffi::OsString>) = if archive {
+            let old = dest.join("big.tar");
+            (old.clone(), vec!["--tar".into(), old.into()])
+        } else {
+            (dest.join("big.bin"), vec!["-o".into(), dest.clone().into()])
+        };
+        fs::write(&old, b"ORIGINAL").expect("write");
+        let mut child = client_command(&format!("unix:{}", relay.display()), &agent.ticket_path)
+            .args(["extract", "--force", SNAPSHOT, EXT4, "raw", "/a/b/big.bin"])
+            .args(&target)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let temps = || {
+            fs::read_dir(&dest)
+                .expect("read_dir")
+                .filter(|e| {
+                    let name = e.as_ref().expect("entry").file_name();
+                    name.to_string_lossy().starts_with(".restore-client.")
+                })
+                .count()
+        };
+        let original = || fs::read(&old).ok().as_deref() == Some(&b"ORIGINAL"[..]);
+        let under_way = common::wait_until(std::time::Duration::from_secs(30), || {
+            temps() > 0 || !original() || child.try_wait().ok().flatten().is_some()
+        });
+        assert!(under_way, "no new file was started within 30 s");
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "the client ended"
+        );
+        // SAFETY: kill with the pid of a child this test started and has
+        // not reaped yet.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{err}");
+        assert!(original(), "the old file is gone or changed");
+        assert_eq!(temps(), 0, "a temporary file was left behind");
+    }
+}
+
 #[test]
 fn ticket_from_the_environment_and_a_tcp_connection() {
     let port = common::free_tcp_port();

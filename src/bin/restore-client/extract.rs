@@ -28,6 +28,7 @@ use restore_agent::client::bulk::{self, FileRef};
 use restore_agent::client::{ClientError, Session};
 use serde_json::{json, Value};
 
+use crate::newfile::NewFile;
 use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
 use crate::sparse::SparseFile;
 use crate::untar::Unpacker;
@@ -210,11 +211,16 @@ async fn to_archive(
     force: bool,
     partial: &Partial,
 ) -> Result<Outcome, ClientError> {
-    let mut out: Box<dyn Write + Send> = match dest {
+    // With --force, a regular file there (or the one a symlink there names)
+    // is replaced only once the new archive is complete.
+    let replace = dest.filter(|_| force).and_then(replaced_file);
+    let written = replace.as_ref().map(|(temp, _)| temp.as_path()).or(dest);
+    let mut out: Box<dyn Write + Send> = match written {
         Some(path) => {
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true);
-            if force {
+            if force && replace.is_none() {
+                // a FIFO or a device (`--tar /dev/null`) is written in place
                 opts.create(true).truncate(true);
             } else {
                 opts.create_new(true);
@@ -261,7 +267,10 @@ async fn to_archive(
     let bytes = result?;
     out.flush().map_err(|e| write_error(dest, &what, e))?;
     drop(out);
-    if let Some(path) = dest {
+    if let Some((temp, target)) = &replace {
+        std::fs::rename(temp, target).map_err(|e| write_error(dest, &what, e))?;
+    }
+    if let Some(path) = written {
         partial.done(path);
     }
     let text = match dest {
@@ -273,6 +282,18 @@ async fn to_archive(
         None => Value::Null,
     };
     Ok(Outcome::new(json, text))
+}
+
+/// For `--force`: when `dest` is (or a symlink there names) a regular file,
+/// a temporary name beside that file and the file's path, to write the new
+/// archive under and rename over the file once complete.
+fn replaced_file(dest: &Path) -> Option<(PathBuf, PathBuf)> {
+    if !std::fs::metadata(dest).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let target = std::fs::canonicalize(dest).ok()?;
+    let temp = target.with_file_name(crate::newfile::temp_name());
+    Some((temp, target))
 }
 
 /// The error for a failed write of the archive to `dest` (stdout if none).
@@ -511,10 +532,7 @@ async fn single(
             return Ok((stats, Vec::new()));
         }
     }
-    replace_if_forced(force, top, &name, &local)?;
-    let file = partial
-        .create(&local, || create_at(top, &name))
-        .map_err(|err| exists_or(&local, err))?;
+    let (file, new) = NewFile::create(partial, top, &name, &local, force)?;
     let mut file = SparseFile::new(file);
     let result = {
         let mut sink = |data: &[u8]| {
@@ -534,13 +552,18 @@ async fn single(
         .map_err(|err| local_io(&local, err))?;
         Ok(written)
     });
-    if result.is_err() {
-        let _ = unlinkat(top, &name);
+    match result {
+        Ok(written) => {
+            new.commit(partial, top, &name, &local)?;
+            stats.files = 1;
+            stats.bytes = written;
+            Ok((stats, Vec::new()))
+        }
+        Err(e) => {
+            new.abandon(partial, top, &name);
+            Err(e)
+        }
     }
-    partial.done(&local);
-    stats.files = 1;
-    stats.bytes = result?;
-    Ok((stats, Vec::new()))
 }
 
 /// With `force`, removes a non-directory at `name` so it can be created.

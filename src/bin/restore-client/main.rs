@@ -9,6 +9,7 @@
 
 mod extract;
 mod fmt;
+mod newfile;
 mod remote;
 mod sparse;
 mod store;

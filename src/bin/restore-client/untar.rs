@@ -21,9 +21,10 @@ use indicatif::ProgressBar;
 use restore_agent::client::ClientError;
 
 use crate::extract::{
-    create_at, exists_or, local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name,
-    set_mtime_at, set_mtime_fd, symlinkat, Finish, Partial, Stats,
+    exists_or, local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name, set_mtime_at,
+    set_mtime_fd, symlinkat, Finish, Partial, Stats,
 };
+use crate::newfile::NewFile;
 use crate::sparse::SparseFile;
 
 const BLOCK: usize = 512;
@@ -56,6 +57,10 @@ enum State {
 /// The file being written.
 struct Open {
     file: SparseFile,
+    /// where it goes once complete (see [`NewFile`])
+    new: NewFile,
+    dir: Arc<OwnedFd>,
+    name: CString,
     local: PathBuf,
     left: u64,
     size: u64,
@@ -263,18 +268,24 @@ impl Unpacker {
         };
         let Open {
             file,
+            new,
+            dir,
+            name,
             local,
             size,
             mode,
             mtime,
             ..
         } = open;
-        let file = file.finish().map_err(|e| local_io(&local, e))?;
-        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
-            .and_then(|()| set_mtime_fd(&file, mtime))
-            .map_err(|e| local_io(&local, e))?;
-        drop(file);
-        self.partial.done(&local);
+        let done = file.finish().and_then(|file| {
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            set_mtime_fd(&file, mtime)
+        });
+        if let Err(e) = done {
+            new.abandon(&self.partial, &dir, &name);
+            return Err(local_io(&local, e));
+        }
+        new.commit(&self.partial, &dir, &name, &local)?;
         self.stats.files += 1;
         self.stats.bytes += size;
         self.skip(pad(size));
@@ -477,13 +488,12 @@ impl Unpacker {
 
     fn file(&mut self, rel: &[u8], size: u64, mode: u32, mtime: i64) -> Result<(), ClientError> {
         let (fd, name, local) = self.parent_of(rel)?;
-        replace_if_forced(self.force, &fd, &name, &local)?;
-        let file = self
-            .partial
-            .create(&local, || create_at(&fd, &name))
-            .map_err(|e| exists_or(&local, e))?;
+        let (file, new) = NewFile::create(&self.partial, &fd, &name, &local, self.force)?;
         self.state = State::Data(Open {
             file: SparseFile::new(file),
+            new,
+            dir: fd,
+            name,
             local,
             left: size,
             size,
