@@ -1281,6 +1281,37 @@ fn error_paths_have_their_exit_codes() {
     // Usage errors: exit 2.
     let out = client(&agent, &["extract", SNAPSHOT, EXT4, "raw", "/"]);
     assert_eq!(out.status.code(), Some(2));
+    let into = dir.path().join("zstd-into-dir");
+    let into = into.to_str().expect("utf-8 path");
+    let out = client(
+        &agent,
+        &["extract", SNAPSHOT, EXT4, "raw", "/a", "-o", into, "--zstd"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--zstd applies to tar archives only"), "{err}");
+    // A tar archive is not written to a terminal (`script` gives the
+    // client one).
+    let cmd = format!(
+        "{CLIENT_BIN} --connect unix:{} --ticket-file {} extract {SNAPSHOT} {EXT4} raw /a -",
+        agent.sock.display(),
+        agent.ticket_path.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("refusing to write a tar archive to a terminal"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("ustar"),
+        "a tar archive went to the terminal"
+    );
     let out = client(&agent, &["ls"]);
     assert_eq!(out.status.code(), Some(2));
 }

@@ -132,8 +132,15 @@ pub async fn run(
             )));
         }
     }
-    if args.zstd && args.zip.is_some() {
-        return Err(ClientError::local("--zstd applies to tar archives only"));
+    if args.zstd && (args.zip.is_some() || args.dir.is_some()) {
+        return Err(ClientError::local(
+            "--zstd applies to tar archives only (--tar FILE or -)",
+        ));
+    }
+    if args.stdout.is_some() && io::stdout().is_terminal() {
+        return Err(ClientError::local(
+            "refusing to write a tar archive to a terminal (redirect stdout, or use -o DIR)",
+        ));
     }
     let _ = global;
     let partial = Partial::default();
