@@ -1658,6 +1658,47 @@ fn ctrl_c_during_a_forced_extract_keeps_the_old_file() {
     }
 }
 
+/// RESTORE_AGENT_CONNECT stands in for --connect, and --vm wins over it
+/// (README's session exports it; --vm then said "give either --vm or
+/// --connect, not both").
+#[test]
+fn the_address_from_the_environment_yields_to_vm() {
+    let agent = start_agent();
+    let run_dir = tmp();
+    let run = |args: &[&str]| {
+        Command::new(CLIENT_BIN)
+            .args(args)
+            .env(
+                "RESTORE_AGENT_CONNECT",
+                format!("unix:{}", agent.sock.display()),
+            )
+            .env("RESTORE_AGENT_RUN_DIR", run_dir.path())
+            .env_remove("RESTORE_AGENT_TICKET")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run")
+    };
+    let ticket = agent.ticket_path.to_str().expect("utf-8 path");
+    let out = run(&["--ticket-file", ticket, "ping"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&["--vm", "nosuchvm", "ping"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("nosuchvm") && !err.contains("not both"),
+        "{err}"
+    );
+    let out = run(&["--vm", "nosuchvm", "--connect", "unix:/nowhere", "ping"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not both"), "{err}");
+}
+
 #[test]
 fn ticket_from_the_environment_and_a_tcp_connection() {
     let port = common::free_tcp_port();

@@ -40,12 +40,8 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// Agent address: vsock:CID:PORT, unix:PATH, tcp:HOST:PORT, hybrid:PATH:PORT or exec:COMMAND
-    #[arg(
-        long,
-        global = true,
-        value_name = "ADDR",
-        env = "RESTORE_AGENT_CONNECT"
-    )]
+    /// (default: the RESTORE_AGENT_CONNECT environment variable, unless --vm is given)
+    #[arg(long, global = true, value_name = "ADDR")]
     connect: Option<String>,
     /// File holding the agent's ticket (default: the RESTORE_AGENT_TICKET environment variable)
     #[arg(long, global = true, value_name = "PATH")]
@@ -296,6 +292,12 @@ async fn connect(global: &Global) -> Result<Session, ClientError> {
         let (addr, ticket_file) = restore_agent::vm::resolve(name).map_err(ClientError::Local)?;
         global.connect = Some(addr);
         global.ticket_file.get_or_insert(ticket_file);
+    }
+    // the environment's address stands in for --connect, not for --vm
+    if global.connect.is_none() {
+        global.connect = std::env::var("RESTORE_AGENT_CONNECT")
+            .ok()
+            .filter(|a| !a.is_empty());
     }
     let Some(addr) = &global.connect else {
         return Err(ClientError::local(
