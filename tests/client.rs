@@ -1377,7 +1377,65 @@ fn completions_and_manpage() {
         .arg("manpage")
         .output()
         .expect("run"));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(".TH restore-client"));
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains(".TH restore-client"));
+    // every page the main page names is written by `manpage --dir`, and
+    // documents its options
+    let dir = tmp();
+    ok(Command::new(CLIENT_BIN)
+        .arg("manpage")
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .expect("run"));
+    let mut named = 0;
+    for line in page.lines() {
+        if let Some(name) = line.strip_suffix("(1)") {
+            let file = format!("{}.1", name.replace("\\-", "-"));
+            assert!(dir.path().join(&file).is_file(), "{file} not written");
+            named += 1;
+        }
+    }
+    assert!(named >= 10, "{named} subcommand pages named:\n{page}");
+    let extract = fs::read_to_string(dir.path().join("restore-client-extract.1")).expect("read");
+    assert!(extract.contains("\\-\\-force"), "{extract}");
+}
+
+/// The bash script completes a subcommand's options (`restore-client
+/// extract --<TAB>`); clap_complete's own script completed nothing after
+/// the subcommand for a binary named with a hyphen.
+#[test]
+fn bash_completes_the_options_of_a_subcommand() {
+    let out = ok(Command::new(CLIENT_BIN)
+        .args(["completions", "bash"])
+        .output()
+        .expect("run"));
+    let dir = tmp();
+    let script = dir.path().join("restore-client.bash");
+    fs::write(&script, &out.stdout).expect("write");
+    let complete = |words: &str| {
+        let line = format!(
+            "source {}; f=$(complete -p restore-client | sed -n 's/.*-F \\([^ ]*\\).*/\\1/p'); \
+             COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             $f restore-client \"${{COMP_WORDS[COMP_CWORD]}}\" \
+             \"${{COMP_WORDS[COMP_CWORD-1]}}\"; echo \"${{COMPREPLY[*]}}\"",
+            script.display()
+        );
+        let out = ok(Command::new("bash")
+            .args(["-c", &line])
+            .output()
+            .expect("bash"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let top = complete("restore-client --o");
+    assert!(top.contains("--output"), "{top}");
+    let sub = complete("restore-client extract --");
+    assert!(sub.contains("--force") && sub.contains("--tar"), "{sub}");
+    let nested = complete("restore-client store i");
+    assert!(
+        nested.contains("init") && nested.contains("import-image"),
+        "{nested}"
+    );
 }
 
 /// Runs `cmd` with its stderr on a new pseudo-terminal (120 columns) and

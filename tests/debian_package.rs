@@ -102,12 +102,19 @@ fn the_package_installs_client_agent_completions_and_man_page() {
     ] {
         assert_eq!(mode_of(path), Some(mode), "{path} in:\n{list}");
     }
-    assert!(
-        files
-            .iter()
-            .any(|(_, p)| p.starts_with("/usr/share/man/man1/restore-client.1")),
-        "man page missing:\n{list}"
-    );
+    // the main page, and one per subcommand that it names
+    for page in [
+        "restore-client",
+        "restore-client-extract",
+        "restore-client-vm-start",
+    ] {
+        assert!(
+            files
+                .iter()
+                .any(|(_, p)| p.starts_with(&format!("/usr/share/man/man1/{page}.1"))),
+            "man page {page} missing:\n{list}"
+        );
+    }
     // The agent is not on $PATH.
     assert!(
         !files.iter().any(|(_, p)| p.ends_with("bin/restore-agent")),

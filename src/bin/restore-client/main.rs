@@ -125,8 +125,13 @@ pub(crate) enum Command {
         #[arg(value_parser = ["bash", "zsh", "fish"])]
         shell: String,
     },
-    /// Print the manual page (roff)
-    Manpage,
+    /// Print the manual page (roff), or with --dir write it and one page per
+    /// subcommand (restore-client-ls.1, restore-client-vm-start.1, ...) there
+    Manpage {
+        /// Directory to write every page into
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// What a command produced: its JSON report, its human text (printed if not
@@ -251,12 +256,23 @@ fn run(cli: Cli) -> Result<Outcome, ClientError> {
             // Into memory first: clap_complete panics when a write fails.
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "restore-client", &mut script);
+            if shell == clap_complete::Shell::Bash {
+                script = bash_case_labels_fixed(&script);
+            }
             write_stdout(&script);
             Ok(Outcome::new(serde_json::Value::Null, ""))
         }
-        Command::Manpage => {
+        Command::Manpage { dir } => {
+            // The pages name no `help` subcommand: it has no page.
+            let cmd = Cli::command().disable_help_subcommand(true);
+            if let Some(dir) = dir {
+                clap_mangen::generate_to(cmd, &dir).map_err(|e| {
+                    ClientError::local(format!("writing manual pages to {}: {e}", dir.display()))
+                })?;
+                return Ok(Outcome::new(serde_json::Value::Null, ""));
+            }
             let mut page = Vec::new();
-            clap_mangen::Man::new(Cli::command())
+            clap_mangen::Man::new(cmd)
                 .render(&mut page)
                 .map_err(|e| ClientError::local(format!("writing the manual page: {e}")))?;
             write_stdout(&page);
@@ -278,6 +294,17 @@ fn run(cli: Cli) -> Result<Outcome, ClientError> {
             })
         }
     }
+}
+
+/// clap_complete (4.6) spells the bash script's case labels of subcommands
+/// of a hyphenated binary `restore__subcmd__client__subcmd__ls` while its
+/// dispatch loop builds `restore__client__subcmd__ls`, so nothing completes
+/// after a subcommand (clap-rs/clap#6421); the labels are respelled as the
+/// loop builds them.
+fn bash_case_labels_fixed(script: &[u8]) -> Vec<u8> {
+    String::from_utf8_lossy(script)
+        .replace("restore__subcmd__client", "restore__client")
+        .into_bytes()
 }
 
 /// Connects and authenticates as the global options say.

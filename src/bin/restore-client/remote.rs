@@ -141,9 +141,12 @@ pub async fn run(
         Command::Stat { follow, file } => stat(session, &file.file_ref(), follow).await,
         Command::Cat { file } => cat(session, &file.file_ref()).await,
         Command::Extract(args) => crate::extract::run(session, args, global).await,
-        Command::Store(_) | Command::Vm(_) | Command::Completions { .. } | Command::Manpage => Err(
-            ClientError::local("internal: a local command reached the agent"),
-        ),
+        Command::Store(_)
+        | Command::Vm(_)
+        | Command::Completions { .. }
+        | Command::Manpage { .. } => Err(ClientError::local(
+            "internal: a local command reached the agent",
+        )),
     }
 }
 
