@@ -643,40 +643,34 @@ fn extract_to_a_directory_matches_the_source_tree() {
     let b = fs::metadata(dest.join("run-link.sh")).expect("stat");
     assert_eq!(a.ino(), b.ino());
 
+    let extract_root = |extra: &[&str]| {
+        let mut args = vec!["extract", SNAPSHOT, EXT4, "raw", "/", "-o"];
+        args.push(dest.to_str().expect("utf8"));
+        args.extend(extra);
+        client(&agent, &args)
+    };
     // Again: refused without --force, nothing changed.
     fs::write(dest.join("small.txt"), b"local edit").expect("write");
-    let out = client(
-        &agent,
-        &[
-            "extract",
-            SNAPSHOT,
-            EXT4,
-            "raw",
-            "/",
-            "-o",
-            dest.to_str().expect("utf8"),
-        ],
-    );
+    let out = extract_root(&[]);
     exits(&out, 2);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
     assert_eq!(
         fs::read(dest.join("small.txt")).expect("read"),
         b"local edit"
     );
-    // With --force the tree is restored again.
-    ok(client(
-        &agent,
-        &[
-            "extract",
-            "--force",
-            SNAPSHOT,
-            EXT4,
-            "raw",
-            "/",
-            "-o",
-            dest.to_str().expect("utf8"),
-        ],
-    ));
+    // A file where the tree has a directory: named, and kept without --force.
+    fs::remove_dir_all(dest.join("a")).expect("rm a");
+    fs::write(dest.join("a"), b"a file now").expect("write");
+    let out = extract_root(&[]);
+    exits(&out, 2);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exists and is not a directory") && err.contains("--force"),
+        "{err}"
+    );
+    // With --force the tree is restored again, the file replaced by its
+    // directory.
+    ok(extract_root(&["--force"]));
     let _ = fs::remove_dir_all(dest.join("lost+found"));
     assert_eq!(describe(&dest, true, true), describe(&fx.src, true, true));
 
@@ -829,27 +823,25 @@ fn extract_never_writes_outside_the_directory() {
     let outside = out_dir.path().join("outside");
     fs::create_dir_all(&dest).expect("mkdir");
     fs::create_dir_all(&outside).expect("mkdir");
-    // A symlink where the archive has directory `a`: must not be followed.
+    // A symlink where the archive has directory `a`: never followed.
+    // Without --force it stays and the extraction stops; --force replaces
+    // the symlink itself with the directory.
     std::os::unix::fs::symlink(&outside, dest.join("a")).expect("symlink");
-    let out = client(
-        &agent,
-        &[
-            "extract",
-            "--force",
-            SNAPSHOT,
-            EXT4,
-            "raw",
-            "/",
-            "-o",
-            dest.to_str().expect("utf8"),
-        ],
-    );
-    exits(&out, 2);
-    assert_eq!(
-        fs::read_dir(&outside).expect("read_dir").count(),
-        0,
-        "wrote through a symlink"
-    );
+    for (force, status) in [(false, 2), (true, 0)] {
+        let mut args = vec!["extract", SNAPSHOT, EXT4, "raw", "/", "-o"];
+        args.push(dest.to_str().expect("utf8"));
+        if force {
+            args.push("--force");
+        }
+        exits(&client(&agent, &args), status);
+        assert_eq!(
+            fs::read_dir(&outside).expect("read_dir").count(),
+            0,
+            "wrote through a symlink"
+        );
+    }
+    let a = fs::symlink_metadata(dest.join("a")).expect("a");
+    assert!(a.is_dir(), "{a:?}");
 }
 
 #[test]

@@ -514,8 +514,22 @@ impl Unpacker {
             Err(e) => return Err(local_io(&local, e)),
         }
         // Refuses a symlink (or anything else) standing where the directory
-        // should be.
-        let dir = openat_dir(&fd, &name).map_err(|e| local_io(&local, e))?;
+        // should be; --force replaces it (never following it).
+        let dir = match openat_dir(&fd, &name) {
+            Ok(dir) => dir,
+            Err(e) if self.force && is_not_a_directory(&e) => {
+                replace_if_forced(true, &fd, &name, &local)?;
+                mkdirat(&fd, &name).map_err(|e| local_io(&local, e))?;
+                openat_dir(&fd, &name).map_err(|e| local_io(&local, e))?
+            }
+            Err(e) if is_not_a_directory(&e) => {
+                return Err(ClientError::local(format!(
+                    "{} exists and is not a directory (use --force to replace it)",
+                    local.display()
+                )))
+            }
+            Err(e) => return Err(local_io(&local, e)),
+        };
         // Its members come next: keep it open as their parent, if its own
         // parents are the ones kept open.
         let depth = rel.iter().filter(|&&b| b == b'/').count();
@@ -553,6 +567,12 @@ impl Unpacker {
         self.stats.hardlinks += 1;
         Ok(())
     }
+}
+
+/// Whether opening a directory failed on something else standing there (a
+/// file: ENOTDIR; a symlink, with O_NOFOLLOW: ELOOP).
+fn is_not_a_directory(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTDIR) | Some(libc::ELOOP))
 }
 
 /// A hard link `dir/name` to `from_dir/from`; a symlink at `from` is linked
