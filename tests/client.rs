@@ -1576,7 +1576,14 @@ fn progress_bars_show_on_a_terminal_only() {
 /// A Unix-socket relay to the agent that passes on the first `pass` bytes
 /// of the agent's answers and holds back the rest until the client goes.
 fn stalling_relay(dir: &Path, agent_sock: &Path, pass: u64) -> PathBuf {
-    let path = dir.join("stall.sock");
+    relay(dir, agent_sock, pass, false)
+}
+
+/// A relay that passes on `pass` bytes of the agent's answers, then closes
+/// the connection (as an agent that dies does), or with `!cut` holds the
+/// rest back until the client goes.
+fn relay(dir: &Path, agent_sock: &Path, pass: u64, cut: bool) -> PathBuf {
+    let path = dir.join(if cut { "cut.sock" } else { "stall.sock" });
     let listener = UnixListener::bind(&path).expect("bind");
     let target = agent_sock.to_path_buf();
     thread::spawn(move || {
@@ -1591,7 +1598,11 @@ fn stalling_relay(dir: &Path, agent_sock: &Path, pass: u64) -> PathBuf {
                 conn.try_clone().expect("clone"),
             );
             thread::spawn(move || {
-                let _ = std::io::copy(&mut a_r.take(pass), &mut c_w);
+                let _ = std::io::copy(&mut (&a_r).take(pass), &mut c_w);
+                if cut {
+                    let _ = c_w.shutdown(std::net::Shutdown::Both);
+                    let _ = a_r.shutdown(std::net::Shutdown::Both);
+                }
                 // Holds the connection open: ends when the client's side
                 // closed (the sender below is dropped).
                 let _ = gone_rx.recv();
@@ -1605,6 +1616,35 @@ fn stalling_relay(dir: &Path, agent_sock: &Path, pass: u64) -> PathBuf {
         }
     });
     path
+}
+
+/// An agent that goes away in the middle of an answer's data is a lost
+/// connection (exit 2, kind `connection`), not bad data from the agent.
+#[test]
+fn an_agent_gone_in_the_middle_of_the_data_is_a_lost_connection() {
+    let agent = start_agent();
+    let dir = tmp();
+    let cut = relay(dir.path(), &agent.sock, 3 << 20, true);
+    let out = client_at(
+        &format!("unix:{}", cut.display()),
+        &agent.ticket_path,
+        &[
+            "--output",
+            "json",
+            "cat",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/a/b/big.bin",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = &json(&out)["error"];
+    assert_eq!(err["kind"], "connection", "{err}");
+    assert!(
+        err["message"].as_str().unwrap_or("").contains("went away"),
+        "{err}"
+    );
 }
 
 #[test]

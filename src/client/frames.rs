@@ -29,6 +29,10 @@ use serde::Deserialize;
 
 use crate::transport::LineDecoder;
 
+/// The error payload of a raw answer whose connection ended before all
+/// of its data came: the agent went away, the data is not bad.
+pub const CONNECTION_ENDED: &str = "the connection ended inside the answer's data";
+
 /// Longest answer line a client accepts: a 16 MiB read is about 22.4 MiB
 /// of base64.
 pub const MAX_RESPONSE_LINE: usize = 64 << 20;
@@ -440,7 +444,7 @@ impl ResponseDecoder {
             State::Raw(bulk, left) => {
                 bulk.out.extend_from_slice(buf);
                 buf.clear();
-                bulk.error = Some("the answer ends inside its data".into());
+                bulk.error = Some(CONNECTION_ENDED.into());
                 *left = 0;
             }
             State::Skip(_) => {

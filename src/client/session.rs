@@ -260,6 +260,9 @@ impl Session {
     pub(crate) fn take_bulk(&self, slot: u64, what: &str) -> Result<Vec<u8>> {
         match self.slots.take(slot) {
             Some(Ok(bytes)) => Ok(bytes),
+            Some(Err(e)) if e == super::frames::CONNECTION_ENDED => Err(ClientError::connection(
+                format!("the agent went away in the middle of the answer for {what}"),
+            )),
             Some(Err(e)) => Err(ClientError::local(format!(
                 "bad data from the agent for {what}: {e}"
             ))),
