@@ -2111,6 +2111,11 @@ fn names_and_link_targets_that_are_not_utf8_round_trip() {
     let target = OsStr::from_bytes(b"tgt\xfe\xff");
     fs::write(src.join("b").join(name), "latin1").expect("write");
     std::os::unix::fs::symlink(target, src.join("b/link")).expect("symlink");
+    for d in [&b"d\xfe"[..], b"d\xff"] {
+        let d = src.join(OsStr::from_bytes(d));
+        fs::create_dir(&d).expect("mkdir");
+        fs::write(d.join("f"), "f").expect("write");
+    }
     let agent = serve_image_of(dir.path(), &src, "u", 16);
     let run = |args: &[&OsStr]| ok(agent_command(&agent).args(args).output().expect("run"));
     let snap = ["host/u/2026-01-01T00:00:00Z", "u.img.fidx", "raw"].map(OsStr::new);
@@ -2137,6 +2142,26 @@ fn names_and_link_targets_that_are_not_utf8_round_trip() {
         entries.iter().any(|e| e["name_b64"] == "Y2Fm6Q=="),
         "{listed}"
     );
+    // ... and the paths of `ls -R` too: two directories whose names differ
+    // only in bytes that are not UTF-8 (the lossy text is the same).
+    let listed = json(&with(&["--output", "json", "ls", "-R"], OsStr::new("/"), &[]));
+    let mut fs_paths: Vec<Vec<u8>> = listed["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["name"] == "f")
+        .map(|e| {
+            let b64 = e["path_b64"].as_str().unwrap_or_else(|| panic!("no path_b64: {e}"));
+            base64_simd::STANDARD.decode_to_vec(b64).expect("base64")
+        })
+        .collect();
+    fs_paths.sort();
+    assert_eq!(fs_paths, [b"/d\xfe/f".to_vec(), b"/d\xff/f".to_vec()]);
+    // `stat` names the path it was given, as its text does.
+    let mut path = b"/b/".to_vec();
+    path.extend_from_slice(name.as_bytes());
+    let stat = json(&with(&["--output", "json", "stat"], OsStr::from_bytes(&path), &[]));
+    assert_eq!(stat["path_b64"], "L2IvY2Fm6Q==", "{stat}");
     // Paths that are not UTF-8 can be given on the command line.
     let mut path = b"/b/".to_vec();
     path.extend_from_slice(name.as_bytes());

@@ -438,7 +438,7 @@ async fn ls(
             // Like ls: a file argument lists itself.
             let mut v = stat_entry(session, root, false).await?;
             let e = Entry::from_value(&v)?;
-            v["path"] = root.display().into();
+            set_path(&mut v, root);
             let text = if long {
                 let mut row = long_row(&e);
                 row[6] = fmt::printable_bytes(&root.path);
@@ -446,10 +446,9 @@ async fn ls(
             } else {
                 fmt::printable_bytes(&root.path)
             };
-            return Ok(Outcome::new(
-                json!({ "path": root.display(), "entries": [v] }),
-                text,
-            ));
+            let mut listed = json!({ "entries": [v] });
+            set_path(&mut listed, root);
+            return Ok(Outcome::new(listed, text));
         }
         Err(e) => return Err(e),
     };
@@ -463,7 +462,7 @@ async fn ls(
         for mut v in values {
             let e = Entry::from_value(&v)?;
             let child = dir.child(&e.raw_name()?);
-            v["path"] = child.display().into();
+            set_path(&mut v, &child);
             all.push(v);
             if recursive && e.kind == "dir" {
                 subdirs.push(child);
@@ -486,10 +485,21 @@ async fn ls(
         .filter(|s| !s.is_empty())
         .collect::<Vec<_>>()
         .join("\n\n");
-    Ok(Outcome::new(
-        json!({ "path": root.display(), "entries": all }),
-        text,
-    ))
+    let mut listed = json!({ "entries": all });
+    set_path(&mut listed, root);
+    Ok(Outcome::new(listed, text))
+}
+
+/// Sets `path` to the path of `file` (lossy UTF-8), and `path_b64` to its
+/// exact bytes when they are not UTF-8, as the agent does for names.
+fn set_path(v: &mut Value, file: &FileRef) {
+    v["path"] = file.display().into();
+    if std::str::from_utf8(&file.path).is_err() {
+        use base64::Engine;
+        v["path_b64"] = base64::engine::general_purpose::STANDARD
+            .encode(&file.path)
+            .into();
+    }
 }
 
 async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome, ClientError> {
@@ -519,6 +529,8 @@ async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome
         rows.push(vec!["target".to_string(), t.clone()]);
     }
     let text = fmt::table(None, &[Align::Left, Align::Left], &rows);
+    let mut v = v;
+    set_path(&mut v, file);
     Ok(Outcome::new(v, text))
 }
 
