@@ -2144,14 +2144,20 @@ fn names_and_link_targets_that_are_not_utf8_round_trip() {
     );
     // ... and the paths of `ls -R` too: two directories whose names differ
     // only in bytes that are not UTF-8 (the lossy text is the same).
-    let listed = json(&with(&["--output", "json", "ls", "-R"], OsStr::new("/"), &[]));
+    let listed = json(&with(
+        &["--output", "json", "ls", "-R"],
+        OsStr::new("/"),
+        &[],
+    ));
     let mut fs_paths: Vec<Vec<u8>> = listed["entries"]
         .as_array()
         .expect("entries")
         .iter()
         .filter(|e| e["name"] == "f")
         .map(|e| {
-            let b64 = e["path_b64"].as_str().unwrap_or_else(|| panic!("no path_b64: {e}"));
+            let b64 = e["path_b64"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no path_b64: {e}"));
             base64_simd::STANDARD.decode_to_vec(b64).expect("base64")
         })
         .collect();
@@ -2160,7 +2166,11 @@ fn names_and_link_targets_that_are_not_utf8_round_trip() {
     // `stat` names the path it was given, as its text does.
     let mut path = b"/b/".to_vec();
     path.extend_from_slice(name.as_bytes());
-    let stat = json(&with(&["--output", "json", "stat"], OsStr::from_bytes(&path), &[]));
+    let stat = json(&with(
+        &["--output", "json", "stat"],
+        OsStr::from_bytes(&path),
+        &[],
+    ));
     assert_eq!(stat["path_b64"], "L2IvY2Fm6Q==", "{stat}");
     // Paths that are not UTF-8 can be given on the command line.
     let mut path = b"/b/".to_vec();

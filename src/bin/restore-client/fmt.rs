@@ -7,37 +7,62 @@ use std::fmt::Write as _;
 use restore_agent::calendar::civil_from_days;
 
 /// `s` with its control characters escaped (`\n`, `\t`, `\r`, `\x1b`,
-/// `\x9b`). Names and messages come from the backup: shown as they are, an
-/// escape sequence in a file name would drive the user's terminal, and a
-/// line break would make one name look like two. `--output json` keeps the
-/// exact names.
+/// `\x9b`), and the characters that reorder text (`\u{202e}`). Names and
+/// messages come from the backup: shown as they are, an escape sequence in a
+/// file name would drive the user's terminal, a line break would make one
+/// name look like two, and a right-to-left override would show `gpj.exe`
+/// as `exe.jpg`. `--output json` keeps the exact names.
 pub fn printable(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    if !s.chars().any(needs_escape) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 8);
     for c in s.chars() {
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\t' => out.push_str("\\t"),
-            '\r' => out.push_str("\\r"),
-            // Every control character is below U+00A0: two hex digits.
-            c if c.is_control() => {
-                let _ = write!(out, "\\x{:02x}", u32::from(c));
-            }
-            c => out.push(c),
-        }
+        push_escaped(&mut out, c);
     }
     Cow::Owned(out)
 }
 
-/// Name or path bytes for people: UTF-8 as [`printable`] shows it, any byte
-/// that is not UTF-8 as `\xNN`, so that names differing only there stay
-/// apart.
+fn needs_escape(c: char) -> bool {
+    c.is_control() || reorders(c)
+}
+
+/// The bidirectional formatting characters: marks, embeddings, overrides
+/// and isolates.
+fn reorders(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+fn push_escaped(out: &mut String, c: char) {
+    match c {
+        '\n' => out.push_str("\\n"),
+        '\t' => out.push_str("\\t"),
+        '\r' => out.push_str("\\r"),
+        // Every control character is below U+00A0: two hex digits.
+        c if c.is_control() => {
+            let _ = write!(out, "\\x{:02x}", u32::from(c));
+        }
+        c if reorders(c) => {
+            let _ = write!(out, "\\u{{{:04x}}}", u32::from(c));
+        }
+        c => out.push(c),
+    }
+}
+
+/// Name or path bytes for people: UTF-8 as [`printable`] shows it, a
+/// backslash as `\\` and any byte that is not UTF-8 as `\xNN`, so that
+/// names differing only there stay apart (a name holding a line break and
+/// one holding a backslash and an `n` look different).
 pub fn printable_bytes(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
-        out.push_str(&printable(chunk.valid()));
+        for c in chunk.valid().chars() {
+            if c == '\\' {
+                out.push_str("\\\\");
+            } else {
+                push_escaped(&mut out, c);
+            }
+        }
         for b in chunk.invalid() {
             let _ = write!(out, "\\x{b:02x}");
         }
@@ -150,7 +175,11 @@ pub fn table(header: Option<&[&str]>, align: &[Align], rows: &[Vec<String>]) -> 
                 }
             }
         }
-        out.push_str(line.trim_end());
+        // A name keeps its trailing spaces; an empty last cell leaves none.
+        if row.last().is_some_and(String::is_empty) {
+            line.truncate(line.trim_end().len());
+        }
+        out.push_str(&line);
         out.push('\n');
     }
     if out.ends_with('\n') {
@@ -202,6 +231,22 @@ mod tests {
         assert_eq!(
             printable_bytes(b"bad\xff\xfename\n\xc3\xbc"),
             "bad\\xff\\xfename\\n\u{fc}"
+        );
+        // a line break and a backslash followed by `n` stay apart, and
+        // a right-to-left override is shown, not obeyed
+        assert_eq!(printable_bytes(b"a\nb"), "a\\nb");
+        assert_eq!(printable_bytes(b"a\\nb"), "a\\\\nb");
+        assert_eq!(printable("x\u{202e}gpj.exe"), "x\\u{202e}gpj.exe");
+        // a table keeps what the names are, trailing spaces included
+        let t = table(
+            None,
+            &[Align::Left, Align::Left],
+            &[vec!["1".into(), "name ".into()]],
+        );
+        assert_eq!(t, "1  name ");
+        assert_eq!(
+            table(None, &[Align::Left], &[vec![printable_bytes(b"a\\b")]]),
+            "a\\\\b"
         );
     }
 
