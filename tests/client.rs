@@ -2008,6 +2008,10 @@ fn names_with_control_characters_are_escaped_for_people_and_exact_for_scripts() 
     }
     let shown = human(&["stat"], "/d/esc\u{1b}[2Jclear");
     assert!(shown.contains("/d/esc\\x1b[2Jclear"), "{shown:?}");
+    // `ls -R` of a tree with an empty directory (lost+found, the last):
+    // its heading alone, with no blank lines after it.
+    let shown = human(&["ls", "-R"], "/");
+    assert!(shown.ends_with("\n\n/lost+found:\n"), "{shown:?}");
     // An error naming such a path escapes it on stderr too.
     let mut v = vec!["stat"];
     v.extend_from_slice(&snap);

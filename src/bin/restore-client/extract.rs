@@ -318,6 +318,7 @@ pub(crate) struct Stats {
     pub(crate) dirs: u64,
     pub(crate) symlinks: u64,
     pub(crate) hardlinks: u64,
+    pub(crate) fifos: u64,
     pub(crate) bytes: u64,
     pub(crate) skipped: Vec<String>,
 }
@@ -394,15 +395,20 @@ async fn to_dir(
             "dirs": s.dirs,
             "symlinks": s.symlinks,
             "hardlinks": s.hardlinks,
+            "fifos": s.fifos,
             "bytes": s.bytes,
             "skipped": s.skipped,
         }),
         format!(
-            "extracted {} files, {} directories, {} symlinks, {} hard links ({} bytes) into {}",
+            "extracted {} files, {} directories, {} symlinks, {} hard links{} ({} bytes) into {}",
             s.files,
             s.dirs,
             s.symlinks,
             s.hardlinks,
+            match s.fifos {
+                0 => String::new(),
+                n => format!(", {n} fifos"),
+            },
             s.bytes,
             dir.display()
         ),
@@ -532,6 +538,7 @@ async fn single(
             replace_if_forced(force, top, &name, &local)?;
             mkfifoat(top, &name, e.mode & 0o7777).map_err(|err| exists_or(&local, err))?;
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
+            stats.fifos = 1;
             return Ok((stats, Vec::new()));
         }
         _ => {

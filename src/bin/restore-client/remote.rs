@@ -470,10 +470,11 @@ async fn ls(
             entries.push(e);
         }
         let body = listing(&entries, long);
-        sections.push(if recursive {
-            format!("{}:\n{body}", fmt::printable_bytes(&dir.path))
-        } else {
-            body
+        sections.push(match (recursive, body.is_empty()) {
+            // an empty directory's section is its heading alone
+            (true, true) => format!("{}:", fmt::printable_bytes(&dir.path)),
+            (true, false) => format!("{}:\n{body}", fmt::printable_bytes(&dir.path)),
+            (false, _) => body,
         });
         for sub in subdirs.into_iter().rev() {
             let values = list_dir(session, &sub).await?;

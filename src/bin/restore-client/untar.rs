@@ -405,6 +405,7 @@ impl Unpacker {
                 replace_if_forced(self.force, &fd, &name, &local)?;
                 mkfifoat(&fd, &name, mode).map_err(|e| exists_or(&local, e))?;
                 set_mtime_at(&fd, &name, mtime).map_err(|e| local_io(&local, e))?;
+                self.stats.fifos += 1;
                 self.skip(size + pad(size));
                 Ok(())
             }
@@ -673,6 +674,7 @@ mod tests {
         stream.extend(member("top/empty", b'0', b"", ""));
         stream.extend(member("top/d/link", b'2', b"", "a.bin"));
         stream.extend(member("top/hard", b'1', b"", "top/d/a.bin"));
+        stream.extend(member("top/pipe", b'6', b"", ""));
         stream.extend([0u8; 2 * BLOCK]);
         for piece in [1, 7, 511, 512, 513, 1 << 20] {
             let t = tempfile::tempdir().expect("tmp");
@@ -681,6 +683,7 @@ mod tests {
                 (stats.files, stats.dirs, stats.symlinks, stats.hardlinks),
                 (2, 1, 1, 1)
             );
+            assert_eq!(stats.fifos, 1);
             assert_eq!(std::fs::read(t.path().join("d/a.bin")).expect("read"), big);
             assert_eq!(std::fs::read(t.path().join("hard")).expect("read"), big);
             assert_eq!(
