@@ -388,8 +388,15 @@ impl<B: Backend> Tree<B> {
                         p.push(b'/');
                     }
                     p.extend_from_slice(&comp);
+                    // through a symlink the missing path is not the one
+                    // asked for: name both
+                    let via = if hops > 0 {
+                        format!(" ({} leads there through a symlink)", show(path))
+                    } else {
+                        String::new()
+                    };
                     return Err(Error::not_found(format!(
-                        "{}: no such file or directory",
+                        "{}: no such file or directory{via}",
                         show(&p)
                     )));
                 }
