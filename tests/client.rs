@@ -1306,6 +1306,14 @@ fn error_paths_have_their_exit_codes() {
     );
     let out = client(&agent, &["ls"]);
     assert_eq!(out.status.code(), Some(2));
+    // ... with --output json, also as one JSON document on stdout
+    for args in [&["--output", "json", "ls"][..], &["--output=json", "bogus"]] {
+        let out = client(&agent, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = &json(&out)["error"];
+        assert_eq!(err["kind"], "local", "{err}");
+        assert!(!err["message"].as_str().unwrap_or("").is_empty(), "{err}");
+    }
 }
 
 /// A file whose data ends before its size (a FAT chain shorter than the

@@ -158,11 +158,24 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
+            if !e.use_stderr() {
+                // --help, --version
+                return ExitCode::SUCCESS;
+            }
+            if json_asked() {
+                // the error's lines, before the usage that follows them
+                let text = e.render().to_string();
+                let message: Vec<&str> = text
+                    .lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                let message = message.join(" ");
+                let message = message.trim_start_matches("error: ");
+                let report = ClientError::local(message).to_json();
+                let _ = try_write_stdout(format!("{report}\n").as_bytes());
+            }
+            return ExitCode::from(2);
         }
     };
     let output = cli.global.output;
@@ -209,6 +222,15 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// Whether the command line asks for `--output json`, for a usage error
+/// that clap found before it could say.
+fn json_asked() -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    args.iter().enumerate().any(|(i, a)| {
+        a == "--output=json" || (a == "--output" && args.get(i + 1).is_some_and(|v| v == "json"))
+    })
 }
 
 /// Writes a successful command's report to stdout (see [`stdout_error`]
