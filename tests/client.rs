@@ -2285,3 +2285,78 @@ fn vm_start_refuses_a_guest_smaller_than_128_mib() {
     let vms: Value = serde_json::from_slice(&list.stdout).expect("json");
     assert_eq!(vms, serde_json::json!([]), "nothing was started");
 }
+
+/// A tree deeper than PATH_MAX (20 directories of 250-byte names: a
+/// 5,000-byte path) extracts whole, the modes of its directories set. The
+/// modes were set by path at the end, which failed with "File name too
+/// long" after every file was written, leaving every directory at 0700.
+#[test]
+fn a_tree_deeper_than_path_max_extracts_whole() {
+    use std::ffi::CString;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let dir = common::shm_tempdir();
+    let src = dir.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    let open = |at: libc::c_int, name: &CString| {
+        // SAFETY: a valid dir fd and NUL-terminated name; the fd returned
+        // is owned by the caller.
+        let fd = unsafe { libc::openat(at, name.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+        assert!(fd >= 0, "openat: {}", std::io::Error::last_os_error());
+        // SAFETY: just opened, owned nowhere else.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    };
+    let mut fd = fs::File::open(&src).expect("open").into();
+    for i in 0..20 {
+        let name = CString::new(format!("{i:02}{}", "d".repeat(248))).expect("name");
+        // SAFETY: a valid dir fd and NUL-terminated name.
+        let r = unsafe { libc::mkdirat(fd_of(&fd), name.as_ptr(), 0o750) };
+        assert_eq!(r, 0, "mkdirat: {}", std::io::Error::last_os_error());
+        fd = open(fd_of(&fd), &name);
+    }
+    let leaf = CString::new("leaf").expect("name");
+    // SAFETY: a valid dir fd and NUL-terminated name.
+    let file = unsafe {
+        libc::openat(
+            fd_of(&fd),
+            leaf.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT,
+            0o640,
+        )
+    };
+    assert!(file >= 0, "create leaf");
+    // SAFETY: just opened, owned nowhere else.
+    let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(file) });
+    std::io::Write::write_all(&mut file, b"deep").expect("write");
+    drop((file, fd));
+    let agent = serve_image_of(dir.path(), &src, "p", 16);
+    let out = dir.path().join("out");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            "host/p/2026-01-01T00:00:00Z",
+            "p.img.fidx",
+            "raw",
+            "/",
+            "-o",
+            out.to_str().expect("utf8"),
+        ],
+    ));
+    // `find` walks paths of any length
+    let found = ok(Command::new("find")
+        .arg(&out)
+        .args(["-type", "d", "-name", "??dddd*", "-perm", "0750"])
+        .output()
+        .expect("find"));
+    assert_eq!(String::from_utf8_lossy(&found.stdout).lines().count(), 20);
+    let leaf = ok(Command::new("find")
+        .arg(&out)
+        .args(["-name", "leaf", "-size", "4c"])
+        .output()
+        .expect("find"));
+    assert_eq!(String::from_utf8_lossy(&leaf.stdout).lines().count(), 1);
+}
+
+fn fd_of(fd: &std::os::fd::OwnedFd) -> libc::c_int {
+    std::os::fd::AsRawFd::as_raw_fd(fd)
+}

@@ -383,6 +383,11 @@ async fn to_dir(
     let (stats, finish) = result?;
     for (path, mode, mtime) in finish.iter().rev() {
         let fd = open_dir(path)
+            .or_else(|e| match (e.raw_os_error(), path.strip_prefix(dir)) {
+                // deeper than PATH_MAX: one component at a time from DIR
+                (Some(libc::ENAMETOOLONG), Ok(rel)) => open_beneath(dir, rel),
+                _ => Err(e),
+            })
             .map_err(|e| ClientError::local(format!("cannot open {}: {e}", path.display())))?;
         set_mode_fd(&fd, *mode).map_err(|e| local_io(path, e))?;
         set_mtime_fd(&fd, *mtime).map_err(|e| local_io(path, e))?;
@@ -643,6 +648,17 @@ pub(crate) fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     })?;
     // SAFETY: fd was just opened and is not owned elsewhere.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The directory `rel` inside `dir`, opened one component at a time
+/// (never following a symlink), for paths too long to open whole.
+fn open_beneath(dir: &Path, rel: &Path) -> io::Result<OwnedFd> {
+    let mut fd = open_dir(dir)?;
+    for component in rel.components() {
+        let name = CString::new(component.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        fd = openat_dir(&fd, &name)?;
+    }
+    Ok(fd)
 }
 
 pub(crate) fn openat_dir(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
