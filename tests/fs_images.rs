@@ -1670,6 +1670,56 @@ fn ntfs_data_attribute(d: &[u8], name: &str) -> (usize, usize) {
     (record, attribute)
 }
 
+/// A file record whose attribute list ends in a bad end marker (type
+/// 0x00FFFFFF, length 0, after its $DATA) lists without hanging. The
+/// crate's raw attribute iterator returns the same error again without
+/// moving on, and skipping errors spun at full CPU forever: the listing,
+/// and every later request on that volume, never answered.
+#[test]
+fn an_ntfs_attribute_list_with_a_bad_end_marker_does_not_hang() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ntfs.img");
+    // small: its data is resident, so no non-resident $DATA ends the walk
+    // of its attributes before the end marker
+    let files = vec![("small.txt".to_string(), b"small\n".to_vec())];
+    mkimg_ntfs(&img, "16M", "ENDMARK", &dir.path().join("scratch"), &files);
+    let mut d = std::fs::read(&img).unwrap();
+    let le16 = |d: &[u8], at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
+    let le32 = |d: &[u8], at: usize| u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+    let name: Vec<u8> = "small.txt"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let record = (0..d.len())
+        .step_by(1024)
+        .find(|&r| d[r..r + 4] == *b"FILE" && d[r..r + 1024].windows(name.len()).any(|w| w == name))
+        .expect("the file record");
+    let mut end = record + le16(&d, record + 0x14);
+    while le32(&d, end) != 0xFFFF_FFFF {
+        end += le32(&d, end + 4) as usize;
+    }
+    assert!(
+        (end - record) % 512 + 4 <= 510,
+        "end marker across a sector end"
+    );
+    d[end + 3] = 0;
+    let bad = dir.path().join("endmark.img");
+    std::fs::write(&bad, &d).unwrap();
+    let (listed, stat) = within(Duration::from_secs(60), move || {
+        with_fs(&bad, "raw", |fs| {
+            (
+                fs.list(b"/", None, 100).map(|l| l.0.len()),
+                fs.stat(b"/small.txt", false),
+            )
+        })
+    });
+    // whatever the verdict on the damaged record, it comes
+    let _ = (listed, stat);
+}
+
 /// Bytes of an NTFS file past its valid data length read as zeros, as
 /// Windows and ntfs-3g read them, not as whatever its clusters hold (stale
 /// data of a preallocated or extended file).

@@ -245,8 +245,12 @@ fn unreadable(
 /// `$DATA` says: when the data is in pieces over several records, the
 /// first piece is there, and the piece the crate's `data()` hands over
 /// may be a later one, whose header says 0.
+///
+/// The walk stops at the first attribute that cannot be read: the crate's
+/// iterator returns the same error again without moving on, so skipping
+/// errors (`flatten`) spun forever on a record whose end marker was bad.
 fn base_record_data_size(file: &NtfsFile<'_>) -> Option<u64> {
-    file.attributes_raw().flatten().find_map(|a| {
+    file.attributes_raw().map_while(Result::ok).find_map(|a| {
         let data = a.ty().ok()? == NtfsAttributeType::Data;
         let unnamed = a.name_length() == 0;
         (data && unnamed && !a.is_resident()).then(|| a.value_length())
