@@ -1547,6 +1547,43 @@ fn fat_directory_loops_are_corrupt() {
     }
 }
 
+/// A file whose cluster chain names cluster 1 (not a data cluster) is
+/// 1004. fatfs computes its sector as `cluster - 2`: with the overflow
+/// unchecked, a release build read the root directory area as the file's
+/// last bytes and returned them as data (found by fuzzing; Cargo.toml
+/// turns overflow checks on for the parsers and this crate, which compiles
+/// their generic code).
+#[test]
+fn a_fat_chain_through_cluster_1_is_corrupt() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("BIG.BIN"), &noise(44, 4 * 512 + 100));
+    let img = dir.path().join("fat.img");
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-F", "16", "-s", "1"])
+        .arg(&img)
+        .arg("8192"));
+    run(Command::new("mcopy")
+        .arg("-i")
+        .arg(&img)
+        .arg(src.join("BIG.BIN"))
+        .arg("::/"));
+    let mut d = std::fs::read(&img).unwrap();
+    let fat = Fat16::of(&d);
+    let (_, first) = fat.find(&d, None, b"BIG     BIN");
+    let chain = fat.chain(&d, first);
+    assert_eq!(chain.len(), 5, "{chain:?}");
+    fat.link(&mut d, chain[3], 1);
+    let bad = dir.path().join("cluster1.img");
+    std::fs::write(&bad, &d).unwrap();
+    let read = with_fs(&bad, "raw", |fs| fs.read(b"/BIG.BIN", 0, 1 << 20));
+    let e = read.expect_err("the file read");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+}
+
 /// Runs `job` on a thread of its own and gives its result, or fails the
 /// test if it takes longer than `limit` (a job that never ends is left
 /// spinning until the test process exits).
