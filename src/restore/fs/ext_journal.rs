@@ -13,6 +13,7 @@
 //! Owns: the JBD2 block headers (big-endian) as far as needed to count
 //! blocks and revocations. Must never write, and never replay anything.
 
+use std::collections::HashMap;
 use std::ops::Range;
 
 use crate::error::{Error, Result};
@@ -127,11 +128,19 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
         0
     };
     let revoke_entry: u64 = if features & FEATURE_64BIT != 0 { 8 } else { 4 };
+    let revoke_entry_64 = features & FEATURE_64BIT != 0;
     // one lap of the log at most, as a replay reads it
     let mut at = start;
     let mut walked = 0u64;
     let mut pending_revokes = 0u64;
     let mut replayed = 0u64;
+    // For the revocations (see `replays_revoked`): the transactions, by
+    // their place in the log, that logged each block; what the one being
+    // read logs and revokes until its commit.
+    let mut logged: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut revoked: HashMap<u64, u64> = HashMap::new();
+    let (mut txn_logged, mut txn_revoked) = (Vec::new(), Vec::new());
+    let mut txn = 0u64;
     while walked < last - first {
         read(raw, at, &mut block)?;
         if be32(&block, 0) != JBD2_MAGIC || be32(&block, 8) != sequence {
@@ -155,6 +164,12 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
                     } else {
                         be32(&block, tag + 4) & 0xFFFF
                     };
+                    let high = if features & FEATURE_64BIT != 0 {
+                        u64::from(be32(&block, tag + 8)) << 32
+                    } else {
+                        0
+                    };
+                    txn_logged.push(u64::from(be32(&block, tag)) | high);
                     tag += tag_bytes;
                     if flags & TAG_SAME_UUID == 0 {
                         tag += 16;
@@ -167,6 +182,19 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
             COMMIT_BLOCK => {
                 sequence = sequence.wrapping_add(1);
                 pending_revokes = 0;
+                for b in txn_logged.drain(..) {
+                    logged
+                        .entry(b)
+                        .and_modify(|(_, last)| *last = txn)
+                        .or_insert((txn, txn));
+                }
+                // only a block logged before can be replayed wrongly
+                for b in txn_revoked.drain(..) {
+                    if logged.contains_key(&b) {
+                        revoked.insert(b, txn);
+                    }
+                }
+                txn += 1;
             }
             REVOKE_BLOCK => {
                 let used = u64::from(be32(&block, 12)).min(bs);
@@ -175,6 +203,17 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
                     return Err(too_large(format!(
                         "more than {MAX_PENDING_REVOKES} revoked blocks wait for one commit"
                     )));
+                }
+                let mut entry = 16;
+                while entry + revoke_entry <= used {
+                    let e = entry as usize;
+                    let b = if revoke_entry_64 {
+                        u64::from(be32(&block, e)) << 32 | u64::from(be32(&block, e + 4))
+                    } else {
+                        u64::from(be32(&block, e))
+                    };
+                    txn_revoked.push(b);
+                    entry += revoke_entry;
                 }
             }
             _ => break,
@@ -185,5 +224,24 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
             at = first + (at - last);
         }
     }
+    if let Some(b) = replays_revoked(&logged, &revoked) {
+        return Err(too_large(format!(
+            "a later transaction revokes block {b}, which an earlier one logged: this \
+             reader's replay would copy it anyway (ext4-view 1.0 honours a revocation \
+             only within its own transaction), and its data would be wrong"
+        )));
+    }
     Ok(())
+}
+
+/// A block whose copy a replay by ext4-view would write although JBD2's
+/// rules revoke it: revoked by transaction `r` (the last to revoke it),
+/// logged by one before `r` and by none after. (A copy logged after the
+/// revocation is written by both, last; a block revoked by the
+/// transaction that alone logs it, by neither.)
+fn replays_revoked(logged: &HashMap<u64, (u64, u64)>, revoked: &HashMap<u64, u64>) -> Option<u64> {
+    revoked.iter().find_map(|(&b, &r)| {
+        let &(first, last) = logged.get(&b)?;
+        (first < r && last <= r).then_some(b)
+    })
 }
