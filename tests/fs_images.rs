@@ -2434,3 +2434,72 @@ fn listing_pages_are_bounded_in_bytes() {
         assert!(raw == target(i), "target of {}", e.name);
     }
 }
+
+/// Two kinds of damage the fuzzer found read as something else. An extent
+/// of length 0 (the kernel refuses it) is 1004, where its blocks read as a
+/// hole. A name holding a NUL byte (no path reaches it, no archive member
+/// can carry it) is left out of listings, where it made every extraction
+/// of its directory fail.
+#[test]
+fn zero_length_extents_are_corrupt_and_names_with_nul_are_left_out() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("d/keep.txt"), b"keep\n");
+    make_sparse(&src.join("sparse.bin"), 64 * 1024, 32 * 1024);
+    write(&src.join("d/nulname.txt"), b"nul\n");
+    let img = dir.path().join("x.img");
+    // no metadata checksums: the damage must reach the readers
+    mkimg_ext(
+        &src,
+        &img,
+        &["-t", "ext4", "-b", "4096", "-O", "^metadata_csum"],
+        16,
+    );
+    let mut d = std::fs::read(&img).unwrap();
+    // of its three extents (at 0, 32 KiB and the end), the second gets
+    // length 0
+    let inode = inode_offset(&img, "/sparse.bin", 4096);
+    let entries = inode + 0x28 + 12;
+    assert_eq!(
+        u16::from_le_bytes([d[inode + 0x28 + 2], d[inode + 0x28 + 3]]),
+        3
+    );
+    d[entries + 12 + 4..entries + 12 + 6].fill(0);
+    // a NUL byte in the middle of a directory entry's name
+    let block = dir_block_offset(&img, "/d");
+    let at = block
+        + d[block..block + 4096]
+            .windows(7)
+            .position(|w| w == b"nulname")
+            .unwrap();
+    d[at + 3] = 0;
+    let bad = dir.path().join("bad.img");
+    std::fs::write(&bad, &d).unwrap();
+
+    let (read, listed, walked) = with_fs(&bad, "raw", |fs| {
+        let read = fs.read(b"/sparse.bin", 0, 64 * 1024);
+        let listed: Vec<String> = fs
+            .list(b"/d", None, 100)
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        let mut walked = Vec::new();
+        let done = fs.walk(b"/d", &mut |e, _| {
+            walked.push(String::from_utf8_lossy(&e.path).into_owned());
+            Ok(())
+        });
+        (read, listed, done.map(|()| walked))
+    });
+    assert_error(
+        &read.expect_err("read"),
+        ErrorKind::Corrupt,
+        "extent of length 0",
+    );
+    assert_eq!(listed, ["keep.txt"]);
+    assert_eq!(walked.unwrap(), ["d", "d/keep.txt"]);
+}

@@ -542,6 +542,11 @@ impl ExtRaw {
             if tree_depth == 0 {
                 let logical = u64::from(le32(e, 0));
                 let mut len = u64::from(le16(e, 4));
+                if len == 0 {
+                    // the kernel refuses it too; read on, its blocks
+                    // would silently read as a hole
+                    return Err(bad(format!("inode {inode}: extent of length 0")));
+                }
                 let uninit = len > 32768;
                 if uninit {
                     len -= 32768;

@@ -299,8 +299,15 @@ impl<B: Backend> Tree<B> {
                 Err(e) => return Err(e),
             }
         };
+        // names no path can reach (and no archive member can carry) are
+        // damage, not entries: listing them would make every extraction
+        // of their directory fail
         kids.retain(|c| {
-            c.name != b"." && c.name != b".." && !c.name.is_empty() && !c.name.contains(&b'/')
+            c.name != b"."
+                && c.name != b".."
+                && !c.name.is_empty()
+                && !c.name.contains(&b'/')
+                && !c.name.contains(&0)
         });
         kids.sort_by(|a, b| a.name.cmp(&b.name));
         kids.dedup_by(|a, b| a.name == b.name);
