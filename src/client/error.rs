@@ -92,7 +92,9 @@ impl fmt::Display for ClientError {
                 }
             }
             ClientError::Store { code, message } => write!(f, "store error {code}: {message}"),
-            ClientError::Connection(m) => write!(f, "connection: {m}"),
+            // its messages say what failed ("connection to the agent lost:
+            // ...", "cannot connect to ..."): no prefix to say it twice
+            ClientError::Connection(m) => f.write_str(m),
             ClientError::Local(m) => f.write_str(m),
         }
     }
@@ -115,8 +117,31 @@ impl From<jsonrpsee::core::client::Error> for ClientError {
             E::ParseError(err) => {
                 ClientError::Local(format!("unexpected answer from the agent: {err}"))
             }
-            E::RequestTimeout => ClientError::Connection("request timed out".into()),
+            E::RequestTimeout => ClientError::Connection(
+                "the agent did not answer in time (request timed out)".into(),
+            ),
             other => ClientError::Connection(other.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ClientError;
+
+    /// A connection failure is shown as its message alone: the message
+    /// says what failed ("connection: connection to the agent lost" said
+    /// it twice).
+    #[test]
+    fn connection_errors_show_their_message_once() {
+        let e = ClientError::connection(
+            "connection to the agent lost: the agent closed the connection",
+        );
+        assert_eq!(
+            e.to_string(),
+            "connection to the agent lost: the agent closed the connection"
+        );
+        assert_eq!(e.exit_code(), 2);
+        assert_eq!(e.to_json()["error"]["kind"], "connection");
     }
 }
