@@ -1504,6 +1504,23 @@ impl Fat16 {
     }
 }
 
+/// `dir/fat.img`: an 8 MiB FAT16 with one 512-byte sector per cluster (so
+/// that a small file or directory spans several), holding `from` (a file,
+/// or a directory and its tree) in its root.
+fn small_fat16(dir: &Path, from: &Path) -> PathBuf {
+    let img = dir.join("fat.img");
+    run(Command::new("mkfs.vfat")
+        .args(["-C", "-F", "16", "-s", "1"])
+        .arg(&img)
+        .arg("8192"));
+    run(Command::new("mcopy")
+        .args(["-s", "-i"])
+        .arg(&img)
+        .arg(from)
+        .arg("::/"));
+    img
+}
+
 /// FAT names no inodes, so a directory that loops back (an entry naming
 /// its parent's cluster, or a cluster chain that returns to its start) is
 /// found by where its entries lie; it is 1004, never a walk down 1024
@@ -1523,17 +1540,8 @@ fn fat_directory_loops_are_corrupt() {
         );
     }
     write(&src.join("D/SUB/X.TXT"), b"x\n");
-    let img = dir.path().join("fat.img");
     // one 512-byte sector per cluster: /D spans 3 clusters
-    run(Command::new("mkfs.vfat")
-        .args(["-C", "-F", "16", "-s", "1"])
-        .arg(&img)
-        .arg("8192"));
-    run(Command::new("mcopy")
-        .args(["-s", "-i"])
-        .arg(&img)
-        .arg(src.join("D"))
-        .arg("::/"));
+    let img = small_fat16(dir.path(), &src.join("D"));
     let mut d = std::fs::read(&img).unwrap();
     let fat = Fat16::of(&d);
     let (_, d_cluster) = fat.find(&d, None, b"D          ");
@@ -1610,16 +1618,7 @@ fn a_fat_chain_through_cluster_1_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
     write(&src.join("BIG.BIN"), &noise(44, 4 * 512 + 100));
-    let img = dir.path().join("fat.img");
-    run(Command::new("mkfs.vfat")
-        .args(["-C", "-F", "16", "-s", "1"])
-        .arg(&img)
-        .arg("8192"));
-    run(Command::new("mcopy")
-        .arg("-i")
-        .arg(&img)
-        .arg(src.join("BIG.BIN"))
-        .arg("::/"));
+    let img = small_fat16(dir.path(), &src.join("BIG.BIN"));
     let mut d = std::fs::read(&img).unwrap();
     let fat = Fat16::of(&d);
     let (_, first) = fat.find(&d, None, b"BIG     BIN");
@@ -1738,16 +1737,22 @@ fn ntfs_index_loops_are_corrupt() {
     assert_error(&e, ErrorKind::Corrupt, "index record 0 is named twice");
 }
 
+/// Where the file record of the NTFS file called `name` lies in image
+/// bytes `d` (1 KiB records).
+fn ntfs_file_record(d: &[u8], name: &str) -> usize {
+    let name: Vec<u8> = name.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    (0..d.len())
+        .step_by(1024)
+        .find(|&r| d[r..r + 4] == *b"FILE" && d[r..r + 1024].windows(name.len()).any(|w| w == name))
+        .expect("the file record")
+}
+
 /// The file record of the NTFS file called `name` in image bytes `d`, and
 /// the offset of its unnamed non-resident $DATA attribute.
 fn ntfs_data_attribute(d: &[u8], name: &str) -> (usize, usize) {
     let le16 = |at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
     let le32 = |at: usize| u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
-    let name: Vec<u8> = name.encode_utf16().flat_map(u16::to_le_bytes).collect();
-    let record = (0..d.len())
-        .step_by(1024)
-        .find(|&r| d[r..r + 4] == *b"FILE" && d[r..r + 1024].windows(name.len()).any(|w| w == name))
-        .expect("the file record");
+    let record = ntfs_file_record(d, name);
     let mut attribute = record + le16(record + 0x14);
     while le32(attribute) != 0x80 || d[attribute + 8] != 1 || d[attribute + 9] != 0 {
         assert_ne!(le32(attribute), 0xFFFF_FFFF, "no non-resident $DATA");
@@ -1775,14 +1780,7 @@ fn an_ntfs_attribute_list_with_a_bad_end_marker_does_not_hang() {
     let mut d = std::fs::read(&img).unwrap();
     let le16 = |d: &[u8], at: usize| usize::from(u16::from_le_bytes([d[at], d[at + 1]]));
     let le32 = |d: &[u8], at: usize| u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
-    let name: Vec<u8> = "small.txt"
-        .encode_utf16()
-        .flat_map(u16::to_le_bytes)
-        .collect();
-    let record = (0..d.len())
-        .step_by(1024)
-        .find(|&r| d[r..r + 4] == *b"FILE" && d[r..r + 1024].windows(name.len()).any(|w| w == name))
-        .expect("the file record");
+    let record = ntfs_file_record(&d, "small.txt");
     let mut end = record + le16(&d, record + 0x14);
     while le32(&d, end) != 0xFFFF_FFFF {
         end += le32(&d, end + 4) as usize;

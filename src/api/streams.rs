@@ -229,15 +229,13 @@ impl Streams {
     /// Closes a stream; its producer stops at its next write.
     pub fn close(&self, conn: ConnectionId, id: u64) -> Result<(), ErrorObjectOwned> {
         let mut slots = self.lock();
-        match slots.get(&id) {
-            Some(slot) if slot.conn == conn.0 => {
-                if let Some(slot) = slots.remove(&id) {
-                    slot.stream.close();
-                }
-                Ok(())
-            }
-            _ => Err(unknown(id)),
+        if slots.get(&id).is_none_or(|slot| slot.conn != conn.0) {
+            return Err(unknown(id));
         }
+        if let Some(slot) = slots.remove(&id) {
+            slot.stream.close();
+        }
+        Ok(())
     }
 
     pub fn open_count(&self) -> usize {

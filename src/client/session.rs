@@ -5,6 +5,7 @@
 use std::process::ExitStatus;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use jsonrpsee::core::client::async_client::{Client, ClientBuilder, RpcService};
 use jsonrpsee::core::client::ClientT;
 use jsonrpsee::core::middleware::RpcServiceBuilder;
@@ -20,6 +21,7 @@ use super::error::{ClientError, Result};
 use super::frames::SpareBuffers;
 use super::lines;
 use crate::rpc::codes;
+use crate::transport::{Frame, LineDecoder};
 
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
@@ -52,6 +54,7 @@ async fn authenticate(
     ticket: &str,
 ) -> Result<(serde_json::Value, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::Decoder;
     let request = serde_json::json!({"jsonrpc": "2.0", "id": "authenticate",
         "method": "authenticate", "params": {"ticket": ticket}});
     let mut line = request.to_string().into_bytes();
@@ -60,25 +63,23 @@ async fn authenticate(
         Ok(()) => writer.flush().await,
         Err(e) => Err(e),
     };
-    let mut buf = Vec::new();
-    let end = loop {
-        if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-            break end;
-        }
-        if buf.len() > AUTH_ANSWER_MAX {
-            return Err(ClientError::connection(
-                "the answer to `authenticate` is too long",
-            ));
-        }
-        let mut piece = [0u8; 4096];
-        let n = match reader.read(&mut piece).await {
-            Ok(n) => n,
-            Err(e) => {
-                return Err(ClientError::connection(format!(
-                    "connection to the agent lost: {e}"
-                )))
+    // the agent's framing, bounded: one line, and what came after it
+    let mut decoder = LineDecoder::new(AUTH_ANSWER_MAX);
+    let mut buf = BytesMut::new();
+    let line = loop {
+        match decoder.decode(&mut buf) {
+            Ok(Some(Frame::Line(line))) => break line,
+            Ok(Some(Frame::TooLong)) => {
+                return Err(ClientError::connection(
+                    "the answer to `authenticate` is too long",
+                ))
             }
-        };
+            Ok(None) | Err(_) => {}
+        }
+        let n = reader
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| ClientError::connection(format!("connection to the agent lost: {e}")))?;
         if n == 0 {
             let why = match sent {
                 Err(e) => e.to_string(),
@@ -88,9 +89,8 @@ async fn authenticate(
                 "connection to the agent lost: {why}"
             )));
         }
-        buf.extend_from_slice(&piece[..n]);
     };
-    let early = buf.split_off(end + 1);
+    let early = buf.to_vec();
     #[derive(serde::Deserialize)]
     struct Answer {
         id: serde_json::Value,
@@ -103,7 +103,7 @@ async fn authenticate(
         message: String,
         data: Option<serde_json::Value>,
     }
-    let answer: Answer = serde_json::from_slice(&buf).map_err(|e| {
+    let answer: Answer = serde_json::from_slice(&line).map_err(|e| {
         ClientError::connection(format!("the answer to `authenticate` is not JSON-RPC: {e}"))
     })?;
     match (answer.result, answer.error) {
@@ -293,19 +293,17 @@ impl Session {
 /// Waits for an `exec:` agent whose stdin was closed to exit, killing it
 /// after [`CHILD_EXIT_GRACE`].
 async fn reap(mut child: Child) -> Result<ExitStatus> {
-    {
-        match tokio::time::timeout(CHILD_EXIT_GRACE, child.wait()).await {
-            Ok(Ok(status)) => Ok(status),
-            Ok(Err(e)) => Err(ClientError::local(format!(
-                "waiting for the agent process: {e}"
-            ))),
-            Err(_) => {
-                let _ = child.kill().await;
-                child
-                    .wait()
-                    .await
-                    .map_err(|e| ClientError::local(format!("reaping the agent process: {e}")))
-            }
+    match tokio::time::timeout(CHILD_EXIT_GRACE, child.wait()).await {
+        Ok(Ok(status)) => Ok(status),
+        Ok(Err(e)) => Err(ClientError::local(format!(
+            "waiting for the agent process: {e}"
+        ))),
+        Err(_) => {
+            let _ = child.kill().await;
+            child
+                .wait()
+                .await
+                .map_err(|e| ClientError::local(format!("reaping the agent process: {e}")))
         }
     }
 }

@@ -48,8 +48,8 @@ impl FixedIndex {
     fn read(r: &mut dyn Read, len: u64, name: &str) -> Result<Self> {
         let (header, raw_header, body_len) =
             read_header(r, len, &FIXED_INDEX_MAGIC, "fixed", name)?;
-        let size = u64_at(&raw_header, 64);
-        let chunk_size = u64_at(&raw_header, 72);
+        let size = u64_at(&raw_header[..], 64);
+        let chunk_size = u64_at(&raw_header[..], 72);
         check_chunk_size(chunk_size).map_err(|m| Error::corrupt(format!("{name}: {m}")))?;
         let count = size.div_ceil(chunk_size);
         let expected = count.checked_mul(32);

@@ -63,16 +63,17 @@ pub(crate) fn read_header(
     magic: &[u8; 8],
     kind: &str,
     name: &str,
-) -> crate::error::Result<(IndexHeader, Vec<u8>, u64)> {
+) -> crate::error::Result<(IndexHeader, Box<[u8; INDEX_HEADER_SIZE]>, u64)> {
     use crate::error::Error;
     let Some(body_len) = len.checked_sub(INDEX_HEADER_SIZE as u64) else {
         return Err(Error::corrupt(format!(
             "{name}: truncated {kind} index header ({len} of {INDEX_HEADER_SIZE} bytes)"
         )));
     };
-    let mut raw = vec![0u8; INDEX_HEADER_SIZE];
-    r.read_exact(&mut raw).map_err(|e| Error::io(name, &e))?;
-    let (header, _, _) = IndexHeader::parse(&raw, magic, kind, name)?;
+    let mut raw = Box::new([0u8; INDEX_HEADER_SIZE]);
+    r.read_exact(&mut raw[..])
+        .map_err(|e| Error::io(name, &e))?;
+    let header = IndexHeader::parse(&raw, magic, kind, name)?;
     Ok((header, raw, body_len))
 }
 
@@ -109,21 +110,15 @@ pub struct IndexHeader {
 }
 
 impl IndexHeader {
-    /// Splits `bytes` into the common header and the body after the
-    /// 4096-byte header; checks the magic. `name` names the file in errors.
-    pub(crate) fn parse<'a>(
-        bytes: &'a [u8],
+    /// The common fields of a 4096-byte index `header`; checks the magic.
+    /// `name` names the file in errors.
+    pub(crate) fn parse(
+        header: &[u8; INDEX_HEADER_SIZE],
         magic: &[u8; 8],
         kind: &str,
         name: &str,
-    ) -> crate::error::Result<(IndexHeader, &'a [u8], &'a [u8])> {
+    ) -> crate::error::Result<IndexHeader> {
         use crate::error::Error;
-        let Some((header, body)) = bytes.split_at_checked(INDEX_HEADER_SIZE) else {
-            return Err(Error::corrupt(format!(
-                "{name}: truncated {kind} index header ({} of {INDEX_HEADER_SIZE} bytes)",
-                bytes.len()
-            )));
-        };
         let mut h = IndexHeader {
             magic: [0; 8],
             uuid: [0; 16],
@@ -141,7 +136,7 @@ impl IndexHeader {
         ctime.copy_from_slice(&header[24..32]);
         h.ctime = i64::from_le_bytes(ctime);
         h.index_csum.copy_from_slice(&header[32..64]);
-        Ok((h, header, body))
+        Ok(h)
     }
 
     /// The first 64 header bytes, followed by zeros up to 4096 bytes.

@@ -115,9 +115,10 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
         return Ok(());
     }
     let csum_v3 = features & FEATURE_CSUM_V3 != 0;
+    let is64 = features & FEATURE_64BIT != 0;
     let tag_bytes = if csum_v3 {
         16
-    } else if features & FEATURE_64BIT != 0 {
+    } else if is64 {
         12
     } else {
         8
@@ -127,8 +128,7 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
     } else {
         0
     };
-    let revoke_entry: u64 = if features & FEATURE_64BIT != 0 { 8 } else { 4 };
-    let revoke_entry_64 = features & FEATURE_64BIT != 0;
+    let revoke_entry: u64 = if is64 { 8 } else { 4 };
     // one lap of the log at most, as a replay reads it
     let mut at = start;
     let mut walked = 0u64;
@@ -164,7 +164,7 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
                     } else {
                         be32(&block, tag + 4) & 0xFFFF
                     };
-                    let high = if features & FEATURE_64BIT != 0 {
+                    let high = if is64 {
                         u64::from(be32(&block, tag + 8)) << 32
                     } else {
                         0
@@ -207,7 +207,7 @@ pub fn check_replay(raw: &mut ExtRaw) -> Result<()> {
                 let mut entry = 16;
                 while entry + revoke_entry <= used {
                     let e = entry as usize;
-                    let b = if revoke_entry_64 {
+                    let b = if is64 {
                         u64::from(be32(&block, e)) << 32 | u64::from(be32(&block, e + 4))
                     } else {
                         u64::from(be32(&block, e))
