@@ -30,7 +30,6 @@ static SETUP: OnceLock<Option<Setup>> = OnceLock::new();
 struct Setup {
     image_dir: PathBuf,
     vhost: PathBuf,
-    _run_dir: tempfile::TempDir,
 }
 
 fn which(prog: &str) -> Option<PathBuf> {
@@ -67,13 +66,21 @@ fn setup() -> Option<&'static Setup> {
             // so the tests can collect QEMU's exit code.
             // SAFETY: prctl with integer arguments only.
             unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-            let run_dir = tempfile::tempdir().expect("tempdir");
-            // The state file of these tests' VMs, apart from the user's.
-            std::env::set_var("RESTORE_AGENT_RUN_DIR", run_dir.path());
+            // The state file of these tests' VMs, apart from the user's. It
+            // lives in the target directory, not in a TempDir: this setup is
+            // a static, never dropped, so a TempDir was left in /tmp by every
+            // run. The previous run's directory is removed first.
+            let run_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vm_e2e-run");
+            match std::fs::remove_dir_all(&run_dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    panic!("remove {}: {e}", run_dir.display())
+                }
+                _ => {}
+            }
+            std::env::set_var("RESTORE_AGENT_RUN_DIR", &run_dir);
             Some(Setup {
                 image_dir: root.join("target/vm"),
                 vhost,
-                _run_dir: run_dir,
             })
         })
         .as_ref()
