@@ -1656,6 +1656,51 @@ fn an_agent_gone_in_the_middle_of_the_data_is_a_lost_connection() {
     assert!(!message.contains("bad data"), "{err}");
 }
 
+/// A tree extraction that fails half way leaves the directories it made with
+/// their own modes and mtimes (as tar does), not the 0700 they are made
+/// with, and no partial file.
+#[test]
+fn a_failed_tree_extraction_still_gives_its_directories_their_modes() {
+    let fx = fixture();
+    let agent = start_agent();
+    let dir = tmp();
+    // The first stream.read answer (up to 4 MiB, holding "a/b/") gets
+    // through; the connection is cut in the next one, inside a file. /a's
+    // contents land in DEST itself.
+    let cut = relay(dir.path(), &agent.sock, 5 << 20, true);
+    let dest = dir.path().join("out");
+    let out = client_at(
+        &format!("unix:{}", cut.display()),
+        &agent.ticket_path,
+        &[
+            "extract",
+            SNAPSHOT,
+            EXT4,
+            "raw",
+            "/a",
+            "-o",
+            dest.to_str().expect("utf8"),
+        ],
+    );
+    exits(&out, 2);
+    let made = walk(&dest);
+    let dirs: Vec<_> = made.iter().filter(|(_, m)| m.is_dir()).collect();
+    assert!(
+        dirs.iter().any(|(rel, _)| rel == "b"),
+        "the cut came before the first directory: {made:?}"
+    );
+    for (rel, m) in &dirs {
+        let src = fs::symlink_metadata(fx.src.join("a").join(rel)).expect("source");
+        assert_eq!(m.mode() & 0o7777, src.mode() & 0o7777, "mode of {rel}");
+        assert_eq!(m.mtime(), src.mtime(), "mtime of {rel}");
+    }
+    // Whatever file was being written is gone; the files left are whole.
+    for (rel, m) in made.iter().filter(|(_, m)| m.is_file()) {
+        let src = fs::metadata(fx.src.join("a").join(rel)).expect("source");
+        assert_eq!(m.len(), src.len(), "partial file {rel} left behind");
+    }
+}
+
 #[test]
 fn ctrl_c_during_extract_removes_the_partial_file() {
     interrupted_extract_removes_the_partial_file(libc::SIGINT, 130, "interrupted");

@@ -351,7 +351,7 @@ async fn to_dir(
     } else {
         Some(root_entry.size)
     });
-    let result = if root_entry.kind == "dir" {
+    let (result, finish) = if root_entry.kind == "dir" {
         unpack_tree(
             session,
             root,
@@ -364,7 +364,7 @@ async fn to_dir(
         )
         .await
     } else {
-        single(
+        let one = single(
             session,
             root,
             &top_name,
@@ -375,23 +375,22 @@ async fn to_dir(
             partial,
             bar.clone(),
         )
-        .await
+        .await;
+        (one, Vec::new())
     };
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let (stats, finish) = result?;
-    for (path, mode, mtime) in finish.iter().rev() {
-        let fd = open_dir(path)
-            .or_else(|e| match (e.raw_os_error(), path.strip_prefix(dir)) {
-                // deeper than PATH_MAX: one component at a time from DIR
-                (Some(libc::ENAMETOOLONG), Ok(rel)) => open_beneath(dir, rel),
-                _ => Err(e),
-            })
-            .map_err(|e| ClientError::local(format!("cannot open {}: {e}", path.display())))?;
-        set_mode_fd(&fd, *mode).map_err(|e| local_io(path, e))?;
-        set_mtime_fd(&fd, *mtime).map_err(|e| local_io(path, e))?;
+    if result.is_err() {
+        // Before the directories get their mtimes: removing the partial
+        // file would change its directory's.
+        partial.remove_all();
     }
+    // After a failure too, as tar does: the directories made so far get
+    // their modes and mtimes, not the 0700 they were made with.
+    let finished = finish_dirs(dir, &finish);
+    let stats = result?;
+    finished?;
     let s = &stats;
     let mut outcome = Outcome::new(
         json!({
@@ -435,6 +434,23 @@ async fn to_dir(
 /// contents, which would change the mtime and may need write permission).
 pub(crate) type Finish = Vec<(PathBuf, u32, i64)>;
 
+/// Gives the directories of `finish` (made under `dir`, in walk order) their
+/// modes and mtimes, deepest last made first.
+fn finish_dirs(dir: &Path, finish: &Finish) -> Result<(), ClientError> {
+    for (path, mode, mtime) in finish.iter().rev() {
+        let fd = open_dir(path)
+            .or_else(|e| match (e.raw_os_error(), path.strip_prefix(dir)) {
+                // deeper than PATH_MAX: one component at a time from DIR
+                (Some(libc::ENAMETOOLONG), Ok(rel)) => open_beneath(dir, rel),
+                _ => Err(e),
+            })
+            .map_err(|e| ClientError::local(format!("cannot open {}: {e}", path.display())))?;
+        set_mode_fd(&fd, *mode).map_err(|e| local_io(path, e))?;
+        set_mtime_fd(&fd, *mtime).map_err(|e| local_io(path, e))?;
+    }
+    Ok(())
+}
+
 /// A directory: the agent walks it and sends it as one tar stream
 /// (`fs.extract`), unpacked on a thread of its own while the next pieces
 /// travel. One stream instead of a call per file: the agent reads the tree
@@ -449,14 +465,20 @@ async fn unpack_tree(
     force: bool,
     partial: &Partial,
     bar: Option<ProgressBar>,
-) -> Result<(Stats, Finish), ClientError> {
-    let opened: Value = session
-        .call("fs.extract", root.params_with(json!({ "format": "tar" })))
-        .await?;
-    let stream = opened
-        .get("stream")
-        .cloned()
-        .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))?;
+) -> (Result<Stats, ClientError>, Finish) {
+    let opened = session
+        .call::<Value>("fs.extract", root.params_with(json!({ "format": "tar" })))
+        .await
+        .and_then(|opened| {
+            opened
+                .get("stream")
+                .cloned()
+                .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))
+        });
+    let stream = match opened {
+        Ok(stream) => stream,
+        Err(e) => return (Err(e), Vec::new()),
+    };
     let mut unpacker = Unpacker::new(
         dir,
         top,
@@ -471,13 +493,24 @@ async fn unpack_tree(
     let worker = std::thread::Builder::new()
         .name("unpack".into())
         .spawn(move || {
+            let mut fed = Ok(());
             for piece in rx {
-                unpacker.feed(&piece)?;
+                fed = unpacker.feed(&piece);
+                if fed.is_err() {
+                    break;
+                }
                 spares.give(piece);
             }
-            unpacker.end()
-        })
-        .map_err(|e| ClientError::local(format!("starting the unpacker: {e}")))?;
+            let (ended, finish) = unpacker.end();
+            (fed.and(ended), finish)
+        });
+    let worker = match worker {
+        Ok(worker) => worker,
+        Err(e) => {
+            let e = ClientError::local(format!("starting the unpacker: {e}"));
+            return (Err(e), Vec::new());
+        }
+    };
     let mut gone = false;
     let streamed = {
         let mut sink = |piece: Vec<u8>| {
@@ -497,15 +530,16 @@ async fn unpack_tree(
         bulk::read_stream(session, &stream, &mut sink).await
     };
     drop(tx);
-    let unpacked = worker
+    let (unpacked, finish) = worker
         .join()
-        .unwrap_or_else(|_| Err(ClientError::local("the unpacker panicked")));
-    match (streamed, unpacked) {
+        .unwrap_or_else(|_| (Err(ClientError::local("the unpacker panicked")), Vec::new()));
+    let result = match (streamed, unpacked) {
         (Ok(_), result) => result,
         // The unpacker failed first: its error is the one that matters.
         (Err(_), Err(e)) if gone => Err(e),
         (Err(e), _) => Err(e),
-    }
+    };
+    (result, finish)
 }
 
 /// One file: its contents through pipelined `fs.read`, under its own name.
@@ -520,7 +554,7 @@ async fn single(
     force: bool,
     partial: &Partial,
     bar: Option<ProgressBar>,
-) -> Result<(Stats, Finish), ClientError> {
+) -> Result<Stats, ClientError> {
     let name = safe_name(top_name)?;
     let local = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
     let mut stats = Stats::default();
@@ -537,18 +571,18 @@ async fn single(
             symlinkat(&target, top, &name).map_err(|err| exists_or(&local, err))?;
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
             stats.symlinks += 1;
-            return Ok((stats, Vec::new()));
+            return Ok(stats);
         }
         "fifo" => {
             replace_if_forced(force, top, &name, &local)?;
             mkfifoat(top, &name, e.mode & 0o7777).map_err(|err| exists_or(&local, err))?;
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
             stats.fifos = 1;
-            return Ok((stats, Vec::new()));
+            return Ok(stats);
         }
         _ => {
             stats.skipped.push(root.display());
-            return Ok((stats, Vec::new()));
+            return Ok(stats);
         }
     }
     let (file, new) = NewFile::create(partial, top, &name, &local, force)?;
@@ -576,7 +610,7 @@ async fn single(
             new.commit(partial, top, &name, &local)?;
             stats.files = 1;
             stats.bytes = written;
-            Ok((stats, Vec::new()))
+            Ok(stats)
         }
         Err(e) => {
             new.abandon(partial, top, &name);

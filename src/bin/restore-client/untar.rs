@@ -244,14 +244,19 @@ impl Unpacker {
         Ok(())
     }
 
-    /// The stream ended: it must have ended where the archive does.
-    pub(crate) fn end(mut self) -> Result<(Stats, Finish), ClientError> {
-        if !matches!(self.state, State::End) {
-            // The file being written stays registered as partial: removed.
-            return Err(self.corrupt("the archive ended early"));
-        }
+    /// The stream ended: it must have ended where the archive does. The
+    /// directories made so far come back whether it did or not: they get
+    /// their modes and mtimes after a failure too (as tar gives them), not
+    /// the 0700 they were made with.
+    pub(crate) fn end(mut self) -> (Result<Stats, ClientError>, Finish) {
         self.parents.clear();
-        Ok((self.stats, self.finish))
+        let ended = if matches!(self.state, State::End) {
+            Ok(std::mem::take(&mut self.stats))
+        } else {
+            // The file being written stays registered as partial: removed.
+            Err(self.corrupt("the archive ended early"))
+        };
+        (ended, std::mem::take(&mut self.finish))
     }
 
     fn skip(&mut self, n: u64) {
@@ -661,7 +666,8 @@ mod tests {
         for p in stream.chunks(piece) {
             u.feed(p)?;
         }
-        u.end()
+        let (ended, finish) = u.end();
+        ended.map(|stats| (stats, finish))
     }
 
     #[test]
