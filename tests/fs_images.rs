@@ -1241,7 +1241,7 @@ fn journal_needing_recovery_is_listed_as_replayed() {
     write(&src.join("top"), b"x\n");
     let img = dir.path().join("j.img");
     // 1 KiB blocks; metadata_csum, so that debugfs writes the journal
-    // with v3 checksums, which ext4-view requires
+    // with v3 checksums
     mkimg_ext(&src, &img, &["-t", "ext4"], 16);
     let clean = with_fs(&img, "raw", |fs| fs.list(b"/jdir", None, 100).unwrap().0);
     assert_eq!(clean.len(), 1);
@@ -1304,13 +1304,13 @@ fn journal_needing_replay(dir: &Path, mkfs_args: &[&str], mib: u64) -> PathBuf {
     img
 }
 
-/// A journal whose later transaction revokes a block an earlier one
-/// logged is refused (1005): JBD2 leaves that block as it is on disk, but
-/// ext4-view's replay honours a revocation only within its own transaction
-/// and copied the stale block over the file's data (found by fuzzing). A
-/// block logged again after its revocation is replayed as both agree.
+/// A block logged by one transaction and revoked by a later one stays as it
+/// is on disk, as JBD2 recovers it; a block logged again after its
+/// revocation gets its last copy. (ext4-view 1.0's replay honoured a
+/// revocation only within its own transaction and copied the stale block
+/// over the file's data, found by fuzzing; such journals were refused.)
 #[test]
-fn journals_revoking_blocks_of_earlier_transactions_are_refused() {
+fn revocations_by_later_transactions_are_honoured() {
     if !have_tools() {
         return;
     }
@@ -1328,6 +1328,7 @@ fn journals_revoking_blocks_of_earlier_transactions_are_refused() {
     std::fs::write(&junk2, [b'K'; 1024]).unwrap();
     let (junk, junk2) = (junk.display(), junk2.display());
 
+    // each `jw` is a transaction of its own
     let revoked = dir.path().join("revoked.img");
     std::fs::copy(&img, &revoked).unwrap();
     debugfs(
@@ -1335,10 +1336,11 @@ fn journals_revoking_blocks_of_earlier_transactions_are_refused() {
         true,
         &format!("jo -c\njw -b {b1} {junk}\njw -b {other} {junk}\njw -r {b1}\njc\n"),
     );
-    let v = list_volumes(disk(&revoked)).unwrap();
-    assert!(!v[0].supported, "{v:?}");
-    let why = v[0].reason.clone().unwrap_or_default();
-    assert!(why.contains(&format!("revokes block {b1}")), "{why}");
+    let read = with_fs(&revoked, "raw", |fs| {
+        (read_all(fs, b"/file.bin"), read_all(fs, b"/other"))
+    });
+    assert!(read.0 == data, "the revoked copy was replayed");
+    assert_eq!(read.1, b"JJJJJJ", "the copy of another block was not");
 
     let relogged = dir.path().join("relogged.img");
     std::fs::copy(&img, &relogged).unwrap();
@@ -1351,6 +1353,99 @@ fn journals_revoking_blocks_of_earlier_transactions_are_refused() {
     let mut want = data.clone();
     want[1024..2048].fill(b'K');
     assert!(read == want, "the last logged copy is not what reads");
+}
+
+/// A copy whose first word is the journal's magic number is stored with that
+/// word zeroed and an "escaped" flag; recovery gives the word back. A log
+/// that runs past the end of the journal continues at its start. (ext4-view
+/// 1.0 refused escaped copies, and stopped at the journal's end, so that a
+/// transaction whose commit lies beyond the wrap was lost: stale data.)
+#[test]
+fn escaped_copies_and_logs_around_the_journal_end_are_recovered() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let magic = 0xC03B_3998u32.to_be_bytes();
+    let escaped = one_transaction_image(dir.path(), "escaped", &magic);
+    let read = with_fs(&escaped.0, "raw", |fs| read_all(fs, b"/f.bin"));
+    assert!(read == escaped.1, "escaped copy");
+    // ext3: no checksums anywhere, 32-bit tags of 8 bytes
+    let ext3 = one_transaction_image(dir.path(), "ext3", b"3333");
+    let read = with_fs(&ext3.0, "raw", |fs| read_all(fs, b"/f.bin"));
+    assert!(read == ext3.1, "ext3 journal");
+    let (img, new) = one_transaction_image(dir.path(), "wrapped", b"PPPP");
+    // The log moved to start two blocks before the journal's end: its
+    // descriptor and first copy there, the second copy and the commit at
+    // the journal's start.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let place = |n: u64| bmap(&img, "<8>", n) * 1024;
+    let mut jsb = vec![0u8; 1024];
+    f.read_exact_at(&mut jsb, place(0)).unwrap();
+    let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+    let (last, first, start) = (
+        u64::from(be32(&jsb, 0x10)),
+        u64::from(be32(&jsb, 0x14)),
+        u64::from(be32(&jsb, 0x1C)),
+    );
+    assert_eq!(
+        (first, start),
+        (1, 1),
+        "the log is not where debugfs writes it"
+    );
+    let mut log = vec![0u8; 4 * 1024];
+    for (i, b) in log.chunks_mut(1024).enumerate() {
+        f.read_exact_at(b, place(start + i as u64)).unwrap();
+    }
+    for n in start..start + 4 {
+        f.write_all_at(&[0u8; 1024], place(n)).unwrap();
+    }
+    let moved = [last - 2, last - 1, first, first + 1];
+    for (b, &n) in log.chunks(1024).zip(&moved) {
+        f.write_all_at(b, place(n)).unwrap();
+    }
+    jsb[0x1C..0x20].copy_from_slice(&((last - 2) as u32).to_be_bytes());
+    jsb[0xFC..0x100].fill(0);
+    let c = crc32c(!0, &jsb);
+    jsb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
+    f.write_all_at(&jsb, place(0)).unwrap();
+    drop(f);
+    let read = with_fs(&img, "raw", |fs| read_all(fs, b"/f.bin"));
+    assert!(read == new, "log around the end: stale data");
+}
+
+/// An ext4 image (1 KiB blocks, metadata_csum: journal checksums v3; ext3,
+/// without checksums, if `name` is "ext3") of a 2 KiB file /f.bin, whose
+/// journal holds one transaction writing the file's two blocks anew:
+/// descriptor, two copies, commit, from the log's first block. The new
+/// contents start with `head`; returns the image and them.
+fn one_transaction_image(dir: &Path, name: &str, head: &[u8]) -> (PathBuf, Vec<u8>) {
+    let src = dir.join(format!("{name}-src"));
+    write(&src.join("f.bin"), &noise(46, 2048));
+    let img = dir.join(format!("{name}.img"));
+    let (kind, csum) = if name == "ext3" {
+        ("ext3", "")
+    } else {
+        ("ext4", " -c")
+    };
+    mkimg_ext(&src, &img, &["-t", kind, "-b", "1024"], 16);
+    let (b0, b1) = (bmap(&img, "/f.bin", 0), bmap(&img, "/f.bin", 1));
+    let mut new = head.to_vec();
+    new.resize(1024, b'E');
+    new.resize(2048, b'Q');
+    let blk = dir.join(format!("{name}.bin"));
+    std::fs::write(&blk, &new).unwrap();
+    debugfs(
+        &img,
+        true,
+        &format!("jo{csum}\njw -b {b0},{b1} {}\njc\n", blk.display()),
+    );
+    (img, new)
 }
 
 /// A journal that needs replaying but holds more revocations waiting for
@@ -1380,18 +1475,20 @@ fn journals_too_large_to_replay_are_refused() {
     let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
     let (sequence, start) = (be32(&d, jsb + 0x18), u64::from(be32(&d, jsb + 0x1C)));
     assert_ne!(start, 0, "the journal needs no replay");
+    // records after the 16-byte header, before the 4-byte checksum tail
     let per_block = if be32(&d, jsb + 0x28) & 0x2 != 0 {
-        126
+        125
     } else {
-        252
+        251
     };
     let count = (1 << 20) / per_block + 2;
     // from the log's start on, revocation blocks of the transaction's
     // sequence and no commit
     let mut revoke = vec![0u8; 1024];
-    for (at, v) in [(0, 0xC03B_3998u32), (4, 5), (8, sequence), (12, 1024)] {
+    for (at, v) in [(0, 0xC03B_3998u32), (4, 5), (8, sequence), (12, 1020)] {
         revoke[at..at + 4].copy_from_slice(&v.to_be_bytes());
     }
+    jbd2_tail(&mut revoke, &d[jsb..jsb + 1024]);
     for n in start..start + count {
         let at = journal_at(n);
         d[at..at + 1024].copy_from_slice(&revoke);
@@ -1404,6 +1501,16 @@ fn journals_too_large_to_replay_are_refused() {
     assert!(why.contains("revoked blocks wait for one commit"), "{why}");
     let e = FsHandle::open(disk(&bad), "raw").err().unwrap();
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
+}
+
+/// Gives a JBD2 descriptor or revocation block (checksums v2/v3) its tail
+/// checksum: crc32c seeded from the journal's UUID (in its superblock
+/// `jsb`), over the block with the tail zero.
+fn jbd2_tail(block: &mut [u8], jsb: &[u8]) {
+    let n = block.len();
+    block[n - 4..].fill(0);
+    let c = crc32c(crc32c(!0, &jsb[0x30..0x40]), block);
+    block[n - 4..].copy_from_slice(&c.to_be_bytes());
 }
 
 /// crc32c as ext4 uses it (no final inversion), bit by bit.
@@ -2303,6 +2410,7 @@ fn journals_with_too_many_blocks_to_copy_are_refused() {
         let at = 12 + t * tag_bytes;
         desc[at + 4..at + 8].copy_from_slice(&2u32.to_be_bytes());
     }
+    jbd2_tail(&mut desc, &jsb);
     let at: Vec<usize> = (start..journal_blocks - tags).step_by(tags + 1).collect();
     for place in bmap_all(&at) {
         f.write_all_at(&desc, place * 1024).unwrap();

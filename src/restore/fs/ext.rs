@@ -1,35 +1,30 @@
-//! ext2/3/4 backend on ext4-view: it validates the superblock and
-//! features, verifies metadata checksums, replays the journal in memory,
-//! and provides listings, metadata, symlink targets and file data.
+//! ext2/3/4 backend: ext4-view validates the superblock and features when
+//! the filesystem is opened, and gives the root's metadata; [`super::ext_raw`]
+//! does the rest.
 //!
-//! ext4-view 1.0 exposes neither inode numbers nor link counts. While the
-//! journal is clean the on-disk state is the current one, and directory
-//! listings come whole from [`super::ext_raw`] (one pass over the
-//! directory, one read per inode, checksums verified, chunks loaded ahead
-//! in parallel). On a volume that needs recovery, ext4-view's replayed view
-//! lists, and `ext_raw` only adds inode numbers and link counts from the
-//! on-disk directories and inodes (they can be stale: then only hardlink
-//! detection suffers; names absent from the on-disk directory get inode 0
-//! and nlink 1).
-//! Block-mapped (ext2/3) files with holes are read by `ext_raw` because
-//! ext4-view 1.0 fails ("invalid read ... from block 0") on a sparse
-//! block-mapped file whose indirect pointer is a hole. All other file data
-//! is mapped (and read) by `ext_raw` too while the journal is clean (one
-//! disk read per extent instead of one call per 4 KiB block); on a volume
-//! that needs recovery it goes through ext4-view's replayed view.
+//! A volume whose journal needs recovery is read through
+//! [`super::ext_journal::Recovered`], which shows it as recovery would
+//! leave it, so both readers see a clean filesystem: the current state.
+//! Listings come whole from `ext_raw` (one pass over the directory, one
+//! read per inode, checksums verified, chunks loaded ahead in parallel;
+//! ext4-view 1.0 exposes neither inode numbers nor link counts). File data
+//! is mapped to volume extents by `ext_raw` (one disk read per extent
+//! instead of ext4-view's call per 4 KiB block; ext4-view 1.0 also fails on
+//! a sparse block-mapped file whose indirect pointer is a hole), and read
+//! from the pool, or here when the extents touch blocks the journal
+//! replaces. Encrypted files are left to ext4-view, which refuses them.
 //! Must never write, and never be moved to another thread (ext4-view is
 //! `!Send`); [`super::FsHandle`] pins it.
 
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use ext4_view::{Ext4, Ext4Error, Metadata};
+use ext4_view::{Ext4, Ext4Error};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, Ext4Reader};
 use crate::restore::fs::budget::Charge;
-use crate::restore::fs::ext_journal;
+use crate::restore::fs::ext_journal::{self, Recovered};
 use crate::restore::fs::ext_raw::{ExtRaw, Inode};
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::{EntryType, Extent, Meta};
@@ -66,14 +61,32 @@ fn map_err(what: &str, e: Ext4Error) -> Error {
 /// otherwise look sequential and start read-ahead of chunks past them.
 const HEAD_ANNOUNCED: u64 = 1 << 20;
 
-/// Loads the filesystem with ext4-view, which replays a journal that needs
-/// it; `raw` is the same filesystem, to check that journal first.
-fn load(disk: Arc<dyn Disk>, raw: &mut ExtRaw) -> Result<Ext4> {
+/// The filesystem on `disk`, recovered if its journal needs it, for
+/// ext4-view and for `ext_raw`.
+struct Loaded {
+    fs: Ext4,
+    raw: ExtRaw,
+    recovered: Option<Arc<Recovered>>,
+}
+
+fn load(disk: Arc<dyn Disk>) -> Result<Loaded> {
     let head = 0..HEAD_ANNOUNCED.min(disk.size());
     disk.will_read(std::slice::from_ref(&head));
-    ext_journal::check_replay(raw)?;
+    let mut raw = ExtRaw::open(disk.clone())?;
+    let (disk, raw, recovered) = match ext_journal::recover(&mut raw, &disk)? {
+        None => (disk, raw, None),
+        Some(r) => {
+            log::debug!(
+                "ext filesystem: journal recovered, {} blocks",
+                r.replayed_blocks()
+            );
+            let r = Arc::new(r);
+            let disk: Arc<dyn Disk> = r.clone();
+            (disk.clone(), ExtRaw::open(disk)?, Some(r))
+        }
+    };
     match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {
-        Ok(Ok(fs)) => Ok(fs),
+        Ok(Ok(fs)) => Ok(Loaded { fs, raw, recovered }),
         Ok(Err(e)) => Err(map_err("ext filesystem", e)),
         Err(_) => Err(Error::corrupt(
             "ext filesystem: the reader failed on the superblock: corrupt filesystem",
@@ -83,9 +96,7 @@ fn load(disk: Arc<dyn Disk>, raw: &mut ExtRaw) -> Result<Ext4> {
 
 /// Ok when this agent can read the ext filesystem on `disk`, else why not.
 pub fn check_supported(disk: Arc<dyn Disk>) -> Result<()> {
-    let mut raw = ExtRaw::open(disk.clone())?;
-    load(disk, &mut raw)?;
-    Ok(())
+    load(disk).map(drop)
 }
 
 /// What a listing says of an ext node, from ext4-view or from the raw inode.
@@ -135,130 +146,63 @@ fn ext_child(
 pub struct ExtBackend {
     fs: Ext4,
     raw: ExtRaw,
+    /// the journal's recovery, when the volume needed one
+    recovered: Option<Arc<Recovered>>,
     /// the ext4-view file last read, to continue sequential reads cheaply
     open_file: Option<(u32, ext4_view::File)>,
 }
 
 impl ExtBackend {
     pub fn open(disk: Arc<dyn Disk>) -> Result<ExtBackend> {
-        let mut raw = ExtRaw::open(disk.clone())?;
-        let fs = load(disk, &mut raw)?;
+        let Loaded { fs, raw, recovered } = load(disk)?;
         Ok(ExtBackend {
             fs,
             raw,
+            recovered,
             open_file: None,
         })
     }
 
-    /// inode numbers of a directory's entries, from the on-disk blocks
-    fn raw_numbers(&mut self, dir: u32, charge: &mut Charge) -> HashMap<Vec<u8>, u32> {
-        if dir == 0 {
-            return HashMap::new();
-        }
-        let listed = self
-            .raw
-            .inode(dir)
-            .and_then(|ino| self.raw.read_dir(&ino, charge));
-        listed.map(|v| v.into_iter().collect()).unwrap_or_default()
-    }
-
-    fn child(
-        &mut self,
-        name: Vec<u8>,
-        number: u32,
-        md: &Metadata,
-        path: &[u8],
-    ) -> Result<Child<u32>> {
-        let what = String::from_utf8_lossy(path).into_owned();
-        let ft = md.file_type();
-        let kind = if ft.is_regular_file() {
-            EntryType::File
-        } else if ft.is_dir() {
-            EntryType::Dir
-        } else if ft.is_symlink() {
-            EntryType::Symlink
-        } else if ft.is_block_dev() {
-            EntryType::Block
-        } else if ft.is_char_dev() {
-            EntryType::Char
-        } else if ft.is_fifo() {
-            EntryType::Fifo
-        } else {
-            EntryType::Socket
-        };
-        // an unreadable symlink target must not hide its siblings: the
-        // error is kept for whoever follows the link
-        let (link, broken) = if kind == EntryType::Symlink {
-            let target = ext4_view::Path::try_from(path)
-                .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))
-                .and_then(|p| self.fs.read_link(p).map_err(|e| map_err(&what, e)));
-            match target {
-                Ok(t) => (Some(t.as_ref().to_vec()), None),
-                Err(e) => (None, Some(Box::new(e))),
-            }
-        } else {
-            (None, None)
-        };
-        let nlink = match number {
-            0 => 1,
-            n => self.raw.inode(n).map(|i| u64::from(i.links)).unwrap_or(1),
-        };
-        let attrs = Attrs {
+    /// What a listing says of `ino`.
+    fn attrs_of(ino: &Inode) -> Result<Attrs> {
+        let kind = EntryType::from_unix_mode(u32::from(ino.mode)).ok_or_else(|| {
+            Error::corrupt(format!(
+                "ext filesystem: inode {} has an invalid file type (mode {:o})",
+                ino.number, ino.mode
+            ))
+        })?;
+        Ok(Attrs {
             kind,
-            size: md.len(),
-            mode: u32::from(md.mode()),
-            uid: md.uid(),
-            gid: md.gid(),
-            mtime: md.modified().seconds(),
-            nlink,
-        };
-        Ok(ext_child(name, number, attrs, link, broken))
-    }
-
-    /// Whether `ext_raw` reads this file's data: with a clean journal the
-    /// on-disk block maps are the current ones, read whole (ext4-view reads
-    /// one 4 KiB block per call, which halved fs.read against image.read);
-    /// sparse block-mapped files are always read here (see the module doc).
-    fn raw_is_current(&mut self, ino: &Inode) -> Result<bool> {
-        Ok(!self.raw.needs_recovery() || (!ino.uses_extents() && self.raw.is_sparse(ino)?))
+            size: ino.size,
+            mode: u32::from(ino.mode),
+            uid: ino.uid,
+            gid: ino.gid,
+            mtime: ino.mtime,
+            nlink: u64::from(ino.links),
+        })
     }
 
     /// A directory's children from [`ExtRaw::list_dir`]: one pass over the
-    /// directory and one read of each inode, instead of ext4-view's pass
-    /// plus a second one for inode numbers and link counts. Only while the
-    /// journal is clean, when the on-disk state is the current one.
+    /// directory and one read of each inode.
     fn read_dir_raw(&mut self, dir: u32, charge: &mut Charge) -> Result<Vec<Child<u32>>> {
         let mut out = Vec::new();
         // `list_dir` needs the reader and so does a symlink's target: the
         // targets are read once the listing is done
         let mut links = Vec::new();
         self.raw.list_dir(dir, charge, &mut |name, ino, charge| {
-            let kind = EntryType::from_unix_mode(u32::from(ino.mode)).ok_or_else(|| {
-                Error::corrupt(format!(
-                    "ext filesystem: inode {} has an invalid file type (mode {:o})",
-                    ino.number, ino.mode
-                ))
-            })?;
-            if kind == EntryType::Symlink {
+            let attrs = Self::attrs_of(ino)?;
+            if attrs.kind == EntryType::Symlink {
                 // a symlink's inode holds its target (or where it is)
                 charge.add(std::mem::size_of::<(usize, Inode)>())?;
                 links.push((out.len(), ino.clone()));
             }
-            let attrs = Attrs {
-                kind,
-                size: ino.size,
-                mode: u32::from(ino.mode),
-                uid: ino.uid,
-                gid: ino.gid,
-                mtime: ino.mtime,
-                nlink: u64::from(ino.links),
-            };
             charge.add(child_bytes::<u32>(name.len(), 0))?;
             out.push(ext_child(name, ino.number, attrs, None, None));
             Ok(())
         })?;
         for (i, ino) in links {
-            // as in `child`: a broken target must not hide the siblings
+            // an unreadable symlink target must not hide its siblings: the
+            // error is kept for whoever follows the link
             let Some(child) = out.get_mut(i) else {
                 continue;
             };
@@ -312,66 +256,45 @@ impl Backend for ExtBackend {
     type Node = u32;
 
     fn root(&mut self) -> Result<Child<u32>> {
-        let md = self.fs.metadata("/").map_err(|e| map_err("/", e))?;
-        self.child(Vec::new(), ROOT_INODE, &md, b"/")
+        let ino = self.raw.checked_inode(ROOT_INODE)?;
+        let attrs = Self::attrs_of(&ino)?;
+        if attrs.kind != EntryType::Dir {
+            return Err(Error::corrupt(
+                "ext filesystem: the root is not a directory",
+            ));
+        }
+        Ok(ext_child(Vec::new(), ROOT_INODE, attrs, None, None))
     }
 
-    fn read_dir(&mut self, dir: &u32, path: &[u8], charge: &mut Charge) -> Result<Vec<Child<u32>>> {
-        if *dir != 0 && !self.raw.needs_recovery() {
-            return self.read_dir_raw(*dir, charge);
-        }
-        let what = String::from_utf8_lossy(path).into_owned();
-        let p = ext4_view::Path::try_from(path)
-            .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))?;
-        let numbers = self.raw_numbers(*dir, charge);
-        let mut found = Vec::new();
-        for e in self.fs.read_dir(p).map_err(|e| map_err(&what, e))? {
-            let e = e.map_err(|e| map_err(&what, e))?;
-            let name = e.file_name().as_ref().to_vec();
-            if name == b"." || name == b".." {
-                continue;
-            }
-            let md = e.metadata().map_err(|e| map_err(&what, e))?;
-            charge.add(std::mem::size_of::<(Vec<u8>, Metadata)>() + name.len() + 16)?;
-            found.push((name, md));
-        }
-        let mut out = Vec::with_capacity(found.len());
-        for (name, md) in found {
-            let mut child_path = path.to_vec();
-            if child_path != b"/" {
-                child_path.push(b'/');
-            }
-            child_path.extend_from_slice(&name);
-            let number = numbers.get(&name).copied().unwrap_or(0);
-            let child = self.child(name, number, &md, &child_path)?;
-            charge.add(child_bytes::<u32>(
-                child.name.len(),
-                child.link.as_ref().map_or(0, Vec::len),
-            ))?;
-            out.push(child);
-        }
-        Ok(out)
+    fn read_dir(
+        &mut self,
+        dir: &u32,
+        _path: &[u8],
+        charge: &mut Charge,
+    ) -> Result<Vec<Child<u32>>> {
+        self.read_dir_raw(*dir, charge)
     }
 
     fn read_at(&mut self, node: &u32, path: &[u8], offset: u64, buf: &mut [u8]) -> Result<usize> {
-        if *node != 0 {
-            let ino: Inode = self.raw.inode(*node)?;
-            if !ino.is_encrypted() && self.raw_is_current(&ino)? {
-                return self.raw.read(&ino, offset, buf);
-            }
+        let ino: Inode = self.raw.inode(*node)?;
+        if ino.is_encrypted() {
+            // ext4-view says why it cannot
+            return self.read_view(*node, path, offset, buf);
         }
-        self.read_view(*node, path, offset, buf)
+        self.raw.read(&ino, offset, buf)
     }
 
     fn map_at(&mut self, node: &u32, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
-        if *node == 0 {
-            return Ok(None);
-        }
         let ino: Inode = self.raw.inode(*node)?;
-        if ino.is_encrypted() || !self.raw_is_current(&ino)? {
+        if ino.is_encrypted() {
             return Ok(None);
         }
-        self.raw.map(&ino, offset, len).map(Some)
+        let extents = self.raw.map(&ino, offset, len)?;
+        // Blocks the journal replaces are read here, through the recovery.
+        if self.recovered.as_ref().is_some_and(|r| r.touches(&extents)) {
+            return Ok(None);
+        }
+        Ok(Some(extents))
     }
 
     fn what(&self) -> &str {

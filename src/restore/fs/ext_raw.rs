@@ -1,15 +1,16 @@
 //! Direct reading of ext2/3/4 on-disk structures: superblock, group
 //! descriptors, inodes, extent trees, block maps and directory blocks.
 //!
-//! ext4-view (used for file data and validation) exposes neither inode
-//! numbers nor link counts, which listings and hardlink detection need, and
-//! it cannot read a sparse file on a block-mapped (ext2/3) inode whose
-//! indirect pointer is a hole; this module fills those gaps, and lists
-//! whole directories (names, inodes, symlink targets) while the journal is
-//! clean, verifying the crc32c of directory blocks and inodes.
+//! ext4-view (used for validation) exposes neither inode numbers nor link
+//! counts, which listings and hardlink detection need, and it cannot read a
+//! sparse file on a block-mapped (ext2/3) inode whose indirect pointer is a
+//! hole; this module lists whole directories (names, inodes, symlink
+//! targets), verifying the crc32c of directory blocks and inodes, and maps
+//! and reads file data.
 //! Owns: decoding those structures with every length and offset checked.
 //! Must never write, and never trust an on-disk count for an allocation.
-//! It reads the on-disk state as is: an unreplayed journal is not applied.
+//! It reads the disk it is given as is: to see a journal's transactions, it
+//! is given [`super::ext_journal::Recovered`].
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -380,6 +381,12 @@ impl ExtRaw {
         self.read_inode(number, false)
     }
 
+    /// Inode `number`, its crc32c checked when the filesystem has metadata
+    /// checksums.
+    pub fn checked_inode(&mut self, number: u32) -> Result<Inode> {
+        self.read_inode(number, true)
+    }
+
     /// Reads and decodes inode `number`; with `verify`, checks its crc32c
     /// when the filesystem has metadata checksums.
     fn read_inode(&mut self, number: u32, verify: bool) -> Result<Inode> {
@@ -589,29 +596,15 @@ impl ExtRaw {
         self.block_size
     }
 
+    /// Blocks in the filesystem.
+    pub fn blocks_count(&self) -> u64 {
+        self.blocks_count
+    }
+
     /// Whether the superblock says the journal needs replaying; when it does
     /// not, the on-disk blocks are the current state.
     pub fn needs_recovery(&self) -> bool {
         self.needs_recovery
-    }
-
-    /// Whether a file has holes (blocks within its size that are mapped
-    /// nowhere).
-    pub fn is_sparse(&mut self, ino: &Inode) -> Result<bool> {
-        let nblocks = ino.size.div_ceil(self.block_size);
-        let mut mapped = 0u64;
-        let mut from = 0;
-        while from < nblocks {
-            let w = self.runs(ino, from)?;
-            for r in w.runs.iter().filter(|r| r.physical != 0) {
-                // a run reaching back before `from` was counted with the
-                // window before
-                let end = r.logical.saturating_add(r.len).min(nblocks);
-                mapped += end.saturating_sub(r.logical.max(from));
-            }
-            from = w.end;
-        }
-        Ok(mapped < nblocks)
     }
 
     /// The largest size a file's block map can address: 2^32 blocks with
@@ -889,31 +882,6 @@ impl ExtRaw {
         }
         Ok(target)
     }
-
-    /// The entries of a directory inode: (name, inode number).
-    pub fn read_dir(&mut self, dir: &Inode, charge: &mut Charge) -> Result<Vec<(Vec<u8>, u32)>> {
-        if dir.size > MAX_DIR_SIZE {
-            return Err(bad(format!("directory inode {} is too large", dir.number)));
-        }
-        let mut block = vec![0u8; self.block_size as usize];
-        let mut out = Vec::new();
-        let nblocks = dir.size.div_ceil(self.block_size);
-        for bi in 0..nblocks {
-            let n = self.read(dir, bi * self.block_size, &mut block)?;
-            parse_dir_block(&block[..n], dir.number, bi, &mut |name, ino| {
-                if out.len() >= MAX_DIR_ENTRIES {
-                    return Err(bad(format!(
-                        "directory inode {}: too many entries",
-                        dir.number
-                    )));
-                }
-                charge.add(std::mem::size_of::<(Vec<u8>, u32)>() + name.len() + 16)?;
-                out.push((name.to_vec(), ino));
-                Ok(())
-            })?;
-        }
-        Ok(out)
-    }
 }
 
 /// Calls `each(name, inode)` for every used entry of one directory block;
@@ -1015,9 +983,9 @@ const fn crc32c_tables() -> [[u32; 256]; 8] {
     t
 }
 
-/// crc32c as ext4 computes it: the register starts at `seed` and is
-/// returned as is (no final inversion).
-fn crc32c(seed: u32, data: &[u8]) -> u32 {
+/// crc32c as ext4 and JBD2 compute it: the register starts at `seed` and
+/// is returned as is (no final inversion).
+pub fn crc32c(seed: u32, data: &[u8]) -> u32 {
     let t = &CRC32C_TABLES;
     let mut c = seed;
     let mut chunks = data.chunks_exact(8);

@@ -225,8 +225,8 @@ pub trait Filesystem {
     /// Where the bytes [`read`](Self::read) would return lie on the volume,
     /// so that the caller can fetch them itself (straight from the chunk
     /// pool, in parallel with other requests). `None` when this filesystem
-    /// cannot say (the data is not stored as plain volume blocks, or only a
-    /// replayed journal knows where it is): use `read` then.
+    /// cannot say (the data is not stored as plain volume blocks, or a
+    /// recovered journal replaces some of them): use `read` then.
     fn map(&mut self, path: &[u8], offset: u64, len: usize) -> Result<Option<FileMap>>;
     /// Walks `path` (a directory, recursively, or a single node) for
     /// extraction; see [`WalkEntry`] and [`WalkVisitor`].
