@@ -62,6 +62,9 @@ impl Error {
     pub fn io(what: impl fmt::Display, err: &io::Error) -> Self {
         let kind = match err.kind() {
             io::ErrorKind::NotFound => ErrorKind::NotFound,
+            // what a read found malformed (a datastore file that is no
+            // regular file, see `store::file`)
+            io::ErrorKind::InvalidData => ErrorKind::Corrupt,
             _ => ErrorKind::Io,
         };
         Self::new(kind, format!("{what}: {err}"))

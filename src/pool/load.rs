@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::store::file::open_regular;
 use crate::store::{blob, digest_hex, Digest};
 
 /// Size of the pseudo-chunks a raw image is served in.
@@ -111,7 +112,7 @@ pub(super) fn read_chunk_file(
     raw: &mut Vec<u8>,
 ) -> Result<Vec<u8>> {
     let what = || format!("chunk {} ({})", digest_hex(digest), path.display());
-    let file = File::open(path).map_err(|e| {
+    let file = open_regular(path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             Error::not_found(format!("{} missing", what()))
         } else {
@@ -207,7 +208,7 @@ fn read_whole(file: &File, head: &mut [u8], data: &mut Vec<u8>, len: usize) -> i
 /// Best effort: any failure is ignored (the real read reports errors).
 pub(super) fn hint_will_read(path: &Path) {
     use std::os::fd::AsRawFd;
-    if let Ok(file) = File::open(path) {
+    if let Ok(file) = open_regular(path) {
         // SAFETY: posix_fadvise only reads its integer arguments; the fd is
         // valid for the lifetime of `file`.
         unsafe {

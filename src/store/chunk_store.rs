@@ -68,7 +68,7 @@ impl ChunkStore {
             }
             err
         };
-        let file = std::fs::File::open(&path).map_err(named)?;
+        let file = super::file::open_regular(&path).map_err(named)?;
         let len = file.metadata().map_err(named)?.len();
         if len > MAX_CHUNK_FILE_SIZE {
             return Err(Error::corrupt(format!(

@@ -509,7 +509,7 @@ pub fn verify(
 
 fn verify_blob_archive(path: &Path, csum: &str) -> Result<()> {
     let mut raw = Vec::new();
-    File::open(path)
+    super::file::open_regular(path)
         .and_then(|f| {
             f.take(MAX_BLOB_ARCHIVE_SIZE as u64 + 64)
                 .read_to_end(&mut raw)

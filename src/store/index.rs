@@ -39,7 +39,7 @@ pub(crate) fn open_index_file(
     path: &std::path::Path,
 ) -> crate::error::Result<(std::fs::File, u64)> {
     use crate::error::Error;
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path.display(), &e))?;
+    let file = super::file::open_regular(path).map_err(|e| Error::io(path.display(), &e))?;
     let len = file
         .metadata()
         .map_err(|e| Error::io(path.display(), &e))?

@@ -67,7 +67,7 @@ impl Manifest {
     /// Loads and parses `index.json.blob` at `path`.
     pub fn load(path: &Path) -> Result<Manifest> {
         use std::io::Read;
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path.display(), &e))?;
+        let file = super::file::open_regular(path).map_err(|e| Error::io(path.display(), &e))?;
         let mut raw = Vec::new();
         file.take(MAX_MANIFEST_SIZE as u64 + 1)
             .read_to_end(&mut raw)

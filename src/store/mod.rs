@@ -13,6 +13,7 @@ pub mod chunk_store;
 pub mod datastore;
 pub mod didx;
 pub mod fidx;
+pub mod file;
 pub mod import;
 pub mod index;
 pub mod manifest;
