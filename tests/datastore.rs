@@ -1465,3 +1465,49 @@ fn large_indexes_are_opened_in_one_copy_and_not_all_kept() {
     assert!(grew[2] < 80, "three 32 MiB indexes kept: {} MiB", grew[2]);
     assert!(!agent.stderr().contains("panicked"), "{}", agent.stderr());
 }
+
+/// `store verify` reports what the agent cannot read: a snapshot whose
+/// manifest does not read (it was skipped with a warning, and verify said
+/// "ok"), and an index that expects another length of a chunk that other
+/// archives share (each chunk was checked against the first length met).
+/// Both found by the datastore audit.
+#[test]
+fn store_verify_reports_what_the_agent_cannot_read() {
+    let dir = scratch();
+    let store = init_store(dir.path());
+    let store_s = store.to_str().unwrap();
+    let img = dir.path().join("img");
+    mixed_image(&img, 7);
+    let snap = |id: u32| format!("vm/{id}/{T1}");
+    import(&store, &snap(100), "drive-scsi0.img", &img);
+    import(&store, &snap(102), "drive-scsi0.img", &img);
+    client_ok(&["store", "verify", "--store", store_s]);
+    // the 4 MiB zero chunk (bytes 8-12 MiB of the image) as an 8 MiB one
+    let zero = fidx_digests(&store, &snap(100))[2];
+    put_archive(
+        &store,
+        &snap(101),
+        DISK,
+        &fidx_bytes(8 * MIB, 8 * MIB, &[zero]),
+        8 * MIB,
+    );
+    overwrite(
+        &snapshot_dir(&store, &snap(102)).join(MANIFEST_BLOB_NAME),
+        b"no manifest",
+    );
+    let o = client(&["--output", "json", "store", "verify", "--store", store_s]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let errors = r["errors"].to_string();
+    assert!(
+        errors.contains(&format!("{}/{DISK}", snap(101))) && errors.contains("8388608"),
+        "{errors}"
+    );
+    assert!(errors.contains(&snap(102)), "{errors}");
+    assert_eq!(r["snapshots"], 3, "{r}");
+}

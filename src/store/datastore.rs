@@ -290,8 +290,13 @@ impl Datastore {
     /// snapshots (`Some("")` = the root's own).
     pub fn list_snapshots(&self, namespace: Option<&str>) -> Result<Vec<SnapshotInfo>> {
         let mut out = Vec::new();
+        let mut add = |snap: SnapshotPath| {
+            if let Some(info) = self.snapshot_info(&snap) {
+                out.push(info);
+            }
+        };
         match namespace {
-            None => self.list_namespace(&[], true, &mut out)?,
+            None => self.walk_namespace(&[], true, &mut add)?,
             Some(ns) => {
                 let ns = parse_namespace(ns)?;
                 let dir = self.dir.join(namespace_rel_path(&ns));
@@ -302,18 +307,30 @@ impl Datastore {
                         self.dir.display()
                     )));
                 }
-                self.list_namespace(&ns, false, &mut out)?;
+                self.walk_namespace(&ns, false, &mut add)?;
             }
         }
         out.sort_by(|a, b| a.snapshot.cmp(&b.snapshot));
         Ok(out)
     }
 
-    fn list_namespace(
+    /// Every snapshot directory in every namespace, sorted, whether its
+    /// manifest reads or not (for `store verify`, which reports those that
+    /// do not; [`list_snapshots`](Self::list_snapshots) skips them).
+    pub fn snapshot_dirs(&self) -> Result<Vec<SnapshotPath>> {
+        let mut out = Vec::new();
+        self.walk_namespace(&[], true, &mut |snap| out.push(snap))?;
+        out.sort_by_cached_key(|s| s.to_string());
+        Ok(out)
+    }
+
+    /// Calls `each` for every snapshot directory of namespace `ns` (and its
+    /// children, if `recursive`) with a valid name.
+    fn walk_namespace(
         &self,
         ns: &[String],
         recursive: bool,
-        out: &mut Vec<SnapshotInfo>,
+        each: &mut dyn FnMut(SnapshotPath),
     ) -> Result<()> {
         let ns_dir = self.dir.join(namespace_rel_path(ns));
         for backup_type in BACKUP_TYPES {
@@ -324,15 +341,12 @@ impl Datastore {
                     if parse_backup_time(&time).is_none() {
                         continue;
                     }
-                    let snap = SnapshotPath {
+                    each(SnapshotPath {
                         namespace: ns.to_vec(),
                         backup_type: backup_type.to_string(),
                         backup_id: id.clone(),
                         time,
-                    };
-                    if let Some(info) = self.snapshot_info(&snap) {
-                        out.push(info);
-                    }
+                    });
                 }
             }
         }
@@ -343,7 +357,7 @@ impl Datastore {
             {
                 let mut sub = ns.to_vec();
                 sub.push(child);
-                self.list_namespace(&sub, true, out)?;
+                self.walk_namespace(&sub, true, each)?;
             }
         }
         Ok(())

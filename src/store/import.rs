@@ -414,17 +414,20 @@ pub fn verify(
             ds.manifest(s)?;
             vec![SnapshotPath::parse(s)?.to_string()]
         }
+        // every snapshot directory: one whose manifest does not read is
+        // reported, not skipped as listings skip it
         None => ds
-            .list_snapshots(None)?
+            .snapshot_dirs()?
             .into_iter()
-            .map(|s| s.snapshot)
+            .map(|s| s.to_string())
             .collect(),
     };
     let mut report = VerifyReport {
         snapshots: snapshots.len(),
         ..Default::default()
     };
-    // digest -> (decoded length the index expects, size limit)
+    // digest -> (decoded length the indexes expect, size limit); archives
+    // that share a chunk but expect other lengths of it are reported here
     let mut jobs: HashMap<Digest, (u64, usize)> = HashMap::new();
     for snap in &snapshots {
         let manifest = match ds.manifest(snap) {
@@ -452,11 +455,23 @@ pub fn verify(
                         .fixed_chunk_size()
                         .map(|c| c as usize)
                         .unwrap_or(MAX_CHUNK_SIZE);
+                    let mut disagree = None;
                     for i in 0..index.chunk_count() {
                         let r = index.chunk_range(i);
-                        jobs.entry(*index.chunk_digest(i))
-                            .or_insert((r.end - r.start, max));
+                        let digest = index.chunk_digest(i);
+                        let (len, _) = *jobs.entry(*digest).or_insert((r.end - r.start, max));
+                        if len != r.end - r.start && disagree.is_none() {
+                            disagree = Some(format!(
+                                "{snap}/{}: chunk {} is {} bytes at offset {}, where another \
+                                 index has it as {len}",
+                                file.filename,
+                                digest_hex(digest),
+                                r.end - r.start,
+                                r.start
+                            ));
+                        }
                     }
+                    report.errors.extend(disagree);
                 }
                 Err(e) => report
                     .errors
