@@ -1511,3 +1511,46 @@ fn store_verify_reports_what_the_agent_cannot_read() {
     assert!(errors.contains(&snap(102)), "{errors}");
     assert_eq!(r["snapshots"], 3, "{r}");
 }
+
+/// A dynamic index of 1-byte chunks (no backup writer cuts them so; the
+/// datastore audit's 2,000,000 of them took one 4 MiB read to 208 MiB and a
+/// whole read to 726 MiB): a read spanning more than 1024 chunks is refused
+/// (1005), smaller ones read right, and the cache charges each chunk its
+/// bookkeeping, so reading them all stays within the agent's memory.
+#[test]
+fn reads_over_too_many_tiny_chunks_are_refused_and_memory_stays_bounded() {
+    let dir = scratch();
+    let store = init_store(dir.path());
+    let img = dir.path().join("img");
+    random_image(&img, 9, MIB);
+    import(&store, &format!("vm/1/{T1}"), "drive-scsi0.img", &img);
+    let snap = format!("vm/1/{T1}");
+    let n = 300_000u64;
+    let data: Vec<u8> = (0..n).map(|i| b"ab"[(i % 7 == 0) as usize]).collect();
+    let cuts: Vec<u64> = (1..=n).collect();
+    add_didx(&store, &snap, "tiny.didx", &data, &cuts);
+    let agent = Agent::builder().datastore(&store).start();
+    let mut conn = agent.connect_authed();
+    let e = match read(&mut conn, &snap, "tiny.didx", 0, 4 * MIB) {
+        Ok(r) => panic!("a read over 300,000 chunks returned {} bytes", r.data.len()),
+        Err(e) => e,
+    };
+    assert_eq!(e["code"], 1005, "{e}");
+    assert!(
+        e["message"].as_str().unwrap_or("").contains("chunks"),
+        "{e}"
+    );
+    let mut at = 0;
+    while at < n {
+        let r = read(&mut conn, &snap, "tiny.didx", at, 1000).expect("a read of 1000 chunks");
+        assert!(
+            r.data == data[at as usize..(at + 1000).min(n) as usize],
+            "at {at}"
+        );
+        at += 1000;
+    }
+    let st = status(&mut conn);
+    assert!(counter(&st, "cache", "bytes") <= 48 * MIB, "{st}");
+    let rss = st["rss_bytes"].as_u64().unwrap_or(0);
+    assert!(rss < 150 * MIB, "agent RSS {} MiB", rss >> 20);
+}

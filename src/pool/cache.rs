@@ -17,8 +17,18 @@ struct Entry {
     prefetched: bool,
 }
 
-/// An LRU map from chunk key to decoded chunk whose total payload stays at
-/// or below `capacity` bytes.
+/// What a cached chunk is charged beyond its bytes: its map entries, the
+/// shared buffer's header and the allocator's rounding. Without it, chunks
+/// of a few bytes (a hostile dynamic index may cut them so) filled a 48 MiB
+/// cache with millions of entries and hundreds of MiB of bookkeeping.
+const ENTRY_OVERHEAD: usize = 256;
+
+fn cost(data: &ChunkData) -> usize {
+    data.len() + ENTRY_OVERHEAD
+}
+
+/// An LRU map from chunk key to decoded chunk whose total cost (payload and
+/// [`ENTRY_OVERHEAD`] per chunk) stays at or below `capacity` bytes.
 pub(super) struct ChunkCache {
     capacity: usize,
     bytes: usize,
@@ -49,7 +59,7 @@ impl ChunkCache {
         self.capacity
     }
 
-    /// Total size of the cached chunks.
+    /// Total cost of the cached chunks (their bytes and bookkeeping).
     pub fn bytes(&self) -> usize {
         self.bytes
     }
@@ -88,7 +98,7 @@ impl ChunkCache {
         if let Some(old) = self.remove(&key) {
             evicted.push(old);
         }
-        let len = data.len();
+        let len = cost(&data);
         if len > self.capacity {
             return evicted;
         }
@@ -97,7 +107,7 @@ impl ChunkCache {
                 break;
             };
             if let Some(entry) = self.entries.remove(&oldest) {
-                self.bytes -= entry.data.len();
+                self.bytes -= cost(&entry.data);
                 evicted.push(entry.data);
             }
         }
@@ -119,7 +129,7 @@ impl ChunkCache {
     fn remove(&mut self, key: &ChunkKey) -> Option<ChunkData> {
         let entry = self.entries.remove(key)?;
         self.order.remove(&entry.tick);
-        self.bytes -= entry.data.len();
+        self.bytes -= cost(&entry.data);
         Some(entry.data)
     }
 }
@@ -137,9 +147,14 @@ mod tests {
         Arc::new(vec![7u8; len])
     }
 
+    /// Cost of a chunk of `len` bytes.
+    const fn c(len: usize) -> usize {
+        len + ENTRY_OVERHEAD
+    }
+
     #[test]
     fn evicts_least_recently_used_to_stay_within_bytes() {
-        let mut cache = ChunkCache::new(100);
+        let mut cache = ChunkCache::new(c(40) * 2 + 20);
         cache.insert(key(1), data(40), false);
         cache.insert(key(2), data(40), false);
         assert!(cache.get(&key(1)).is_some()); // 2 is now the oldest
@@ -148,12 +163,12 @@ mod tests {
         assert!(cache.get(&key(2)).is_none());
         assert!(cache.get(&key(1)).is_some());
         assert!(cache.get(&key(3)).is_some());
-        assert_eq!(cache.bytes(), 80);
+        assert_eq!(cache.bytes(), c(40) * 2);
     }
 
     #[test]
     fn chunk_larger_than_cache_is_not_stored() {
-        let mut cache = ChunkCache::new(100);
+        let mut cache = ChunkCache::new(c(100));
         cache.insert(key(1), data(50), false);
         cache.insert(key(2), data(101), false);
         assert!(cache.get(&key(2)).is_none());
@@ -161,12 +176,22 @@ mod tests {
             cache.get(&key(1)).is_some(),
             "a too-large chunk must not flush the cache"
         );
-        assert_eq!(cache.bytes(), 50);
+        assert_eq!(cache.bytes(), c(50));
+    }
+
+    #[test]
+    fn tiny_chunks_are_charged_their_bookkeeping() {
+        let mut cache = ChunkCache::new(1 << 20);
+        for n in 0..100_000 {
+            cache.insert(key(n), data(1), false);
+        }
+        assert_eq!(cache.entries.len(), (1 << 20) / c(1));
+        assert!(cache.bytes() <= 1 << 20);
     }
 
     #[test]
     fn prefetched_flag_reported_once() {
-        let mut cache = ChunkCache::new(100);
+        let mut cache = ChunkCache::new(c(10));
         cache.insert(key(1), data(10), true);
         assert!(cache.touch(&key(1)));
         assert!(cache.get(&key(1)).is_some_and(|h| h.first_use_of_prefetch));
@@ -175,9 +200,9 @@ mod tests {
 
     #[test]
     fn reinsert_replaces_without_double_counting() {
-        let mut cache = ChunkCache::new(100);
+        let mut cache = ChunkCache::new(c(30) * 3);
         cache.insert(key(1), data(30), false);
         cache.insert(key(1), data(30), false);
-        assert_eq!(cache.bytes(), 30);
+        assert_eq!(cache.bytes(), c(30));
     }
 }

@@ -20,6 +20,12 @@ use crate::error::{Error, ErrorKind, Result};
 /// are read on demand.
 pub const MAX_PLANNED_CHUNKS: usize = 4096;
 
+/// Most chunks one read may span. A 16 MiB read spans at most 257 chunks of
+/// a fixed index (64 KiB or more each) and about 17 of a dynamic index as
+/// Proxmox Backup cuts them (1-16 MiB); a hostile dynamic index of 1-byte
+/// chunks made one read plan millions of them, hundreds of MiB of requests.
+pub const MAX_READ_CHUNKS: usize = 1024;
+
 /// Longest range one `read_slices` call covers; longer requests are cut
 /// short (callers loop), so one call never pins more than this in chunks.
 pub const MAX_SLICES_BYTES: usize = 64 << 20;
@@ -313,6 +319,16 @@ impl ArchiveReader {
         let last = self.chunk_at(end - 1)?;
         if last < first {
             return Err(self.corrupt_index(offset));
+        }
+        if last - first >= MAX_READ_CHUNKS {
+            return Err(Error::unsupported(format!(
+                "{}: {} bytes at offset {offset} lie in {} chunks, more than the \
+                 {MAX_READ_CHUNKS} one read may span (chunks this small are no backup \
+                 writer's)",
+                self.inner.name,
+                end - offset,
+                last - first + 1
+            )));
         }
         let shared = &self.inner.pool.shared;
         let mut parts = Vec::with_capacity(last - first + 1);
