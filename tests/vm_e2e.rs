@@ -20,6 +20,10 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{Conn, Recv};
+use restore_agent::store::fidx::FixedIndex;
+use restore_agent::store::index::ChunkIndex;
+use restore_agent::store::manifest::{FileEntry, Manifest, MANIFEST_BLOB_NAME};
+use restore_agent::store::{digest_hex, sha256};
 use restore_agent::vm::{self, Accel, StartOptions, VmRecord, Vsock};
 use serde_json::{json, Value};
 
@@ -143,6 +147,12 @@ impl Drop for StopOnPanic {
 }
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_restore-client");
+
+/// An archive whose index (40,000 digests, 1.25 MiB) is large enough to be
+/// mapped rather than read: a 160 GiB disk of zeros.
+const BIG: &str = "big.img.fidx";
+const BIG_CHUNK: u64 = 4 << 20;
+const BIG_CHUNKS: u64 = 40_000;
 const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
 
 /// Runs restore-client with `args`, panicking unless it exits 0; returns stdout.
@@ -181,7 +191,7 @@ fn client_env(args: &[&str], env: &[(&str, &str)]) -> String {
 }
 
 /// A source tree, an ext4 image made from it, and a datastore holding that
-/// image as `SNAPSHOT/drive-scsi0.img.fidx`.
+/// image as `SNAPSHOT/drive-scsi0.img.fidx`, and [`BIG`] beside it.
 struct Fixture {
     dir: tempfile::TempDir,
 }
@@ -224,6 +234,28 @@ impl Fixture {
             "drive-scsi0.img",
             img.to_str().unwrap(),
         ]);
+        // BIG: zero chunks only, so that no chunk file is needed
+        let zero = sha256(&vec![0u8; BIG_CHUNK as usize]);
+        let idx = FixedIndex::new(
+            BIG,
+            BIG_CHUNKS * BIG_CHUNK,
+            BIG_CHUNK,
+            vec![zero; BIG_CHUNKS as usize],
+            [9; 16],
+            1_767_225_600,
+        )
+        .unwrap();
+        let snap_dir = store.join(SNAPSHOT);
+        idx.write(&snap_dir.join(BIG)).unwrap();
+        let manifest_path = snap_dir.join(MANIFEST_BLOB_NAME);
+        let mut m = Manifest::load(&manifest_path).unwrap();
+        m.set_file(FileEntry {
+            filename: BIG.into(),
+            crypt_mode: "none".into(),
+            size: idx.size(),
+            csum: digest_hex(idx.index_csum()),
+        });
+        m.store(&manifest_path).unwrap();
         Fixture { dir }
     }
     fn path(&self, p: &str) -> PathBuf {
@@ -361,6 +393,16 @@ fn boot_list_extract_status_and_stop_powers_off() {
     let auth = c.call_ok("authenticate", Some(json!({ "ticket": ticket(&rec) })));
     assert_eq!(auth["agent"], "restore-agent");
     assert_eq!(c.call_ok("ping", None), json!("pong"));
+    // An index large enough to be mapped, over the guest's 9p mount.
+    let read = c.call_ok(
+        "image.read",
+        Some(json!({"snapshot": SNAPSHOT, "archive": BIG,
+                    "offset": (BIG_CHUNKS - 2) * BIG_CHUNK + 5, "length": 12})),
+    );
+    assert_eq!(
+        (&read["data"], &read["eof"]),
+        (&json!("AAAAAAAAAAAAAAAA"), &json!(false))
+    );
     drop(c);
 
     // Through the real client with --vm.

@@ -23,9 +23,10 @@ use crate::rpc::{Router, Shared};
 /// Archive readers one connection keeps open (each remembers where the
 /// connection last read, for read-ahead).
 const READERS_PER_CONNECTION: usize = 8;
-/// Bytes of indexes a connection's readers may keep besides its most
-/// recent one's: each reader keeps its archive's index in memory, and
-/// eight of 1 TiB disks (8 MiB each) would not fit a 128 MiB VM.
+/// Bytes of indexes a connection's readers may keep in memory besides its
+/// most recent one's: each reader keeps its archive's index, and eight of
+/// 1 TiB disks (8 MiB each) would not fit a 128 MiB VM. (Indexes of 1 MiB
+/// or more are mapped, and count nothing here: see `store::index_body`.)
 const READER_INDEX_BYTES: usize = 16 << 20;
 
 /// A connection's reader of one archive and when it was last used.

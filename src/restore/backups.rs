@@ -23,9 +23,9 @@ pub const ATTACHED: &str = "attached";
 
 /// How many opened indexes are kept.
 const OPEN_INDEXES: usize = 16;
-/// Bytes of digests the kept indexes may hold beyond the most recent one
-/// (a 1 TiB disk in 4 MiB chunks has 8 MiB of them; sixteen such would not
-/// fit a 128 MiB VM).
+/// Bytes of digests the kept indexes may hold in memory beyond the most
+/// recent one (a 1 TiB disk in 4 MiB chunks has 8 MiB of them; sixteen such
+/// would not fit a 128 MiB VM). Mapped indexes hold none.
 const OPEN_INDEX_BYTES: usize = 16 << 20;
 
 /// How many open filesystems (one thread each) are kept for reuse.

@@ -4,77 +4,57 @@
 //! SHA-256 over the entries as stored. Validated on open (offsets strictly
 //! increasing, no chunk over 16 MiB); `write` is for writers/tests only.
 
-use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::store::blob::DYNAMIC_INDEX_MAGIC;
-use crate::store::index::{
-    check_end, open_index_file, read_body, read_header, ChunkIndex, IndexHeader, NO_DIGEST,
-};
+use crate::store::index::{ChunkIndex, IndexHeader, NO_DIGEST};
+use crate::store::index_body::{self, Body};
 use crate::store::{atomic_file, digest_hex, sha256, Digest, MAX_CHUNK_SIZE};
 
 const ENTRY_SIZE: usize = 40;
-/// Entries read at a time while opening (64 KiB).
-const PIECE_ENTRIES: usize = 1638;
 
 /// A validated dynamic-size chunk index.
 #[derive(Debug, Clone)]
 pub struct DynamicIndex {
     name: String,
     header: IndexHeader,
-    /// Exclusive end offset of each chunk, strictly increasing.
-    ends: Vec<u64>,
-    digests: Vec<Digest>,
+    /// The 40-byte entries: exclusive end offset of the chunk (u64 LE,
+    /// strictly increasing) and its digest.
+    body: Body,
+}
+
+/// The end offset of an entry.
+fn end_of(entry: &[u8; ENTRY_SIZE]) -> u64 {
+    let mut e = [0u8; 8];
+    e.copy_from_slice(&entry[..8]);
+    u64::from_le_bytes(e)
 }
 
 impl DynamicIndex {
-    /// Reads and validates the index file at `path`.
+    /// Reads and validates the index file at `path` (mapped, if large).
     pub fn open(path: &Path) -> Result<Self> {
-        let (mut file, len) = open_index_file(path)?;
-        Self::read(&mut file, len, &path.display().to_string())
+        let name = path.display().to_string();
+        let (header, _, body) = index_body::load(path, &DYNAMIC_INDEX_MAGIC, "dynamic", &name)?;
+        Self::check(header, body, &name)
     }
 
     /// Validates an index held in memory; `name` names it in errors.
     pub fn parse(bytes: &[u8], name: &str) -> Result<Self> {
-        Self::read(&mut &bytes[..], bytes.len() as u64, name)
+        let (header, _, body) = index_body::split(bytes, &DYNAMIC_INDEX_MAGIC, "dynamic", name)?;
+        Self::check(header, body, name)
     }
 
-    /// Reads and validates an index of `len` bytes from `r`, the entries a
-    /// piece at a time into the vectors kept, so that opening takes no
-    /// more memory than the index keeps.
-    fn read(r: &mut dyn Read, len: u64, name: &str) -> Result<Self> {
-        use sha2::Digest as _;
-        let (header, _, body_len) = read_header(r, len, &DYNAMIC_INDEX_MAGIC, "dynamic", name)?;
-        if body_len % ENTRY_SIZE as u64 != 0 {
+    /// Validates the entries: whole, their checksum, their offsets.
+    fn check(header: IndexHeader, body: Body, name: &str) -> Result<Self> {
+        let body_len = body.bytes().len();
+        if !body_len.is_multiple_of(ENTRY_SIZE) {
             return Err(Error::corrupt(format!(
                 "{name}: body of {body_len} bytes is not a whole number of {ENTRY_SIZE}-byte entries"
             )));
         }
-        let n = usize::try_from(body_len / ENTRY_SIZE as u64)
-            .map_err(|_| Error::unsupported(format!("{name}: {body_len}-byte index")))?;
-        let mut ends = Vec::with_capacity(n);
-        let mut digests = Vec::with_capacity(n);
-        let mut hasher = sha2::Sha256::new();
-        let mut piece = vec![0u8; PIECE_ENTRIES * ENTRY_SIZE];
-        while ends.len() < n {
-            let k = PIECE_ENTRIES.min(n - ends.len());
-            let piece = piece.get_mut(..k * ENTRY_SIZE).unwrap_or_default();
-            read_body(r, piece, name)?;
-            hasher.update(&*piece);
-            for entry in piece.chunks_exact(ENTRY_SIZE) {
-                let (end, digest) = entry.split_at(8);
-                let mut e = [0u8; 8];
-                e.copy_from_slice(end);
-                let mut d = [0u8; 32];
-                d.copy_from_slice(digest);
-                ends.push(u64::from_le_bytes(e));
-                digests.push(d);
-            }
-        }
-        check_end(r, name)?;
-        let csum: Digest = hasher.finalize().into();
+        let csum = sha256(body.bytes());
         if csum != header.index_csum {
             return Err(Error::corrupt(format!(
                 "{name}: index checksum mismatch (header {}, entries hash to {})",
@@ -82,17 +62,22 @@ impl DynamicIndex {
                 digest_hex(&csum)
             )));
         }
+        let idx = DynamicIndex {
+            name: name.to_string(),
+            header,
+            body,
+        };
         let mut prev = 0u64;
-        for (i, &end) in ends.iter().enumerate() {
+        for (i, entry) in idx.entries().iter().enumerate() {
+            let end = end_of(entry);
             check_chunk(name, i, prev, end)?;
             prev = end;
         }
-        Ok(DynamicIndex {
-            name: name.to_string(),
-            header,
-            ends,
-            digests,
-        })
+        Ok(idx)
+    }
+
+    fn entries(&self) -> &[[u8; ENTRY_SIZE]] {
+        self.body.bytes().as_chunks::<ENTRY_SIZE>().0
     }
 
     /// Builds an index from `(end offset, digest)` entries.
@@ -102,34 +87,27 @@ impl DynamicIndex {
             check_chunk(name, i, prev, *end)?;
             prev = *end;
         }
-        let mut idx = DynamicIndex {
+        let mut body = Vec::with_capacity(entries.len() * ENTRY_SIZE);
+        for (end, d) in entries {
+            body.extend_from_slice(&end.to_le_bytes());
+            body.extend_from_slice(d);
+        }
+        Ok(DynamicIndex {
             name: name.to_string(),
             header: IndexHeader {
                 magic: DYNAMIC_INDEX_MAGIC,
                 uuid,
                 ctime,
-                index_csum: [0; 32],
+                index_csum: sha256(&body),
             },
-            ends: entries.iter().map(|e| e.0).collect(),
-            digests: entries.iter().map(|e| e.1).collect(),
-        };
-        idx.header.index_csum = sha256(&idx.body());
-        Ok(idx)
-    }
-
-    fn body(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(self.ends.len() * ENTRY_SIZE);
-        for (end, d) in self.ends.iter().zip(&self.digests) {
-            body.extend_from_slice(&end.to_le_bytes());
-            body.extend_from_slice(d);
-        }
-        body
+            body: Body::Owned(body),
+        })
     }
 
     /// The file bytes of this index.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = self.header.encode();
-        out.extend_from_slice(&self.body());
+        out.extend_from_slice(self.body.bytes());
         out
     }
 
@@ -171,32 +149,37 @@ fn check_chunk(name: &str, i: usize, prev: u64, end: u64) -> Result<()> {
 
 impl ChunkIndex for DynamicIndex {
     fn size(&self) -> u64 {
-        self.ends.last().copied().unwrap_or(0)
+        self.entries().last().map_or(0, end_of)
     }
     fn chunk_count(&self) -> usize {
-        self.ends.len()
+        self.entries().len()
     }
     fn chunk_range(&self, i: usize) -> Range<u64> {
         let size = self.size();
+        let entries = self.entries();
         let start = match i.checked_sub(1) {
             None => 0,
-            Some(p) => self.ends.get(p).copied().unwrap_or(size),
+            Some(p) => entries.get(p).map_or(size, end_of),
         };
-        let end = self.ends.get(i).copied().unwrap_or(size);
+        let end = entries.get(i).map_or(size, end_of);
         start..end
     }
     fn chunk_digest(&self, i: usize) -> &Digest {
-        self.digests.get(i).unwrap_or(&NO_DIGEST)
+        self.entries()
+            .get(i)
+            .and_then(|e| e[8..].try_into().ok())
+            .unwrap_or(&NO_DIGEST)
     }
     fn chunk_at(&self, offset: u64) -> Option<usize> {
-        let i = self.ends.partition_point(|&end| end <= offset);
-        (i < self.ends.len()).then_some(i)
+        let entries = self.entries();
+        let i = entries.partition_point(|e| end_of(e) <= offset);
+        (i < entries.len()).then_some(i)
     }
     fn fixed_chunk_size(&self) -> Option<u64> {
         None
     }
     fn memory_bytes(&self) -> usize {
-        std::mem::size_of_val(self.ends.as_slice()) + std::mem::size_of_val(self.digests.as_slice())
+        self.body.memory_bytes()
     }
 }
 

@@ -3,16 +3,13 @@
 //! exactly ceil(size/chunk_size) 32-byte digests. Everything is validated
 //! on open; `write` is for the importer only.
 
-use std::io::Read;
 use std::ops::Range;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::store::blob::FIXED_INDEX_MAGIC;
-use crate::store::index::{
-    check_end, open_index_file, read_body, read_header, ChunkIndex, IndexHeader, INDEX_HEADER_SIZE,
-    NO_DIGEST,
-};
+use crate::store::index::{ChunkIndex, IndexHeader, INDEX_HEADER_SIZE, NO_DIGEST};
+use crate::store::index_body::{self, Body};
 use crate::store::{atomic_file, digest_hex, sha256, Digest};
 
 /// Smallest chunk size we accept (Proxmox Backup clients allow 64 KiB..4 MiB).
@@ -27,44 +24,43 @@ pub struct FixedIndex {
     header: IndexHeader,
     size: u64,
     chunk_size: u64,
-    digests: Vec<Digest>,
+    /// the 32-byte digests, one per chunk
+    body: Body,
 }
 
 impl FixedIndex {
-    /// Reads and validates the index file at `path`.
+    /// Reads and validates the index file at `path` (mapped, if large).
     pub fn open(path: &Path) -> Result<Self> {
-        let (mut file, len) = open_index_file(path)?;
-        Self::read(&mut file, len, &path.display().to_string())
+        let name = path.display().to_string();
+        let (header, raw, body) = index_body::load(path, &FIXED_INDEX_MAGIC, "fixed", &name)?;
+        Self::check(header, &raw, body, &name)
     }
 
     /// Validates an index held in memory; `name` names it in errors.
     pub fn parse(bytes: &[u8], name: &str) -> Result<Self> {
-        Self::read(&mut &bytes[..], bytes.len() as u64, name)
+        let (header, raw, body) = index_body::split(bytes, &FIXED_INDEX_MAGIC, "fixed", name)?;
+        Self::check(header, &raw, body, name)
     }
 
-    /// Reads and validates an index of `len` bytes from `r`: the digests go
-    /// straight into the vector kept, so that opening takes no more memory
-    /// than the index keeps.
-    fn read(r: &mut dyn Read, len: u64, name: &str) -> Result<Self> {
-        let (header, raw_header, body_len) =
-            read_header(r, len, &FIXED_INDEX_MAGIC, "fixed", name)?;
+    /// Validates the geometry and the digests' checksum.
+    fn check(
+        header: IndexHeader,
+        raw_header: &[u8; INDEX_HEADER_SIZE],
+        body: Body,
+        name: &str,
+    ) -> Result<Self> {
         let size = u64_at(&raw_header[..], 64);
         let chunk_size = u64_at(&raw_header[..], 72);
         check_chunk_size(chunk_size).map_err(|m| Error::corrupt(format!("{name}: {m}")))?;
         let count = size.div_ceil(chunk_size);
-        let expected = count.checked_mul(32);
-        if expected != Some(body_len) {
+        let body_len = body.bytes().len() as u64;
+        if count.checked_mul(32) != Some(body_len) {
             return Err(Error::corrupt(format!(
                 "{name}: body is {body_len} bytes, expected {count} digests for size {size} \
                  and chunk size {chunk_size}"
             )));
         }
-        let count = usize::try_from(count)
-            .map_err(|_| Error::unsupported(format!("{name}: {count} digests")))?;
-        let mut digests = vec![[0u8; 32]; count];
-        read_body(r, digests.as_flattened_mut(), name)?;
-        check_end(r, name)?;
-        let csum = sha256(digests.as_flattened());
+        let csum = sha256(body.bytes());
         if csum != header.index_csum {
             return Err(Error::corrupt(format!(
                 "{name}: index checksum mismatch (header {}, digests hash to {})",
@@ -77,7 +73,7 @@ impl FixedIndex {
             header,
             size,
             chunk_size,
-            digests,
+            body,
         })
     }
 
@@ -109,7 +105,7 @@ impl FixedIndex {
             },
             size,
             chunk_size,
-            digests,
+            body: Body::Owned(digests.concat()),
         })
     }
 
@@ -118,9 +114,7 @@ impl FixedIndex {
         let mut out = self.header.encode();
         out[64..72].copy_from_slice(&self.size.to_le_bytes());
         out[72..80].copy_from_slice(&self.chunk_size.to_le_bytes());
-        out.reserve(self.digests.len() * 32);
-        out.extend_from_slice(self.digests.as_flattened());
-        debug_assert_eq!(out.len(), INDEX_HEADER_SIZE + self.digests.len() * 32);
+        out.extend_from_slice(self.body.bytes());
         out
     }
 
@@ -147,7 +141,7 @@ impl FixedIndex {
         self.chunk_size
     }
     pub fn digests(&self) -> &[Digest] {
-        &self.digests
+        self.body.bytes().as_chunks::<32>().0
     }
 }
 
@@ -173,7 +167,7 @@ impl ChunkIndex for FixedIndex {
         self.size
     }
     fn chunk_count(&self) -> usize {
-        self.digests.len()
+        self.digests().len()
     }
     fn chunk_range(&self, i: usize) -> Range<u64> {
         let start = (i as u64).saturating_mul(self.chunk_size).min(self.size);
@@ -181,7 +175,7 @@ impl ChunkIndex for FixedIndex {
         start..end
     }
     fn chunk_digest(&self, i: usize) -> &Digest {
-        self.digests.get(i).unwrap_or(&NO_DIGEST)
+        self.digests().get(i).unwrap_or(&NO_DIGEST)
     }
     fn chunk_at(&self, offset: u64) -> Option<usize> {
         if offset < self.size {
@@ -194,7 +188,7 @@ impl ChunkIndex for FixedIndex {
         Some(self.chunk_size)
     }
     fn memory_bytes(&self) -> usize {
-        std::mem::size_of_val(self.digests.as_slice())
+        self.body.memory_bytes()
     }
 }
 

@@ -16,6 +16,7 @@ pub mod fidx;
 pub mod file;
 pub mod import;
 pub mod index;
+pub(crate) mod index_body;
 pub mod manifest;
 
 /// A chunk digest: SHA-256 of the chunk's decoded bytes.
