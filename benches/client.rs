@@ -47,6 +47,10 @@ const SNAPSHOT: &str = "host/bench/2026-01-01T00:00:00Z";
 const ARCHIVE: &str = "bench.img.fidx";
 const MB: f64 = 1e6;
 
+const USAGE: &str = "usage: client [--file | --tree] [--rounds N (5)] [--size-mib N (100)] \
+     [--dir DIR ($TMPDIR)] [--tree-gb GB (1.5)] [--tree-files N (48000)] [--tree-rounds N (3)] \
+     [--tree-dir DIR (/dev/shm)] [--out-dir DIR (/dev/shm)] [--tree-setup-only]";
+
 /// Another tool's restore of the big file into a directory.
 type Restore = Box<dyn Fn(&Path)>;
 
@@ -99,7 +103,14 @@ fn parse_args() -> Args {
             }
             // cargo bench passes --bench
             "--bench" => {}
-            other => panic!("unknown argument {other}"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => {
+                eprintln!("unknown argument {other}\n{USAGE}");
+                std::process::exit(2);
+            }
         }
     }
     a

@@ -1389,25 +1389,26 @@ fn completions_and_manpage() {
         .expect("run"));
     let page = String::from_utf8_lossy(&out.stdout);
     assert!(page.contains(".TH restore-client"));
-    // every page the main page names is written by `manpage --dir`, and
-    // documents its options
-    let dir = tmp();
+    // every page the main page names is written by `manpage --dir` (into
+    // a directory it makes), and documents its options
+    let parent = tmp();
+    let dir = parent.path().join("man/man1");
     ok(Command::new(CLIENT_BIN)
         .arg("manpage")
         .arg("--dir")
-        .arg(dir.path())
+        .arg(&dir)
         .output()
         .expect("run"));
     let mut named = 0;
     for line in page.lines() {
         if let Some(name) = line.strip_suffix("(1)") {
             let file = format!("{}.1", name.replace("\\-", "-"));
-            assert!(dir.path().join(&file).is_file(), "{file} not written");
+            assert!(dir.join(&file).is_file(), "{file} not written");
             named += 1;
         }
     }
     assert!(named >= 10, "{named} subcommand pages named:\n{page}");
-    let extract = fs::read_to_string(dir.path().join("restore-client-extract.1")).expect("read");
+    let extract = fs::read_to_string(dir.join("restore-client-extract.1")).expect("read");
     assert!(extract.contains("\\-\\-force"), "{extract}");
 }
 

@@ -128,7 +128,7 @@ pub(crate) enum Command {
     /// Print the manual page (roff), or with --dir write it and one page per
     /// subcommand (restore-client-ls.1, restore-client-vm-start.1, ...) there
     Manpage {
-        /// Directory to write every page into
+        /// Directory to write every page into (made if missing)
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
@@ -288,9 +288,14 @@ fn run(cli: Cli) -> Result<Outcome, ClientError> {
             // The pages name no `help` subcommand: it has no page.
             let cmd = Cli::command().disable_help_subcommand(true);
             if let Some(dir) = dir {
-                clap_mangen::generate_to(cmd, &dir).map_err(|e| {
-                    ClientError::local(format!("writing manual pages to {}: {e}", dir.display()))
-                })?;
+                std::fs::create_dir_all(&dir)
+                    .and_then(|()| clap_mangen::generate_to(cmd, &dir))
+                    .map_err(|e| {
+                        ClientError::local(format!(
+                            "writing manual pages to {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
                 return Ok(Outcome::new(serde_json::Value::Null, ""));
             }
             let mut page = Vec::new();
