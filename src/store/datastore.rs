@@ -376,9 +376,12 @@ impl Datastore {
                 return None;
             }
         };
+        // A name listed twice is the first entry's, as `open_archive` reads it.
+        let mut seen = std::collections::HashSet::new();
         let archives = manifest
             .files
             .iter()
+            .filter(|f| seen.insert(f.filename.as_str()))
             .filter_map(|f| {
                 let kind = archive_kind(&f.filename)?;
                 Some(ArchiveInfo {
@@ -601,6 +604,16 @@ mod tests {
         );
         let sub = &all[1];
         assert_eq!(sub.namespace, "prod/sub");
+        // a name listed twice in a manifest is listed once
+        let mpath = dir
+            .path()
+            .join("ns/prod/ns/sub/host/h1/2026-01-04T00:00:00Z")
+            .join(MANIFEST_BLOB_NAME);
+        let mut m = Manifest::load(&mpath).unwrap();
+        m.files.push(m.files[0].clone());
+        m.store(&mpath).unwrap();
+        let all = ds.list_snapshots(None).unwrap();
+        let sub = &all[1];
         assert_eq!((sub.backup_type.as_str(), sub.id.as_str()), ("host", "h1"));
         assert_eq!(sub.archives.len(), 2);
         assert_eq!(sub.archives[0].kind, "image");
