@@ -30,6 +30,10 @@ use crate::sparse::SparseFile;
 const BLOCK: usize = 512;
 /// Largest pax extended header accepted.
 const MAX_PAX: u64 = 1 << 20;
+/// Most bytes accepted after the end-of-archive block (a tar is padded to
+/// its record size, 10 KiB for GNU tar): an agent that goes on sending
+/// there is broken, and was read from for as long as it sent.
+const MAX_AFTER_END: u64 = 1 << 20;
 
 /// Values from a pax extended header, for the member that follows it.
 #[derive(Default)]
@@ -50,8 +54,8 @@ enum State {
     Data(Open),
     /// Skipping this many bytes (padding, data of skipped members).
     Skip(u64),
-    /// After the end-of-archive block.
-    End,
+    /// After the end-of-archive block: this many bytes came after it.
+    End(u64),
 }
 
 /// The file being written.
@@ -191,7 +195,13 @@ impl Unpacker {
     pub(crate) fn feed(&mut self, mut data: &[u8]) -> Result<(), ClientError> {
         while !data.is_empty() {
             match &mut self.state {
-                State::End => return Ok(()),
+                State::End(after) => {
+                    *after += data.len() as u64;
+                    if *after > MAX_AFTER_END {
+                        return Err(self.corrupt("more than 1 MiB follows the end of the archive"));
+                    }
+                    return Ok(());
+                }
                 State::Skip(n) => {
                     let k = (*n).min(data.len() as u64) as usize;
                     *n -= k as u64;
@@ -250,7 +260,7 @@ impl Unpacker {
     /// the 0700 they were made with.
     pub(crate) fn end(mut self) -> (Result<Stats, ClientError>, Finish) {
         self.parents.clear();
-        let ended = if matches!(self.state, State::End) {
+        let ended = if matches!(self.state, State::End(_)) {
             Ok(std::mem::take(&mut self.stats))
         } else {
             // The file being written stays registered as partial: removed.
@@ -333,7 +343,7 @@ impl Unpacker {
 
     fn header(&mut self, block: &[u8]) -> Result<(), ClientError> {
         if block.iter().all(|&b| b == 0) {
-            self.state = State::End;
+            self.state = State::End(0);
             return Ok(());
         }
         if !checksum_ok(block) {
@@ -347,6 +357,10 @@ impl Unpacker {
                 .and_then(|n| u64::try_from(n).ok())
                 .ok_or_else(|| self.corrupt("bad size field"))?,
         };
+        // the member's data and its padding, which a hostile size overflows
+        let padded = size
+            .checked_add(pad(size))
+            .ok_or_else(|| self.corrupt("bad size field"))?;
         if typeflag == b'x' || typeflag == b'g' {
             if size > MAX_PAX {
                 return Err(self.corrupt("pax header too large"));
@@ -385,24 +399,24 @@ impl Unpacker {
             .unwrap_or_else(|| field(block, 157, 100).to_vec());
         let Some(rel) = self.member(&name)? else {
             // The extracted directory itself: DIR stands for it.
-            self.skip(size + pad(size));
+            self.skip(padded);
             return Ok(());
         };
         match typeflag {
             b'0' | 0 | b'7' => self.file(&rel, size, mode, mtime),
             b'5' => {
                 self.dir_member(&rel, mode, mtime)?;
-                self.skip(size + pad(size));
+                self.skip(padded);
                 Ok(())
             }
             b'2' => {
                 self.symlink(&rel, &link, mtime)?;
-                self.skip(size + pad(size));
+                self.skip(padded);
                 Ok(())
             }
             b'1' => {
                 self.hardlink(&rel, &link)?;
-                self.skip(size + pad(size));
+                self.skip(padded);
                 Ok(())
             }
             b'6' => {
@@ -411,7 +425,7 @@ impl Unpacker {
                 mkfifoat(&fd, &name, mode).map_err(|e| exists_or(&local, e))?;
                 set_mtime_at(&fd, &name, mtime).map_err(|e| local_io(&local, e))?;
                 self.stats.fifos += 1;
-                self.skip(size + pad(size));
+                self.skip(padded);
                 Ok(())
             }
             b'3' | b'4' => {
@@ -419,7 +433,7 @@ impl Unpacker {
                 self.stats
                     .skipped
                     .push(format!("{}/{shown}", self.remote.trim_end_matches('/')));
-                self.skip(size + pad(size));
+                self.skip(padded);
                 Ok(())
             }
             other => Err(self.corrupt(&format!(
@@ -820,6 +834,29 @@ mod tests {
             .err()
             .expect("short");
         assert!(err.to_string().contains("ended early"), "{err}");
+    }
+
+    /// From a hostile agent: a pax size of 2^64 - 1 on a member with no
+    /// data overflowed the skip (a panic in the unpacker), and data after
+    /// the end of the archive was read for as long as it came.
+    #[test]
+    fn hostile_sizes_and_data_after_the_end_are_errors() {
+        let t = tempfile::tempdir().expect("tmp");
+        let record = b"29 size=18446744073709551615\n";
+        let mut m = member("pax", b'x', record, "");
+        m.extend(member("d/", b'5', b"", ""));
+        let err = unpack(t.path(), "", &m, 512).err().expect("overflow");
+        assert!(err.to_string().contains("bad size field"), "{err}");
+
+        let mut m = member("f", b'0', b"data", "");
+        m.extend(vec![0u8; 2 * BLOCK]);
+        let (ok, bad) = (t.path().join("ok"), t.path().join("bad"));
+        std::fs::create_dir(&ok).expect("mkdir");
+        std::fs::create_dir(&bad).expect("mkdir");
+        assert!(unpack(&ok, "", &m, 4096).is_ok(), "end blocks and padding");
+        m.extend(vec![0u8; MAX_AFTER_END as usize]);
+        let err = unpack(&bad, "", &m, 1 << 16).err().expect("trailing data");
+        assert!(err.to_string().contains("follows the end"), "{err}");
     }
 
     #[test]
