@@ -117,8 +117,12 @@ fn decode(data: &str, what: &str) -> Result<Vec<u8>> {
 type ReadFuture<'a> = Pin<Box<dyn Future<Output = Result<(u64, u64, ReadResult)>> + Send + 'a>>;
 
 /// Reads `size` bytes of `file` (as given by `fs.stat`) and passes them to
-/// `sink` in order; returns the number of bytes delivered. A file that turns
-/// out shorter ends at its end of file.
+/// `sink` in order; returns the number of bytes delivered. The agent answers
+/// every read whole up to the end of the file, so an answer that ends early
+/// (a short read, or the end of the file before `size`) is an error: a
+/// backup's file does not change size, and one that seemed to pass for the
+/// whole file (and abandoned reads in flight, whose answers were still
+/// taken in).
 pub async fn read_file(
     session: &Session,
     file: &FileRef,
@@ -158,7 +162,7 @@ pub async fn read_file(
             )));
         }
         let bytes = payload(session, r.slot, &r.data, &file.display())?;
-        if bytes.len() as u64 != r.length || r.length > asked {
+        if bytes.len() as u64 != r.length {
             return Err(ClientError::local(format!(
                 "fs.read of {} at {offset}: length {} does not match its {} data bytes",
                 file.display(),
@@ -166,25 +170,27 @@ pub async fn read_file(
                 bytes.len()
             )));
         }
+        if r.length != asked {
+            let end = if r.eof {
+                ", and the end of the file"
+            } else {
+                ""
+            };
+            return Err(ClientError::local(format!(
+                "fs.read of {} at {offset}: the agent answered {} bytes{end} where {asked} \
+                 were asked for (the file's size is {size})",
+                file.display(),
+                r.length
+            )));
+        }
         sink(&bytes)?;
         session.spare_buffers().give(bytes);
         done += r.length;
-        if r.eof {
-            return Ok(done);
-        }
-        if r.length < asked {
-            // A short read before the end: everything already asked for
-            // beyond it is void; go on from where it ended.
-            if r.length == 0 {
-                // the agent ends a file with `eof`; nothing more at a
-                // point before it would otherwise pass for the end
-                return Err(ClientError::local(format!(
-                    "fs.read of {} at {offset}: no data and no end of file",
-                    file.display()
-                )));
-            }
-            in_flight = FuturesOrdered::new();
-            next = offset + r.length;
+        if r.eof && done < size {
+            return Err(ClientError::local(format!(
+                "fs.read of {}: the file ended at {done} of its {size} bytes",
+                file.display()
+            )));
         }
     }
 }

@@ -2,6 +2,7 @@
 //! `snapshots`, `archives`, `volumes`, `ls`, `stat` and `cat` (`extract`
 //! lives in its own module).
 
+use std::collections::HashSet;
 use std::io::Write;
 
 use clap::Args;
@@ -17,6 +18,12 @@ use crate::{Command, Global, Outcome};
 const NOT_A_DIRECTORY: i32 = 1002;
 /// Entries asked for per `fs.list` call.
 const LIST_PAGE: u64 = 10_000;
+/// Most entries one `ls` collects (it prints them once all are in; about
+/// 600 bytes each): an agent that pages on without end, or a tree of a
+/// directory in every directory, took the client to 5 GiB.
+const MAX_LS_ENTRIES: usize = 1_000_000;
+/// Longest path `ls -R` descends to (each entry keeps its path).
+const MAX_LS_PATH: usize = 32 << 10;
 
 /// SNAPSHOT ARCHIVE VOLUME PATH, common to the file commands.
 #[derive(Args, Debug, Clone)]
@@ -123,7 +130,7 @@ pub async fn run(
         }
         Command::Ping => {
             let v: Value = session.call("ping", ()).await?;
-            let text = v.as_str().unwrap_or("pong").to_string();
+            let text = fmt::printable(v.as_str().unwrap_or("pong")).into_owned();
             Ok(Outcome::new(v, text))
         }
         Command::Stop => {
@@ -223,7 +230,10 @@ async fn snapshots(session: &Session, namespace: Option<String>) -> Result<Outco
         .map(|s| {
             let archives = array_of(s, "archives");
             let names: Vec<&str> = archives.iter().map(|a| str_of(a, "name")).collect();
-            let size: u64 = archives.iter().map(|a| u64_of(a, "size")).sum();
+            // saturating: sizes from the agent may add up past u64 (a panic)
+            let size = archives
+                .iter()
+                .fold(0u64, |sum, a| sum.saturating_add(u64_of(a, "size")));
             vec![
                 str_of(s, "snapshot").to_string(),
                 fmt::size(size),
@@ -332,9 +342,17 @@ async fn volumes(session: &Session, snapshot: &str, archive: &str) -> Result<Out
 }
 
 /// Every entry of directory `dir`, following `next_cursor` to the end.
-pub async fn list_dir(session: &Session, dir: &FileRef) -> Result<Vec<Value>, ClientError> {
+/// The entries of `dir`, page after page; `room` is how many more the
+/// caller takes (it shrinks by what is returned).
+async fn list_dir(
+    session: &Session,
+    dir: &FileRef,
+    room: &mut usize,
+) -> Result<Vec<Value>, ClientError> {
     let mut entries = Vec::new();
     let mut cursor: Option<String> = None;
+    // a cursor met again would list the same pages for ever
+    let mut seen = HashSet::new();
     loop {
         let mut extra = json!({ "limit": LIST_PAGE });
         if let Some(c) = &cursor {
@@ -342,7 +360,17 @@ pub async fn list_dir(session: &Session, dir: &FileRef) -> Result<Vec<Value>, Cl
         }
         let page: Value = session.call("fs.list", dir.params_with(extra)).await?;
         match page.get("entries") {
-            Some(Value::Array(list)) => entries.extend(list.iter().cloned()),
+            Some(Value::Array(list)) => {
+                if list.len() > *room {
+                    return Err(ClientError::local(format!(
+                        "listing {}: more than {MAX_LS_ENTRIES} entries in all (list less at \
+                         once, or extract)",
+                        dir.display()
+                    )));
+                }
+                *room -= list.len();
+                entries.extend(list.iter().cloned());
+            }
             _ => {
                 return Err(ClientError::local(format!(
                     "fs.list of {}: no entries in the answer",
@@ -352,10 +380,11 @@ pub async fn list_dir(session: &Session, dir: &FileRef) -> Result<Vec<Value>, Cl
         }
         match page.get("next_cursor") {
             Some(Value::String(c)) => {
-                if cursor.as_deref() == Some(c.as_str()) {
+                if !seen.insert(c.clone()) {
                     return Err(ClientError::local(format!(
-                        "fs.list of {}: the agent repeated cursor {c}",
-                        dir.display()
+                        "fs.list of {}: the agent repeated cursor {}",
+                        dir.display(),
+                        fmt::printable(c)
                     )));
                 }
                 cursor = Some(c.clone());
@@ -432,7 +461,8 @@ async fn ls(
     long: bool,
     recursive: bool,
 ) -> Result<Outcome, ClientError> {
-    let first = match list_dir(session, root).await {
+    let mut room = MAX_LS_ENTRIES;
+    let first = match list_dir(session, root, &mut room).await {
         Ok(entries) => entries,
         Err(ClientError::Agent { code, .. }) if code == NOT_A_DIRECTORY => {
             // Like ls: a file argument lists itself.
@@ -465,6 +495,12 @@ async fn ls(
             set_path(&mut v, &child);
             all.push(v);
             if recursive && e.kind == "dir" {
+                if child.path.len() > MAX_LS_PATH {
+                    return Err(ClientError::local(format!(
+                        "ls -R: a path longer than {MAX_LS_PATH} bytes below {}",
+                        fmt::printable_bytes(&dir.path)
+                    )));
+                }
                 subdirs.push(child);
             }
             entries.push(e);
@@ -477,7 +513,7 @@ async fn ls(
             (false, _) => body,
         });
         for sub in subdirs.into_iter().rev() {
-            let values = list_dir(session, &sub).await?;
+            let values = list_dir(session, &sub, &mut room).await?;
             pending.push((sub, values));
         }
     }

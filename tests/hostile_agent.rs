@@ -1,0 +1,265 @@
+//! restore-client against a broken or hostile agent: a scripted fake agent
+//! on a Unix socket answers each method as the test says. The agent reads
+//! untrusted backups inside a VM; whatever it sends, the client on the host
+//! must not panic, loop for ever, grow without bound, or pass wrong data off
+//! as right. (Cases found by a hostile-agent audit.)
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const CLIENT: &str = env!("CARGO_BIN_EXE_restore-client");
+
+/// What the fake agent answers to one request.
+enum Answer {
+    Result(Value),
+    /// a raw bulk answer: the result's head and the bytes after its line
+    Raw(Value, Vec<u8>),
+}
+
+type Script = dyn Fn(&str, &Value) -> Answer + Send + Sync;
+
+/// A fake agent serving every connection with `script`, until the test
+/// process ends; the directory holds its socket and the ticket.
+struct Fake {
+    dir: tempfile::TempDir,
+}
+
+impl Fake {
+    fn start(script: impl Fn(&str, &Value) -> Answer + Send + Sync + 'static) -> Fake {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("ticket"), "T0").expect("ticket");
+        let listener = UnixListener::bind(dir.path().join("agent.sock")).expect("bind");
+        let script: std::sync::Arc<Script> = std::sync::Arc::new(script);
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let script = script.clone();
+                thread::spawn(move || {
+                    let mut out = conn.try_clone().expect("clone");
+                    for line in BufReader::new(conn).lines() {
+                        let Ok(line) = line else { return };
+                        let Ok(req) = serde_json::from_str::<Value>(&line) else {
+                            return;
+                        };
+                        let method = req["method"].as_str().unwrap_or("");
+                        let answer = if method == "authenticate" {
+                            Answer::Result(json!({"protocol": 1, "agent": "fake", "version": "0"}))
+                        } else {
+                            script(method, &req["params"])
+                        };
+                        let (result, raw) = match answer {
+                            Answer::Result(r) => (r, Vec::new()),
+                            Answer::Raw(r, bytes) => (r, bytes),
+                        };
+                        let mut msg = serde_json::to_vec(
+                            &json!({"jsonrpc": "2.0", "id": req["id"], "result": result}),
+                        )
+                        .expect("json");
+                        msg.push(b'\n');
+                        msg.extend_from_slice(&raw);
+                        if out.write_all(&msg).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Fake { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `extract s a raw PATH -o DEST`.
+    fn extract(&self, path: &str, dest: &std::path::Path) -> Output {
+        let dest = dest.to_str().expect("utf8");
+        self.client(&["extract", "s", "a", "raw", path, "-o", dest])
+    }
+
+    /// Runs restore-client against the fake with `args`; fails the test
+    /// if it runs past 30 s (killing it).
+    fn client(&self, args: &[&str]) -> Output {
+        let mut child = Command::new(CLIENT)
+            .arg("--connect")
+            .arg(format!("unix:{}", self.path("agent.sock").display()))
+            .arg("--ticket-file")
+            .arg(self.path("ticket"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn restore-client");
+        let start = Instant::now();
+        while child.try_wait().expect("wait").is_none() {
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("output");
+                panic!(
+                    "restore-client {args:?} still ran after 30 s; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("output")
+    }
+}
+
+/// The exit code, failing the test on a panic (101, or its message).
+fn code(out: &Output) -> i32 {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "the client panicked: {err}");
+    out.status.code().expect("an exit code, not a signal")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A listing entry of a directory named `name`.
+fn dir_entry(name: &str) -> Value {
+    json!({"name": name, "type": "dir", "size": 0, "mode": 0o755, "uid": 0, "gid": 0,
+           "mtime": 0, "inode": 2, "nlink": 2})
+}
+
+fn file_stat(name: &str, size: u64) -> Value {
+    json!({"name": name, "type": "file", "size": size, "mode": 0o644, "uid": 0, "gid": 0,
+           "mtime": 0, "inode": 12, "nlink": 1})
+}
+
+#[test]
+fn sizes_past_u64_and_escape_sequences_in_answers() {
+    let fake = Fake::start(|method, _| match method {
+        "snapshot.list" => Answer::Result(json!({"snapshots": [{
+        "snapshot": "vm/1/2026-01-01T00:00:00Z", "type": "vm", "id": "1",
+        "time": "2026-01-01T00:00:00Z", "namespace": "",
+        "archives": [
+            {"name": "a.img.fidx", "kind": "image", "size": u64::MAX, "crypt_mode": "none"},
+            {"name": "b.img.fidx", "kind": "image", "size": 5, "crypt_mode": "none"}
+        ]}]})),
+        "ping" => Answer::Result(json!("\u{1b}]0;owned\u{7}pong")),
+        _ => Answer::Result(json!(null)),
+    });
+    // the sizes' sum overflowed: a panic, exit 101, no JSON document
+    for args in [&["snapshots"][..], &["--output", "json", "snapshots"]] {
+        let out = fake.client(args);
+        assert_eq!(code(&out), 0, "{args:?}: {}", stderr(&out));
+    }
+    let out = fake.client(&["ping"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        !out.stdout.contains(&0x1b),
+        "escape sequence printed as it came"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\\x1b"));
+}
+
+#[test]
+fn listings_that_never_end_are_refused() {
+    // a new cursor with every page, and a page of 10,000 entries: the
+    // client collected 5 GiB in 20 s (the entries are collected before
+    // they are read, so numbers stand in for them here: cheap to send)
+    let fake = Fake::start(|method, params| match method {
+        "fs.list" => {
+            let page: u64 = params["cursor"]
+                .as_str()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            Answer::Result(
+                json!({"entries": vec![0; 10_000], "next_cursor": format!("{}", page + 1)}),
+            )
+        }
+        _ => Answer::Result(json!(null)),
+    });
+    let out = fake.client(&["ls", "s", "a", "raw", "/d"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("1000000 entries"), "{}", stderr(&out));
+
+    // cursors that come round again: the same pages for ever
+    let cycle = Fake::start(|method, params| match method {
+        "fs.list" => {
+            let next = if params["cursor"] == "a" { "b" } else { "a" };
+            Answer::Result(json!({"entries": [dir_entry("x")], "next_cursor": next}))
+        }
+        _ => Answer::Result(json!(null)),
+    });
+    let out = cycle.client(&["ls", "s", "a", "raw", "/d"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("repeated cursor"), "{}", stderr(&out));
+
+    // a directory in every directory, with long names: ls -R went on
+    // descending for ever
+    let deep = Fake::start(|method, _| match method {
+        "fs.list" => Answer::Result(json!({"entries": [dir_entry(&"s".repeat(255))]})),
+        _ => Answer::Result(json!(null)),
+    });
+    let out = deep.client(&["ls", "-R", "s", "a", "raw", "/d"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("path longer than"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A file whose data ends before the size `fs.stat` gave (or with a short
+/// read) is an error and leaves no file; it was extracted as a whole file
+/// of 100 bytes, with exit 0.
+#[test]
+fn a_file_whose_data_ends_before_its_size_is_an_error() {
+    for eof in [true, false] {
+        let fake = Fake::start(move |method, params| match method {
+            "fs.stat" => Answer::Result(file_stat("f", 10_000)),
+            "fs.read" => {
+                let offset = params["offset"].as_u64().unwrap_or(0);
+                Answer::Raw(
+                    json!({"offset": offset, "length": 100, "eof": eof, "encoding": "raw"}),
+                    vec![b'x'; 100],
+                )
+            }
+            _ => Answer::Result(json!(null)),
+        });
+        let dest = fake.path("out");
+        let out = fake.extract("/f", &dest);
+        assert_eq!(code(&out), 2, "eof {eof}: {}", stderr(&out));
+        assert!(stderr(&out).contains("10000"), "{}", stderr(&out));
+        assert!(!dest.join("f").exists(), "a partial file was left");
+        let out = fake.client(&["cat", "s", "a", "raw", "/f"]);
+        assert_eq!(code(&out), 2, "cat, eof {eof}: {}", stderr(&out));
+    }
+}
+
+/// A tar stream that goes on after its end-of-archive blocks: the client
+/// read for as long as the agent sent (46 GiB in 20 s), and never set the
+/// directories' modes.
+#[test]
+fn data_after_the_end_of_the_archive_is_an_error() {
+    let fake = Fake::start(|method, params| match method {
+        "fs.stat" => Answer::Result(dir_entry("d")),
+        "fs.extract" => Answer::Result(json!({"stream": 1})),
+        "stream.read" => {
+            let offset = params["offset"].as_u64().unwrap_or(0);
+            let length = params["length"].as_u64().unwrap_or(4096).min(16 << 20);
+            // the end-of-archive blocks, then zeros without end
+            Answer::Raw(
+                json!({"offset": offset, "length": length, "eof": false, "encoding": "raw"}),
+                vec![0u8; length as usize],
+            )
+        }
+        _ => Answer::Result(json!(null)),
+    });
+    let out = fake.extract("/d", &fake.path("out"));
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("end of the archive"),
+        "{}",
+        stderr(&out)
+    );
+}
