@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -261,5 +261,86 @@ fn data_after_the_end_of_the_archive_is_an_error() {
         stderr(&out).contains("end of the archive"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// A ustar member: header (checksum made) and data padded to 512 bytes.
+fn tar_member(name: &str, typeflag: u8, data: &[u8], link: &str) -> Vec<u8> {
+    let mut h = vec![0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    h[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+    h[136..147].copy_from_slice(b"14000000000");
+    h[156] = typeflag;
+    h[157..157 + link.len()].copy_from_slice(link.as_bytes());
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    h.extend_from_slice(data);
+    h.resize(h.len().div_ceil(512) * 512, 0);
+    h
+}
+
+/// An agent serving directory /d as `tar` (then the end blocks).
+fn serving_tar(tar: Vec<u8>) -> Fake {
+    let mut stream = tar;
+    stream.extend(vec![0u8; 1024]);
+    Fake::start(move |method, params| match method {
+        "fs.stat" => Answer::Result(dir_entry("d")),
+        "fs.extract" => Answer::Result(json!({"stream": 1})),
+        "stream.read" => {
+            let offset = params["offset"].as_u64().unwrap_or(0) as usize;
+            let length = params["length"].as_u64().unwrap_or(4096) as usize;
+            let end = (offset + length).min(stream.len());
+            let data = stream.get(offset..end).unwrap_or_default().to_vec();
+            let eof = end == stream.len();
+            Answer::Raw(
+                json!({"offset": offset, "length": data.len(), "eof": eof, "encoding": "raw"}),
+                data,
+            )
+        }
+        "stream.close" => Answer::Result(json!({"closed": true})),
+        _ => Answer::Result(json!(null)),
+    })
+}
+
+/// `--force` replaces an existing file with a symlink, hard link or FIFO
+/// only once the new one is made: a hard link to a missing member used to
+/// delete the user's file first, then fail.
+#[test]
+fn force_keeps_the_old_file_when_its_replacement_cannot_be_made() {
+    let mut tar = tar_member("d/", b'5', b"", "");
+    tar.extend(tar_member("d/h", b'1', b"", "d/missing"));
+    let fake = serving_tar(tar);
+    let dest = fake.path("out");
+    std::fs::create_dir(&dest).unwrap();
+    std::fs::write(dest.join("h"), b"mine").unwrap();
+    let force = |path: &str| {
+        let dest = dest.to_str().unwrap();
+        fake.client(&["extract", "--force", "s", "a", "raw", path, "-o", dest])
+    };
+    let out = force("/d");
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert_eq!(std::fs::read(dest.join("h")).unwrap(), b"mine");
+    let names: Vec<_> = std::fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["h"], "a temporary name was left");
+
+    // one that can be made replaces the file
+    let mut tar = tar_member("d/", b'5', b"", "");
+    tar.extend(tar_member("d/h", b'2', b"", "elsewhere"));
+    let fake2 = serving_tar(tar);
+    let dest2 = dest.to_str().unwrap();
+    let out = fake2.client(&["extract", "--force", "s", "a", "raw", "/d", "-o", dest2]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_link(dest.join("h")).unwrap(),
+        Path::new("elsewhere")
     );
 }

@@ -28,7 +28,7 @@ use restore_agent::client::bulk::{self, FileRef};
 use restore_agent::client::{ClientError, Session};
 use serde_json::{json, Value};
 
-use crate::newfile::NewFile;
+use crate::newfile::{place_node, NewFile};
 use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
 use crate::sparse::SparseFile;
 use crate::untar::Unpacker;
@@ -567,15 +567,15 @@ async fn single(
                     root.display()
                 ))
             })?;
-            replace_if_forced(force, top, &name, &local)?;
-            symlinkat(&target, top, &name).map_err(|err| exists_or(&local, err))?;
+            place_node(top, &name, &local, force, |n| symlinkat(&target, top, n))?;
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
             stats.symlinks += 1;
             return Ok(stats);
         }
         "fifo" => {
-            replace_if_forced(force, top, &name, &local)?;
-            mkfifoat(top, &name, e.mode & 0o7777).map_err(|err| exists_or(&local, err))?;
+            place_node(top, &name, &local, force, |n| {
+                mkfifoat(top, n, e.mode & 0o7777)
+            })?;
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
             stats.fifos = 1;
             return Ok(stats);

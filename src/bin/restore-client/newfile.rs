@@ -96,6 +96,36 @@ impl NewFile {
     }
 }
 
+/// Makes a symlink, hard link or FIFO at `dir/name` with `make(name)`
+/// (`local` names it in messages). With `--force` it is made under a
+/// temporary name and renamed over what is there, so that a node that
+/// cannot be made (a hard link to a missing file) leaves the old file as it
+/// was; it used to be deleted first.
+pub(crate) fn place_node(
+    dir: &OwnedFd,
+    name: &CStr,
+    local: &Path,
+    force: bool,
+    make: impl Fn(&CStr) -> io::Result<()>,
+) -> Result<(), ClientError> {
+    if !force {
+        return make(name).map_err(|e| exists_or(local, e));
+    }
+    if is_dir_at(dir, name) {
+        return Err(ClientError::local(format!(
+            "{} is a directory: --force replaces files, not directories",
+            local.display()
+        )));
+    }
+    let temp = CString::new(temp_name()).map_err(|e| ClientError::local(e.to_string()))?;
+    make(&temp).map_err(|e| local_io(local, e))?;
+    let renamed = renameat(dir, &temp, name);
+    // Gone once renamed, except when it was a hard link to the file the old
+    // name already linked (rename then does nothing), or the rename failed.
+    let _ = unlinkat(dir, &temp);
+    renamed.map_err(|e| local_io(local, e))
+}
+
 /// A name for a file being written, unused by anything else: hidden, and
 /// unique to this process.
 pub(crate) fn temp_name() -> String {

@@ -21,10 +21,10 @@ use indicatif::ProgressBar;
 use restore_agent::client::ClientError;
 
 use crate::extract::{
-    exists_or, local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name, set_mtime_at,
+    local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name, set_mtime_at,
     set_mtime_fd, symlinkat, Finish, Partial, Stats,
 };
-use crate::newfile::NewFile;
+use crate::newfile::{place_node, NewFile};
 use crate::sparse::SparseFile;
 
 const BLOCK: usize = 512;
@@ -421,8 +421,7 @@ impl Unpacker {
             }
             b'6' => {
                 let (fd, name, local) = self.parent_of(&rel)?;
-                replace_if_forced(self.force, &fd, &name, &local)?;
-                mkfifoat(&fd, &name, mode).map_err(|e| exists_or(&local, e))?;
+                place_node(&fd, &name, &local, self.force, |n| mkfifoat(&fd, n, mode))?;
                 set_mtime_at(&fd, &name, mtime).map_err(|e| local_io(&local, e))?;
                 self.stats.fifos += 1;
                 self.skip(padded);
@@ -569,8 +568,9 @@ impl Unpacker {
                 local.display()
             ))
         })?;
-        replace_if_forced(self.force, &fd, &name, &local)?;
-        symlinkat(&target, &fd, &name).map_err(|e| exists_or(&local, e))?;
+        place_node(&fd, &name, &local, self.force, |n| {
+            symlinkat(&target, &fd, n)
+        })?;
         set_mtime_at(&fd, &name, mtime).map_err(|e| local_io(&local, e))?;
         self.stats.symlinks += 1;
         Ok(())
@@ -582,8 +582,9 @@ impl Unpacker {
         };
         let (tfd, tname, _) = self.parent_of(&target_rel)?;
         let (fd, name, local) = self.parent_of(rel)?;
-        replace_if_forced(self.force, &fd, &name, &local)?;
-        linkat(&tfd, &tname, &fd, &name).map_err(|e| exists_or(&local, e))?;
+        place_node(&fd, &name, &local, self.force, |n| {
+            linkat(&tfd, &tname, &fd, n)
+        })?;
         self.stats.hardlinks += 1;
         Ok(())
     }
