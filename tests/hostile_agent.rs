@@ -9,7 +9,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -20,6 +20,8 @@ enum Answer {
     Result(Value),
     /// a raw bulk answer: the result's head and the bytes after its line
     Raw(Value, Vec<u8>),
+    /// an error object
+    Error(Value),
 }
 
 type Script = dyn Fn(&str, &Value) -> Answer + Send + Sync;
@@ -53,14 +55,15 @@ impl Fake {
                         } else {
                             script(method, &req["params"])
                         };
-                        let (result, raw) = match answer {
-                            Answer::Result(r) => (r, Vec::new()),
-                            Answer::Raw(r, bytes) => (r, bytes),
+                        let (body, raw) = match answer {
+                            Answer::Result(r) => (json!({"result": r}), Vec::new()),
+                            Answer::Raw(r, bytes) => (json!({"result": r}), bytes),
+                            Answer::Error(e) => (json!({"error": e}), Vec::new()),
                         };
-                        let mut msg = serde_json::to_vec(
-                            &json!({"jsonrpc": "2.0", "id": req["id"], "result": result}),
-                        )
-                        .expect("json");
+                        let mut body = body;
+                        body["jsonrpc"] = json!("2.0");
+                        body["id"] = req["id"].clone();
+                        let mut msg = serde_json::to_vec(&body).expect("json");
                         msg.push(b'\n');
                         msg.extend_from_slice(&raw);
                         if out.write_all(&msg).is_err() {
@@ -86,7 +89,7 @@ impl Fake {
     /// Runs restore-client against the fake with `args`; fails the test
     /// if it runs past 30 s (killing it).
     fn client(&self, args: &[&str]) -> Output {
-        let mut child = Command::new(CLIENT)
+        let child = Command::new(CLIENT)
             .arg("--connect")
             .arg(format!("unix:{}", self.path("agent.sock").display()))
             .arg("--ticket-file")
@@ -96,19 +99,20 @@ impl Fake {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn restore-client");
-        let start = Instant::now();
-        while child.try_wait().expect("wait").is_none() {
-            if start.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("output");
-                panic!(
-                    "restore-client {args:?} still ran after 30 s; stderr: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(out) => out.expect("output"),
+            Err(_) => {
+                // SAFETY: kill takes no pointers; the pid is our child's,
+                // not yet reaped (its waiter has not returned).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                panic!("restore-client {args:?} still ran after 30 s");
             }
-            thread::sleep(Duration::from_millis(20));
         }
-        child.wait_with_output().expect("output")
     }
 }
 
@@ -343,4 +347,28 @@ fn force_keeps_the_old_file_when_its_replacement_cannot_be_made() {
         std::fs::read_link(dest.join("h")).unwrap(),
         Path::new("elsewhere")
     );
+}
+
+/// An agent's error message of 1 MiB is shortened on stderr (a hostile
+/// agent's 60 MiB one was printed whole), and kept whole for scripts.
+#[test]
+fn long_error_messages_are_shortened_for_people() {
+    let fake =
+        Fake::start(|_, _| Answer::Error(json!({"code": 1001, "message": "x".repeat(1 << 20)})));
+    let out = fake.client(&["stat", "s", "a", "raw", "/f"]);
+    assert_eq!(
+        code(&out),
+        1,
+        "{}",
+        &stderr(&out)[..200.min(out.stderr.len())]
+    );
+    assert!(
+        out.stderr.len() < 8192,
+        "{} bytes on stderr",
+        out.stderr.len()
+    );
+    assert!(stderr(&out).contains("bytes in all"), "{}", stderr(&out));
+    let out = fake.client(&["--output", "json", "stat", "s", "a", "raw", "/f"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["error"]["message"].as_str().map(str::len), Some(1 << 20));
 }

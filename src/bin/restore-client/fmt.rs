@@ -23,6 +23,20 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `s` cut to at most `max` bytes (at a character boundary), saying how
+/// long it was: an agent's message, or an answer quoted in one, can be
+/// megabytes long (a hostile agent sent 60 MiB), more than a person reads.
+pub fn shortened(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}... ({} bytes in all)", &s[..end], s.len()))
+}
+
 fn needs_escape(c: char) -> bool {
     c.is_control() || reorders(c)
 }
@@ -191,6 +205,16 @@ pub fn table(header: Option<&[&str]>, align: &[Align], rows: &[Vec<String>]) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_messages_are_shortened_at_a_character() {
+        assert_eq!(shortened("abc", 3), "abc");
+        assert_eq!(shortened("aé€", 3), "aé... (6 bytes in all)");
+        assert_eq!(
+            shortened(&"x".repeat(10_000), 4),
+            "xxxx... (10000 bytes in all)"
+        );
+    }
 
     #[test]
     fn sizes() {

@@ -204,7 +204,10 @@ fn main() -> ExitCode {
                 OutputFormat::Human => {}
             }
             for p in &outcome.problems {
-                eprintln!("restore-client: {}", fmt::printable(p));
+                eprintln!(
+                    "restore-client: {}",
+                    fmt::printable(&fmt::shortened(p, MESSAGE_SHOWN))
+                );
             }
             if outcome.problems.is_empty() {
                 ExitCode::SUCCESS
@@ -213,7 +216,9 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("restore-client: error: {}", fmt::printable(&e.to_string()));
+            let message = e.to_string();
+            let message = fmt::shortened(&message, MESSAGE_SHOWN);
+            eprintln!("restore-client: error: {}", fmt::printable(&message));
             if output == OutputFormat::Json {
                 // The failure's own exit code stands, whether or not its
                 // report could be written.
@@ -223,6 +228,10 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Bytes of an error message shown on stderr (`--output json` keeps it
+/// whole, for scripts).
+const MESSAGE_SHOWN: usize = 4096;
 
 /// Whether the command line asks for `--output json`, for a usage error
 /// that clap found before it could say.
