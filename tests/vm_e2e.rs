@@ -148,11 +148,11 @@ impl Drop for StopOnPanic {
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_restore-client");
 
-/// An archive whose index (40,000 digests, 1.25 MiB) is large enough to be
-/// mapped rather than read: a 160 GiB disk of zeros.
+/// An archive whose index (140,000 digests, 4.3 MiB) is large enough to be
+/// mapped rather than read: a 547 GiB disk of zeros.
 const BIG: &str = "big.img.fidx";
 const BIG_CHUNK: u64 = 4 << 20;
-const BIG_CHUNKS: u64 = 40_000;
+const BIG_CHUNKS: u64 = 140_000;
 const SNAPSHOT: &str = "vm/100/2026-01-01T00:00:00Z";
 
 /// Runs restore-client with `args`, panicking unless it exits 0; returns stdout.

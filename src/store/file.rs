@@ -4,8 +4,10 @@
 //! A FIFO where an index, manifest or chunk file belongs made a plain open
 //! wait for a writer that never comes: it froze the agent (the open ran on
 //! a runtime thread, and shutdown waited for it too) or a pool worker for
-//! good. A device (a symlink to /dev/zero) reads forever. Such a file is
-//! corrupt data, and is refused as such without reading it.
+//! good. A device (a symlink to /dev/zero) reads forever, and merely
+//! opening some devices acts (a watchdog starts, a tape rewinds on close, a
+//! tty becomes the controlling terminal). Such a file is corrupt data, and
+//! is refused as such without opening it.
 
 use std::fs::{File, FileType, OpenOptions};
 use std::io;
@@ -15,20 +17,30 @@ use std::path::Path;
 /// Opens `path` for reading if it is a regular file. Anything else is an
 /// error of kind `InvalidData` (corrupt) saying what it is.
 pub fn open_regular(path: &Path) -> io::Result<File> {
-    // O_NONBLOCK: the open of a FIFO returns at once instead of waiting for
-    // a writer; on a regular file it changes nothing.
+    // Looked at before it is opened (devices act on open), and again after:
+    // it may have been replaced in between. O_NONBLOCK: the open of a FIFO
+    // put there meanwhile returns at once instead of waiting for a writer;
+    // on a regular file it changes nothing. O_NOCTTY: never a terminal.
+    let kind = std::fs::metadata(path)?.file_type();
+    if !kind.is_file() {
+        return Err(not_regular(kind));
+    }
     let file = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)?;
     let kind = file.metadata()?.file_type();
     if !kind.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("not a regular file but {}", describe(kind)),
-        ));
+        return Err(not_regular(kind));
     }
     Ok(file)
+}
+
+fn not_regular(kind: FileType) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("not a regular file but {}", describe(kind)),
+    )
 }
 
 fn describe(kind: FileType) -> &'static str {

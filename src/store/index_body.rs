@@ -7,9 +7,13 @@
 //! (three at once past 400 MiB). Mapped, its pages belong to the page cache:
 //! the kernel reads them as they are touched and drops them again under
 //! pressure, so the agent's own memory does not grow with the index (as in
-//! Proxmox Backup's index readers). The mapping is private and read-only; the
-//! datastore's writers never change an index file in place (they write a new
-//! one and rename it), and one truncated under a mapping would fault.
+//! Proxmox Backup's index readers). The mapping is private and read-only. A
+//! mapped file truncated while in use, or a page that cannot be read in again
+//! (an I/O error on the datastore share), raises SIGBUS and ends the agent
+//! instead of failing one request: the datastore's writers never change an
+//! index file in place (they write a new one and rename it), so only damage
+//! to the datastore while it is served does that. Indexes under 4 MiB are
+//! read into memory and never fault.
 //! Owns: the mapping's lifetime. Must never write.
 
 use std::fs::File;
@@ -23,8 +27,10 @@ use crate::store::index::{
     check_end, open_index_file, read_body, read_header, IndexHeader, INDEX_HEADER_SIZE,
 };
 
-/// Index files of at least this many bytes are mapped, not read.
-const MAP_FROM: u64 = 1 << 20;
+/// Index files of at least this many bytes (a 512 GiB disk in 4 MiB
+/// chunks) are mapped, not read: smaller ones cost little memory, and a
+/// read copy cannot fault (see the module doc).
+const MAP_FROM: u64 = 4 << 20;
 
 /// A private, read-only mapping of a whole file.
 pub(crate) struct Mapping {

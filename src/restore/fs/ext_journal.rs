@@ -51,6 +51,8 @@ const FEATURE_64BIT: u32 = 0x2;
 const FEATURE_ASYNC_COMMIT: u32 = 0x4;
 const FEATURE_CSUM_V2: u32 = 0x8;
 const FEATURE_CSUM_V3: u32 = 0x10;
+/// `s_checksum_type` of checksums v2/v3.
+const CRC32C_CHKSUM: u8 = 4;
 const KNOWN_FEATURES: u32 =
     FEATURE_REVOKE | FEATURE_64BIT | FEATURE_ASYNC_COMMIT | FEATURE_CSUM_V2 | FEATURE_CSUM_V3;
 /// Descriptor tag flags.
@@ -372,6 +374,16 @@ fn read_format(log: &Log, blocks: u64) -> Result<Option<(Format, u64, u32)>> {
         features & FEATURE_CSUM_V2 != 0,
         features & FEATURE_CSUM_V3 != 0,
     );
+    // as the kernel loads a journal: one checksum version, and crc32c
+    if csum_v2 && csum_v3 {
+        return Err(corrupt("both checksum versions 2 and 3 are set"));
+    }
+    if (csum_v2 || csum_v3) && sb.get(0x50) != Some(&CRC32C_CHKSUM) {
+        return Err(Error::unsupported(format!(
+            "ext filesystem: the journal's checksum type {:?} is not crc32c",
+            sb.get(0x50)
+        )));
+    }
     let seed = crc32c(!0, &sb[0x30..0x40]);
     let format = Format {
         first: u64::from(be32(&sb, 0x14)),
@@ -600,12 +612,15 @@ pub fn recover(raw: &mut ExtRaw, disk: &Arc<dyn Disk>) -> Result<Option<Recovere
         {
             continue;
         }
-        if t.block >= raw.blocks_count() {
+        // Bounded by the volume, not by the old superblock's count: a
+        // filesystem grown online has its new blocks' copies in the journal.
+        let within = t.block.checked_mul(bs).and_then(|at| at.checked_add(bs));
+        if within.is_none_or(|end| end > disk.size()) {
             return Err(corrupt(format!(
-                "transaction {} copies block {}, beyond the filesystem's {} blocks",
+                "transaction {} copies block {}, beyond the volume's {} bytes",
                 t.sequence,
                 t.block,
-                raw.blocks_count()
+                disk.size()
             )));
         }
         if format.checksums() {

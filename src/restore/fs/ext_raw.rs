@@ -596,11 +596,6 @@ impl ExtRaw {
         self.block_size
     }
 
-    /// Blocks in the filesystem.
-    pub fn blocks_count(&self) -> u64 {
-        self.blocks_count
-    }
-
     /// Whether the superblock says the journal needs replaying; when it does
     /// not, the on-disk blocks are the current state.
     pub fn needs_recovery(&self) -> bool {
