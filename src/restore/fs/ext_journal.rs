@@ -12,17 +12,19 @@
 //! The rules are the kernel's (fs/jbd2/recovery.c, which e2fsck shares):
 //! the log starts at the journal superblock's start block and sequence,
 //! runs around the end of the circular log area, and ends at the first
-//! block that is not the next one of the expected transaction, or at a
-//! commit block whose checksum fails; a transaction counts once its commit
-//! block is read; a copy logged by transaction S is not replayed when a
-//! transaction S' >= S revokes its block; of the copies left, the newest
-//! wins; an escaped copy (one whose first word was the journal's magic
-//! number) gets that word back. Where the kernel's recovery fails, and the
-//! kernel would not mount the filesystem, the volume is corrupt (1004): a
-//! copy to be replayed that fails its checksum, a descriptor or revocation
-//! block that fails its checksum in a transaction whose commit is not older
-//! than the one before (an older one marks a stale end of the log), a
-//! revocation block longer than its block. (ext4-view 1.0 replays
+//! block that is not the next one of the expected transaction; a
+//! transaction counts once its commit block is read (and its checksum,
+//! version 1, 2 or 3, holds); a copy logged by transaction S is not
+//! replayed when a transaction S' >= S revokes its block; of the copies
+//! left, the newest wins; an escaped copy (one whose first word was the
+//! journal's magic number) gets that word back. Where the kernel's recovery
+//! fails, or the kernel would not mount the filesystem, the volume is
+//! corrupt (1004): a copy to be replayed that fails its checksum; a commit,
+//! descriptor or revocation block that fails its checksum in a transaction
+//! whose commit is not older than the one before (an older one marks a
+//! stale end of the log; with asynchronous commits a failed commit ends it
+//! too); a revocation block longer than its block; a copy meant for a
+//! block of the journal itself. (ext4-view 1.0 replays
 //! by itself, but stops at the end of the journal file instead of wrapping
 //! around, which returned stale data; it refuses escaped copies, and honours
 //! a revocation only within its own transaction.)
@@ -55,6 +57,11 @@ const FEATURE_CSUM_V3: u32 = 0x10;
 const CRC32C_CHKSUM: u8 = 4;
 const KNOWN_FEATURES: u32 =
     FEATURE_REVOKE | FEATURE_64BIT | FEATURE_ASYNC_COMMIT | FEATURE_CSUM_V2 | FEATURE_CSUM_V3;
+/// Journal feature (compat): version 1 checksums.
+const COMPAT_CHECKSUM: u32 = 0x1;
+/// A version 1 commit checksum: its type (crc32) and size.
+const CRC32_CHKSUM: u8 = 1;
+const CRC32_CHKSUM_SIZE: u8 = 4;
 /// Descriptor tag flags.
 const TAG_ESCAPED: u32 = 0x1;
 const TAG_SAME_UUID: u32 = 0x2;
@@ -97,6 +104,34 @@ fn too_large(what: String) -> Error {
 
 fn corrupt(what: impl std::fmt::Display) -> Error {
     Error::corrupt(format!("ext filesystem: journal: {what}"))
+}
+
+/// CRC-32 as the kernel's `crc32_be` computes it (polynomial 0x04C11DB7,
+/// most significant bit first, no inversion), for version 1 checksums.
+fn crc32_be(mut crc: u32, data: &[u8]) -> u32 {
+    const TABLE: [u32; 256] = {
+        let mut t = [0u32; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut c = (i as u32) << 24;
+            let mut k = 0;
+            while k < 8 {
+                c = if c & 0x8000_0000 != 0 {
+                    (c << 1) ^ 0x04C1_1DB7
+                } else {
+                    c << 1
+                };
+                k += 1;
+            }
+            t[i] = c;
+            i += 1;
+        }
+        t
+    };
+    for &b in data {
+        crc = (crc << 8) ^ TABLE[((crc >> 24) ^ u32::from(b)) as usize];
+    }
+    crc
 }
 
 /// Whether transaction `a` comes after `b` (sequence numbers wrap).
@@ -274,6 +309,10 @@ struct Format {
     is64: bool,
     csum_v2: bool,
     csum_v3: bool,
+    /// version 1 checksums (compat feature): a crc32 of each transaction's
+    /// descriptor and data blocks in its commit block
+    csum_v1: bool,
+    async_commit: bool,
     /// crc32c seed of the journal's checksums (from its UUID)
     seed: u32,
 }
@@ -396,6 +435,8 @@ fn read_format(log: &Log, blocks: u64) -> Result<Option<(Format, u64, u32)>> {
         is64: features & FEATURE_64BIT != 0,
         csum_v2,
         csum_v3,
+        csum_v1: kind == SUPERBLOCK_V2 && be32(&sb, 0x24) & COMPAT_CHECKSUM != 0,
+        async_commit: features & FEATURE_ASYNC_COMMIT != 0,
         seed,
     };
     if format.checksums() {
@@ -449,6 +490,9 @@ fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32) -> Result<Walk> {
     let mut unsure: Option<&str> = None;
     let mut overlong_revoke = false;
     let mut last_commit_time = 0u64;
+    // version 1: the crc32 of the transaction's descriptors and copies
+    let mut crc_v1 = !0u32;
+    let mut data = vec![0u8; bs];
     let (mut at, mut walked) = (start, 0u64);
     'log: while walked < length {
         log.read(at, &mut block)?;
@@ -462,7 +506,10 @@ fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32) -> Result<Walk> {
                     // stale or damaged: the commit's time tells
                     unsure = Some("descriptor block");
                 }
-                let mut data = at;
+                if f.csum_v1 && unsure.is_none() {
+                    crc_v1 = crc32_be(crc_v1, &block);
+                }
+                let mut data_at = at;
                 let mut p = 12;
                 while p + f.tag_bytes <= bs - tail {
                     let (flags, checksum, high) = if f.csum_v3 {
@@ -481,7 +528,11 @@ fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32) -> Result<Walk> {
                         // the copies would run past one lap of the log
                         break 'log;
                     }
-                    data = f.next(data);
+                    data_at = f.next(data_at);
+                    if f.csum_v1 && unsure.is_none() {
+                        log.read(data_at, &mut data)?;
+                        crc_v1 = crc32_be(crc_v1, &data);
+                    }
                     if found.tags.len() + tags.len() >= MAX_REPLAYED_BLOCKS {
                         return Err(too_large(format!(
                             "more than {MAX_REPLAYED_BLOCKS} blocks to copy"
@@ -489,7 +540,7 @@ fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32) -> Result<Walk> {
                     }
                     tags.push(Tag {
                         block: u64::from(be32(&block, p)) | high,
-                        at: data,
+                        at: data_at,
                         sequence,
                         checksum,
                         escaped: flags & TAG_ESCAPED != 0,
@@ -512,10 +563,23 @@ fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32) -> Result<Walk> {
                     // a stale block of an earlier lap: the log ends
                     break;
                 }
-                if f.checksums() && !f.holds(&block, 16) {
-                    // an interrupted commit (or a stale one): the log ends
-                    break;
+                let v1_ok = !f.csum_v1 || {
+                    let (kind, size, sum) = (block[12], block[13], be32(&block, 16));
+                    (kind == CRC32_CHKSUM && size == CRC32_CHKSUM_SIZE && sum == crc_v1)
+                        || (kind == 0 && size == 0 && sum == 0)
+                };
+                if !v1_ok || (f.checksums() && !f.holds(&block, 16)) {
+                    if time < last_commit_time || f.async_commit {
+                        // a stale commit of an earlier lap, or one that
+                        // asynchronous commits may leave torn: the log ends
+                        break;
+                    }
+                    return Err(corrupt(format!(
+                        "the commit block of transaction {sequence} fails its checksum (the \
+                         kernel would not mount this)"
+                    )));
                 }
+                crc_v1 = !0;
                 if overlong_revoke {
                     return Err(corrupt(format!(
                         "a revocation block of transaction {sequence} is longer than a block"
@@ -600,6 +664,10 @@ pub fn recover(raw: &mut ExtRaw, disk: &Arc<dyn Disk>) -> Result<Option<Recovere
         return Recovered::new(disk.clone(), bs, Vec::new()).map(Some);
     };
     let walk = walk(&log, &format, start, sequence)?;
+    // where the journal lies, to refuse copies meant for its own blocks
+    let mut journal_bytes: Vec<Range<u64>> =
+        log.runs.iter().map(|&(_, at, n)| at..at + n * bs).collect();
+    journal_bytes.sort_unstable_by_key(|r| r.start);
     // the newest copy of each block that no later revocation covers; every
     // copy replayed is checked, as the kernel's recovery checks them
     let mut newest: HashMap<u64, Tag> = HashMap::new();
@@ -621,6 +689,17 @@ pub fn recover(raw: &mut ExtRaw, disk: &Arc<dyn Disk>) -> Result<Option<Recovere
                 t.sequence,
                 t.block,
                 disk.size()
+            )));
+        }
+        // The kernel writes copies home as it goes, so a copy meant for a
+        // block of the journal would change what it reads next: only a
+        // crafted journal does that.
+        let at = t.block * bs;
+        let i = journal_bytes.partition_point(|r| r.end <= at);
+        if journal_bytes.get(i).is_some_and(|r| r.start <= at) {
+            return Err(corrupt(format!(
+                "transaction {} copies block {}, a block of the journal itself",
+                t.sequence, t.block
             )));
         }
         if format.checksums() {
