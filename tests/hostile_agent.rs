@@ -22,6 +22,8 @@ enum Answer {
     Raw(Value, Vec<u8>),
     /// an error object
     Error(Value),
+    /// no answer at all
+    Silent,
 }
 
 type Script = dyn Fn(&str, &Value) -> Answer + Send + Sync;
@@ -56,6 +58,7 @@ impl Fake {
                             script(method, &req["params"])
                         };
                         let (body, raw) = match answer {
+                            Answer::Silent => continue,
                             Answer::Result(r) => (json!({"result": r}), Vec::new()),
                             Answer::Raw(r, bytes) => (json!({"result": r}), bytes),
                             Answer::Error(e) => (json!({"error": e}), Vec::new()),
@@ -371,4 +374,105 @@ fn long_error_messages_are_shortened_for_people() {
     let out = fake.client(&["--output", "json", "stat", "s", "a", "raw", "/f"]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["error"]["message"].as_str().map(str::len), Some(1 << 20));
+}
+
+/// Second round of the audit: an entry that is an array (a panic, exit
+/// 101, when `ls`/`stat` gave it a path), empty pages that only bring a new
+/// cursor (`ls` ran for ever, keeping every cursor: 2.4 GB), a name that
+/// lists its own directory again (`ls -R` made a million calls), C1 control
+/// characters in `call` output, and a silent `stream.close` after a failed
+/// extraction (it waited out the 120 s request timeout).
+#[test]
+fn malformed_listings_and_silent_closes() {
+    let array = Fake::start(|method, _| match method {
+        "fs.stat" => Answer::Result(json!(["x", null, "file", 3])),
+        "fs.list" => Answer::Result(json!({"entries": [["x", null, "file", 3]]})),
+        _ => Answer::Result(json!(null)),
+    });
+    for args in [
+        &["stat", "s", "a", "raw", "/f"][..],
+        &["ls", "s", "a", "raw", "/d"],
+    ] {
+        let out = array.client(args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains("not an object"), "{}", stderr(&out));
+    }
+
+    let empty = Fake::start(|method, params| match method {
+        "fs.list" => {
+            let page: u64 = params["cursor"]
+                .as_str()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            Answer::Result(json!({"entries": [], "next_cursor": format!("{}", page + 1)}))
+        }
+        _ => Answer::Result(json!(null)),
+    });
+    let out = empty.client(&["ls", "s", "a", "raw", "/d"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("empty page"), "{}", stderr(&out));
+
+    let itself = Fake::start(|method, _| match method {
+        "fs.list" => Answer::Result(json!({"entries": [dir_entry("")]})),
+        _ => Answer::Result(json!(null)),
+    });
+    let out = itself.client(&["ls", "-R", "s", "a", "raw", "/d"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("unsafe name"), "{}", stderr(&out));
+
+    let call = Fake::start(|_, _| Answer::Result(json!({"k\u{9b}": "\u{9b}31m\u{202e}"})));
+    let out = call.client(&["call", "x"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains('\u{9b}') && !text.contains('\u{202e}'),
+        "{text}"
+    );
+
+    let silent = Fake::start(|method, _| match method {
+        "fs.stat" => Answer::Result(dir_entry("d")),
+        "fs.extract" => Answer::Result(json!({"stream": 1})),
+        "stream.read" => Answer::Raw(
+            json!({"offset": 12345, "length": 1, "eof": false, "encoding": "raw"}),
+            vec![0],
+        ),
+        "stream.close" => Answer::Silent,
+        _ => Answer::Result(json!(null)),
+    });
+    let started = std::time::Instant::now();
+    let out = silent.extract("/d", &silent.path("out"));
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Without --force, a directory that was there keeps its mode and mtime (a
+/// member could open up or lock the user's ~/.ssh; GNU tar's
+/// --no-overwrite-dir); with --force it gets the member's.
+#[test]
+fn existing_directories_keep_their_modes_without_force() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut tar = tar_member("d/", b'5', b"", "");
+    tar.extend(tar_member("d/sub/", b'5', b"", ""));
+    let fake = serving_tar(tar);
+    let dest = fake.path("out");
+    std::fs::create_dir_all(dest.join("sub")).unwrap();
+    std::fs::set_permissions(dest.join("sub"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mode = || {
+        std::fs::metadata(dest.join("sub"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let out = fake.extract("/d", &dest);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(mode(), 0o700);
+    let d = dest.to_str().unwrap();
+    let out = fake.client(&["extract", "--force", "s", "a", "raw", "/d", "-o", d]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(mode(), 0o644, "the member's mode with --force");
 }

@@ -253,9 +253,11 @@ pub async fn read_stream(
     }
     .await;
     if result.is_err() {
-        let _ = session
-            .call::<serde_json::Value>("stream.close", serde_json::json!({ "stream": stream }))
-            .await;
+        // Courtesy only: the command has failed already, and an agent that
+        // does not answer must not hold it up for the request timeout.
+        let close = session
+            .call::<serde_json::Value>("stream.close", serde_json::json!({ "stream": stream }));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), close).await;
     }
     result
 }

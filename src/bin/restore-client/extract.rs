@@ -320,7 +320,24 @@ pub(crate) struct Stats {
     pub(crate) hardlinks: u64,
     pub(crate) fifos: u64,
     pub(crate) bytes: u64,
+    /// the first [`SKIPPED_NAMED`] special files skipped, by name
     pub(crate) skipped: Vec<String>,
+    /// how many were skipped in all
+    pub(crate) skipped_count: u64,
+}
+
+/// Special files skipped that are named in the report (a hostile stream of
+/// devices with 1 MiB names made a 200 MB line).
+const SKIPPED_NAMED: usize = 100;
+
+impl Stats {
+    /// Notes a special file skipped.
+    pub(crate) fn skip(&mut self, name: String) {
+        self.skipped_count += 1;
+        if self.skipped.len() < SKIPPED_NAMED {
+            self.skipped.push(name);
+        }
+    }
 }
 
 /// Stream pieces (of up to `READ_CHUNK` bytes) queued for the unpacker.
@@ -402,6 +419,7 @@ async fn to_dir(
             "fifos": s.fifos,
             "bytes": s.bytes,
             "skipped": s.skipped,
+            "skipped_count": s.skipped_count,
         }),
         format!(
             "extracted {} files, {} directories, {} symlinks, {} hard links{} ({} bytes) into {}",
@@ -417,15 +435,20 @@ async fn to_dir(
             dir.display()
         ),
     );
-    if !s.skipped.is_empty() {
+    if s.skipped_count > 0 {
+        let more = match s.skipped_count - s.skipped.len() as u64 {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        let names = s.skipped.join(", ");
         eprintln!(
-            "restore-client: skipped {} special files (devices, sockets): {}",
-            s.skipped.len(),
-            crate::fmt::printable(&s.skipped.join(", "))
+            "restore-client: skipped {} special files (devices, sockets): {}{more}",
+            s.skipped_count,
+            crate::fmt::printable(&crate::fmt::shortened(&names, 4096))
         );
         outcome
             .text
-            .push_str(&format!(", {} special files skipped", s.skipped.len()));
+            .push_str(&format!(", {} special files skipped", s.skipped_count));
     }
     Ok(outcome)
 }
@@ -581,7 +604,7 @@ async fn single(
             return Ok(stats);
         }
         _ => {
-            stats.skipped.push(root.display());
+            stats.skip(root.display());
             return Ok(stats);
         }
     }

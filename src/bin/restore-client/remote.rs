@@ -22,6 +22,11 @@ const LIST_PAGE: u64 = 10_000;
 /// 600 bytes each): an agent that pages on without end, or a tree of a
 /// directory in every directory, took the client to 5 GiB.
 const MAX_LS_ENTRIES: usize = 1_000_000;
+/// Most bytes of entries (as JSON) one `ls` collects: entries padded with
+/// 4 MiB names took the client to 10 GB within the count above.
+const MAX_LS_BYTES: usize = 128 << 20;
+/// Longest cursor taken from the agent (the agent's are short numbers).
+const MAX_CURSOR: usize = 4096;
 /// Longest path `ls -R` descends to (each entry keeps its path).
 const MAX_LS_PATH: usize = 32 << 10;
 
@@ -79,6 +84,13 @@ pub struct Entry {
 
 impl Entry {
     pub fn from_value(v: &Value) -> Result<Self, ClientError> {
+        // an object only: serde reads a struct from an array too, and the
+        // entry is then given a `path` member (which panicked on an array)
+        if !v.is_object() {
+            return Err(ClientError::local(
+                "unexpected entry from the agent: not an object",
+            ));
+        }
         Entry::deserialize(v)
             .map_err(|e| ClientError::local(format!("unexpected entry from the agent: {e}")))
     }
@@ -179,6 +191,13 @@ async fn call(
     let v: Value = serde_json::from_str(raw.get())
         .map_err(|e| ClientError::local(format!("result of {method}: {e}")))?;
     let text = serde_json::to_string_pretty(&v).unwrap_or_else(|_| raw.get().to_string());
+    // JSON escapes control characters below 0x20, not the C1 ones (0x9b
+    // starts an escape sequence on some terminals) nor the reordering ones
+    let text = text
+        .lines()
+        .map(|line| fmt::printable(line))
+        .collect::<Vec<_>>()
+        .join("\n");
     Ok(Outcome::new(v, text))
 }
 
@@ -342,12 +361,18 @@ async fn volumes(session: &Session, snapshot: &str, archive: &str) -> Result<Out
 }
 
 /// Every entry of directory `dir`, following `next_cursor` to the end.
-/// The entries of `dir`, page after page; `room` is how many more the
+/// How much more `ls` takes: entries and their bytes.
+struct Room {
+    entries: usize,
+    bytes: usize,
+}
+
+/// The entries of `dir`, page after page; `room` is how much more the
 /// caller takes (it shrinks by what is returned).
 async fn list_dir(
     session: &Session,
     dir: &FileRef,
-    room: &mut usize,
+    room: &mut Room,
 ) -> Result<Vec<Value>, ClientError> {
     let mut entries = Vec::new();
     let mut cursor: Option<String> = None;
@@ -361,14 +386,24 @@ async fn list_dir(
         let page: Value = session.call("fs.list", dir.params_with(extra)).await?;
         match page.get("entries") {
             Some(Value::Array(list)) => {
-                if list.len() > *room {
+                let bytes: usize = list.iter().map(|e| e.to_string().len()).sum();
+                if list.len() > room.entries || bytes > room.bytes {
                     return Err(ClientError::local(format!(
-                        "listing {}: more than {MAX_LS_ENTRIES} entries in all (list less at \
-                         once, or extract)",
+                        "listing {}: more than {MAX_LS_ENTRIES} entries or {} MiB of them in \
+                         all (list less at once, or extract)",
+                        dir.display(),
+                        MAX_LS_BYTES >> 20
+                    )));
+                }
+                room.entries -= list.len();
+                room.bytes -= bytes;
+                // a page that brings nothing but a cursor would page for ever
+                if list.is_empty() && page.get("next_cursor").is_some_and(Value::is_string) {
+                    return Err(ClientError::local(format!(
+                        "fs.list of {}: an empty page that is not the last",
                         dir.display()
                     )));
                 }
-                *room -= list.len();
                 entries.extend(list.iter().cloned());
             }
             _ => {
@@ -380,6 +415,13 @@ async fn list_dir(
         }
         match page.get("next_cursor") {
             Some(Value::String(c)) => {
+                if c.len() > MAX_CURSOR {
+                    return Err(ClientError::local(format!(
+                        "fs.list of {}: a cursor of {} bytes",
+                        dir.display(),
+                        c.len()
+                    )));
+                }
                 if !seen.insert(c.clone()) {
                     return Err(ClientError::local(format!(
                         "fs.list of {}: the agent repeated cursor {}",
@@ -461,7 +503,10 @@ async fn ls(
     long: bool,
     recursive: bool,
 ) -> Result<Outcome, ClientError> {
-    let mut room = MAX_LS_ENTRIES;
+    let mut room = Room {
+        entries: MAX_LS_ENTRIES,
+        bytes: MAX_LS_BYTES,
+    };
     let first = match list_dir(session, root, &mut room).await {
         Ok(entries) => entries,
         Err(ClientError::Agent { code, .. }) if code == NOT_A_DIRECTORY => {
@@ -491,7 +536,11 @@ async fn ls(
         let mut subdirs = Vec::new();
         for mut v in values {
             let e = Entry::from_value(&v)?;
-            let child = dir.child(&e.raw_name()?);
+            // `""`, `.`, `..` or a `/` would name this directory or another
+            // one again: `ls -R` listed one directory a million times
+            let name = e.raw_name()?;
+            crate::extract::safe_name(&name)?;
+            let child = dir.child(&name);
             set_path(&mut v, &child);
             all.push(v);
             if recursive && e.kind == "dir" {
@@ -563,7 +612,13 @@ async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome
         ],
     ];
     if let Some(t) = &e.target {
-        rows.push(vec!["target".to_string(), t.clone()]);
+        // its exact bytes, as `ls -l` shows them (the lossy text made `a\nb`
+        // and `a<newline>b` look alike)
+        let shown = match e.raw_target() {
+            Ok(raw) => fmt::printable_bytes(&raw),
+            Err(_) => fmt::printable(t).into_owned(),
+        };
+        rows.push(vec!["target".to_string(), shown]);
     }
     let text = fmt::table(None, &[Align::Left, Align::Left], &rows);
     let mut v = v;

@@ -10,6 +10,7 @@
 //! It never trusts the stream: sizes, names and pax records are checked, and
 //! a bad header is an error naming the member, not a panic.
 
+use std::collections::HashSet;
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -98,6 +99,8 @@ pub(crate) struct Unpacker {
     /// files).
     parents: Vec<(Vec<u8>, Arc<OwnedFd>)>,
     finish: Finish,
+    /// existing directories given their modes with --force (once each)
+    forced_dirs: HashSet<PathBuf>,
     stats: Stats,
 }
 
@@ -183,6 +186,7 @@ impl Unpacker {
             pax: Pax::default(),
             parents: Vec::new(),
             finish: Vec::new(),
+            forced_dirs: HashSet::new(),
             stats: Stats::default(),
         }
     }
@@ -430,8 +434,7 @@ impl Unpacker {
             b'3' | b'4' => {
                 let shown = String::from_utf8_lossy(&rel).into_owned();
                 self.stats
-                    .skipped
-                    .push(format!("{}/{shown}", self.remote.trim_end_matches('/')));
+                    .skip(format!("{}/{shown}", self.remote.trim_end_matches('/')));
                 self.skip(padded);
                 Ok(())
             }
@@ -527,11 +530,11 @@ impl Unpacker {
 
     fn dir_member(&mut self, rel: &[u8], mode: u32, mtime: i64) -> Result<(), ClientError> {
         let (fd, name, local) = self.parent_of(rel)?;
-        match mkdirat(&fd, &name) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        let mut made = match mkdirat(&fd, &name) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
             Err(e) => return Err(local_io(&local, e)),
-        }
+        };
         // Refuses a symlink (or anything else) standing where the directory
         // should be; --force replaces it (never following it).
         let dir = match openat_dir(&fd, &name) {
@@ -539,6 +542,7 @@ impl Unpacker {
             Err(e) if self.force && is_not_a_directory(&e) => {
                 replace_if_forced(true, &fd, &name, &local)?;
                 mkdirat(&fd, &name).map_err(|e| local_io(&local, e))?;
+                made = true;
                 openat_dir(&fd, &name).map_err(|e| local_io(&local, e))?
             }
             Err(e) if is_not_a_directory(&e) => {
@@ -555,7 +559,13 @@ impl Unpacker {
         if self.parents.len() == depth && depth < MAX_OPEN_PARENTS {
             self.parents.push((name.to_bytes().to_vec(), Arc::new(dir)));
         }
-        self.finish.push((local, mode, mtime));
+        // A directory that was there keeps its mode and mtime without
+        // --force (as GNU tar's --no-overwrite-dir; a member could otherwise
+        // open up or lock the user's ~/.ssh); with --force it gets them
+        // once, however often the stream names it.
+        if made || (self.force && self.forced_dirs.insert(local.clone())) {
+            self.finish.push((local, mode, mtime));
+        }
         self.stats.dirs += 1;
         Ok(())
     }
