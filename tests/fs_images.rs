@@ -2701,3 +2701,103 @@ fn journal_checksums_v1_and_failed_commits_follow_the_kernel() {
     );
     corrupt(&own, "a block of the journal itself");
 }
+
+/// The journal superblock's features as the kernel reads them: with
+/// asynchronous commits a commit that fails its checksum does not end the
+/// scan; only the transactions before the last such one are replayed, and
+/// with version 1 checksums a commit after it makes the journal corrupt.
+/// Read-only journal features, which the kernel knows none of, are refused.
+/// (Found by a second differential fuzz round against e2fsck.)
+#[test]
+fn asynchronous_commits_and_unknown_journal_features_follow_the_kernel() {
+    use std::os::unix::fs::FileExt;
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("f.bin"), &[b'A'; 1024]);
+    // transactions writing f.bin's block as 1111..., 2222..., from the
+    // log's first block: transaction i (from 0) at journal blocks 3i+1..3i+3
+    let image = |name: &str, features: &str, versions: &str| {
+        let img = dir.path().join(name);
+        mkimg_ext(
+            &src,
+            &img,
+            &["-t", "ext4", "-b", "1024", "-O", features],
+            16,
+        );
+        let b = bmap(&img, "/f.bin", 0);
+        let mut script = String::from("jo -c\n");
+        for v in versions.chars() {
+            let p = dir.path().join(format!("v{v}"));
+            std::fs::write(&p, vec![v as u8; 1024]).unwrap();
+            script.push_str(&format!("jw -b {b} {}\n", p.display()));
+        }
+        script.push_str("jc\n");
+        debugfs(&img, true, &script);
+        img
+    };
+    let at = |img: &Path, n: u64| bmap(img, "<8>", n) * 1024;
+    let flip = |img: &Path, n: u64, off: u64| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(img)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at(img, n) + off).unwrap();
+        f.write_all_at(&[b[0] ^ 0xFF], at(img, n) + off).unwrap();
+    };
+    // sets bits in a journal superblock feature word, checksum made again
+    let set_feature = |img: &Path, field: usize, bits: u32| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(img)
+            .unwrap();
+        let mut jsb = vec![0u8; 1024];
+        f.read_exact_at(&mut jsb, at(img, 0)).unwrap();
+        let v = u32::from_be_bytes(jsb[field..field + 4].try_into().unwrap()) | bits;
+        jsb[field..field + 4].copy_from_slice(&v.to_be_bytes());
+        if u32::from_be_bytes(jsb[0x28..0x2C].try_into().unwrap()) & 0x18 != 0 {
+            jsb[0xFC..0x100].fill(0);
+            let c = crc32c(!0, &jsb);
+            jsb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
+        }
+        f.write_all_at(&jsb, at(img, 0)).unwrap();
+    };
+    let read = |img: &Path| with_fs(img, "raw", |fs| read_all(fs, b"/f.bin"));
+
+    // checksums v3, asynchronous commits: one failed commit (transaction 2
+    // of 4) ends what is replayed; two (2 and 3), the later one does
+    let one = image("one.img", "metadata_csum", "1234");
+    set_feature(&one, 0x28, 0x4);
+    flip(&one, 6, 200);
+    assert!(
+        read(&one) == vec![b'1'; 1024],
+        "one failed asynchronous commit"
+    );
+    let two = image("two.img", "metadata_csum", "1234");
+    set_feature(&two, 0x28, 0x4);
+    flip(&two, 6, 200);
+    flip(&two, 9, 200);
+    assert!(
+        read(&two) == vec![b'2'; 1024],
+        "two failed asynchronous commits"
+    );
+
+    // version 1 checksums, asynchronous commits: a commit after a failed one
+    let v1 = image("v1.img", "^metadata_csum,^64bit", "12");
+    set_feature(&v1, 0x28, 0x4);
+    flip(&v1, 2, 100);
+    let e = FsHandle::open(disk(&v1), "raw").err().expect("refused");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+
+    // a read-only journal feature
+    let ro = image("ro.img", "metadata_csum", "1");
+    set_feature(&ro, 0x2C, 0x1);
+    let e = FsHandle::open(disk(&ro), "raw").err().expect("refused");
+    assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
+    assert!(e.message.contains("read-only features"), "{e:?}");
+}

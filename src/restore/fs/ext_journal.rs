@@ -22,9 +22,11 @@
 //! corrupt (1004): a copy to be replayed that fails its checksum; a commit,
 //! descriptor or revocation block that fails its checksum in a transaction
 //! whose commit is not older than the one before (an older one marks a
-//! stale end of the log; with asynchronous commits a failed commit ends it
-//! too); a revocation block longer than its block; a copy meant for a
-//! block of the journal itself. (ext4-view 1.0 replays
+//! stale end of the log; with asynchronous commits the scan goes on, and
+//! only the transactions before the last failed commit are replayed, unless
+//! version 1 checksums meet another commit); a revocation block longer than
+//! its block; a copy meant for a block of the journal itself; a read-only
+//! journal feature (the kernel knows none). (ext4-view 1.0 replays
 //! by itself, but stops at the end of the journal file instead of wrapping
 //! around, which returned stale data; it refuses escaped copies, and honours
 //! a revocation only within its own transaction.)
@@ -413,7 +415,25 @@ fn read_format(log: &Log, blocks: u64) -> Result<Option<(Format, u64, u32)>> {
         features & FEATURE_CSUM_V2 != 0,
         features & FEATURE_CSUM_V3 != 0,
     );
-    // as the kernel loads a journal: one checksum version, and crc32c
+    // as the kernel loads a journal: no read-only features (it knows none),
+    // one checksum version, and crc32c
+    let ro_compat = if kind == SUPERBLOCK_V2 {
+        be32(&sb, 0x2C)
+    } else {
+        0
+    };
+    if ro_compat != 0 {
+        return Err(Error::unsupported(format!(
+            "ext filesystem: the journal needs replaying and has read-only features \
+             {ro_compat:#x} this reader does not know"
+        )));
+    }
+    let csum_v1 = kind == SUPERBLOCK_V2 && be32(&sb, 0x24) & COMPAT_CHECKSUM != 0;
+    if csum_v1 && (csum_v2 || csum_v3) {
+        return Err(corrupt(
+            "checksums of version 1 and a later version are both set",
+        ));
+    }
     if csum_v2 && csum_v3 {
         return Err(corrupt("both checksum versions 2 and 3 are set"));
     }
@@ -435,7 +455,7 @@ fn read_format(log: &Log, blocks: u64) -> Result<Option<(Format, u64, u32)>> {
         is64: features & FEATURE_64BIT != 0,
         csum_v2,
         csum_v3,
-        csum_v1: kind == SUPERBLOCK_V2 && be32(&sb, 0x24) & COMPAT_CHECKSUM != 0,
+        csum_v1,
         async_commit: features & FEATURE_ASYNC_COMMIT != 0,
         seed,
     };
@@ -467,10 +487,14 @@ fn read_format(log: &Log, blocks: u64) -> Result<Option<(Format, u64, u32)>> {
 struct Walk {
     tags: Vec<Tag>,
     revoked: HashMap<u64, u32>,
+    /// With asynchronous commits: the last transaction whose commit failed
+    /// its checksum (the kernel replays only the transactions before it).
+    failed_async: Option<u32>,
 }
 
-/// Walks the log once, from `start` at `sequence`, as recovery's scan does.
-fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32) -> Result<Walk> {
+/// Walks the log once, from `start` at `sequence`, as recovery's scan does,
+/// up to transaction `stop` (not included) if given.
+fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32, stop: Option<u32>) -> Result<Walk> {
     let damaged = |sequence: u32, what: &str| {
         corrupt(format!(
             "transaction {sequence} has a {what} that fails its checksum, and its commit \
@@ -494,7 +518,7 @@ fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32) -> Result<Walk> {
     let mut crc_v1 = !0u32;
     let mut data = vec![0u8; bs];
     let (mut at, mut walked) = (start, 0u64);
-    'log: while walked < length {
+    'log: while walked < length && stop != Some(sequence) {
         log.read(at, &mut block)?;
         if be32(&block, 0) != JBD2_MAGIC || be32(&block, 8) != sequence {
             break;
@@ -563,23 +587,36 @@ fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32) -> Result<Walk> {
                     // a stale block of an earlier lap: the log ends
                     break;
                 }
+                let failed_commit = |sequence: u32| {
+                    corrupt(format!(
+                        "the commit block of transaction {sequence} fails its checksum (the \
+                         kernel would not mount this)"
+                    ))
+                };
+                if let (true, Some(failed)) = (f.csum_v1, found.failed_async) {
+                    // version 1 sums go no further than a failed commit
+                    return Err(failed_commit(failed));
+                }
                 let v1_ok = !f.csum_v1 || {
                     let (kind, size, sum) = (block[12], block[13], be32(&block, 16));
                     (kind == CRC32_CHKSUM && size == CRC32_CHKSUM_SIZE && sum == crc_v1)
                         || (kind == 0 && size == 0 && sum == 0)
                 };
                 if !v1_ok || (f.checksums() && !f.holds(&block, 16)) {
-                    if time < last_commit_time || f.async_commit {
-                        // a stale commit of an earlier lap, or one that
-                        // asynchronous commits may leave torn: the log ends
+                    if time < last_commit_time {
+                        // a stale commit of an earlier lap: the log ends
                         break;
                     }
-                    return Err(corrupt(format!(
-                        "the commit block of transaction {sequence} fails its checksum (the \
-                         kernel would not mount this)"
-                    )));
+                    if !f.async_commit {
+                        return Err(failed_commit(sequence));
+                    }
+                    // Asynchronous commits may leave one torn: the scan goes
+                    // on, and only the transactions before the last such
+                    // one are replayed (see `recover`).
+                    found.failed_async = Some(sequence);
+                } else {
+                    crc_v1 = !0;
                 }
-                crc_v1 = !0;
                 if overlong_revoke {
                     return Err(corrupt(format!(
                         "a revocation block of transaction {sequence} is longer than a block"
@@ -663,7 +700,11 @@ pub fn recover(raw: &mut ExtRaw, disk: &Arc<dyn Disk>) -> Result<Option<Recovere
     let Some((format, start, sequence)) = read_format(&log, blocks)? else {
         return Recovered::new(disk.clone(), bs, Vec::new()).map(Some);
     };
-    let walk = walk(&log, &format, start, sequence)?;
+    let mut walk = walk(&log, &format, start, sequence, None)?;
+    if let Some(end) = walk.failed_async {
+        // the transactions before the last failed asynchronous commit
+        walk = self::walk(&log, &format, start, sequence, Some(end))?;
+    }
     // where the journal lies, to refuse copies meant for its own blocks
     let mut journal_bytes: Vec<Range<u64>> =
         log.runs.iter().map(|&(_, at, n)| at..at + n * bs).collect();
