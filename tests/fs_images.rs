@@ -1387,7 +1387,6 @@ fn escaped_copies_and_logs_around_the_journal_end_are_recovered() {
     let place = |n: u64| bmap(&img, "<8>", n) * 1024;
     let mut jsb = vec![0u8; 1024];
     f.read_exact_at(&mut jsb, place(0)).unwrap();
-    let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
     let (last, first, start) = (
         u64::from(be32(&jsb, 0x10)),
         u64::from(be32(&jsb, 0x14)),
@@ -1410,9 +1409,7 @@ fn escaped_copies_and_logs_around_the_journal_end_are_recovered() {
         f.write_all_at(b, place(n)).unwrap();
     }
     jsb[0x1C..0x20].copy_from_slice(&((last - 2) as u32).to_be_bytes());
-    jsb[0xFC..0x100].fill(0);
-    let c = crc32c(!0, &jsb);
-    jsb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
+    jbd2_superblock_checksum(&mut jsb);
     f.write_all_at(&jsb, place(0)).unwrap();
     drop(f);
     let read = with_fs(&img, "raw", |fs| read_all(fs, b"/f.bin"));
@@ -1472,7 +1469,6 @@ fn journals_too_large_to_replay_are_refused() {
     let journal_at = |n: u64| places[n as usize] * 1024;
     let mut d = std::fs::read(&img).unwrap();
     let jsb = journal_at(0);
-    let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
     let (sequence, start) = (be32(&d, jsb + 0x18), u64::from(be32(&d, jsb + 0x1C)));
     assert_ne!(start, 0, "the journal needs no replay");
     // records after the 16-byte header, before the 4-byte checksum tail
@@ -1501,6 +1497,33 @@ fn journals_too_large_to_replay_are_refused() {
     assert!(why.contains("revoked blocks wait for one commit"), "{why}");
     let e = FsHandle::open(disk(&bad), "raw").err().unwrap();
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
+}
+
+/// The big-endian u32 at `at` (JBD2 structures are big-endian).
+fn be32(d: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]])
+}
+
+/// Gives a JBD2 superblock (1024 bytes, checksums v2/v3) its checksum:
+/// crc32c from ~0 over it with the field at 0xFC zero.
+fn jbd2_superblock_checksum(jsb: &mut [u8]) {
+    jsb[0xFC..0x100].fill(0);
+    let c = crc32c(!0, jsb);
+    jsb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Inverts the byte at `off` of journal block `n` of `img` (1 KiB blocks).
+fn flip_journal_byte(img: &Path, n: u64, off: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let at = bmap(img, "<8>", n) * 1024 + off;
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, at).unwrap();
+    f.write_all_at(&[byte[0] ^ 0xFF], at).unwrap();
 }
 
 /// Gives a JBD2 descriptor or revocation block (checksums v2/v3) its tail
@@ -2386,7 +2409,6 @@ fn journals_with_too_many_blocks_to_copy_are_refused() {
         .unwrap();
     let mut jsb = [0u8; 1024];
     f.read_exact_at(&mut jsb, bmap_all(&[0])[0] * 1024).unwrap();
-    let be32 = |d: &[u8], at: usize| u32::from_be_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
     let (sequence, start) = (be32(&jsb, 0x18), be32(&jsb, 0x1C) as usize);
     assert_ne!(start, 0, "the journal needs no replay");
     let features = be32(&jsb, 0x28);
@@ -2648,18 +2670,6 @@ fn journal_checksums_v1_and_failed_commits_follow_the_kernel() {
         debugfs(&img, true, &script);
         img
     };
-    let flip = |img: &Path, journal_block: u64, at: u64| {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(img)
-            .unwrap();
-        let off = bmap(img, "<8>", journal_block) * 1024 + at;
-        let mut byte = [0u8];
-        f.read_exact_at(&mut byte, off).unwrap();
-        f.write_all_at(&[byte[0] ^ 0xFF], off).unwrap();
-    };
     let corrupt = |img: &Path, says: &str| {
         let e = FsHandle::open(disk(img), "raw").err().expect("refused");
         assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
@@ -2680,14 +2690,14 @@ fn journal_checksums_v1_and_failed_commits_follow_the_kernel() {
         "version 1 journal not replayed"
     );
     // version 1, transaction 2's copy damaged (journal block 5)
-    flip(&v1, 5, 100);
+    flip_journal_byte(&v1, 5, 100);
     corrupt(&v1, "commit block of transaction");
 
     // version 3, transaction 2's commit block damaged (journal block 6)
     let v3 = journalled("v3.img", "metadata_csum");
     let read = with_fs(&v3, "raw", |fs| read_all(fs, b"/b.bin"));
     assert!(read == want_b, "version 3 journal not replayed");
-    flip(&v3, 6, 200);
+    flip_journal_byte(&v3, 6, 200);
     corrupt(&v3, "commit block of transaction");
 
     // a copy meant for a block of the journal
@@ -2739,16 +2749,6 @@ fn asynchronous_commits_and_unknown_journal_features_follow_the_kernel() {
         img
     };
     let at = |img: &Path, n: u64| bmap(img, "<8>", n) * 1024;
-    let flip = |img: &Path, n: u64, off: u64| {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(img)
-            .unwrap();
-        let mut b = [0u8];
-        f.read_exact_at(&mut b, at(img, n) + off).unwrap();
-        f.write_all_at(&[b[0] ^ 0xFF], at(img, n) + off).unwrap();
-    };
     // sets bits in a journal superblock feature word, checksum made again
     let set_feature = |img: &Path, field: usize, bits: u32| {
         let f = std::fs::OpenOptions::new()
@@ -2758,12 +2758,10 @@ fn asynchronous_commits_and_unknown_journal_features_follow_the_kernel() {
             .unwrap();
         let mut jsb = vec![0u8; 1024];
         f.read_exact_at(&mut jsb, at(img, 0)).unwrap();
-        let v = u32::from_be_bytes(jsb[field..field + 4].try_into().unwrap()) | bits;
+        let v = be32(&jsb, field) | bits;
         jsb[field..field + 4].copy_from_slice(&v.to_be_bytes());
-        if u32::from_be_bytes(jsb[0x28..0x2C].try_into().unwrap()) & 0x18 != 0 {
-            jsb[0xFC..0x100].fill(0);
-            let c = crc32c(!0, &jsb);
-            jsb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
+        if be32(&jsb, 0x28) & 0x18 != 0 {
+            jbd2_superblock_checksum(&mut jsb);
         }
         f.write_all_at(&jsb, at(img, 0)).unwrap();
     };
@@ -2771,26 +2769,19 @@ fn asynchronous_commits_and_unknown_journal_features_follow_the_kernel() {
 
     // checksums v3, asynchronous commits: one failed commit (transaction 2
     // of 4) ends what is replayed; two (2 and 3), the later one does
-    let one = image("one.img", "metadata_csum", "1234");
-    set_feature(&one, 0x28, 0x4);
-    flip(&one, 6, 200);
-    assert!(
-        read(&one) == vec![b'1'; 1024],
-        "one failed asynchronous commit"
-    );
-    let two = image("two.img", "metadata_csum", "1234");
-    set_feature(&two, 0x28, 0x4);
-    flip(&two, 6, 200);
-    flip(&two, 9, 200);
-    assert!(
-        read(&two) == vec![b'2'; 1024],
-        "two failed asynchronous commits"
-    );
+    for (name, failed, replayed) in [("one.img", &[6][..], b'1'), ("two.img", &[6, 9], b'2')] {
+        let img = image(name, "metadata_csum", "1234");
+        set_feature(&img, 0x28, 0x4);
+        for &commit in failed {
+            flip_journal_byte(&img, commit, 200);
+        }
+        assert!(read(&img) == vec![replayed; 1024], "{name}");
+    }
 
     // version 1 checksums, asynchronous commits: a commit after a failed one
     let v1 = image("v1.img", "^metadata_csum,^64bit", "12");
     set_feature(&v1, 0x28, 0x4);
-    flip(&v1, 2, 100);
+    flip_journal_byte(&v1, 2, 100);
     let e = FsHandle::open(disk(&v1), "raw").err().expect("refused");
     assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
 

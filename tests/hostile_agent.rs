@@ -130,6 +130,16 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The cursor after the one an `fs.list` request names (pages are numbered
+/// from 0): every page brings a new one.
+fn next_page(params: &Value) -> String {
+    let page: u64 = params["cursor"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (page + 1).to_string()
+}
+
 /// A listing entry of a directory named `name`.
 fn dir_entry(name: &str) -> Value {
     json!({"name": name, "type": "dir", "size": 0, "mode": 0o755, "uid": 0, "gid": 0,
@@ -175,13 +185,8 @@ fn listings_that_never_end_are_refused() {
     // they are read, so numbers stand in for them here: cheap to send)
     let fake = Fake::start(|method, params| match method {
         "fs.list" => {
-            let page: u64 = params["cursor"]
-                .as_str()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            Answer::Result(
-                json!({"entries": vec![0; 10_000], "next_cursor": format!("{}", page + 1)}),
-            )
+            let page = next_page(params);
+            Answer::Result(json!({"entries": vec![0; 10_000], "next_cursor": page}))
         }
         _ => Answer::Result(json!(null)),
     });
@@ -400,11 +405,8 @@ fn malformed_listings_and_silent_closes() {
 
     let empty = Fake::start(|method, params| match method {
         "fs.list" => {
-            let page: u64 = params["cursor"]
-                .as_str()
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            Answer::Result(json!({"entries": [], "next_cursor": format!("{}", page + 1)}))
+            let page = next_page(params);
+            Answer::Result(json!({"entries": [], "next_cursor": page}))
         }
         _ => Answer::Result(json!(null)),
     });

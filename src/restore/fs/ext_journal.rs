@@ -334,10 +334,7 @@ impl Format {
 
     /// The block's checksum (big-endian at `at`, zero while summed) holds.
     fn holds(&self, block: &[u8], at: usize) -> bool {
-        let mut c = crc32c(self.seed, &block[..at]);
-        c = crc32c(c, &[0; 4]);
-        c = crc32c(c, &block[at + 4..]);
-        c == be32(block, at)
+        sum_holds(self.seed, block, at)
     }
 
     /// The next block of the circular log.
@@ -348,6 +345,16 @@ impl Format {
             n + 1
         }
     }
+}
+
+/// Whether the crc32c of `bytes` from `seed`, summed with its own field (big
+/// endian at `at`) zero, is that field: how JBD2 checksums its superblock and
+/// its descriptor, revocation and commit blocks.
+fn sum_holds(seed: u32, bytes: &[u8], at: usize) -> bool {
+    let mut c = crc32c(seed, &bytes[..at]);
+    c = crc32c(c, &[0; 4]);
+    c = crc32c(c, &bytes[at + 4..]);
+    c == be32(bytes, at)
 }
 
 /// Maps the journal inode's blocks to where they lie; a journal whose
@@ -459,14 +466,8 @@ fn read_format(log: &Log, blocks: u64) -> Result<Option<(Format, u64, u32)>> {
         async_commit: features & FEATURE_ASYNC_COMMIT != 0,
         seed,
     };
-    if format.checksums() {
-        let whole = &sb[..1024.min(bs)];
-        let mut c = crc32c(!0, &whole[..0xFC]);
-        c = crc32c(c, &[0; 4]);
-        c = crc32c(c, &whole[0x100..]);
-        if c != be32(&sb, 0xFC) {
-            return Err(corrupt("superblock checksum mismatch"));
-        }
+    if format.checksums() && !sum_holds(!0, &sb[..1024.min(bs)], 0xFC) {
+        return Err(corrupt("superblock checksum mismatch"));
     }
     let start = u64::from(be32(&sb, 0x1C));
     if start == 0 {
