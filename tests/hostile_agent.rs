@@ -301,6 +301,12 @@ fn tar_member(name: &str, typeflag: u8, data: &[u8], link: &str) -> Vec<u8> {
 fn serving_tar(tar: Vec<u8>) -> Fake {
     let mut stream = tar;
     stream.extend(vec![0u8; 1024]);
+    serving_stream(stream)
+}
+
+/// An agent whose `fs.extract` of directory /d streams `stream`, and says
+/// it ended where `stream` does.
+fn serving_stream(stream: Vec<u8>) -> Fake {
     Fake::start(move |method, params| match method {
         "fs.stat" => Answer::Result(dir_entry("d")),
         "fs.extract" => Answer::Result(json!({"stream": 1})),
@@ -318,6 +324,58 @@ fn serving_tar(tar: Vec<u8>) -> Fake {
         "stream.close" => Answer::Result(json!({"closed": true})),
         _ => Answer::Result(json!(null)),
     })
+}
+
+/// An agent that says its stream ended before the archive did: `--tar`,
+/// `--zstd` and `-` wrote what came, as if it were the archive, and exited
+/// 0.
+#[test]
+fn an_archive_that_ends_early_is_not_called_written() {
+    let mut tar = tar_member("d/", b'5', b"", "");
+    tar.extend(tar_member("d/f", b'0', &[b'x'; 5000], ""));
+    tar.extend(vec![0u8; 1024]);
+    let whole = tar.len();
+    // in the data, where the end blocks should come, between them
+    for cut in [whole, 3000, whole - 1024, whole - 512] {
+        let part = tar[..cut].to_vec();
+        let zst = zstd::encode_all(part.as_slice(), 3).expect("zstd");
+        for (stream, args) in [
+            (part.clone(), &["--tar", "out.tar"][..]),
+            (part.clone(), &["-"][..]),
+            (zst, &["--tar", "out.tar", "--zstd"][..]),
+        ] {
+            let fake = serving_stream(stream.clone());
+            let dest = fake.path("out.tar");
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| match *a {
+                    "out.tar" => dest.display().to_string(),
+                    a => a.to_string(),
+                })
+                .collect();
+            let mut all = vec!["extract", "s", "a", "raw", "/d"];
+            all.extend(args.iter().map(String::as_str));
+            let out = fake.client(&all);
+            let what = format!("cut at {cut} of {whole}, {args:?}");
+            if cut == whole {
+                assert_eq!(code(&out), 0, "{what}: {}", stderr(&out));
+                let got = if args[0] == "-" {
+                    out.stdout.clone()
+                } else {
+                    std::fs::read(&dest).expect("archive")
+                };
+                assert_eq!(got, stream, "{what}");
+                continue;
+            }
+            assert_eq!(code(&out), 2, "{what}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains("ended early"),
+                "{what}: {}",
+                stderr(&out)
+            );
+            assert!(!dest.exists(), "{what}: the cut archive was left");
+        }
+    }
 }
 
 /// `--force` replaces an existing file with a symlink, hard link or FIFO

@@ -28,6 +28,7 @@ use restore_agent::client::bulk::{self, FileRef};
 use restore_agent::client::{ClientError, Session};
 use serde_json::{json, Value};
 
+use crate::archive_check::ArchiveCheck;
 use crate::newfile::{place_node, NewFile};
 use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
 use crate::sparse::SparseFile;
@@ -260,10 +261,13 @@ async fn to_archive(
     let what = dest
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "stdout".into());
+    let remote = file.display();
+    let mut check = ArchiveCheck::new(format, zstd, remote.clone())?;
     let mut sink = |data: Vec<u8>| {
         if let Some(b) = &bar {
             b.inc(data.len() as u64);
         }
+        check.feed(&data)?;
         out.write_all(&data)
             .map_err(|e| write_error(dest, &what, e))
     };
@@ -272,6 +276,8 @@ async fn to_archive(
         b.finish_and_clear();
     }
     let bytes = result?;
+    // The agent said the stream ended: written is only a whole archive.
+    check.end(&remote)?;
     out.flush().map_err(|e| write_error(dest, &what, e))?;
     drop(out);
     if let Some((temp, target)) = &replace {

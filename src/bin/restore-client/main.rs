@@ -7,12 +7,14 @@
 //! Exit codes: 0 success, 1 the agent (or the store) reported an error,
 //! 2 usage, connection or local failure.
 
+mod archive_check;
 mod extract;
 mod fmt;
 mod newfile;
 mod remote;
 mod sparse;
 mod store;
+mod tarframe;
 mod untar;
 
 use std::path::PathBuf;
