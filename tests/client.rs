@@ -2372,3 +2372,77 @@ fn a_tree_deeper_than_path_max_extracts_whole() {
 fn fd_of(fd: &std::os::fd::OwnedFd) -> libc::c_int {
     std::os::fd::AsRawFd::as_raw_fd(fd)
 }
+
+/// `ls -R` of an ext4 volume with one damaged directory (its block
+/// overwritten with noise): the rest of the tree is listed, the damaged
+/// one is named on stderr (and under `errors` in JSON), and the exit
+/// status is 1. One such directory made the whole listing fail, with
+/// nothing printed.
+#[test]
+fn ls_r_lists_around_a_damaged_directory() {
+    let t = tmp();
+    let src = t.path().join("src");
+    for (dir, files) in [("a", ["1", "2"]), ("b", ["3", "4"]), ("c", ["5", "6"])] {
+        fs::create_dir_all(src.join(dir).join("sub")).expect("mkdir");
+        for f in files {
+            fs::write(src.join(dir).join(f), f).expect("write");
+        }
+    }
+    let img = t.path().join("disk.img");
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("image");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&img));
+    let bmap = run(Command::new("debugfs").arg("-R").arg("bmap /b 0").arg(&img));
+    let block: u64 = String::from_utf8_lossy(&bmap.stdout)
+        .trim()
+        .parse()
+        .expect("block of /b");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .expect("open image");
+        f.write_all_at(&noise(4096, 7), block * 4096)
+            .expect("damage /b");
+    }
+    let agent = Agent::builder().image("disk0", &img).start();
+    let out = client(&agent, &["ls", "-R", "attached", "disk0", "raw", "/"]);
+    exits(&out, 1);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for section in ["/a:\n1\n2\nsub", "/a/sub:", "/c:\n5\n6\nsub", "/c/sub:"] {
+        assert!(text.contains(section), "{section:?} missing from\n{text}");
+    }
+    assert!(!text.contains("/b:") && !text.contains("\n3\n"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot list /b: ") && err.contains("(code 1004)"),
+        "{err}"
+    );
+
+    let out = client(
+        &agent,
+        &[
+            "--output", "json", "ls", "-R", "attached", "disk0", "raw", "/",
+        ],
+    );
+    exits(&out, 1);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let paths: Vec<&str> = v["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["path"].as_str())
+        .collect();
+    assert!(
+        paths.contains(&"/c/6") && paths.contains(&"/b"),
+        "{paths:?}"
+    );
+    assert!(!paths.contains(&"/b/3"), "{paths:?}");
+    assert_eq!(v["errors"][0]["path"], "/b", "{v}");
+    assert_eq!(v["errors"][0]["code"], 1004, "{v}");
+}

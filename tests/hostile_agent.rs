@@ -536,3 +536,53 @@ fn existing_directories_keep_their_modes_without_force() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert_eq!(mode(), 0o644, "the member's mode with --force");
 }
+
+/// `ls -R` prints each directory as soon as it is listed: with an agent
+/// that never answers for one subdirectory, the sections before it are
+/// already out (they were held until the whole tree was in, so nothing was
+/// printed at all).
+#[test]
+fn ls_r_prints_each_directory_as_it_comes() {
+    let fake = Fake::start(|method, params| match (method, params["path"].as_str()) {
+        ("fs.list", Some("/d")) => {
+            Answer::Result(json!({"entries": [dir_entry("x"), dir_entry("y")]}))
+        }
+        ("fs.list", Some("/d/x")) => Answer::Result(json!({"entries": [file_stat("f", 1)]})),
+        ("fs.list", _) => Answer::Silent,
+        _ => Answer::Result(json!(null)),
+    });
+    let mut child = Command::new(CLIENT)
+        .arg("--connect")
+        .arg(format!("unix:{}", fake.path("agent.sock").display()))
+        .arg("--ticket-file")
+        .arg(fake.path("ticket"))
+        .args(["ls", "-R", "s", "a", "raw", "/d"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn restore-client");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("y") {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        seen,
+        ["/d:", "x", "y"],
+        "what ls -R printed before the agent stalled"
+    );
+}

@@ -246,7 +246,7 @@ fn json_asked() -> bool {
 
 /// Writes a successful command's report to stdout (see [`stdout_error`]
 /// for failures).
-fn write_stdout(bytes: &[u8]) {
+pub(crate) fn write_stdout(bytes: &[u8]) {
     if let Err(e) = try_write_stdout(bytes) {
         let e = stdout_error(e);
         eprintln!("restore-client: error: {e}");

@@ -18,11 +18,12 @@ use crate::{Command, Global, Outcome};
 const NOT_A_DIRECTORY: i32 = 1002;
 /// Entries asked for per `fs.list` call.
 const LIST_PAGE: u64 = 10_000;
-/// Most entries one `ls` collects (it prints them once all are in; about
-/// 600 bytes each): an agent that pages on without end, or a tree of a
-/// directory in every directory, took the client to 5 GiB.
+/// Most entries one `ls` holds (about 600 bytes each): those of one
+/// directory, or for `ls -R` those listed and not yet printed (with
+/// `--output json`, all of them). An agent that pages on without end, or a
+/// tree of a directory in every directory, took the client to 5 GiB.
 const MAX_LS_ENTRIES: usize = 1_000_000;
-/// Most bytes of entries (as JSON) one `ls` collects: entries padded with
+/// Most bytes of entries (as JSON) one `ls` holds: entries padded with
 /// 4 MiB names took the client to 10 GB within the count above.
 const MAX_LS_BYTES: usize = 128 << 20;
 /// Longest cursor taken from the agent (the agent's are short numbers).
@@ -156,7 +157,10 @@ pub async fn run(
             long,
             recursive,
             file,
-        } => ls(session, &file.file_ref(), long, recursive).await,
+        } => {
+            let json_out = global.output == crate::OutputFormat::Json;
+            ls(session, &file.file_ref(), long, recursive, json_out).await
+        }
         Command::Stat { follow, file } => stat(session, &file.file_ref(), follow).await,
         Command::Cat { file } => cat(session, &file.file_ref()).await,
         Command::Extract(args) => crate::extract::run(session, args, global).await,
@@ -367,14 +371,29 @@ struct Room {
     bytes: usize,
 }
 
+impl Room {
+    /// Takes back what a [`Listed`] took, once it is printed.
+    fn give_back(&mut self, listed: &Listed) {
+        self.entries += listed.values.len();
+        self.bytes += listed.bytes;
+    }
+}
+
+/// A directory's entries, and their bytes as counted against [`Room`].
+struct Listed {
+    values: Vec<Value>,
+    bytes: usize,
+}
+
 /// The entries of `dir`, page after page; `room` is how much more the
 /// caller takes (it shrinks by what is returned).
 async fn list_dir(
     session: &Session,
     dir: &FileRef,
     room: &mut Room,
-) -> Result<Vec<Value>, ClientError> {
+) -> Result<Listed, ClientError> {
     let mut entries = Vec::new();
+    let mut taken = 0;
     let mut cursor: Option<String> = None;
     // a cursor met again would list the same pages for ever
     let mut seen = HashSet::new();
@@ -397,6 +416,7 @@ async fn list_dir(
                 }
                 room.entries -= list.len();
                 room.bytes -= bytes;
+                taken += bytes;
                 // a page that brings nothing but a cursor would page for ever
                 if list.is_empty() && page.get("next_cursor").is_some_and(Value::is_string) {
                     return Err(ClientError::local(format!(
@@ -431,7 +451,12 @@ async fn list_dir(
                 }
                 cursor = Some(c.clone());
             }
-            _ => return Ok(entries),
+            _ => {
+                return Ok(Listed {
+                    values: entries,
+                    bytes: taken,
+                })
+            }
         }
     }
 }
@@ -497,11 +522,18 @@ fn listing(entries: &[Entry], long: bool) -> String {
     }
 }
 
+/// `ls`: people get each directory's section as soon as it is listed (an
+/// `ls -R` of a large tree starts printing at once, and holds only the
+/// directories listed but not yet printed); `--output json` gets one
+/// document once all are in. A subdirectory the agent cannot list (a
+/// damaged one) is named on stderr and the rest of the tree is listed, as
+/// ls does; the exit status is then 1.
 async fn ls(
     session: &Session,
     root: &FileRef,
     long: bool,
     recursive: bool,
+    json_out: bool,
 ) -> Result<Outcome, ClientError> {
     let mut room = Room {
         entries: MAX_LS_ENTRIES,
@@ -528,21 +560,25 @@ async fn ls(
         Err(e) => return Err(e),
     };
     let mut all = Vec::new();
-    let mut sections = Vec::new();
-    // Directories still to list, in `ls -R` order.
+    let mut printed_any = false;
+    let (mut problems, mut errors) = (Vec::new(), Vec::new());
+    // Directories listed and still to print, in `ls -R` order.
     let mut pending = vec![(root.clone(), first)];
-    while let Some((dir, values)) = pending.pop() {
-        let mut entries = Vec::with_capacity(values.len());
+    while let Some((dir, listed)) = pending.pop() {
+        let mut entries = Vec::with_capacity(listed.values.len());
         let mut subdirs = Vec::new();
-        for mut v in values {
-            let e = Entry::from_value(&v)?;
+        for v in &listed.values {
+            let e = Entry::from_value(v)?;
             // `""`, `.`, `..` or a `/` would name this directory or another
             // one again: `ls -R` listed one directory a million times
             let name = e.raw_name()?;
             crate::extract::safe_name(&name)?;
             let child = dir.child(&name);
-            set_path(&mut v, &child);
-            all.push(v);
+            if json_out {
+                let mut v = v.clone();
+                set_path(&mut v, &child);
+                all.push(v);
+            }
             if recursive && e.kind == "dir" {
                 if child.path.len() > MAX_LS_PATH {
                     return Err(ClientError::local(format!(
@@ -554,26 +590,45 @@ async fn ls(
             }
             entries.push(e);
         }
-        let body = listing(&entries, long);
-        sections.push(match (recursive, body.is_empty()) {
-            // an empty directory's section is its heading alone
-            (true, true) => format!("{}:", fmt::printable_bytes(&dir.path)),
-            (true, false) => format!("{}:\n{body}", fmt::printable_bytes(&dir.path)),
-            (false, _) => body,
-        });
+        if !json_out {
+            let body = listing(&entries, long);
+            let section = match (recursive, body.is_empty()) {
+                // an empty directory's section is its heading alone
+                (true, true) => format!("{}:", fmt::printable_bytes(&dir.path)),
+                (true, false) => format!("{}:\n{body}", fmt::printable_bytes(&dir.path)),
+                (false, _) => body,
+            };
+            if !section.is_empty() {
+                let gap = if printed_any { "\n" } else { "" };
+                crate::write_stdout(format!("{gap}{section}\n").as_bytes());
+                printed_any = true;
+            }
+            // printed: only what is still to print counts
+            room.give_back(&listed);
+        }
+        drop(listed);
         for sub in subdirs.into_iter().rev() {
-            let values = list_dir(session, &sub, &mut room).await?;
-            pending.push((sub, values));
+            match list_dir(session, &sub, &mut room).await {
+                Ok(listed) => pending.push((sub, listed)),
+                Err(ClientError::Agent { code, message, .. }) => {
+                    let shown = fmt::printable_bytes(&sub.path);
+                    problems.push(format!("cannot list {shown}: {message} (code {code})"));
+                    let mut error = json!({ "code": code, "message": message });
+                    set_path(&mut error, &sub);
+                    errors.push(error);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
-    let text = sections
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n\n");
     let mut listed = json!({ "entries": all });
     set_path(&mut listed, root);
-    Ok(Outcome::new(listed, text))
+    if !errors.is_empty() {
+        listed["errors"] = errors.into();
+    }
+    let mut outcome = Outcome::new(if json_out { listed } else { Value::Null }, "");
+    outcome.problems = problems;
+    Ok(outcome)
 }
 
 /// Sets `path` to the path of `file` (lossy UTF-8), and `path_b64` to its
