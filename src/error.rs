@@ -35,6 +35,10 @@ impl ErrorKind {
 pub struct Error {
     pub kind: ErrorKind,
     pub message: String,
+    /// For the failure of an archive stream (`fs.extract`): the member
+    /// (its path as in the archive) whose data or listing could not be
+    /// read. The stream can be resumed after it; see `Filesystem::walk`.
+    pub member: Option<Vec<u8>>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -44,7 +48,13 @@ impl Error {
         Error {
             kind,
             message: message.into(),
+            member: None,
         }
+    }
+    /// This error, as the failure of archive member `member`.
+    pub fn at_member(mut self, member: &[u8]) -> Self {
+        self.member = Some(member.to_vec());
+        self
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)

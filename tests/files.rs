@@ -1719,6 +1719,7 @@ fn hostile_images_give_clear_errors_and_the_agent_serves_on() {
     let p = with(target(bad, b"/a"), json!({"format": "tar"}));
     let id = ok(&mut c, "fs.extract", p)["stream"].as_u64().unwrap();
     let mut err = None;
+    let mut before = Vec::new();
     for _ in 0..100 {
         match bulk(
             &mut c,
@@ -1726,7 +1727,7 @@ fn hostile_images_give_clear_errors_and_the_agent_serves_on() {
             json!({"stream": id, "length": MAX_READ}),
         ) {
             Ok((m, _)) if m["eof"] == json!(true) => break,
-            Ok(_) => {}
+            Ok((_, data)) => before.extend_from_slice(&data),
             Err(e) => {
                 err = Some(e);
                 break;
@@ -1735,6 +1736,37 @@ fn hostile_images_give_clear_errors_and_the_agent_serves_on() {
     }
     let err = err.expect("extracting a damaged directory ends in an error");
     assert_eq!(err["code"], 1004, "{err}");
+    // It names the directory, and comes after the members before it (the
+    // stream's buffer was dropped, and they with it).
+    assert_eq!(err["data"]["member"], "a/b", "{err}");
+    assert_eq!(&before[..2], b"a/", "the member a/ came first");
+    // Resumed after it: the members that follow it, a/b's own left out.
+    let p = with(
+        target(bad, b"/a"),
+        json!({"format": "tar", "resume": err["data"]["resume"]}),
+    );
+    let id = ok(&mut c, "fs.extract", p)["stream"].as_u64().unwrap();
+    let rest = pull(&mut c, id, MAX_READ);
+    let dir = scratch();
+    std::fs::write(dir.path().join("rest.tar"), &rest).unwrap();
+    let listing = sh(Command::new("tar")
+        .arg("-tf")
+        .arg(dir.path().join("rest.tar")));
+    let names: Vec<&str> = std::str::from_utf8(&listing).unwrap().lines().collect();
+    assert!(!names.is_empty(), "nothing after a/b");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("a/") && !n.starts_with("a/b/") && *n != "a/"),
+        "{names:?}"
+    );
+    for token in ["", "!!", "YQ"] {
+        let p = with(
+            target(bad, b"/a"),
+            json!({"format": "tar", "resume": token}),
+        );
+        assert_eq!(fails(&mut c, "fs.extract", p).0, -32602, "{token:?}");
+    }
     ping(&mut c);
 
     // a truncated image: what lies past the cut errors, the rest reads

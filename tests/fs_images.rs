@@ -746,6 +746,7 @@ fn walk_finds_every_node_and_hardlinks() {
         let mut bytes: BTreeMap<Vec<u8>, [u8; 32]> = BTreeMap::new();
         fs.walk(
             b"/",
+            None,
             &mut |we: &WalkEntry, data: Option<&mut dyn FileData>| {
                 if let Some(d) = data {
                     let mut h = Sha256::new();
@@ -766,6 +767,7 @@ fn walk_finds_every_node_and_hardlinks() {
         .unwrap();
         (items, bytes)
     });
+    let all = items.clone();
     assert_eq!(items.len(), count_source(&src) + 1); // + lost+found
     assert!(items.iter().all(|w| !w.path.starts_with(b"/")
         && !w
@@ -799,12 +801,12 @@ fn walk_finds_every_node_and_hardlinks() {
     // a single file walks as itself; a subdir with its name as prefix
     let items = with_fs(&im.gpt, "part/1", |fs| {
         let mut v = vec![];
-        fs.walk(b"/a/b/../b", &mut |we: &WalkEntry, _| {
+        fs.walk(b"/a/b/../b", None, &mut |we: &WalkEntry, _| {
             v.push(String::from_utf8_lossy(&we.path).into_owned());
             Ok(())
         })
         .unwrap();
-        fs.walk(b"/hello.txt", &mut |we: &WalkEntry, _| {
+        fs.walk(b"/hello.txt", None, &mut |we: &WalkEntry, _| {
             v.push(String::from_utf8_lossy(&we.path).into_owned());
             Ok(())
         })
@@ -822,6 +824,36 @@ fn walk_finds_every_node_and_hardlinks() {
             "hello.txt"
         ]
     );
+
+    // Resumed after any node, a walk visits what came after it in the
+    // whole walk, that node's subtree left out.
+    let order: Vec<Vec<u8>> = all.iter().map(|w| w.path.clone()).collect();
+    with_fs(&im.gpt, "part/1", move |fs| {
+        let inside =
+            |p: &[u8], top: &[u8]| p == top || (p.starts_with(top) && p[top.len()] == b'/');
+        for (i, after) in order.iter().enumerate() {
+            let mut got = vec![];
+            fs.walk(b"/", Some(after), &mut |we: &WalkEntry, _| {
+                got.push(we.path.clone());
+                Ok(())
+            })
+            .unwrap();
+            let want: Vec<Vec<u8>> = order[i + 1..]
+                .iter()
+                .filter(|p| !inside(p, after))
+                .cloned()
+                .collect();
+            assert_eq!(got, want, "after {}", String::from_utf8_lossy(after));
+        }
+        // after a name that is not there: from where it would be
+        let mut got = vec![];
+        fs.walk(b"/a/b", Some(b"b/c0"), &mut |we: &WalkEntry, _| {
+            got.push(String::from_utf8_lossy(&we.path).into_owned());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, ["b/mid.txt"]);
+    });
 }
 
 /// Copies an image to a temp file and applies `damage` to it.
@@ -878,6 +910,18 @@ fn hostile_images_give_clear_errors() {
         eprintln!("garbage directory block: {} {}", e.kind.code(), e.message);
         // the rest still serves
         assert_eq!(read_all(fs, b"/hello.txt"), b"hello, world\n");
+        // a walk fails at the directory, naming it; resumed after it, the
+        // walk goes on with what follows it
+        let e = fs.walk(b"/", None, &mut |_, _| Ok(())).unwrap_err();
+        assert_eq!(e.member.as_deref(), Some(b"a/b".as_slice()), "{e:?}");
+        let mut after = vec![];
+        fs.walk(b"/", Some(b"a/b"), &mut |we: &WalkEntry, _| {
+            after.push(we.path.clone());
+            Ok(())
+        })
+        .unwrap();
+        assert!(after.iter().all(|p| !p.starts_with(b"a/b")), "{after:?}");
+        assert!(after.contains(&b"hello.txt".to_vec()), "{after:?}");
     });
     // a truncated image: metadata at the start reads, data past the end errors
     let (_d4, short) = damaged(&im.ext4_img, |d| d.truncate(d.len() / 3));
@@ -943,7 +987,7 @@ fn hostile_images_give_clear_errors() {
             let r = rt.block_on(h.run(|fs| {
                 let _ = fs.list(b"/", None, 100);
                 let _ = fs.read(b"/hello.txt", 0, 100);
-                let _ = fs.walk(b"/", &mut |_, d| {
+                let _ = fs.walk(b"/", None, &mut |_, d| {
                     if let Some(d) = d {
                         let mut b = [0u8; 4096];
                         let _ = d.read(&mut b);
@@ -1699,7 +1743,7 @@ fn fat_directory_loops_are_corrupt() {
 
     let (walked, listed, looped) = with_fs(&parent_loop_img, "raw", |fs| {
         let mut n = 0;
-        let walked = fs.walk(b"/", &mut |_, _| {
+        let walked = fs.walk(b"/", None, &mut |_, _| {
             n += 1;
             Ok(())
         });
@@ -1716,7 +1760,7 @@ fn fat_directory_loops_are_corrupt() {
 
     let (listed, walked) = with_fs(&chain_loop_img, "raw", |fs| {
         let listed = fs.list(b"/D", None, 100).map(|l| l.0.len());
-        (listed, fs.walk(b"/", &mut |_, _| Ok(())))
+        (listed, fs.walk(b"/", None, &mut |_, _| Ok(())))
     });
     for e in [listed.expect_err("listed"), walked.expect_err("walked")] {
         assert_error(&e, ErrorKind::Corrupt, "more than 65536 directory entries");
@@ -1725,7 +1769,7 @@ fn fat_directory_loops_are_corrupt() {
     let (listed, walked) = within(Duration::from_secs(60), move || {
         with_fs(&deleted_loop_img, "raw", |fs| {
             let listed = fs.list(b"/D", None, 100).map(|l| l.0.len());
-            (listed, fs.walk(b"/", &mut |_, _| Ok(())))
+            (listed, fs.walk(b"/", None, &mut |_, _| Ok(())))
         })
     });
     for e in [listed.expect_err("listed"), walked.expect_err("walked")] {
@@ -2470,7 +2514,7 @@ fn sizes_past_the_block_map_are_corrupt() {
             assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
             let want = format!("size {size} is more than its block map can address ({most} bytes)");
             assert!(e.message.contains(&want), "{}", e.message);
-            let walked = fs.walk(b"/d", &mut |_, data| {
+            let walked = fs.walk(b"/d", None, &mut |_, data| {
                 if let Some(data) = data {
                     let mut buf = vec![0u8; 1 << 16];
                     while data.read(&mut buf)? > 0 {}
@@ -2617,7 +2661,7 @@ fn zero_length_extents_are_corrupt_and_names_with_nul_are_left_out() {
             .map(|e| e.name)
             .collect();
         let mut walked = Vec::new();
-        let done = fs.walk(b"/d", &mut |e, _| {
+        let done = fs.walk(b"/d", None, &mut |e, _| {
             walked.push(String::from_utf8_lossy(&e.path).into_owned());
             Ok(())
         });

@@ -133,7 +133,15 @@ struct ExtractExtra {
     format: String,
     #[serde(default)]
     zstd: bool,
+    /// the `resume` token of a failed stream's error: only the members
+    /// after the one that failed
+    #[serde(default)]
+    resume: Option<String>,
 }
+
+/// Longest member path a `resume` token may hold (a walk's paths stay below
+/// 1,024 levels of 255-byte names).
+const MAX_RESUME: usize = 1 << 20;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -325,7 +333,19 @@ async fn fs_extract(
     params: Params<'static>,
     conn: ConnectionId,
 ) -> Result<RawResult, ErrorObjectOwned> {
-    let (t, x): (Target, ExtractExtra) = parse(&params, &["format", "zstd"])?;
+    let (t, x): (Target, ExtractExtra) = parse(&params, &["format", "zstd", "resume"])?;
+    let after = match &x.resume {
+        None => None,
+        Some(token) => Some(
+            base64_simd::STANDARD
+                .decode_to_vec(token)
+                .ok()
+                .filter(|m| !m.is_empty() && m.len() <= MAX_RESUME)
+                .ok_or_else(|| {
+                    invalid_params("resume is not a token from a failed stream's error")
+                })?,
+        ),
+    };
     let format = match x.format.as_str() {
         "tar" => Format::Tar,
         "zip" => Format::Zip,
@@ -354,7 +374,7 @@ async fn fs_extract(
         .insert(conn, reader, agent.shared.hold_watchdog(), producer.clone())?;
     tokio::spawn(async move {
         let _ = fs
-            .run(move |fs| produce(fs, &path, format, x.zstd, writer))
+            .run(move |fs| produce(fs, &path, after.as_deref(), format, x.zstd, writer))
             .await;
         // the filesystem's thread ends once its last handle is gone
         drop(fs);
@@ -391,19 +411,35 @@ async fn stream_read(
 
 /// Writes the archive of `path` into `out`; runs on the filesystem thread.
 /// Whatever stops it reaches the client as the error of its next read.
-fn produce(fs: &mut dyn Filesystem, path: &[u8], format: Format, zstd: bool, out: StreamWriter) {
+fn produce(
+    fs: &mut dyn Filesystem,
+    path: &[u8],
+    after: Option<&[u8]>,
+    format: Format,
+    zstd: bool,
+    out: StreamWriter,
+) {
     let closer = out.closer();
     let result = (|| {
         let mut archive = new_stream_writer(format, zstd, out)?;
-        fs.walk(path, &mut |we, data| {
+        fs.walk(path, after, &mut |we, data| {
             let Some(entry) = archive_entry(we, format) else {
                 return Ok(());
             };
             let with_data = matches!(entry.kind, EntryKind::File { .. });
-            let mut reader = data.filter(|_| with_data).map(DataReader);
-            archive
-                .append(&entry, reader.as_mut().map(|r| r as &mut dyn Read))
-                .map_err(from_io)
+            let mut failed = false;
+            let appended = {
+                let mut reader = data.filter(|_| with_data).map(|data| DataReader {
+                    data,
+                    failed: &mut failed,
+                });
+                archive
+                    .append(&entry, reader.as_mut().map(|r| r as &mut dyn Read))
+                    .map_err(from_io)
+            };
+            // The member's data could not be read: the stream can go on
+            // after it. (A failed write is no member's.)
+            appended.map_err(|e| if failed { e.at_member(&we.path) } else { e })
         })
         .map_err(std::io::Error::other)?;
         archive.finish()
@@ -443,12 +479,18 @@ fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
 }
 
 /// File data of a walk as `std::io::Read`; filesystem errors travel inside
-/// the I/O error and come out again in [`from_io`].
-struct DataReader<'a>(&'a mut dyn FileData);
+/// the I/O error and come out again in [`from_io`], and set `failed`.
+struct DataReader<'a, 'f> {
+    data: &'a mut dyn FileData,
+    failed: &'f mut bool,
+}
 
-impl Read for DataReader<'_> {
+impl Read for DataReader<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.read(buf).map_err(std::io::Error::other)
+        self.data.read(buf).map_err(|e| {
+            *self.failed = true;
+            std::io::Error::other(e)
+        })
     }
 }
 

@@ -109,11 +109,13 @@ impl OpenStream {
         // first; others get what is buffered.
         let mut len = 0;
         let eof = loop {
-            let (more, end) = cursor
-                .reader
-                .read_pieces(&mut data, max - len)
-                .await
-                .map_err(stream_error)?;
+            let (more, end) = match cursor.reader.read_pieces(&mut data, max - len).await {
+                Ok(got) => got,
+                // The stream failed after these bytes: they go now (a short
+                // read), the error with the next read.
+                Err(_) if len > 0 => break false,
+                Err(e) => return Err(stream_error(e)),
+            };
             len += more;
             if at.is_none() || end || len >= max {
                 break end;

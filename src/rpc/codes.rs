@@ -13,9 +13,17 @@ pub const AUTH_FAILED: i32 = -32002;
 pub const LIMIT_REACHED: i32 = -32003;
 pub const SHUTTING_DOWN: i32 = -32004;
 
-/// An application error as a JSON-RPC error object (codes 1001..1008).
+/// An application error as a JSON-RPC error object (codes 1001..1008). A
+/// failed archive member is named in `data`: `member` (lossy UTF-8) and
+/// `resume`, the token for `fs.extract` to go on after it.
 pub fn app_error(e: Error) -> ErrorObjectOwned {
-    ErrorObjectOwned::owned::<()>(e.kind.code(), e.message, None)
+    let data = e.member.map(|m| {
+        serde_json::json!({
+            "member": String::from_utf8_lossy(&m),
+            "resume": base64_simd::STANDARD.encode_to_string(&m),
+        })
+    });
+    ErrorObjectOwned::owned(e.kind.code(), e.message, data)
 }
 
 /// A `-32602` error whose `data` says what is wrong with the params.

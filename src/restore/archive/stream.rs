@@ -79,9 +79,10 @@ struct State {
 enum End {
     Open,
     Finished,
-    /// Reported to every read from then on: with several reads in
-    /// flight, the one that happens to look first is not always the one
-    /// whose answer the client shows.
+    /// Reported to every read once the bytes handed over before the
+    /// failure are read (they are whole archive members, up to the one
+    /// that failed): with several reads in flight, the one that happens to
+    /// look first is not always the one whose answer the client shows.
     Failed(Error),
 }
 
@@ -96,10 +97,6 @@ impl Shared {
     fn end(&self, end: End) {
         let mut st = self.lock();
         if matches!(st.end, End::Open) {
-            if matches!(end, End::Failed(_)) {
-                st.buf = VecDeque::new();
-                st.len = 0;
-            }
             st.end = end;
         }
         drop(st);
@@ -253,10 +250,9 @@ impl StreamCloser {
         self.shared.end(End::Finished);
     }
 
-    /// Fails the stream: the consumer's reads return `err` from now on
-    /// (buffered data is dropped: the stream is unusable anyway). An
-    /// [`Error`] inside `err` is kept as it is, so its code reaches the
-    /// client.
+    /// Fails the stream: the consumer reads what was handed over before,
+    /// then `err`, from every read. An [`Error`] inside `err` is kept as
+    /// it is, so its code (and the member it names) reaches the client.
     pub fn fail(self, err: io::Error) {
         let err = match err.get_ref().and_then(|e| e.downcast_ref::<Error>()) {
             Some(app) => app.clone(),
@@ -284,15 +280,15 @@ impl StreamReader {
         let st = self.shared.lock();
         match st.end {
             End::Open => false,
-            End::Finished => st.buf.is_empty(),
-            End::Failed(_) => true,
+            End::Finished | End::Failed(_) => st.buf.is_empty(),
         }
     }
 
     /// Waits until data is buffered, the stream finished, or it failed; then
     /// returns up to `max` bytes and whether the stream is complete after
     /// them (`true` comes with the last data when possible). A failed stream
-    /// returns its error, to every read.
+    /// returns what it buffered before the failure, then its error, to
+    /// every read.
     pub async fn read(&mut self, max: usize) -> io::Result<(Vec<u8>, bool)> {
         let mut pieces = Vec::new();
         let (n, eof) = self.read_pieces(&mut pieces, max).await?;
@@ -315,7 +311,9 @@ impl StreamReader {
             {
                 let mut st = self.shared.lock();
                 if let End::Failed(err) = &st.end {
-                    return Err(io::Error::other(err.clone()));
+                    if st.buf.is_empty() {
+                        return Err(io::Error::other(err.clone()));
+                    }
                 }
                 let finished = matches!(st.end, End::Finished);
                 if !st.buf.is_empty() || finished || max == 0 {
@@ -500,6 +498,20 @@ mod tests {
         closer.fail(io::Error::other("disk block unreadable"));
         let rt = runtime();
         // every read gets the error (several may be in flight)
+        for _ in 0..2 {
+            let err = rt.block_on(r.read(100)).unwrap_err();
+            assert!(err.to_string().contains("disk block unreadable"), "{err}");
+        }
+        // what was handed over before the failure comes first
+        let (mut w, mut r) = byte_stream(64);
+        let closer = w.closer();
+        w.write_all(b"whole members").unwrap();
+        w.flush().unwrap();
+        closer.fail(io::Error::other("disk block unreadable"));
+        assert!(!r.ended());
+        let (data, eof) = rt.block_on(r.read(100)).unwrap();
+        assert_eq!((data.as_slice(), eof), (b"whole members".as_slice(), false));
+        assert!(r.ended());
         for _ in 0..2 {
             let err = rt.block_on(r.read(100)).unwrap_err();
             assert!(err.to_string().contains("disk block unreadable"), "{err}");

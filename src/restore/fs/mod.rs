@@ -229,6 +229,15 @@ pub trait Filesystem {
     /// recovered journal replaces some of them): use `read` then.
     fn map(&mut self, path: &[u8], offset: u64, len: usize) -> Result<Option<FileMap>>;
     /// Walks `path` (a directory, recursively, or a single node) for
-    /// extraction; see [`WalkEntry`] and [`WalkVisitor`].
-    fn walk(&mut self, path: &[u8], visit: &mut WalkVisitor<'_>) -> Result<()>;
+    /// extraction; see [`WalkEntry`] and [`WalkVisitor`]. With `after` (a
+    /// [`WalkEntry::path`]) only the nodes that come after that one and
+    /// its subtree are visited: a walk that failed at a node goes on past
+    /// it. A node that fails (its listing, a loop) fails the walk with an
+    /// error naming it as its [`Error::member`](crate::error::Error).
+    fn walk(
+        &mut self,
+        path: &[u8],
+        after: Option<&[u8]>,
+        visit: &mut WalkVisitor<'_>,
+    ) -> Result<()>;
 }

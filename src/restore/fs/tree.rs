@@ -622,11 +622,17 @@ impl<B: Backend> Filesystem for Tree<B> {
         }))
     }
 
-    fn walk(&mut self, path: &[u8], visit: &mut WalkVisitor<'_>) -> Result<()> {
+    fn walk(
+        &mut self,
+        path: &[u8],
+        after: Option<&[u8]>,
+        visit: &mut WalkVisitor<'_>,
+    ) -> Result<()> {
         let r = self.resolve(path, false)?;
         let top = r.last().clone();
         let mut walk = Walk {
             path,
+            after: after.map(|a| a.split(|&b| b == b'/').map(<[u8]>::to_vec).collect()),
             visit,
             hardlinks: HashMap::new(),
             hardlink_bytes: 0,
@@ -674,6 +680,9 @@ impl<B: Backend> Filesystem for Tree<B> {
 struct Walk<'p, 'v, 'w> {
     /// the walked path, for error messages
     path: &'p [u8],
+    /// the components of the node a resumed walk goes on after, until a
+    /// node past it is met
+    after: Option<Vec<Vec<u8>>>,
     visit: &'v mut WalkVisitor<'w>,
     /// inode of a file with several links -> where it was first met
     hardlinks: HashMap<u64, Vec<u8>>,
@@ -697,6 +706,17 @@ impl Walk<'_, '_, '_> {
         depth: usize,
         inside: &[WalkFrame<B::Node>],
     ) -> Result<Option<WalkFrame<B::Node>>> {
+        let emit = match &self.after {
+            None => true,
+            Some(after) => match resumed_place(rel, after) {
+                Place::Before => return Ok(None),
+                Place::Above => false,
+                Place::Past => {
+                    self.after = None;
+                    true
+                }
+            },
+        };
         self.visited += 1;
         if self.visited > MAX_WALK_NODES {
             return Err(Error::corrupt(format!(
@@ -718,7 +738,7 @@ impl Walk<'_, '_, '_> {
                 None => {}
             }
         }
-        if !rel.is_empty() {
+        if emit && !rel.is_empty() {
             let we = WalkEntry {
                 path: rel.to_vec(),
                 entry: node.entry(),
@@ -746,22 +766,25 @@ impl Walk<'_, '_, '_> {
         if !is_dir {
             return Ok(None);
         }
+        // What fails from here on fails this directory: the walk can go
+        // on after it.
+        let at = |e: Error| e.at_member(rel);
         if depth >= MAX_WALK_DEPTH {
-            return Err(Error::corrupt(format!(
+            return Err(at(Error::corrupt(format!(
                 "{}: directories nested too deep",
                 show(abs)
-            )));
+            ))));
         }
-        let identity = tree.dir_identity(node, abs)?;
+        let identity = tree.dir_identity(node, abs).map_err(at)?;
         if let Some(id) = identity {
             if self.dirs_seen.contains(&id) || inside.iter().any(|f| f.identity == Some(id)) {
-                return Err(Error::corrupt(format!("{}: directory loop", show(abs))));
+                return Err(at(Error::corrupt(format!("{}: directory loop", show(abs)))));
             }
             if self.dirs_seen.len() < DIRS_SEEN_MAX {
                 self.dirs_seen.insert(id);
             }
         }
-        let kids = tree.listing(node, abs)?;
+        let kids = tree.listing(node, abs).map_err(at)?;
         Ok(Some(WalkFrame {
             kids,
             identity,
@@ -771,6 +794,39 @@ impl Walk<'_, '_, '_> {
             depth,
         }))
     }
+}
+
+/// Where a node lies against the one a resumed walk goes on after.
+#[derive(Debug, PartialEq)]
+enum Place {
+    /// before it in the walk, or it or inside it: left out
+    Before,
+    /// a directory holding it: walked into, not visited again
+    Above,
+    /// after it and its subtree: visited, as is everything after
+    Past,
+}
+
+/// Where `rel` lies against `after` (its components) in the walk's order:
+/// pre-order, siblings by name bytes, i.e. component by component.
+fn resumed_place(rel: &[u8], after: &[Vec<u8>]) -> Place {
+    if rel.is_empty() {
+        // the root of the volume, never visited
+        return Place::Above;
+    }
+    let mut parts = rel.split(|&b| b == b'/');
+    for a in after {
+        match parts.next() {
+            None => return Place::Above,
+            Some(r) => match r.cmp(a.as_slice()) {
+                std::cmp::Ordering::Less => return Place::Before,
+                std::cmp::Ordering::Greater => return Place::Past,
+                std::cmp::Ordering::Equal => {}
+            },
+        }
+    }
+    // it, or a node inside it
+    Place::Before
 }
 
 /// A file's data during a walk.
