@@ -1975,6 +1975,16 @@ fn serve_image_of(dir: &Path, src: &Path, name: &str, mib: u64) -> Agent {
         .status()
         .expect("mkfs.ext4");
     assert!(mkfs.success());
+    let store = store_of(dir, &img, name);
+    Agent::builder()
+        .arg("--datastore")
+        .arg(store.to_string_lossy())
+        .start()
+}
+
+/// A datastore `dir/store` holding image `img` as snapshot
+/// `host/NAME/2026-01-01T00:00:00Z`, archive `NAME.img.fidx`.
+fn store_of(dir: &Path, img: &Path, name: &str) -> PathBuf {
     let store = dir.join("store");
     ok(Command::new(CLIENT_BIN)
         .args(["store", "init"])
@@ -1988,13 +1998,10 @@ fn serve_image_of(dir: &Path, src: &Path, name: &str, mib: u64) -> Agent {
         .arg(format!("host/{name}/2026-01-01T00:00:00Z"))
         .arg("--archive")
         .arg(format!("{name}.img"))
-        .arg(&img)
+        .arg(img)
         .output()
         .expect("run"));
-    Agent::builder()
-        .arg("--datastore")
-        .arg(store.to_string_lossy())
-        .start()
+    store
 }
 
 #[test]
@@ -2373,6 +2380,39 @@ fn fd_of(fd: &std::os::fd::OwnedFd) -> libc::c_int {
     std::os::fd::AsRawFd::as_raw_fd(fd)
 }
 
+/// An ext4 image of `mib` MiB with 4 KiB blocks holding the tree `src`.
+fn mkfs_ext4(src: &Path, img: &Path, mib: u64) {
+    fs::File::create(img)
+        .and_then(|f| f.set_len(mib << 20))
+        .expect("image");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(src)
+        .arg(img));
+}
+
+/// The block holding block `n` of `path` in ext image `img` (debugfs).
+fn bmap(img: &Path, path: &str, n: u64) -> u64 {
+    let out = run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("bmap {path} {n}"))
+        .arg(img));
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bmap {path} {n}"))
+}
+
+/// Writes `bytes` over image `img` at `offset`: damage.
+fn overwrite(img: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(img)
+        .and_then(|f| f.write_all_at(bytes, offset))
+        .expect("damage the image");
+}
+
 /// `ls -R` of an ext4 volume with one damaged directory (its block
 /// overwritten with noise): the rest of the tree is listed, the damaged
 /// one is named on stderr (and under `errors` in JSON), and the exit
@@ -2389,27 +2429,8 @@ fn ls_r_lists_around_a_damaged_directory() {
         }
     }
     let img = t.path().join("disk.img");
-    fs::File::create(&img)
-        .and_then(|f| f.set_len(8 << 20))
-        .expect("image");
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-b", "4096", "-d"])
-        .arg(&src)
-        .arg(&img));
-    let bmap = run(Command::new("debugfs").arg("-R").arg("bmap /b 0").arg(&img));
-    let block: u64 = String::from_utf8_lossy(&bmap.stdout)
-        .trim()
-        .parse()
-        .expect("block of /b");
-    {
-        use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(&img)
-            .expect("open image");
-        f.write_all_at(&noise(4096, 7), block * 4096)
-            .expect("damage /b");
-    }
+    mkfs_ext4(&src, &img, 8);
+    overwrite(&img, bmap(&img, "/b", 0) * 4096, &noise(4096, 7));
     let agent = Agent::builder().image("disk0", &img).start();
     let out = client(&agent, &["ls", "-R", "attached", "disk0", "raw", "/"]);
     exits(&out, 1);
@@ -2445,4 +2466,105 @@ fn ls_r_lists_around_a_damaged_directory() {
     assert!(!paths.contains(&"/b/3"), "{paths:?}");
     assert_eq!(v["errors"][0]["path"], "/b", "{v}");
     assert_eq!(v["errors"][0]["code"], 1004, "{v}");
+}
+
+/// Extracting a tree goes on past what cannot be read from the backup, as
+/// tar and cp go on past a file they cannot read: a chunk missing from
+/// the datastore loses the file it holds, a damaged directory its
+/// contents, and the rest comes back whole, with both named on stderr and
+/// exit status 1. The first of them ended the extraction, and every file
+/// after it in the walk was lost.
+#[test]
+fn extract_goes_on_past_what_cannot_be_read() {
+    let t = tmp();
+    let src = t.path().join("src");
+    for dir in ["a", "b", "c"] {
+        fs::create_dir_all(src.join(dir)).expect("mkdir");
+    }
+    let small = |name: &str| fs::write(src.join(name), name).expect("write");
+    for name in ["a/1", "a/2", "b/3", "b/4", "c/5", "c/zz"] {
+        small(name);
+    }
+    fs::write(src.join("c/big"), noise(12 << 20, 3)).expect("big");
+    let img = t.path().join("tree.img");
+    mkfs_ext4(&src, &img, 64);
+    let bmap = |path: &str, n: u64| bmap(&img, path, n);
+    // /b's directory block: noise
+    overwrite(&img, bmap("/b", 0) * 4096, &noise(4096, 9));
+    // a 4 MiB chunk that lies inside /c/big's data
+    let first = bmap("/c/big", 0);
+    let chunk = (first * 4096).div_ceil(4 << 20);
+    let (from, to) = (chunk * 1024 - first, (chunk + 1) * 1024 - 1 - first);
+    assert!(to < 3072, "the chunk lies inside the file");
+    assert_eq!(
+        (bmap("/c/big", from), bmap("/c/big", to)),
+        (first + from, first + to),
+        "contiguous"
+    );
+    let store = store_of(t.path(), &img, "t");
+    let index = fs::read(store.join("host/t/2026-01-01T00:00:00Z/t.img.fidx")).expect("index");
+    let at = 4096 + chunk as usize * 32;
+    let digest: String = index[at..at + 32]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    fs::remove_file(store.join(".chunks").join(&digest[..4]).join(&digest))
+        .expect("remove the chunk");
+
+    let agent = Agent::builder().datastore(&store).start();
+    let out_dir = t.path().join("out");
+    let dest = out_dir.to_str().expect("utf8");
+    let args = [
+        "extract",
+        "host/t/2026-01-01T00:00:00Z",
+        "t.img.fidx",
+        "raw",
+        "/",
+    ];
+    let out = client(&agent, &[&args[..], &["-o", dest]].concat());
+    exits(&out, 1);
+    for name in ["a/1", "a/2", "c/5", "c/zz"] {
+        assert_eq!(
+            fs::read(out_dir.join(name)).expect(name),
+            name.as_bytes(),
+            "{name}"
+        );
+    }
+    assert!(out_dir.join("b").is_dir(), "the damaged directory itself");
+    assert_eq!(fs::read_dir(out_dir.join("b")).expect("b").count(), 0);
+    assert!(
+        !out_dir.join("c/big").exists(),
+        "the unreadable file is not left"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/b: ") && err.contains("(code 1004)"), "{err}");
+    assert!(
+        err.contains("/c/big: chunk ") && err.contains("missing (code 1001)"),
+        "{err}"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 could not be read"), "{text}");
+
+    // the same as JSON, into a fresh directory
+    let again = t.path().join("again");
+    let out = client(
+        &agent,
+        &[
+            &["--output", "json"],
+            &args[..],
+            &["-o", again.to_str().expect("utf8")],
+        ]
+        .concat(),
+    );
+    exits(&out, 1);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(v["failed_count"], 2, "{v}");
+    assert_eq!(v["files"], 4, "{v}");
+    let codes: Vec<&Value> = v["failed"]
+        .as_array()
+        .expect("failed")
+        .iter()
+        .map(|f| &f["code"])
+        .collect();
+    assert_eq!(codes, [1004, 1001], "{v}");
 }

@@ -221,8 +221,11 @@ pub async fn read_stream(
         // polled together, yielded in order (see read_file)
         let mut in_flight: FuturesOrdered<StreamFuture<'_>> = FuturesOrdered::new();
         let mut next = 0u64;
+        // A short read that did not end the stream: the agent's stream
+        // failed after those bytes, and the next read must bring the error.
+        let mut short: Option<(u64, u64)> = None;
         loop {
-            while in_flight.len() < READ_DEPTH {
+            while in_flight.len() < READ_DEPTH && (short.is_none() || in_flight.is_empty()) {
                 in_flight.push_back(issue(next));
                 next += READ_CHUNK;
             }
@@ -230,6 +233,11 @@ pub async fn read_stream(
                 return Ok(done);
             };
             let (asked, r) = oldest?;
+            if let Some((at, got)) = short {
+                return Err(ClientError::local(format!(
+                    "stream.read at {at}: {got} bytes before the end of the stream"
+                )));
+            }
             let bytes = payload(session, r.slot, &r.data, "stream")?;
             if r.offset != asked || asked != done {
                 return Err(ClientError::local(format!(
@@ -245,9 +253,7 @@ pub async fn read_stream(
                 return Ok(done);
             }
             if got < READ_CHUNK {
-                return Err(ClientError::local(format!(
-                    "stream.read at {asked}: {got} bytes before the end of the stream"
-                )));
+                short = Some((asked, got));
             }
         }
     }

@@ -330,6 +330,11 @@ pub(crate) struct Stats {
     pub(crate) skipped: Vec<String>,
     /// how many were skipped in all
     pub(crate) skipped_count: u64,
+    /// the first [`SKIPPED_NAMED`] members the agent could not read, as
+    /// its messages (which name them) with their codes
+    pub(crate) failed: Vec<(i32, String)>,
+    /// how many could not be read in all
+    pub(crate) failed_count: u64,
 }
 
 /// Special files skipped that are named in the report (a hostile stream of
@@ -337,6 +342,14 @@ pub(crate) struct Stats {
 const SKIPPED_NAMED: usize = 100;
 
 impl Stats {
+    /// Notes a member the agent could not read.
+    pub(crate) fn failed(&mut self, member: FailedMember) {
+        self.failed_count += 1;
+        if self.failed.len() < SKIPPED_NAMED {
+            self.failed.push((member.code, member.message));
+        }
+    }
+
     /// Notes a special file skipped.
     pub(crate) fn skip(&mut self, name: String) {
         self.skipped_count += 1;
@@ -426,6 +439,10 @@ async fn to_dir(
             "bytes": s.bytes,
             "skipped": s.skipped,
             "skipped_count": s.skipped_count,
+            "failed": s.failed.iter().map(|(code, message)| json!({
+                "code": code, "message": message
+            })).collect::<Vec<_>>(),
+            "failed_count": s.failed_count,
         }),
         format!(
             "extracted {} files, {} directories, {} symlinks, {} hard links{} ({} bytes) into {}",
@@ -456,6 +473,23 @@ async fn to_dir(
             .text
             .push_str(&format!(", {} special files skipped", s.skipped_count));
     }
+    if s.failed_count > 0 {
+        // Each on a line of its own after the report, and exit status 1:
+        // the agent reported errors.
+        outcome.text.push_str(&format!(
+            "; {} could not be read from the backup",
+            s.failed_count
+        ));
+        for (code, message) in &s.failed {
+            outcome.problems.push(format!("{message} (code {code})"));
+        }
+        let more = s.failed_count - s.failed.len() as u64;
+        if more > 0 {
+            outcome
+                .problems
+                .push(format!("and {more} more that could not be read"));
+        }
+    }
     Ok(outcome)
 }
 
@@ -484,6 +518,11 @@ fn finish_dirs(dir: &Path, finish: &Finish) -> Result<(), ClientError> {
 /// (`fs.extract`), unpacked on a thread of its own while the next pieces
 /// travel. One stream instead of a call per file: the agent reads the tree
 /// in its own order and no round trip is paid per file.
+///
+/// A member the agent cannot read (a missing or corrupt chunk, a damaged
+/// directory) fails its stream after the members before it; its partial
+/// file goes, it is noted in [`Stats::failed`], and a new stream resumes
+/// after it, as tar and cp go on past a file they cannot read.
 #[allow(clippy::too_many_arguments)]
 async fn unpack_tree(
     session: &Session,
@@ -495,19 +534,6 @@ async fn unpack_tree(
     partial: &Partial,
     bar: Option<ProgressBar>,
 ) -> (Result<Stats, ClientError>, Finish) {
-    let opened = session
-        .call::<Value>("fs.extract", root.params_with(json!({ "format": "tar" })))
-        .await
-        .and_then(|opened| {
-            opened
-                .get("stream")
-                .cloned()
-                .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))
-        });
-    let stream = match opened {
-        Ok(stream) => stream,
-        Err(e) => return (Err(e), Vec::new()),
-    };
     let mut unpacker = Unpacker::new(
         dir,
         top,
@@ -517,18 +543,23 @@ async fn unpack_tree(
         partial.clone(),
         bar,
     );
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIECES_AHEAD);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(PIECES_AHEAD);
     let spares = session.spare_buffers();
     let worker = std::thread::Builder::new()
         .name("unpack".into())
         .spawn(move || {
             let mut fed = Ok(());
             for piece in rx {
-                fed = unpacker.feed(&piece);
+                match piece {
+                    Piece::Data(data) => {
+                        fed = unpacker.feed(&data);
+                        spares.give(data);
+                    }
+                    Piece::Failed(member) => unpacker.member_failed(member),
+                }
                 if fed.is_err() {
                     break;
                 }
-                spares.give(piece);
             }
             let (ended, finish) = unpacker.end();
             (fed.and(ended), finish)
@@ -541,22 +572,67 @@ async fn unpack_tree(
         }
     };
     let mut gone = false;
-    let streamed = {
-        let mut sink = |piece: Vec<u8>| {
-            let sent = match tx.try_send(piece) {
-                Ok(()) => Ok(()),
-                // Full: wait, telling the runtime this thread blocks.
-                Err(TrySendError::Full(piece)) => {
-                    tokio::task::block_in_place(|| tx.send(piece)).map_err(|_| ())
-                }
-                Err(TrySendError::Disconnected(_)) => Err(()),
-            };
-            sent.map_err(|()| {
-                gone = true;
-                ClientError::local("the unpacker stopped")
-            })
+    let mut send = |piece: Piece| {
+        let sent = match tx.try_send(piece) {
+            Ok(()) => Ok(()),
+            // Full: wait, telling the runtime this thread blocks.
+            Err(TrySendError::Full(piece)) => {
+                tokio::task::block_in_place(|| tx.send(piece)).map_err(|_| ())
+            }
+            Err(TrySendError::Disconnected(_)) => Err(()),
         };
-        bulk::read_stream(session, &stream, &mut sink).await
+        sent.map_err(|()| {
+            gone = true;
+            ClientError::local("the unpacker stopped")
+        })
+    };
+    let mut resume: Option<String> = None;
+    let mut failures = 0usize;
+    let streamed = loop {
+        let mut params = json!({ "format": "tar" });
+        if let Some(token) = &resume {
+            params["resume"] = token.clone().into();
+        }
+        let opened = session
+            .call::<Value>("fs.extract", root.params_with(params))
+            .await
+            .and_then(|opened| {
+                opened
+                    .get("stream")
+                    .cloned()
+                    .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))
+            });
+        let stream = match opened {
+            Ok(stream) => stream,
+            Err(e) => break Err(e),
+        };
+        let read = bulk::read_stream(session, &stream, &mut |data| send(Piece::Data(data))).await;
+        match read {
+            Err(ClientError::Agent {
+                code,
+                message,
+                data,
+            }) if failures < MAX_FAILED_MEMBERS => {
+                let token = data
+                    .as_ref()
+                    .and_then(|d| d.get("resume"))
+                    .and_then(Value::as_str)
+                    .filter(|t| t.len() <= MAX_RESUME_TOKEN && Some(*t) != resume.as_deref());
+                let Some(token) = token else {
+                    break Err(ClientError::Agent {
+                        code,
+                        message,
+                        data,
+                    });
+                };
+                failures += 1;
+                if let Err(e) = send(Piece::Failed(FailedMember { code, message })) {
+                    break Err(e);
+                }
+                resume = Some(token.to_string());
+            }
+            other => break other,
+        }
     };
     drop(tx);
     let (unpacked, finish) = worker
@@ -570,6 +646,28 @@ async fn unpack_tree(
     };
     (result, finish)
 }
+
+/// What the unpacker is handed.
+enum Piece {
+    /// the next bytes of the tar stream
+    Data(Vec<u8>),
+    /// the stream failed at a member; a new stream follows
+    Failed(FailedMember),
+}
+
+/// A member the agent could not read.
+pub(crate) struct FailedMember {
+    pub(crate) code: i32,
+    pub(crate) message: String,
+}
+
+/// Members that may fail before an extraction gives up: each costs a new
+/// stream, and a volume that damaged is better read some other way.
+const MAX_FAILED_MEMBERS: usize = 10_000;
+/// Longest `resume` token taken from the agent: it holds a member's path
+/// (a walk's paths stay below 1,024 levels of 255-byte names, 350 KB as
+/// base64).
+const MAX_RESUME_TOKEN: usize = 512 << 10;
 
 /// One file: its contents through pipelined `fs.read`, under its own name.
 #[allow(clippy::too_many_arguments)]

@@ -22,7 +22,7 @@ use restore_agent::client::ClientError;
 
 use crate::extract::{
     local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name, set_mtime_at,
-    set_mtime_fd, symlinkat, Finish, Partial, Stats,
+    set_mtime_fd, symlinkat, FailedMember, Finish, Partial, Stats,
 };
 use crate::newfile::{place_node, NewFile};
 use crate::sparse::SparseFile;
@@ -108,6 +108,17 @@ impl Unpacker {
     /// Takes the next piece of the stream.
     pub(crate) fn feed(&mut self, data: &[u8]) -> Result<(), ClientError> {
         self.frames.feed(data, &mut self.out)
+    }
+
+    /// The stream failed at a member the agent could not read, and a new
+    /// one resumes after it: the member's partial file goes, and the new
+    /// stream starts with a header.
+    pub(crate) fn member_failed(&mut self, member: FailedMember) {
+        if let Some(open) = self.out.open.take() {
+            open.new.abandon(&self.out.partial, &open.dir, &open.name);
+        }
+        self.frames = TarFrames::new(self.out.remote.clone());
+        self.out.stats.failed(member);
     }
 
     /// The stream ended: it must have ended where the archive does. The
