@@ -586,3 +586,45 @@ fn ls_r_prints_each_directory_as_it_comes() {
         "what ls -R printed before the agent stalled"
     );
 }
+
+/// An agent whose streams fail at a member again and again: `extract -o`
+/// resumes after a failed member, but not after the same one twice (that
+/// would go round for ever), and not on a token it cannot use.
+#[test]
+fn a_stream_that_fails_at_the_same_member_again_is_not_resumed_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    for data in [
+        json!({"member": "d/x", "resume": "ZC94"}),
+        json!({"resume": 7}),
+    ] {
+        let opened = Arc::new(AtomicUsize::new(0));
+        let seen = opened.clone();
+        let resumable = data["resume"].is_string();
+        let shown = data.to_string();
+        let fake = Fake::start(move |method, _| match method {
+            "fs.stat" => Answer::Result(dir_entry("d")),
+            "fs.extract" => {
+                seen.fetch_add(1, Ordering::SeqCst);
+                Answer::Result(json!({"stream": 1}))
+            }
+            "stream.read" => Answer::Error(
+                json!({"code": 1004, "message": "/d/x: unreadable", "data": data.clone()}),
+            ),
+            "stream.close" => Answer::Result(json!({"closed": true})),
+            _ => Answer::Result(json!(null)),
+        });
+        let out = fake.extract("/d", &fake.path("out"));
+        assert_eq!(code(&out), 1, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("/d/x: unreadable"),
+            "{}",
+            stderr(&out)
+        );
+        assert_eq!(
+            opened.load(Ordering::SeqCst),
+            if resumable { 2 } else { 1 },
+            "streams opened, {shown}"
+        );
+    }
+}
