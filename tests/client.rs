@@ -2567,4 +2567,28 @@ fn extract_goes_on_past_what_cannot_be_read() {
         .map(|f| &f["code"])
         .collect();
     assert_eq!(codes, [1004, 1001], "{v}");
+
+    // --tar: the archive is cut back to before each member that failed and
+    // goes on with the ones after it; it is whole, without them
+    let tar = t.path().join("tree.tar");
+    let out = client(
+        &agent,
+        &[&args[..], &["--tar", tar.to_str().expect("utf8")]].concat(),
+    );
+    exits(&out, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/c/big: chunk "), "{err}");
+    let from_tar = t.path().join("from-tar");
+    fs::create_dir(&from_tar).expect("mkdir");
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&from_tar));
+    let mut names: Vec<String> = walk(&from_tar).into_iter().map(|(p, _)| p).collect();
+    names.retain(|n| !n.starts_with("lost+found"));
+    assert_eq!(names, ["a", "a/1", "a/2", "b", "c", "c/5", "c/zz"]);
+    for name in ["a/1", "c/zz"] {
+        assert_eq!(fs::read(from_tar.join(name)).expect(name), name.as_bytes());
+    }
 }

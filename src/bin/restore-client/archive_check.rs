@@ -74,6 +74,15 @@ impl ArchiveCheck {
         })
     }
 
+    /// For a plain tar: how many bytes of the stream hold whole members
+    /// (see [`TarFrames::whole_members`]).
+    pub(crate) fn tar_whole_members(&self) -> Option<u64> {
+        match self {
+            ArchiveCheck::Tar(frames) => Some(frames.whole_members()),
+            _ => None,
+        }
+    }
+
     /// Takes the next piece of the stream.
     pub(crate) fn feed(&mut self, data: &[u8]) -> Result<(), ClientError> {
         match self {

@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -223,7 +223,7 @@ async fn to_archive(
     // is replaced only once the new archive is complete.
     let replace = dest.filter(|_| force).and_then(replaced_file);
     let written = replace.as_ref().map(|(temp, _)| temp.as_path()).or(dest);
-    let mut out: Box<dyn Write + Send> = match written {
+    let mut out = match written {
         Some(path) => {
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true);
@@ -243,39 +243,81 @@ async fn to_archive(
                     ClientError::local(format!("cannot create {}: {e}", path.display()))
                 }
             })?;
-            Box::new(io::BufWriter::with_capacity(1 << 20, f))
+            io::BufWriter::with_capacity(1 << 20, f)
         }
-        None => Box::new(io::BufWriter::with_capacity(1 << 20, data_stdout()?)),
+        None => io::BufWriter::with_capacity(1 << 20, data_stdout()?),
     };
-    let opened: Value = session
-        .call(
-            "fs.extract",
-            file.params_with(json!({ "format": format, "zstd": zstd })),
-        )
-        .await?;
-    let stream = opened
-        .get("stream")
-        .cloned()
-        .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))?;
+    // A plain tar in a regular file can be cut back to before a member the
+    // agent could not read, and go on with the members after it.
+    let can_resume = format == "tar"
+        && !zstd
+        && dest.is_some()
+        && out.get_ref().metadata().is_ok_and(|m| m.is_file());
     let bar = if dest.is_some() { progress(None) } else { None };
     let what = dest
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "stdout".into());
     let remote = file.display();
     let mut check = ArchiveCheck::new(format, zstd, remote.clone())?;
-    let mut sink = |data: Vec<u8>| {
-        if let Some(b) = &bar {
-            b.inc(data.len() as u64);
+    let mut bytes = 0u64;
+    // where in the archive the current stream's bytes began
+    let mut stream_start = 0u64;
+    let mut resume: Option<String> = None;
+    let mut stats = Stats::default();
+    let result = loop {
+        let mut params = json!({ "format": format, "zstd": zstd });
+        if let Some(token) = &resume {
+            params["resume"] = token.clone().into();
         }
-        check.feed(&data)?;
-        out.write_all(&data)
-            .map_err(|e| write_error(dest, &what, e))
+        let opened: Value = match session.call("fs.extract", file.params_with(params)).await {
+            Ok(opened) => opened,
+            Err(e) => break Err(e),
+        };
+        let Some(stream) = opened.get("stream").cloned() else {
+            break Err(ClientError::local("fs.extract: no stream id in the answer"));
+        };
+        let mut sink = |data: Vec<u8>| {
+            if let Some(b) = &bar {
+                b.inc(data.len() as u64);
+            }
+            check.feed(&data)?;
+            bytes += data.len() as u64;
+            out.write_all(&data)
+                .map_err(|e| write_error(dest, &what, e))
+        };
+        let read = bulk::read_stream(session, &stream, &mut sink).await;
+        let e = match read {
+            Ok(_) => break Ok(()),
+            Err(e) if !can_resume => break Err(e),
+            Err(e) => e,
+        };
+        let (member, token) = match resumable(e, resume.as_deref(), stats.failed_count as usize) {
+            Ok(go_on) => go_on,
+            Err(e) => break Err(e),
+        };
+        // Back to where the failed member began: the archive holds the
+        // members before it, whole, and the next stream's follow.
+        let at = stream_start + check.tar_whole_members().unwrap_or(0);
+        let cut = out.flush().and_then(|()| {
+            let f = out.get_mut();
+            f.set_len(at)?;
+            f.seek(io::SeekFrom::Start(at)).map(|_| ())
+        });
+        if let Err(e) = cut {
+            break Err(write_error(dest, &what, e));
+        }
+        (bytes, stream_start) = (at, at);
+        if let Some(b) = &bar {
+            b.set_position(at);
+        }
+        check = ArchiveCheck::new(format, zstd, remote.clone())?;
+        stats.failed(member);
+        resume = Some(token);
     };
-    let result = bulk::read_stream(session, &stream, &mut sink).await;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let bytes = result?;
+    result?;
     // The agent said the stream ended: written is only a whole archive.
     check.end(&remote)?;
     out.flush().map_err(|e| write_error(dest, &what, e))?;
@@ -286,15 +328,48 @@ async fn to_archive(
     if let Some(path) = written {
         partial.done(path);
     }
-    let text = match dest {
+    let mut text = match dest {
         Some(p) => format!("wrote {} ({} bytes, {format})", p.display(), bytes),
         None => String::new(),
     };
     let json = match dest {
-        Some(p) => json!({ "archive": p, "format": format, "bytes": bytes }),
+        Some(p) => json!({
+            "archive": p, "format": format, "bytes": bytes,
+            "failed": failed_json(&stats), "failed_count": stats.failed_count,
+        }),
         None => Value::Null,
     };
-    Ok(Outcome::new(json, text))
+    let mut outcome = Outcome::new(json, String::new());
+    report_failed(&stats, &mut text, &mut outcome.problems);
+    outcome.text = text;
+    Ok(outcome)
+}
+
+/// The members that could not be read, for `--output json`.
+fn failed_json(s: &Stats) -> Vec<Value> {
+    s.failed
+        .iter()
+        .map(|(code, message)| json!({ "code": code, "message": message }))
+        .collect()
+}
+
+/// Adds the members that could not be read to a report's `text`, and names
+/// each as a problem (on stderr, exit status 1: the agent reported errors).
+fn report_failed(s: &Stats, text: &mut String, problems: &mut Vec<String>) {
+    if s.failed_count == 0 {
+        return;
+    }
+    text.push_str(&format!(
+        "; {} could not be read from the backup",
+        s.failed_count
+    ));
+    for (code, message) in &s.failed {
+        problems.push(format!("{message} (code {code})"));
+    }
+    let more = s.failed_count - s.failed.len() as u64;
+    if more > 0 {
+        problems.push(format!("and {more} more that could not be read"));
+    }
 }
 
 /// For `--force`: when `dest` is (or a symlink there names) a regular file,
@@ -439,9 +514,7 @@ async fn to_dir(
             "bytes": s.bytes,
             "skipped": s.skipped,
             "skipped_count": s.skipped_count,
-            "failed": s.failed.iter().map(|(code, message)| json!({
-                "code": code, "message": message
-            })).collect::<Vec<_>>(),
+            "failed": failed_json(s),
             "failed_count": s.failed_count,
         }),
         format!(
@@ -473,23 +546,7 @@ async fn to_dir(
             .text
             .push_str(&format!(", {} special files skipped", s.skipped_count));
     }
-    if s.failed_count > 0 {
-        // Each on a line of its own after the report, and exit status 1:
-        // the agent reported errors.
-        outcome.text.push_str(&format!(
-            "; {} could not be read from the backup",
-            s.failed_count
-        ));
-        for (code, message) in &s.failed {
-            outcome.problems.push(format!("{message} (code {code})"));
-        }
-        let more = s.failed_count - s.failed.len() as u64;
-        if more > 0 {
-            outcome
-                .problems
-                .push(format!("and {more} more that could not be read"));
-        }
-    }
+    report_failed(s, &mut outcome.text, &mut outcome.problems);
     Ok(outcome)
 }
 
@@ -608,30 +665,17 @@ async fn unpack_tree(
         };
         let read = bulk::read_stream(session, &stream, &mut |data| send(Piece::Data(data))).await;
         match read {
-            Err(ClientError::Agent {
-                code,
-                message,
-                data,
-            }) if failures < MAX_FAILED_MEMBERS => {
-                let token = data
-                    .as_ref()
-                    .and_then(|d| d.get("resume"))
-                    .and_then(Value::as_str)
-                    .filter(|t| t.len() <= MAX_RESUME_TOKEN && Some(*t) != resume.as_deref());
-                let Some(token) = token else {
-                    break Err(ClientError::Agent {
-                        code,
-                        message,
-                        data,
-                    });
-                };
-                failures += 1;
-                if let Err(e) = send(Piece::Failed(FailedMember { code, message })) {
-                    break Err(e);
+            Err(e) => match resumable(e, resume.as_deref(), failures) {
+                Ok((member, token)) => {
+                    failures += 1;
+                    if let Err(e) = send(Piece::Failed(member)) {
+                        break Err(e);
+                    }
+                    resume = Some(token);
                 }
-                resume = Some(token.to_string());
-            }
-            other => break other,
+                Err(e) => break Err(e),
+            },
+            done => break done,
         }
     };
     drop(tx);
@@ -659,6 +703,40 @@ enum Piece {
 pub(crate) struct FailedMember {
     pub(crate) code: i32,
     pub(crate) message: String,
+}
+
+/// For the error that ended a stream: the member the agent could not read
+/// and the token to resume after it, when a new stream can go on (the
+/// agent gave a token, not the one it last resumed from, and fewer than
+/// [`MAX_FAILED_MEMBERS`] failed); otherwise the error.
+fn resumable(
+    e: ClientError,
+    last: Option<&str>,
+    failures: usize,
+) -> Result<(FailedMember, String), ClientError> {
+    let ClientError::Agent {
+        code,
+        message,
+        data,
+    } = e
+    else {
+        return Err(e);
+    };
+    let token = data
+        .as_ref()
+        .and_then(|d| d.get("resume"))
+        .and_then(Value::as_str)
+        .filter(|t| t.len() <= MAX_RESUME_TOKEN && Some(*t) != last)
+        .filter(|_| failures < MAX_FAILED_MEMBERS)
+        .map(str::to_string);
+    match token {
+        Some(token) => Ok((FailedMember { code, message }, token)),
+        None => Err(ClientError::Agent {
+            code,
+            message,
+            data,
+        }),
+    }
 }
 
 /// Members that may fail before an extraction gives up: each costs a new

@@ -91,6 +91,12 @@ pub(crate) struct TarFrames {
     state: State,
     buf: Vec<u8>,
     pax: Pax,
+    /// Bytes fed so far.
+    fed: u64,
+    /// Where the last member began (its pax header, if it has one).
+    member_start: u64,
+    /// A pax header was read and its member's header is still to come.
+    in_member: bool,
 }
 
 pub(crate) fn pad(size: u64) -> u64 {
@@ -160,6 +166,22 @@ impl TarFrames {
             state: State::Header,
             buf: Vec::with_capacity(BLOCK),
             pax: Pax::default(),
+            fed: 0,
+            member_start: 0,
+            in_member: false,
+        }
+    }
+
+    /// How many bytes of the stream so far hold whole members: all of them
+    /// at a member boundary, else those before the unfinished member (its
+    /// pax header included). An archive cut back there after a member
+    /// failed is whole but for the end blocks.
+    pub(crate) fn whole_members(&self) -> u64 {
+        let between = matches!(self.state, State::Header) && self.buf.is_empty() && !self.in_member;
+        if between {
+            self.fed
+        } else {
+            self.member_start
         }
     }
 
@@ -174,6 +196,8 @@ impl TarFrames {
         mut data: &[u8],
         members: &mut impl Members,
     ) -> Result<(), ClientError> {
+        let (base, total) = (self.fed, data.len() as u64);
+        self.fed += total;
         while !data.is_empty() {
             match &mut self.state {
                 State::End(after) => {
@@ -216,6 +240,9 @@ impl TarFrames {
                     }
                 }
                 State::Header => {
+                    if self.buf.is_empty() && !self.in_member {
+                        self.member_start = base + total - data.len() as u64;
+                    }
                     let k = (BLOCK - self.buf.len()).min(data.len());
                     self.buf.extend_from_slice(&data[..k]);
                     data = &data[k..];
@@ -319,6 +346,7 @@ impl TarFrames {
             .checked_add(pad(size))
             .ok_or_else(|| self.corrupt("bad size field"))?;
         if typeflag == b'x' || typeflag == b'g' {
+            self.in_member = true;
             if size > MAX_PAX {
                 return Err(self.corrupt("pax header too large"));
             }
@@ -332,6 +360,7 @@ impl TarFrames {
             }
             return Ok(());
         }
+        self.in_member = false;
         let name = match pax.path {
             Some(p) => p,
             None => {
@@ -478,6 +507,43 @@ pub(crate) mod tests {
         let mut check = TarFrames::new("/x".into());
         check.feed(&stream, &mut FramingOnly).expect("feed");
         check.end().expect("whole");
+    }
+
+    /// The whole members so far end at a member boundary: never inside a
+    /// member, its pax header or its data.
+    #[test]
+    fn whole_members_end_where_a_member_begins() {
+        let first = member("a", b'0', &[1u8; 700], "");
+        let second = long_path_member("b", &[2u8; 100]);
+        let mut stream = first.clone();
+        stream.extend(&second);
+        let ends = [0, first.len() as u64, stream.len() as u64];
+        for piece in [1, 100, 512, 4096] {
+            let mut frames = TarFrames::new("/x".into());
+            let mut fed = 0;
+            for p in stream.chunks(piece) {
+                frames.feed(p, &mut FramingOnly).expect("feed");
+                fed += p.len() as u64;
+                let whole = frames.whole_members();
+                assert!(
+                    ends.contains(&whole) && whole <= fed,
+                    "piece {piece}: {whole}"
+                );
+                if fed > first.len() as u64 && fed < stream.len() as u64 {
+                    assert_eq!(whole, first.len() as u64, "piece {piece}: {fed}");
+                }
+            }
+            assert_eq!(frames.whole_members(), stream.len() as u64);
+        }
+    }
+
+    /// A member preceded by a pax header naming it.
+    fn long_path_member(name: &str, data: &[u8]) -> Vec<u8> {
+        let record = format!(" path={name}\n");
+        let len = record.len() + 2;
+        let mut m = member("pax", b'x', format!("{len}{record}").as_bytes(), "");
+        m.extend(member("short", b'0', data, ""));
+        m
     }
 
     #[test]
