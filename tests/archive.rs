@@ -135,6 +135,7 @@ fn walk_inner(
         uid: md.uid(),
         gid: md.gid(),
         mtime: md.mtime(),
+        sparse: None,
     };
     if let EntryKind::File { .. } = kind {
         let mut f = std::fs::File::open(path)?;
@@ -569,6 +570,7 @@ fn meta(path: &[u8], kind: EntryKind) -> ArchiveEntry {
         uid: 0,
         gid: 0,
         mtime: 1_700_000_000,
+        sparse: None,
     }
 }
 

@@ -2096,25 +2096,23 @@ fn sparse_files_come_back_sparse() {
     }
     fs::write(src.join("d/zeros"), vec![0u8; 3 << 20]).expect("write");
     let agent = serve_image_of(dir.path(), &src, "s", 64);
-    let extract = |path: &str, out: &Path| {
-        ok(client(
-            &agent,
-            &[
-                "extract",
-                "host/s/2026-01-01T00:00:00Z",
-                "s.img.fidx",
-                "raw",
-                path,
-                "-o",
-                out.to_str().expect("utf8"),
-            ],
-        ));
+    // `extract PATH ARGS...`
+    let extract = |path: &str, args: &[&str]| {
+        let head = [
+            "extract",
+            "host/s/2026-01-01T00:00:00Z",
+            "s.img.fidx",
+            "raw",
+            path,
+        ];
+        ok(client(&agent, &[&head[..], args].concat()));
     };
+    let to = |p: &Path| p.to_str().expect("utf8").to_string();
     // The tree (a tar stream) and the one file (fs.read) take different paths.
     let tree = dir.path().join("tree");
-    extract("/d", &tree);
+    extract("/d", &["-o", &to(&tree)]);
     let one = dir.path().join("one");
-    extract("/d/disk.raw", &one);
+    extract("/d/disk.raw", &["-o", &to(&one)]);
     for got in [tree.join("disk.raw"), one.join("disk.raw")] {
         assert_eq!(sha256(&got), sha256(&sparse), "{}", got.display());
         let meta = fs::metadata(&got).expect("stat");
@@ -2129,6 +2127,28 @@ fn sparse_files_come_back_sparse() {
     }
     let zeros = tree.join("zeros");
     assert_eq!(fs::read(&zeros).expect("read"), vec![0u8; 3 << 20]);
+
+    // As a tar, a file with holes is a GNU sparse member: the archive holds
+    // its data, not its 48 MiB of holes, and GNU tar restores it whole and
+    // sparse (the tree above came the same way)
+    let tar = dir.path().join("d.tar");
+    extract("/d", &["--tar", &to(&tar)]);
+    let size = fs::metadata(&tar).expect("stat").len();
+    assert!(size < 6 << 20, "the tar takes {size} bytes");
+    let untarred = dir.path().join("untarred");
+    fs::create_dir(&untarred).expect("mkdir");
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&untarred));
+    let got = untarred.join("d/disk.raw");
+    assert_eq!(sha256(&got), sha256(&sparse));
+    assert!(fs::metadata(&got).expect("stat").blocks() * 512 < 3 << 20);
+    assert_eq!(
+        fs::read(untarred.join("d/zeros")).expect("read"),
+        vec![0u8; 3 << 20]
+    );
 }
 
 #[test]

@@ -426,12 +426,25 @@ fn produce(
             let Some(entry) = archive_entry(we, format) else {
                 return Ok(());
             };
-            let with_data = matches!(entry.kind, EntryKind::File { .. });
+            let mut entry = entry;
+            let mut data = data.filter(|_| matches!(entry.kind, EntryKind::File { .. }));
+            // A tar stores a file's holes as holes (a sparse /var/log/lastlog
+            // of 300 GB holds a few KiB).
+            if let (Some(d), EntryKind::File { size }) = (&mut data, &entry.kind) {
+                if format == Format::Tar && *size >= SPARSE_MIN_HOLES {
+                    entry.sparse = d
+                        .data_regions(SPARSE_MIN_HOLES, SPARSE_MAX_REGIONS)
+                        .map_err(|e| e.at_member(&we.path))?;
+                }
+            }
             let mut failed = false;
             let appended = {
-                let mut reader = data.filter(|_| with_data).map(|data| DataReader {
+                let mut reader = data.map(|data| DataReader {
                     data,
                     failed: &mut failed,
+                    regions: entry.sparse.as_deref(),
+                    next: 0,
+                    left: 0,
                 });
                 archive
                     .append(&entry, reader.as_mut().map(|r| r as &mut dyn Read))
@@ -475,22 +488,53 @@ fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
         uid: e.uid,
         gid: e.gid,
         mtime: e.mtime,
+        sparse: None,
     })
 }
 
-/// File data of a walk as `std::io::Read`; filesystem errors travel inside
-/// the I/O error and come out again in [`from_io`], and set `failed`.
-struct DataReader<'a, 'f> {
+/// Files with at least this many bytes of holes go into a tar as sparse
+/// members.
+const SPARSE_MIN_HOLES: u64 = 1 << 20;
+/// Most data regions of a sparse member (its map is about 20 bytes each);
+/// a file in more pieces goes in whole.
+const SPARSE_MAX_REGIONS: usize = 1 << 16;
+
+/// File data of a walk as `std::io::Read`, all of it or only its
+/// `regions` one after another; filesystem errors travel inside the I/O
+/// error and come out again in [`from_io`], and set `failed`.
+struct DataReader<'a, 'f, 'r> {
     data: &'a mut dyn FileData,
     failed: &'f mut bool,
+    /// the data regions of a sparse member (`None`: the whole file)
+    regions: Option<&'r [(u64, u64)]>,
+    /// the region to read after the current one
+    next: usize,
+    /// bytes left in the current region
+    left: u64,
 }
 
-impl Read for DataReader<'_, '_> {
+impl Read for DataReader<'_, '_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.data.read(buf).map_err(|e| {
+        let mut buf = buf;
+        if let Some(regions) = self.regions {
+            while self.left == 0 {
+                let Some(&(offset, len)) = regions.get(self.next) else {
+                    return Ok(0);
+                };
+                self.data.seek(offset);
+                (self.next, self.left) = (self.next + 1, len);
+            }
+            let want = usize::try_from(self.left)
+                .unwrap_or(usize::MAX)
+                .min(buf.len());
+            buf = &mut buf[..want];
+        }
+        let n = self.data.read(buf).map_err(|e| {
             *self.failed = true;
             std::io::Error::other(e)
-        })
+        })?;
+        self.left = self.left.saturating_sub(n as u64);
+        Ok(n)
     }
 }
 

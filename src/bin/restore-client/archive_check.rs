@@ -22,7 +22,7 @@ const ZIP64_END_SIG: u32 = 0x0606_4b50;
 const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
 
 pub(crate) enum ArchiveCheck {
-    Tar(TarFrames),
+    Tar(Box<TarFrames>),
     ZstdTar(Box<zstd::stream::write::Decoder<'static, TarSink>>),
     Zip(ZipTail),
 }
@@ -61,7 +61,7 @@ impl ArchiveCheck {
     pub(crate) fn new(format: &str, zstd: bool, what: String) -> Result<Self, ClientError> {
         Ok(match (format, zstd) {
             ("zip", _) => ArchiveCheck::Zip(ZipTail::default()),
-            (_, false) => ArchiveCheck::Tar(TarFrames::new(what)),
+            (_, false) => ArchiveCheck::Tar(Box::new(TarFrames::new(what))),
             (_, true) => {
                 let sink = TarSink {
                     frames: TarFrames::new(what),

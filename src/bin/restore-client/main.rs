@@ -13,6 +13,7 @@ mod fmt;
 mod newfile;
 mod remote;
 mod sparse;
+mod sparsemap;
 mod store;
 mod tarframe;
 mod untar;

@@ -53,6 +53,19 @@ impl SparseFile {
         Ok(())
     }
 
+    /// Moves on to `pos` (at or past the current position): what lies
+    /// between stays a hole.
+    pub(crate) fn skip_to(&mut self, pos: u64) -> io::Result<()> {
+        if pos < self.pos {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "sparse data regions out of order",
+            ));
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
     /// Writes `bytes` at `at` bytes past the current position.
     fn write_at(&mut self, bytes: &[u8], at: usize) -> io::Result<()> {
         if bytes.is_empty() {

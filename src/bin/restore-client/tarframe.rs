@@ -29,6 +29,9 @@ pub(crate) struct Member {
     /// permission bits (`& 0o7777`)
     pub mode: u32,
     pub mtime: i64,
+    /// A GNU sparse 1.0 file of this real size: its data is the map of its
+    /// data regions, then their bytes (see `untar`).
+    pub sparse: Option<u64>,
 }
 
 /// What a tar stream's members go to.
@@ -63,6 +66,10 @@ struct Pax {
     linkpath: Option<Vec<u8>>,
     size: Option<u64>,
     mtime: Option<i64>,
+    /// GNU.sparse.major and .minor, as given
+    sparse_version: (Option<Vec<u8>>, Option<Vec<u8>>),
+    sparse_name: Option<Vec<u8>>,
+    sparse_realsize: Option<u64>,
 }
 
 enum State {
@@ -312,6 +319,12 @@ impl TarFrames {
                 b"path" => pax.path = Some(value.to_vec()),
                 b"linkpath" => pax.linkpath = Some(value.to_vec()),
                 b"size" => pax.size = Some(text().and_then(|t| t.parse().ok()).ok_or_else(bad)?),
+                b"GNU.sparse.major" => pax.sparse_version.0 = Some(value.to_vec()),
+                b"GNU.sparse.minor" => pax.sparse_version.1 = Some(value.to_vec()),
+                b"GNU.sparse.name" => pax.sparse_name = Some(value.to_vec()),
+                b"GNU.sparse.realsize" => {
+                    pax.sparse_realsize = Some(text().and_then(|t| t.parse().ok()).ok_or_else(bad)?)
+                }
                 b"mtime" => {
                     let secs = text()
                         .and_then(|t| t.split('.').next())
@@ -361,7 +374,18 @@ impl TarFrames {
             return Ok(());
         }
         self.in_member = false;
-        let name = match pax.path {
+        // A GNU sparse 1.0 file: its own name and size are in the pax
+        // records, the header names a stand-in (GNUSparseFile.0/).
+        let sparse = match (&pax.sparse_version, &pax.sparse_name, pax.sparse_realsize) {
+            ((None, None), None, None) => None,
+            ((Some(major), Some(minor)), Some(_), Some(size))
+                if major == b"1" && minor == b"0" && matches!(typeflag, b'0' | 0) =>
+            {
+                Some(size)
+            }
+            _ => return Err(self.corrupt("a sparse member of a format other than GNU 1.0")),
+        };
+        let name = match pax.sparse_name.or(pax.path) {
             Some(p) => p,
             None => {
                 let (prefix, name) = (field(block, 345, 155), field(block, 0, 100));
@@ -390,6 +414,7 @@ impl TarFrames {
             size,
             mode,
             mtime,
+            sparse,
         };
         let wanted = members.member(member)?;
         if wanted && size > 0 {

@@ -26,11 +26,14 @@ use crate::extract::{
 };
 use crate::newfile::{place_node, NewFile};
 use crate::sparse::SparseFile;
+use crate::sparsemap::SparseMember;
 use crate::tarframe::{Member, Members, TarFrames};
 
 /// The file being written.
 struct Open {
     file: SparseFile,
+    /// for a sparse member: where its data goes
+    sparse: Option<SparseMember>,
     /// where it goes once complete (see [`NewFile`])
     new: NewFile,
     dir: Arc<OwnedFd>,
@@ -144,7 +147,7 @@ impl Members for Output {
         };
         match m.typeflag {
             b'0' | 0 | b'7' => {
-                self.file(&rel, m.size, m.mode, m.mtime)?;
+                self.file(&rel, m.size, m.mode, m.mtime, m.sparse)?;
                 return Ok(true);
             }
             b'5' => self.dir_member(&rel, m.mode, m.mtime)?,
@@ -176,9 +179,19 @@ impl Members for Output {
         let Some(open) = &mut self.open else {
             return Ok(());
         };
-        open.file
-            .write(bytes)
-            .map_err(|e| local_io(&open.local, e))?;
+        match &mut open.sparse {
+            None => open
+                .file
+                .write(bytes)
+                .map_err(|e| local_io(&open.local, e))?,
+            Some(sparse) => sparse.feed(bytes, &mut open.file).map_err(|e| {
+                ClientError::local(format!(
+                    "tar stream of {}: sparse member {}: {e}",
+                    self.remote,
+                    open.local.display()
+                ))
+            })?,
+        }
         if let Some(b) = &self.bar {
             b.inc(bytes.len() as u64);
         }
@@ -186,9 +199,20 @@ impl Members for Output {
     }
 
     fn data_end(&mut self) -> Result<(), ClientError> {
-        let Some(open) = self.open.take() else {
+        let Some(mut open) = self.open.take() else {
             return Ok(());
         };
+        if let Some(sparse) = &mut open.sparse {
+            if let Err(e) = sparse.end(&mut open.file) {
+                let e = ClientError::local(format!(
+                    "tar stream of {}: sparse member {}: {e}",
+                    self.remote,
+                    open.local.display()
+                ));
+                open.new.abandon(&self.partial, &open.dir, &open.name);
+                return Err(e);
+            }
+        }
         let Open {
             file,
             new,
@@ -198,6 +222,7 @@ impl Members for Output {
             size,
             mode,
             mtime,
+            ..
         } = open;
         let done = file.finish().and_then(|file| {
             file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
@@ -280,16 +305,25 @@ impl Output {
         Ok((fd, name, local))
     }
 
-    fn file(&mut self, rel: &[u8], size: u64, mode: u32, mtime: i64) -> Result<(), ClientError> {
+    /// A file member; `sparse`: a GNU sparse one of that real size.
+    fn file(
+        &mut self,
+        rel: &[u8],
+        size: u64,
+        mode: u32,
+        mtime: i64,
+        sparse: Option<u64>,
+    ) -> Result<(), ClientError> {
         let (fd, name, local) = self.parent_of(rel)?;
         let (file, new) = NewFile::create(&self.partial, &fd, &name, &local, self.force)?;
         self.open = Some(Open {
             file: SparseFile::new(file),
+            sparse: sparse.map(SparseMember::new),
             new,
             dir: fd,
             name,
             local,
-            size,
+            size: sparse.unwrap_or(size),
             mode,
             mtime,
         });
@@ -560,6 +594,76 @@ mod tests {
                 }
             })
             .sum()
+    }
+
+    /// A GNU sparse 1.0 member as the agent writes one: pax records (with
+    /// `version` as major.minor), the stand-in header, the map, the data.
+    fn sparse_member(name: &str, size: u64, regions: &[(u64, &[u8])], version: &str) -> Vec<u8> {
+        let (major, minor) = version.split_once('.').expect("version");
+        let mut pax = Vec::new();
+        for (key, value) in [
+            ("GNU.sparse.major", major.to_string()),
+            ("GNU.sparse.minor", minor.to_string()),
+            ("GNU.sparse.name", name.to_string()),
+            ("GNU.sparse.realsize", size.to_string()),
+        ] {
+            let body = format!(" {key}={value}\n");
+            let mut len = body.len() + 1;
+            while format!("{len}{body}").len() != len {
+                len += 1;
+            }
+            pax.extend(format!("{len}{body}").into_bytes());
+        }
+        let mut data = format!("{}\n", regions.len());
+        for (offset, bytes) in regions {
+            data.push_str(&format!("{offset}\n{}\n", bytes.len()));
+        }
+        let mut data = data.into_bytes();
+        data.resize(data.len().div_ceil(BLOCK) * BLOCK, 0);
+        for (_, bytes) in regions {
+            data.extend_from_slice(bytes);
+        }
+        let mut m = member("pax", b'x', &pax, "");
+        m.extend(member("GNUSparseFile.0/f", b'0', &data, ""));
+        m
+    }
+
+    #[test]
+    fn sparse_members_come_back_with_their_holes() {
+        let t = tempfile::tempdir().expect("tmp");
+        let size = 10 << 20;
+        let mut stream = sparse_member("s", size, &[(4096, b"abc"), (9 << 20, b"xyz")], "1.0");
+        stream.extend(member("after", b'0', b"next", ""));
+        stream.extend([0u8; 2 * BLOCK]);
+        for piece in [1, 500, 4096] {
+            let dir = t.path().join(format!("p{piece}"));
+            std::fs::create_dir(&dir).expect("mkdir");
+            let (stats, _) = unpack(&dir, "", &stream, piece).expect("unpack");
+            assert_eq!((stats.files, stats.bytes), (2, size + 4));
+            let got = std::fs::read(dir.join("s")).expect("read");
+            let mut want = vec![0u8; size as usize];
+            want[4096..4099].copy_from_slice(b"abc");
+            want[9 << 20..(9 << 20) + 3].copy_from_slice(b"xyz");
+            assert!(got == want, "piece {piece}");
+            assert_eq!(std::fs::read(dir.join("after")).expect("read"), b"next");
+            assert!(!dir.join("GNUSparseFile.0").exists());
+        }
+        // another sparse version, or a region past the end: errors (the
+        // file begun for the latter stays registered as partial: removed)
+        for (what, stream) in [
+            ("version 0.1", sparse_member("s", size, &[(0, b"a")], "0.1")),
+            (
+                "past the end",
+                sparse_member("s", size, &[(size, b"a")], "1.0"),
+            ),
+        ] {
+            let dir = t.path().join(what);
+            std::fs::create_dir(&dir).expect("mkdir");
+            let mut stream = stream;
+            stream.extend([0u8; 2 * BLOCK]);
+            let err = unpack(&dir, "", &stream, 512).err().expect(what);
+            assert!(err.to_string().contains("sparse"), "{what}: {err}");
+        }
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct ArchiveEntry {
     pub gid: u32,
     /// Seconds since the Unix epoch (may be negative).
     pub mtime: i64,
+    /// For a `File` with holes (tar only): its data regions, `(offset,
+    /// length)` in order, the rest being holes; `data` then yields the
+    /// regions' bytes one after another.
+    pub sparse: Option<Vec<(u64, u64)>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

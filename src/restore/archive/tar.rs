@@ -10,7 +10,7 @@
 
 use std::io::{self, Read};
 
-use super::{check_entry, copy_data, ArchiveEntry, ArchiveWriter, EntryKind, FinishWrite};
+use super::{check_entry, copy_data, invalid, ArchiveEntry, ArchiveWriter, EntryKind, FinishWrite};
 
 const BLOCK: usize = 512;
 
@@ -32,9 +32,69 @@ impl TarWriter {
     }
 }
 
+impl TarWriter {
+    /// A file with holes as a GNU sparse 1.0 member: pax records name the
+    /// file and its size, the header a stand-in under `GNUSparseFile.0/`
+    /// (where tars that know no sparse files put the condensed data), and
+    /// the data is the map of regions (decimal lines, padded to a block)
+    /// followed by the regions' bytes.
+    fn append_sparse(
+        &mut self,
+        entry: &ArchiveEntry,
+        size: u64,
+        regions: &[(u64, u64)],
+        data: Option<&mut dyn Read>,
+    ) -> io::Result<()> {
+        let mut end = 0u64;
+        for &(offset, len) in regions {
+            match offset.checked_add(len) {
+                Some(e) if offset >= end && e <= size => end = e,
+                _ => return Err(invalid(&entry.path, "data regions out of order")),
+            }
+        }
+        let mut map = format!("{}\n", regions.len() + 1);
+        for (offset, len) in regions {
+            map.push_str(&format!("{offset}\n{len}\n"));
+        }
+        // the end of the file, as GNU tar marks it
+        map.push_str(&format!("{size}\n0\n"));
+        let mut map = map.into_bytes();
+        map.resize(map.len().div_ceil(BLOCK) * BLOCK, 0);
+        let stored: u64 = regions.iter().map(|r| r.1).sum();
+        let (dir, base) = match entry.path.iter().rposition(|&b| b == b'/') {
+            Some(slash) => (&entry.path[..=slash], &entry.path[slash + 1..]),
+            None => (&[][..], &entry.path[..]),
+        };
+        let condensed = ArchiveEntry {
+            path: [dir, b"GNUSparseFile.0/", base].concat(),
+            kind: EntryKind::File {
+                size: map.len() as u64 + stored,
+            },
+            sparse: None,
+            ..entry.clone()
+        };
+        let (header, mut pax) = build_header(&condensed);
+        pax_record(&mut pax, "GNU.sparse.major", b"1");
+        pax_record(&mut pax, "GNU.sparse.minor", b"0");
+        pax_record(&mut pax, "GNU.sparse.name", &entry.path);
+        pax_record(&mut pax, "GNU.sparse.realsize", size.to_string().as_bytes());
+        let pax_header = pax_header_block(&entry.path, pax.len() as u64);
+        self.out.write_all(&pax_header)?;
+        self.out.write_all(&pax)?;
+        self.write_padding(pax.len() as u64)?;
+        self.out.write_all(&header)?;
+        self.out.write_all(&map)?;
+        copy_data(&entry.path, stored, data, &mut *self.out, |_| {})?;
+        self.write_padding(stored)
+    }
+}
+
 impl ArchiveWriter for TarWriter {
     fn append(&mut self, entry: &ArchiveEntry, data: Option<&mut dyn Read>) -> io::Result<()> {
         check_entry(entry)?;
+        if let (EntryKind::File { size }, Some(regions)) = (&entry.kind, &entry.sparse) {
+            return self.append_sparse(entry, *size, regions, data);
+        }
         let (header, pax) = build_header(entry);
         if !pax.is_empty() {
             let pax_header = pax_header_block(&entry.path, pax.len() as u64);
@@ -270,6 +330,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             mtime: 1_700_000_000,
+            sparse: None,
         }
     }
 

@@ -431,6 +431,7 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 mtime: 0,
+                sparse: None,
             };
             match w.append(&entry, None) {
                 Ok(()) => appended += 1,

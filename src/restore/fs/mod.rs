@@ -171,6 +171,15 @@ pub struct WalkEntry {
 pub trait FileData {
     /// Reads the next bytes; `Ok(0)` at the end of the file.
     fn read(&mut self, buf: &mut [u8]) -> Result<usize>;
+    /// Where the file's data lies, when it has holes: `(offset, length)`
+    /// regions in order, everything else reading as zeros. `None` when the
+    /// filesystem cannot tell, the holes are fewer than `min_holes` bytes,
+    /// or there are more than `max` regions.
+    fn data_regions(&mut self, _min_holes: u64, _max: usize) -> Result<Option<Vec<(u64, u64)>>> {
+        Ok(None)
+    }
+    /// Reads on from byte `pos` of the file.
+    fn seek(&mut self, pos: u64);
 }
 
 /// The callback of [`Filesystem::walk`]: called for each node in pre-order

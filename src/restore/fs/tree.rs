@@ -862,7 +862,53 @@ impl<B: Backend> FileData for WalkData<'_, B> {
         self.pos += n as u64;
         Ok(n)
     }
+
+    fn data_regions(&mut self, min_holes: u64, max: usize) -> Result<Option<Vec<(u64, u64)>>> {
+        let what = self.tree.backend.what().to_string();
+        let last = self.node.last();
+        let backend = &mut self.tree.backend;
+        let mut regions: Vec<(u64, u64)> = Vec::new();
+        let mut pos = 0u64;
+        // A window at a time: a fragmented file's whole map at once could
+        // take more memory than the holes save.
+        while pos < self.size {
+            let len = MAP_WINDOW.min(self.size - pos);
+            let Some(extents) = guarded(&what, self.abs, || backend.map_at(&last.node, pos, len))?
+            else {
+                return Ok(None);
+            };
+            for extent in extents {
+                match extent {
+                    Extent::Disk { len, .. } => match regions.last_mut() {
+                        Some((start, n)) if *start + *n == pos => *n += len,
+                        _ => regions.push((pos, len)),
+                    },
+                    Extent::Zero { .. } => {}
+                }
+                pos += extent.bytes();
+            }
+            if regions.len() > max {
+                return Ok(None);
+            }
+        }
+        if pos != self.size {
+            return Err(Error::corrupt(format!(
+                "{}: the block map covers {pos} of {} bytes",
+                show(self.abs),
+                self.size
+            )));
+        }
+        let data: u64 = regions.iter().map(|r| r.1).sum();
+        Ok((self.size - data >= min_holes).then_some(regions))
+    }
+
+    fn seek(&mut self, pos: u64) {
+        self.pos = pos;
+    }
 }
+
+/// Bytes of a file mapped at a time when looking for its holes.
+const MAP_WINDOW: u64 = 256 << 20;
 
 #[cfg(test)]
 mod tests {
