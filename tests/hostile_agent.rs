@@ -307,8 +307,13 @@ fn serving_tar(tar: Vec<u8>) -> Fake {
 /// An agent whose `fs.extract` of directory /d streams `stream`, and says
 /// it ended where `stream` does.
 fn serving_stream(stream: Vec<u8>) -> Fake {
+    serving_stream_of(dir_entry("d"), stream)
+}
+
+/// [`serving_stream`] with `stat` the extracted path's `fs.stat`.
+fn serving_stream_of(stat: Value, stream: Vec<u8>) -> Fake {
     Fake::start(move |method, params| match method {
-        "fs.stat" => Answer::Result(dir_entry("d")),
+        "fs.stat" => Answer::Result(stat.clone()),
         "fs.extract" => Answer::Result(json!({"stream": 1})),
         "stream.read" => {
             let offset = params["offset"].as_u64().unwrap_or(0) as usize;
@@ -626,5 +631,68 @@ fn a_stream_that_fails_at_the_same_member_again_is_not_resumed_again() {
             if resumable { 2 } else { 1 },
             "streams opened, {shown}"
         );
+    }
+}
+
+/// A pax record "LEN KEY=VALUE\n".
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+/// A large file is extracted from a tar stream, where its holes do not
+/// travel (through fs.read, a 100 GiB disk image with little in it sent
+/// 100 GiB of zeros); the stream must hold that file and nothing else.
+#[test]
+fn a_large_file_comes_as_a_stream_holding_it_alone() {
+    let size: u64 = 100 << 30;
+    let file = |name: &str| {
+        let mut pax = Vec::new();
+        for (k, v) in [
+            ("GNU.sparse.major", "1".to_string()),
+            ("GNU.sparse.minor", "0".to_string()),
+            ("GNU.sparse.name", name.to_string()),
+            ("GNU.sparse.realsize", size.to_string()),
+        ] {
+            pax.extend(pax_record(k, &v));
+        }
+        let mut data = format!("2\n4096\n5\n{size}\n0\n").into_bytes();
+        data.resize(512, 0);
+        data.extend(b"hello");
+        let mut member = tar_member("PaxHeaders/big", b'x', &pax, "");
+        member.extend(tar_member("GNUSparseFile.0/big", b'0', &data, ""));
+        member
+    };
+    for (members, whole) in [(file("big"), true), (file("other"), false)] {
+        let mut stream = members;
+        stream.extend(vec![0u8; 1024]);
+        let fake = serving_stream_of(file_stat("big", size), stream);
+        let dest = fake.path("out");
+        let out = fake.extract("/big", &dest);
+        if !whole {
+            assert_eq!(code(&out), 2, "{}", stderr(&out));
+            assert!(
+                stderr(&out).contains("not the extracted file"),
+                "{}",
+                stderr(&out)
+            );
+            assert!(!dest.join("other").exists() && !dest.join("big").exists());
+            continue;
+        }
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        let got = dest.join("big");
+        let meta = std::fs::metadata(&got).expect("the file");
+        assert_eq!(meta.len(), size);
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        assert!(meta.blocks() * 512 < 1 << 20, "its holes are holes");
+        let mut head = [0u8; 5];
+        std::fs::File::open(&got)
+            .and_then(|f| f.read_exact_at(&mut head, 4096))
+            .expect("read");
+        assert_eq!(&head, b"hello");
     }
 }

@@ -32,7 +32,7 @@ use crate::archive_check::ArchiveCheck;
 use crate::newfile::{place_node, NewFile};
 use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
 use crate::sparse::SparseFile;
-use crate::untar::Unpacker;
+use crate::untar::{Top, Unpacker};
 use crate::{Global, Outcome};
 
 #[derive(Args, Debug)]
@@ -434,6 +434,10 @@ impl Stats {
     }
 }
 
+/// Files of this size and more are extracted from a tar stream, where
+/// their holes are not sent, instead of through `fs.read`.
+const STREAMED_FILE: u64 = 64 << 20;
+
 /// Stream pieces (of up to `READ_CHUNK` bytes) queued for the unpacker.
 const PIECES_AHEAD: usize = 4;
 
@@ -462,11 +466,19 @@ async fn to_dir(
     } else {
         Some(root_entry.size)
     });
-    let (result, finish) = if root_entry.kind == "dir" {
+    // A directory, and a large file (whose holes then do not travel: a
+    // stream carries them as a sparse member), come as a tar stream; a
+    // smaller file through pipelined fs.read.
+    let streamed = match root_entry.kind.as_str() {
+        "dir" => Some(Top::Dir(top_name.clone())),
+        "file" if root_entry.size >= STREAMED_FILE => Some(Top::File(top_name.clone())),
+        _ => None,
+    };
+    let (result, finish) = if let Some(streamed) = streamed {
         unpack_tree(
             session,
             root,
-            &top_name,
+            streamed,
             dir,
             top,
             force,
@@ -584,7 +596,7 @@ fn finish_dirs(dir: &Path, finish: &Finish) -> Result<(), ClientError> {
 async fn unpack_tree(
     session: &Session,
     root: &FileRef,
-    top_name: &[u8],
+    extracted: Top,
     dir: &Path,
     top: OwnedFd,
     force: bool,
@@ -594,7 +606,7 @@ async fn unpack_tree(
     let mut unpacker = Unpacker::new(
         dir,
         top,
-        top_name.to_vec(),
+        extracted,
         root.display(),
         force,
         partial.clone(),

@@ -48,6 +48,16 @@ struct Open {
 /// are opened for it alone).
 const MAX_OPEN_PARENTS: usize = 64;
 
+/// What was extracted, as the stream's members name it.
+pub(crate) enum Top {
+    /// A directory: its members start with this name (empty when the
+    /// volume's root is extracted), and DIR stands for it.
+    Dir(Vec<u8>),
+    /// One file of this name: the only member, written into DIR under its
+    /// name.
+    File(Vec<u8>),
+}
+
 pub(crate) struct Unpacker {
     frames: TarFrames,
     out: Output,
@@ -57,9 +67,8 @@ pub(crate) struct Unpacker {
 struct Output {
     dir: PathBuf,
     top: Arc<OwnedFd>,
-    /// Name of the extracted directory itself: members start with it (empty
-    /// when the volume's root is extracted).
-    strip: Vec<u8>,
+    /// What was extracted, as the members name it.
+    strip: Top,
     /// The extracted path on the agent's side, for messages.
     remote: String,
     force: bool,
@@ -83,7 +92,7 @@ impl Unpacker {
     pub(crate) fn new(
         dir: &Path,
         top: OwnedFd,
-        strip: Vec<u8>,
+        strip: Top,
         remote: String,
         force: bool,
         partial: Partial,
@@ -250,13 +259,23 @@ impl Output {
         while name.len() > 1 && name.ends_with(b"/") {
             name = &name[..name.len() - 1];
         }
-        if self.strip.is_empty() {
+        let strip = match &self.strip {
+            Top::File(file) if name == file.as_slice() => return Ok(Some(name.to_vec())),
+            Top::File(_) => {
+                return Err(self.corrupt(&format!(
+                    "member {} is not the extracted file",
+                    String::from_utf8_lossy(name)
+                )))
+            }
+            Top::Dir(strip) => strip,
+        };
+        if strip.is_empty() {
             return Ok(Some(name.to_vec()));
         }
-        if name == self.strip.as_slice() {
+        if name == strip.as_slice() {
             return Ok(None);
         }
-        match name.strip_prefix(self.strip.as_slice()) {
+        match name.strip_prefix(strip.as_slice()) {
             Some(rest) if rest.first() == Some(&b'/') => Ok(Some(rest[1..].to_vec())),
             _ => Err(self.corrupt(&format!(
                 "member {} is outside the extracted directory",
@@ -444,7 +463,7 @@ mod tests {
         let mut u = Unpacker::new(
             dir,
             top,
-            strip.as_bytes().to_vec(),
+            Top::Dir(strip.as_bytes().to_vec()),
             "/x".into(),
             false,
             Partial::default(),
