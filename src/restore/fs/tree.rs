@@ -877,6 +877,7 @@ impl<B: Backend> FileData for WalkData<'_, B> {
             else {
                 return Ok(None);
             };
+            let before = pos;
             for extent in extents {
                 match extent {
                     Extent::Disk { len, .. } => match regions.last_mut() {
@@ -886,6 +887,14 @@ impl<B: Backend> FileData for WalkData<'_, B> {
                     Extent::Zero { .. } => {}
                 }
                 pos += extent.bytes();
+            }
+            if pos == before {
+                // a map that covers nothing would be asked again for ever
+                return Err(Error::corrupt(format!(
+                    "{}: the block map ends at {pos} of {} bytes",
+                    show(self.abs),
+                    self.size
+                )));
             }
             if regions.len() > max {
                 return Ok(None);
