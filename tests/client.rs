@@ -2423,6 +2423,21 @@ fn bmap(img: &Path, path: &str, n: u64) -> u64 {
         .unwrap_or_else(|_| panic!("bmap {path} {n}"))
 }
 
+/// Where the inode of `path` lies in ext image `img` (4 KiB blocks), from
+/// debugfs: "located at block B, offset 0xO".
+fn inode_offset(img: &Path, path: &str) -> u64 {
+    let out = run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("imap {path}"))
+        .arg(img));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "located").expect("imap");
+    let block: u64 = words[at + 3].trim_end_matches(',').parse().expect("block");
+    let offset = u64::from_str_radix(words[at + 5].trim_start_matches("0x"), 16).expect("offset");
+    block * 4096 + offset
+}
+
 /// Writes `bytes` over image `img` at `offset`: damage.
 fn overwrite(img: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
@@ -2451,11 +2466,13 @@ fn ls_r_lists_around_a_damaged_directory() {
     let img = t.path().join("disk.img");
     mkfs_ext4(&src, &img, 8);
     overwrite(&img, bmap(&img, "/b", 0) * 4096, &noise(4096, 7));
+    // and the inode of /c/6: its checksum no longer matches
+    overwrite(&img, inode_offset(&img, "/c/6") + 0x10, &[0xff]);
     let agent = Agent::builder().image("disk0", &img).start();
     let out = client(&agent, &["ls", "-R", "attached", "disk0", "raw", "/"]);
     exits(&out, 1);
     let text = String::from_utf8_lossy(&out.stdout);
-    for section in ["/a:\n1\n2\nsub", "/a/sub:", "/c:\n5\n6\nsub", "/c/sub:"] {
+    for section in ["/a:\n1\n2\nsub", "/a/sub:", "/c:\n5\nsub", "/c/sub:"] {
         assert!(text.contains(section), "{section:?} missing from\n{text}");
     }
     assert!(!text.contains("/b:") && !text.contains("\n3\n"), "{text}");
@@ -2464,6 +2481,7 @@ fn ls_r_lists_around_a_damaged_directory() {
         err.contains("cannot list /b: ") && err.contains("(code 1004)"),
         "{err}"
     );
+    assert!(err.contains("cannot read /c/6: "), "{err}");
 
     let out = client(
         &agent,
@@ -2480,12 +2498,40 @@ fn ls_r_lists_around_a_damaged_directory() {
         .filter_map(|e| e["path"].as_str())
         .collect();
     assert!(
-        paths.contains(&"/c/6") && paths.contains(&"/b"),
+        paths.contains(&"/c/5") && paths.contains(&"/b"),
         "{paths:?}"
     );
     assert!(!paths.contains(&"/b/3"), "{paths:?}");
     assert_eq!(v["errors"][0]["path"], "/b", "{v}");
     assert_eq!(v["errors"][0]["code"], 1004, "{v}");
+    assert_eq!(v["errors"][1]["path"], "/c/6", "{v}");
+    assert!(!paths.contains(&"/c/6"), "{paths:?}");
+
+    // extract: everything but the damaged directory's contents and the
+    // damaged file (one bad inode made its whole directory unreadable)
+    let out_dir = t.path().join("out");
+    let out = client(
+        &agent,
+        &[
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/",
+            "-o",
+            out_dir.to_str().expect("utf8"),
+        ],
+    );
+    exits(&out, 1);
+    for name in ["a/1", "a/2", "c/5"] {
+        assert_eq!(
+            fs::read(out_dir.join(name)).expect(name),
+            &name.as_bytes()[2..]
+        );
+    }
+    assert!(!out_dir.join("c/6").exists());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/c/6") && err.contains("/b: "), "{err}");
 }
 
 /// Extracting a tree goes on past what cannot be read from the backup, as

@@ -923,6 +923,39 @@ fn hostile_images_give_clear_errors() {
         assert!(after.iter().all(|p| !p.starts_with(b"a/b")), "{after:?}");
         assert!(after.contains(&b"hello.txt".to_vec()), "{after:?}");
     });
+    // one inode damaged (its checksum no longer matches): that entry is
+    // listed as unreadable and fails whoever uses it; its siblings, and
+    // the rest of a walk, are untouched (the whole directory failed)
+    let stats = debugfs(&im.ext4_img, false, "stats\n");
+    let block_size: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("stats: {stats}"));
+    let at = inode_offset(&im.ext4_img, "/a/b/mid.txt", block_size);
+    let (_d5, bad_inode) = damaged(&im.ext4_img, |d| d[at + 0x10] ^= 0xff);
+    with_fs(&bad_inode, "raw", |fs| {
+        let (entries, _) = fs.list(b"/a/b", None, 100).unwrap();
+        let bad: Vec<_> = entries.iter().filter(|e| e.error.is_some()).collect();
+        assert_eq!(bad.len(), 1, "{entries:?}");
+        assert_eq!(bad[0].name, "mid.txt");
+        assert!(entries.iter().any(|e| e.name == "c" && e.error.is_none()));
+        let e = fs.stat(b"/a/b/mid.txt", false).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
+        let e = fs.walk(b"/", None, &mut |_, _| Ok(())).unwrap_err();
+        assert_eq!(
+            e.member.as_deref(),
+            Some(b"a/b/mid.txt".as_slice()),
+            "{e:?}"
+        );
+        let mut after = vec![];
+        fs.walk(b"/", e.member.as_deref(), &mut |we: &WalkEntry, _| {
+            after.push(we.path.clone());
+            Ok(())
+        })
+        .unwrap();
+        assert!(after.contains(&b"hello.txt".to_vec()), "{after:?}");
+    });
     // a truncated image: metadata at the start reads, data past the end errors
     let (_d4, short) = damaged(&im.ext4_img, |d| d.truncate(d.len() / 3));
     with_fs(&short, "raw", |fs| {
@@ -2211,9 +2244,17 @@ fn listing_checks_inode_and_directory_checksums() {
     // (1 KiB blocks on a 16 MiB filesystem); +2 is the uid
     let at = inode_offset(&img, "/d/b", 1024) + 2;
     let (_d, bad_inode) = damaged(&img, |d| d[at] ^= 0x55);
+    // it is listed as unreadable, its siblings as they are
     with_fs(&bad_inode, "raw", |fs| {
-        let e = fs.list(b"/d", None, 100).err().unwrap();
+        let (entries, _) = fs.list(b"/d", None, 100).unwrap();
+        let errors: Vec<_> = entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.error.is_some()))
+            .collect();
+        assert_eq!(errors, [("a", false), ("b", true), ("c", false)]);
+        let e = fs.stat(b"/d/b", false).unwrap_err();
         assert_error(&e, ErrorKind::Corrupt, "checksum");
+        assert!(e.message.starts_with("/d/b: "), "{}", e.message);
     });
     // a directory entry's name changed, the block checksum left as is
     let off = bmap(&img, "/d", 0) as usize * 1024;

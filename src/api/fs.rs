@@ -215,6 +215,20 @@ pub(super) fn register_raw(router: &mut Router, agent: Arc<Agent>) {
 struct ListPage<'a> {
     entries: &'a [Entry],
     next_cursor: Option<String>,
+    /// entries whose inode could not be read: named, with why, never
+    /// with made-up fields
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    unreadable: &'a [Unreadable],
+}
+
+/// An entry of a listing that could not be read.
+#[derive(Serialize)]
+struct Unreadable {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name_b64: Option<String>,
+    inode: u64,
+    error: String,
 }
 
 /// `fs.list`: a raw method, so a 10,000-entry page is serialized once,
@@ -232,10 +246,24 @@ async fn fs_list(
     let path = t.path()?;
     let fs = t.filesystem(&agent).await?;
     let json = on_fs(&fs, move |fs| {
-        let (entries, next_cursor) = fs.list(&path, x.cursor.as_deref(), limit)?;
+        let (mut entries, next_cursor) = fs.list(&path, x.cursor.as_deref(), limit)?;
+        let mut unreadable = Vec::new();
+        entries.retain_mut(|e| match e.error.take() {
+            None => true,
+            Some(error) => {
+                unreadable.push(Unreadable {
+                    name: std::mem::take(&mut e.name),
+                    name_b64: e.name_b64.take(),
+                    inode: e.inode,
+                    error,
+                });
+                false
+            }
+        });
         serde_json::to_vec(&ListPage {
             entries: &entries,
             next_cursor,
+            unreadable: &unreadable,
         })
         .map_err(|e| Error::new(ErrorKind::Io, format!("fs.list result: {e}")))
     })

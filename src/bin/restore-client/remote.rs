@@ -372,9 +372,25 @@ struct Room {
 }
 
 impl Room {
+    /// Takes `list` (entries of `dir`) out of the room; returns their bytes.
+    fn take(&mut self, list: &[Value], dir: &FileRef) -> Result<usize, ClientError> {
+        let bytes: usize = list.iter().map(|e| e.to_string().len()).sum();
+        if list.len() > self.entries || bytes > self.bytes {
+            return Err(ClientError::local(format!(
+                "listing {}: more than {MAX_LS_ENTRIES} entries or {} MiB of them in \
+                 all (list less at once, or extract)",
+                dir.display(),
+                MAX_LS_BYTES >> 20
+            )));
+        }
+        self.entries -= list.len();
+        self.bytes -= bytes;
+        Ok(bytes)
+    }
+
     /// Takes back what a [`Listed`] took, once it is printed.
     fn give_back(&mut self, listed: &Listed) {
-        self.entries += listed.values.len();
+        self.entries += listed.values.len() + listed.unreadable.len();
         self.bytes += listed.bytes;
     }
 }
@@ -383,6 +399,8 @@ impl Room {
 struct Listed {
     values: Vec<Value>,
     bytes: usize,
+    /// entries the agent could not read (`{"name", "error", ...}`)
+    unreadable: Vec<Value>,
 }
 
 /// The entries of `dir`, page after page; `room` is how much more the
@@ -393,6 +411,7 @@ async fn list_dir(
     room: &mut Room,
 ) -> Result<Listed, ClientError> {
     let mut entries = Vec::new();
+    let mut unreadable = Vec::new();
     let mut taken = 0;
     let mut cursor: Option<String> = None;
     // a cursor met again would list the same pages for ever
@@ -405,26 +424,22 @@ async fn list_dir(
         let page: Value = session.call("fs.list", dir.params_with(extra)).await?;
         match page.get("entries") {
             Some(Value::Array(list)) => {
-                let bytes: usize = list.iter().map(|e| e.to_string().len()).sum();
-                if list.len() > room.entries || bytes > room.bytes {
-                    return Err(ClientError::local(format!(
-                        "listing {}: more than {MAX_LS_ENTRIES} entries or {} MiB of them in \
-                         all (list less at once, or extract)",
-                        dir.display(),
-                        MAX_LS_BYTES >> 20
-                    )));
-                }
-                room.entries -= list.len();
-                room.bytes -= bytes;
-                taken += bytes;
+                // entries the agent could not read count as entries
+                let bad = match page.get("unreadable") {
+                    Some(Value::Array(bad)) => bad.as_slice(),
+                    _ => &[],
+                };
+                taken += room.take(list, dir)? + room.take(bad, dir)?;
                 // a page that brings nothing but a cursor would page for ever
-                if list.is_empty() && page.get("next_cursor").is_some_and(Value::is_string) {
+                let empty = list.is_empty() && bad.is_empty();
+                if empty && page.get("next_cursor").is_some_and(Value::is_string) {
                     return Err(ClientError::local(format!(
                         "fs.list of {}: an empty page that is not the last",
                         dir.display()
                     )));
                 }
                 entries.extend(list.iter().cloned());
+                unreadable.extend(bad.iter().cloned());
             }
             _ => {
                 return Err(ClientError::local(format!(
@@ -455,6 +470,7 @@ async fn list_dir(
                 return Ok(Listed {
                     values: entries,
                     bytes: taken,
+                    unreadable,
                 })
             }
         }
@@ -565,6 +581,30 @@ async fn ls(
     // Directories listed and still to print, in `ls -R` order.
     let mut pending = vec![(root.clone(), first)];
     while let Some((dir, listed)) = pending.pop() {
+        for bad in &listed.unreadable {
+            let name = bad
+                .get("name_b64")
+                .and_then(Value::as_str)
+                .and_then(|b| base64_simd::STANDARD.decode_to_vec(b).ok())
+                .or_else(|| {
+                    bad.get("name")
+                        .and_then(Value::as_str)
+                        .map(|n| n.as_bytes().to_vec())
+                })
+                .unwrap_or_default();
+            let child = dir.child(&name);
+            let message = bad
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unreadable");
+            problems.push(format!(
+                "cannot read {}: {message}",
+                fmt::printable_bytes(&child.path)
+            ));
+            let mut error = json!({ "message": message });
+            set_path(&mut error, &child);
+            errors.push(error);
+        }
         let mut entries = Vec::with_capacity(listed.values.len());
         let mut subdirs = Vec::new();
         for v in &listed.values {

@@ -140,6 +140,7 @@ fn ext_child(
         meta,
         link,
         broken,
+        damaged: None,
     }
 }
 
@@ -189,17 +190,37 @@ impl ExtBackend {
         // `list_dir` needs the reader and so does a symlink's target: the
         // targets are read once the listing is done
         let mut links = Vec::new();
-        self.raw.list_dir(dir, charge, &mut |name, ino, charge| {
-            let attrs = Self::attrs_of(ino)?;
-            if attrs.kind == EntryType::Symlink {
-                // a symlink's inode holds its target (or where it is)
-                charge.add(std::mem::size_of::<(usize, Inode)>())?;
-                links.push((out.len(), ino.clone()));
-            }
-            charge.add(child_bytes::<u32>(name.len(), 0))?;
-            out.push(ext_child(name, ino.number, attrs, None, None));
-            Ok(())
-        })?;
+        self.raw
+            .list_dir(dir, charge, &mut |name, number, ino, charge| {
+                charge.add(child_bytes::<u32>(name.len(), 0))?;
+                let read = ino.and_then(|ino| Self::attrs_of(ino).map(|attrs| (ino, attrs)));
+                let (ino, attrs) = match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        // listed apart, failing whoever uses it
+                        let none = Attrs {
+                            kind: EntryType::File,
+                            size: 0,
+                            mode: 0,
+                            uid: 0,
+                            gid: 0,
+                            mtime: 0,
+                            nlink: 0,
+                        };
+                        let mut child = ext_child(name, number, none, None, None);
+                        child.damaged = Some(Box::new(e));
+                        out.push(child);
+                        return Ok(());
+                    }
+                };
+                if attrs.kind == EntryType::Symlink {
+                    // a symlink's inode holds its target (or where it is)
+                    charge.add(std::mem::size_of::<(usize, Inode)>())?;
+                    links.push((out.len(), ino.clone()));
+                }
+                out.push(ext_child(name, ino.number, attrs, None, None));
+                Ok(())
+            })?;
         for (i, ino) in links {
             // an unreadable symlink target must not hide its siblings: the
             // error is kept for whoever follows the link

@@ -228,8 +228,9 @@ fn bad(msg: impl std::fmt::Display) -> Error {
 }
 
 /// What [`ExtRaw::list_dir`] calls for each entry: its name (handed over),
-/// its inode, and the charge for what the caller builds of it.
-pub type ListedEntry<'a> = dyn FnMut(Vec<u8>, &Inode, &mut Charge) -> Result<()> + 'a;
+/// its inode number and the inode, or why the inode could not be read (a
+/// damaged inode must not hide its siblings), and the listing's charge.
+pub type ListedEntry<'a> = dyn FnMut(Vec<u8>, u32, Result<&Inode>, &mut Charge) -> Result<()> + 'a;
 
 impl ExtRaw {
     pub fn open(disk: Arc<dyn Disk>) -> Result<ExtRaw> {
@@ -707,7 +708,7 @@ impl ExtRaw {
         Ok(done)
     }
 
-    /// Calls `each(name, inode, charge)` for the entries of directory `dir`
+    /// Calls `each(name, number, inode, charge)` for the entries of directory `dir`
     /// (without `.` and `..`), in inode order, from one pass over the
     /// directory's blocks and one read of each inode; directory blocks and
     /// inodes are checked against their checksums when the filesystem has
@@ -815,8 +816,14 @@ impl ExtRaw {
         }
         self.disk.will_read(&tables);
         for &i in &order {
-            let ino = self.read_inode(names[i].1, true)?;
-            each(std::mem::take(&mut names[i].0), &ino, charge)?;
+            let number = names[i].1;
+            let ino = self.read_inode(number, true);
+            each(
+                std::mem::take(&mut names[i].0),
+                number,
+                ino.as_ref().map_err(Error::clone),
+                charge,
+            )?;
         }
         Ok(())
     }

@@ -272,6 +272,7 @@ impl<'a> Backend for FatBackend<'a> {
             },
             link: None,
             broken: None,
+            damaged: None,
         })
     }
 
@@ -314,6 +315,7 @@ impl<'a> Backend for FatBackend<'a> {
                 meta: meta_of(&e),
                 link: None,
                 broken: None,
+                damaged: None,
             });
         }
         Ok(out)

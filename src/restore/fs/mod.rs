@@ -80,6 +80,10 @@ pub struct Entry {
     /// inode or file record number; 0 where the filesystem has none (FAT)
     pub inode: u64,
     pub nlink: u64,
+    /// Why this entry could not be read (its inode is damaged or lost):
+    /// such an entry is listed apart, never as one with these fields.
+    #[serde(skip)]
+    pub error: Option<String>,
 }
 
 /// What a listing keeps of a node besides its name and symlink target:
@@ -116,6 +120,7 @@ impl Entry {
             target_b64: None,
             inode: meta.inode,
             nlink: meta.nlink,
+            error: None,
         };
         e.set_name(name);
         if let Some(t) = target {

@@ -452,6 +452,7 @@ impl Backend for NtfsBackend {
             meta,
             link: None,
             broken: None,
+            damaged: None,
         })
     }
 
@@ -475,6 +476,7 @@ impl Backend for NtfsBackend {
                 meta,
                 link: None,
                 broken: None,
+                damaged: None,
             });
         }
         Ok(out)

@@ -110,6 +110,9 @@ pub struct Child<N> {
     pub link: Option<Vec<u8>>,
     /// why this node's symlink target could not be read, if so
     pub broken: Option<Box<Error>>,
+    /// why this node itself (its inode) could not be read, if so: it is
+    /// listed apart as unreadable, and every use of it gets this error
+    pub damaged: Option<Box<Error>>,
 }
 
 /// What a filesystem backend provides; `path` arguments are the canonical
@@ -168,7 +171,9 @@ impl<N> Child<N> {
         } else {
             &self.name
         };
-        Entry::new(name, &self.meta, self.link.as_deref())
+        let mut e = Entry::new(name, &self.meta, self.link.as_deref());
+        e.error = self.damaged.as_ref().map(|d| d.message.clone());
+        e
     }
 }
 
@@ -385,7 +390,17 @@ impl<B: Backend> Tree<B> {
                     .position(|c| String::from_utf8_lossy(&c.name).to_lowercase() == want)
             });
             let child = match found {
-                Some(i) => kids[i].clone(),
+                Some(i) => match &kids[i].damaged {
+                    Some(e) => {
+                        let mut p = dir_path.clone();
+                        if p != b"/" {
+                            p.push(b'/');
+                        }
+                        p.extend_from_slice(&kids[i].name);
+                        return Err(damaged_at(e, &p));
+                    }
+                    None => kids[i].clone(),
+                },
                 None => {
                     let mut p = dir_path.clone();
                     if p != b"/" {
@@ -717,6 +732,9 @@ impl Walk<'_, '_, '_> {
                 }
             },
         };
+        if let Some(e) = &node.damaged {
+            return Err(damaged_at(e, abs).at_member(rel));
+        }
         self.visited += 1;
         if self.visited > MAX_WALK_NODES {
             return Err(Error::corrupt(format!(
@@ -794,6 +812,11 @@ impl Walk<'_, '_, '_> {
             depth,
         }))
     }
+}
+
+/// The error of a damaged node, naming its path.
+fn damaged_at(e: &Error, path: &[u8]) -> Error {
+    Error::new(e.kind, format!("{}: {}", show(path), e.message))
 }
 
 /// Where a node lies against the one a resumed walk goes on after.
