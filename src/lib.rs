@@ -11,6 +11,7 @@ pub mod client;
 pub mod demo;
 pub mod error;
 pub mod init;
+pub mod le;
 pub mod pool;
 pub mod restore;
 pub mod rpc;

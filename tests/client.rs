@@ -19,6 +19,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::debugfs::{bmap, inode_offset};
 use common::{Agent, AGENT_BIN, TICKET};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -2411,33 +2412,6 @@ fn mkfs_ext4(src: &Path, img: &Path, mib: u64) {
         .arg(img));
 }
 
-/// The block holding block `n` of `path` in ext image `img` (debugfs).
-fn bmap(img: &Path, path: &str, n: u64) -> u64 {
-    let out = run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("bmap {path} {n}"))
-        .arg(img));
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("bmap {path} {n}"))
-}
-
-/// Where the inode of `path` lies in ext image `img` (4 KiB blocks), from
-/// debugfs: "located at block B, offset 0xO".
-fn inode_offset(img: &Path, path: &str) -> u64 {
-    let out = run(Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("imap {path}"))
-        .arg(img));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "located").expect("imap");
-    let block: u64 = words[at + 3].trim_end_matches(',').parse().expect("block");
-    let offset = u64::from_str_radix(words[at + 5].trim_start_matches("0x"), 16).expect("offset");
-    block * 4096 + offset
-}
-
 /// Writes `bytes` over image `img` at `offset`: damage.
 fn overwrite(img: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
@@ -2467,7 +2441,11 @@ fn ls_r_lists_around_a_damaged_directory() {
     mkfs_ext4(&src, &img, 8);
     overwrite(&img, bmap(&img, "/b", 0) * 4096, &noise(4096, 7));
     // and the inode of /c/6: its checksum no longer matches
-    overwrite(&img, inode_offset(&img, "/c/6") + 0x10, &[0xff]);
+    overwrite(
+        &img,
+        inode_offset(&img, "/c/6", 4096) as u64 + 0x10,
+        &[0xff],
+    );
     let agent = Agent::builder().image("disk0", &img).start();
     let out = client(&agent, &["ls", "-R", "attached", "disk0", "raw", "/"]);
     exits(&out, 1);

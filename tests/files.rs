@@ -193,14 +193,7 @@ fn dir_block_offset(img: &Path, dir: &str) -> usize {
 
 /// Physical byte offset of block `n` of a file (4 KiB blocks), from debugfs.
 fn block_offset(img: &Path, file: &str, n: u64) -> usize {
-    let out = Command::new("debugfs")
-        .arg("-R")
-        .arg(format!("bmap {file} {n}"))
-        .arg(img)
-        .output()
-        .unwrap();
-    let block: usize = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-    block * 4096
+    common::debugfs::bmap(img, file, n) as usize * 4096
 }
 
 fn build() -> Fixture {

@@ -12,6 +12,9 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+mod common;
+use common::debugfs::{bmap, inode_offset};
+
 use restore_agent::error::ErrorKind;
 use restore_agent::restore::disk::{Disk, FileDisk};
 use restore_agent::restore::fs::{Entry, EntryType, FileData, Filesystem, FsHandle, WalkEntry};
@@ -869,14 +872,6 @@ fn damaged(src: &Path, damage: impl FnOnce(&mut Vec<u8>)) -> (tempfile::TempDir,
 /// Physical byte offset of a directory's first block, from debugfs.
 fn dir_block_offset(img: &Path, dir: &str) -> usize {
     bmap(img, dir, 0) as usize * 4096
-}
-
-/// The physical block of block `n` of `path` in an ext image, from debugfs.
-fn bmap(img: &Path, path: &str, n: u64) -> u64 {
-    debugfs(img, false, &format!("bmap {path} {n}\n"))
-        .lines()
-        .find_map(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("bmap {path} {n}"))
 }
 
 #[test]
@@ -2106,24 +2101,6 @@ fn ntfs_data_in_pieces_is_refused_not_empty() {
         ErrorKind::Unsupported,
         "pieces over several file records",
     );
-}
-
-/// Byte offset of the inode of `path` in an ext image with `block`-byte
-/// blocks, from debugfs.
-fn inode_offset(img: &Path, path: &str, block: u64) -> usize {
-    let imap = debugfs(img, false, &format!("imap {path}\n"));
-    // "Inode N is part of block group G\n\tlocated at block B, offset 0xO"
-    assert!(imap.contains("located at block"), "{imap}");
-    let nums: Vec<u64> = imap
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter_map(|w| {
-            w.strip_prefix("0x")
-                .map(|h| u64::from_str_radix(h, 16).unwrap())
-                .or_else(|| w.parse().ok())
-        })
-        .collect();
-    let (b, offset) = (nums[nums.len() - 2], nums[nums.len() - 1]);
-    (b * block + offset) as usize
 }
 
 /// A corrupt block map or extent tree that points back at one of its own

@@ -451,10 +451,9 @@ fn produce(
     let result = (|| {
         let mut archive = new_stream_writer(format, zstd, out)?;
         fs.walk(path, after, &mut |we, data| {
-            let Some(entry) = archive_entry(we, format) else {
+            let Some(mut entry) = archive_entry(we, format) else {
                 return Ok(());
             };
-            let mut entry = entry;
             let mut data = data.filter(|_| matches!(entry.kind, EntryKind::File { .. }));
             // A tar stores a file's holes as holes (a sparse /var/log/lastlog
             // of 300 GB holds a few KiB).

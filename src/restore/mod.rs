@@ -8,6 +8,5 @@ pub mod archive;
 pub mod backups;
 pub mod disk;
 pub mod fs;
-mod le;
 pub mod probe;
 pub mod volume;

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::le::{le16, le32};
 use crate::restore::disk::{read_exact_at, Disk};
-use crate::restore::le::{le16, le32};
 
 /// The filesystems the agent reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

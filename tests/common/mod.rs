@@ -6,6 +6,8 @@
 //! contract from the outside, byte for byte.
 #![allow(dead_code)]
 
+pub mod debugfs;
+
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;

@@ -11,6 +11,7 @@
 use std::io::{self, Write};
 
 use restore_agent::client::ClientError;
+use restore_agent::le::{le16, le32, le64};
 
 use crate::tarframe::{FramingOnly, TarFrames};
 
@@ -122,25 +123,6 @@ fn zstd_error(sink: &mut TarSink, e: io::Error) -> ClientError {
         .unwrap_or_else(|| ClientError::local(format!("zstd stream: {e}")))
 }
 
-fn le16(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 2)
-        .map_or(0, |x| u64::from(u16::from_le_bytes([x[0], x[1]])))
-}
-
-fn le32(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 4).map_or(0, |x| {
-        u64::from(u32::from_le_bytes([x[0], x[1], x[2], x[3]]))
-    })
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    if let Some(x) = b.get(at..at + 8) {
-        v.copy_from_slice(x);
-    }
-    u64::from_le_bytes(v)
-}
-
 impl ZipTail {
     fn feed(&mut self, data: &[u8]) {
         self.total += data.len() as u64;
@@ -162,10 +144,10 @@ impl ZipTail {
         let Some(end) = n.checked_sub(22).map(|at| &t[at..]) else {
             return Err(EARLY);
         };
-        if le32(end, 0) != u64::from(END_SIG) || le16(end, 20) != 0 {
+        if le32(end, 0) != END_SIG || le16(end, 20) != 0 {
             return Err(EARLY);
         }
-        let (mut cd_size, mut cd_offset) = (le32(end, 12), le32(end, 16));
+        let (mut cd_size, mut cd_offset) = (u64::from(le32(end, 12)), u64::from(le32(end, 16)));
         let mut records_at = self.total - 22;
         // Fields at their maximum say the zip64 records hold the values.
         if le16(end, 10) == 0xffff || cd_size == 0xffff_ffff || cd_offset == 0xffff_ffff {
@@ -173,8 +155,8 @@ impl ZipTail {
                 return Err(EARLY);
             }
             records_at = self.total - ZIP_TAIL as u64;
-            if le32(t, 0) != u64::from(ZIP64_END_SIG)
-                || le32(t, 56) != u64::from(ZIP64_LOCATOR_SIG)
+            if le32(t, 0) != ZIP64_END_SIG
+                || le32(t, 56) != ZIP64_LOCATOR_SIG
                 || le64(t, 56 + 8) != records_at
             {
                 return Err(EARLY);

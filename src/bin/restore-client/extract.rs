@@ -265,16 +265,10 @@ async fn to_archive(
     let mut resume: Option<String> = None;
     let mut stats = Stats::default();
     let result = loop {
-        let mut params = json!({ "format": format, "zstd": zstd });
-        if let Some(token) = &resume {
-            params["resume"] = token.clone().into();
-        }
-        let opened: Value = match session.call("fs.extract", file.params_with(params)).await {
-            Ok(opened) => opened,
+        let params = json!({ "format": format, "zstd": zstd });
+        let stream = match open_extract(session, file, params, resume.as_deref()).await {
+            Ok(stream) => stream,
             Err(e) => break Err(e),
-        };
-        let Some(stream) = opened.get("stream").cloned() else {
-            break Err(ClientError::local("fs.extract: no stream id in the answer"));
         };
         let mut sink = |data: Vec<u8>| {
             if let Some(b) = &bar {
@@ -658,20 +652,8 @@ async fn unpack_tree(
     let mut resume: Option<String> = None;
     let mut failures = 0usize;
     let streamed = loop {
-        let mut params = json!({ "format": "tar" });
-        if let Some(token) = &resume {
-            params["resume"] = token.clone().into();
-        }
-        let opened = session
-            .call::<Value>("fs.extract", root.params_with(params))
-            .await
-            .and_then(|opened| {
-                opened
-                    .get("stream")
-                    .cloned()
-                    .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))
-            });
-        let stream = match opened {
+        let params = json!({ "format": "tar" });
+        let stream = match open_extract(session, root, params, resume.as_deref()).await {
             Ok(stream) => stream,
             Err(e) => break Err(e),
         };
@@ -715,6 +697,24 @@ enum Piece {
 pub(crate) struct FailedMember {
     pub(crate) code: i32,
     pub(crate) message: String,
+}
+
+/// Opens an `fs.extract` stream of `file` with `params` (after the member
+/// of `resume`, if given); returns its id.
+async fn open_extract(
+    session: &Session,
+    file: &FileRef,
+    mut params: Value,
+    resume: Option<&str>,
+) -> Result<Value, ClientError> {
+    if let Some(token) = resume {
+        params["resume"] = token.into();
+    }
+    let opened: Value = session.call("fs.extract", file.params_with(params)).await?;
+    opened
+        .get("stream")
+        .cloned()
+        .ok_or_else(|| ClientError::local("fs.extract: no stream id in the answer"))
 }
 
 /// For the error that ended a stream: the member the agent could not read

@@ -539,7 +539,7 @@ pub(crate) mod tests {
     #[test]
     fn whole_members_end_where_a_member_begins() {
         let first = member("a", b'0', &[1u8; 700], "");
-        let second = long_path_member("b", &[2u8; 100]);
+        let second = long_member("b", b'0', &[2u8; 100]);
         let mut stream = first.clone();
         stream.extend(&second);
         let ends = [0, first.len() as u64, stream.len() as u64];
@@ -563,12 +563,20 @@ pub(crate) mod tests {
     }
 
     /// A member preceded by a pax header naming it.
-    fn long_path_member(name: &str, data: &[u8]) -> Vec<u8> {
-        let record = format!(" path={name}\n");
-        let len = record.len() + 2;
-        let mut m = member("pax", b'x', format!("{len}{record}").as_bytes(), "");
-        m.extend(member("short", b'0', data, ""));
+    pub(crate) fn long_member(name: &str, typeflag: u8, data: &[u8]) -> Vec<u8> {
+        let mut m = member("pax", b'x', &pax_record("path", name), "");
+        m.extend(member("short", typeflag, data, ""));
         m
+    }
+
+    /// A pax record "LEN KEY=VALUE\n" (LEN counts its own digits).
+    pub(crate) fn pax_record(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
     }
 
     #[test]

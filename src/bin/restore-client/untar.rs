@@ -450,7 +450,7 @@ fn linkat(from_dir: &OwnedFd, from: &CStr, dir: &OwnedFd, name: &CStr) -> io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tarframe::tests::member;
+    use crate::tarframe::tests::{long_member, member, pax_record};
     use crate::tarframe::BLOCK;
 
     fn unpack(
@@ -587,19 +587,6 @@ mod tests {
         assert_eq!(files, 13, "no file anywhere else");
     }
 
-    /// A member whose name may be longer than a header holds: a pax `path`
-    /// record before it.
-    fn long_member(name: &str, typeflag: u8, data: &[u8]) -> Vec<u8> {
-        let body = format!(" path={name}\n");
-        let mut len = body.len() + 1;
-        while format!("{len}{body}").len() != len {
-            len += 1;
-        }
-        let mut m = member("pax", b'x', format!("{len}{body}").as_bytes(), "");
-        m.extend(member("short", typeflag, data, ""));
-        m
-    }
-
     /// Regular files under `dir`.
     fn walkdir_count(dir: &Path) -> usize {
         std::fs::read_dir(dir)
@@ -626,12 +613,7 @@ mod tests {
             ("GNU.sparse.name", name.to_string()),
             ("GNU.sparse.realsize", size.to_string()),
         ] {
-            let body = format!(" {key}={value}\n");
-            let mut len = body.len() + 1;
-            while format!("{len}{body}").len() != len {
-                len += 1;
-            }
-            pax.extend(format!("{len}{body}").into_bytes());
+            pax.extend(pax_record(key, &value));
         }
         let mut data = format!("{}\n", regions.len());
         for (offset, bytes) in regions {

@@ -175,9 +175,9 @@ impl Recovered {
         if got != sb.len() {
             return Err(Error::corrupt("ext filesystem: superblock unreadable"));
         }
-        let incompat = crate::restore::le::le32(&sb, SB_INCOMPAT) & !INCOMPAT_RECOVER;
+        let incompat = crate::le::le32(&sb, SB_INCOMPAT) & !INCOMPAT_RECOVER;
         sb[SB_INCOMPAT..SB_INCOMPAT + 4].copy_from_slice(&incompat.to_le_bytes());
-        if crate::restore::le::le32(&sb, SB_RO_COMPAT) & RO_COMPAT_METADATA_CSUM != 0 {
+        if crate::le::le32(&sb, SB_RO_COMPAT) & RO_COMPAT_METADATA_CSUM != 0 {
             let c = crc32c(!0, &sb[..SB_CHECKSUM]);
             sb[SB_CHECKSUM..].copy_from_slice(&c.to_le_bytes());
         }

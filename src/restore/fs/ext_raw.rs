@@ -18,10 +18,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::le::{le16, le32};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::Extent;
-use crate::restore::le::{le16, le32};
 
 const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;

@@ -24,11 +24,11 @@ use ntfs::{
 };
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::le::{le16, le64};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
 use crate::restore::fs::{EntryType, Meta};
-use crate::restore::le::{le16, le64};
 use crate::restore::probe::{FsKind, Probe};
 
 const ROOT_RECORD: u64 = 5;
