@@ -863,13 +863,21 @@ const MIB: u64 = 1 << 20;
 /// An agent serving a 16 MiB image of pseudo-random bytes as `attached`
 /// `disk`; the image's directory lives as long as the first value.
 fn agent_on_a_16_mib_image() -> (tempfile::TempDir, Vec<u8>, Agent) {
+    agent_on_a_16_mib_image_with(&[])
+}
+
+/// The same, with `args` added to the agent's command line.
+fn agent_on_a_16_mib_image_with(args: &[&str]) -> (tempfile::TempDir, Vec<u8>, Agent) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     let src: Vec<u8> = (0..16u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     fs::write(&image, &src).unwrap();
-    let agent = Agent::builder().image("disk", &image).start();
+    let agent = args
+        .iter()
+        .fold(Agent::builder().image("disk", &image), |b, a| b.arg(*a))
+        .start();
     (dir, src, agent)
 }
 
@@ -961,6 +969,72 @@ fn a_client_that_stops_reading_does_not_stall_the_reads_of_others() {
     }
     assert_next_is_pong(&mut other, 99);
     drop(stalled);
+}
+
+/// Clients that stop reading and between them hold the whole read budget
+/// (one unread 16 MiB read takes a connection's 8 MiB share, one unread 4
+/// MiB read the last 4 MiB) are cut off once they have taken nothing for
+/// `--stall-timeout` while another client's read waits for that memory:
+/// that read is answered, a stalled one gets its connection closed in the
+/// middle of an answer. Before, the third client waited for as long as
+/// they did.
+#[test]
+fn stalled_clients_holding_the_read_budget_are_cut_off_when_others_wait() {
+    let (_dir, src, mut agent) = agent_on_a_16_mib_image_with(&["--stall-timeout", "1"]);
+    let mut big = agent.connect_authed();
+    big.send_json(&read_item(1, 0, 16 * MIB));
+    let mut small = agent.connect_authed();
+    small.send_json(&read_item(1, 0, 4 * MIB));
+    // both answers fill their sockets' buffers and wait to be written
+    thread::sleep(ms(500));
+    let mut other = agent.connect_authed();
+    other.send_json(&read_item(10, 8 * MIB, 4 * MIB));
+    let r = match other.recv_line_within(Duration::from_secs(10)) {
+        Recv::Line(line) => parse_response_line(&String::from_utf8_lossy(&line)),
+        _ => panic!("the other client's read got no answer"),
+    };
+    assert!(base64_data(&r) == src[8 << 20..12 << 20]);
+    // Cutting one off may free enough: the other then keeps its connection
+    // and, reading on, gets its answer whole.
+    let mut cut_off = 0;
+    for (name, c, len) in [
+        ("16 MiB", &mut big, 16 << 20),
+        ("4 MiB", &mut small, 4 << 20),
+    ] {
+        match c.recv_line_within(Duration::from_secs(10)) {
+            Recv::Eof(part) => {
+                assert!(!part.is_empty(), "{name}: nothing of its answer");
+                cut_off += 1;
+            }
+            Recv::Line(line) => {
+                let r = parse_response_line(&String::from_utf8_lossy(&line));
+                assert!(base64_data(&r) == src[..len], "{name}: wrong data");
+            }
+            Recv::Timeout => panic!("{name}: neither an answer nor the end"),
+        }
+    }
+    assert!(cut_off >= 1, "no stalled client was cut off");
+    agent.wait_for_log("took none of an answer", Duration::from_secs(5));
+    assert_next_is_pong(&mut other, 99);
+}
+
+/// A client that pauses (`restore-client cat | less`) while nobody else
+/// waits for the memory its answers hold keeps its connection however long
+/// it pauses: its answers arrive whole when it reads on.
+#[test]
+fn a_paused_client_keeps_its_connection_while_nobody_waits_for_its_memory() {
+    let (_dir, src, agent) = agent_on_a_16_mib_image_with(&["--stall-timeout", "1"]);
+    let mut paused = agent.connect_authed();
+    paused.send_json(&read_item(1, 0, 4 * MIB));
+    paused.send_json(&read_item(2, 4 * MIB, 4 * MIB));
+    thread::sleep(Duration::from_secs(3));
+    let mut got = HashMap::new();
+    for _ in 0..2 {
+        let r = paused.recv();
+        got.insert(r["id"].as_u64().unwrap(), base64_data(&r));
+    }
+    assert!(got[&1] == src[..4 << 20] && got[&2] == src[4 << 20..8 << 20]);
+    assert_next_is_pong(&mut paused, 99);
 }
 
 /// What a pipelined request should get back.

@@ -9,16 +9,17 @@
 //! more than its share of it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use jsonrpsee::types::ErrorObjectOwned;
 use jsonrpsee::ConnectionId;
 use serde::Deserialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::pool::ChunkSlice;
-use crate::rpc::{raw_in_batch, BodySource, Call, RawResult, Trailer};
+use crate::rpc::{self, raw_in_batch, BodySource, Call, RawResult, Trailer};
 
 /// How a read's data travels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -65,12 +66,39 @@ pub fn refuse_raw_in_batch(call: Call, encoding: Encoding) -> Result<(), ErrorOb
 pub struct Budget {
     all: Arc<Semaphore>,
     shares: Arc<Mutex<HashMap<usize, Arc<Semaphore>>>>,
+    /// Reads waiting for room in the whole budget (not in their own
+    /// connection's share): while there are any, a client that stopped
+    /// reading is cut off (see `rpc::Hold`).
+    waiting: Arc<AtomicUsize>,
 }
 
 /// What a response holds of the budget until it is written.
 pub struct Hold {
     _share: OwnedSemaphorePermit,
     _all: OwnedSemaphorePermit,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl rpc::Hold for Hold {
+    fn wanted(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Counts a read as waiting for the whole budget while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for Budget {
@@ -78,6 +106,7 @@ impl Default for Budget {
         Budget {
             all: Arc::new(Semaphore::new(BUDGET_BYTES)),
             shares: Arc::default(),
+            waiting: Arc::default(),
         }
     }
 }
@@ -96,10 +125,18 @@ impl Budget {
                 .clone()
         };
         let share = share.acquire_many_owned(n).await.ok()?;
-        let all = self.all.clone().acquire_many_owned(n).await.ok()?;
+        let all = match self.all.clone().try_acquire_many_owned(n) {
+            Ok(all) => all,
+            Err(TryAcquireError::Closed) => return None,
+            Err(TryAcquireError::NoPermits) => {
+                let _waiting = Waiting::new(&self.waiting);
+                self.all.clone().acquire_many_owned(n).await.ok()?
+            }
+        };
         Some(Hold {
             _share: share,
             _all: all,
+            waiting: self.waiting.clone(),
         })
     }
 

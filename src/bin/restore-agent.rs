@@ -44,6 +44,10 @@ struct Args {
     /// Longest request line in bytes
     #[arg(long, value_name = "N", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(64..))]
     max_request_bytes: u64,
+    /// Close a connection whose client takes none of an answer for this many
+    /// seconds while other reads wait for the memory the answer holds (0 = never)
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    stall_timeout: u64,
     /// Most requests in one batch
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     max_batch: u64,
@@ -284,6 +288,7 @@ async fn serve(
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         max_request_bytes: usize::try_from(args.max_request_bytes).unwrap_or(usize::MAX),
         max_batch: usize::try_from(args.max_batch).unwrap_or(usize::MAX),
+        stall_timeout: (args.stall_timeout > 0).then(|| Duration::from_secs(args.stall_timeout)),
         ..ServerConfig::default()
     };
     tokio::spawn(on_signals(shared.clone()));

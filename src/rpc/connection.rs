@@ -19,10 +19,10 @@ use super::envelope::{
     error_line, error_object_line, parse_message, parse_request, result_head, result_line, Id,
     Message,
 };
-use super::router::{Body, Call, Outcome, Trailer, AUTHENTICATE, RAW_IN_BATCH};
+use super::router::{Body, Call, Hold, Outcome, Trailer, AUTHENTICATE, RAW_IN_BATCH};
 use super::server::Inner;
 use crate::transport::listener::Stream;
-use crate::transport::{Frame, LineDecoder, ShortageRetry};
+use crate::transport::{Frame, LineDecoder, Meter, Metered, ShortageRetry};
 
 /// The result of a successful `authenticate`.
 const AUTH_RESULT: &str = concat!(
@@ -39,7 +39,7 @@ struct Outgoing {
     body: Body,
     tail: &'static [u8],
     trailer: Option<Box<dyn Trailer>>,
-    _hold: Option<Box<dyn Send + Sync>>,
+    hold: Option<Box<dyn Hold>>,
 }
 
 /// Bytes that batch answers not yet written may take, over all
@@ -52,6 +52,18 @@ pub(super) const BATCH_ANSWER_BYTES: usize = 8 << 20;
 const BATCH_ANSWER_FULL: &str = "limit reached: batch answers not yet written may take 8 MiB \
      over all connections; send this request on its own";
 
+/// What a batch answer holds of [`BATCH_ANSWER_BYTES`]. Nobody waits for
+/// it: a batch answer that does not fit is refused at once.
+struct BatchRoom {
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Hold for BatchRoom {
+    fn wanted(&self) -> bool {
+        false
+    }
+}
+
 /// Capacity of the buffer a connection's writer produces streamed result
 /// parts into (reused for every part of every response).
 const PART_BUFFER: usize = 256 << 10;
@@ -63,7 +75,7 @@ impl Outgoing {
             body: Body::Bytes(Vec::new()),
             tail: b"",
             trailer: None,
-            _hold: None,
+            hold: None,
         }
     }
 
@@ -74,7 +86,7 @@ impl Outgoing {
                 body: r.json,
                 tail: b"}",
                 trailer: r.trailer,
-                _hold: r.hold,
+                hold: r.hold,
             },
             Outcome::Error(err) => Outgoing::line(error_object_line(id, &err)),
         }
@@ -103,7 +115,8 @@ pub(super) async fn serve(inner: Arc<Inner>, stream: Box<dyn Stream>, id: usize)
         FramedRead::with_capacity(rd, LineDecoder::new(inner.cfg.max_request_bytes), 64 << 10);
     let (tx, rx) = mpsc::channel(inner.cfg.max_in_flight);
     let wr = ShortageRetry::new(wr, format!("conn {id}"));
-    let mut writer = tokio::spawn(write_lines(wr, rx, id));
+    let stall_timeout = inner.cfg.stall_timeout;
+    let mut writer = tokio::spawn(write_lines(wr, rx, id, stall_timeout));
     let mut ext = Extensions::new();
     ext.insert(ConnectionId(id));
     let conn = Arc::new(Conn {
@@ -339,7 +352,7 @@ async fn respond(conn: &Conn, line: &[u8]) -> Option<Outgoing> {
     }
     out.push(b']');
     let mut line = Outgoing::line(out);
-    line._hold = Some(Box::new(held));
+    line.hold = Some(Box::new(BatchRoom { _permits: held }));
     Some(line)
 }
 
@@ -391,14 +404,30 @@ async fn respond_one(conn: &Conn, raw: &RawValue, in_batch: bool) -> Option<Outg
 
 /// Writes the answers in the order they come; on a write error it logs it
 /// and returns, dropping `rx`, which ends the connection (see
-/// `serve_requests`).
-async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoing>, id: usize) {
+/// `serve_requests`). So it does when the client takes none of an answer
+/// for `stall_timeout` while others wait for what the answer holds.
+async fn write_lines<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    id: usize,
+    stall_timeout: Option<Duration>,
+) {
+    let wr = Metered::new(wr);
+    let meter = wr.meter();
     let mut w = BufWriter::with_capacity(64 << 10, wr);
     let mut part = Vec::new();
-    while let Some(mut out) = rx.recv().await {
+    while let Some(out) = rx.recv().await {
+        let Outgoing {
+            head,
+            mut body,
+            tail,
+            mut trailer,
+            hold,
+        } = out;
+        let more_waiting = || !rx.is_empty();
         let written = async {
-            w.write_all(&out.head).await?;
-            match &mut out.body {
+            w.write_all(&head).await?;
+            match &mut body {
                 Body::Bytes(b) => w.write_all(b).await?,
                 Body::Parts(src) => {
                     part.reserve(PART_BUFFER);
@@ -412,26 +441,60 @@ async fn write_lines<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Outgoi
                     }
                 }
             }
-            w.write_all(out.tail).await?;
+            w.write_all(tail).await?;
             w.write_all(b"\n").await?;
-            if let Some(trailer) = &mut out.trailer {
+            if let Some(trailer) = &mut trailer {
                 while let Some(bytes) = trailer.next_bytes() {
                     w.write_all(bytes).await?;
                 }
             }
             // Coalesce: flush only when no other response is waiting.
-            if rx.is_empty() {
+            if !more_waiting() {
                 w.flush().await?;
             }
             std::io::Result::Ok(())
         };
-        if let Err(e) = written.await {
-            log_write_error(id, &e);
-            return;
+        let stalled = stalled(&meter, hold.as_deref(), stall_timeout);
+        tokio::select! {
+            done = written => if let Err(e) = done {
+                log_write_error(id, &e);
+                return;
+            },
+            () = stalled => {
+                log::warn!(
+                    "conn {id}: the client took none of an answer for {} s while other \
+                     requests waited for the memory it holds; closing the connection",
+                    stall_timeout.unwrap_or_default().as_secs_f64()
+                );
+                return;
+            }
         }
+        drop(hold);
     }
     let _ = w.flush().await;
     let _ = w.shutdown().await;
+}
+
+/// Ends when the client has taken nothing for `timeout` (the bytes of
+/// `meter` stood still) while `hold` is wanted; never without a hold or a
+/// timeout. Checked a few times per timeout, so a stall is seen within 1.25
+/// timeouts of its start.
+async fn stalled(meter: &Meter, hold: Option<&dyn Hold>, timeout: Option<Duration>) {
+    let (Some(hold), Some(timeout)) = (hold, timeout) else {
+        return std::future::pending().await;
+    };
+    let tick = (timeout / 4).max(Duration::from_millis(10));
+    let mut seen = meter.bytes();
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = meter.bytes();
+        if now != seen {
+            (seen, since) = (now, tokio::time::Instant::now());
+        } else if since.elapsed() >= timeout && hold.wanted() {
+            return;
+        }
+    }
 }
 
 /// A client that closes its connection while answers are still on their way

@@ -13,5 +13,5 @@ pub mod envelope;
 pub mod router;
 pub mod server;
 
-pub use router::{raw_in_batch, Body, BodySource, Call, RawResult, Router, Trailer};
+pub use router::{raw_in_batch, Body, BodySource, Call, Hold, RawResult, Router, Trailer};
 pub use server::{Server, ServerConfig, Shared};

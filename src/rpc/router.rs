@@ -46,6 +46,15 @@ impl Body {
     }
 }
 
+/// What a response keeps alive until it is written (e.g. a share of a
+/// memory budget), and whether others are waiting for it: a client that
+/// takes none of such a response for the server's stall timeout is cut
+/// off, so that what it holds goes to them.
+pub trait Hold: Send + Sync {
+    /// Whether something else is waiting until this is let go.
+    fn wanted(&self) -> bool;
+}
+
 /// Bytes sent as they are right after a response line, for a client that
 /// asked for them so (bulk data without base64: a quarter fewer bytes and no
 /// encoding on either side). The result says how many follow; the writer
@@ -61,7 +70,7 @@ pub trait Trailer: Send {
 pub struct RawResult {
     pub json: Body,
     pub trailer: Option<Box<dyn Trailer>>,
-    pub hold: Option<Box<dyn Send + Sync>>,
+    pub hold: Option<Box<dyn Hold>>,
 }
 
 impl RawResult {
@@ -89,7 +98,7 @@ impl RawResult {
     }
 
     /// Keeps `hold` alive until the response line has been written.
-    pub fn holding(mut self, hold: impl Send + Sync + 'static) -> RawResult {
+    pub fn holding(mut self, hold: impl Hold + 'static) -> RawResult {
         self.hold = Some(Box::new(hold));
         self
     }

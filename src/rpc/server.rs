@@ -29,6 +29,10 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     /// How long shutdown waits for in-flight requests and pending writes.
     pub shutdown_grace: Duration,
+    /// A connection that takes none of a response for this long while
+    /// others wait for what the response holds (see `router::Hold`) is
+    /// closed; `None`: never.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +45,7 @@ impl Default for ServerConfig {
             max_batch: 64,
             max_in_flight: 32,
             shutdown_grace: Duration::from_secs(5),
+            stall_timeout: Some(Duration::from_secs(30)),
         }
     }
 }

@@ -7,9 +7,11 @@
 pub mod addr;
 pub mod framing;
 pub mod listener;
+pub mod meter;
 pub mod shortage;
 
 pub use addr::ListenAddr;
 pub use framing::{Frame, LineDecoder};
 pub use listener::{Connection, Listener};
+pub use meter::{Meter, Metered};
 pub use shortage::ShortageRetry;
