@@ -15,9 +15,13 @@ use serde_json::{json, Value};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_restore-client");
 
+mod common;
+
 /// What the fake agent answers to one request.
 enum Answer {
     Result(Value),
+    /// the result's JSON text, as it is
+    Text(std::sync::Arc<String>),
     /// a raw bulk answer: the result's head and the bytes after its line
     Raw(Value, Vec<u8>),
     /// an error object
@@ -59,6 +63,16 @@ impl Fake {
                         };
                         let (body, raw) = match answer {
                             Answer::Silent => continue,
+                            Answer::Text(text) => {
+                                let line = format!(
+                                    r#"{{"jsonrpc":"2.0","id":{},"result":{text}}}"#,
+                                    req["id"]
+                                );
+                                if out.write_all(format!("{line}\n").as_bytes()).is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
                             Answer::Result(r) => (json!({"result": r}), Vec::new()),
                             Answer::Raw(r, bytes) => (json!({"result": r}), bytes),
                             Answer::Error(e) => (json!({"error": e}), Vec::new()),
@@ -89,19 +103,23 @@ impl Fake {
         self.client(&["extract", "s", "a", "raw", path, "-o", dest])
     }
 
-    /// Runs restore-client against the fake with `args`; fails the test
-    /// if it runs past 30 s (killing it).
-    fn client(&self, args: &[&str]) -> Output {
-        let child = Command::new(CLIENT)
-            .arg("--connect")
+    /// restore-client against the fake with `args`, its output piped.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(CLIENT);
+        c.arg("--connect")
             .arg(format!("unix:{}", self.path("agent.sock").display()))
             .arg("--ticket-file")
             .arg(self.path("ticket"))
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn restore-client");
+            .stderr(Stdio::piped());
+        c
+    }
+
+    /// Runs restore-client against the fake with `args`; fails the test
+    /// if it runs past 30 s (killing it).
+    fn client(&self, args: &[&str]) -> Output {
+        let child = self.command(args).spawn().expect("spawn restore-client");
         let pid = child.id();
         let (tx, rx) = std::sync::mpsc::channel();
         thread::spawn(move || {
@@ -117,6 +135,23 @@ impl Fake {
             }
         }
     }
+}
+
+/// Runs restore-client against the fake with `args` (its output must fit
+/// in the pipes), watching its peak RSS; returns both.
+fn client_peak(fake: &Fake, args: &[&str]) -> (Output, u64) {
+    let mut child = fake.command(args).spawn().expect("spawn restore-client");
+    let started = std::time::Instant::now();
+    let mut peak = 0;
+    while child.try_wait().expect("wait").is_none() {
+        peak = peak.max(common::proc_status_bytes(child.id(), "VmHWM"));
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("restore-client {args:?} still ran after 60 s");
+        }
+        thread::sleep(Duration::from_millis(2));
+    }
+    (child.wait_with_output().expect("output"), peak)
 }
 
 /// The exit code, failing the test on a panic (101, or its message).
@@ -695,4 +730,32 @@ fn a_large_file_comes_as_a_stream_holding_it_alone() {
             .expect("read");
         assert_eq!(&head, b"hello");
     }
+}
+
+/// An answer line of millions of tiny JSON values (here 30 million zeros in
+/// 60 MB, under the 64 MiB line limit) is refused before it is parsed:
+/// parsing it took the client to 1041 MiB (68 MiB refused). A large answer of few values (a 22 MB
+/// string, as a 16 MiB base64 read is) still comes through.
+#[test]
+fn an_answer_of_millions_of_values_is_refused_before_it_is_parsed() {
+    let zeros = std::sync::Arc::new(format!("[{}0]", "0,".repeat(30_000_000)));
+    let fake = Fake::start(move |method, _| match method {
+        "fs.list" => Answer::Text(zeros.clone()),
+        _ => Answer::Result(json!(null)),
+    });
+    let (out, peak) = client_peak(&fake, &["ls", "s", "a", "raw", "/d"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("more than 1048576 JSON values"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(peak < 400 << 20, "client peak RSS {} MiB", peak >> 20);
+
+    let data = std::sync::Arc::new(format!(r#"{{"data":"{}"}}"#, "QUFB".repeat(5_500_000)));
+    let big = Fake::start(move |_, _| Answer::Text(data.clone()));
+    let out = big.client(&["--output", "json", "call", "x"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["data"].as_str().map(str::len), Some(22_000_000));
 }

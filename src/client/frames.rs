@@ -36,6 +36,12 @@ pub const CONNECTION_ENDED: &str = "the connection ended inside the answer's dat
 /// Longest answer line a client accepts: a 16 MiB read is about 22.4 MiB
 /// of base64.
 pub const MAX_RESPONSE_LINE: usize = 64 << 20;
+/// Most JSON values an answer line other than a bulk one may hold, counted
+/// by [`json_values_over`]. The largest the agent sends, a listing page, is
+/// about 1 MiB of JSON, so far fewer; parsed, a value takes tens of bytes,
+/// so this bounds what one line costs the client whatever the agent sends
+/// (60 MB of `[0,0,...]`, 30 million values, took the client to 1 GiB).
+pub const MAX_RESPONSE_VALUES: usize = 1 << 20;
 /// Bytes to read from the stream at a time: bulk payloads are decoded from
 /// the read buffer while they are still in the CPU cache.
 pub const READ_BUFFER: usize = 256 << 10;
@@ -549,11 +555,63 @@ fn raw_head(line: &[u8]) -> Option<RawFrame> {
     })
 }
 
+/// Whether the JSON text `line` holds more than `max` values, counted from
+/// above by its commas, colons and opening brackets outside strings (a
+/// value has at least one of them before or after it, but the first). A
+/// pass over the bytes that allocates nothing, for before a line is parsed.
+pub fn json_values_over(line: &[u8], max: usize) -> bool {
+    let mut count = 0usize;
+    let mut rest = line;
+    while let Some((&b, after)) = rest.split_first() {
+        rest = after;
+        match b {
+            b',' | b':' | b'[' | b'{' => {
+                count += 1;
+                if count > max {
+                    return true;
+                }
+            }
+            // a string: up to its closing quote, escapes skipped whole
+            b'"' => loop {
+                let Some(i) = memchr::memchr2(b'"', b'\\', rest) else {
+                    return false;
+                };
+                let quote = rest[i] == b'"';
+                rest = rest
+                    .get(i + if quote { 1 } else { 2 }..)
+                    .unwrap_or_default();
+                if quote {
+                    break;
+                }
+            },
+            _ => {}
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MAX: usize = 1 << 20;
+
+    #[test]
+    fn json_values_are_counted_outside_strings_only() {
+        let over = |text: &str, max| json_values_over(text.as_bytes(), max);
+        assert!(!over(r#"{"a":[1,2,3]}"#, 5) && over(r#"{"a":[1,2,3]}"#, 4));
+        // commas, colons and brackets inside strings, escaped quotes too
+        let quoted = r#"{"k,:[{":"v\",[{:\\",:"w"}"#;
+        assert!(!over(quoted, 4) && over(quoted, 3));
+        assert!(!over(
+            &format!(r#"{{"data":"{}"}}"#, "A,".repeat(100_000)),
+            2
+        ));
+        let zeros = format!("[{}0]", "0,".repeat(1000));
+        assert!(!over(&zeros, 1001) && over(&zeros, 1000));
+        // an unterminated string or a trailing backslash ends the count
+        assert!(!over(r#"[1,"abc"#, 2) && !over("[\"\\", 1));
+    }
 
     /// Feeds `input` in pieces of `step` bytes; every id is wanted.
     fn decode_all(input: &[u8], step: usize) -> Vec<Response> {

@@ -19,7 +19,10 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::connect::{BoxRead, BoxWrite};
-use super::frames::{Response, ResponseDecoder, SpareBuffers, MAX_RESPONSE_LINE, READ_BUFFER};
+use super::frames::{
+    json_values_over, Response, ResponseDecoder, SpareBuffers, MAX_RESPONSE_LINE,
+    MAX_RESPONSE_VALUES, READ_BUFFER,
+};
 
 /// Methods whose result carries a base64 `data` payload.
 const BULK_METHODS: [&str; 3] = ["fs.read", "stream.read", "image.read"];
@@ -186,6 +189,12 @@ impl LineReceiver {
             Response::Line(line) => {
                 if let Some(refusal) = connection_error(&line) {
                     return Err(refusal);
+                }
+                if json_values_over(&line, MAX_RESPONSE_VALUES) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("response line holds more than {MAX_RESPONSE_VALUES} JSON values"),
+                    ));
                 }
                 // An error answer (or anything else) ends a pending bulk request too.
                 let mut slots = self.slots.lock();
