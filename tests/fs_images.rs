@@ -2048,6 +2048,47 @@ fn ntfs_reads_zeros_past_the_valid_data_length() {
     assert!(with_fs(&img, "raw", |fs| read_all(fs, b"/big.bin")) == data);
 }
 
+/// An NTFS file record that cannot be read (its signature damaged) is
+/// listed apart with why, its siblings as they are, and using it gives the
+/// error naming its path. The whole directory failed before.
+#[test]
+fn ntfs_lists_an_unreadable_file_record_beside_its_siblings() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ntfs.img");
+    let files: Vec<_> = ["a.txt", "b.txt", "c.txt"]
+        .iter()
+        .map(|n| (n.to_string(), n.as_bytes().repeat(100)))
+        .collect();
+    mkimg_ntfs(&img, "16M", "DAMAGE", &dir.path().join("scratch"), &files);
+    let (_d, bad) = damaged(&img, |d| {
+        let record = ntfs_file_record(d, "b.txt");
+        d[record..record + 4].copy_from_slice(b"BAAD");
+    });
+    with_fs(&bad, "raw", |fs| {
+        let (entries, _) = fs.list(b"/", None, 100).unwrap();
+        let listed: Vec<_> = entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.error.is_some()))
+            .collect();
+        assert_eq!(
+            listed,
+            [("a.txt", false), ("b.txt", true), ("c.txt", false)]
+        );
+        let e = fs.stat(b"/b.txt", false).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{}", e.message);
+        assert!(
+            e.message.starts_with("/b.txt: file record "),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("signature"), "{}", e.message);
+        assert_eq!(read_all(fs, b"/c.txt"), b"c.txt".repeat(100));
+    });
+}
+
 /// An NTFS file whose data lies in pieces over several file records (an
 /// attribute list: a badly fragmented file) shows its size and is refused
 /// (1005) when read; the ntfs crate handed over a later piece as the whole

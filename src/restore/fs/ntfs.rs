@@ -291,6 +291,21 @@ fn meta_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) -
     })
 }
 
+/// What an entry whose file record cannot be read shows: its record number
+/// and nothing made up.
+fn unreadable_meta(record: u64) -> Meta {
+    Meta {
+        kind: EntryType::File,
+        size: 0,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        inode: record,
+        nlink: 0,
+    }
+}
+
 /// The attribute of type `ty` of a directory's file name index, if any.
 fn index_attribute<'n, 'f>(
     file: &'f NtfsFile<'n>,
@@ -463,12 +478,19 @@ impl Backend for NtfsBackend {
         let names = directory_names(&file, cur, &what, charge)?;
         let mut out = Vec::with_capacity(names.len());
         for (name, record) in names {
-            let child_what = format!("{what}/{name}");
-            let f = self
+            // the path is put before it wherever the error is given
+            let child_what = format!("file record {record}");
+            let meta = self
                 .ntfs
                 .file(cur, record)
-                .map_err(|e| map_err(&child_what, e))?;
-            let meta = meta_of(&f, cur, record, &child_what)?;
+                .map_err(|e| map_err(&child_what, e))
+                .and_then(|f| meta_of(&f, cur, record, &child_what));
+            // A file record that cannot be read is listed apart, failing
+            // whoever uses it; its siblings are listed as they are.
+            let (meta, damaged) = match meta {
+                Ok(meta) => (meta, None),
+                Err(e) => (unreadable_meta(record), Some(Box::new(e))),
+            };
             charge.add(child_bytes::<u64>(name.len(), 0))?;
             out.push(Child {
                 name: name.into_bytes(),
@@ -476,7 +498,7 @@ impl Backend for NtfsBackend {
                 meta,
                 link: None,
                 broken: None,
-                damaged: None,
+                damaged,
             });
         }
         Ok(out)
