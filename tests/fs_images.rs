@@ -17,7 +17,9 @@ use common::debugfs::{bmap, inode_offset};
 
 use restore_agent::error::ErrorKind;
 use restore_agent::restore::disk::{Disk, FileDisk};
-use restore_agent::restore::fs::{Entry, EntryType, FileData, Filesystem, FsHandle, WalkEntry};
+use restore_agent::restore::fs::{
+    Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry,
+};
 use restore_agent::restore::volume::{list_volumes, open_volume, VolumeInfo};
 use sha2::{Digest, Sha256};
 
@@ -2028,10 +2030,18 @@ fn ntfs_reads_zeros_past_the_valid_data_length() {
     let short = dir.path().join("vdl.img");
     std::fs::write(&short, &d).unwrap();
 
-    let read = with_fs(&short, "raw", |fs| read_all(fs, b"/big.bin"));
+    let (read, map) = with_fs(&short, "raw", |fs| {
+        let map = fs.map(b"/big.bin", 0, 1 << 20).unwrap().expect("a map");
+        (read_all(fs, b"/big.bin"), map)
+    });
     let mut want = data[..4096].to_vec();
     want.resize(data.len(), 0);
     assert!(read == want, "past the valid data length");
+    // mapped (as fs.read and tar output read it) the same way
+    assert!(
+        bytes_of(&d, &map.extents) == want,
+        "mapped past the valid data length"
+    );
     // as ntfs-3g reads it
     let cat = Command::new("ntfscat")
         .arg(&short)
@@ -2089,6 +2099,101 @@ fn ntfs_lists_an_unreadable_file_record_beside_its_siblings() {
     });
 }
 
+/// The volume bytes `extents` name, with their zero extents as zeros.
+fn bytes_of(image: &[u8], extents: &[Extent]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in extents {
+        match *e {
+            Extent::Disk { offset, len } => {
+                out.extend_from_slice(&image[offset as usize..(offset + len) as usize])
+            }
+            Extent::Zero { len } => out.resize(out.len() + len as usize, 0),
+        }
+    }
+    out
+}
+
+/// A new 32 MiB NTFS image `name` in `dir` (4 KiB clusters), mounted with
+/// ntfs-3g on `dir/mnt` for writing what mkntfs and ntfscp cannot (sparse
+/// or fragmented files); the caller unmounts it. `None` (the test skips)
+/// where FUSE mounts fail.
+fn mounted_ntfs(dir: &Path, name: &str) -> Option<(PathBuf, PathBuf)> {
+    let img = dir.join(name);
+    run(Command::new("truncate").arg("-s").arg("32M").arg(&img));
+    run(Command::new("mkntfs")
+        .args(["-q", "-F", "-Q", "-c", "4096"])
+        .arg(&img));
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = Command::new("ntfs-3g").arg(&img).arg(&mnt).status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: ntfs-3g cannot mount here (FUSE)");
+        return None;
+    }
+    Some((img, mnt))
+}
+
+/// An NTFS file's sparse runs map as holes (and bytes past its valid data
+/// length as zeros): a sparse file goes into a tar as a sparse member, and
+/// its data is read from the volume as mapped, the same bytes `ntfscat`
+/// reads. Needs ntfs-3g's FUSE mount to write a sparse file; skipped
+/// without it.
+#[test]
+fn ntfs_sparse_runs_map_as_holes() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some((img, mnt)) = mounted_ntfs(dir.path(), "sparse.img") else {
+        return;
+    };
+    // 64 KiB of data, a 3 MiB hole, 64 KiB of data
+    let (a, b) = (noise(51, 65536), noise(52, 65536));
+    let written = (|| -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(mnt.join("s.bin"))?;
+        f.write_all_at(&a, 0)?;
+        f.write_all_at(&b, 3 << 20)?;
+        f.sync_all()
+    })();
+    run(Command::new("umount").arg(&mnt));
+    written.unwrap();
+    let mut want = a.clone();
+    want.resize(3 << 20, 0);
+    want.extend_from_slice(&b);
+
+    let (map, regions, read) = with_fs(&img, "raw", move |fs| {
+        let map = fs.map(b"/s.bin", 0, 4 << 20).unwrap().expect("a map");
+        let mut regions = None;
+        fs.walk(b"/s.bin", None, &mut |_, data| {
+            regions = data.expect("file data").data_regions(1 << 20, 16)?;
+            Ok(())
+        })
+        .unwrap();
+        (map, regions, read_all(fs, b"/s.bin"))
+    });
+    assert!(read == want, "read");
+    assert!(map.eof);
+    let holes: u64 = map
+        .extents
+        .iter()
+        .map(|e| match e {
+            Extent::Zero { len } => *len,
+            Extent::Disk { .. } => 0,
+        })
+        .sum();
+    assert!(holes >= (3 << 20) - 65536, "{:?}", map.extents);
+    let image = std::fs::read(&img).unwrap();
+    assert!(bytes_of(&image, &map.extents) == want, "mapped bytes");
+    assert_eq!(regions, Some(vec![(0, 65536), (3 << 20, 65536)]));
+    let cat = Command::new("ntfscat")
+        .arg(&img)
+        .arg("s.bin")
+        .output()
+        .unwrap();
+    assert!(cat.stdout == want, "ntfscat disagrees");
+}
+
 /// An NTFS file whose data lies in pieces over several file records (an
 /// attribute list: a badly fragmented file) shows its size and is refused
 /// (1005) when read; the ntfs crate handed over a later piece as the whole
@@ -2100,18 +2205,9 @@ fn ntfs_data_in_pieces_is_refused_not_empty() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("frag.img");
-    run(Command::new("truncate").arg("-s").arg("32M").arg(&img));
-    run(Command::new("mkntfs")
-        .args(["-q", "-F", "-Q", "-c", "4096"])
-        .arg(&img));
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("ntfs-3g").arg(&img).arg(&mnt).status();
-    if !mounted.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED: ntfs-3g cannot mount here (FUSE)");
+    let Some((img, mnt)) = mounted_ntfs(dir.path(), "frag.img") else {
         return;
-    }
+    };
     // three files written 4 KiB at a time in turn: 1,200 fragments each
     let written = (|| -> std::io::Result<()> {
         let mut files = Vec::new();
@@ -2608,6 +2704,11 @@ fn ntfs_sizes_past_2_32_clusters_are_corrupt() {
     with_fs(&huge, "raw", |fs| {
         let Err(e) = fs.read(b"/big.bin", 0, 4096) else {
             panic!("the read succeeded")
+        };
+        assert_error(&e, ErrorKind::Corrupt, "more than 2^32 clusters");
+        // nor is it mapped (for fs.read and for a tar's holes)
+        let Err(e) = fs.map(b"/big.bin", 0, 4096) else {
+            panic!("the map succeeded")
         };
         assert_error(&e, ErrorKind::Corrupt, "more than 2^32 clusters");
     });

@@ -6,13 +6,17 @@
 //! refused the same way. NTFS has no Unix owners or modes: uid/gid 0, mode
 //! 0755 (dirs) / 0644 (files, minus write bits when read-only); inode is the
 //! file record number. Metafiles (`$MFT`, ...) are not listed. Names match
-//! exactly first, then case-insensitively, as on Windows.
+//! exactly first, then case-insensitively, as on Windows. A file's data
+//! runs map it to volume extents (sparse runs and the bytes past its valid
+//! data length as zeros), so its reads come from the chunk pool and its
+//! holes stay out of tar streams.
 //! Must never write.
 
 use std::collections::HashSet;
 use std::io::SeekFrom;
 use std::sync::Arc;
 
+use ntfs::attribute_value::NtfsAttributeValue;
 use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{
     NtfsFileAttributeFlags, NtfsFileNamespace, NtfsIndexAllocation, NtfsIndexRoot,
@@ -28,7 +32,7 @@ use crate::le::{le16, le64};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
-use crate::restore::fs::{EntryType, Meta};
+use crate::restore::fs::{EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
 const ROOT_RECORD: u64 = 5;
@@ -129,6 +133,26 @@ pub struct NtfsBackend {
     /// the valid data length of the file last read (record, bytes), so
     /// that reading a file piece by piece reads its record header once
     valid_length: Option<(u64, u64)>,
+    /// the data runs of the file last mapped (record, runs; `None` when
+    /// it cannot be mapped), so that mapping a file a window at a time
+    /// parses its run list once
+    runs: Option<(u64, Option<Arc<DataRuns>>)>,
+}
+
+/// Where a file's data lies: its runs in file order, and its valid data
+/// length (past it, zeros).
+struct DataRuns {
+    runs: Vec<Run>,
+    valid: u64,
+}
+
+/// A data run: `len` bytes of the file from `start`, at volume byte `disk`
+/// (`None`: sparse, zeros).
+#[derive(Clone, Copy)]
+struct Run {
+    start: u64,
+    len: u64,
+    disk: Option<u64>,
 }
 
 impl NtfsBackend {
@@ -140,56 +164,155 @@ impl NtfsBackend {
             cur,
             disk,
             valid_length: None,
+            runs: None,
         })
     }
 
-    /// The valid data length of a non-resident attribute: Windows reads
-    /// the bytes past it as zeros, whatever the clusters hold (stale data
-    /// of a preallocated or extended file). The ntfs crate parses it but
-    /// does not tell it, so it is read from the attribute's header in its
-    /// file record, with the record's update sequence applied.
-    ///
-    /// The header also says where the piece begins. Data spread over
-    /// several file records (a fragmented file, with an attribute list)
-    /// comes in pieces that the crate joins only when their instance
-    /// numbers match; ntfs-3g numbers each piece on its own, and the crate
-    /// then hands over a later piece (size 0) as the whole: the file read
-    /// as empty. A first piece that does not begin at the start is refused.
-    fn initialized_size(&self, attribute: &NtfsAttribute<'_, '_>, what: &str) -> Result<u64> {
-        let unknown = || {
-            Error::corrupt(format!(
-                "{what}: corrupt NTFS filesystem: the file record of its data is unreadable"
-            ))
-        };
-        let at = attribute.position().value().ok_or_else(unknown)?.get();
-        let size = u64::from(self.ntfs.file_record_size());
-        // the record holding the attribute starts at a sector boundary at
-        // most one record before it
-        let mut record = vec![0u8; size as usize];
-        let mut start = at - at % 512;
-        loop {
-            if at - start >= size {
-                return Err(unknown());
+    /// The data runs of record `node`'s unnamed `$DATA`, or `None` where
+    /// `read_at` reads otherwise or refuses: resident data, compressed or
+    /// encrypted files, reparse points, data in pieces over several file
+    /// records (`read_at` says why).
+    fn data_runs(&mut self, node: u64) -> Result<Option<Arc<DataRuns>>> {
+        if let Some((record, runs)) = &self.runs {
+            if *record == node {
+                return Ok(runs.clone());
             }
-            read_exact_at(&*self.disk, start, &mut record, "NTFS file record")?;
-            if record.starts_with(b"FILE") && apply_fixups(&mut record) {
-                break;
-            }
-            start = start.checked_sub(512).ok_or_else(unknown)?;
         }
-        let off = (at - start) as usize;
-        let header = record.get(off..off + 0x40).ok_or_else(unknown)?;
-        // non-resident, and the data size the crate reads
-        if header[8] != 1 || le64(header, 0x30) != attribute.value_length() {
+        let runs = self.read_data_runs(node)?.map(Arc::new);
+        self.runs = Some((node, runs.clone()));
+        Ok(runs)
+    }
+
+    fn read_data_runs(&mut self, node: u64) -> Result<Option<DataRuns>> {
+        let what = format!("file record {node}");
+        let cur = &mut self.cur;
+        let file = self.ntfs.file(cur, node).map_err(|e| map_err(&what, e))?;
+        let info = file.info().map_err(|e| map_err(&what, e))?;
+        if unreadable(&file, cur, info.file_attributes()).is_some() {
+            return Ok(None);
+        }
+        let Some(item) = file.data(cur, "") else {
+            return Ok(None);
+        };
+        let item = item.map_err(|e| map_err(&what, e))?;
+        let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
+        if attr.is_resident() {
+            return Ok(None);
+        }
+        check_size(&self.ntfs, attr.value_length(), &what)?;
+        let (ntfs, disk) = (&self.ntfs, &*self.disk);
+        let Ok(valid) = valid_length(&mut self.valid_length, node, || {
+            initialized_size(ntfs, disk, &attr, &what)
+        }) else {
+            return Ok(None);
+        };
+        let NtfsAttributeValue::NonResident(value) =
+            attr.value(&mut self.cur).map_err(|e| map_err(&what, e))?
+        else {
+            return Ok(None);
+        };
+        // as many as the file record holds: a few thousand at most
+        let mut runs = Vec::new();
+        let mut start = 0u64;
+        for run in value.data_runs() {
+            let run = run.map_err(|e| map_err(&what, e))?;
+            let len = run.allocated_size();
+            runs.push(Run {
+                start,
+                len,
+                disk: run.data_position().value().map(|at| at.get()),
+            });
+            start = start.checked_add(len).ok_or_else(|| {
+                Error::corrupt(format!(
+                    "{what}: corrupt NTFS filesystem: data runs past 2^64"
+                ))
+            })?;
+        }
+        Ok(Some(DataRuns { runs, valid }))
+    }
+}
+
+/// [`initialized_size`], kept in `cache` (record, bytes) for
+/// the next call about the same record `node`.
+fn valid_length(
+    cache: &mut Option<(u64, u64)>,
+    node: u64,
+    compute: impl FnOnce() -> Result<u64>,
+) -> Result<u64> {
+    match *cache {
+        Some((record, valid)) if record == node => Ok(valid),
+        _ => {
+            let valid = compute()?;
+            *cache = Some((node, valid));
+            Ok(valid)
+        }
+    }
+}
+
+/// The valid data length of a non-resident attribute: Windows reads
+/// the bytes past it as zeros, whatever the clusters hold (stale data
+/// of a preallocated or extended file). The ntfs crate parses it but
+/// does not tell it, so it is read from the attribute's header in its
+/// file record, with the record's update sequence applied.
+///
+/// The header also says where the piece begins. Data spread over
+/// several file records (a fragmented file, with an attribute list)
+/// comes in pieces that the crate joins only when their instance
+/// numbers match; ntfs-3g numbers each piece on its own, and the crate
+/// then hands over a later piece (size 0) as the whole: the file read
+/// as empty. A first piece that does not begin at the start is refused.
+fn initialized_size(
+    ntfs: &Ntfs,
+    disk: &dyn Disk,
+    attribute: &NtfsAttribute<'_, '_>,
+    what: &str,
+) -> Result<u64> {
+    let unknown = || {
+        Error::corrupt(format!(
+            "{what}: corrupt NTFS filesystem: the file record of its data is unreadable"
+        ))
+    };
+    let at = attribute.position().value().ok_or_else(unknown)?.get();
+    let size = u64::from(ntfs.file_record_size());
+    // the record holding the attribute starts at a sector boundary at
+    // most one record before it
+    let mut record = vec![0u8; size as usize];
+    let mut start = at - at % 512;
+    loop {
+        if at - start >= size {
             return Err(unknown());
         }
-        if le64(header, 0x10) != 0 {
-            return Err(Error::unsupported(format!(
-                "{what}: NTFS file data in pieces over several file records is not supported"
-            )));
+        read_exact_at(disk, start, &mut record, "NTFS file record")?;
+        if record.starts_with(b"FILE") && apply_fixups(&mut record) {
+            break;
         }
-        Ok(le64(header, 0x38))
+        start = start.checked_sub(512).ok_or_else(unknown)?;
     }
+    let off = (at - start) as usize;
+    let header = record.get(off..off + 0x40).ok_or_else(unknown)?;
+    // non-resident, and the data size the crate reads
+    if header[8] != 1 || le64(header, 0x30) != attribute.value_length() {
+        return Err(unknown());
+    }
+    if le64(header, 0x10) != 0 {
+        return Err(Error::unsupported(format!(
+            "{what}: NTFS file data in pieces over several file records is not supported"
+        )));
+    }
+    Ok(le64(header, 0x38))
+}
+
+/// NTFS addresses 2^32 clusters of a file; past its valid data length a
+/// larger size would read (or be mapped) as zeros for years.
+fn check_size(ntfs: &Ntfs, size: u64, what: &str) -> Result<()> {
+    let most = u64::from(ntfs.cluster_size()) << 32;
+    if size > most {
+        return Err(Error::corrupt(format!(
+            "{what}: corrupt NTFS filesystem: size {size} is more than 2^32 clusters \
+             ({most} bytes)"
+        )));
+    }
+    Ok(())
 }
 
 /// Puts back the last two bytes of each sector of a file record, which the
@@ -517,27 +640,18 @@ impl Backend for NtfsBackend {
             None => return Ok(0),
         };
         let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
-        let valid = match self.valid_length {
-            _ if attr.is_resident() => attr.value_length(),
-            Some((record, valid)) if record == *node => valid,
-            _ => {
-                let valid = self.initialized_size(&attr, &what)?;
-                self.valid_length = Some((*node, valid));
-                valid
-            }
+        let valid = if attr.is_resident() {
+            attr.value_length()
+        } else {
+            let (ntfs, disk) = (&self.ntfs, &*self.disk);
+            valid_length(&mut self.valid_length, *node, || {
+                initialized_size(ntfs, disk, &attr, &what)
+            })?
         };
         let cur = &mut self.cur;
         let mut value = attr.value(cur).map_err(|e| map_err(&what, e))?;
         let size = value.len();
-        // NTFS addresses 2^32 clusters of a file; past its valid data
-        // length a larger size would read as zeros for years
-        let most = u64::from(self.ntfs.cluster_size()) << 32;
-        if size > most {
-            return Err(Error::corrupt(format!(
-                "{what}: corrupt NTFS filesystem: size {size} is more than 2^32 clusters \
-                 ({most} bytes)"
-            )));
-        }
+        check_size(&self.ntfs, size, &what)?;
         if offset >= size {
             return Ok(0);
         }
@@ -561,6 +675,43 @@ impl Backend for NtfsBackend {
         }
         buf[done..want].fill(0);
         Ok(want)
+    }
+
+    /// The data runs of the file's unnamed `$DATA` over the range: sparse
+    /// runs, and whatever lies past the valid data length, as zeros (as
+    /// `read_at` reads them); `None` where `read_at` reads otherwise.
+    fn map_at(&mut self, node: &u64, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
+        let Some(data) = self.data_runs(*node)? else {
+            return Ok(None);
+        };
+        let end = offset.saturating_add(len);
+        let first = data.runs.partition_point(|r| r.start + r.len <= offset);
+        let mut extents = Vec::new();
+        for run in data.runs.get(first..).unwrap_or_default() {
+            if run.start >= end {
+                break;
+            }
+            let (from, to) = (run.start.max(offset), (run.start + run.len).min(end));
+            let on_disk = to.min(data.valid.max(from));
+            if on_disk > from {
+                let len = on_disk - from;
+                extents.push(match run.disk {
+                    Some(at) => Extent::Disk {
+                        offset: at.checked_add(from - run.start).ok_or_else(|| {
+                            Error::corrupt(format!(
+                                "file record {node}: corrupt NTFS filesystem: a data run past 2^64"
+                            ))
+                        })?,
+                        len,
+                    },
+                    None => Extent::Zero { len },
+                });
+            }
+            if to > on_disk {
+                extents.push(Extent::Zero { len: to - on_disk });
+            }
+        }
+        Ok(Some(extents))
     }
 
     fn case_insensitive(&self) -> bool {
