@@ -424,7 +424,6 @@ async fn write_lines<W: AsyncWrite + Unpin>(
             mut trailer,
             hold,
         } = out;
-        let more_waiting = || !rx.is_empty();
         let written = async {
             w.write_all(&head).await?;
             match &mut body {
@@ -449,7 +448,7 @@ async fn write_lines<W: AsyncWrite + Unpin>(
                 }
             }
             // Coalesce: flush only when no other response is waiting.
-            if !more_waiting() {
+            if rx.is_empty() {
                 w.flush().await?;
             }
             std::io::Result::Ok(())
