@@ -2194,6 +2194,144 @@ fn ntfs_sparse_runs_map_as_holes() {
     assert!(cat.stdout == want, "ntfscat disagrees");
 }
 
+/// Sets a file's raw reparse data through ntfs-3g's extended attribute,
+/// which writes it as Windows does (a `$REPARSE_POINT` attribute and the
+/// file's reparse flag).
+fn set_reparse_data(path: &Path, data: &[u8]) {
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: both strings are NUL-terminated and `data` is valid for its length.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"system.ntfs_reparse_data".as_ptr(),
+            data.as_ptr().cast(),
+            data.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+/// Reparse data of `tag` holding a substitute and a print name (and, for
+/// a symbolic link, its flags), as Windows lays it out.
+fn reparse_data(tag: u32, substitute: &str, print: &str, symlink_flags: Option<u32>) -> Vec<u8> {
+    let utf16 = |s: &str| -> Vec<u8> { s.encode_utf16().flat_map(u16::to_le_bytes).collect() };
+    let (s, p) = (utf16(substitute), utf16(print));
+    let mut body = Vec::new();
+    for v in [0, s.len(), s.len(), p.len()] {
+        body.extend_from_slice(&(v as u16).to_le_bytes());
+    }
+    if let Some(f) = symlink_flags {
+        body.extend_from_slice(&f.to_le_bytes());
+    }
+    body.extend_from_slice(&s);
+    body.extend_from_slice(&p);
+    let mut out = tag.to_le_bytes().to_vec();
+    out.extend_from_slice(&(body.len() as u16).to_le_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// NTFS junctions and symbolic links (reparse points, as Windows makes
+/// them) and Interix symlinks (as ntfs-3g makes Linux ones) are listed
+/// and walked as symlinks with Unix targets, and paths through them
+/// resolve within the volume. A junction was an empty directory and a
+/// symbolic link an empty file, and an Interix link a file holding
+/// `IntxLNK`. Another reparse point (a deduplicated file) stays a file
+/// whose reads are refused. Needs ntfs-3g's FUSE mount; skipped without it.
+#[test]
+fn ntfs_links_are_symlinks() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some((img, mnt)) = mounted_ntfs(dir.path(), "links.img") else {
+        return;
+    };
+    let made = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(mnt.join("Users/Public"))?;
+        std::fs::write(mnt.join("Users/Public/a.txt"), "hi\n")?;
+        std::fs::create_dir(mnt.join("Documents and Settings"))?;
+        std::fs::write(mnt.join("link.txt"), "")?;
+        std::fs::write(mnt.join("dedup.bin"), "data\n")?;
+        std::os::unix::fs::symlink("Users/Public", mnt.join("interix"))?;
+        Ok(())
+    })();
+    if made.is_ok() {
+        set_reparse_data(
+            &mnt.join("Documents and Settings"),
+            &reparse_data(0xA000_0003, r"\??\C:\Users", r"C:\Users", None),
+        );
+        set_reparse_data(
+            &mnt.join("link.txt"),
+            &reparse_data(
+                0xA000_000C,
+                r"Users\Public\a.txt",
+                r"Users\Public\a.txt",
+                Some(1),
+            ),
+        );
+        set_reparse_data(
+            &mnt.join("dedup.bin"),
+            &reparse_data(0x8000_0013, "x", "x", None),
+        );
+    }
+    run(Command::new("umount").arg(&mnt));
+    made.unwrap();
+
+    with_fs(&img, "raw", |fs| {
+        let (entries, _) = fs.list(b"/", None, 100).unwrap();
+        let listed: Vec<_> = entries
+            .iter()
+            .map(|e| (e.name.as_str(), e.kind, e.target.as_deref()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("Documents and Settings", EntryType::Symlink, Some("/Users")),
+                ("Users", EntryType::Dir, None),
+                ("dedup.bin", EntryType::File, None),
+                ("interix", EntryType::Symlink, Some("Users/Public")),
+                ("link.txt", EntryType::Symlink, Some("Users/Public/a.txt")),
+            ]
+        );
+        // paths through them resolve within the volume
+        for path in [
+            &b"/Documents and Settings/Public/a.txt"[..],
+            b"/interix/a.txt",
+            b"/link.txt",
+        ] {
+            assert_eq!(
+                read_all(fs, path),
+                b"hi\n",
+                "{}",
+                String::from_utf8_lossy(path)
+            );
+        }
+        let e = fs.read(b"/dedup.bin", 0, 100).unwrap_err();
+        assert_error(&e, ErrorKind::Unsupported, "reparse points");
+        // a walk gives them as symlinks, not as what they point at
+        let mut walked = Vec::new();
+        fs.walk(b"/", None, &mut |w: &WalkEntry, _| {
+            walked.push((w.path.clone(), w.link_target.clone()));
+            Ok(())
+        })
+        .unwrap();
+        let target = |p: &[u8]| {
+            walked
+                .iter()
+                .find(|(path, _)| path == p)
+                .map(|(_, t)| t.clone())
+        };
+        assert_eq!(
+            target(b"Documents and Settings"),
+            Some(Some(b"/Users".to_vec()))
+        );
+        assert_eq!(target(b"interix"), Some(Some(b"Users/Public".to_vec())));
+    });
+}
+
 /// An NTFS file whose data lies in pieces over several file records (an
 /// attribute list: a badly fragmented file) shows its size and is refused
 /// (1005) when read; the ntfs crate handed over a later piece as the whole

@@ -17,6 +17,7 @@ mod ext_raw;
 pub mod fat;
 mod handle;
 pub mod ntfs;
+mod ntfs_link;
 mod tree;
 
 pub(crate) use budget::Charge;

@@ -2,9 +2,11 @@
 //!
 //! The crate reads LZNT1-compressed and encrypted data as zero bytes without
 //! an error, so every read checks the $DATA attribute's flags and refuses
-//! those files (1005); reparse points (symlinks, junctions, dedup) are
-//! refused the same way. NTFS has no Unix owners or modes: uid/gid 0, mode
-//! 0755 (dirs) / 0644 (files, minus write bits when read-only); inode is the
+//! those files (1005); reparse points other than links (deduplicated,
+//! compressed by Windows, cloud files) are refused the same way. Symbolic
+//! links and junctions are symlinks (`ntfs_link`). NTFS has no Unix owners
+//! or modes: uid/gid 0, mode 0755 (dirs) / 0644 (files, minus write bits
+//! when read-only) / 0777 (links); inode is the
 //! file record number. Metafiles (`$MFT`, ...) are not listed. Names match
 //! exactly first, then case-insensitively, as on Windows. A file's data
 //! runs map it to volume extents (sparse runs and the bytes past its valid
@@ -31,6 +33,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::le::{le16, le64};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
+use crate::restore::fs::ntfs_link;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
 use crate::restore::fs::{EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
@@ -342,7 +345,10 @@ fn unreadable(
     attrs: NtfsFileAttributeFlags,
 ) -> Option<&'static str> {
     if attrs.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
-        return Some("reparse points (symlinks, junctions, deduplicated files) are not supported");
+        return Some(
+            "reparse points other than links (deduplicated, compressed by Windows, cloud \
+             files) are not supported",
+        );
     }
     if attrs.contains(NtfsFileAttributeFlags::ENCRYPTED) {
         return Some("encrypted NTFS files are not supported");
@@ -380,10 +386,21 @@ fn base_record_data_size(file: &NtfsFile<'_>) -> Option<u64> {
     })
 }
 
-fn meta_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) -> Result<Meta> {
+/// A file's metadata, and its target when it is a symbolic link or
+/// junction (a reparse point) or an Interix symlink (see `ntfs_link`).
+fn meta_of(
+    file: &NtfsFile<'_>,
+    cur: &mut DiskCursor,
+    record: u64,
+    what: &str,
+) -> Result<(Meta, Option<Vec<u8>>)> {
     let info = file.info().map_err(|e| map_err(what, e))?;
-    let dir = file.is_directory();
-    let size = if dir {
+    let attrs = info.file_attributes();
+    let link = link_of(file, cur, attrs);
+    let dir = file.is_directory() && link.is_none();
+    let size = if let Some(target) = &link {
+        target.len() as u64
+    } else if dir {
         0
     } else if let Some(size) = base_record_data_size(file) {
         size
@@ -397,13 +414,16 @@ fn meta_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) -
             None => 0,
         }
     };
-    let attrs = info.file_attributes();
-    let mut mode = if dir { 0o755 } else { 0o644 };
-    if attrs.contains(NtfsFileAttributeFlags::READ_ONLY) {
+    let (kind, mut mode) = match (&link, dir) {
+        (Some(_), _) => (EntryType::Symlink, 0o777),
+        (None, true) => (EntryType::Dir, 0o755),
+        (None, false) => (EntryType::File, 0o644),
+    };
+    if link.is_none() && attrs.contains(NtfsFileAttributeFlags::READ_ONLY) {
         mode &= !0o222;
     }
-    Ok(Meta {
-        kind: if dir { EntryType::Dir } else { EntryType::File },
+    let meta = Meta {
+        kind,
         size,
         mode,
         uid: 0,
@@ -411,7 +431,50 @@ fn meta_of(file: &NtfsFile<'_>, cur: &mut DiskCursor, record: u64, what: &str) -
         mtime: unix_time(info.modification_time().nt_timestamp()),
         inode: record,
         nlink: u64::from(file.hard_link_count()).max(1),
-    })
+    };
+    Ok((meta, link))
+}
+
+/// The target of `file` when it is a symbolic link or junction, or an
+/// Interix symlink (a system file; ntfs-3g writes Linux symlinks so). Data
+/// that cannot be read or parsed leaves it what it is otherwise: a
+/// directory, or a file whose reads are refused as a reparse point's.
+fn link_of(
+    file: &NtfsFile<'_>,
+    cur: &mut DiskCursor,
+    attrs: NtfsFileAttributeFlags,
+) -> Option<Vec<u8>> {
+    if attrs.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
+        let data = resident_value(file, cur, NtfsAttributeType::ReparsePoint)?;
+        return ntfs_link::reparse_target(&data);
+    }
+    if attrs.contains(NtfsFileAttributeFlags::SYSTEM) && !file.is_directory() {
+        let data = resident_value(file, cur, NtfsAttributeType::Data)?;
+        return ntfs_link::interix_target(&data);
+    }
+    None
+}
+
+/// The value of `file`'s unnamed attribute of type `ty` when its base
+/// record holds it (resident: a few hundred bytes).
+fn resident_value(
+    file: &NtfsFile<'_>,
+    cur: &mut DiskCursor,
+    ty: NtfsAttributeType,
+) -> Option<Vec<u8>> {
+    // stops at the first attribute that cannot be read (see
+    // `base_record_data_size`)
+    let attribute = file
+        .attributes_raw()
+        .map_while(std::result::Result::ok)
+        .find(|a| a.ty().ok() == Some(ty) && a.name_length() == 0)?;
+    if !attribute.is_resident() {
+        return None;
+    }
+    match attribute.value(cur).ok()? {
+        NtfsAttributeValue::Resident(value) => Some(value.data().to_vec()),
+        _ => None,
+    }
 }
 
 /// What an entry whose file record cannot be read shows: its record number
@@ -583,7 +646,8 @@ impl Backend for NtfsBackend {
             .ntfs
             .file(&mut self.cur, ROOT_RECORD)
             .map_err(|e| map_err(what, e))?;
-        let meta = meta_of(&file, &mut self.cur, ROOT_RECORD, what)?;
+        // the root is a directory, whatever its attributes say
+        let (meta, _) = meta_of(&file, &mut self.cur, ROOT_RECORD, what)?;
         Ok(Child {
             name: Vec::new(),
             node: ROOT_RECORD,
@@ -610,16 +674,19 @@ impl Backend for NtfsBackend {
                 .and_then(|f| meta_of(&f, cur, record, &child_what));
             // A file record that cannot be read is listed apart, failing
             // whoever uses it; its siblings are listed as they are.
-            let (meta, damaged) = match meta {
-                Ok(meta) => (meta, None),
-                Err(e) => (unreadable_meta(record), Some(Box::new(e))),
+            let (meta, link, damaged) = match meta {
+                Ok((meta, link)) => (meta, link, None),
+                Err(e) => (unreadable_meta(record), None, Some(Box::new(e))),
             };
-            charge.add(child_bytes::<u64>(name.len(), 0))?;
+            charge.add(child_bytes::<u64>(
+                name.len(),
+                link.as_ref().map_or(0, Vec::len),
+            ))?;
             out.push(Child {
                 name: name.into_bytes(),
                 node: record,
                 meta,
-                link: None,
+                link,
                 broken: None,
                 damaged,
             });
