@@ -16,6 +16,7 @@ mod ext_journal;
 mod ext_raw;
 pub mod fat;
 mod handle;
+mod lznt1;
 pub mod ntfs;
 mod ntfs_link;
 mod tree;

@@ -1,9 +1,10 @@
 //! NTFS backend on the ntfs crate.
 //!
 //! The crate reads LZNT1-compressed and encrypted data as zero bytes without
-//! an error, so every read checks the $DATA attribute's flags and refuses
-//! those files (1005); reparse points other than links (deduplicated,
-//! compressed by Windows, cloud files) are refused the same way. Symbolic
+//! an error, so every read checks the $DATA attribute's flags: compressed
+//! data is decoded here (`lznt1`, unit by unit over the data runs),
+//! encrypted files are refused (1005), and so are reparse points other than
+//! links (deduplicated, compressed by Windows' WOF, cloud files). Symbolic
 //! links and junctions are symlinks (`ntfs_link`). NTFS has no Unix owners
 //! or modes: uid/gid 0, mode 0755 (dirs) / 0644 (files, minus write bits
 //! when read-only) / 0777 (links); inode is the
@@ -33,8 +34,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::le::{le16, le64};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
-use crate::restore::fs::ntfs_link;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
+use crate::restore::fs::{lznt1, ntfs_link};
 use crate::restore::fs::{EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
@@ -133,20 +134,24 @@ pub struct NtfsBackend {
     ntfs: Ntfs,
     cur: DiskCursor,
     disk: Arc<dyn Disk>,
-    /// the valid data length of the file last read (record, bytes), so
-    /// that reading a file piece by piece reads its record header once
-    valid_length: Option<(u64, u64)>,
+    /// the data header of the file last read (record, header), so that
+    /// reading a file piece by piece reads its record header once
+    header: Option<(u64, DataHeader)>,
+    /// the compression unit last decoded (record, unit number, its bytes)
+    unit: Option<(u64, u64, Vec<u8>)>,
     /// the data runs of the file last mapped (record, runs; `None` when
     /// it cannot be mapped), so that mapping a file a window at a time
     /// parses its run list once
     runs: Option<(u64, Option<Arc<DataRuns>>)>,
 }
 
-/// Where a file's data lies: its runs in file order, and its valid data
-/// length (past it, zeros).
+/// Where a file's data lies: its runs in file order, its valid data
+/// length (past it, zeros) and whether it is compressed.
 struct DataRuns {
     runs: Vec<Run>,
     valid: u64,
+    /// bytes of a compression unit, for compressed data
+    compression_unit: Option<u64>,
 }
 
 /// A data run: `len` bytes of the file from `start`, at volume byte `disk`
@@ -166,7 +171,8 @@ impl NtfsBackend {
             ntfs,
             cur,
             disk,
-            valid_length: None,
+            header: None,
+            unit: None,
             runs: None,
         })
     }
@@ -184,6 +190,102 @@ impl NtfsBackend {
         let runs = self.read_data_runs(node)?.map(Arc::new);
         self.runs = Some((node, runs.clone()));
         Ok(runs)
+    }
+
+    /// Reads compressed data: each compression unit whose clusters are all
+    /// stored is the data as it is, one without any is zeros, and one with
+    /// fewer (the rest sparse) holds LZNT1 chunks. The unit last decoded is
+    /// kept for the reads that follow.
+    fn read_compressed(
+        &mut self,
+        node: u64,
+        what: &str,
+        size: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let unsupported = || {
+            Error::unsupported(format!(
+                "{what}: compressed NTFS data of this layout is not supported"
+            ))
+        };
+        let data = self.data_runs(node)?.ok_or_else(unsupported)?;
+        let unit = data.compression_unit.ok_or_else(unsupported)?;
+        if offset >= size {
+            return Ok(0);
+        }
+        let want = buf.len().min((size - offset) as usize);
+        let mut done = 0;
+        while done < want {
+            let pos = offset + done as u64;
+            let index = pos / unit;
+            let plain = self.decoded_unit(node, index, unit, &data, what)?;
+            let within = (pos - index * unit) as usize;
+            let n = (want - done).min(plain.len() - within);
+            buf[done..done + n].copy_from_slice(&plain[within..within + n]);
+            done += n;
+        }
+        // past the valid data length, zeros
+        let valid = data.valid.saturating_sub(offset).min(want as u64) as usize;
+        buf[valid..want].fill(0);
+        Ok(want)
+    }
+
+    /// The bytes of compression unit `index` (`unit` bytes), decoded.
+    fn decoded_unit(
+        &mut self,
+        node: u64,
+        index: u64,
+        unit: u64,
+        data: &DataRuns,
+        what: &str,
+    ) -> Result<&[u8]> {
+        let cached = matches!(&self.unit, Some((n, i, _)) if *n == node && *i == index);
+        if !cached {
+            let plain = self.decode_unit(index, unit, data, what)?;
+            self.unit = Some((node, index, plain));
+        }
+        Ok(self.unit.as_ref().map_or(&[][..], |(_, _, plain)| plain))
+    }
+
+    fn decode_unit(&self, index: u64, unit: u64, data: &DataRuns, what: &str) -> Result<Vec<u8>> {
+        let corrupt =
+            |why: &str| Error::corrupt(format!("{what}: corrupt NTFS compressed data: {why}"));
+        let start = index * unit;
+        let end = start + unit;
+        let first = data.runs.partition_point(|r| r.start + r.len <= start);
+        // the unit's stored clusters, which come before its sparse ones
+        let mut stored = Vec::new();
+        let mut hole = false;
+        for run in data.runs.get(first..).unwrap_or_default() {
+            if run.start >= end {
+                break;
+            }
+            let (from, to) = (run.start.max(start), (run.start + run.len).min(end));
+            match run.disk {
+                Some(_) if hole => return Err(corrupt("stored clusters after a unit's hole")),
+                Some(at) => {
+                    let at = at
+                        .checked_add(from - run.start)
+                        .ok_or_else(|| corrupt("a run past 2^64"))?;
+                    let len = (to - from) as usize;
+                    let n = stored.len();
+                    stored.resize(n + len, 0);
+                    read_exact_at(&*self.disk, at, &mut stored[n..], "NTFS compressed data")?;
+                }
+                None => hole = true,
+            }
+        }
+        let unit = unit as usize;
+        if stored.len() == unit {
+            return Ok(stored);
+        }
+        let mut plain = Vec::with_capacity(unit);
+        if !stored.is_empty() {
+            lznt1::decompress_unit(&stored, unit, &mut plain).map_err(corrupt)?;
+        }
+        plain.resize(unit, 0);
+        Ok(plain)
     }
 
     fn read_data_runs(&mut self, node: u64) -> Result<Option<DataRuns>> {
@@ -204,10 +306,20 @@ impl NtfsBackend {
         }
         check_size(&self.ntfs, attr.value_length(), &what)?;
         let (ntfs, disk) = (&self.ntfs, &*self.disk);
-        let Ok(valid) = valid_length(&mut self.valid_length, node, || {
-            initialized_size(ntfs, disk, &attr, &what)
+        let Ok(header) = cached_header(&mut self.header, node, || {
+            data_header(ntfs, disk, &attr, &what)
         }) else {
             return Ok(None);
+        };
+        let cluster = u64::from(self.ntfs.cluster_size());
+        let compression_unit = if attr.flags().contains(NtfsAttributeFlags::COMPRESSED) {
+            // Windows compresses with 16 clusters of at most 4 KiB
+            match header.compression_unit {
+                1..=8 if cluster <= 4096 => Some(cluster << header.compression_unit),
+                _ => return Ok(None),
+            }
+        } else {
+            None
         };
         let NtfsAttributeValue::NonResident(value) =
             attr.value(&mut self.cur).map_err(|e| map_err(&what, e))?
@@ -231,25 +343,39 @@ impl NtfsBackend {
                 ))
             })?;
         }
-        Ok(Some(DataRuns { runs, valid }))
+        Ok(Some(DataRuns {
+            runs,
+            valid: header.valid,
+            compression_unit,
+        }))
     }
 }
 
-/// [`initialized_size`], kept in `cache` (record, bytes) for
-/// the next call about the same record `node`.
-fn valid_length(
-    cache: &mut Option<(u64, u64)>,
+/// [`data_header`], kept in `cache` for the next call about the same
+/// record `node`.
+fn cached_header(
+    cache: &mut Option<(u64, DataHeader)>,
     node: u64,
-    compute: impl FnOnce() -> Result<u64>,
-) -> Result<u64> {
+    compute: impl FnOnce() -> Result<DataHeader>,
+) -> Result<DataHeader> {
     match *cache {
-        Some((record, valid)) if record == node => Ok(valid),
+        Some((record, header)) if record == node => Ok(header),
         _ => {
-            let valid = compute()?;
-            *cache = Some((node, valid));
-            Ok(valid)
+            let header = compute()?;
+            *cache = Some((node, header));
+            Ok(header)
         }
     }
+}
+
+/// What the header of a non-resident `$DATA` says beyond what the crate
+/// tells.
+#[derive(Clone, Copy)]
+struct DataHeader {
+    /// the valid data length (see [`data_header`])
+    valid: u64,
+    /// clusters in a compression unit, as a power of 2 (0: not compressed)
+    compression_unit: u16,
 }
 
 /// The valid data length of a non-resident attribute: Windows reads
@@ -264,12 +390,12 @@ fn valid_length(
 /// numbers match; ntfs-3g numbers each piece on its own, and the crate
 /// then hands over a later piece (size 0) as the whole: the file read
 /// as empty. A first piece that does not begin at the start is refused.
-fn initialized_size(
+fn data_header(
     ntfs: &Ntfs,
     disk: &dyn Disk,
     attribute: &NtfsAttribute<'_, '_>,
     what: &str,
-) -> Result<u64> {
+) -> Result<DataHeader> {
     let unknown = || {
         Error::corrupt(format!(
             "{what}: corrupt NTFS filesystem: the file record of its data is unreadable"
@@ -302,7 +428,10 @@ fn initialized_size(
             "{what}: NTFS file data in pieces over several file records is not supported"
         )));
     }
-    Ok(le64(header, 0x38))
+    Ok(DataHeader {
+        valid: le64(header, 0x38),
+        compression_unit: le16(header, 0x22),
+    })
 }
 
 /// NTFS addresses 2^32 clusters of a file; past its valid data length a
@@ -339,6 +468,7 @@ fn apply_fixups(record: &mut [u8]) -> bool {
 }
 
 /// Why the default $DATA of `file` cannot be read correctly, if so.
+/// (Compressed data is decoded: see `read_compressed`.)
 fn unreadable(
     file: &NtfsFile<'_>,
     cur: &mut DiskCursor,
@@ -353,16 +483,9 @@ fn unreadable(
     if attrs.contains(NtfsFileAttributeFlags::ENCRYPTED) {
         return Some("encrypted NTFS files are not supported");
     }
-    if attrs.contains(NtfsFileAttributeFlags::COMPRESSED) {
-        return Some("compressed NTFS files are not supported");
-    }
     if let Some(Ok(item)) = file.data(cur, "") {
         if let Ok(attr) = item.to_attribute() {
-            let f = attr.flags();
-            if f.contains(NtfsAttributeFlags::COMPRESSED) {
-                return Some("compressed NTFS files are not supported");
-            }
-            if f.contains(NtfsAttributeFlags::ENCRYPTED) {
+            if attr.flags().contains(NtfsAttributeFlags::ENCRYPTED) {
                 return Some("encrypted NTFS files are not supported");
             }
         }
@@ -707,13 +830,19 @@ impl Backend for NtfsBackend {
             None => return Ok(0),
         };
         let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
+        if !attr.is_resident() && attr.flags().contains(NtfsAttributeFlags::COMPRESSED) {
+            let size = attr.value_length();
+            check_size(&self.ntfs, size, &what)?;
+            return self.read_compressed(*node, &what, size, offset, buf);
+        }
         let valid = if attr.is_resident() {
             attr.value_length()
         } else {
             let (ntfs, disk) = (&self.ntfs, &*self.disk);
-            valid_length(&mut self.valid_length, *node, || {
-                initialized_size(ntfs, disk, &attr, &what)
+            cached_header(&mut self.header, *node, || {
+                data_header(ntfs, disk, &attr, &what)
             })?
+            .valid
         };
         let cur = &mut self.cur;
         let mut value = attr.value(cur).map_err(|e| map_err(&what, e))?;
@@ -751,6 +880,9 @@ impl Backend for NtfsBackend {
         let Some(data) = self.data_runs(*node)? else {
             return Ok(None);
         };
+        if data.compression_unit.is_some() {
+            return Ok(None);
+        }
         let end = offset.saturating_add(len);
         let first = data.runs.partition_point(|r| r.start + r.len <= offset);
         let mut extents = Vec::new();
