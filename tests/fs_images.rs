@@ -2415,12 +2415,14 @@ fn ntfs_compressed_files_read_as_ntfscat_reads_them() {
 }
 
 /// An NTFS file whose data lies in pieces over several file records (an
-/// attribute list: a badly fragmented file) shows its size and is refused
-/// (1005) when read; the ntfs crate handed over a later piece as the whole
-/// and the file read as 0 bytes. Needs ntfs-3g's FUSE mount to write such
-/// a file (interleaved appends); skipped without it.
+/// attribute list: a badly fragmented file) reads whole, as ntfscat reads
+/// it, and maps to its extents. It was refused (1005): the ntfs crate
+/// joins pieces only when their instance numbers match, handed over a
+/// later piece as the whole, and the file read as 0 bytes. Needs ntfs-3g's
+/// FUSE mount to write such a file (interleaved appends); skipped without
+/// it.
 #[test]
-fn ntfs_data_in_pieces_is_refused_not_empty() {
+fn ntfs_data_in_pieces_reads_whole() {
     if !have_tools() {
         return;
     }
@@ -2445,19 +2447,34 @@ fn ntfs_data_in_pieces_is_refused_not_empty() {
     })();
     run(Command::new("umount").arg(&mnt));
     written.unwrap();
-    let (stat, read) = with_fs(&img, "raw", |fs| {
+    let (stat, read, map) = with_fs(&img, "raw", |fs| {
         (
             fs.stat(b"/frag0.bin", true),
-            fs.read(b"/frag0.bin", 0, 65536),
+            read_all(fs, b"/frag1.bin"),
+            fs.map(b"/frag2.bin", 0, 1200 * 4096)
+                .unwrap()
+                .expect("a map"),
         )
     });
     assert_eq!(stat.unwrap().size, 1200 * 4096);
-    let e = read.expect_err("read as if whole");
-    assert_error(
-        &e,
-        ErrorKind::Unsupported,
-        "pieces over several file records",
+    let want = |i: usize| -> Vec<u8> {
+        (0..1200usize)
+            .flat_map(|k| [((k * 7 + i) & 255) as u8; 4096])
+            .collect()
+    };
+    assert!(read == want(1), "frag1.bin: {} bytes read", read.len());
+    let image = std::fs::read(&img).unwrap();
+    assert!(map.extents.len() > 100, "{} extents", map.extents.len());
+    assert!(
+        bytes_of(&image, &map.extents) == want(2),
+        "frag2.bin mapped"
     );
+    let cat = Command::new("ntfscat")
+        .arg(&img)
+        .arg("frag1.bin")
+        .output()
+        .unwrap();
+    assert!(cat.stdout == want(1), "ntfscat disagrees");
 }
 
 /// A corrupt block map or extent tree that points back at one of its own

@@ -12,22 +12,23 @@
 //! exactly first, then case-insensitively, as on Windows. A file's data
 //! runs map it to volume extents (sparse runs and the bytes past its valid
 //! data length as zeros), so its reads come from the chunk pool and its
-//! holes stay out of tar streams.
+//! holes stay out of tar streams. The runs of a fragmented file are
+//! gathered from every file record its attribute list names.
 //! Must never write.
 
 use std::collections::HashSet;
-use std::io::SeekFrom;
 use std::sync::Arc;
 
 use ntfs::attribute_value::NtfsAttributeValue;
 use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{
-    NtfsFileAttributeFlags, NtfsFileNamespace, NtfsIndexAllocation, NtfsIndexRoot,
+    NtfsAttributeList, NtfsFileAttributeFlags, NtfsFileNamespace, NtfsIndexAllocation,
+    NtfsIndexRoot,
 };
 use ntfs::types::Vcn;
 use ntfs::{
     Ntfs, NtfsAttribute, NtfsAttributeFlags, NtfsAttributeItem, NtfsAttributeType, NtfsError,
-    NtfsFile, NtfsIndexNodeEntries, NtfsReadSeek,
+    NtfsFile, NtfsIndexNodeEntries,
 };
 
 use crate::error::{Error, ErrorKind, Result};
@@ -46,6 +47,9 @@ const FIRST_USER_RECORD: u64 = 24;
 const NT_TO_UNIX: i64 = 11_644_473_600;
 /// Most entries read from one directory index.
 const MAX_DIR_ENTRIES: usize = 4 << 20;
+/// Most data runs of one file kept (32 bytes each, 8 MiB at most): a
+/// file in more pieces than this is refused.
+const MAX_DATA_RUNS: usize = 1 << 18;
 /// The name of a directory's file name index.
 const DIR_INDEX: &str = "$I30";
 
@@ -134,21 +138,20 @@ pub struct NtfsBackend {
     ntfs: Ntfs,
     cur: DiskCursor,
     disk: Arc<dyn Disk>,
-    /// the data header of the file last read (record, header), so that
-    /// reading a file piece by piece reads its record header once
-    header: Option<(u64, DataHeader)>,
     /// the compression unit last decoded (record, unit number, its bytes)
     unit: Option<(u64, u64, Vec<u8>)>,
-    /// the data runs of the file last mapped (record, runs; `None` when
-    /// it cannot be mapped), so that mapping a file a window at a time
-    /// parses its run list once
+    /// the data runs of the file last read or mapped (record, runs; `None`
+    /// when its data is not in runs), so that reading or mapping a file a
+    /// piece at a time parses its run list once
     runs: Option<(u64, Option<Arc<DataRuns>>)>,
 }
 
-/// Where a file's data lies: its runs in file order, its valid data
-/// length (past it, zeros) and whether it is compressed.
+/// Where a file's data lies: its runs in file order (from every file
+/// record holding a piece of them), its size, its valid data length (past
+/// it, zeros) and whether it is compressed.
 struct DataRuns {
     runs: Vec<Run>,
+    size: u64,
     valid: u64,
     /// bytes of a compression unit, for compressed data
     compression_unit: Option<u64>,
@@ -171,16 +174,14 @@ impl NtfsBackend {
             ntfs,
             cur,
             disk,
-            header: None,
             unit: None,
             runs: None,
         })
     }
 
     /// The data runs of record `node`'s unnamed `$DATA`, or `None` where
-    /// `read_at` reads otherwise or refuses: resident data, compressed or
-    /// encrypted files, reparse points, data in pieces over several file
-    /// records (`read_at` says why).
+    /// there are none (resident data, no data) or they are not to be read
+    /// (encrypted files, reparse points: `read_at` says why).
     fn data_runs(&mut self, node: u64) -> Result<Option<Arc<DataRuns>>> {
         if let Some((record, runs)) = &self.runs {
             if *record == node {
@@ -200,17 +201,13 @@ impl NtfsBackend {
         &mut self,
         node: u64,
         what: &str,
-        size: u64,
+        data: &DataRuns,
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
-        let unsupported = || {
-            Error::unsupported(format!(
-                "{what}: compressed NTFS data of this layout is not supported"
-            ))
+        let (Some(unit), size) = (data.compression_unit, data.size) else {
+            return Ok(0);
         };
-        let data = self.data_runs(node)?.ok_or_else(unsupported)?;
-        let unit = data.compression_unit.ok_or_else(unsupported)?;
         if offset >= size {
             return Ok(0);
         }
@@ -219,7 +216,7 @@ impl NtfsBackend {
         while done < want {
             let pos = offset + done as u64;
             let index = pos / unit;
-            let plain = self.decoded_unit(node, index, unit, &data, what)?;
+            let plain = self.decoded_unit(node, index, unit, data, what)?;
             let within = (pos - index * unit) as usize;
             let n = (want - done).min(plain.len() - within);
             buf[done..done + n].copy_from_slice(&plain[within..within + n]);
@@ -290,6 +287,7 @@ impl NtfsBackend {
 
     fn read_data_runs(&mut self, node: u64) -> Result<Option<DataRuns>> {
         let what = format!("file record {node}");
+        let corrupt = |why: &str| Error::corrupt(format!("{what}: corrupt NTFS filesystem: {why}"));
         let cur = &mut self.cur;
         let file = self.ntfs.file(cur, node).map_err(|e| map_err(&what, e))?;
         let info = file.info().map_err(|e| map_err(&what, e))?;
@@ -304,92 +302,182 @@ impl NtfsBackend {
         if attr.is_resident() {
             return Ok(None);
         }
-        check_size(&self.ntfs, attr.value_length(), &what)?;
-        let (ntfs, disk) = (&self.ntfs, &*self.disk);
-        let Ok(header) = cached_header(&mut self.header, node, || {
-            data_header(ntfs, disk, &attr, &what)
-        }) else {
-            return Ok(None);
+        let compressed = attr.flags().contains(NtfsAttributeFlags::COMPRESSED);
+        // One piece in the base record, or pieces in the records its
+        // attribute list names: the crate joins pieces only when their
+        // instance numbers match (ntfs-3g numbers each on its own), and
+        // then hands over a later piece as the whole.
+        let pieces = match data_pieces(&file, cur, &what)? {
+            Some(pieces) => pieces,
+            None => vec![(0, node, attr.instance())],
         };
         let cluster = u64::from(self.ntfs.cluster_size());
-        let compression_unit = if attr.flags().contains(NtfsAttributeFlags::COMPRESSED) {
+        let mut first: Option<DataHeader> = None;
+        let mut runs = Vec::new();
+        let mut start = 0u64;
+        for (vcn, record, instance) in pieces {
+            let piece_file = self.ntfs.file(cur, record).map_err(|e| map_err(&what, e))?;
+            let piece = piece_file
+                .attributes_raw()
+                .map_while(std::result::Result::ok)
+                .find(|a| {
+                    a.ty().ok() == Some(NtfsAttributeType::Data)
+                        && a.name_length() == 0
+                        && a.instance() == instance
+                })
+                .ok_or_else(|| corrupt("a piece of its data is missing"))?;
+            if piece.is_resident() {
+                return Err(corrupt("a piece of its data is resident"));
+            }
+            let header = data_header(&self.ntfs, &*self.disk, &piece, &what)?;
+            if header.lowest_vcn != vcn || vcn.checked_mul(cluster) != Some(start) {
+                return Err(corrupt("the pieces of its data do not follow each other"));
+            }
+            first.get_or_insert(header);
+            let NtfsAttributeValue::NonResident(value) =
+                piece.value(cur).map_err(|e| map_err(&what, e))?
+            else {
+                return Err(corrupt("a piece of its data is not in runs"));
+            };
+            for run in value.data_runs() {
+                let run = run.map_err(|e| map_err(&what, e))?;
+                if runs.len() >= MAX_DATA_RUNS {
+                    return Err(Error::unsupported(format!(
+                        "{what}: NTFS data in more than {MAX_DATA_RUNS} runs is not supported"
+                    )));
+                }
+                let len = run.allocated_size();
+                runs.push(Run {
+                    start,
+                    len,
+                    disk: run.data_position().value().map(|at| at.get()),
+                });
+                start = start
+                    .checked_add(len)
+                    .ok_or_else(|| corrupt("data runs past 2^64"))?;
+            }
+        }
+        let header = first.ok_or_else(|| corrupt("no piece of its data"))?;
+        check_size(&self.ntfs, header.size, &what)?;
+        let compression_unit = if compressed {
             // Windows compresses with 16 clusters of at most 4 KiB
             match header.compression_unit {
                 1..=8 if cluster <= 4096 => Some(cluster << header.compression_unit),
-                _ => return Ok(None),
+                _ => {
+                    return Err(Error::unsupported(format!(
+                        "{what}: compressed NTFS data of this layout is not supported"
+                    )))
+                }
             }
         } else {
             None
         };
-        let NtfsAttributeValue::NonResident(value) =
-            attr.value(&mut self.cur).map_err(|e| map_err(&what, e))?
-        else {
-            return Ok(None);
-        };
-        // as many as the file record holds: a few thousand at most
-        let mut runs = Vec::new();
-        let mut start = 0u64;
-        for run in value.data_runs() {
-            let run = run.map_err(|e| map_err(&what, e))?;
-            let len = run.allocated_size();
-            runs.push(Run {
-                start,
-                len,
-                disk: run.data_position().value().map(|at| at.get()),
-            });
-            start = start.checked_add(len).ok_or_else(|| {
-                Error::corrupt(format!(
-                    "{what}: corrupt NTFS filesystem: data runs past 2^64"
-                ))
-            })?;
-        }
         Ok(Some(DataRuns {
             runs,
+            size: header.size,
             valid: header.valid,
             compression_unit,
         }))
     }
 }
 
-/// [`data_header`], kept in `cache` for the next call about the same
-/// record `node`.
-fn cached_header(
-    cache: &mut Option<(u64, DataHeader)>,
-    node: u64,
-    compute: impl FnOnce() -> Result<DataHeader>,
-) -> Result<DataHeader> {
-    match *cache {
-        Some((record, header)) if record == node => Ok(header),
-        _ => {
-            let header = compute()?;
-            *cache = Some((node, header));
-            Ok(header)
+/// Where `[offset, offset + len)` of the data lies: its runs' clusters,
+/// with sparse runs and whatever lies past the valid data length as zeros.
+/// Runs that end early cover less.
+fn extents_of(data: &DataRuns, offset: u64, len: u64, what: &str) -> Result<Vec<Extent>> {
+    let end = offset.saturating_add(len);
+    let first = data.runs.partition_point(|r| r.start + r.len <= offset);
+    let mut extents = Vec::new();
+    for run in data.runs.get(first..).unwrap_or_default() {
+        if run.start >= end {
+            break;
+        }
+        let (from, to) = (run.start.max(offset), (run.start + run.len).min(end));
+        let on_disk = to.min(data.valid.max(from));
+        if on_disk > from {
+            let len = on_disk - from;
+            extents.push(match run.disk {
+                Some(at) => Extent::Disk {
+                    offset: at.checked_add(from - run.start).ok_or_else(|| {
+                        Error::corrupt(format!(
+                            "{what}: corrupt NTFS filesystem: a data run past 2^64"
+                        ))
+                    })?,
+                    len,
+                },
+                None => Extent::Zero { len },
+            });
+        }
+        if to > on_disk {
+            extents.push(Extent::Zero { len: to - on_disk });
         }
     }
+    Ok(extents)
 }
 
-/// What the header of a non-resident `$DATA` says beyond what the crate
-/// tells.
+/// The pieces of a file's unnamed `$DATA` that its `$ATTRIBUTE_LIST` names
+/// (lowest cluster, file record, attribute instance), in file order;
+/// `None` when the file has no attribute list.
+fn data_pieces(
+    file: &NtfsFile<'_>,
+    cur: &mut DiskCursor,
+    what: &str,
+) -> Result<Option<Vec<(u64, u64, u16)>>> {
+    let Some(list) = file
+        .attributes_raw()
+        .map_while(std::result::Result::ok)
+        .find(|a| a.ty().ok() == Some(NtfsAttributeType::AttributeList))
+    else {
+        return Ok(None);
+    };
+    let list = list
+        .structured_value::<_, NtfsAttributeList>(cur)
+        .map_err(|e| map_err(what, e))?;
+    let mut entries = list.entries();
+    let mut pieces = Vec::new();
+    while let Some(entry) = entries.next(cur) {
+        let entry = entry.map_err(|e| map_err(what, e))?;
+        if entry.ty().ok() != Some(NtfsAttributeType::Data) || entry.name_length() != 0 {
+            continue;
+        }
+        if pieces.len() >= MAX_DATA_RUNS {
+            return Err(Error::corrupt(format!(
+                "{what}: corrupt NTFS filesystem: an attribute list of more than \
+                 {MAX_DATA_RUNS} pieces"
+            )));
+        }
+        let vcn = u64::try_from(entry.lowest_vcn().value()).map_err(|_| {
+            Error::corrupt(format!(
+                "{what}: corrupt NTFS filesystem: a piece at a negative cluster"
+            ))
+        })?;
+        let record = entry.base_file_reference().file_record_number();
+        pieces.push((vcn, record, entry.instance()));
+    }
+    pieces.sort_unstable();
+    Ok(Some(pieces))
+}
+
+/// What the header of a non-resident `$DATA` piece says beyond what the
+/// crate tells.
 #[derive(Clone, Copy)]
 struct DataHeader {
-    /// the valid data length (see [`data_header`])
+    /// the first cluster of the file this piece maps
+    lowest_vcn: u64,
+    /// the data size (in the first piece only)
+    size: u64,
+    /// the valid data length (in the first piece only; see [`data_header`])
     valid: u64,
     /// clusters in a compression unit, as a power of 2 (0: not compressed)
     compression_unit: u16,
 }
 
-/// The valid data length of a non-resident attribute: Windows reads
-/// the bytes past it as zeros, whatever the clusters hold (stale data
-/// of a preallocated or extended file). The ntfs crate parses it but
-/// does not tell it, so it is read from the attribute's header in its
-/// file record, with the record's update sequence applied.
-///
-/// The header also says where the piece begins. Data spread over
-/// several file records (a fragmented file, with an attribute list)
-/// comes in pieces that the crate joins only when their instance
-/// numbers match; ntfs-3g numbers each piece on its own, and the crate
-/// then hands over a later piece (size 0) as the whole: the file read
-/// as empty. A first piece that does not begin at the start is refused.
+/// The header of a non-resident attribute as its file record holds it,
+/// with the record's update sequence applied: the crate parses it but does
+/// not tell the valid data length (Windows reads the bytes past it as
+/// zeros, whatever the clusters hold: stale data of a preallocated or
+/// extended file), the compression unit, or where a piece of data spread
+/// over several file records begins.
 fn data_header(
     ntfs: &Ntfs,
     disk: &dyn Disk,
@@ -423,12 +511,9 @@ fn data_header(
     if header[8] != 1 || le64(header, 0x30) != attribute.value_length() {
         return Err(unknown());
     }
-    if le64(header, 0x10) != 0 {
-        return Err(Error::unsupported(format!(
-            "{what}: NTFS file data in pieces over several file records is not supported"
-        )));
-    }
     Ok(DataHeader {
+        lowest_vcn: le64(header, 0x10),
+        size: le64(header, 0x30),
         valid: le64(header, 0x38),
         compression_unit: le16(header, 0x22),
     })
@@ -830,52 +915,46 @@ impl Backend for NtfsBackend {
             None => return Ok(0),
         };
         let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
-        if !attr.is_resident() && attr.flags().contains(NtfsAttributeFlags::COMPRESSED) {
-            let size = attr.value_length();
-            check_size(&self.ntfs, size, &what)?;
-            return self.read_compressed(*node, &what, size, offset, buf);
+        if attr.is_resident() {
+            let data = match attr.value(cur).map_err(|e| map_err(&what, e))? {
+                NtfsAttributeValue::Resident(value) => value.data(),
+                _ => &[],
+            };
+            let from = data
+                .get(offset.min(data.len() as u64) as usize..)
+                .unwrap_or_default();
+            let n = from.len().min(buf.len());
+            buf[..n].copy_from_slice(&from[..n]);
+            return Ok(n);
         }
-        let valid = if attr.is_resident() {
-            attr.value_length()
-        } else {
-            let (ntfs, disk) = (&self.ntfs, &*self.disk);
-            cached_header(&mut self.header, *node, || {
-                data_header(ntfs, disk, &attr, &what)
-            })?
-            .valid
-        };
-        let cur = &mut self.cur;
-        let mut value = attr.value(cur).map_err(|e| map_err(&what, e))?;
-        let size = value.len();
-        check_size(&self.ntfs, size, &what)?;
-        if offset >= size {
+        let data = self.data_runs(*node)?.ok_or_else(|| {
+            Error::unsupported(format!("{what}: this NTFS file's data cannot be read"))
+        })?;
+        if data.compression_unit.is_some() {
+            return self.read_compressed(*node, &what, &data, offset, buf);
+        }
+        if offset >= data.size {
             return Ok(0);
         }
-        let want = buf.len().min((size - offset) as usize);
-        // the data on disk up to the valid data length, zeros after it
-        let on_disk = want.min(valid.saturating_sub(offset) as usize);
+        let want = buf.len().min((data.size - offset) as usize);
         let mut done = 0;
-        if on_disk > 0 {
-            value
-                .seek(cur, SeekFrom::Start(offset))
-                .map_err(|e| map_err(&what, e))?;
-        }
-        while done < on_disk {
-            let n = value
-                .read(cur, &mut buf[done..on_disk])
-                .map_err(|e| map_err(&what, e))?;
-            if n == 0 {
-                return Ok(done);
+        for extent in extents_of(&data, offset, want as u64, &what)? {
+            let len = extent.bytes() as usize;
+            let part = &mut buf[done..done + len];
+            match extent {
+                Extent::Disk { offset, .. } => {
+                    read_exact_at(&*self.disk, offset, part, "NTFS file data")?
+                }
+                Extent::Zero { .. } => part.fill(0),
             }
-            done += n;
+            done += len;
         }
-        buf[done..want].fill(0);
-        Ok(want)
+        // runs that end before the size: the data ends there
+        Ok(done)
     }
 
-    /// The data runs of the file's unnamed `$DATA` over the range: sparse
-    /// runs, and whatever lies past the valid data length, as zeros (as
-    /// `read_at` reads them); `None` where `read_at` reads otherwise.
+    /// The data runs of the file's unnamed `$DATA` over the range (see
+    /// [`extents_of`]); `None` for resident or compressed data.
     fn map_at(&mut self, node: &u64, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
         let Some(data) = self.data_runs(*node)? else {
             return Ok(None);
@@ -883,34 +962,7 @@ impl Backend for NtfsBackend {
         if data.compression_unit.is_some() {
             return Ok(None);
         }
-        let end = offset.saturating_add(len);
-        let first = data.runs.partition_point(|r| r.start + r.len <= offset);
-        let mut extents = Vec::new();
-        for run in data.runs.get(first..).unwrap_or_default() {
-            if run.start >= end {
-                break;
-            }
-            let (from, to) = (run.start.max(offset), (run.start + run.len).min(end));
-            let on_disk = to.min(data.valid.max(from));
-            if on_disk > from {
-                let len = on_disk - from;
-                extents.push(match run.disk {
-                    Some(at) => Extent::Disk {
-                        offset: at.checked_add(from - run.start).ok_or_else(|| {
-                            Error::corrupt(format!(
-                                "file record {node}: corrupt NTFS filesystem: a data run past 2^64"
-                            ))
-                        })?,
-                        len,
-                    },
-                    None => Extent::Zero { len },
-                });
-            }
-            if to > on_disk {
-                extents.push(Extent::Zero { len: to - on_disk });
-            }
-        }
-        Ok(Some(extents))
+        extents_of(&data, offset, len, &format!("file record {node}")).map(Some)
     }
 
     fn case_insensitive(&self) -> bool {
