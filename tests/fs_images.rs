@@ -3233,3 +3233,128 @@ fn asynchronous_commits_and_unknown_journal_features_follow_the_kernel() {
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
     assert!(e.message.contains("read-only features"), "{e:?}");
 }
+
+/// Damaged NTFS records never make the reader panic or hang: the file
+/// records of compressed, fragmented, sparse and linked files (and their
+/// directories' indexes) with random bytes changed are listed, walked and
+/// read, 120 times; every answer is data or an error. A panic in the
+/// agent's own NTFS code (not the crate's) fails the test. Needs ntfs-3g's
+/// FUSE mount to write the files; skipped without it.
+#[test]
+fn damaged_ntfs_records_never_panic_or_hang() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some((img, mnt)) = mounted_ntfs(dir.path(), "fuzz.img") else {
+        return;
+    };
+    let made = (|| -> std::io::Result<()> {
+        let c = mnt.join("c");
+        std::fs::create_dir(&c)?;
+        set_xattr(&c, c"system.ntfs_attrib_be", &0x0810u32.to_be_bytes())?;
+        let text: Vec<u8> = (0..200_000u32)
+            .map(|i| b"fuzz me "[(i % 8) as usize])
+            .collect();
+        std::fs::write(c.join("text.txt"), &text)?;
+        std::fs::write(
+            c.join("mixed.bin"),
+            [noise(71, 70_000), vec![0; 140_000]].concat(),
+        )?;
+        let mut frags = Vec::new();
+        for i in 0..2 {
+            frags.push(std::fs::File::create(mnt.join(format!("frag{i}.bin")))?);
+        }
+        for k in 0..300usize {
+            for (i, f) in frags.iter_mut().enumerate() {
+                use std::io::Write;
+                f.write_all(&[((k + i) & 255) as u8; 4096])?;
+                f.sync_all()?;
+            }
+        }
+        let f = std::fs::File::create(mnt.join("sparse.bin"))?;
+        std::os::unix::fs::FileExt::write_all_at(&f, b"end", 3 << 20)?;
+        std::os::unix::fs::symlink("c/text.txt", mnt.join("link"))?;
+        Ok(())
+    })();
+    run(Command::new("umount").arg(&mnt));
+    made.unwrap();
+    let clean = std::fs::read(&img).unwrap();
+    let records: Vec<usize> = [
+        "text.txt",
+        "mixed.bin",
+        "frag0.bin",
+        "frag1.bin",
+        "sparse.bin",
+        "link",
+    ]
+    .iter()
+    .map(|n| ntfs_file_record(&clean, n))
+    .collect();
+    // panics in the agent's NTFS code, wherever they are caught
+    let ours = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = ours.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        if at.contains("restore/fs/ntfs") || at.contains("restore/fs/lznt1") {
+            seen.lock().unwrap().push(format!("{at}: {info}"));
+        }
+    }));
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let damaged_img = dir.path().join("damaged.img");
+    for round in 0..120 {
+        let mut d = clean.clone();
+        for _ in 0..1 + next() % 8 {
+            let record = records[(next() % records.len() as u64) as usize];
+            let at = record + (next() % 1024) as usize;
+            d[at] = next() as u8;
+        }
+        std::fs::write(&damaged_img, &d).unwrap();
+        let started = std::time::Instant::now();
+        let Ok(h) = FsHandle::open(disk(&damaged_img), "raw") else {
+            continue;
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _ = rt.block_on(h.run(|fs| {
+            let _ = fs.list(b"/", None, 1000);
+            let _ = fs.list(b"/c", None, 1000);
+            let _ = fs.walk(b"/", None, &mut |_, data| {
+                if let Some(data) = data {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while matches!(data.read(&mut buf), Ok(n) if n > 0) {}
+                }
+                Ok(())
+            });
+            for p in [
+                "/c/text.txt",
+                "/c/mixed.bin",
+                "/frag0.bin",
+                "/sparse.bin",
+                "/link",
+            ] {
+                let _ = fs.read(p.as_bytes(), 0, 1 << 20);
+                let _ = fs.map(p.as_bytes(), 0, 1 << 20);
+            }
+        }));
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
+    }
+    std::panic::set_hook(previous);
+    let ours = ours.lock().unwrap();
+    assert!(
+        ours.is_empty(),
+        "panics in the agent's NTFS code: {ours:#?}"
+    );
+}
