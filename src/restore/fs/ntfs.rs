@@ -308,8 +308,8 @@ impl NtfsBackend {
         // instance numbers match (ntfs-3g numbers each on its own), and
         // then hands over a later piece as the whole.
         let pieces = match data_pieces(&file, cur, &what)? {
-            Some(pieces) => pieces,
-            None => vec![(0, node, attr.instance())],
+            Some(pieces) if !pieces.is_empty() => pieces,
+            _ => vec![(0, node, attr.instance())],
         };
         let cluster = u64::from(self.ntfs.cluster_size());
         let mut first: Option<DataHeader> = None;
