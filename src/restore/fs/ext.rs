@@ -198,18 +198,7 @@ impl ExtBackend {
                     Ok(read) => read,
                     Err(e) => {
                         // listed apart, failing whoever uses it
-                        let none = Attrs {
-                            kind: EntryType::File,
-                            size: 0,
-                            mode: 0,
-                            uid: 0,
-                            gid: 0,
-                            mtime: 0,
-                            nlink: 0,
-                        };
-                        let mut child = ext_child(name, number, none, None, None);
-                        child.damaged = Some(Box::new(e));
-                        out.push(child);
+                        out.push(Child::damaged(name, number, u64::from(number), e));
                         return Ok(());
                     }
                 };

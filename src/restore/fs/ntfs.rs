@@ -291,15 +291,12 @@ impl NtfsBackend {
         let cur = &mut self.cur;
         let file = self.ntfs.file(cur, node).map_err(|e| map_err(&what, e))?;
         let info = file.info().map_err(|e| map_err(&what, e))?;
-        if unreadable(&file, cur, info.file_attributes()).is_some() {
-            return Ok(None);
-        }
         let Some(item) = file.data(cur, "") else {
             return Ok(None);
         };
         let item = item.map_err(|e| map_err(&what, e))?;
         let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
-        if attr.is_resident() {
+        if attr.is_resident() || unreadable(info.file_attributes(), attr.flags()).is_some() {
             return Ok(None);
         }
         let compressed = attr.flags().contains(NtfsAttributeFlags::COMPRESSED);
@@ -552,28 +549,20 @@ fn apply_fixups(record: &mut [u8]) -> bool {
     true
 }
 
-/// Why the default $DATA of `file` cannot be read correctly, if so.
-/// (Compressed data is decoded: see `read_compressed`.)
-fn unreadable(
-    file: &NtfsFile<'_>,
-    cur: &mut DiskCursor,
-    attrs: NtfsFileAttributeFlags,
-) -> Option<&'static str> {
-    if attrs.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
+/// Why a file's data cannot be read correctly, if so, from the file's
+/// flags and its unnamed `$DATA`'s. (Compressed data is decoded: see
+/// `read_compressed`.)
+fn unreadable(file: NtfsFileAttributeFlags, data: NtfsAttributeFlags) -> Option<&'static str> {
+    if file.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
         return Some(
             "reparse points other than links (deduplicated, compressed by Windows, cloud \
              files) are not supported",
         );
     }
-    if attrs.contains(NtfsFileAttributeFlags::ENCRYPTED) {
+    if file.contains(NtfsFileAttributeFlags::ENCRYPTED)
+        || data.contains(NtfsAttributeFlags::ENCRYPTED)
+    {
         return Some("encrypted NTFS files are not supported");
-    }
-    if let Some(Ok(item)) = file.data(cur, "") {
-        if let Ok(attr) = item.to_attribute() {
-            if attr.flags().contains(NtfsAttributeFlags::ENCRYPTED) {
-                return Some("encrypted NTFS files are not supported");
-            }
-        }
     }
     None
 }
@@ -682,21 +671,6 @@ fn resident_value(
     match attribute.value(cur).ok()? {
         NtfsAttributeValue::Resident(value) => Some(value.data().to_vec()),
         _ => None,
-    }
-}
-
-/// What an entry whose file record cannot be read shows: its record number
-/// and nothing made up.
-fn unreadable_meta(record: u64) -> Meta {
-    Meta {
-        kind: EntryType::File,
-        size: 0,
-        mode: 0,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-        inode: record,
-        nlink: 0,
     }
 }
 
@@ -882,9 +856,13 @@ impl Backend for NtfsBackend {
                 .and_then(|f| meta_of(&f, cur, record, &child_what));
             // A file record that cannot be read is listed apart, failing
             // whoever uses it; its siblings are listed as they are.
-            let (meta, link, damaged) = match meta {
-                Ok((meta, link)) => (meta, link, None),
-                Err(e) => (unreadable_meta(record), None, Some(Box::new(e))),
+            let (meta, link) = match meta {
+                Ok(read) => read,
+                Err(e) => {
+                    charge.add(child_bytes::<u64>(name.len(), 0))?;
+                    out.push(Child::damaged(name.into_bytes(), record, record, e));
+                    continue;
+                }
             };
             charge.add(child_bytes::<u64>(
                 name.len(),
@@ -896,7 +874,7 @@ impl Backend for NtfsBackend {
                 meta,
                 link,
                 broken: None,
-                damaged,
+                damaged: None,
             });
         }
         Ok(out)
@@ -907,14 +885,14 @@ impl Backend for NtfsBackend {
         let cur = &mut self.cur;
         let file = self.ntfs.file(cur, *node).map_err(|e| map_err(&what, e))?;
         let info = file.info().map_err(|e| map_err(&what, e))?;
-        if let Some(why) = unreadable(&file, cur, info.file_attributes()) {
-            return Err(Error::unsupported(format!("{what}: {why}")));
-        }
         let item = match file.data(cur, "") {
             Some(r) => r.map_err(|e| map_err(&what, e))?,
             None => return Ok(0),
         };
         let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
+        if let Some(why) = unreadable(info.file_attributes(), attr.flags()) {
+            return Err(Error::unsupported(format!("{what}: {why}")));
+        }
         if attr.is_resident() {
             let data = match attr.value(cur).map_err(|e| map_err(&what, e))? {
                 NtfsAttributeValue::Resident(value) => value.data(),

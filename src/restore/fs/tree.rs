@@ -164,6 +164,29 @@ pub trait Backend {
 }
 
 impl<N> Child<N> {
+    /// A node whose own metadata could not be read: listed apart with
+    /// `error` and its number `inode`, nothing made up, and every use of it
+    /// gets the error.
+    pub fn damaged(name: Vec<u8>, node: N, inode: u64, error: Error) -> Child<N> {
+        Child {
+            name,
+            node,
+            meta: Meta {
+                kind: EntryType::File,
+                size: 0,
+                mode: 0,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                inode,
+                nlink: 0,
+            },
+            link: None,
+            broken: None,
+            damaged: Some(Box::new(error)),
+        }
+    }
+
     /// The entry handed out for this node.
     fn entry(&self) -> Entry {
         let name: &[u8] = if self.name.is_empty() {
