@@ -6,7 +6,9 @@
 //! own and hands each full block over whole; the consumer takes blocks (or
 //! the front of one) as shared [`Bytes`], so bytes are copied once on their
 //! way through, into the block. A file's data can be read straight into the
-//! block ([`StreamWriter::write_from`]). The producer ends the stream through a
+//! block ([`StreamWriter::write_from`]). A block the consumer is done with
+//! goes back to the producer to be filled again: a new one would have to be
+//! zeroed before a read may fill it (a memset of every byte streamed). The producer ends the stream through a
 //! [`StreamCloser`]: `finish` for a complete stream, `fail` for an error. If
 //! every producer handle is dropped without either (an early return, a
 //! panic), the consumer gets an error, so a broken producer can never look
@@ -16,9 +18,9 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use tokio::sync::Notify;
 
 use crate::error::{Error, ErrorKind};
@@ -26,6 +28,10 @@ use crate::error::{Error, ErrorKind};
 /// Bytes the producer gathers before handing them to the consumer (the
 /// stream's capacity, if smaller, caps it).
 const BLOCK: usize = 256 << 10;
+
+/// Most blocks a stream keeps for reuse once the consumer is done with
+/// them; more are freed.
+const SPARE_BLOCKS: usize = 2;
 
 /// Creates a stream buffering at most `capacity` bytes (at least 1): the
 /// blocks handed over and not read yet, plus the block being filled.
@@ -47,8 +53,10 @@ pub fn byte_stream(capacity: usize) -> (StreamWriter, StreamReader) {
     (
         StreamWriter {
             shared: shared.clone(),
-            block: BytesMut::new(),
+            block: Vec::new(),
+            filled: 0,
             block_size: block,
+            spare: Arc::default(),
         },
         StreamReader { shared },
     )
@@ -121,10 +129,41 @@ impl Shared {
 /// The producer's end: a blocking `Write`.
 pub struct StreamWriter {
     shared: Arc<Shared>,
-    /// The block being filled, handed over when it is full and more bytes
-    /// come, or on `flush`.
-    block: BytesMut,
+    /// The block being filled (`block_size` bytes, all initialised, or
+    /// empty until the first write), handed over when it is full and more
+    /// bytes come, or on `flush`.
+    block: Vec<u8>,
+    /// Bytes of `block` written so far.
+    filled: usize,
     block_size: usize,
+    /// Blocks the consumer is done with (see [`Block`]).
+    spare: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// A handed-over block as the consumer holds it (through [`Bytes`]): when
+/// its last reference goes, its buffer returns to the writer's spares, if
+/// the writer is still there and keeps fewer than [`SPARE_BLOCKS`].
+struct Block {
+    buf: Vec<u8>,
+    len: usize,
+    spare: Weak<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl AsRef<[u8]> for Block {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or_default()
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        if let Some(spare) = self.spare.upgrade() {
+            let mut spare = spare.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.len() < SPARE_BLOCKS {
+                spare.push(std::mem::take(&mut self.buf));
+            }
+        }
+    }
 }
 
 impl StreamWriter {
@@ -137,6 +176,19 @@ impl StreamWriter {
         }
     }
 
+    /// The room left in the block being filled, handing the block over
+    /// first when it is full (waiting while the stream is full).
+    fn room(&mut self) -> io::Result<&mut [u8]> {
+        if self.filled >= self.block_size {
+            self.hand_over()?;
+        }
+        if self.block.is_empty() {
+            let reused = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            self.block = reused.unwrap_or_else(|| vec![0; self.block_size]);
+        }
+        Ok(self.block.get_mut(self.filled..).unwrap_or_default())
+    }
+
     /// Reads up to `max` bytes of `src` straight into the stream (no buffer
     /// in between) and passes them to `seen`; returns how many (0: `src`
     /// ended, or `max` was 0). Blocks while the stream is full.
@@ -146,32 +198,22 @@ impl StreamWriter {
         max: usize,
         seen: &mut dyn FnMut(&[u8]),
     ) -> io::Result<usize> {
-        if self.block.len() >= self.block_size {
-            self.hand_over()?;
-        }
-        let start = self.block.len();
-        let want = max.min(self.block_size - start);
-        if want == 0 {
+        if max == 0 {
             return Ok(0);
         }
-        self.block.resize(start + want, 0);
-        let read = src.read(self.block.get_mut(start..).unwrap_or_default());
-        let n = match read {
-            Ok(n) => n.min(want),
-            Err(e) => {
-                self.block.truncate(start);
-                return Err(e);
-            }
-        };
-        self.block.truncate(start + n);
-        seen(self.block.get(start..).unwrap_or_default());
+        let room = self.room()?;
+        let want = max.min(room.len());
+        let room = room.get_mut(..want).unwrap_or_default();
+        let n = src.read(room)?.min(want);
+        seen(room.get(..n).unwrap_or_default());
+        self.filled += n;
         Ok(n)
     }
 
     /// Hands the block being filled to the consumer, waiting while the
     /// stream is full.
     fn hand_over(&mut self) -> io::Result<()> {
-        if self.block.is_empty() {
+        if self.filled == 0 {
             return Ok(());
         }
         let mut st = self.shared.lock();
@@ -188,15 +230,23 @@ impl StreamWriter {
                     "the stream was already ended",
                 ));
             }
-            if st.len == 0 || st.len + self.block.len() <= st.capacity {
-                let block = self.block.split().freeze();
+            if st.len == 0 || st.len + self.filled <= st.capacity {
+                let len = std::mem::take(&mut self.filled);
+                let block = if len < self.block_size / 4 {
+                    // a flush of a few bytes: a copy of them, so that the
+                    // stream never holds many mostly empty blocks
+                    Bytes::copy_from_slice(self.block.get(..len).unwrap_or_default())
+                } else {
+                    Bytes::from_owner(Block {
+                        buf: std::mem::take(&mut self.block),
+                        len,
+                        spare: Arc::downgrade(&self.spare),
+                    })
+                };
                 st.len += block.len();
                 st.buf.push_back(block);
                 drop(st);
                 self.shared.data.notify_one();
-                // The next block gets an allocation of its own: the one
-                // handed over lives on in the consumer's answers.
-                self.block.reserve(self.block_size);
                 return Ok(());
             }
             st = self
@@ -212,12 +262,13 @@ impl Write for StreamWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut rest = data;
         while !rest.is_empty() {
-            if self.block.len() >= self.block_size {
-                self.hand_over()?;
-            }
-            let n = rest.len().min(self.block_size - self.block.len());
+            let room = self.room()?;
+            let n = rest.len().min(room.len());
             let (now, later) = rest.split_at(n);
-            self.block.extend_from_slice(now);
+            if let Some(dst) = room.get_mut(..n) {
+                dst.copy_from_slice(now);
+            }
+            self.filled += n;
             rest = later;
         }
         Ok(data.len())
@@ -424,6 +475,48 @@ mod tests {
         let mut want = vec![7u8; 64];
         want.extend([8u8; 40]);
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn blocks_the_consumer_is_done_with_are_filled_again() {
+        // capacity 1 MiB: blocks of 256 KiB
+        let (mut w, mut r) = byte_stream(1 << 20);
+        let rt = runtime();
+        let block = 256 << 10;
+        let mut first = Vec::new();
+        w.write_all(&vec![1u8; block]).unwrap();
+        w.write_all(&[2u8]).unwrap(); // hands the first block over
+        rt.block_on(r.read_pieces(&mut first, block)).unwrap();
+        assert_eq!(first.len(), 1, "one block");
+        let (at, len) = (first[0].as_ptr(), first[0].len());
+        assert!(len == block && first[0].iter().all(|&b| b == 1));
+        // a slice of it still held: not free yet
+        let kept = first[0].slice(10..20);
+        drop(first);
+        w.write_all(&vec![3u8; block]).unwrap(); // hands the second over
+        let mut second = Vec::new();
+        rt.block_on(r.read_pieces(&mut second, block)).unwrap();
+        assert!(
+            second[0].as_ptr() != at,
+            "a block still referenced was reused"
+        );
+        assert!(kept.iter().all(|&b| b == 1), "the held slice changed");
+        drop(kept);
+        // now free: the block begun next (the fourth) fills the first
+        // one's buffer again
+        w.write_all(&vec![4u8; 2 * block]).unwrap(); // hands 3 and 4 over
+        let mut more = Vec::new();
+        rt.block_on(r.read_pieces(&mut more, 2 * block)).unwrap();
+        assert_eq!(more.len(), 2, "two blocks");
+        assert!(more[0].as_ptr() != at, "the third block");
+        assert_eq!(more[1].as_ptr(), at, "the free block was not reused");
+        let mut want = vec![2u8];
+        want.extend(vec![3u8; block - 1]);
+        assert!(second[0][..] == want[..], "second block");
+        let mut want = vec![3u8];
+        want.extend(vec![4u8; block - 1]);
+        assert!(more[0][..] == want[..], "third block");
+        assert!(more[1].iter().all(|&b| b == 4), "fourth block");
     }
 
     #[test]
