@@ -8,5 +8,7 @@ pub mod archive;
 pub mod backups;
 pub mod disk;
 pub mod fs;
+pub mod lvm;
+pub mod lvm_text;
 pub mod probe;
 pub mod volume;
