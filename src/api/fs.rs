@@ -14,6 +14,7 @@ use crate::pool::ArchiveReader;
 use crate::restore::archive::{
     byte_stream, new_stream_writer, ArchiveEntry, EntryKind, Format, StreamWriter,
 };
+use crate::restore::disk::Layout;
 use crate::restore::fs::{Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry};
 use crate::restore::volume::list_volumes;
 use crate::rpc::codes::{app_error, internal, invalid_params};
@@ -296,7 +297,7 @@ async fn fs_read(
     let p = path.clone();
     if let Some(map) = on_fs(&fs, move |fs| fs.map(&p, offset, len)).await? {
         let reader = agent.reader(conn, &t.snapshot, &t.archive)?;
-        let pieces = volume_pieces(&reader, fs.window(), &map.extents)
+        let pieces = volume_pieces(&reader, fs.layout(), &map.extents)
             .await
             .map_err(app_error)?;
         return Ok(bulk::read_result(offset, map.eof, pieces, hold, encoding));
@@ -311,15 +312,16 @@ async fn fs_read(
     ))
 }
 
-/// The data of `extents` (volume offsets; the volume is `window` of the
-/// archive) as pieces in order. Data placed beyond the volume, or cut off
-/// by the end of the archive, is an error, never short or made-up data.
+/// The data of `extents` (volume offsets; the volume lies on the archive
+/// as `layout` says) as pieces in order. Data placed beyond the volume, or
+/// cut off by the end of the archive, is an error, never short or made-up
+/// data.
 async fn volume_pieces(
     reader: &ArchiveReader,
-    window: (u64, u64),
+    layout: &Layout,
     extents: &[Extent],
 ) -> crate::error::Result<Vec<Piece>> {
-    let (start, size) = window;
+    let size = layout.size();
     let mut pieces = PieceList::default();
     for e in extents {
         match *e {
@@ -332,22 +334,24 @@ async fn volume_pieces(
                          end of the volume ({size} bytes)"
                     )));
                 }
-                let mut done = 0u64;
-                while done < len {
-                    let want = usize::try_from(len - done).unwrap_or(usize::MAX);
-                    let slices = reader.read_slices(start + offset + done, want).await?;
-                    let got: u64 = slices.iter().map(|s| s.range.len() as u64).sum();
-                    if got == 0 {
-                        return Err(Error::corrupt(format!(
-                            "file data at volume offset {} goes past the end of the disk \
-                             ({} bytes)",
-                            offset + done,
-                            reader.size()
-                        )));
-                    }
-                    done += got;
-                    for slice in slices {
-                        pieces.push_slice(slice);
+                for (at, len) in layout.locate(offset, len) {
+                    let mut done = 0u64;
+                    while done < len {
+                        let want = usize::try_from(len - done).unwrap_or(usize::MAX);
+                        let slices = reader.read_slices(at + done, want).await?;
+                        let got: u64 = slices.iter().map(|s| s.range.len() as u64).sum();
+                        if got == 0 {
+                            return Err(Error::corrupt(format!(
+                                "file data at disk offset {} goes past the end of the disk \
+                                 ({} bytes)",
+                                at + done,
+                                reader.size()
+                            )));
+                        }
+                        done += got;
+                        for slice in slices {
+                            pieces.push_slice(slice);
+                        }
                     }
                 }
             }

@@ -1,7 +1,8 @@
 //! The disk abstraction the volume and filesystem readers sit on.
 //!
 //! Owns: the [`Disk`] trait (positional reads of a backed-up disk image),
-//! [`Slice`] (a partition window whose reads never leave it), the adapters
+//! [`Slice`] (a partition window whose reads never leave it), [`Layout`]
+//! and [`Mapped`] (a volume in several runs: an LVM logical volume), the adapters
 //! the filesystem crates need (a `Read + Seek` cursor with a `Write` that
 //! refuses everything, and an `ext4_view::Ext4Read`), and [`FileDisk`], a
 //! plain image file, used by tests and tools.
@@ -86,6 +87,117 @@ impl Disk for Slice {
             .map(|r| self.start + r.start..self.start + r.end.min(self.len))
             .collect();
         self.disk.will_read(&inside);
+    }
+}
+
+/// Where a volume's bytes lie on its disk: runs of disk bytes in volume
+/// order (one for a partition, one or more for an LVM logical volume).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// (volume offset, disk offset, length), the volume offsets adjoining
+    runs: Vec<(u64, u64, u64)>,
+    size: u64,
+}
+
+impl Layout {
+    /// The window `[start, start + len)` of a disk.
+    pub fn window(start: u64, len: u64) -> Layout {
+        Layout {
+            runs: vec![(0, start, len)],
+            size: len,
+        }
+    }
+
+    /// The runs `(disk offset, length)` one after another; `None` when
+    /// their lengths overflow.
+    pub fn from_runs(runs: impl IntoIterator<Item = (u64, u64)>) -> Option<Layout> {
+        let mut size = 0u64;
+        let mut out = Vec::new();
+        for (disk, len) in runs {
+            disk.checked_add(len)?;
+            out.push((size, disk, len));
+            size = size.checked_add(len)?;
+        }
+        Some(Layout { runs: out, size })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Where the volume's first byte lies on the disk.
+    pub fn start(&self) -> u64 {
+        self.runs.first().map_or(0, |r| r.1)
+    }
+
+    /// The single run of a contiguous volume.
+    pub fn as_window(&self) -> Option<(u64, u64)> {
+        match self.runs.as_slice() {
+            [(_, start, len)] => Some((*start, *len)),
+            [] => Some((0, 0)),
+            _ => None,
+        }
+    }
+
+    /// The disk ranges `(offset, length)` of volume bytes
+    /// `[offset, offset + len)`, in order; clipped to the volume's end.
+    pub fn locate(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let end = offset.saturating_add(len).min(self.size);
+        let first = self.runs.partition_point(|r| r.0 + r.2 <= offset);
+        let mut out = Vec::new();
+        for &(at, disk, run) in self.runs.get(first..).unwrap_or_default() {
+            if at >= end {
+                break;
+            }
+            let from = offset.max(at);
+            let to = end.min(at + run);
+            if to > from {
+                out.push((disk + (from - at), to - from));
+            }
+        }
+        out
+    }
+
+    /// The volume as a disk of its own, on `disk`.
+    pub fn open(&self, disk: Arc<dyn Disk>) -> Arc<dyn Disk> {
+        match self.as_window() {
+            Some((start, len)) => Arc::new(Slice::new(disk, start, len)),
+            None => Arc::new(Mapped {
+                disk,
+                layout: self.clone(),
+            }),
+        }
+    }
+}
+
+/// A volume in several runs of another disk (see [`Layout`]); reads never
+/// leave the runs. Every run lies on the disk (checked by whoever built
+/// the layout).
+pub struct Mapped {
+    disk: Arc<dyn Disk>,
+    layout: Layout,
+}
+
+impl Disk for Mapped {
+    fn size(&self) -> u64 {
+        self.layout.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut done = 0usize;
+        for (at, len) in self.layout.locate(offset, buf.len() as u64) {
+            let part = &mut buf[done..done + len as usize];
+            read_exact_at(&*self.disk, at, part, "logical volume")?;
+            done += len as usize;
+        }
+        Ok(done)
+    }
+    fn will_read(&self, ranges: &[Range<u64>]) {
+        let on_disk: Vec<Range<u64>> = ranges
+            .iter()
+            .flat_map(|r| self.layout.locate(r.start, r.end.saturating_sub(r.start)))
+            .map(|(at, len)| at..at + len)
+            .collect();
+        self.disk.will_read(&on_disk);
     }
 }
 

@@ -1,9 +1,12 @@
 //! Volumes of a disk image: partitions of its GPT or MBR table (including
 //! logical partitions), or the whole disk when it holds a filesystem and no
-//! table.
+//! table, and the logical volumes of LVM2 volume groups whose physical
+//! volumes are on the disk.
 //!
-//! Owns: reading partition tables, naming volumes (`part/N`, `raw`), and
-//! describing each with the filesystem probe. Must never walk a filesystem.
+//! Owns: reading partition tables, finding physical volumes, naming volumes
+//! (`part/N`, `raw`, `lvm/VG/LV`), where each lies on the disk ([`Layout`]),
+//! and describing each with the filesystem probe. Must never walk a
+//! filesystem.
 
 use std::io::{Seek, SeekFrom};
 use std::sync::Arc;
@@ -11,7 +14,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::restore::disk::{read_exact_at, Disk, DiskCursor, Slice};
+use crate::restore::disk::{read_exact_at, Disk, DiskCursor, Layout, Slice};
+use crate::restore::lvm;
 use crate::restore::probe::{probe, Probe};
 
 /// One entry of `volume.list`.
@@ -40,6 +44,12 @@ pub struct VolumeInfo {
     pub supported: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// the LVM volume group of a physical volume or logical volume
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vg: Option<String>,
+    /// the name of an LVM logical volume
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lv: Option<String>,
 }
 
 /// A partition as a table describes it.
@@ -286,15 +296,9 @@ fn catch<T>(f: impl FnOnce() -> T) -> Result<T> {
         .map_err(|_| Error::corrupt("partition table parser failed on a malformed table"))
 }
 
-fn describe(
-    p: Probe,
-) -> (
-    Option<&'static str>,
-    Option<String>,
-    Option<String>,
-    bool,
-    Option<String>,
-) {
+/// A volume entry of `kind` described by what the probe found (or why
+/// it found nothing readable); partition fields empty.
+fn described(volume: String, kind: &'static str, start: u64, size: u64, p: Probe) -> VolumeInfo {
     let supported = p.fs.is_some() && p.unsupported.is_none();
     let reason = if supported {
         None
@@ -305,89 +309,239 @@ fn describe(
                 .unwrap_or_else(|| "unknown filesystem".into()),
         )
     };
-    (p.fs.map(|k| k.name()), p.label, p.uuid, supported, reason)
+    VolumeInfo {
+        volume,
+        kind,
+        number: None,
+        start,
+        size,
+        table: None,
+        type_guid: None,
+        mbr_type: None,
+        name: None,
+        fs: p.fs.map(|k| k.name()),
+        label: p.label,
+        uuid: p.uuid,
+        supported,
+        reason,
+        vg: None,
+        lv: None,
+    }
+}
+
+/// A probe that found why a volume cannot be read.
+fn unreadable(kind: crate::error::ErrorKind, why: String) -> Probe {
+    Probe {
+        unsupported: Some(Error::new(kind, why)),
+        ..Probe::default()
+    }
 }
 
 /// Lists the volumes of a disk image.
 pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
-    let Some(parts) = partitions(&disk)? else {
-        let (fs, label, uuid, supported, reason) = describe(probe(&disk)?);
-        return Ok(vec![VolumeInfo {
-            volume: "raw".into(),
-            kind: "raw",
-            number: None,
-            start: 0,
-            size: disk.size(),
-            table: None,
-            type_guid: None,
-            mbr_type: None,
-            name: None,
-            fs,
-            label,
-            uuid,
-            supported,
-            reason,
-        }]);
-    };
-    let mut out = Vec::with_capacity(parts.len());
-    for p in parts {
-        // what the volume's reads can reach: the table's extent clipped to
-        // the disk (a truncated image, a corrupt entry)
-        let window = Slice::new(disk.clone(), p.start, p.size);
-        let (start, size) = (window.start(), window.size());
-        let slice: Arc<dyn Disk> = Arc::new(window);
-        let probed = match probe(&slice) {
-            Ok(pr) => pr,
-            Err(e) => Probe {
-                unsupported: Some(Error::new(
-                    e.kind,
-                    format!("cannot read the partition: {e}"),
-                )),
-                ..Probe::default()
-            },
+    let mut out = Vec::new();
+    // volumes without a filesystem, where a physical volume may be
+    let mut bare = Vec::new();
+    match partitions(&disk)? {
+        None => {
+            let whole = described("raw".into(), "raw", 0, disk.size(), probe(&disk)?);
+            if whole.fs.is_none() {
+                bare.push((0, (0, disk.size())));
+            }
+            out.push(whole);
+        }
+        Some(parts) => {
+            for p in parts {
+                // what the volume's reads can reach: the table's extent
+                // clipped to the disk (a truncated image, a corrupt entry)
+                let window = Slice::new(disk.clone(), p.start, p.size);
+                let (start, size) = (window.start(), window.size());
+                let slice: Arc<dyn Disk> = Arc::new(window);
+                let probed = probe(&slice).unwrap_or_else(|e| {
+                    unreadable(e.kind, format!("cannot read the partition: {e}"))
+                });
+                let volume = format!("part/{}", p.number);
+                let entry = VolumeInfo {
+                    number: Some(p.number),
+                    table: Some(p.table),
+                    type_guid: p.type_guid,
+                    mbr_type: p.mbr_type,
+                    name: p.name,
+                    ..described(volume, "partition", start, size, probed)
+                };
+                if entry.fs.is_none() {
+                    bare.push((out.len(), (start, size)));
+                }
+                out.push(entry);
+            }
+        }
+    }
+    let windows: Vec<(u64, u64)> = bare.iter().map(|b| b.1).collect();
+    let (pvs, lvs) = logical_volumes(&disk, &windows);
+    for (i, found) in pvs {
+        let Some(entry) = bare.get(i).and_then(|b| out.get_mut(b.0)) else {
+            continue;
         };
-        let (fs, label, uuid, supported, reason) = describe(probed);
+        entry.reason = Some(match found {
+            Ok(vg) => {
+                let why = format!(
+                    "LVM physical volume of volume group {vg}: its logical volumes are \
+                     the volumes lvm/{vg}/NAME"
+                );
+                entry.vg = Some(vg);
+                why
+            }
+            Err(e) => format!("LVM physical volume: {}", e.message),
+        });
+    }
+    for lv in lvs {
+        let volume = format!("lvm/{}/{}", lv.vg, lv.name);
+        let (start, probed) = match &lv.layout {
+            Ok(layout) => (
+                layout.start(),
+                probe(&layout.open(disk.clone())).unwrap_or_else(|e| {
+                    unreadable(e.kind, format!("cannot read the logical volume: {e}"))
+                }),
+            ),
+            Err(e) => (0, unreadable(e.kind, e.message.clone())),
+        };
         out.push(VolumeInfo {
-            volume: format!("part/{}", p.number),
-            kind: "partition",
-            number: Some(p.number),
-            start,
-            size,
-            table: Some(p.table),
-            type_guid: p.type_guid,
-            mbr_type: p.mbr_type,
-            name: p.name,
-            fs,
-            label,
-            uuid,
-            supported,
-            reason,
+            vg: Some(lv.vg),
+            lv: Some(lv.name),
+            ..described(volume, "lvm", start, lv.size, probed)
         });
     }
     Ok(out)
 }
 
+/// A logical volume found on a disk.
+struct FoundLv {
+    vg: String,
+    name: String,
+    size: u64,
+    /// where it lies on the disk, or why it cannot be read
+    layout: Result<Layout>,
+}
+
+/// The LVM physical volumes among `windows` (volumes of `disk` without a
+/// filesystem): for each, its index in `windows` and its volume group's
+/// name or why its metadata cannot be read; and the logical volumes of
+/// those groups, each group as the newest copy of its metadata (highest
+/// `seqno`) describes it.
+fn logical_volumes(
+    disk: &Arc<dyn Disk>,
+    windows: &[(u64, u64)],
+) -> (Vec<(usize, Result<String>)>, Vec<FoundLv>) {
+    let mut pvs = Vec::new();
+    // (physical volume UUID, window), and the groups read
+    let mut places: Vec<(String, (u64, u64))> = Vec::new();
+    let mut groups: Vec<lvm::VolumeGroup> = Vec::new();
+    for (i, &(start, size)) in windows.iter().enumerate() {
+        let slice = Slice::new(disk.clone(), start, size);
+        let label = match lvm::read_label(&slice) {
+            Ok(Some(label)) => label,
+            Ok(None) => continue,
+            Err(e) => {
+                pvs.push((i, Err(e)));
+                continue;
+            }
+        };
+        let group = lvm::read_label_metadata(&slice, &label)
+            .and_then(|text| lvm::parse_volume_group(&text));
+        places.push((label.uuid, (start, size)));
+        match group {
+            Ok(g) => {
+                pvs.push((i, Ok(g.name.clone())));
+                match groups.iter_mut().find(|o| o.id == g.id && o.name == g.name) {
+                    Some(old) if old.seqno >= g.seqno => {}
+                    Some(old) => *old = g,
+                    None => groups.push(g),
+                }
+            }
+            Err(e) => pvs.push((i, Err(e))),
+        }
+    }
+    let mut lvs = Vec::new();
+    for g in groups {
+        for lv in &g.lvs {
+            let layout = match &lv.layout {
+                Ok(pieces) => lv_on_disk(&g, pieces, &places),
+                Err(why) => Err(Error::unsupported(why.clone())),
+            };
+            lvs.push(FoundLv {
+                vg: g.name.clone(),
+                name: lv.name.clone(),
+                size: lv.size,
+                layout,
+            });
+        }
+    }
+    (pvs, lvs)
+}
+
+/// Where the pieces of a logical volume of `g` lie on the disk, given
+/// where its physical volumes are (`places`: UUID and window).
+fn lv_on_disk(
+    g: &lvm::VolumeGroup,
+    pieces: &[lvm::Piece],
+    places: &[(String, (u64, u64))],
+) -> Result<Layout> {
+    let mut runs = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let pv = g.pvs.get(piece.pv).ok_or_else(|| {
+            Error::corrupt(format!(
+                "volume group {}: a piece on no physical volume",
+                g.name
+            ))
+        })?;
+        let Some((_, (start, size))) = places.iter().find(|p| p.0 == pv.uuid) else {
+            return Err(Error::unsupported(format!(
+                "volume group {} has a physical volume that is not on this disk (UUID {}):                  volume groups over several disks are not supported",
+                g.name, pv.uuid
+            )));
+        };
+        if piece
+            .offset
+            .checked_add(piece.len)
+            .is_none_or(|end| end > *size)
+        {
+            return Err(Error::corrupt(format!(
+                "volume group {}: a logical volume's extents lie beyond the end of its \
+                 physical volume ({size} bytes)",
+                g.name
+            )));
+        }
+        runs.push((start + piece.offset, piece.len));
+    }
+    Layout::from_runs(runs)
+        .ok_or_else(|| Error::corrupt(format!("volume group {}: extents past 2^64", g.name)))
+}
+
 /// The disk window of a volume: the partition's [`Slice`] for `part/N`,
-/// the whole disk for `raw`.
+/// the whole disk for `raw`, the logical volume's runs for `lvm/VG/LV`.
 pub fn open_volume(disk: Arc<dyn Disk>, volume: &str) -> Result<Arc<dyn Disk>> {
     if volume == "raw" {
         return Ok(disk);
     }
-    let (start, size) = volume_window(&disk, volume)?;
-    Ok(Arc::new(Slice::new(disk, start, size)))
+    let layout = volume_layout(&disk, volume)?;
+    Ok(layout.open(disk))
 }
 
-/// Where volume `part/N` or `raw` lies on the disk: (start, size) in bytes.
-pub fn volume_window(disk: &Arc<dyn Disk>, volume: &str) -> Result<(u64, u64)> {
+/// Where volume `part/N`, `raw` or `lvm/VG/LV` lies on the disk (for a
+/// partition, clipped to the disk).
+pub fn volume_layout(disk: &Arc<dyn Disk>, volume: &str) -> Result<Layout> {
     if volume == "raw" {
-        return Ok((0, disk.size()));
+        return Ok(Layout::window(0, disk.size()));
+    }
+    if let Some(name) = volume.strip_prefix("lvm/") {
+        return lv_layout(disk, volume, name);
     }
     let number: u32 = volume
         .strip_prefix("part/")
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| {
             Error::not_found(format!(
-                "volume {volume:?}: not a volume name (part/N or raw)"
+                "volume {volume:?}: not a volume name (part/N, lvm/VG/LV or raw)"
             ))
         })?;
     let parts = partitions(disk)?.unwrap_or_default();
@@ -395,5 +549,31 @@ pub fn volume_window(disk: &Arc<dyn Disk>, volume: &str) -> Result<(u64, u64)> {
         .into_iter()
         .find(|p| p.number == number)
         .ok_or_else(|| Error::not_found(format!("volume {volume}: no such partition")))?;
-    Ok((p.start, p.size))
+    let window = Slice::new(disk.clone(), p.start, p.size);
+    Ok(Layout::window(window.start(), window.size()))
+}
+
+/// The layout of logical volume `name` (`VG/LV`) of the disk.
+fn lv_layout(disk: &Arc<dyn Disk>, volume: &str, name: &str) -> Result<Layout> {
+    // the volumes without a filesystem, as `list_volumes` looks at them
+    let windows: Vec<(u64, u64)> = match partitions(disk)? {
+        None if probe(disk)?.fs.is_none() => vec![(0, disk.size())],
+        None => Vec::new(),
+        Some(parts) => parts
+            .iter()
+            .filter_map(|p| {
+                let w = Slice::new(disk.clone(), p.start, p.size);
+                let at = (w.start(), w.size());
+                let w: Arc<dyn Disk> = Arc::new(w);
+                probe(&w).map_or(true, |pr| pr.fs.is_none()).then_some(at)
+            })
+            .collect(),
+    };
+    let (_, lvs) = logical_volumes(disk, &windows);
+    let lv = lvs
+        .into_iter()
+        .find(|lv| name.split_once('/') == Some((lv.vg.as_str(), lv.name.as_str())))
+        .ok_or_else(|| Error::not_found(format!("volume {volume}: no such logical volume")))?;
+    lv.layout
+        .map_err(|e| Error::new(e.kind, format!("volume {volume}: {}", e.message)))
 }

@@ -38,7 +38,7 @@ pub struct FileArgs {
     pub snapshot: String,
     /// Archive, e.g. drive-scsi0.img.fidx
     pub archive: String,
-    /// Volume, e.g. part/1 or raw (see `volumes`)
+    /// Volume, e.g. part/1, raw or lvm/VG/LV (see `volumes`)
     pub volume: String,
     /// Absolute path inside the volume (any bytes: names need not be UTF-8)
     pub path: std::ffi::OsString,

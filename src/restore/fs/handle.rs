@@ -13,14 +13,14 @@ use std::sync::mpsc;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::restore::disk::{Disk, Slice};
+use crate::restore::disk::{Disk, Layout};
 use crate::restore::fs::ext::ExtBackend;
 use crate::restore::fs::fat::{self, FatBackend};
 use crate::restore::fs::ntfs::NtfsBackend;
 use crate::restore::fs::tree::Tree;
 use crate::restore::fs::Filesystem;
 use crate::restore::probe::{probe, FsKind};
-use crate::restore::volume::volume_window;
+use crate::restore::volume::volume_layout;
 
 type Job = Box<dyn FnOnce(&mut dyn Filesystem) + Send>;
 
@@ -71,20 +71,19 @@ fn serve(
 pub struct FsHandle {
     jobs: mpsc::Sender<Job>,
     kind: FsKind,
-    window: (u64, u64),
+    layout: Arc<Layout>,
 }
 
 impl FsHandle {
-    /// Opens the filesystem of `volume` (`part/N` or `raw`) on a new thread.
+    /// Opens the filesystem of `volume` (`part/N`, `lvm/VG/LV` or `raw`) on
+    /// a new thread.
     /// Blocks while the superblock and metadata are read. Errors 1005 when
     /// the volume holds no filesystem this agent reads.
     pub fn open(disk: Arc<dyn Disk>, volume: &str) -> Result<FsHandle> {
-        // the partition table is read once: the window is both the volume
+        // the partition table is read once: the layout is both the volume
         // and what `FileMap` offsets are relative to
-        let (start, size) = volume_window(&disk, volume)?;
-        let slice = Slice::new(disk, start, size);
-        let window = (slice.start(), slice.size());
-        let vol: Arc<dyn Disk> = Arc::new(slice);
+        let layout = Arc::new(volume_layout(&disk, volume)?);
+        let vol = layout.open(disk);
         let probed = probe(&vol)?;
         let kind = match (probed.fs, probed.unsupported) {
             (Some(k), None) => k,
@@ -117,7 +116,7 @@ impl FsHandle {
             })
             .map_err(|e| Error::io("filesystem thread", &e))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(FsHandle { jobs, kind, window }),
+            Ok(Ok(())) => Ok(FsHandle { jobs, kind, layout }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::new(
                 ErrorKind::Io,
@@ -131,10 +130,10 @@ impl FsHandle {
         self.kind
     }
 
-    /// Where the volume lies on its disk: (start, size) in bytes, clipped
-    /// to the disk. [`FileMap`](super::FileMap) offsets are volume offsets.
-    pub fn window(&self) -> (u64, u64) {
-        self.window
+    /// Where the volume lies on its disk (a partition clipped to the
+    /// disk). [`FileMap`](super::FileMap) offsets are volume offsets.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// Runs `job` on the filesystem's thread and returns its result. A
