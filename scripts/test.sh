@@ -11,8 +11,8 @@ declare -A tools=(
   [socat]=socat [mkfs.ext4]=e2fsprogs [mkfs.vfat]=dosfstools [mcopy]=mtools
   [sgdisk]=gdisk [sfdisk]=fdisk [mkntfs]=ntfs-3g [zstd]=zstd [unzip]=unzip
   [tar]=tar [node]=nodejs [npm]=npm [script]=bsdutils
-  # LVM volume groups for tests/lvm.rs (written on a loop device)
-  [pvcreate]=lvm2 [losetup]=mount
+  # LVM volume groups for tests/lvm.rs (written on a loop device), XFS
+  [pvcreate]=lvm2 [losetup]=mount [mkfs.xfs]=xfsprogs [xfs_db]=xfsprogs
   # the VM image and end-to-end VM tests, the Debian package test
   [qemu-system-x86_64]=qemu-system-x86 [musl-gcc]=musl-tools [xz]=xz-utils
   [cpio]=cpio [dh]=debhelper [dpkg-buildpackage]=dpkg-dev

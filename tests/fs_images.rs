@@ -3358,3 +3358,423 @@ fn damaged_ntfs_records_never_panic_or_hang() {
         "panics in the agent's NTFS code: {ours:#?}"
     );
 }
+
+/// A loop-mounted filesystem image, unmounted when dropped.
+struct Mounted {
+    img: PathBuf,
+    mnt: PathBuf,
+    mounted: bool,
+}
+
+impl Mounted {
+    fn umount(&mut self) {
+        if self.mounted {
+            run(Command::new("umount").arg(&self.mnt));
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = Command::new("umount").arg(&self.mnt).status();
+        }
+    }
+}
+
+/// A new 320 MiB XFS image (`mkfs.xfs` defaults: v5, 4 KiB blocks,
+/// 512-byte inodes, ftype) mounted through a loop device, to be written by
+/// the kernel's XFS. `None` (the test skips) without root or the kernel's
+/// XFS, unless RESTORE_AGENT_REQUIRE_XFS=1 (CI).
+fn mounted_xfs(dir: &Path) -> Option<Mounted> {
+    let img = dir.join("xfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.xfs").arg("-q").arg(&img).status();
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = mkfs.is_ok_and(|s| s.success())
+        && Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var_os("RESTORE_AGENT_REQUIRE_XFS").is_none(),
+            "cannot make and mount an XFS image (mkfs.xfs from xfsprogs, root, the kernel's XFS)"
+        );
+        eprintln!("SKIPPED: cannot make and mount an XFS image (xfsprogs, root, kernel XFS)");
+        return None;
+    }
+    Some(Mounted {
+        img,
+        mnt,
+        mounted: true,
+    })
+}
+
+/// What xfs_db prints for `commands` on an unmounted XFS image, by line.
+fn xfs_db_lines(img: &Path, commands: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("xfs_db");
+    cmd.arg("-r");
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.arg(img).output().unwrap();
+    assert!(out.status.success(), "xfs_db {commands:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
+/// The data extents of an inode of an unmounted XFS image with 4 KiB
+/// blocks, as xfs_db's `bmap` prints them: (byte offset, bytes, unwritten).
+fn xfs_bmap(img: &Path, inode: u64) -> Vec<(u64, u64, bool)> {
+    let agblocks: u64 = xfs_db_lines(img, &["sb 0", "print agblocks"])[0]
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    xfs_db_lines(img, &[&format!("inode {inode}"), "bmap"])
+        .iter()
+        .map(|l| {
+            // "data offset 0 startblock 2072 (0/2072) count 256 flag 1"
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let (ag, bno) = w[5].trim_matches(['(', ')']).split_once('/').unwrap();
+            let block = ag.parse::<u64>().unwrap() * agblocks + bno.parse::<u64>().unwrap();
+            let count: u64 = w[7].parse().unwrap();
+            (block * 4096, count * 4096, w[9] == "1")
+        })
+        .collect()
+}
+
+/// The format of an inode's data fork, as xfs_db prints it (1 local,
+/// 2 extents, 3 B+tree).
+fn xfs_format(img: &Path, inode: u64) -> String {
+    xfs_db_lines(img, &[&format!("inode {inode}"), "print core.format"]).join(" ")
+}
+
+/// XFS as the kernel writes it: the Unix tree (symlinks, a long one kept
+/// in its own block, a hardlink, modes, owners, a FIFO, a sparse file, a
+/// name that is not UTF-8), a 3,000-entry directory (kept in data, leaf
+/// and free-index blocks), a short directory (kept in its inode), a file of
+/// hundreds of extents (a B+tree extent map) and a preallocated range
+/// (unwritten extents): listed and read as the source, every file by
+/// SHA-256, and the fragmented file mapped to its extents on the volume.
+/// (`many/` gets 2,000 files from the plain tree besides.)
+#[test]
+fn xfs_tree_matches_source() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut m) = mounted_xfs(dir.path()) else {
+        return;
+    };
+    let src = dir.path().join("src");
+    make_plain(&src, false);
+    make_unix(&src, false);
+    symlink_long(&src.join("link_remote"), 900);
+    for i in 0..3000 {
+        write(
+            &src.join(format!("many/entry-{i:05}-{}", "n".repeat(i % 40))),
+            &[],
+        );
+    }
+    write(&src.join("short/only"), b"x\n");
+    // the special files: written on the mounted filesystem in a way that
+    // makes the layout wanted, and the same bytes in the source
+    let frag: Vec<u8> = noise(61, 600 * 4096);
+    write(&src.join("special/frag.bin"), &frag);
+    let mut prealloc = vec![0u8; 4 << 20];
+    prealloc[1 << 20..(1 << 20) + 100_000].copy_from_slice(&noise(62, 100_000));
+    write(&src.join("special/prealloc.bin"), &prealloc);
+    set_mtimes(&src);
+    let special = m.mnt.join("special");
+    std::fs::create_dir(&special).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        // every other block first, each on its own, then the rest: each
+        // block an extent of its own, hundreds of them
+        let f = std::fs::File::create(special.join("frag.bin")).unwrap();
+        for pass in [0, 1] {
+            for b in (pass..600).step_by(2) {
+                f.write_all_at(&frag[b * 4096..(b + 1) * 4096], b as u64 * 4096)
+                    .unwrap();
+                f.sync_data().unwrap();
+            }
+        }
+        let p = std::fs::File::create(special.join("prealloc.bin")).unwrap();
+        run(Command::new("fallocate")
+            .args(["-l", "4MiB"])
+            .arg(special.join("prealloc.bin")));
+        p.write_all_at(&prealloc[1 << 20..(1 << 20) + 100_000], 1 << 20)
+            .unwrap();
+        p.sync_all().unwrap();
+    }
+    run(Command::new("cp")
+        .args(["-a", "--no-clobber"])
+        .arg(format!("{}/.", src.display()))
+        .arg(&m.mnt));
+    for p in ["special/frag.bin", "special/prealloc.bin", "special", "."] {
+        run(Command::new("touch")
+            .arg("-h")
+            .arg("-r")
+            .arg(src.join(p))
+            .arg(m.mnt.join(p)));
+    }
+    let frag_ino = std::fs::metadata(special.join("frag.bin")).unwrap().ino();
+    let many_ino = std::fs::metadata(m.mnt.join("many")).unwrap().ino();
+    let pre_ino = std::fs::metadata(special.join("prealloc.bin"))
+        .unwrap()
+        .ino();
+    m.umount();
+    let img = m.img.clone();
+    // the layouts this test is about
+    assert_eq!(xfs_format(&img, frag_ino), "core.format = 3 (btree)");
+    assert_eq!(xfs_format(&img, many_ino), "core.format = 3 (btree)");
+    // stale bytes under the preallocated (unwritten) extents, as a reused
+    // disk has: they must still read as zeros
+    let stale: Vec<(u64, u64)> = xfs_bmap(&img, pre_ino)
+        .into_iter()
+        .filter(|e| e.2)
+        .map(|e| (e.0, e.1))
+        .collect();
+    assert!(!stale.is_empty(), "no unwritten extent");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        for (at, len) in &stale {
+            f.write_all_at(&noise(63, *len as usize), *at).unwrap();
+        }
+    }
+
+    let vols = list_volumes(disk(&img)).unwrap();
+    assert_eq!(vols[0].fs, Some("xfs"));
+    assert!(vols[0].supported, "{:?}", vols[0].reason);
+    let src2 = src.clone();
+    let (n, map) = with_fs(&img, "raw", move |fs| {
+        let n = compare_tree(fs, &src2, b"/", &Flavor::Unix);
+        let map = fs
+            .map(b"/special/frag.bin", 0, 600 * 4096)
+            .unwrap()
+            .expect("a map");
+        (n, map)
+    });
+    assert_eq!(n, count_source(&src), "entries compared");
+    // (records the kernel placed side by side come out as one extent)
+    assert!(map.extents.len() > 1, "{} extents", map.extents.len());
+    let image = std::fs::read(&img).unwrap();
+    assert!(bytes_of(&image, &map.extents) == frag, "frag.bin mapped");
+}
+
+/// A symlink at `path` whose target is `len` bytes.
+fn symlink_long(path: &Path, len: usize) {
+    let target: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    std::os::unix::fs::symlink(target, path).unwrap();
+}
+
+/// A v4 XFS (no checksums: 256-byte v2 inodes, 16-byte directory block
+/// headers) made by mkfs.xfs from a protofile, without mounting: listed and
+/// read as the source. Then its inodes and directory blocks, damaged at
+/// random 200 times (no checksum stops the damage there), are listed,
+/// walked and read: every answer is data or an error, never a panic of
+/// the reader (which the tree layer would report as "the filesystem
+/// reader failed") and never a hang.
+#[test]
+fn xfs_v4_reads_and_damage_never_panics() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let big = noise(81, 300_000);
+    write(&src.join("big.bin"), &big);
+    write(&src.join("hello.txt"), b"hello, v4\n");
+    write(&src.join("empty"), b"");
+    write(&src.join("sub/deeper/deep.txt"), b"deep\n");
+    for i in 0..200 {
+        write(
+            &src.join(format!("many/f{i:03}")),
+            &noise(i, i as usize * 7),
+        );
+    }
+    // proto: name, type/suid/sgid and octal mode, uid, gid, source or target
+    let mut proto = String::from("/dev/null\n0 0\nd--755 0 0\n");
+    let file = |name: &str, p: &Path| format!("{name} ---640 7 8 {}\n", p.display());
+    proto += &file("big.bin", &src.join("big.bin"));
+    proto += &file("hello.txt", &src.join("hello.txt"));
+    proto += &file("empty", &src.join("empty"));
+    proto += "link l--777 0 0 hello.txt\n";
+    proto += "sub d--750 1 2\ndeeper d--700 0 0\n";
+    proto += &file("deep.txt", &src.join("sub/deeper/deep.txt"));
+    proto += "$\n$\nmany d--755 0 0\n";
+    for i in 0..200 {
+        proto += &file(&format!("f{i:03}"), &src.join(format!("many/f{i:03}")));
+    }
+    proto += "$\n$\n";
+    let proto_file = dir.path().join("proto");
+    std::fs::write(&proto_file, proto).unwrap();
+    let img = dir.path().join("v4.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    let made = Command::new("mkfs.xfs")
+        .args(["-q", "-m", "crc=0", "-i", "size=256", "-p"])
+        .arg(&proto_file)
+        .arg(&img)
+        .output();
+    if !made.as_ref().is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("RESTORE_AGENT_REQUIRE_XFS").is_none(),
+            "mkfs.xfs -m crc=0: {made:?}"
+        );
+        eprintln!("SKIPPED: mkfs.xfs cannot make a v4 filesystem here: {made:?}");
+        return;
+    }
+    let src2 = src.clone();
+    let big2 = big.clone();
+    let inodes = with_fs(&img, "raw", move |fs| {
+        let root = list_all(fs, b"/");
+        let names: Vec<&str> = root.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["big.bin", "empty", "hello.txt", "link", "many", "sub"]
+        );
+        let hello = &root[2];
+        assert_eq!((hello.mode, hello.uid, hello.gid), (0o640, 7, 8));
+        assert_eq!(root[3].target.as_deref(), Some("hello.txt"));
+        assert_eq!((root[5].mode, root[5].uid, root[5].gid), (0o750, 1, 2));
+        assert!(read_all(fs, b"/big.bin") == big2, "big.bin");
+        assert_eq!(read_all(fs, b"/sub/deeper/deep.txt"), b"deep\n");
+        let many = list_all(fs, b"/many");
+        assert_eq!(many.len(), 200);
+        for e in &many {
+            let want = std::fs::read(src2.join("many").join(&e.name)).unwrap();
+            assert!(read_all(fs, format!("/many/{}", e.name).as_bytes()) == want);
+        }
+        let mut inodes: Vec<u64> = root.iter().chain(&many).map(|e| e.inode).collect();
+        inodes.push(fs.stat(b"/", false).unwrap().inode);
+        inodes
+    });
+    // where the inodes are, and the blocks of the directories
+    let mut places: Vec<(u64, u64)> = inodes
+        .iter()
+        .map(|ino| {
+            // "0x8000 (32768)"
+            let l = xfs_db_lines(&img, &[&format!("convert ino {ino} fsbyte")]);
+            let at: u64 = l[0]
+                .rsplit('(')
+                .next()
+                .unwrap()
+                .trim_end_matches(')')
+                .parse()
+                .unwrap();
+            (at, 256)
+        })
+        .collect();
+    // and the blocks of the root and of many/
+    for ino in [inodes[inodes.len() - 1], inodes[4]] {
+        places.extend(xfs_bmap(&img, ino).iter().map(|e| (e.0, e.1)));
+    }
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut failures = Vec::new();
+    let mut errors = 0;
+    for round in 0..200 {
+        let mut saved = Vec::new();
+        for _ in 0..1 + next() % 6 {
+            let (at, len) = places[(next() % places.len() as u64) as usize];
+            let at = at + next() % len;
+            let mut old = [0u8];
+            f.read_exact_at(&mut old, at).unwrap();
+            saved.push((at, old[0]));
+            f.write_all_at(&[next() as u8], at).unwrap();
+        }
+        let started = std::time::Instant::now();
+        let mut messages = Vec::new();
+        match FsHandle::open(disk(&img), "raw") {
+            Err(e) => messages.push(e.message),
+            Ok(h) => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let got = rt.block_on(h.run(|fs| {
+                    let mut m = Vec::new();
+                    for p in [&b"/"[..], b"/many", b"/sub/deeper"] {
+                        if let Err(e) = fs.list(p, None, 1000) {
+                            m.push(e.message);
+                        }
+                    }
+                    // (damage can make a size of exabytes: a legal sparse
+                    // file, read here only to its first MiB)
+                    let walked = fs.walk(b"/", None, &mut |_, data| {
+                        if let Some(data) = data {
+                            let mut buf = vec![0u8; 1 << 16];
+                            for _ in 0..16 {
+                                match data.read(&mut buf) {
+                                    Ok(n) if n > 0 => {}
+                                    Ok(_) => break,
+                                    Err(e) => {
+                                        m.push(e.message);
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = walked {
+                        m.push(e.message);
+                    }
+                    for p in ["/big.bin", "/link", "/many/f100", "/sub/deeper/deep.txt"] {
+                        if let Err(e) = fs.read(p.as_bytes(), 0, 1 << 20) {
+                            m.push(e.message);
+                        }
+                    }
+                    m
+                }));
+                messages.extend(got.unwrap_or_else(|e| vec![e.message]));
+            }
+        }
+        errors += messages.len();
+        failures.extend(
+            messages
+                .into_iter()
+                .filter(|m| m.contains("reader failed"))
+                .map(|m| format!("round {round}: {m}")),
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
+        for (at, b) in saved {
+            f.write_all_at(&[b], at).unwrap();
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the XFS reader panicked: {failures:#?}"
+    );
+    assert!(errors > 50, "only {errors} errors: the damage missed");
+}

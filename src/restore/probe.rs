@@ -18,6 +18,7 @@ pub enum FsKind {
     Ext4,
     Vfat,
     Ntfs,
+    Xfs,
 }
 
 impl FsKind {
@@ -28,6 +29,7 @@ impl FsKind {
             FsKind::Ext4 => "ext4",
             FsKind::Vfat => "vfat",
             FsKind::Ntfs => "ntfs",
+            FsKind::Xfs => "xfs",
         }
     }
 }
@@ -110,7 +112,7 @@ fn probe_head(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
         return crate::restore::fs::fat::probe(disk.clone(), head);
     }
     if has(head, 0, b"XFSB") {
-        return unknown("xfs");
+        return crate::restore::fs::xfs::probe(disk.clone());
     }
     if has(head, 0x10040, b"_BHRfS_M") {
         return unknown("btrfs");

@@ -18,6 +18,7 @@ use crate::restore::fs::ext::ExtBackend;
 use crate::restore::fs::fat::{self, FatBackend};
 use crate::restore::fs::ntfs::NtfsBackend;
 use crate::restore::fs::tree::Tree;
+use crate::restore::fs::xfs::XfsBackend;
 use crate::restore::fs::Filesystem;
 use crate::restore::probe::{probe, FsKind};
 use crate::restore::volume::volume_layout;
@@ -57,6 +58,13 @@ fn serve(
             }
         },
         FsKind::Ntfs => match NtfsBackend::open(disk) {
+            Ok(b) if report(Ok(())) => serve_jobs(&mut Tree::new(b), &queue),
+            Ok(_) => {}
+            Err(e) => {
+                report(Err(e));
+            }
+        },
+        FsKind::Xfs => match XfsBackend::open(disk) {
             Ok(b) if report(Ok(())) => serve_jobs(&mut Tree::new(b), &queue),
             Ok(_) => {}
             Err(e) => {

@@ -20,6 +20,7 @@ mod lznt1;
 pub mod ntfs;
 mod ntfs_link;
 mod tree;
+pub mod xfs;
 
 pub(crate) use budget::Charge;
 pub use budget::{listing_limit, set_listing_limit};
