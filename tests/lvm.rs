@@ -629,3 +629,144 @@ fn damaged_metadata_with_good_checksums_never_panics() {
         "parsed {parsed}, refused {refused}"
     );
 }
+
+/// An mkfs.xfs protofile for the tree at `src` (its directories, files
+/// and symlinks, as root, mode 0644 or 0755).
+fn protofile(src: &Path) -> String {
+    fn walk(dir: &Path, out: &mut String) {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for p in names {
+            let name = p.file_name().unwrap().to_str().unwrap();
+            let t = std::fs::symlink_metadata(&p).unwrap().file_type();
+            if t.is_symlink() {
+                let target = std::fs::read_link(&p).unwrap();
+                out.push_str(&format!("{name} l--777 0 0 {}\n", target.display()));
+            } else if t.is_dir() {
+                out.push_str(&format!("{name} d--755 0 0\n"));
+                walk(&p, out);
+                out.push_str("$\n");
+            } else {
+                out.push_str(&format!("{name} ---644 0 0 {}\n", p.display()));
+            }
+        }
+    }
+    let mut out = String::from("/dev/null\n0 0\nd--755 0 0\n");
+    walk(src, &mut out);
+    out.push_str("$\n");
+    out
+}
+
+/// Copies the 4 KiB blocks of `fs_image` that are not all zeros into the
+/// runs of a logical volume (offsets from `base` of `image`), keeping the
+/// image sparse (an XFS image is mostly zeros: its log, free space).
+fn lay_sparse(image: &Path, base: u64, runs: &[(u64, u64)], fs_image: &Path) {
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    let out = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    let mut src = std::fs::File::open(fs_image).unwrap();
+    let mut block = vec![0u8; 4096];
+    let mut lv_off = 0u64;
+    loop {
+        let n = src.read(&mut block).unwrap();
+        if n == 0 {
+            break;
+        }
+        assert_eq!(n, 4096, "a short read");
+        if block.iter().any(|&b| b != 0) {
+            let mut at = lv_off;
+            let run = runs
+                .iter()
+                .find(|r| {
+                    let inside = at < r.1;
+                    if !inside {
+                        at -= r.1;
+                    }
+                    inside
+                })
+                .expect("the filesystem is larger than its LV");
+            out.write_all_at(&block, base + run.0 + at).unwrap();
+        }
+        lv_off += 4096;
+    }
+}
+
+/// RHEL's default layout: /boot on a partition and the root an XFS
+/// logical volume (after swap, so not at the start of its physical
+/// volume). Read over the wire: listed, cat, extracted and compared.
+#[test]
+fn an_xfs_root_on_lvm_reads_over_the_wire() {
+    if !can_run() {
+        return;
+    }
+    if !Path::new("/usr/sbin/mkfs.xfs").exists() && !Path::new("/sbin/mkfs.xfs").exists() {
+        assert!(
+            std::env::var_os("RESTORE_AGENT_REQUIRE_XFS").is_none(),
+            "mkfs.xfs is missing (xfsprogs)"
+        );
+        eprintln!("SKIPPED: mkfs.xfs is missing (Debian package xfsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("root");
+    write(&src.join("etc/os-release"), b"NAME=\"Rocky Linux\"\n");
+    write(&src.join("usr/bin/tool"), &noise(21, 2 << 20));
+    for i in 0..300 {
+        write(
+            &src.join(format!("usr/share/doc/pkg{i:03}/README")),
+            format!("package {i}\n").repeat(i).as_bytes(),
+        );
+    }
+    std::os::unix::fs::symlink("usr/bin", src.join("bin")).unwrap();
+    let proto = d.join("proto");
+    std::fs::write(&proto, protofile(&src)).unwrap();
+    let rootfs = blank(&d.join("rootfs.img"), 320 * MIB);
+    run(Command::new("mkfs.xfs")
+        .args(["-q", "-p"])
+        .arg(&proto)
+        .arg(&rootfs));
+
+    let disk = blank(&d.join("disk.img"), 344 * MIB);
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:+4M", "-t", "1:8300"])
+        .args(["-n", "2:0:0", "-t", "2:8e00"])
+        .arg(&disk));
+    let (p2, p2_size) = (
+        2048 * 512 + 4 * MIB,
+        344 * MIB - 2048 * 512 - 4 * MIB - 34 * 512,
+    );
+    {
+        let dev = volume_group(
+            &disk,
+            (p2, p2_size),
+            "rl",
+            &[("swap", "8M"), ("root", "320M")],
+        );
+        let runs = lv_runs(&dev, "rl", "root");
+        lay_sparse(&disk, p2, &runs, &rootfs);
+    }
+    std::fs::remove_file(&rootfs).unwrap();
+
+    let agent = Agent::builder().image("disk", &disk).start();
+    let vols = volumes(&agent, "disk");
+    let root = find(&vols, "lvm/rl/root");
+    assert_eq!(
+        (&root["fs"], &root["supported"]),
+        (&"xfs".into(), &true.into())
+    );
+    assert_eq!(root["size"], 320 * MIB);
+    let cat = ok(
+        client(
+            &agent,
+            &["cat", "attached", "disk", "lvm/rl/root", "/usr/bin/tool"],
+        ),
+        "cat tool",
+    );
+    assert!(sha(&cat) == sha(&noise(21, 2 << 20)), "usr/bin/tool");
+    let out = extract(&agent, "disk", "lvm/rl/root");
+    assert_eq!(same_files(&src, out.path()), 303);
+}
