@@ -3455,6 +3455,18 @@ fn xfs_bmap(img: &Path, inode: u64) -> Vec<(u64, u64, bool)> {
         .collect()
 }
 
+/// Where an inode lies in an unmounted XFS image, as xfs_db converts it.
+fn xfs_inode_byte(img: &Path, inode: u64) -> u64 {
+    // "0x8000 (32768)"
+    let l = xfs_db_lines(img, &[&format!("convert ino {inode} fsbyte")]);
+    l[0].rsplit('(')
+        .next()
+        .unwrap()
+        .trim_end_matches(')')
+        .parse()
+        .unwrap()
+}
+
 /// The format of an inode's data fork, as xfs_db prints it (1 local,
 /// 2 extents, 3 B+tree).
 fn xfs_format(img: &Path, inode: u64) -> String {
@@ -3668,18 +3680,7 @@ fn xfs_v4_reads_and_damage_never_panics() {
     // where the inodes are, and the blocks of the directories
     let mut places: Vec<(u64, u64)> = inodes
         .iter()
-        .map(|ino| {
-            // "0x8000 (32768)"
-            let l = xfs_db_lines(&img, &[&format!("convert ino {ino} fsbyte")]);
-            let at: u64 = l[0]
-                .rsplit('(')
-                .next()
-                .unwrap()
-                .trim_end_matches(')')
-                .parse()
-                .unwrap();
-            (at, 256)
-        })
+        .map(|ino| (xfs_inode_byte(&img, *ino), 256))
         .collect();
     // and the blocks of the root and of many/
     for ino in [inodes[inodes.len() - 1], inodes[4]] {
@@ -3837,16 +3838,7 @@ fn xfs_v5_damage_with_good_checksums_never_panics() {
     let image = std::fs::File::open(&img).unwrap();
     let mut places = Vec::new();
     for &ino in &inodes {
-        // "0x8000 (32768)"
-        let l = xfs_db_lines(&img, &[&format!("convert ino {ino} fsbyte")]);
-        let at: u64 = l[0]
-            .rsplit('(')
-            .next()
-            .unwrap()
-            .trim_end_matches(')')
-            .parse()
-            .unwrap();
-        places.push((at, 512, Some(100)));
+        places.push((xfs_inode_byte(&img, ino), 512, Some(100)));
     }
     for ino in [inodes[0], inodes[3]] {
         for (at, len, _) in xfs_bmap(&img, ino) {
