@@ -3457,8 +3457,13 @@ fn xfs_bmap(img: &Path, inode: u64) -> Vec<(u64, u64, bool)> {
 
 /// Where an inode lies in an unmounted XFS image, as xfs_db converts it.
 fn xfs_inode_byte(img: &Path, inode: u64) -> u64 {
+    xfs_convert(img, &format!("ino {inode}"))
+}
+
+/// A byte offset from xfs_db's `convert WHAT fsbyte`.
+fn xfs_convert(img: &Path, what: &str) -> u64 {
     // "0x8000 (32768)"
-    let l = xfs_db_lines(img, &[&format!("convert ino {inode} fsbyte")]);
+    let l = xfs_db_lines(img, &[&format!("convert {what} fsbyte")]);
     l[0].rsplit('(')
         .next()
         .unwrap()
@@ -3801,8 +3806,8 @@ fn damage_xfs(img: &Path, places: &[(u64, u64, Option<usize>)], paths: &[&str]) 
     assert!(errors > 25, "only {errors} errors: the damage missed");
 }
 
-/// A v5 XFS written by the kernel, its inodes and directory data blocks
-/// damaged at random 200 times with their CRC32c made right again (so the
+/// A v5 XFS written by the kernel, its inodes, directory data blocks and
+/// a file's extent B+tree blocks damaged at random 200 times with their CRC32c made right again (so the
 /// damage reaches the parsers instead of stopping at the checksum): every
 /// answer is data or an error, never a panic or a hang.
 #[test]
@@ -3850,6 +3855,20 @@ fn xfs_v5_damage_with_good_checksums_never_panics() {
             }
         }
     }
+    // the leaf blocks of frag.bin's extent B+tree ("u3.bmbt.ptrs[1] = 25")
+    let ptrs = xfs_db_lines(
+        &img,
+        &[&format!("inode {}", inodes[5]), "print u3.bmbt.ptrs"],
+    );
+    for l in &ptrs {
+        let fsb: u64 = l.rsplit(' ').next().unwrap().parse().unwrap();
+        let at = xfs_convert(&img, &format!("fsblock {fsb}"));
+        let mut magic = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&image, &mut magic, at).unwrap();
+        assert_eq!(&magic, b"BMA3", "an extent tree block");
+        places.push((at, 4096, Some(64)));
+    }
+    assert!(!ptrs.is_empty(), "frag.bin's extents are not a B+tree");
     assert!(places.len() > 10, "{} places", places.len());
     damage_xfs(
         &img,
