@@ -96,7 +96,6 @@ impl Disk for Slice {
 pub struct Layout {
     /// (volume offset, disk offset, length), the volume offsets adjoining
     runs: Vec<(u64, u64, u64)>,
-    size: u64,
 }
 
 impl Layout {
@@ -104,7 +103,6 @@ impl Layout {
     pub fn window(start: u64, len: u64) -> Layout {
         Layout {
             runs: vec![(0, start, len)],
-            size: len,
         }
     }
 
@@ -118,11 +116,11 @@ impl Layout {
             out.push((size, disk, len));
             size = size.checked_add(len)?;
         }
-        Some(Layout { runs: out, size })
+        Some(Layout { runs: out })
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.runs.last().map_or(0, |r| r.0 + r.2)
     }
 
     /// Where the volume's first byte lies on the disk.
@@ -142,7 +140,7 @@ impl Layout {
     /// The disk ranges `(offset, length)` of volume bytes
     /// `[offset, offset + len)`, in order; clipped to the volume's end.
     pub fn locate(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
-        let end = offset.saturating_add(len).min(self.size);
+        let end = offset.saturating_add(len).min(self.size());
         let first = self.runs.partition_point(|r| r.0 + r.2 <= offset);
         let mut out = Vec::new();
         for &(at, disk, run) in self.runs.get(first..).unwrap_or_default() {
@@ -180,7 +178,7 @@ pub struct Mapped {
 
 impl Disk for Mapped {
     fn size(&self) -> u64 {
-        self.layout.size
+        self.layout.size()
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut done = 0usize;

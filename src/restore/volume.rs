@@ -534,7 +534,7 @@ pub fn volume_layout(disk: &Arc<dyn Disk>, volume: &str) -> Result<Layout> {
         return Ok(Layout::window(0, disk.size()));
     }
     if let Some(name) = volume.strip_prefix("lvm/") {
-        return lv_layout(disk, volume, name);
+        return logical_volume_layout(disk, volume, name);
     }
     let number: u32 = volume
         .strip_prefix("part/")
@@ -554,7 +554,7 @@ pub fn volume_layout(disk: &Arc<dyn Disk>, volume: &str) -> Result<Layout> {
 }
 
 /// The layout of logical volume `name` (`VG/LV`) of the disk.
-fn lv_layout(disk: &Arc<dyn Disk>, volume: &str, name: &str) -> Result<Layout> {
+fn logical_volume_layout(disk: &Arc<dyn Disk>, volume: &str, name: &str) -> Result<Layout> {
     // the volumes without a filesystem, as `list_volumes` looks at them
     let windows: Vec<(u64, u64)> = match partitions(disk)? {
         None if probe(disk)?.fs.is_none() => vec![(0, disk.size())],

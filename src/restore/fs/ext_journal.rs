@@ -38,6 +38,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::le::{be16, be32};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::ext_raw::{crc32c, reused_at, ExtRaw};
 use crate::restore::fs::Extent;
@@ -87,16 +88,6 @@ pub const MAX_REVOKED_BLOCKS: usize = 1 << 18;
 pub const MAX_REPLAYED_BLOCKS: usize = 1 << 18;
 /// Journal blocks mapped at a time while finding where they lie.
 const MAP_STEP: u64 = 1 << 16;
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-fn be16(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 2)
-        .map_or(0, |s| u32::from(u16::from_be_bytes([s[0], s[1]])))
-}
 
 fn too_large(what: String) -> Error {
     Error::unsupported(format!(
@@ -545,7 +536,11 @@ fn walk(log: &Log, f: &Format, start: u64, mut sequence: u32, stop: Option<u32>)
                         )
                     } else {
                         let high = if f.is64 { be32(&block, p + 8) } else { 0 };
-                        (be16(&block, p + 6), be16(&block, p + 4), high)
+                        (
+                            u32::from(be16(&block, p + 6)),
+                            u32::from(be16(&block, p + 4)),
+                            high,
+                        )
                     };
                     let high = if f.is64 { u64::from(high) << 32 } else { 0 };
                     step += 1;

@@ -27,12 +27,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::le::{be16, be32, be64};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_raw::crc32c;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::{EntryType, Extent, Meta};
-use crate::restore::probe::Probe;
+use crate::restore::probe::{FsKind, Probe};
 
 const SB_MAGIC: &[u8; 4] = b"XFSB";
 const INODE_MAGIC: &[u8; 2] = b"IN";
@@ -59,20 +60,6 @@ const DIFLAG_REALTIME: u16 = 0x1;
 const DIFLAG2_BIGTIME: u64 = 0x8;
 /// Seconds between 1901-12-13T20:45:52Z (big timestamps' zero) and 1970.
 const BIGTIME_EPOCH_OFFSET: i64 = 1 << 31;
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    b.get(at..at + 2)
-        .map_or(0, |s| u16::from_be_bytes([s[0], s[1]]))
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4)
-        .map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
-}
 
 /// Whether a v5 metadata buffer's CRC32c (little-endian at `at`, computed
 /// over the buffer with that field zeroed) is right.
@@ -211,13 +198,13 @@ fn hex(b: &[u8]) -> String {
 pub fn probe(disk: Arc<dyn Disk>) -> Probe {
     match geometry(&*disk) {
         Ok((_, label, uuid)) => Probe {
-            fs: Some(crate::restore::probe::FsKind::Xfs),
+            fs: Some(FsKind::Xfs),
             label,
             uuid,
             unsupported: None,
         },
         Err(e) => Probe {
-            fs: Some(crate::restore::probe::FsKind::Xfs),
+            fs: Some(FsKind::Xfs),
             unsupported: Some(e),
             ..Probe::default()
         },
