@@ -2422,6 +2422,15 @@ fn overwrite(img: &Path, offset: u64, bytes: &[u8]) {
         .expect("damage the image");
 }
 
+/// `restore-client extract attached disk0 raw / -o out_dir`.
+fn extract_attached(agent: &Agent, out_dir: &Path) -> Output {
+    let dest = out_dir.to_str().expect("utf8");
+    client(
+        agent,
+        &["extract", "attached", "disk0", "raw", "/", "-o", dest],
+    )
+}
+
 /// `ls -R` of an ext4 volume with one damaged directory (its block
 /// overwritten with noise): the rest of the tree is listed, the damaged
 /// one is named on stderr (and under `errors` in JSON), and the exit
@@ -2488,18 +2497,7 @@ fn ls_r_lists_around_a_damaged_directory() {
     // extract: everything but the damaged directory's contents and the
     // damaged file (one bad inode made its whole directory unreadable)
     let out_dir = t.path().join("out");
-    let out = client(
-        &agent,
-        &[
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/",
-            "-o",
-            out_dir.to_str().expect("utf8"),
-        ],
-    );
+    let out = extract_attached(&agent, &out_dir);
     exits(&out, 1);
     for name in ["a/1", "a/2", "c/5"] {
         assert_eq!(
@@ -2510,6 +2508,50 @@ fn ls_r_lists_around_a_damaged_directory() {
     assert!(!out_dir.join("c/6").exists());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/c/6") && err.contains("/b: "), "{err}");
+}
+
+/// A symlink whose target cannot be read (its block damaged) is named as
+/// unreadable by `ls` and fails as a member of `extract`, which goes on
+/// with the rest: it never comes out as a symlink to nowhere. It was
+/// listed with an empty target, and `extract -o` stopped at it (exit 2,
+/// trying to make a link to "") and lost every file after it.
+#[test]
+fn a_symlink_whose_target_cannot_be_read_is_not_made() {
+    let t = tmp();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("a")).expect("mkdir");
+    fs::write(src.join("a/1"), "1").expect("write");
+    fs::write(src.join("b"), "b").expect("write");
+    // a target of more than 60 bytes lives in a block of its own
+    std::os::unix::fs::symlink("x".repeat(200), src.join("a/long")).expect("symlink");
+    std::os::unix::fs::symlink("1", src.join("a/short")).expect("symlink");
+    let img = t.path().join("disk.img");
+    mkfs_ext4(&src, &img, 8);
+    overwrite(&img, bmap(&img, "/a/long", 0) * 4096, &[0; 4096]);
+    let agent = Agent::builder().image("disk0", &img).start();
+
+    let out = client(&agent, &["ls", "-l", "attached", "disk0", "raw", "/a"]);
+    exits(&out, 1);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("short -> 1") && !text.contains("long"),
+        "{text}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read /a/long: "), "{err}");
+
+    let out_dir = t.path().join("out");
+    let out = extract_attached(&agent, &out_dir);
+    exits(&out, 1);
+    assert_eq!(fs::read(out_dir.join("a/1")).expect("a/1"), b"1");
+    assert_eq!(fs::read(out_dir.join("b")).expect("b"), b"b");
+    assert_eq!(
+        fs::read_link(out_dir.join("a/short")).expect("a/short"),
+        Path::new("1")
+    );
+    assert!(fs::symlink_metadata(out_dir.join("a/long")).is_err());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/a/long: "), "{err}");
 }
 
 /// Extracting a tree goes on past what cannot be read from the backup, as

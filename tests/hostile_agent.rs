@@ -455,6 +455,24 @@ fn force_keeps_the_old_file_when_its_replacement_cannot_be_made() {
     );
 }
 
+/// A symlink member without a target is the agent's fault and said so:
+/// it was reported as the local "No such file or directory" of making a
+/// link to "", which sent the user looking at their own disk.
+#[test]
+fn a_symlink_without_a_target_is_the_agents_fault() {
+    let mut tar = tar_member("d/", b'5', b"", "");
+    tar.extend(tar_member("d/s", b'2', b"", ""));
+    let fake = serving_tar(tar);
+    let out = fake.extract("/d", &fake.path("out"));
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("s without a target"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(std::fs::symlink_metadata(fake.path("out").join("s")).is_err());
+}
+
 /// An agent's error message of 1 MiB is shortened on stderr (a hostile
 /// agent's 60 MiB one was printed whole), and kept whole for scripts.
 #[test]

@@ -393,6 +393,10 @@ impl Output {
 
     fn symlink(&mut self, rel: &[u8], target: &[u8], mtime: i64) -> Result<(), ClientError> {
         let (fd, name, local) = self.parent_of(rel)?;
+        if target.is_empty() {
+            // symlinkat would say ENOENT, which reads as a local problem
+            return Err(self.corrupt(&format!("symlink {} without a target", local.display())));
+        }
         let target = CString::new(target).map_err(|_| {
             ClientError::local(format!(
                 "symlink {}: target holds a NUL byte",

@@ -112,14 +112,8 @@ struct Attrs {
 }
 
 /// The listing record of node `number` called `name`; `link` is a
-/// symlink's target, `broken` why it could not be read.
-fn ext_child(
-    name: Vec<u8>,
-    number: u32,
-    a: Attrs,
-    link: Option<Vec<u8>>,
-    broken: Option<Box<Error>>,
-) -> Child<u32> {
+/// symlink's target.
+fn ext_child(name: Vec<u8>, number: u32, a: Attrs, link: Option<Vec<u8>>) -> Child<u32> {
     let has_size = matches!(
         a.kind,
         EntryType::File | EntryType::Dir | EntryType::Symlink
@@ -139,7 +133,6 @@ fn ext_child(
         node: number,
         meta,
         link,
-        broken,
         damaged: None,
     }
 }
@@ -207,12 +200,12 @@ impl ExtBackend {
                     charge.add(std::mem::size_of::<(usize, Inode)>())?;
                     links.push((out.len(), ino.clone()));
                 }
-                out.push(ext_child(name, ino.number, attrs, None, None));
+                out.push(ext_child(name, ino.number, attrs, None));
                 Ok(())
             })?;
         for (i, ino) in links {
             // an unreadable symlink target must not hide its siblings: the
-            // error is kept for whoever follows the link
+            // symlink is listed apart as unreadable
             let Some(child) = out.get_mut(i) else {
                 continue;
             };
@@ -221,7 +214,10 @@ impl ExtBackend {
                     charge.add(link_bytes(t.len()))?;
                     child.link = Some(t);
                 }
-                Err(e) => child.broken = Some(Box::new(e)),
+                Err(e) => {
+                    let name = std::mem::take(&mut child.name);
+                    *child = Child::damaged(name, child.node, child.meta.inode, e);
+                }
             }
         }
         Ok(out)
@@ -273,7 +269,7 @@ impl Backend for ExtBackend {
                 "ext filesystem: the root is not a directory",
             ));
         }
-        Ok(ext_child(Vec::new(), ROOT_INODE, attrs, None, None))
+        Ok(ext_child(Vec::new(), ROOT_INODE, attrs, None))
     }
 
     fn read_dir(

@@ -271,7 +271,6 @@ impl<'a> Backend for FatBackend<'a> {
                 nlink: 1,
             },
             link: None,
-            broken: None,
             damaged: None,
         })
     }
@@ -314,7 +313,6 @@ impl<'a> Backend for FatBackend<'a> {
                 node,
                 meta: meta_of(&e),
                 link: None,
-                broken: None,
                 damaged: None,
             });
         }

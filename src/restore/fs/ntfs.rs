@@ -835,7 +835,6 @@ impl Backend for NtfsBackend {
             node: ROOT_RECORD,
             meta,
             link: None,
-            broken: None,
             damaged: None,
         })
     }
@@ -873,7 +872,6 @@ impl Backend for NtfsBackend {
                 node: record,
                 meta,
                 link,
-                broken: None,
                 damaged: None,
             });
         }

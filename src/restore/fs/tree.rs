@@ -108,10 +108,10 @@ pub struct Child<N> {
     pub meta: Meta,
     /// raw symlink target, for symlinks
     pub link: Option<Vec<u8>>,
-    /// why this node's symlink target could not be read, if so
-    pub broken: Option<Box<Error>>,
-    /// why this node itself (its inode) could not be read, if so: it is
-    /// listed apart as unreadable, and every use of it gets this error
+    /// why this node itself (its inode, or a symlink's target) could not
+    /// be read, if so: it is listed apart as unreadable, and every use of
+    /// it gets this error (an archive member without its target would be
+    /// a symlink to nowhere, passed off as the backup's)
     pub damaged: Option<Box<Error>>,
 }
 
@@ -182,7 +182,6 @@ impl<N> Child<N> {
                 nlink: 0,
             },
             link: None,
-            broken: None,
             damaged: Some(Box::new(error)),
         }
     }
@@ -453,9 +452,6 @@ impl<B: Backend> Tree<B> {
                         "{:?}: too many levels of symbolic links (more than {MAX_SYMLINK_HOPS})",
                         show(path)
                     )));
-                }
-                if let Some(e) = &child.broken {
-                    return Err(Error::clone(e));
                 }
                 let target = child.link.clone().unwrap_or_default();
                 if target.is_empty() {

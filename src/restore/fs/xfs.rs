@@ -721,7 +721,6 @@ impl Backend for XfsBackend {
             node: ino.number,
             meta: ino.meta(),
             link: None,
-            broken: None,
             damaged: None,
         })
     }
@@ -746,14 +745,17 @@ impl Backend for XfsBackend {
                     continue;
                 }
             };
-            let (mut link, mut broken) = (None, None);
+            let mut link = None;
             if ino.kind() == EntryType::Symlink {
                 match self.link_target(&ino) {
                     Ok(t) => {
                         charge.add(link_bytes(t.len()))?;
                         link = Some(t);
                     }
-                    Err(e) => broken = Some(Box::new(e)),
+                    Err(e) => {
+                        out.push(Child::damaged(name, number, number, e));
+                        continue;
+                    }
                 }
             }
             out.push(Child {
@@ -761,7 +763,6 @@ impl Backend for XfsBackend {
                 node: number,
                 meta: ino.meta(),
                 link,
-                broken,
                 damaged: None,
             });
         }
