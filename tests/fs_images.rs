@@ -3666,6 +3666,86 @@ fn ext4_written_by_the_kernel_matches_source() {
     assert_eq!(n, count_source(&src), "entries compared");
 }
 
+/// XFS as the kernel writes it with geometries and features other than
+/// mkfs.xfs's defaults: 1 KiB blocks (a 1,000-byte symlink target spans
+/// two blocks under one header, and a directory block is four
+/// filesystem blocks), 64 KiB directory blocks, large extent counters
+/// (`nrext64`: an inode's extent count moves), and a 4 TiB filesystem
+/// (sparse) whose directories in later allocation groups get inode
+/// numbers past 32 bits (8-byte numbers in short-form directories). Each
+/// is listed and read as the source. The symlink came out empty, and
+/// `nrext64` was refused.
+#[test]
+fn xfs_variants_match_source() {
+    if !have_tools() {
+        return;
+    }
+    let variants: [(&str, &[&str], u64); 4] = [
+        ("1 KiB blocks", &["-q", "-b", "size=1024"], 320 << 20),
+        (
+            "64 KiB directory blocks",
+            &["-q", "-n", "size=65536"],
+            320 << 20,
+        ),
+        (
+            "large extent counters",
+            &["-q", "-i", "nrext64=1"],
+            320 << 20,
+        ),
+        (
+            "inode numbers past 32 bits",
+            &["-q", "-l", "size=64m"],
+            4 << 40,
+        ),
+    ];
+    for (what, args, size) in variants {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(mut m) = mounted(dir.path(), "mkfs.xfs", args, size) else {
+            return;
+        };
+        let src = dir.path().join("src");
+        make_plain(&src, true);
+        make_unix(&src, false);
+        symlink_long(&src.join("link_remote"), 1000);
+        // new directories go to the allocation groups in turn
+        for i in 0..8 {
+            write(&src.join(format!("spread{i}/f")), b"x\n");
+        }
+        for root in [&src, &m.mnt] {
+            grow_dir(&root.join("grown"), 1500);
+        }
+        copy_in(&src, &m.mnt);
+        let widest = (0..8)
+            .map(|i| {
+                std::fs::metadata(m.mnt.join(format!("spread{i}/f")))
+                    .unwrap()
+                    .ino()
+            })
+            .max()
+            .unwrap();
+        let remote = std::fs::symlink_metadata(m.mnt.join("link_remote"))
+            .unwrap()
+            .ino();
+        m.umount();
+        let img = m.img.clone();
+        let inode = xfs_db_lines(&img, &[&format!("inode {remote}"), "print"]);
+        // what each variant is about
+        match what {
+            "1 KiB blocks" => assert!(inode.contains(&"core.nblocks = 2".into()), "{inode:?}"),
+            "large extent counters" => {
+                assert!(inode.contains(&"v3.nrext64 = 1".into()), "{inode:?}")
+            }
+            "inode numbers past 32 bits" => assert!(widest > u64::from(u32::MAX), "{widest}"),
+            _ => {}
+        }
+        let src2 = src.clone();
+        let n = with_fs(&img, "raw", move |fs| {
+            compare_tree(fs, &src2, b"/", &Flavor::Unix)
+        });
+        assert_eq!(n, count_source(&src), "{what}: entries compared");
+    }
+}
+
 /// A symlink at `path` whose target is `len` bytes.
 fn symlink_long(path: &Path, len: usize) {
     let target: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();

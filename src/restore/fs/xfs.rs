@@ -17,8 +17,8 @@
 //! write, never follow a block number it has not checked against the
 //! filesystem's size, and never hold more than a bounded number of extents
 //! or directory bytes (the listing budget is charged for what it builds).
-//! Not read (refused with 1005): realtime files, the large extent counters
-//! of `nrext64` filesystems, and filesystems marked as needing repair. A
+//! Not read (refused with 1005): realtime files and filesystems marked as
+//! needing repair. A
 //! log that needs recovery is not replayed: what the metadata says is read
 //! as it is (as `mount -o norecovery` would).
 
@@ -49,15 +49,21 @@ const MAX_BTREE_BLOCKS: usize = 1 << 16;
 const MAX_BTREE_LEVELS: u16 = 9;
 /// Longest symlink target XFS allows.
 const MAX_LINK: u64 = 1024;
+/// A v5 remote symlink extent's header (magic, offset, bytes, CRC, UUID,
+/// owner, block, LSN).
+const SYMLINK_HEADER: u64 = 56;
 /// Incompatible features this reader knows: ftype, sparse inodes, meta
-/// UUID, big timestamps.
-const INCOMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8;
+/// UUID, big timestamps, large extent counters.
+const INCOMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8 | INCOMPAT_NREXT64;
 const INCOMPAT_NEEDSREPAIR: u32 = 0x10;
 const INCOMPAT_NREXT64: u32 = 0x20;
 /// v4 `features2` bit: directory entries carry the file type.
 const FEATURES2_FTYPE: u32 = 0x200;
 const DIFLAG_REALTIME: u16 = 0x1;
 const DIFLAG2_BIGTIME: u64 = 0x8;
+/// The inode counts its data fork's extents in 64 bits at byte 24 (the
+/// v3 padding) instead of 32 at byte 76.
+const DIFLAG2_NREXT64: u64 = 0x10;
 /// Seconds between 1901-12-13T20:45:52Z (big timestamps' zero) and 1970.
 const BIGTIME_EPOCH_OFFSET: i64 = 1 << 31;
 
@@ -86,6 +92,8 @@ struct Geometry {
     root: u64,
     v5: bool,
     ftype: bool,
+    /// inodes may count their extents in 64 bits (`nrext64`)
+    nrext64: bool,
     dblocks: u64,
 }
 
@@ -120,11 +128,6 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
     if incompat & INCOMPAT_NEEDSREPAIR != 0 {
         return Err(Error::unsupported(
             "XFS filesystem marked as needing repair (xfs_repair) is not read",
-        ));
-    }
-    if incompat & INCOMPAT_NREXT64 != 0 {
-        return Err(Error::unsupported(
-            "XFS filesystems with large extent counters (nrext64) are not supported",
         ));
     }
     if incompat & !INCOMPAT_KNOWN != 0 {
@@ -173,6 +176,7 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
         } else {
             features2 & FEATURES2_FTYPE != 0
         },
+        nrext64: incompat & INCOMPAT_NREXT64 != 0,
         dblocks,
     };
     let name = &sb[108..120];
@@ -366,6 +370,13 @@ impl XfsBackend {
         } else {
             i64::from(be32(&b, 40) as i32)
         };
+        let nextents = if flags2 & DIFLAG2_NREXT64 == 0 {
+            u64::from(be32(&b, 76))
+        } else if self.geo.nrext64 {
+            be64(&b, 24)
+        } else {
+            return Err(bad("large extent counters on a filesystem without them"));
+        };
         Ok(Inode {
             number,
             mode: be16(&b, 2),
@@ -379,7 +390,7 @@ impl XfsBackend {
             },
             mtime,
             size: be64(&b, 56),
-            nextents: u64::from(be32(&b, 76)),
+            nextents,
             flags: be16(&b, 90),
             fork: b[core..end].to_vec(),
         })
@@ -573,23 +584,31 @@ impl XfsBackend {
                 .ok_or_else(|| self.corrupt(format!("symlink inode {}: short", ino.number)));
         }
         let mut out = Vec::with_capacity(len);
+        let bad = |why: &str| self.corrupt(format!("symlink inode {}: {why}", ino.number));
+        // v5 heads every extent of a remote target (not every block) with
+        // its own header, and the header's CRC covers the whole extent:
+        // the kernel writes and reads the target by extent
+        let head = if self.geo.v5 { SYMLINK_HEADER } else { 0 };
+        let most = (len as u64).div_ceil(self.geo.block - head);
         for run in self.runs(ino)? {
-            for i in 0..run.count {
-                let b = self.read_block(run.start + i, self.geo.block)?;
-                let data = if self.geo.v5 {
-                    if &b[..4] != b"XSLM" || !crc_ok(&b, 12) {
-                        return Err(self
-                            .corrupt(format!("symlink inode {}: a bad remote block", ino.number)));
-                    }
-                    &b[56..]
-                } else {
-                    &b[..]
-                };
-                let n = data.len().min(len - out.len());
-                out.extend_from_slice(&data[..n]);
-                if out.len() == len {
-                    return Ok(out);
-                }
+            if run.count > most {
+                return Err(bad("an extent larger than its target"));
+            }
+            let b = self.read_block(run.start, run.count * self.geo.block)?;
+            let room = b.len() - head as usize;
+            let n = room.min(len - out.len());
+            if self.geo.v5
+                && (&b[..4] != b"XSLM"
+                    || !crc_ok(&b, 12)
+                    || be32(&b, 4) as usize != out.len()
+                    || be32(&b, 8) as usize != n
+                    || be64(&b, 32) != ino.number)
+            {
+                return Err(bad("a bad remote block"));
+            }
+            out.extend_from_slice(&b[head as usize..head as usize + n]);
+            if out.len() == len {
+                return Ok(out);
             }
         }
         Err(self.corrupt(format!("symlink inode {}: target cut short", ino.number)))
