@@ -370,6 +370,23 @@ impl ext4_view::Ext4Read for Ext4Reader {
     }
 }
 
+/// A disk in memory, for unit tests.
+#[cfg(test)]
+pub(crate) struct MemDisk(pub Vec<u8>);
+
+#[cfg(test)]
+impl Disk for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let from = usize::try_from(offset).map_or(self.0.len(), |o| o.min(self.0.len()));
+        let n = buf.len().min(self.0.len() - from);
+        buf[..n].copy_from_slice(&self.0[from..from + n]);
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,9 @@ pub struct Probe {
     /// Why the agent cannot read this volume: `Unsupported` for a
     /// filesystem or feature it does not read, `Corrupt` for a damaged one.
     pub unsupported: Option<Error>,
+    /// What a user must know of a readable volume before trusting what is
+    /// read from it.
+    pub warning: Option<String>,
 }
 
 /// Bytes read from the start of a volume to recognise it.
@@ -157,6 +160,7 @@ fn probe_ext(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
         label: sb.get(0x78..0x88).and_then(label_of),
         uuid: sb.get(0x68..0x78).and_then(uuid_of),
         unsupported,
+        warning: None,
     }
 }
 

@@ -44,6 +44,10 @@ pub struct VolumeInfo {
     pub supported: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// what a user must know of a supported volume before trusting what
+    /// is read from it
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
     /// the LVM volume group of a physical volume or logical volume
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vg: Option<String>,
@@ -324,6 +328,7 @@ fn described(volume: String, kind: &'static str, start: u64, size: u64, p: Probe
         uuid: p.uuid,
         supported,
         reason,
+        warning: p.warning,
         vg: None,
         lv: None,
     }

@@ -319,7 +319,10 @@ async fn volumes(session: &Session, snapshot: &str, archive: &str) -> Result<Out
         .map(|vol| {
             let opt = |k: &str| str_of(vol, k).to_string();
             let supported = if vol.get("supported").and_then(Value::as_bool) == Some(true) {
-                "yes".to_string()
+                match vol.get("warning").and_then(Value::as_str) {
+                    Some(w) => format!("yes, but {w}"),
+                    None => "yes".to_string(),
+                }
             } else {
                 match vol.get("reason").and_then(Value::as_str) {
                     Some(r) => format!("no: {r}"),

@@ -770,21 +770,7 @@ pub fn recover(raw: &mut ExtRaw, disk: &Arc<dyn Disk>) -> Result<Option<Recovere
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A disk in memory.
-    struct Mem(Vec<u8>);
-
-    impl Disk for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
-            let from = (offset as usize).min(self.0.len());
-            let n = buf.len().min(self.0.len() - from);
-            buf[..n].copy_from_slice(&self.0[from..from + n]);
-            Ok(n)
-        }
-    }
+    use crate::restore::disk::MemDisk as Mem;
 
     #[test]
     fn reads_cross_replayed_blocks_escapes_and_the_superblock() {

@@ -159,7 +159,7 @@ pub fn probe(disk: Arc<dyn Disk>, head: &[u8]) -> Probe {
         fs: Some(FsKind::Vfat),
         label: head.get(label_at..label_at + 11).and_then(fixed_label),
         uuid: Some(format!("{:04X}-{:04X}", id >> 16, id & 0xFFFF)),
-        unsupported: None,
+        ..Probe::default()
     };
     match open_fs(disk) {
         Ok((fs, watch)) => {

@@ -18,7 +18,9 @@
 //! filesystem's size, and never hold more than a bounded number of extents
 //! or directory bytes (the listing budget is charged for what it builds).
 //! Not read (refused with 1005): realtime files and filesystems marked as
-//! needing repair. A
+//! needing repair. Whether the log needs recovery is checked (its last
+//! record before the head is a clean unmount or not) and said in the
+//! volume's warning; a
 //! log that needs recovery is not replayed: what the metadata says is read
 //! as it is (as `mount -o norecovery` would).
 
@@ -52,6 +54,13 @@ const MAX_LINK: u64 = 1024;
 /// A v5 remote symlink extent's header (magic, offset, bytes, CRC, UUID,
 /// owner, block, LSN).
 const SYMLINK_HEADER: u64 = 56;
+/// A log record header's first word.
+const LOG_MAGIC: u32 = 0xFEED_BABE;
+/// An operation header flag: the operation is an unmount record.
+const LOG_UNMOUNT_TRANS: u8 = 0x20;
+/// Most 512-byte log blocks searched back from the head for the last
+/// record's header: a record holds at most 256 KiB after its headers.
+const LOG_SEARCH_BLOCKS: u64 = 1024;
 /// Incompatible features this reader knows: ftype, sparse inodes, meta
 /// UUID, big timestamps, large extent counters.
 const INCOMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8 | INCOMPAT_NREXT64;
@@ -95,6 +104,9 @@ struct Geometry {
     /// inodes may count their extents in 64 bits (`nrext64`)
     nrext64: bool,
     dblocks: u64,
+    /// the internal log: (byte offset, 512-byte blocks); `None` when it is
+    /// on another device
+    log: Option<(u64, u64)>,
 }
 
 /// Reads and checks the superblock at the start of `disk`.
@@ -161,6 +173,17 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
         return Err(corrupt("its allocation groups do not add up"));
     }
     let features2 = be32(&sb, 200);
+    let log = match (be64(&sb, 48), u64::from(be32(&sb, 96))) {
+        (0, _) => None,
+        (start, blocks) => {
+            let (agno, agbno) = (start >> agblklog, start & ((1 << agblklog) - 1));
+            let linear = agno * agblocks + agbno;
+            if agno >= agcount || blocks < 2 || linear.saturating_add(blocks) > dblocks {
+                return Err(corrupt("its log lies outside it"));
+            }
+            Some((linear * block, blocks * (block / 512)))
+        }
+    };
     let geo = Geometry {
         block,
         agblocks,
@@ -178,6 +201,7 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
         },
         nrext64: incompat & INCOMPAT_NREXT64 != 0,
         dblocks,
+        log,
     };
     let name = &sb[108..120];
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
@@ -194,6 +218,82 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
     Ok((geo, label, Some(uuid)))
 }
 
+/// What a user must know of the log before trusting what is read: nothing
+/// when it was cleanly unmounted.
+fn log_warning(disk: &dyn Disk, geo: &Geometry) -> Option<String> {
+    const NOT_REPLAYED: &str = "which is not done (as with mount -o norecovery): \
+        what the system changed shortly before the backup may be missing or old";
+    let Some((start, blocks)) = geo.log else {
+        return Some(format!(
+            "the XFS log is on another device and was not checked; it may need recovery, {NOT_REPLAYED}"
+        ));
+    };
+    match log_is_dirty(disk, start, blocks) {
+        Ok(false) => None,
+        Ok(true) => Some(format!("the XFS log needs recovery, {NOT_REPLAYED}")),
+        Err(e) => Some(format!(
+            "the XFS log could not be checked ({}); it may need recovery, {NOT_REPLAYED}",
+            e.message
+        )),
+    }
+}
+
+/// Whether the log of `blocks` 512-byte blocks at byte `start` holds
+/// changes that recovery would replay: its last record is not an unmount
+/// record ending at the head. Every log block starts with the cycle (pass
+/// over the log) it was written in, a record header with its magic and
+/// then the cycle; the head is where the cycle drops back to the previous
+/// pass (or the log's start, when every block is of one pass).
+fn log_is_dirty(disk: &dyn Disk, start: u64, blocks: u64) -> Result<bool> {
+    let read = |i: u64| -> Result<[u8; 512]> {
+        let mut b = [0u8; 512];
+        read_exact_at(disk, start + i * 512, &mut b, "XFS log")?;
+        Ok(b)
+    };
+    let cycle = |b: &[u8; 512]| {
+        if be32(b, 0) == LOG_MAGIC {
+            be32(b, 4)
+        } else {
+            be32(b, 0)
+        }
+    };
+    let last = cycle(&read(blocks - 1)?);
+    let head = if cycle(&read(0)?) == last {
+        0
+    } else {
+        // block 0 is of the newer pass, the last block of the older one
+        let (mut lo, mut hi) = (0, blocks - 1);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if cycle(&read(mid)?) == last {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        hi
+    };
+    for back in 1..=LOG_SEARCH_BLOCKS.min(blocks) {
+        let at = (head + blocks - back) % blocks;
+        let b = read(at)?;
+        if be32(&b, 0) != LOG_MAGIC {
+            continue;
+        }
+        // version 2 records of more than 32 KiB have more header blocks
+        let (version, len, ops, size) = (be32(&b, 8), be32(&b, 12), be32(&b, 40), be32(&b, 320));
+        let headers = if version & 2 != 0 && size > 32768 {
+            u64::from(size.div_ceil(32768))
+        } else {
+            1
+        };
+        let end = (at + headers + u64::from(len).div_ceil(512)) % blocks;
+        let first_op = read((at + headers) % blocks)?;
+        let unmount = ops == 1 && first_op[9] & LOG_UNMOUNT_TRANS != 0;
+        return Ok(!(unmount && end == head));
+    }
+    Err(Error::corrupt("no log record before its head"))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -201,11 +301,12 @@ fn hex(b: &[u8]) -> String {
 /// What the probe says of an XFS volume.
 pub fn probe(disk: Arc<dyn Disk>) -> Probe {
     match geometry(&*disk) {
-        Ok((_, label, uuid)) => Probe {
+        Ok((geo, label, uuid)) => Probe {
             fs: Some(FsKind::Xfs),
             label,
             uuid,
             unsupported: None,
+            warning: log_warning(&*disk, &geo),
         },
         Err(e) => Probe {
             fs: Some(FsKind::Xfs),
@@ -293,6 +394,9 @@ impl XfsBackend {
         let root = b.inode(b.geo.root)?;
         if root.kind() != EntryType::Dir {
             return Err(b.corrupt("its root is not a directory"));
+        }
+        if let Some(w) = log_warning(&*b.disk, &b.geo) {
+            log::warn!("{w}");
         }
         Ok(b)
     }
@@ -812,5 +916,96 @@ impl Backend for XfsBackend {
 
     fn what(&self) -> &str {
         &self.what
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::disk::MemDisk;
+
+    const BLOCKS: u64 = 64;
+
+    /// A log of [`BLOCKS`] 512-byte blocks, each stamped with `cycles[i]`.
+    fn log(cycles: impl Fn(u64) -> u32) -> Vec<u8> {
+        let mut l = vec![0u8; BLOCKS as usize * 512];
+        for i in 0..BLOCKS {
+            let at = i as usize * 512;
+            l[at..at + 4].copy_from_slice(&cycles(i).to_be_bytes());
+        }
+        l
+    }
+
+    /// Writes a record at block `at` (its data wrapping to the log's start
+    /// as the kernel writes it: one cycle later): a header of `cycle`, then
+    /// `data` blocks whose first operation has `flags`.
+    fn record(l: &mut [u8], at: u64, cycle: u32, ops: u32, data: u64, flags: u8) {
+        let h = at as usize * 512;
+        l[h..h + 4].copy_from_slice(&LOG_MAGIC.to_be_bytes());
+        l[h + 4..h + 8].copy_from_slice(&cycle.to_be_bytes());
+        l[h + 8..h + 12].copy_from_slice(&2u32.to_be_bytes());
+        l[h + 12..h + 16].copy_from_slice(&(data as u32 * 512).to_be_bytes());
+        l[h + 40..h + 44].copy_from_slice(&ops.to_be_bytes());
+        l[h + 320..h + 324].copy_from_slice(&32768u32.to_be_bytes());
+        for k in 1..=data {
+            let b = (at + k) % BLOCKS;
+            let c = if at + k >= BLOCKS { cycle + 1 } else { cycle };
+            let d = b as usize * 512;
+            l[d..d + 4].copy_from_slice(&c.to_be_bytes());
+            l[d + 9] = if k == 1 { flags } else { 0 };
+        }
+    }
+
+    fn dirty(l: Vec<u8>) -> Result<bool> {
+        log_is_dirty(&MemDisk(l), 0, BLOCKS)
+    }
+
+    #[test]
+    fn a_log_is_clean_only_when_its_last_record_is_an_unmount_at_the_head() {
+        // as mkfs leaves it: an unmount record, then blocks never written
+        let mut l = log(|i| u32::from(i < 2));
+        record(&mut l, 0, 1, 1, 1, LOG_UNMOUNT_TRANS);
+        assert!(!dirty(l.clone()).unwrap());
+        // a transaction after it
+        for i in 2..5 {
+            l[i * 512..i * 512 + 4].copy_from_slice(&1u32.to_be_bytes());
+        }
+        record(&mut l, 2, 1, 3, 2, 0x01);
+        assert!(dirty(l.clone()).unwrap());
+        // and an unmount record after that
+        for i in 5..7 {
+            l[i * 512..i * 512 + 4].copy_from_slice(&1u32.to_be_bytes());
+        }
+        record(&mut l, 5, 1, 1, 1, LOG_UNMOUNT_TRANS);
+        assert!(!dirty(l.clone()).unwrap());
+        // an unmount flag on a record of several operations is no unmount
+        record(&mut l, 5, 1, 2, 1, LOG_UNMOUNT_TRANS);
+        assert!(dirty(l).unwrap());
+    }
+
+    #[test]
+    fn the_head_is_found_where_the_cycle_drops_and_across_the_log_end() {
+        // second pass up to block 40, the first pass's blocks after it
+        let mut l = log(|i| if i < 40 { 2 } else { 1 });
+        record(&mut l, 38, 2, 1, 1, LOG_UNMOUNT_TRANS);
+        assert!(!dirty(l.clone()).unwrap());
+        record(&mut l, 36, 2, 1, 3, 0x01);
+        assert!(dirty(l).unwrap(), "the unmount record is not the last");
+        // every block of one pass: the head is block 0
+        let mut l = log(|_| 3);
+        record(&mut l, BLOCKS - 2, 3, 1, 1, LOG_UNMOUNT_TRANS);
+        assert!(!dirty(l).unwrap());
+        // a record whose data wraps to the start, one cycle on
+        let mut l = log(|i| if i < 1 { 4 } else { 3 });
+        record(&mut l, BLOCKS - 1, 3, 1, 1, LOG_UNMOUNT_TRANS);
+        assert!(!dirty(l.clone()).unwrap());
+        record(&mut l, BLOCKS - 1, 3, 5, 1, 0x01);
+        assert!(dirty(l).unwrap());
+    }
+
+    #[test]
+    fn a_log_without_a_record_cannot_be_checked() {
+        assert!(dirty(log(|i| u32::from(i < 10))).is_err());
+        assert!(dirty(vec![0u8; 100]).is_err(), "a log cut short");
     }
 }
