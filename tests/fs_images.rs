@@ -3761,7 +3761,9 @@ fn ext4_copied_while_mounted_reads_as_the_kernel_recovers_it() {
 /// in the log, which is not replayed, so the volume carries a warning
 /// saying so; the same filesystem cleanly unmounted has none, and
 /// xfs_repair agrees on both. (The copy listed an empty root, without a
-/// word.)
+/// word.) Copied while frozen, as a backup through a guest agent takes it,
+/// its log holds only the covering rewrites of the superblock: no
+/// warning, and it reads as the source.
 #[test]
 fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
     if !have_tools() {
@@ -3781,11 +3783,22 @@ fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
         .unwrap();
     let copy = dir.path().join("copy.img");
     std::fs::copy(&m.img, &copy).unwrap();
+    let frozen = dir.path().join("frozen.img");
+    run(Command::new("fsfreeze").arg("-f").arg(&m.mnt));
+    let copied = std::fs::copy(&m.img, &frozen);
+    run(Command::new("fsfreeze").arg("-u").arg(&m.mnt));
+    copied.unwrap();
     m.umount();
     let warning = |img: &Path| list_volumes(disk(img)).unwrap()[0].warning.clone();
     let w = warning(&copy).expect("a warning");
     assert!(w.contains("log needs recovery"), "{w}");
     assert_eq!(warning(&m.img), None);
+    assert_eq!(warning(&frozen), None, "a frozen filesystem's covered log");
+    let src2 = src.clone();
+    let n = with_fs(&frozen, "raw", move |fs| {
+        compare_tree(fs, &src2, b"/", &Flavor::Unix)
+    });
+    assert_eq!(n, count_source(&src), "entries compared");
     let clean = |img: &Path| {
         Command::new("xfs_repair")
             .arg("-n")
