@@ -188,11 +188,16 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
         (0, _) => None,
         (start, blocks) => {
             let (agno, agbno) = (start >> agblklog, start & ((1 << agblklog) - 1));
-            let linear = agno * agblocks + agbno;
-            if agno >= agcount || blocks < 2 || linear.saturating_add(blocks) > dblocks {
-                return Err(corrupt("its log lies outside it"));
+            // (agno below agcount keeps the block number below 2^63)
+            let linear = (agno < agcount).then(|| agno * agblocks + agbno);
+            match linear.filter(|l| blocks >= 2 && l.saturating_add(blocks) <= dblocks) {
+                Some(l) => Some((
+                    l.checked_mul(block)
+                        .ok_or_else(|| corrupt("its log lies outside it"))?,
+                    blocks * (block / 512),
+                )),
+                None => return Err(corrupt("its log lies outside it")),
             }
-            Some((linear * block, blocks * (block / 512)))
         }
     };
     let geo = Geometry {
@@ -1147,6 +1152,52 @@ mod tests {
         split[3].0 = 0x04;
         ops_record(&mut l, 12, 1, 10, &split);
         assert!(dirty(l).unwrap());
+    }
+
+    /// A v4 superblock: `blocklog`-sized blocks, `agcount` groups of
+    /// 2^`agblklog` blocks, `dblocks` in all, the log at block `log_start`.
+    fn superblock(
+        blocklog: u8,
+        agblklog: u8,
+        agcount: u32,
+        dblocks: u64,
+        log_start: u64,
+    ) -> Vec<u8> {
+        let mut sb = vec![0u8; 512];
+        sb[..4].copy_from_slice(SB_MAGIC);
+        sb[4..8].copy_from_slice(&(1u32 << blocklog).to_be_bytes());
+        sb[8..16].copy_from_slice(&dblocks.to_be_bytes());
+        sb[48..56].copy_from_slice(&log_start.to_be_bytes());
+        sb[84..88].copy_from_slice(&(1u32 << agblklog).to_be_bytes());
+        sb[88..92].copy_from_slice(&agcount.to_be_bytes());
+        sb[96..100].copy_from_slice(&512u32.to_be_bytes());
+        sb[100..102].copy_from_slice(&4u16.to_be_bytes());
+        sb[102..104].copy_from_slice(&512u16.to_be_bytes());
+        sb[104..106].copy_from_slice(&256u16.to_be_bytes());
+        (sb[120], sb[122], sb[123], sb[124]) = (blocklog, 8, blocklog - 8, agblklog);
+        sb
+    }
+
+    #[test]
+    fn the_log_must_lie_inside_the_filesystem() {
+        let geo = |sb: Vec<u8>| geometry(&MemDisk(sb)).map(|(g, _, _)| g.log);
+        // group 1, block 16: 4 KiB blocks, 65,536 to a group
+        let inside = superblock(12, 16, 4, 4 << 16, (1 << 16) | 16);
+        assert_eq!(
+            geo(inside).unwrap(),
+            Some((((1 << 16) + 16) * 4096, 512 * 8))
+        );
+        assert!(
+            geo(superblock(12, 16, 4, 4 << 16, 5 << 16)).is_err(),
+            "group 5 of 4"
+        );
+        assert!(
+            geo(superblock(12, 16, 4, 4 << 16, (3 << 16) | 65_500)).is_err(),
+            "past the end"
+        );
+        // a block number whose byte offset does not fit 64 bits
+        let huge = superblock(16, 31, u32::MAX, (1 << 62) + (1 << 20), 1 << 62);
+        assert!(geo(huge).is_err());
     }
 
     #[test]
