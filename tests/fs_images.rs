@@ -3811,18 +3811,30 @@ fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
     assert!(!clean(&copy) && clean(&m.img));
     // and restore-client's volume table shows it
     let agent = common::Agent::builder().image("disk0", &copy).start();
-    let out = Command::new(env!("CARGO_BIN_EXE_restore-client"))
-        .arg("--connect")
-        .arg(format!("unix:{}", agent.sock.display()))
-        .arg("--ticket-file")
-        .arg(&agent.ticket_path)
-        .args(["volumes", "attached", "disk0"])
-        .output()
-        .unwrap();
+    let client = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_restore-client"))
+            .arg("--connect")
+            .arg(format!("unix:{}", agent.sock.display()))
+            .arg("--ticket-file")
+            .arg(&agent.ticket_path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = client(&["volumes", "attached", "disk0"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains(" yes, but the XFS log needs recovery"),
         "{table}"
+    );
+    // and so does an extraction from it, on stderr
+    let into = dir.path().join("out");
+    let into = into.to_str().unwrap();
+    let out = client(&["extract", "attached", "disk0", "raw", "/", "-o", into]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("restore-client: warning: volume raw: the XFS log needs recovery"),
+        "{err}"
     );
 }
 

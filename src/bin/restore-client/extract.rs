@@ -29,6 +29,7 @@ use restore_agent::client::{ClientError, Session};
 use serde_json::{json, Value};
 
 use crate::archive_check::ArchiveCheck;
+use crate::fmt;
 use crate::newfile::{place_node, NewFile};
 use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
 use crate::sparse::SparseFile;
@@ -144,6 +145,7 @@ pub async fn run(
         ));
     }
     let _ = global;
+    warn_of_volume(session, &args.file).await;
     let partial = Partial::default();
     let work = async {
         if let Some(dir) = &args.dir {
@@ -180,6 +182,32 @@ pub async fn run(
         partial.remove_all();
     }
     result
+}
+
+/// Says on stderr what the agent warns of the volume (an XFS log that
+/// needs recovery, whose latest changes the extraction may not hold),
+/// before a transfer that could take long. An agent that lists no
+/// volumes, or none with a warning, says nothing.
+async fn warn_of_volume(session: &Session, file: &FileArgs) {
+    let params = json!({ "snapshot": file.snapshot, "archive": file.archive });
+    let Ok(v) = session.call::<Value>("volume.list", params).await else {
+        return;
+    };
+    let volumes = v.get("volumes").and_then(Value::as_array);
+    let ours = volumes
+        .into_iter()
+        .flatten()
+        .find(|vol| vol.get("volume").and_then(Value::as_str) == Some(file.volume.as_str()));
+    if let Some(w) = ours
+        .and_then(|vol| vol.get("warning"))
+        .and_then(Value::as_str)
+    {
+        eprintln!(
+            "restore-client: warning: volume {}: {}",
+            fmt::printable(&file.volume),
+            fmt::printable(&fmt::shortened(w, 4096))
+        );
+    }
 }
 
 /// Removes the files still being written and exits with `status` (128 +
