@@ -21,6 +21,7 @@ pub mod ntfs;
 mod ntfs_link;
 mod tree;
 pub mod xfs;
+mod xfs_log;
 
 pub(crate) use budget::Charge;
 pub use budget::{listing_limit, set_listing_limit};

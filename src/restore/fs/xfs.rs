@@ -18,9 +18,8 @@
 //! filesystem's size, and never hold more than a bounded number of extents
 //! or directory bytes (the listing budget is charged for what it builds).
 //! Not read (refused with 1005): realtime files and filesystems marked as
-//! needing repair. Whether the log needs recovery is checked (its last
-//! record before the head is a clean unmount or not) and said in the
-//! volume's warning; a
+//! needing repair. Whether the log needs recovery is checked
+//! ([`super::xfs_log`]) and said in the volume's warning; a
 //! log that needs recovery is not replayed: what the metadata says is read
 //! as it is (as `mount -o norecovery` would).
 
@@ -29,11 +28,12 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::le::{be16, be32, be64, le16, le32, le64};
+use crate::le::{be16, be32, be64};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_raw::crc32c;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
+use crate::restore::fs::xfs_log;
 use crate::restore::fs::{EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
@@ -54,24 +54,6 @@ const MAX_LINK: u64 = 1024;
 /// A v5 remote symlink extent's header (magic, offset, bytes, CRC, UUID,
 /// owner, block, LSN).
 const SYMLINK_HEADER: u64 = 56;
-/// A log record header's first word.
-const LOG_MAGIC: u32 = 0xFEED_BABE;
-/// An operation header flag: the operation is an unmount record.
-const LOG_UNMOUNT_TRANS: u8 = 0x20;
-/// Most 512-byte log blocks searched back from the head for the last
-/// record's header: a record holds at most 256 KiB after its headers.
-const LOG_SEARCH_BLOCKS: u64 = 1024;
-/// Operation header flags of a region split over two records.
-const LOG_CONTINUE_TRANS: u8 = 0x04 | 0x08;
-/// Most records walked from the tail looking for more than the log's
-/// covering transactions (there are two of those).
-const LOG_COVER_RECORDS: u32 = 16;
-/// A transaction header's magic ("TRAN"), and the type of a buffer's log
-/// item: the log's items are in the writing machine's byte order, little
-/// endian on the machines this reads (a big-endian guest's log is taken
-/// for one that needs recovery).
-const LOG_TRANS_MAGIC: u32 = 0x5452_414e;
-const LOG_ITEM_BUF: u16 = 0x123c;
 /// Incompatible features this reader knows: ftype, sparse inodes, meta
 /// UUID, big timestamps, large extent counters.
 const INCOMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8 | INCOMPAT_NREXT64;
@@ -244,7 +226,7 @@ fn log_warning(disk: &dyn Disk, geo: &Geometry) -> Option<String> {
             "the XFS log is on another device and was not checked; it may need recovery, {NOT_REPLAYED}"
         ));
     };
-    match log_is_dirty(disk, start, blocks) {
+    match xfs_log::needs_recovery(disk, start, blocks) {
         Ok(false) => None,
         Ok(true) => Some(format!("the XFS log needs recovery, {NOT_REPLAYED}")),
         Err(e) => Some(format!(
@@ -252,130 +234,6 @@ fn log_warning(disk: &dyn Disk, geo: &Geometry) -> Option<String> {
             e.message
         )),
     }
-}
-
-/// Whether the log of `blocks` 512-byte blocks at byte `start` holds
-/// changes that recovery would replay: its last record is not an unmount
-/// record ending at the head. Every log block starts with the cycle (pass
-/// over the log) it was written in, a record header with its magic and
-/// then the cycle; the head is where the cycle drops back to the previous
-/// pass (or the log's start, when every block is of one pass).
-fn log_is_dirty(disk: &dyn Disk, start: u64, blocks: u64) -> Result<bool> {
-    let read = |i: u64| -> Result<[u8; 512]> {
-        let mut b = [0u8; 512];
-        read_exact_at(disk, start + i * 512, &mut b, "XFS log")?;
-        Ok(b)
-    };
-    let cycle = |b: &[u8; 512]| {
-        if be32(b, 0) == LOG_MAGIC {
-            be32(b, 4)
-        } else {
-            be32(b, 0)
-        }
-    };
-    let last = cycle(&read(blocks - 1)?);
-    let head = if cycle(&read(0)?) == last {
-        0
-    } else {
-        // block 0 is of the newer pass, the last block of the older one
-        let (mut lo, mut hi) = (0, blocks - 1);
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if cycle(&read(mid)?) == last {
-                hi = mid;
-            } else {
-                lo = mid;
-            }
-        }
-        hi
-    };
-    for back in 1..=LOG_SEARCH_BLOCKS.min(blocks) {
-        let at = (head + blocks - back) % blocks;
-        let b = read(at)?;
-        if be32(&b, 0) != LOG_MAGIC {
-            continue;
-        }
-        // version 2 records of more than 32 KiB have more header blocks
-        let (version, len, ops, size) = (be32(&b, 8), be32(&b, 12), be32(&b, 40), be32(&b, 320));
-        let headers = if version & 2 != 0 && size > 32768 {
-            u64::from(size.div_ceil(32768))
-        } else {
-            1
-        };
-        let end = (at + headers + u64::from(len).div_ceil(512)) % blocks;
-        let first_op = read((at + headers) % blocks)?;
-        let unmount = ops == 1 && first_op[9] & LOG_UNMOUNT_TRANS != 0;
-        if unmount && end == head {
-            return Ok(false);
-        }
-        // A log that was idle (or frozen, as a backup with a guest agent
-        // freezes it) is "covered": the records from its tail on hold only
-        // rewrites of the superblock, which recovery would leave as it is.
-        let tail = be64(&b, 24) & 0xffff_ffff;
-        return Ok(!covered(&read, tail % blocks, head, blocks)?);
-    }
-    Err(Error::corrupt("no log record before its head"))
-}
-
-/// Whether every record from block `tail` to `head` holds only whole
-/// transactions that rewrite the superblock (the log's covering
-/// transactions), and nothing else.
-fn covered(
-    read: &dyn Fn(u64) -> Result<[u8; 512]>,
-    tail: u64,
-    head: u64,
-    blocks: u64,
-) -> Result<bool> {
-    let mut at = tail;
-    for _ in 0..LOG_COVER_RECORDS {
-        if at == head {
-            return Ok(true);
-        }
-        let h = read(at)?;
-        let (len, ops) = (be32(&h, 12) as usize, be32(&h, 40));
-        // covering records are one block of data after one header block
-        if be32(&h, 0) != LOG_MAGIC || len > 512 || be32(&h, 320) > 32768 {
-            return Ok(false);
-        }
-        let mut data = read((at + 1) % blocks)?;
-        // the data block's first word was stamped with the cycle; the
-        // header keeps it
-        data[..4].copy_from_slice(&h[44..48]);
-        let data = &data[..len];
-        let (mut pos, mut regions_left) = (0usize, 0u32);
-        for _ in 0..ops {
-            let Some(op) = data.get(pos..pos + 12) else {
-                return Ok(false);
-            };
-            let (n, flags) = (be32(op, 4) as usize, op[9]);
-            let Some(payload) = data.get(pos + 12..pos + 12 + n) else {
-                return Ok(false);
-            };
-            pos += 12 + n;
-            if flags & LOG_CONTINUE_TRANS != 0 {
-                return Ok(false);
-            }
-            if n == 0 || flags & LOG_UNMOUNT_TRANS != 0 {
-                // a transaction's start or commit, an unmount record
-            } else if regions_left > 0 {
-                regions_left -= 1;
-            } else if n == 16 && le32(payload, 0) == LOG_TRANS_MAGIC {
-                // a transaction header
-            } else if n >= 16
-                && le16(payload, 0) == LOG_ITEM_BUF
-                && le64(payload, 8) == 0
-                && le16(payload, 6) == 1
-            {
-                // the superblock's buffer (disk address 0, one block): its
-                // other regions follow
-                regions_left = u32::from(le16(payload, 2)).saturating_sub(1);
-            } else {
-                return Ok(false);
-            }
-        }
-        at = (at + 1 + (len as u64).div_ceil(512)) % blocks;
-    }
-    Ok(false)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -1008,152 +866,6 @@ mod tests {
     use super::*;
     use crate::restore::disk::MemDisk;
 
-    const BLOCKS: u64 = 64;
-
-    /// A log of [`BLOCKS`] 512-byte blocks, each stamped with `cycles[i]`.
-    fn log(cycles: impl Fn(u64) -> u32) -> Vec<u8> {
-        let mut l = vec![0u8; BLOCKS as usize * 512];
-        for i in 0..BLOCKS {
-            let at = i as usize * 512;
-            l[at..at + 4].copy_from_slice(&cycles(i).to_be_bytes());
-        }
-        l
-    }
-
-    /// Writes a record at block `at` (its data wrapping to the log's start
-    /// as the kernel writes it: one cycle later): a header of `cycle`, then
-    /// `data` blocks whose first operation has `flags`.
-    fn record(l: &mut [u8], at: u64, cycle: u32, ops: u32, data: u64, flags: u8) {
-        let h = at as usize * 512;
-        l[h..h + 4].copy_from_slice(&LOG_MAGIC.to_be_bytes());
-        l[h + 4..h + 8].copy_from_slice(&cycle.to_be_bytes());
-        l[h + 8..h + 12].copy_from_slice(&2u32.to_be_bytes());
-        l[h + 12..h + 16].copy_from_slice(&(data as u32 * 512).to_be_bytes());
-        l[h + 40..h + 44].copy_from_slice(&ops.to_be_bytes());
-        l[h + 320..h + 324].copy_from_slice(&32768u32.to_be_bytes());
-        for k in 1..=data {
-            let b = (at + k) % BLOCKS;
-            let c = if at + k >= BLOCKS { cycle + 1 } else { cycle };
-            let d = b as usize * 512;
-            l[d..d + 4].copy_from_slice(&c.to_be_bytes());
-            l[d + 9] = if k == 1 { flags } else { 0 };
-        }
-    }
-
-    fn dirty(l: Vec<u8>) -> Result<bool> {
-        log_is_dirty(&MemDisk(l), 0, BLOCKS)
-    }
-
-    #[test]
-    fn a_log_is_clean_only_when_its_last_record_is_an_unmount_at_the_head() {
-        // as mkfs leaves it: an unmount record, then blocks never written
-        let mut l = log(|i| u32::from(i < 2));
-        record(&mut l, 0, 1, 1, 1, LOG_UNMOUNT_TRANS);
-        assert!(!dirty(l.clone()).unwrap());
-        // a transaction after it
-        for i in 2..5 {
-            l[i * 512..i * 512 + 4].copy_from_slice(&1u32.to_be_bytes());
-        }
-        record(&mut l, 2, 1, 3, 2, 0x01);
-        assert!(dirty(l.clone()).unwrap());
-        // and an unmount record after that
-        for i in 5..7 {
-            l[i * 512..i * 512 + 4].copy_from_slice(&1u32.to_be_bytes());
-        }
-        record(&mut l, 5, 1, 1, 1, LOG_UNMOUNT_TRANS);
-        assert!(!dirty(l.clone()).unwrap());
-        // an unmount flag on a record of several operations is no unmount
-        record(&mut l, 5, 1, 2, 1, LOG_UNMOUNT_TRANS);
-        assert!(dirty(l).unwrap());
-    }
-
-    #[test]
-    fn the_head_is_found_where_the_cycle_drops_and_across_the_log_end() {
-        // second pass up to block 40, the first pass's blocks after it
-        let mut l = log(|i| if i < 40 { 2 } else { 1 });
-        record(&mut l, 38, 2, 1, 1, LOG_UNMOUNT_TRANS);
-        assert!(!dirty(l.clone()).unwrap());
-        record(&mut l, 36, 2, 1, 3, 0x01);
-        assert!(dirty(l).unwrap(), "the unmount record is not the last");
-        // every block of one pass: the head is block 0
-        let mut l = log(|_| 3);
-        record(&mut l, BLOCKS - 2, 3, 1, 1, LOG_UNMOUNT_TRANS);
-        assert!(!dirty(l).unwrap());
-        // a record whose data wraps to the start, one cycle on
-        let mut l = log(|i| if i < 1 { 4 } else { 3 });
-        record(&mut l, BLOCKS - 1, 3, 1, 1, LOG_UNMOUNT_TRANS);
-        assert!(!dirty(l.clone()).unwrap());
-        record(&mut l, BLOCKS - 1, 3, 5, 1, 0x01);
-        assert!(dirty(l).unwrap());
-    }
-
-    /// Writes a one-block record at block `at` of `cycle` whose tail is
-    /// block `tail`, holding `ops` (flags, payload), as the kernel stamps
-    /// it: the data block's first word moved into the header.
-    fn ops_record(l: &mut [u8], at: u64, cycle: u32, tail: u64, ops: &[(u8, Vec<u8>)]) {
-        let mut data = Vec::new();
-        for (flags, payload) in ops {
-            data.extend_from_slice(&7u32.to_be_bytes());
-            data.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-            data.extend_from_slice(&[0x69, *flags, 0, 0]);
-            data.extend_from_slice(payload);
-        }
-        assert!(data.len() <= 512);
-        let len = data.len();
-        data.resize(512, 0);
-        record(l, at, cycle, ops.len() as u32, 1, 0);
-        let h = at as usize * 512;
-        l[h + 12..h + 16].copy_from_slice(&(len as u32).to_be_bytes());
-        l[h + 24..h + 32].copy_from_slice(&(u64::from(cycle) << 32 | tail).to_be_bytes());
-        l[h + 44..h + 48].copy_from_slice(&data[..4]);
-        data[..4].copy_from_slice(&cycle.to_be_bytes());
-        l[h + 512..h + 1024].copy_from_slice(&data);
-    }
-
-    /// A transaction logging one buffer of `blocks` blocks at disk address
-    /// `daddr`.
-    fn buffer_transaction(daddr: u64, blocks: u16) -> Vec<(u8, Vec<u8>)> {
-        let mut trans = LOG_TRANS_MAGIC.to_le_bytes().to_vec();
-        trans.extend_from_slice(&[0; 12]);
-        let mut format = LOG_ITEM_BUF.to_le_bytes().to_vec();
-        format.extend_from_slice(&2u16.to_le_bytes());
-        format.extend_from_slice(&0u16.to_le_bytes());
-        format.extend_from_slice(&blocks.to_le_bytes());
-        format.extend_from_slice(&daddr.to_le_bytes());
-        format.extend_from_slice(&[0; 8]);
-        vec![
-            (0x01, vec![]),
-            (0, trans),
-            (0, format),
-            (0, b"XFSB".repeat(32)),
-            (0x02, vec![]),
-        ]
-    }
-
-    #[test]
-    fn a_covered_log_is_clean_and_more_than_the_superblock_is_not() {
-        // as an idle or frozen filesystem leaves it: two transactions
-        // rewriting the superblock from the tail to the head
-        let mut l = log(|i| u32::from(i < 14));
-        ops_record(&mut l, 10, 1, 10, &buffer_transaction(0, 1));
-        ops_record(&mut l, 12, 1, 10, &buffer_transaction(0, 1));
-        assert!(!dirty(l.clone()).unwrap());
-        // any other buffer in them needs recovery
-        let mut other = l.clone();
-        ops_record(&mut other, 10, 1, 10, &buffer_transaction(64, 8));
-        assert!(dirty(other).unwrap());
-        // and so does anything logged before the tail moved on
-        let mut earlier = l.clone();
-        ops_record(&mut earlier, 8, 1, 8, &buffer_transaction(64, 8));
-        ops_record(&mut earlier, 12, 1, 8, &buffer_transaction(0, 1));
-        assert!(dirty(earlier).unwrap());
-        // a region split over two records is not a covering transaction
-        let mut split = buffer_transaction(0, 1);
-        split[3].0 = 0x04;
-        ops_record(&mut l, 12, 1, 10, &split);
-        assert!(dirty(l).unwrap());
-    }
-
     /// A v4 superblock: `blocklog`-sized blocks, `agcount` groups of
     /// 2^`agblklog` blocks, `dblocks` in all, the log at block `log_start`.
     fn superblock(
@@ -1198,11 +910,5 @@ mod tests {
         // a block number whose byte offset does not fit 64 bits
         let huge = superblock(16, 31, u32::MAX, (1 << 62) + (1 << 20), 1 << 62);
         assert!(geo(huge).is_err());
-    }
-
-    #[test]
-    fn a_log_without_a_record_cannot_be_checked() {
-        assert!(dirty(log(|i| u32::from(i < 10))).is_err());
-        assert!(dirty(vec![0u8; 100]).is_err(), "a log cut short");
     }
 }
