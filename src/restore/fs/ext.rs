@@ -62,9 +62,13 @@ fn map_err(what: &str, e: Ext4Error) -> Error {
 const HEAD_ANNOUNCED: u64 = 1 << 20;
 
 /// The filesystem on `disk`, recovered if its journal needs it, for
-/// ext4-view and for `ext_raw`.
+/// ext4-view and for `ext_raw`. ext4-view is left out where it refuses a
+/// feature that only changes what `ext_raw` reads anyway (where group
+/// descriptors lie, directories past 2 GiB, extended attributes in inodes
+/// of their own); it is then only missed for the error an encrypted file
+/// gives.
 struct Loaded {
-    fs: Ext4,
+    fs: Option<Ext4>,
     raw: ExtRaw,
     recovered: Option<Arc<Recovered>>,
 }
@@ -85,8 +89,18 @@ fn load(disk: Arc<dyn Disk>) -> Result<Loaded> {
             (disk.clone(), ExtRaw::open(disk)?, Some(r))
         }
     };
+    let read_anyway = raw.reads_what_ext4_view_refuses();
     match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {
-        Ok(Ok(fs)) => Ok(Loaded { fs, raw, recovered }),
+        Ok(Ok(fs)) => Ok(Loaded {
+            fs: Some(fs),
+            raw,
+            recovered,
+        }),
+        Ok(Err(Ext4Error::Incompatible(_))) if read_anyway => Ok(Loaded {
+            fs: None,
+            raw,
+            recovered,
+        }),
         Ok(Err(e)) => Err(map_err("ext filesystem", e)),
         Err(_) => Err(Error::corrupt(
             "ext filesystem: the reader failed on the superblock: corrupt filesystem",
@@ -138,7 +152,7 @@ fn ext_child(name: Vec<u8>, number: u32, a: Attrs, link: Option<Vec<u8>>) -> Chi
 }
 
 pub struct ExtBackend {
-    fs: Ext4,
+    fs: Option<Ext4>,
     raw: ExtRaw,
     /// the journal's recovery, when the volume needed one
     recovered: Option<Arc<Recovered>>,
@@ -236,7 +250,12 @@ impl ExtBackend {
         if !reuse {
             let p = ext4_view::Path::try_from(path)
                 .map_err(|_| Error::invalid_path(format!("{what}: malformed path")))?;
-            let mut f = self.fs.open(p).map_err(|e| map_err(&what, e))?;
+            let Some(fs) = &self.fs else {
+                return Err(Error::unsupported(format!(
+                    "{what}: encrypted files are not supported"
+                )));
+            };
+            let mut f = fs.open(p).map_err(|e| map_err(&what, e))?;
             f.seek_to(offset).map_err(|e| map_err(&what, e))?;
             self.open_file = Some((number, f));
         }

@@ -27,6 +27,24 @@ const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
 const EXT4_ENCRYPT_FL: u32 = 0x800;
 const INCOMPAT_64BIT: u32 = 0x80;
+/// Group descriptors lie in "meta groups": the descriptor block of each
+/// run of groups it describes sits at the start of the run's first group.
+const INCOMPAT_META_BG: u32 = 0x10;
+/// Incompatible features read here that ext4-view refuses: meta_bg,
+/// EA in inodes, large directories.
+const INCOMPAT_BEYOND_EXT4_VIEW: u32 = 0x10 | 0x400 | 0x4000;
+/// Incompatible features nothing here reads: compression, an external
+/// journal device's own superblock, Lustre's directory data, inline data.
+const INCOMPAT_UNREAD: u32 = 0x1 | 0x8 | 0x1000 | 0x8000;
+/// Incompatible features read here: filetype, needs recovery, meta_bg,
+/// extents, 64bit, MMP, flex_bg, EA in inodes, checksum seed, large
+/// directories, encryption (its files refused one by one), casefold.
+const INCOMPAT_READ: u32 =
+    0x2 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000 | 0x4000 | 0x10000 | 0x20000;
+/// Backup superblocks only in groups 0, 1 and powers of 3, 5 and 7.
+const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
+/// Backup superblocks only in the two groups the superblock names.
+const COMPAT_SPARSE_SUPER2: u32 = 0x200;
 /// The checksum seed is stored in the superblock (else derived from the UUID).
 const INCOMPAT_CSUM_SEED: u32 = 0x2000;
 /// Metadata blocks and inodes carry crc32c checksums.
@@ -212,6 +230,8 @@ pub struct ExtRaw {
     csum_seed: Option<u32>,
     /// whether the journal must be replayed to see the current state
     needs_recovery: bool,
+    /// the filesystem has features this reads and ext4-view refuses
+    beyond_ext4_view: bool,
     /// the inode holding the journal, if it is in this filesystem
     journal_inode: Option<u32>,
     block_size: u64,
@@ -245,6 +265,29 @@ impl ExtRaw {
         }
         let block_size = 1024u64 << log;
         let incompat = le32(&sb, 0x60);
+        let unread = incompat & (INCOMPAT_UNREAD | !INCOMPAT_READ);
+        if unread != 0 {
+            let names: Vec<String> = (0..32)
+                .map(|bit| 1u32 << bit)
+                .filter(|b| unread & b != 0)
+                .map(|b| match b {
+                    0x1 => "compression".to_string(),
+                    0x8 => "journal_dev".to_string(),
+                    0x1000 => "dirdata".to_string(),
+                    0x8000 => "inline_data".to_string(),
+                    _ => format!("{b:#x}"),
+                })
+                .collect();
+            return Err(Error::unsupported(format!(
+                "ext filesystem: the incompatible features {} are not supported",
+                names.join(", ")
+            )));
+        }
+        let (compat, ro_compat) = (le32(&sb, 0x5C), le32(&sb, 0x64));
+        if ro_compat & RO_COMPAT_METADATA_CSUM != 0 && crc32c(!0, &sb[..0x3FC]) != le32(&sb, 0x3FC)
+        {
+            return Err(bad("superblock checksum mismatch"));
+        }
         let is64 = incompat & INCOMPAT_64BIT != 0;
         let mut blocks_count = u64::from(le32(&sb, 0x04));
         if is64 {
@@ -293,22 +336,53 @@ impl ExtRaw {
         }
         // Read in pieces: only the inode table locations are kept, and the
         // table itself can be 64 MiB (65,536 descriptors of 1,024 bytes).
+        // A piece is at most one descriptor block where meta groups place
+        // the blocks apart.
         let gdt_start = (first_data_block + 1) * block_size;
+        let per_block = block_size / desc_size;
+        let first_meta = if incompat & INCOMPAT_META_BG != 0 {
+            u64::from(le32(&sb, 0x104))
+        } else {
+            u64::MAX
+        };
+        let backups = (le32(&sb, 0x24C), le32(&sb, 0x250));
+        let has_super = |g: u64| {
+            if compat & COMPAT_SPARSE_SUPER2 != 0 {
+                g == 0 || g == u64::from(backups.0) || g == u64::from(backups.1)
+            } else if ro_compat & RO_COMPAT_SPARSE_SUPER != 0 {
+                g <= 1 || [3u64, 5, 7].iter().any(|&b| is_power_of(g, b))
+            } else {
+                true
+            }
+        };
         let per_piece = (GDT_PIECE_BYTES / desc_size).max(1);
         let mut piece = vec![0u8; (per_piece * desc_size) as usize];
         let mut inode_tables = Vec::with_capacity(groups as usize);
         let mut group = 0;
         while group < groups {
-            let n = per_piece.min(groups - group);
+            let desc_block = group / per_block;
+            let (at, most) = if desc_block < first_meta {
+                let most = (first_meta.saturating_mul(per_block)).min(groups) - group;
+                (gdt_start + group * desc_size, most)
+            } else {
+                // the meta group's first group holds its descriptor block,
+                // after that group's superblock backup if it has one
+                let first = desc_block * per_block;
+                let mut block = first_data_block + first * blocks_per_group;
+                if has_super(first) {
+                    block += 1;
+                }
+                if block_size == 1024 && desc_block == 0 && first_data_block == 0 {
+                    block += 1;
+                }
+                let at = block * block_size + (group - first) * desc_size;
+                (at, first + per_block - group)
+            };
+            let n = per_piece.min(groups - group).min(most.max(1));
             let piece = piece
                 .get_mut(..(n * desc_size) as usize)
                 .unwrap_or_default();
-            read_exact_at(
-                &*disk,
-                gdt_start + group * desc_size,
-                piece,
-                "ext group descriptors",
-            )?;
+            read_exact_at(&*disk, at, piece, "ext group descriptors")?;
             for d in piece.chunks_exact(desc_size as usize) {
                 let mut t = u64::from(le32(d, 0x08));
                 if desc_size >= 64 {
@@ -318,7 +392,7 @@ impl ExtRaw {
             }
             group += n;
         }
-        let csum_seed = (le32(&sb, 0x64) & RO_COMPAT_METADATA_CSUM != 0).then(|| {
+        let csum_seed = (ro_compat & RO_COMPAT_METADATA_CSUM != 0).then(|| {
             if incompat & INCOMPAT_CSUM_SEED != 0 {
                 le32(&sb, 0x270)
             } else {
@@ -329,7 +403,8 @@ impl ExtRaw {
             disk,
             csum_seed,
             needs_recovery: incompat & INCOMPAT_RECOVER != 0,
-            journal_inode: (le32(&sb, 0x5C) & COMPAT_HAS_JOURNAL != 0)
+            beyond_ext4_view: incompat & INCOMPAT_BEYOND_EXT4_VIEW != 0,
+            journal_inode: (compat & COMPAT_HAS_JOURNAL != 0)
                 .then(|| le32(&sb, 0xE0))
                 .filter(|&n| n != 0),
             block_size,
@@ -340,6 +415,12 @@ impl ExtRaw {
             cache: HashMap::new(),
             runs_cache: None,
         })
+    }
+
+    /// Whether the filesystem has features read here that ext4-view
+    /// refuses (meta_bg, EA in inodes, large directories).
+    pub fn reads_what_ext4_view_refuses(&self) -> bool {
+        self.beyond_ext4_view
     }
 
     fn block(&mut self, n: u64) -> Result<Rc<Vec<u8>>> {
@@ -888,6 +969,14 @@ impl ExtRaw {
         }
         Ok(target)
     }
+}
+
+/// Whether `n` is a power of `base` (1 counts: `base`^0).
+fn is_power_of(mut n: u64, base: u64) -> bool {
+    while n > 1 && n.is_multiple_of(base) {
+        n /= base;
+    }
+    n == 1
 }
 
 /// Calls `each(name, inode)` for every used entry of one directory block;
