@@ -3698,8 +3698,8 @@ fn fill_variant(src: &Path, mnt: &Path) -> u64 {
 /// over the filesystem, as resize2fs leaves a filesystem grown past its
 /// reserved descriptor blocks; 1 KiB blocks, so that files lie in groups
 /// whose descriptors are in later meta groups), and large_dir with
-/// ea_inode (an extended attribute of 6,000 bytes in an inode of its own).
-/// Each is listed and read as the source; both were refused.
+/// ea_inode (an extended attribute of 6,000 bytes in an inode of its own)
+/// and mmp. Each is listed and read as the source; both were refused.
 #[test]
 fn ext4_variants_match_source() {
     if !have_tools() {
@@ -3712,8 +3712,8 @@ fn ext4_variants_match_source() {
             512 << 20,
         ),
         (
-            "large_dir,ea_inode",
-            &["-q", "-F", "-O", "large_dir,ea_inode"],
+            "large_dir,ea_inode,mmp",
+            &["-q", "-F", "-O", "large_dir,ea_inode,mmp"],
             320 << 20,
         ),
     ];
@@ -3764,7 +3764,9 @@ fn ext4_variants_match_source() {
                 "inode {widest}, {per_group} a group"
             );
         } else {
-            assert!(header.contains("large_dir") && header.contains("ea_inode"));
+            for feature in ["large_dir", "ea_inode", "mmp"] {
+                assert!(header.contains(feature), "{feature}: {header}");
+            }
             assert_eq!(big_xattr, 0, "a 6,000-byte attribute");
         }
         let src2 = src.clone();

@@ -65,8 +65,8 @@ const HEAD_ANNOUNCED: u64 = 1 << 20;
 /// ext4-view and for `ext_raw`. ext4-view is left out where it refuses a
 /// feature that only changes what `ext_raw` reads anyway (where group
 /// descriptors lie, directories past 2 GiB, extended attributes in inodes
-/// of their own); it is then only missed for the error an encrypted file
-/// gives.
+/// of their own, a multiple-mount protection block); it is then only
+/// missed for the error an encrypted file gives.
 struct Loaded {
     fs: Option<Ext4>,
     raw: ExtRaw,

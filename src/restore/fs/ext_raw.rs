@@ -31,8 +31,9 @@ const INCOMPAT_64BIT: u32 = 0x80;
 /// run of groups it describes sits at the start of the run's first group.
 const INCOMPAT_META_BG: u32 = 0x10;
 /// Incompatible features read here that ext4-view refuses: meta_bg,
-/// EA in inodes, large directories.
-const INCOMPAT_BEYOND_EXT4_VIEW: u32 = 0x10 | 0x400 | 0x4000;
+/// multiple mount protection (a block of its own, nothing to read), EA in
+/// inodes, large directories.
+const INCOMPAT_BEYOND_EXT4_VIEW: u32 = 0x10 | 0x100 | 0x400 | 0x4000;
 /// Incompatible features nothing here reads: compression, an external
 /// journal device's own superblock, Lustre's directory data, inline data.
 const INCOMPAT_UNREAD: u32 = 0x1 | 0x8 | 0x1000 | 0x8000;
@@ -418,7 +419,7 @@ impl ExtRaw {
     }
 
     /// Whether the filesystem has features read here that ext4-view
-    /// refuses (meta_bg, EA in inodes, large directories).
+    /// refuses (meta_bg, MMP, EA in inodes, large directories).
     pub fn reads_what_ext4_view_refuses(&self) -> bool {
         self.beyond_ext4_view
     }
