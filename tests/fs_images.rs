@@ -3873,7 +3873,7 @@ fn ext4_copied_while_mounted_reads_as_the_kernel_recovers_it() {
 /// xfs_repair agrees on both. (The copy listed an empty root, without a
 /// word.) Copied while frozen, as a backup through a guest agent takes it,
 /// its log holds only the covering rewrites of the superblock: no
-/// warning, and it reads as the source.
+/// warning (with 4 KiB sectors too), and it reads as the source.
 #[test]
 fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
     if !have_tools() {
@@ -3946,6 +3946,25 @@ fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
         err.contains("restore-client: warning: volume raw: the XFS log needs recovery"),
         "{err}"
     );
+
+    // 4 KiB sectors: the covering records are padded to a sector
+    let dir4k = tempfile::tempdir().unwrap();
+    let Some(mut m) = mounted(
+        dir4k.path(),
+        "mkfs.xfs",
+        &["-q", "-s", "size=4096"],
+        320 << 20,
+    ) else {
+        return;
+    };
+    copy_in(&src, &m.mnt);
+    let frozen = dir4k.path().join("frozen.img");
+    run(Command::new("fsfreeze").arg("-f").arg(&m.mnt));
+    let copied = std::fs::copy(&m.img, &frozen);
+    run(Command::new("fsfreeze").arg("-u").arg(&m.mnt));
+    copied.unwrap();
+    m.umount();
+    assert_eq!(warning(&frozen), None, "a frozen log of 4 KiB sectors");
 }
 
 /// XFS as the kernel writes it with geometries and features other than

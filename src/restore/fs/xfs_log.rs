@@ -26,6 +26,9 @@ const LOG_CONTINUE_TRANS: u8 = 0x04 | 0x08;
 /// Most records walked from the tail looking for more than the log's
 /// covering transactions (there are two of those).
 const LOG_COVER_RECORDS: u32 = 16;
+/// Largest record taken for a covering one: what one header block's
+/// cycle data covers (64 blocks).
+const LOG_COVER_BYTES: usize = 32768;
 /// A transaction header's magic ("TRAN"), and the type of a buffer's log
 /// item: the log's items are in the writing machine's byte order, little
 /// endian on the machines this reads (a big-endian guest's log is taken
@@ -113,14 +116,19 @@ fn covered(
         }
         let h = read(at)?;
         let (len, ops) = (be32(&h, 12) as usize, be32(&h, 40));
-        // covering records are one block of data after one header block
-        if be32(&h, 0) != LOG_MAGIC || len > 512 || be32(&h, 320) > 32768 {
+        // covering records are small: one header block, whose cycle data
+        // covers 64 blocks (a log with 4 KiB sectors pads them to 4 KiB)
+        if be32(&h, 0) != LOG_MAGIC || len > LOG_COVER_BYTES || be32(&h, 320) > 32768 {
             return Ok(false);
         }
-        let mut data = read((at + 1) % blocks)?;
-        // the data block's first word was stamped with the cycle; the
-        // header keeps it
-        data[..4].copy_from_slice(&h[44..48]);
+        let mut data = Vec::with_capacity(len.next_multiple_of(512));
+        for i in 0..len.div_ceil(512) {
+            let mut b = read((at + 1 + i as u64) % blocks)?;
+            // each data block's first word was stamped with the cycle; the
+            // header keeps it
+            b[..4].copy_from_slice(&h[44 + 4 * i..48 + 4 * i]);
+            data.extend_from_slice(&b);
+        }
         let data = &data[..len];
         let (mut pos, mut regions_left) = (0usize, 0u32);
         for _ in 0..ops {
@@ -144,9 +152,10 @@ fn covered(
             } else if n >= 16
                 && le16(payload, 0) == LOG_ITEM_BUF
                 && le64(payload, 8) == 0
-                && le16(payload, 6) == 1
+                && (1..=64).contains(&le16(payload, 6))
             {
-                // the superblock's buffer (disk address 0, one block): its
+                // the superblock's buffer (disk address 0, its sector: one
+                // 512-byte block, or up to 64 with larger sectors): its
                 // other regions follow
                 regions_left = u32::from(le16(payload, 2)).saturating_sub(1);
             } else {
@@ -205,20 +214,18 @@ mod tests {
         let mut l = log(|i| u32::from(i < 2));
         record(&mut l, 0, 1, 1, 1, LOG_UNMOUNT_TRANS);
         assert!(!dirty(l.clone()).unwrap());
-        // a transaction after it
-        for i in 2..5 {
-            l[i * 512..i * 512 + 4].copy_from_slice(&1u32.to_be_bytes());
-        }
-        record(&mut l, 2, 1, 3, 2, 0x01);
+        // a transaction after it (logging a directory block)
+        ops_record(&mut l, 2, 1, 2, &buffer_transaction(64, 8));
         assert!(dirty(l.clone()).unwrap());
         // and an unmount record after that
-        for i in 5..7 {
+        for i in 4..6 {
             l[i * 512..i * 512 + 4].copy_from_slice(&1u32.to_be_bytes());
         }
-        record(&mut l, 5, 1, 1, 1, LOG_UNMOUNT_TRANS);
+        record(&mut l, 4, 1, 1, 1, LOG_UNMOUNT_TRANS);
         assert!(!dirty(l.clone()).unwrap());
         // an unmount flag on a record of several operations is no unmount
-        record(&mut l, 5, 1, 2, 1, LOG_UNMOUNT_TRANS);
+        // (and the log's tail is before the transaction)
+        record(&mut l, 4, 1, 2, 1, LOG_UNMOUNT_TRANS);
         assert!(dirty(l).unwrap());
     }
 
@@ -228,7 +235,7 @@ mod tests {
         let mut l = log(|i| if i < 40 { 2 } else { 1 });
         record(&mut l, 38, 2, 1, 1, LOG_UNMOUNT_TRANS);
         assert!(!dirty(l.clone()).unwrap());
-        record(&mut l, 36, 2, 1, 3, 0x01);
+        ops_record(&mut l, 38, 2, 38, &buffer_transaction(64, 8));
         assert!(dirty(l).unwrap(), "the unmount record is not the last");
         // every block of one pass: the head is block 0
         let mut l = log(|_| 3);
@@ -246,6 +253,19 @@ mod tests {
     /// block `tail`, holding `ops` (flags, payload), as the kernel stamps
     /// it: the data block's first word moved into the header.
     fn ops_record(l: &mut [u8], at: u64, cycle: u32, tail: u64, ops: &[(u8, Vec<u8>)]) {
+        padded_record(l, at, cycle, tail, ops, 1);
+    }
+
+    /// [`ops_record`] padded to `blocks` blocks of data, as a log with
+    /// 4 KiB sectors writes its records.
+    fn padded_record(
+        l: &mut [u8],
+        at: u64,
+        cycle: u32,
+        tail: u64,
+        ops: &[(u8, Vec<u8>)],
+        blocks: usize,
+    ) {
         let mut data = Vec::new();
         for (flags, payload) in ops {
             data.extend_from_slice(&7u32.to_be_bytes());
@@ -253,16 +273,18 @@ mod tests {
             data.extend_from_slice(&[0x69, *flags, 0, 0]);
             data.extend_from_slice(payload);
         }
-        assert!(data.len() <= 512);
-        let len = data.len();
-        data.resize(512, 0);
-        record(l, at, cycle, ops.len() as u32, 1, 0);
+        assert!(data.len() <= 512 * blocks);
+        data.resize(512 * blocks, 0);
+        record(l, at, cycle, ops.len() as u32, blocks as u64, 0);
         let h = at as usize * 512;
-        l[h + 12..h + 16].copy_from_slice(&(len as u32).to_be_bytes());
+        l[h + 12..h + 16].copy_from_slice(&(data.len() as u32).to_be_bytes());
         l[h + 24..h + 32].copy_from_slice(&(u64::from(cycle) << 32 | tail).to_be_bytes());
-        l[h + 44..h + 48].copy_from_slice(&data[..4]);
-        data[..4].copy_from_slice(&cycle.to_be_bytes());
-        l[h + 512..h + 1024].copy_from_slice(&data);
+        for (i, block) in data.chunks_exact_mut(512).enumerate() {
+            l[h + 44 + 4 * i..h + 48 + 4 * i].copy_from_slice(&block[..4]);
+            block[..4].copy_from_slice(&cycle.to_be_bytes());
+            let d = h + 512 * (i + 1);
+            l[d..d + 512].copy_from_slice(block);
+        }
     }
 
     /// A transaction logging one buffer of `blocks` blocks at disk address
@@ -302,6 +324,14 @@ mod tests {
         ops_record(&mut earlier, 8, 1, 8, &buffer_transaction(64, 8));
         ops_record(&mut earlier, 12, 1, 8, &buffer_transaction(0, 1));
         assert!(dirty(earlier).unwrap());
+        // padded to 4 KiB sectors, the superblock's buffer a whole sector:
+        // still covering
+        let mut padded = log(|i| u32::from(i < 26));
+        padded_record(&mut padded, 10, 1, 10, &buffer_transaction(0, 8), 7);
+        padded_record(&mut padded, 18, 1, 10, &buffer_transaction(0, 8), 7);
+        assert!(!dirty(padded.clone()).unwrap());
+        padded_record(&mut padded, 18, 1, 10, &buffer_transaction(64, 8), 7);
+        assert!(dirty(padded).unwrap());
         // a region split over two records is not a covering transaction
         let mut split = buffer_transaction(0, 1);
         split[3].0 = 0x04;
