@@ -3866,6 +3866,17 @@ fn ext4_copied_while_mounted_reads_as_the_kernel_recovers_it() {
     k.umount();
 }
 
+/// Copies the image of mounted `m` to `to` while the filesystem is frozen
+/// (as a backup through a guest agent takes it), then unmounts it.
+fn frozen_copy(m: &mut Mounted, to: &Path) -> PathBuf {
+    run(Command::new("fsfreeze").arg("-f").arg(&m.mnt));
+    let copied = std::fs::copy(&m.img, to);
+    run(Command::new("fsfreeze").arg("-u").arg(&m.mnt));
+    copied.unwrap();
+    m.umount();
+    to.to_path_buf()
+}
+
 /// XFS copied while mounted and in use, as a backup of a running machine
 /// without a filesystem freeze takes it: its recent metadata changes are
 /// in the log, which is not replayed, so the volume carries a warning
@@ -3893,12 +3904,7 @@ fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
         .unwrap();
     let copy = dir.path().join("copy.img");
     std::fs::copy(&m.img, &copy).unwrap();
-    let frozen = dir.path().join("frozen.img");
-    run(Command::new("fsfreeze").arg("-f").arg(&m.mnt));
-    let copied = std::fs::copy(&m.img, &frozen);
-    run(Command::new("fsfreeze").arg("-u").arg(&m.mnt));
-    copied.unwrap();
-    m.umount();
+    let frozen = frozen_copy(&mut m, &dir.path().join("frozen.img"));
     let warning = |img: &Path| list_volumes(disk(img)).unwrap()[0].warning.clone();
     let w = warning(&copy).expect("a warning");
     assert!(w.contains("log needs recovery"), "{w}");
@@ -3958,12 +3964,7 @@ fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
         return;
     };
     copy_in(&src, &m.mnt);
-    let frozen = dir4k.path().join("frozen.img");
-    run(Command::new("fsfreeze").arg("-f").arg(&m.mnt));
-    let copied = std::fs::copy(&m.img, &frozen);
-    run(Command::new("fsfreeze").arg("-u").arg(&m.mnt));
-    copied.unwrap();
-    m.umount();
+    let frozen = frozen_copy(&mut m, &dir4k.path().join("frozen.img"));
     assert_eq!(warning(&frozen), None, "a frozen log of 4 KiB sectors");
 }
 
