@@ -3884,7 +3884,8 @@ fn frozen_copy(m: &mut Mounted, to: &Path) -> PathBuf {
 /// xfs_repair agrees on both. (The copy listed an empty root, without a
 /// word.) Copied while frozen, as a backup through a guest agent takes it,
 /// its log holds only the covering rewrites of the superblock: no
-/// warning (with 4 KiB sectors too), and it reads as the source.
+/// warning (with 4 KiB sectors and a log stripe unit too), and it reads as
+/// the source.
 #[test]
 fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
     if !have_tools() {
@@ -3953,19 +3954,20 @@ fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
         "{err}"
     );
 
-    // 4 KiB sectors: the covering records are padded to a sector
-    let dir4k = tempfile::tempdir().unwrap();
-    let Some(mut m) = mounted(
-        dir4k.path(),
-        "mkfs.xfs",
-        &["-q", "-s", "size=4096"],
-        320 << 20,
-    ) else {
-        return;
-    };
-    copy_in(&src, &m.mnt);
-    let frozen = frozen_copy(&mut m, &dir4k.path().join("frozen.img"));
-    assert_eq!(warning(&frozen), None, "a frozen log of 4 KiB sectors");
+    // the covering records padded to a 4 KiB sector, or to a 64 KiB log
+    // stripe unit (two header blocks)
+    for (what, args) in [
+        ("4 KiB sectors", ["-q", "-s", "size=4096"]),
+        ("a 64 KiB log stripe unit", ["-q", "-l", "su=64k"]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(mut m) = mounted(dir.path(), "mkfs.xfs", &args, 320 << 20) else {
+            return;
+        };
+        copy_in(&src, &m.mnt);
+        let frozen = frozen_copy(&mut m, &dir.path().join("frozen.img"));
+        assert_eq!(warning(&frozen), None, "a frozen log of {what}");
+    }
 }
 
 /// XFS as the kernel writes it with geometries and features other than

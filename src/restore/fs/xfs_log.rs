@@ -26,9 +26,11 @@ const LOG_CONTINUE_TRANS: u8 = 0x04 | 0x08;
 /// Most records walked from the tail looking for more than the log's
 /// covering transactions (there are two of those).
 const LOG_COVER_RECORDS: u32 = 16;
-/// Largest record taken for a covering one: what one header block's
-/// cycle data covers (64 blocks).
-const LOG_COVER_BYTES: usize = 32768;
+/// Largest record taken for a covering one: the largest record (a log
+/// stripe unit of 256 KiB pads every record to it).
+const LOG_COVER_BYTES: usize = 256 << 10;
+/// Data blocks whose stamped first words one header block keeps.
+const CYCLE_WORDS: usize = 64;
 /// A transaction header's magic ("TRAN"), and the type of a buffer's log
 /// item: the log's items are in the writing machine's byte order, little
 /// endian on the machines this reads (a big-endian guest's log is taken
@@ -115,18 +117,34 @@ fn covered(
             return Ok(true);
         }
         let h = read(at)?;
-        let (len, ops) = (be32(&h, 12) as usize, be32(&h, 40));
-        // covering records are small: one header block, whose cycle data
-        // covers 64 blocks (a log with 4 KiB sectors pads them to 4 KiB)
-        if be32(&h, 0) != LOG_MAGIC || len > LOG_COVER_BYTES || be32(&h, 320) > 32768 {
+        let (version, len, ops) = (be32(&h, 8), be32(&h, 12) as usize, be32(&h, 40));
+        let size = be32(&h, 320) as usize;
+        // Covering records are small, but padded to the log's sector or
+        // stripe unit. Each data block's first word was stamped with the
+        // cycle; the header keeps it for the first 64 blocks, and version 2
+        // logs whose records may be longer (their buffer size) have as many
+        // extended headers as that size needs.
+        if be32(&h, 0) != LOG_MAGIC || len > LOG_COVER_BYTES || size > LOG_COVER_BYTES {
             return Ok(false);
         }
-        let mut data = Vec::with_capacity(len.next_multiple_of(512));
-        for i in 0..len.div_ceil(512) {
-            let mut b = read((at + 1 + i as u64) % blocks)?;
-            // each data block's first word was stamped with the cycle; the
-            // header keeps it
-            b[..4].copy_from_slice(&h[44 + 4 * i..48 + 4 * i]);
+        let data_blocks = len.div_ceil(512);
+        let headers = if version & 2 != 0 {
+            size.div_ceil(512 * CYCLE_WORDS).max(1)
+        } else {
+            1
+        };
+        let mut words = h[44..44 + 4 * CYCLE_WORDS].to_vec();
+        for k in 1..headers {
+            let ext = read((at + k as u64) % blocks)?;
+            words.extend_from_slice(&ext[4..4 + 4 * CYCLE_WORDS]);
+        }
+        let mut data = Vec::with_capacity(data_blocks * 512);
+        for i in 0..data_blocks {
+            let mut b = read((at + (headers + i) as u64) % blocks)?;
+            let Some(word) = words.get(4 * i..4 * i + 4) else {
+                return Ok(false);
+            };
+            b[..4].copy_from_slice(word);
             data.extend_from_slice(&b);
         }
         let data = &data[..len];
@@ -162,7 +180,7 @@ fn covered(
                 return Ok(false);
             }
         }
-        at = (at + 1 + (len as u64).div_ceil(512)) % blocks;
+        at = (at + (headers + data_blocks) as u64) % blocks;
     }
     Ok(false)
 }
@@ -253,11 +271,14 @@ mod tests {
     /// block `tail`, holding `ops` (flags, payload), as the kernel stamps
     /// it: the data block's first word moved into the header.
     fn ops_record(l: &mut [u8], at: u64, cycle: u32, tail: u64, ops: &[(u8, Vec<u8>)]) {
-        padded_record(l, at, cycle, tail, ops, 1);
+        padded_record(l, at, cycle, tail, ops, 1, 1);
     }
 
     /// [`ops_record`] padded to `blocks` blocks of data, as a log with
-    /// 4 KiB sectors writes its records.
+    /// 4 KiB sectors or a stripe unit writes its records, after `headers`
+    /// header blocks (a version 2 log's buffer of `headers` x 32 KiB: the
+    /// stamped first words of data blocks 64 on go into the extended
+    /// headers).
     fn padded_record(
         l: &mut [u8],
         at: u64,
@@ -265,6 +286,7 @@ mod tests {
         tail: u64,
         ops: &[(u8, Vec<u8>)],
         blocks: usize,
+        headers: usize,
     ) {
         let mut data = Vec::new();
         for (flags, payload) in ops {
@@ -273,16 +295,18 @@ mod tests {
             data.extend_from_slice(&[0x69, *flags, 0, 0]);
             data.extend_from_slice(payload);
         }
-        assert!(data.len() <= 512 * blocks);
+        assert!(data.len() <= 512 * blocks && blocks <= 64 * headers);
         data.resize(512 * blocks, 0);
-        record(l, at, cycle, ops.len() as u32, blocks as u64, 0);
+        record(l, at, cycle, ops.len() as u32, 0, 0);
         let h = at as usize * 512;
         l[h + 12..h + 16].copy_from_slice(&(data.len() as u32).to_be_bytes());
         l[h + 24..h + 32].copy_from_slice(&(u64::from(cycle) << 32 | tail).to_be_bytes());
+        l[h + 320..h + 324].copy_from_slice(&(headers as u32 * 32768).to_be_bytes());
         for (i, block) in data.chunks_exact_mut(512).enumerate() {
-            l[h + 44 + 4 * i..h + 48 + 4 * i].copy_from_slice(&block[..4]);
+            let word = h + 512 * (i / 64) + if i < 64 { 44 } else { 4 } + 4 * (i % 64);
+            l[word..word + 4].copy_from_slice(&block[..4]);
             block[..4].copy_from_slice(&cycle.to_be_bytes());
-            let d = h + 512 * (i + 1);
+            let d = h + 512 * (headers + i);
             l[d..d + 512].copy_from_slice(block);
         }
     }
@@ -327,11 +351,23 @@ mod tests {
         // padded to 4 KiB sectors, the superblock's buffer a whole sector:
         // still covering
         let mut padded = log(|i| u32::from(i < 26));
-        padded_record(&mut padded, 10, 1, 10, &buffer_transaction(0, 8), 7);
-        padded_record(&mut padded, 18, 1, 10, &buffer_transaction(0, 8), 7);
+        padded_record(&mut padded, 10, 1, 10, &buffer_transaction(0, 8), 7, 1);
+        padded_record(&mut padded, 18, 1, 10, &buffer_transaction(0, 8), 7, 1);
         assert!(!dirty(padded.clone()).unwrap());
-        padded_record(&mut padded, 18, 1, 10, &buffer_transaction(64, 8), 7);
+        padded_record(&mut padded, 18, 1, 10, &buffer_transaction(64, 8), 7, 1);
         assert!(dirty(padded).unwrap());
+        // padded to a 64 KiB stripe unit, in a log of 64 KiB buffers: two
+        // header blocks, the second keeping data blocks 64 on
+        let mut big = vec![0u8; 5 * BLOCKS as usize * 512];
+        for i in 0..256 {
+            big[i * 512..i * 512 + 4].copy_from_slice(&1u32.to_be_bytes());
+        }
+        let dirty_big = |l: Vec<u8>| needs_recovery(&MemDisk(l), 0, 5 * BLOCKS);
+        padded_record(&mut big, 0, 1, 0, &buffer_transaction(0, 1), 126, 2);
+        padded_record(&mut big, 128, 1, 0, &buffer_transaction(0, 1), 126, 2);
+        assert!(!dirty_big(big.clone()).unwrap());
+        padded_record(&mut big, 128, 1, 0, &buffer_transaction(64, 8), 126, 2);
+        assert!(dirty_big(big).unwrap());
         // a region split over two records is not a covering transaction
         let mut split = buffer_transaction(0, 1);
         split[3].0 = 0x04;
