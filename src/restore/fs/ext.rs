@@ -1,6 +1,8 @@
-//! ext2/3/4 backend: ext4-view validates the superblock and features when
-//! the filesystem is opened, and gives the root's metadata; [`super::ext_raw`]
-//! does the rest.
+//! ext2/3/4 backend: [`super::ext_raw`] decides which incompatible features
+//! are read and does the reading; ext4-view validates the superblock and
+//! group descriptors when the filesystem is opened, where it knows the
+//! features (it refuses meta_bg, mmp, ea_inode and large_dir, which
+//! `ext_raw` reads, and is then left out).
 //!
 //! A volume whose journal needs recovery is read through
 //! [`super::ext_journal::Recovered`], which shows it as recovery would

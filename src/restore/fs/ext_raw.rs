@@ -7,7 +7,9 @@
 //! hole; this module lists whole directories (names, inodes, symlink
 //! targets), verifying the crc32c of directory blocks and inodes, and maps
 //! and reads file data.
-//! Owns: decoding those structures with every length and offset checked.
+//! Owns: decoding those structures with every length and offset checked,
+//! and the list of incompatible features it reads (others are refused by
+//! name); group descriptors in place or in meta groups.
 //! Must never write, and never trust an on-disk count for an allocation.
 //! It reads the disk it is given as is: to see a journal's transactions, it
 //! is given [`super::ext_journal::Recovered`].
