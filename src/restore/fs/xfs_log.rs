@@ -80,14 +80,9 @@ pub(super) fn needs_recovery(disk: &dyn Disk, start: u64, blocks: u64) -> Result
         if be32(&b, 0) != LOG_MAGIC {
             continue;
         }
-        // version 2 records of more than 32 KiB have more header blocks
-        let (version, len, ops, size) = (be32(&b, 8), be32(&b, 12), be32(&b, 40), be32(&b, 320));
-        let headers = if version & 2 != 0 && size > 32768 {
-            u64::from(size.div_ceil(32768))
-        } else {
-            1
-        };
-        let end = (at + headers + u64::from(len).div_ceil(512)) % blocks;
+        let ops = be32(&b, 40);
+        let (headers, data) = record_blocks(&b);
+        let end = (at + headers + data) % blocks;
         let first_op = read((at + headers) % blocks)?;
         let unmount = ops == 1 && first_op[9] & LOG_UNMOUNT_TRANS != 0;
         if unmount && end == head {
@@ -100,6 +95,20 @@ pub(super) fn needs_recovery(disk: &dyn Disk, start: u64, blocks: u64) -> Result
         return Ok(!covered(&read, tail % blocks, head, blocks)?);
     }
     Err(Error::corrupt("no log record before its head"))
+}
+
+/// The header blocks and data blocks of the record whose header is `h`:
+/// version 2 logs whose buffers (so records) may pass 32 KiB have as many
+/// extended header blocks as the buffer size needs, as the kernel counts
+/// them.
+fn record_blocks(h: &[u8; 512]) -> (u64, u64) {
+    let (version, len, size) = (be32(h, 8), be32(h, 12), be32(h, 320));
+    let headers = if version & 2 != 0 && size > 512 * CYCLE_WORDS as u32 {
+        u64::from(size.div_ceil(512 * CYCLE_WORDS as u32))
+    } else {
+        1
+    };
+    (headers, u64::from(len).div_ceil(512))
 }
 
 /// Whether every record from block `tail` to `head` holds only whole
@@ -117,22 +126,16 @@ fn covered(
             return Ok(true);
         }
         let h = read(at)?;
-        let (version, len, ops) = (be32(&h, 8), be32(&h, 12) as usize, be32(&h, 40));
-        let size = be32(&h, 320) as usize;
+        let (len, ops, size) = (be32(&h, 12) as usize, be32(&h, 40), be32(&h, 320) as usize);
         // Covering records are small, but padded to the log's sector or
         // stripe unit. Each data block's first word was stamped with the
-        // cycle; the header keeps it for the first 64 blocks, and version 2
-        // logs whose records may be longer (their buffer size) have as many
-        // extended headers as that size needs.
+        // cycle; the header keeps it for the first 64 blocks, the extended
+        // headers (see `record_blocks`) for the rest.
         if be32(&h, 0) != LOG_MAGIC || len > LOG_COVER_BYTES || size > LOG_COVER_BYTES {
             return Ok(false);
         }
-        let data_blocks = len.div_ceil(512);
-        let headers = if version & 2 != 0 {
-            size.div_ceil(512 * CYCLE_WORDS).max(1)
-        } else {
-            1
-        };
+        let (headers, data_blocks) = record_blocks(&h);
+        let (headers, data_blocks) = (headers as usize, data_blocks as usize);
         let mut words = h[44..44 + 4 * CYCLE_WORDS].to_vec();
         for k in 1..headers {
             let ext = read((at + k as u64) % blocks)?;
