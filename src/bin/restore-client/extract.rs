@@ -87,12 +87,32 @@ impl Partial {
         path: &Path,
         create: impl FnOnce() -> io::Result<File>,
     ) -> io::Result<File> {
+        self.register(path, create, false)
+    }
+
+    /// [`create`](Self::create) for a file `create` makes new (with
+    /// `O_EXCL`), so a regular file: registered without asking the
+    /// filesystem (one system call less for each of a tree's files).
+    pub(crate) fn create_new(
+        &self,
+        path: &Path,
+        create: impl FnOnce() -> io::Result<File>,
+    ) -> io::Result<File> {
+        self.register(path, create, true)
+    }
+
+    fn register(
+        &self,
+        path: &Path,
+        create: impl FnOnce() -> io::Result<File>,
+        new: bool,
+    ) -> io::Result<File> {
         let mut state = self.lock();
         if state.closed {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
         }
         let file = create()?;
-        if file.metadata()?.file_type().is_file() {
+        if new || file.metadata()?.file_type().is_file() {
             state.paths.insert(path.to_path_buf());
         }
         Ok(file)

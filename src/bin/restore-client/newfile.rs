@@ -39,7 +39,7 @@ impl NewFile {
     ) -> Result<(File, NewFile), ClientError> {
         if !force {
             let file = partial
-                .create(local, || create_at(dir, name))
+                .create_new(local, || create_at(dir, name))
                 .map_err(|e| exists_or(local, e))?;
             let new = NewFile {
                 written: local.to_path_buf(),
@@ -59,7 +59,7 @@ impl NewFile {
             .unwrap_or(Path::new("."))
             .join(std::ffi::OsStr::from_bytes(temp.to_bytes()));
         let file = partial
-            .create(&written, || create_at(dir, &temp))
+            .create_new(&written, || create_at(dir, &temp))
             .map_err(|e| local_io(&written, e))?;
         let new = NewFile {
             written,
