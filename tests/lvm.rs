@@ -80,11 +80,17 @@ impl Drop for Loop {
 /// Runs an LVM command on `dev` alone, writing metadata only: no
 /// activation, no udev, no metadata backups in /etc, no other disk looked at.
 fn lvm(dev: &Loop, args: &[&str]) -> String {
+    lvm_on(&[dev], args)
+}
+
+/// [`lvm`] on `devs` alone.
+fn lvm_on(devs: &[&Loop], args: &[&str]) -> String {
+    let accept: Vec<String> = devs.iter().map(|d| format!("\"a|^{}$|\"", d.0)).collect();
     let config = format!(
-        "devices{{filter=[\"a|^{}$|\",\"r|.*|\"] hints=\"none\"}} \
+        "devices{{filter=[{},\"r|.*|\"] hints=\"none\"}} \
          backup{{backup=0 archive=0}} global{{activation=0}} \
          activation{{udev_sync=0 udev_rules=0}}",
-        dev.0
+        accept.join(",")
     );
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -101,37 +107,37 @@ fn lvm(dev: &Loop, args: &[&str]) -> String {
 /// Where each extent run of LV `lv` lies on the physical volume, in LV
 /// order: (byte offset on the PV, bytes).
 fn lv_runs(dev: &Loop, vg: &str, lv: &str) -> Vec<(u64, u64)> {
-    let fields = lvm(
-        dev,
-        &[
-            "vgs",
-            "--noheadings",
-            "--nosuffix",
-            "--units",
-            "b",
-            "-o",
-            "vg_extent_size",
-            vg,
-        ],
+    let runs = lv_runs_on(&[dev], vg, lv);
+    runs.into_iter().map(|(_, at, len)| (at, len)).collect()
+}
+
+/// [`lv_runs`] of a group over `devs`: (which of `devs`, byte offset on
+/// that PV, bytes).
+fn lv_runs_on(devs: &[&Loop], vg: &str, lv: &str) -> Vec<(usize, u64, u64)> {
+    let bytes = ["--noheadings", "--nosuffix", "--units", "b"];
+    let fields = lvm_on(
+        devs,
+        &[&["vgs"][..], &bytes, &["-o", "vg_extent_size", vg]].concat(),
     );
     let extent: u64 = fields.trim().parse().unwrap();
-    let pe_start: u64 = lvm(
-        dev,
+    let pvs = lvm_on(
+        devs,
         &[
-            "pvs",
-            "--noheadings",
-            "--nosuffix",
-            "--units",
-            "b",
-            "-o",
-            "pe_start",
-        ],
-    )
-    .trim()
-    .parse()
-    .unwrap();
-    let segs = lvm(
-        dev,
+            &["pvs"][..],
+            &bytes,
+            &["--separator", ";", "-o", "pv_name,pe_start"],
+        ]
+        .concat(),
+    );
+    let pe_start = |name: &str| -> u64 {
+        let line = pvs
+            .lines()
+            .find(|l| l.trim().starts_with(&format!("{name};")));
+        let (_, at) = line.unwrap().trim().split_once(';').unwrap();
+        at.parse().unwrap()
+    };
+    let segs = lvm_on(
+        devs,
         &[
             "lvs",
             "--noheadings",
@@ -143,23 +149,27 @@ fn lv_runs(dev: &Loop, vg: &str, lv: &str) -> Vec<(u64, u64)> {
             &format!("{vg}/{lv}"),
         ],
     );
-    let mut runs: Vec<(u64, u64, u64)> = segs
+    let mut runs: Vec<(u64, usize, u64, u64)> = segs
         .lines()
         .map(|l| {
             // "0;/dev/loop3:0-1"
             let (start, range) = l.trim().split_once(';').unwrap();
-            let (_, pes) = range.rsplit_once(':').unwrap();
+            let (name, pes) = range.rsplit_once(':').unwrap();
             let (a, b) = pes.split_once('-').unwrap();
             let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+            let dev = devs.iter().position(|d| d.0 == name).unwrap();
             (
                 start.parse().unwrap(),
-                pe_start + a * extent,
+                dev,
+                pe_start(name) + a * extent,
                 (b - a + 1) * extent,
             )
         })
         .collect();
     runs.sort();
-    runs.into_iter().map(|(_, at, len)| (at, len)).collect()
+    runs.into_iter()
+        .map(|(_, dev, at, len)| (dev, at, len))
+        .collect()
 }
 
 /// Writes `data` into the runs (offsets within `[base, ...)` of `image`).
@@ -769,4 +779,161 @@ fn an_xfs_root_on_lvm_reads_over_the_wire() {
     assert!(sha(&cat) == sha(&noise(21, 2 << 20)), "usr/bin/tool");
     let out = extract(&agent, "disk", "lvm/rl/root");
     assert_eq!(same_files(&src, out.path()), 303);
+}
+
+/// A volume group over two disks of one backup, as a VM gets when a disk
+/// was added to its group: a logical volume with extents on both is listed
+/// with either disk, and cat (fs.read, mapped onto both archives) and
+/// extract (the filesystem's own reads) give its files whole. Without the
+/// other disk it is listed as unreadable, saying why, while a logical
+/// volume on this disk alone still reads. Then the same from a datastore,
+/// where the other disk is an archive of the snapshot's manifest.
+#[test]
+fn a_volume_group_over_two_disks_is_read_from_either() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // data's tree: a 14 MiB file that crosses from the first disk to the
+    // second (its LV has 8 MiB on the first)
+    let src = d.join("data");
+    let big = noise(31, 14 * MIB as usize);
+    write(&src.join("big.bin"), &big);
+    write(&src.join("notes/todo.txt"), b"add a disk\n");
+    write(&src.join("notes/deep/er/file.bin"), &noise(32, 70_000));
+    let data_img = d.join("data.fs");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096", "-d"])
+        .arg(&src)
+        .arg(&data_img)
+        .arg("24M"));
+    let home_src = d.join("home");
+    write(&home_src.join("user/.profile"), b"PATH=/usr/bin\n");
+    let home_img = d.join("home.fs");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&home_src)
+        .arg(&home_img)
+        .arg("12M"));
+
+    // disk a: a PV on the whole disk; disk b: a PV in GPT partition 1
+    let a = blank(&d.join("a.img"), 24 * MIB);
+    let b = blank(&d.join("b.img"), 32 * MIB);
+    run(Command::new("sgdisk")
+        .args(["-n", "1:2048:+24M", "-t", "1:8e00"])
+        .arg(&b));
+    let bases = [0, 2048 * 512];
+    {
+        let (da, db) = (
+            Loop::new(&a, 0, 24 * MIB),
+            Loop::new(&b, bases[1], 24 * MIB),
+        );
+        let both = [&da, &db];
+        lvm_on(&both, &["pvcreate", "-q", &da.0, &db.0]);
+        lvm_on(&both, &["vgcreate", "-q", "vgtwo", &da.0, &db.0]);
+        // home fills most of a; data gets the rest of a, then b
+        let lv = |args: &[&str]| {
+            lvm_on(
+                &both,
+                &[&["lvcreate", "-q", "-an", "-Zn"][..], args].concat(),
+            )
+        };
+        lv(&["-L", "12M", "-n", "home", "vgtwo", &da.0]);
+        lv(&["-L", "24M", "-n", "data", "vgtwo"]);
+        let images = [&a, &b];
+        for (name, fs) in [("home", &home_img), ("data", &data_img)] {
+            let runs = lv_runs_on(&both, "vgtwo", name);
+            if name == "data" {
+                assert!(
+                    runs.iter().any(|r| r.0 == 0) && runs.iter().any(|r| r.0 == 1),
+                    "data on both disks: {runs:?}"
+                );
+            }
+            let bytes = std::fs::read(fs).unwrap();
+            let mut done = 0usize;
+            for (dev, at, len) in runs {
+                let n = (len as usize).min(bytes.len() - done);
+                lay(
+                    images[dev],
+                    bases[dev],
+                    &[(at, len)],
+                    &bytes[done..done + n],
+                );
+                done += n;
+            }
+            assert_eq!(
+                done,
+                bytes.len(),
+                "{name}: the filesystem is larger than its LV"
+            );
+        }
+    }
+
+    let both = Agent::builder().image("a", &a).image("b", &b).start();
+    for (archive, pv) in [("a", "raw"), ("b", "part/1")] {
+        let vols = volumes(&both, archive);
+        let ids: Vec<&str> = vols.iter().filter_map(|v| v["volume"].as_str()).collect();
+        assert_eq!(ids, [pv, "lvm/vgtwo/home", "lvm/vgtwo/data"], "{archive}");
+        assert_eq!(find(&vols, pv)["vg"], "vgtwo");
+        let data = find(&vols, "lvm/vgtwo/data");
+        assert_eq!(
+            (&data["fs"], &data["supported"], &data["size"]),
+            (&"ext4".into(), &true.into(), &(24 * MIB).into()),
+            "{archive}: {data}"
+        );
+        let cat = ok(
+            client(
+                &both,
+                &["cat", "attached", archive, "lvm/vgtwo/data", "/big.bin"],
+            ),
+            "cat big.bin",
+        );
+        assert!(sha(&cat) == sha(&big), "big.bin from {archive}");
+    }
+    let out = extract(&both, "b", "lvm/vgtwo/data");
+    assert_eq!(same_files(&src, out.path()), 3);
+    drop(both);
+
+    // disk a alone: data cannot be read, and says why; home reads
+    let alone = Agent::builder().image("a", &a).start();
+    let vols = volumes(&alone, "a");
+    let data = find(&vols, "lvm/vgtwo/data");
+    let why = data["reason"].as_str().unwrap_or_default();
+    assert_eq!(data["supported"], false);
+    assert!(why.contains("on no disk of this backup"), "{why}");
+    let out = client(&alone, &["ls", "attached", "a", "lvm/vgtwo/data", "/"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("on no disk of this backup"), "{err}");
+    let out = extract(&alone, "a", "lvm/vgtwo/home");
+    assert_eq!(same_files(&home_src, out.path()), 1);
+    drop(alone);
+
+    // from a datastore: the other disk is the snapshot's other image
+    let store = d.join("store");
+    run(Command::new(CLIENT_BIN).args(["store", "init"]).arg(&store));
+    let snapshot = "vm/101/2026-12-07T00:00:00Z";
+    for (img, name) in [(&a, "drive-scsi0.img"), (&b, "drive-scsi1.img")] {
+        run(Command::new(CLIENT_BIN)
+            .args(["store", "import-image", "--store"])
+            .arg(&store)
+            .args(["--snapshot", snapshot, "--archive", name])
+            .arg(img));
+    }
+    let agent = Agent::builder().datastore(&store).start();
+    let cat = ok(
+        client(
+            &agent,
+            &[
+                "cat",
+                snapshot,
+                "drive-scsi1.img.fidx",
+                "lvm/vgtwo/data",
+                "/big.bin",
+            ],
+        ),
+        "cat big.bin from the datastore",
+    );
+    assert!(sha(&cat) == sha(&big), "big.bin from the datastore");
 }

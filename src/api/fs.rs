@@ -16,7 +16,7 @@ use crate::restore::archive::{
 };
 use crate::restore::disk::Layout;
 use crate::restore::fs::{Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry};
-use crate::restore::volume::list_volumes;
+use crate::restore::volume::list_backup_volumes;
 use crate::rpc::codes::{app_error, internal, invalid_params};
 use crate::rpc::{Call, RawResult, Router};
 
@@ -170,7 +170,8 @@ pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
                 .backups
                 .disk(&p.snapshot, &p.archive)
                 .map_err(app_error)?;
-            let volumes = list_volumes(disk).map_err(app_error)?;
+            let siblings = || agent.backups.siblings(&p.snapshot, &p.archive);
+            let volumes = list_backup_volumes(disk, &siblings).map_err(app_error)?;
             Ok::<_, ErrorObjectOwned>(serde_json::json!({ "volumes": volumes }))
         }),
     );
@@ -296,8 +297,12 @@ async fn fs_read(
     // parallel and the data is copied once, into the response.
     let p = path.clone();
     if let Some(map) = on_fs(&fs, move |fs| fs.map(&p, offset, len)).await? {
-        let reader = agent.reader(conn, &t.snapshot, &t.archive)?;
-        let pieces = volume_pieces(&reader, fs.layout(), &map.extents)
+        // the volume's own disk, then the siblings a logical volume uses
+        let mut readers = vec![agent.reader(conn, &t.snapshot, &t.archive)?];
+        for sibling in fs.siblings() {
+            readers.push(agent.reader(conn, &t.snapshot, sibling)?);
+        }
+        let pieces = volume_pieces(&readers, fs.layout(), &map.extents)
             .await
             .map_err(app_error)?;
         return Ok(bulk::read_result(offset, map.eof, pieces, hold, encoding));
@@ -312,12 +317,12 @@ async fn fs_read(
     ))
 }
 
-/// The data of `extents` (volume offsets; the volume lies on the archive
-/// as `layout` says) as pieces in order. Data placed beyond the volume, or
-/// cut off by the end of the archive, is an error, never short or made-up
-/// data.
+/// The data of `extents` (volume offsets; the volume lies on the archives
+/// of `readers` as `layout` says, disk 0 the first) as pieces in order.
+/// Data placed beyond the volume, or cut off by the end of an archive, is
+/// an error, never short or made-up data.
 async fn volume_pieces(
-    reader: &ArchiveReader,
+    readers: &[ArchiveReader],
     layout: &Layout,
     extents: &[Extent],
 ) -> crate::error::Result<Vec<Piece>> {
@@ -334,7 +339,10 @@ async fn volume_pieces(
                          end of the volume ({size} bytes)"
                     )));
                 }
-                for (at, len) in layout.locate(offset, len) {
+                for (disk, at, len) in layout.locate(offset, len) {
+                    let reader = readers.get(disk).ok_or_else(|| {
+                        Error::not_found(format!("volume data on disk {disk}, which is missing"))
+                    })?;
                     let mut done = 0u64;
                     while done < len {
                         let want = usize::try_from(len - done).unwrap_or(usize::MAX);

@@ -15,7 +15,7 @@ use crate::pool::{ArchiveReader, ChunkPool};
 use crate::restore::disk::Disk;
 use crate::restore::fs::FsHandle;
 use crate::store::chunk_store::ChunkStore;
-use crate::store::datastore::{Archive, ArchiveInfo, Datastore, SnapshotInfo};
+use crate::store::datastore::{archive_kind, Archive, ArchiveInfo, Datastore, SnapshotInfo};
 use crate::store::index::ChunkIndex;
 
 /// The snapshot name under which `--image` files are listed.
@@ -27,6 +27,10 @@ const OPEN_INDEXES: usize = 16;
 /// recent one (a 1 TiB disk in 4 MiB chunks has 8 MiB of them; sixteen such
 /// would not fit a 128 MiB VM). Mapped indexes hold none.
 const OPEN_INDEX_BYTES: usize = 16 << 20;
+
+/// Most other disks of a snapshot searched for the rest of a volume group
+/// (a VM has a few; each opened is an index in memory).
+const MAX_SIBLINGS: usize = 16;
 
 /// How many open filesystems (one thread each) are kept for reuse.
 const OPEN_FILESYSTEMS: usize = 8;
@@ -207,6 +211,36 @@ impl Backups {
         Ok(Arc::new(ArchiveDisk(self.open_archive(snapshot, archive)?)))
     }
 
+    /// The other disk images of `snapshot` than `archive`, each opened as
+    /// a disk with its own reader (in the manifest's order; at most
+    /// [`MAX_SIBLINGS`]): where the rest of a volume group may be. One that
+    /// cannot be opened is left out, logged.
+    pub fn siblings(&self, snapshot: &str, archive: &str) -> Vec<(String, Arc<dyn Disk>)> {
+        let names: Vec<String> = if snapshot == ATTACHED {
+            self.images.iter().map(|(n, _, _)| n.clone()).collect()
+        } else {
+            let files = self.datastore.as_ref().map(|ds| ds.manifest(snapshot));
+            match files {
+                Some(Ok(m)) => m.files.into_iter().map(|f| f.filename).collect(),
+                _ => Vec::new(),
+            }
+        };
+        let mut seen = std::collections::HashSet::new();
+        let images = names.into_iter().filter(|n| {
+            n != archive
+                && (snapshot == ATTACHED || archive_kind(n) == Some("image"))
+                && seen.insert(n.clone())
+        });
+        let mut out = Vec::new();
+        for name in images.take(MAX_SIBLINGS) {
+            match self.disk(snapshot, &name) {
+                Ok(disk) => out.push((name, disk)),
+                Err(e) => log::warn!("{snapshot}/{name}: not searched for volume groups: {e}"),
+            }
+        }
+        out
+    }
+
     /// The shared open filesystem of a volume, opened on first use. Blocks
     /// while a filesystem is opened.
     pub fn filesystem(&self, snapshot: &str, archive: &str, volume: &str) -> Result<FsHandle> {
@@ -235,7 +269,8 @@ impl Backups {
     /// A filesystem of a volume on a thread of its own, not shared. Blocks
     /// while it is opened.
     pub fn open_filesystem(&self, snapshot: &str, archive: &str, volume: &str) -> Result<FsHandle> {
-        FsHandle::open(self.disk(snapshot, archive)?, volume)
+        let siblings = || self.siblings(snapshot, archive);
+        FsHandle::open_in_backup(self.disk(snapshot, archive)?, volume, &siblings)
     }
 
     fn index(&self, ds: &Datastore, snapshot: &str, archive: &str) -> Result<Arc<dyn ChunkIndex>> {

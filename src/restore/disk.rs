@@ -2,7 +2,8 @@
 //!
 //! Owns: the [`Disk`] trait (positional reads of a backed-up disk image),
 //! [`Slice`] (a partition window whose reads never leave it), [`Layout`]
-//! and [`Mapped`] (a volume in several runs: an LVM logical volume), the adapters
+//! and [`Mapped`] (a volume in several runs, maybe of several disks: an LVM
+//! logical volume), the adapters
 //! the filesystem crates need (a `Read + Seek` cursor with a `Write` that
 //! refuses everything, and an `ext4_view::Ext4Read`), and [`FileDisk`], a
 //! plain image file, used by tests and tools.
@@ -90,89 +91,116 @@ impl Disk for Slice {
     }
 }
 
-/// Where a volume's bytes lie on its disk: runs of disk bytes in volume
-/// order (one for a partition, one or more for an LVM logical volume).
+/// Where a volume's bytes lie: runs of disk bytes in volume order (one for
+/// a partition, one or more for an LVM logical volume). The runs of a
+/// logical volume whose group spans several disks of a backup lie on
+/// several disks: disk 0 is the one the volume was asked of, the others
+/// are numbered as whoever built the layout numbered them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layout {
-    /// (volume offset, disk offset, length), the volume offsets adjoining
-    runs: Vec<(u64, u64, u64)>,
+    /// (volume offset, disk, disk offset, length), the volume offsets
+    /// adjoining
+    runs: Vec<(u64, usize, u64, u64)>,
 }
 
 impl Layout {
-    /// The window `[start, start + len)` of a disk.
+    /// The window `[start, start + len)` of disk 0.
     pub fn window(start: u64, len: u64) -> Layout {
         Layout {
-            runs: vec![(0, start, len)],
+            runs: vec![(0, 0, start, len)],
         }
     }
 
-    /// The runs `(disk offset, length)` one after another; `None` when
-    /// their lengths overflow.
-    pub fn from_runs(runs: impl IntoIterator<Item = (u64, u64)>) -> Option<Layout> {
+    /// The runs `(disk, disk offset, length)` one after another; `None`
+    /// when their lengths overflow.
+    pub fn from_runs(runs: impl IntoIterator<Item = (usize, u64, u64)>) -> Option<Layout> {
         let mut size = 0u64;
         let mut out = Vec::new();
-        for (disk, len) in runs {
-            disk.checked_add(len)?;
-            out.push((size, disk, len));
+        for (disk, at, len) in runs {
+            at.checked_add(len)?;
+            out.push((size, disk, at, len));
             size = size.checked_add(len)?;
         }
         Some(Layout { runs: out })
     }
 
     pub fn size(&self) -> u64 {
-        self.runs.last().map_or(0, |r| r.0 + r.2)
+        self.runs.last().map_or(0, |r| r.0 + r.3)
     }
 
-    /// Where the volume's first byte lies on the disk.
+    /// Where the volume's first byte lies on its disk.
     pub fn start(&self) -> u64 {
-        self.runs.first().map_or(0, |r| r.1)
+        self.runs.first().map_or(0, |r| r.2)
     }
 
-    /// The single run of a contiguous volume.
+    /// How many disks the runs need: one more than the highest disk.
+    pub fn disks(&self) -> usize {
+        self.runs.iter().map(|r| r.1 + 1).max().unwrap_or(1)
+    }
+
+    /// Whether a run lies on `disk`.
+    pub fn uses(&self, disk: usize) -> bool {
+        self.runs.iter().any(|r| r.1 == disk)
+    }
+
+    /// The layout with disk `d` renumbered `number[d]` (kept when `number`
+    /// has no entry for it).
+    pub fn renumbered(&self, number: &[usize]) -> Layout {
+        let runs = self.runs.iter();
+        Layout {
+            runs: runs
+                .map(|&(at, d, start, len)| (at, number.get(d).copied().unwrap_or(d), start, len))
+                .collect(),
+        }
+    }
+
+    /// The single run of a contiguous volume on disk 0.
     pub fn as_window(&self) -> Option<(u64, u64)> {
         match self.runs.as_slice() {
-            [(_, start, len)] => Some((*start, *len)),
+            [(_, 0, start, len)] => Some((*start, *len)),
             [] => Some((0, 0)),
             _ => None,
         }
     }
 
-    /// The disk ranges `(offset, length)` of volume bytes
+    /// The disk ranges `(disk, offset, length)` of volume bytes
     /// `[offset, offset + len)`, in order; clipped to the volume's end.
-    pub fn locate(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+    pub fn locate(&self, offset: u64, len: u64) -> Vec<(usize, u64, u64)> {
         let end = offset.saturating_add(len).min(self.size());
-        let first = self.runs.partition_point(|r| r.0 + r.2 <= offset);
+        let first = self.runs.partition_point(|r| r.0 + r.3 <= offset);
         let mut out = Vec::new();
-        for &(at, disk, run) in self.runs.get(first..).unwrap_or_default() {
+        for &(at, disk, start, run) in self.runs.get(first..).unwrap_or_default() {
             if at >= end {
                 break;
             }
             let from = offset.max(at);
             let to = end.min(at + run);
             if to > from {
-                out.push((disk + (from - at), to - from));
+                out.push((disk, start + (from - at), to - from));
             }
         }
         out
     }
 
-    /// The volume as a disk of its own, on `disk`.
-    pub fn open(&self, disk: Arc<dyn Disk>) -> Arc<dyn Disk> {
-        match self.as_window() {
-            Some((start, len)) => Arc::new(Slice::new(disk, start, len)),
-            None => Arc::new(Mapped {
-                disk,
+    /// The volume as a disk of its own, on `disks` (numbered as the
+    /// layout's runs number them; a run on a disk not given reads as an
+    /// error).
+    pub fn open(&self, disks: &[Arc<dyn Disk>]) -> Arc<dyn Disk> {
+        match (self.as_window(), disks.first()) {
+            (Some((start, len)), Some(disk)) => Arc::new(Slice::new(disk.clone(), start, len)),
+            _ => Arc::new(Mapped {
+                disks: disks.to_vec(),
                 layout: self.clone(),
             }),
         }
     }
 }
 
-/// A volume in several runs of another disk (see [`Layout`]); reads never
-/// leave the runs. Every run lies on the disk (checked by whoever built
+/// A volume in several runs of other disks (see [`Layout`]); reads never
+/// leave the runs. Every run lies on its disk (checked by whoever built
 /// the layout).
 pub struct Mapped {
-    disk: Arc<dyn Disk>,
+    disks: Vec<Arc<dyn Disk>>,
     layout: Layout,
 }
 
@@ -182,20 +210,30 @@ impl Disk for Mapped {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut done = 0usize;
-        for (at, len) in self.layout.locate(offset, buf.len() as u64) {
+        for (disk, at, len) in self.layout.locate(offset, buf.len() as u64) {
+            let disk = self.disks.get(disk).ok_or_else(|| {
+                Error::not_found(format!(
+                    "logical volume: disk {disk} of its group is missing"
+                ))
+            })?;
             let part = &mut buf[done..done + len as usize];
-            read_exact_at(&*self.disk, at, part, "logical volume")?;
+            read_exact_at(&**disk, at, part, "logical volume")?;
             done += len as usize;
         }
         Ok(done)
     }
     fn will_read(&self, ranges: &[Range<u64>]) {
-        let on_disk: Vec<Range<u64>> = ranges
-            .iter()
-            .flat_map(|r| self.layout.locate(r.start, r.end.saturating_sub(r.start)))
-            .map(|(at, len)| at..at + len)
-            .collect();
-        self.disk.will_read(&on_disk);
+        for (i, disk) in self.disks.iter().enumerate() {
+            let on_disk: Vec<Range<u64>> = ranges
+                .iter()
+                .flat_map(|r| self.layout.locate(r.start, r.end.saturating_sub(r.start)))
+                .filter(|&(d, _, _)| d == i)
+                .map(|(_, at, len)| at..at + len)
+                .collect();
+            if !on_disk.is_empty() {
+                disk.will_read(&on_disk);
+            }
+        }
     }
 }
 
@@ -415,6 +453,39 @@ mod tests {
         let s = Slice::new(d.clone(), 9_900, 1 << 40);
         assert_eq!(s.size(), 100);
         assert_eq!(Slice::new(d, 1 << 50, 10).size(), 0);
+    }
+
+    #[test]
+    fn a_volume_over_two_disks_reads_its_runs_in_order() {
+        let a: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        let b: Vec<u8> = (0..1000u32).map(|i| (i % 13) as u8 + 100).collect();
+        let disks: [Arc<dyn Disk>; 2] =
+            [Arc::new(MemDisk(a.clone())), Arc::new(MemDisk(b.clone()))];
+        // 100 bytes of a, 300 of b, 50 of a again
+        let layout = Layout::from_runs([(0, 900, 100), (1, 0, 300), (0, 10, 50)]).unwrap();
+        assert_eq!((layout.size(), layout.disks()), (450, 2));
+        assert_eq!(
+            layout.locate(90, 320),
+            [(0, 990, 10), (1, 0, 300), (0, 10, 10)]
+        );
+        let want: Vec<u8> = [&a[900..1000], &b[..300], &a[10..60]].concat();
+        let vol = layout.open(&disks);
+        let mut got = vec![0u8; 500];
+        assert_eq!(vol.read_at(0, &mut got).unwrap(), 450);
+        assert_eq!(&got[..450], &want[..]);
+        let mut mid = [0u8; 20];
+        vol.read_at(390, &mut mid).unwrap();
+        assert_eq!(&mid[..], &want[390..410]);
+        // without its second disk, a read that needs it fails (a read of
+        // the first run alone does not)
+        let vol = layout.open(&disks[..1]);
+        assert!(vol.read_at(0, &mut got[..100]).is_ok());
+        let e = vol.read_at(0, &mut got).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        // renumbered: the runs on disk 1 now on disk 3
+        let moved = layout.renumbered(&[0, 3]);
+        assert!(moved.uses(3) && !moved.uses(1));
+        assert_eq!(moved.locate(100, 1), [(3, 0, 1)]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Volumes of a disk image: partitions of its GPT or MBR table (including
 //! logical partitions), or the whole disk when it holds a filesystem and no
-//! table, and the logical volumes of LVM2 volume groups whose physical
-//! volumes are on the disk.
+//! table, and the logical volumes of LVM2 volume groups with a physical
+//! volume on the disk (the others may be on the backup's other disks, its
+//! siblings, which the caller opens).
 //!
 //! Owns: reading partition tables, finding physical volumes, naming volumes
 //! (`part/N`, `raw`, `lvm/VG/LV`), where each lies on the disk ([`Layout`]),
@@ -342,8 +343,21 @@ fn unreadable(kind: crate::error::ErrorKind, why: String) -> Probe {
     }
 }
 
-/// Lists the volumes of a disk image.
+/// The other disks of the backup a disk belongs to, with their names (its
+/// other archives): asked for only when a volume group on the disk has a
+/// physical volume that is not on it, and opened then.
+pub type Siblings<'a> = &'a dyn Fn() -> Vec<(String, Arc<dyn Disk>)>;
+
+/// Lists the volumes of a disk image on its own (a volume group with a
+/// physical volume elsewhere cannot be read).
 pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
+    list_backup_volumes(disk, &Vec::new)
+}
+
+/// Lists the volumes of a disk image of a backup whose other disks are
+/// `siblings`: a logical volume of a group over several of them is listed
+/// with every disk that holds one of its physical volumes.
+pub fn list_backup_volumes(disk: Arc<dyn Disk>, siblings: Siblings) -> Result<Vec<VolumeInfo>> {
     let mut out = Vec::new();
     // volumes without a filesystem, where a physical volume may be
     let mut bare = Vec::new();
@@ -382,7 +396,9 @@ pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
         }
     }
     let windows: Vec<(u64, u64)> = bare.iter().map(|b| b.1).collect();
-    let (pvs, lvs) = logical_volumes(&disk, &windows);
+    let Found { pvs, lvs, others } = logical_volumes(&disk, &windows, siblings);
+    let mut disks = vec![disk.clone()];
+    disks.extend(others.into_iter().map(|(_, d)| d));
     for (i, found) in pvs {
         let Some(entry) = bare.get(i).and_then(|b| out.get_mut(b.0)) else {
             continue;
@@ -404,7 +420,7 @@ pub fn list_volumes(disk: Arc<dyn Disk>) -> Result<Vec<VolumeInfo>> {
         let (start, probed) = match &lv.layout {
             Ok(layout) => (
                 layout.start(),
-                probe(&layout.open(disk.clone())).unwrap_or_else(|e| {
+                probe(&layout.open(&disks)).unwrap_or_else(|e| {
                     unreadable(e.kind, format!("cannot read the logical volume: {e}"))
                 }),
             ),
@@ -430,30 +446,23 @@ struct FoundLv {
 
 /// The LVM physical volumes among `windows` (volumes of `disk` without a
 /// filesystem): for each, its index in `windows` and its volume group's
-/// name or why its metadata cannot be read; and the logical volumes of
-/// those groups, each group as the newest copy of its metadata (highest
-/// `seqno`) describes it.
-fn logical_volumes(
-    disk: &Arc<dyn Disk>,
-    windows: &[(u64, u64)],
-) -> (Vec<(usize, Result<String>)>, Vec<FoundLv>) {
+/// name or why its metadata cannot be read; the logical volumes of those
+/// groups, each group as the newest copy of its metadata (highest
+/// `seqno`) describes it; and the sibling disks asked for, which the
+/// logical volumes' layouts number from 1 (`disk` is 0). Siblings are asked
+/// for only when a group has a physical volume that is not on `disk`.
+fn logical_volumes(disk: &Arc<dyn Disk>, windows: &[(u64, u64)], siblings: Siblings) -> Found {
     let mut pvs = Vec::new();
-    // (physical volume UUID, window), and the groups read
-    let mut places: Vec<(String, (u64, u64))> = Vec::new();
+    // (physical volume UUID, (disk, start, size)), and the groups read
+    let mut places: Vec<(String, (usize, u64, u64))> = Vec::new();
     let mut groups: Vec<lvm::VolumeGroup> = Vec::new();
     for (i, &(start, size)) in windows.iter().enumerate() {
-        let slice = Slice::new(disk.clone(), start, size);
-        let label = match lvm::read_label(&slice) {
-            Ok(Some(label)) => label,
-            Ok(None) => continue,
-            Err(e) => {
-                pvs.push((i, Err(e)));
-                continue;
-            }
+        let Some((uuid, group)) = physical_volume(disk, start, size) else {
+            continue;
         };
-        let group = lvm::read_label_metadata(&slice, &label)
-            .and_then(|text| lvm::parse_volume_group(&text));
-        places.push((label.uuid, (start, size)));
+        if let Some(uuid) = uuid {
+            places.push((uuid, (0, start, size)));
+        }
         match group {
             Ok(g) => {
                 pvs.push((i, Ok(g.name.clone())));
@@ -466,11 +475,35 @@ fn logical_volumes(
             Err(e) => pvs.push((i, Err(e))),
         }
     }
+    let elsewhere = groups.iter().any(|g| {
+        g.pvs
+            .iter()
+            .any(|pv| !places.iter().any(|p| p.0 == pv.uuid))
+    });
+    let others = if elsewhere { siblings() } else { Vec::new() };
+    for (n, (_, other)) in others.iter().enumerate() {
+        // a sibling that cannot be read holds none of the missing ones
+        for (start, size) in bare_windows(other).unwrap_or_default() {
+            let Some((Some(uuid), group)) = physical_volume(other, start, size) else {
+                continue;
+            };
+            places.push((uuid, (n + 1, start, size)));
+            // only groups with a physical volume on `disk` are listed
+            // here; a newer copy of their metadata is theirs wherever it is
+            if let Ok(g) = group {
+                if let Some(old) = groups.iter_mut().find(|o| o.id == g.id && o.name == g.name) {
+                    if g.seqno > old.seqno {
+                        *old = g;
+                    }
+                }
+            }
+        }
+    }
     let mut lvs = Vec::new();
     for g in groups {
         for lv in &g.lvs {
             let layout = match &lv.layout {
-                Ok(pieces) => lv_on_disk(&g, pieces, &places),
+                Ok(pieces) => lv_on_disks(&g, pieces, &places),
                 Err(why) => Err(Error::unsupported(why.clone())),
             };
             lvs.push(FoundLv {
@@ -481,15 +514,43 @@ fn logical_volumes(
             });
         }
     }
-    (pvs, lvs)
+    Found { pvs, lvs, others }
 }
 
-/// Where the pieces of a logical volume of `g` lie on the disk, given
-/// where its physical volumes are (`places`: UUID and window).
-fn lv_on_disk(
+/// What [`logical_volumes`] found.
+struct Found {
+    /// physical volumes: index in the windows, and group name or error
+    pvs: Vec<(usize, Result<String>)>,
+    lvs: Vec<FoundLv>,
+    /// the siblings asked for: disks 1, 2, ... of the layouts
+    others: Vec<(String, Arc<dyn Disk>)>,
+}
+
+/// What the LVM label of window `[start, start + size)` of `disk` says, if
+/// it has one: the physical volume's UUID (unless the label is unreadable)
+/// and its volume group.
+fn physical_volume(
+    disk: &Arc<dyn Disk>,
+    start: u64,
+    size: u64,
+) -> Option<(Option<String>, Result<lvm::VolumeGroup>)> {
+    let slice = Slice::new(disk.clone(), start, size);
+    let label = match lvm::read_label(&slice) {
+        Ok(Some(label)) => label,
+        Ok(None) => return None,
+        Err(e) => return Some((None, Err(e))),
+    };
+    let group =
+        lvm::read_label_metadata(&slice, &label).and_then(|text| lvm::parse_volume_group(&text));
+    Some((Some(label.uuid), group))
+}
+
+/// Where the pieces of a logical volume of `g` lie, given where its
+/// physical volumes are (`places`: UUID and (disk, window)).
+fn lv_on_disks(
     g: &lvm::VolumeGroup,
     pieces: &[lvm::Piece],
-    places: &[(String, (u64, u64))],
+    places: &[(String, (usize, u64, u64))],
 ) -> Result<Layout> {
     let mut runs = Vec::with_capacity(pieces.len());
     for piece in pieces {
@@ -499,9 +560,9 @@ fn lv_on_disk(
                 g.name
             ))
         })?;
-        let Some((_, (start, size))) = places.iter().find(|p| p.0 == pv.uuid) else {
-            return Err(Error::unsupported(format!(
-                "volume group {} has a physical volume that is not on this disk (UUID {}):                  volume groups over several disks are not supported",
+        let Some((_, (disk, start, size))) = places.iter().find(|p| p.0 == pv.uuid) else {
+            return Err(Error::not_found(format!(
+                "volume group {} has a physical volume (UUID {}) on no disk of this backup",
                 g.name, pv.uuid
             )));
         };
@@ -516,30 +577,45 @@ fn lv_on_disk(
                 g.name
             )));
         }
-        runs.push((start + piece.offset, piece.len));
+        runs.push((*disk, start + piece.offset, piece.len));
     }
     Layout::from_runs(runs)
         .ok_or_else(|| Error::corrupt(format!("volume group {}: extents past 2^64", g.name)))
 }
 
 /// The disk window of a volume: the partition's [`Slice`] for `part/N`,
-/// the whole disk for `raw`, the logical volume's runs for `lvm/VG/LV`.
+/// the whole disk for `raw`, the logical volume's runs for `lvm/VG/LV`
+/// (of a group on this disk alone).
 pub fn open_volume(disk: Arc<dyn Disk>, volume: &str) -> Result<Arc<dyn Disk>> {
     if volume == "raw" {
         return Ok(disk);
     }
-    let layout = volume_layout(&disk, volume)?;
-    Ok(layout.open(disk))
+    let placed = volume_layout(&disk, volume, &Vec::new)?;
+    Ok(placed.layout.open(&[disk]))
 }
 
-/// Where volume `part/N`, `raw` or `lvm/VG/LV` lies on the disk (for a
-/// partition, clipped to the disk).
-pub fn volume_layout(disk: &Arc<dyn Disk>, volume: &str) -> Result<Layout> {
+/// Where a volume lies: its layout, and the sibling disks its runs use
+/// (disk 1 of the layout is the first of them; disk 0 is the volume's own).
+pub struct Placed {
+    pub layout: Layout,
+    pub siblings: Vec<(String, Arc<dyn Disk>)>,
+}
+
+/// Where volume `part/N`, `raw` or `lvm/VG/LV` of `disk` lies (for a
+/// partition, clipped to the disk); a logical volume may lie on
+/// `siblings` too.
+pub fn volume_layout(disk: &Arc<dyn Disk>, volume: &str, siblings: Siblings) -> Result<Placed> {
+    let alone = |layout| {
+        Ok(Placed {
+            layout,
+            siblings: Vec::new(),
+        })
+    };
     if volume == "raw" {
-        return Ok(Layout::window(0, disk.size()));
+        return alone(Layout::window(0, disk.size()));
     }
     if let Some(name) = volume.strip_prefix("lvm/") {
-        return logical_volume_layout(disk, volume, name);
+        return logical_volume_layout(disk, volume, name, siblings);
     }
     let number: u32 = volume
         .strip_prefix("part/")
@@ -555,13 +631,14 @@ pub fn volume_layout(disk: &Arc<dyn Disk>, volume: &str) -> Result<Layout> {
         .find(|p| p.number == number)
         .ok_or_else(|| Error::not_found(format!("volume {volume}: no such partition")))?;
     let window = Slice::new(disk.clone(), p.start, p.size);
-    Ok(Layout::window(window.start(), window.size()))
+    alone(Layout::window(window.start(), window.size()))
 }
 
-/// The layout of logical volume `name` (`VG/LV`) of the disk.
-fn logical_volume_layout(disk: &Arc<dyn Disk>, volume: &str, name: &str) -> Result<Layout> {
-    // the volumes without a filesystem, as `list_volumes` looks at them
-    let windows: Vec<(u64, u64)> = match partitions(disk)? {
+/// The windows of `disk` without a filesystem, where a physical volume may
+/// be, as `list_volumes` finds them: the whole disk when it has neither a
+/// partition table nor a filesystem, else its partitions that hold none.
+fn bare_windows(disk: &Arc<dyn Disk>) -> Result<Vec<(u64, u64)>> {
+    Ok(match partitions(disk)? {
         None if probe(disk)?.fs.is_none() => vec![(0, disk.size())],
         None => Vec::new(),
         Some(parts) => parts
@@ -573,12 +650,38 @@ fn logical_volume_layout(disk: &Arc<dyn Disk>, volume: &str, name: &str) -> Resu
                 probe(&w).map_or(true, |pr| pr.fs.is_none()).then_some(at)
             })
             .collect(),
-    };
-    let (_, lvs) = logical_volumes(disk, &windows);
+    })
+}
+
+/// The layout of logical volume `name` (`VG/LV`) of the disk, with the
+/// siblings it lies on (renumbered: only those it uses are kept).
+fn logical_volume_layout(
+    disk: &Arc<dyn Disk>,
+    volume: &str,
+    name: &str,
+    siblings: Siblings,
+) -> Result<Placed> {
+    let windows = bare_windows(disk)?;
+    let Found { lvs, others, .. } = logical_volumes(disk, &windows, siblings);
     let lv = lvs
         .into_iter()
         .find(|lv| name.split_once('/') == Some((lv.vg.as_str(), lv.name.as_str())))
         .ok_or_else(|| Error::not_found(format!("volume {volume}: no such logical volume")))?;
-    lv.layout
-        .map_err(|e| Error::new(e.kind, format!("volume {volume}: {}", e.message)))
+    let layout = lv
+        .layout
+        .map_err(|e| Error::new(e.kind, format!("volume {volume}: {}", e.message)))?;
+    // keep the siblings the runs use, numbered from 1 in the order given
+    let mut kept = Vec::new();
+    let mut number = vec![0usize; others.len() + 1];
+    for (n, other) in others.into_iter().enumerate() {
+        if layout.uses(n + 1) {
+            kept.push(other);
+            number[n + 1] = kept.len();
+        }
+    }
+    let layout = layout.renumbered(&number);
+    Ok(Placed {
+        layout,
+        siblings: kept,
+    })
 }

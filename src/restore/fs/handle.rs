@@ -21,7 +21,7 @@ use crate::restore::fs::tree::Tree;
 use crate::restore::fs::xfs::XfsBackend;
 use crate::restore::fs::Filesystem;
 use crate::restore::probe::{probe, FsKind};
-use crate::restore::volume::volume_layout;
+use crate::restore::volume::{volume_layout, Siblings};
 
 type Job = Box<dyn FnOnce(&mut dyn Filesystem) + Send>;
 
@@ -80,18 +80,39 @@ pub struct FsHandle {
     jobs: mpsc::Sender<Job>,
     kind: FsKind,
     layout: Arc<Layout>,
+    /// the names of the sibling disks the layout's runs use (disk 1 is the
+    /// first)
+    siblings: Arc<[String]>,
 }
 
 impl FsHandle {
-    /// Opens the filesystem of `volume` (`part/N`, `lvm/VG/LV` or `raw`) on
-    /// a new thread.
+    /// Opens the filesystem of `volume` (`part/N`, `lvm/VG/LV` or `raw`) of
+    /// `disk` on a new thread.
     /// Blocks while the superblock and metadata are read. Errors 1005 when
     /// the volume holds no filesystem this agent reads.
     pub fn open(disk: Arc<dyn Disk>, volume: &str) -> Result<FsHandle> {
+        FsHandle::open_in_backup(disk, volume, &Vec::new)
+    }
+
+    /// [`open`](Self::open) for a disk of a backup whose other disks are
+    /// `siblings`, which a logical volume may lie on too.
+    pub fn open_in_backup(
+        disk: Arc<dyn Disk>,
+        volume: &str,
+        siblings: Siblings,
+    ) -> Result<FsHandle> {
         // the partition table is read once: the layout is both the volume
         // and what `FileMap` offsets are relative to
-        let layout = Arc::new(volume_layout(&disk, volume)?);
-        let vol = layout.open(disk);
+        let placed = volume_layout(&disk, volume, siblings)?;
+        let layout = Arc::new(placed.layout);
+        let mut disks = vec![disk];
+        let mut names = Vec::new();
+        for (name, sibling) in placed.siblings {
+            names.push(name);
+            disks.push(sibling);
+        }
+        let siblings: Arc<[String]> = names.into();
+        let vol = layout.open(&disks);
         let probed = probe(&vol)?;
         let kind = match (probed.fs, probed.unsupported) {
             (Some(k), None) => k,
@@ -124,7 +145,12 @@ impl FsHandle {
             })
             .map_err(|e| Error::io("filesystem thread", &e))?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(FsHandle { jobs, kind, layout }),
+            Ok(Ok(())) => Ok(FsHandle {
+                jobs,
+                kind,
+                layout,
+                siblings,
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(Error::new(
                 ErrorKind::Io,
@@ -142,6 +168,11 @@ impl FsHandle {
     /// disk). [`FileMap`](super::FileMap) offsets are volume offsets.
     pub fn layout(&self) -> &Layout {
         &self.layout
+    }
+
+    /// The names of the sibling disks the layout's disks 1, 2, ... are.
+    pub fn siblings(&self) -> &[String] {
+        &self.siblings
     }
 
     /// Runs `job` on the filesystem's thread and returns its result. A
