@@ -3699,13 +3699,15 @@ fn fill_variant(src: &Path, mnt: &Path) -> u64 {
 /// reserved descriptor blocks; 1 KiB blocks, so that files lie in groups
 /// whose descriptors are in later meta groups), and large_dir with
 /// ea_inode (an extended attribute of 6,000 bytes in an inode of its own)
-/// and mmp. Each is listed and read as the source; both were refused.
+/// and mmp; and bigalloc (blocks allocated in clusters of 16), with 4 KiB
+/// and with 1 KiB blocks, which was taken for a corrupt filesystem. Each
+/// is listed and read as the source; all were refused.
 #[test]
 fn ext4_variants_match_source() {
     if !have_tools() {
         return;
     }
-    let variants: [(&str, &[&str], u64); 2] = [
+    let variants: [(&str, &[&str], u64); 4] = [
         (
             "meta_bg",
             &["-q", "-F", "-b", "1024", "-O", "meta_bg,^resize_inode"],
@@ -3714,6 +3716,16 @@ fn ext4_variants_match_source() {
         (
             "large_dir,ea_inode,mmp",
             &["-q", "-F", "-O", "large_dir,ea_inode,mmp"],
+            320 << 20,
+        ),
+        (
+            "bigalloc",
+            &["-q", "-F", "-b", "4096", "-O", "bigalloc", "-C", "65536"],
+            320 << 20,
+        ),
+        (
+            "bigalloc, 1 KiB blocks",
+            &["-q", "-F", "-b", "1024", "-O", "bigalloc", "-C", "16384"],
             320 << 20,
         ),
     ];
@@ -3763,6 +3775,20 @@ fn ext4_variants_match_source() {
                 widest / per_group >= 16,
                 "inode {widest}, {per_group} a group"
             );
+        } else if what.starts_with("bigalloc") {
+            // a group's bitmap counts clusters of 16 blocks: the group
+            // spans 16 times the blocks its bitmap has bits (this was taken
+            // for a corrupt superblock); the first data block is 0, with
+            // 1 KiB blocks too, yet the descriptors still follow the
+            // superblock's block (they were looked for in it)
+            assert!(header.contains(" bigalloc"), "{header}");
+            let cluster = if what == "bigalloc" { 65536 } else { 16384 };
+            let field = |name: &str| {
+                let line = header.lines().find_map(|l| l.strip_prefix(name));
+                line.unwrap_or_default().trim().to_string()
+            };
+            assert_eq!(field("Cluster size:"), cluster.to_string(), "{header}");
+            assert_eq!(field("First block:"), "0", "{header}");
         } else {
             for feature in ["large_dir", "ea_inode", "mmp"] {
                 assert!(header.contains(feature), "{feature}: {header}");

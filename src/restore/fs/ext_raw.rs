@@ -52,6 +52,9 @@ const COMPAT_SPARSE_SUPER2: u32 = 0x200;
 const INCOMPAT_CSUM_SEED: u32 = 0x2000;
 /// Metadata blocks and inodes carry crc32c checksums.
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+/// Allocation in clusters of several blocks: a group's bitmap counts
+/// clusters, so it spans more blocks than its bitmap has bits.
+const RO_COMPAT_BIGALLOC: u32 = 0x200;
 const EXT4_INDEX_FL: u32 = 0x1000;
 /// Size of the classic inode; larger inodes have an "extra" part.
 const GOOD_OLD_INODE_SIZE: usize = 128;
@@ -310,9 +313,16 @@ impl ExtRaw {
         } else {
             32
         };
-        // a group's block bitmap is one block
+        // a group's block bitmap is one block, of a bit per cluster
+        let bitmap_bits = if ro_compat & RO_COMPAT_BIGALLOC != 0 {
+            u64::from(le32(&sb, 0x24))
+        } else {
+            blocks_per_group
+        };
         if blocks_per_group == 0
-            || blocks_per_group > 8 * block_size
+            || bitmap_bits == 0
+            || bitmap_bits > 8 * block_size
+            || blocks_per_group % bitmap_bits != 0
             || inodes_per_group == 0
             || !(128..=block_size).contains(&inode_size)
             || desc_size > 1024
@@ -341,7 +351,9 @@ impl ExtRaw {
         // table itself can be 64 MiB (65,536 descriptors of 1,024 bytes).
         // A piece is at most one descriptor block where meta groups place
         // the blocks apart.
-        let gdt_start = (first_data_block + 1) * block_size;
+        // the block after the superblock's (byte 1024): block 2 with 1 KiB
+        // blocks also where the first data block is 0, as bigalloc has it
+        let gdt_start = (1024 / block_size + 1) * block_size;
         let per_block = block_size / desc_size;
         let first_meta = if incompat & INCOMPAT_META_BG != 0 {
             u64::from(le32(&sb, 0x104))
