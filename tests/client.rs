@@ -2554,6 +2554,41 @@ fn a_symlink_whose_target_cannot_be_read_is_not_made() {
     assert!(err.contains("/a/long: "), "{err}");
 }
 
+/// Extracting a volume whose root directory cannot be read fails with the
+/// agent's reason, for `-o` and `--tar` alike, and leaves no archive. The
+/// agent named the root as a member to go on after (with an empty name),
+/// the client asked to resume after it, and the user saw "-32602 Invalid
+/// params (resume is not a token ...)" instead of why the root cannot be
+/// read (first met on NTFS with 64 KiB clusters).
+#[test]
+fn a_tree_whose_root_cannot_be_read_says_why() {
+    let t = tmp();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d/sub")).expect("mkdir");
+    fs::write(src.join("d/sub/f"), "f").expect("write");
+    let img = t.path().join("disk.img");
+    mkfs_ext4(&src, &img, 8);
+    overwrite(&img, bmap(&img, "/", 0) * 4096, &noise(4096, 5));
+    let agent = Agent::builder().image("disk0", &img).start();
+    let tar = t.path().join("root.tar");
+    let out_dir = t.path().join("out");
+    for to in [
+        ["--tar", tar.to_str().expect("utf8")],
+        ["-o", out_dir.to_str().expect("utf8")],
+    ] {
+        let args = [&["extract", "attached", "disk0", "raw", "/"][..], &to].concat();
+        let out = client(&agent, &args);
+        exits(&out, 1);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("1004") && err.contains("checksum"),
+            "{to:?}: {err}"
+        );
+        assert!(!err.contains("-32602"), "{to:?}: {err}");
+    }
+    assert!(fs::metadata(&tar).is_err(), "a partial archive was left");
+}
+
 /// Extracting a tree goes on past what cannot be read from the backup, as
 /// tar and cp go on past a file they cannot read: a chunk missing from
 /// the datastore loses the file it holds, a damaged directory its

@@ -786,7 +786,8 @@ fn resumable(
         .as_ref()
         .and_then(|d| d.get("resume"))
         .and_then(Value::as_str)
-        .filter(|t| t.len() <= MAX_RESUME_TOKEN && Some(*t) != last)
+        // an empty token names no member (the agent refuses it)
+        .filter(|t| !t.is_empty() && t.len() <= MAX_RESUME_TOKEN && Some(*t) != last)
         .filter(|_| failures < MAX_FAILED_MEMBERS)
         .map(str::to_string);
     match token {
