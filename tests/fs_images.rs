@@ -2118,10 +2118,20 @@ fn bytes_of(image: &[u8], extents: &[Extent]) -> Vec<u8> {
 /// fragmented or compressed files, links); the caller unmounts it. `None` (the test skips)
 /// where FUSE mounts fail.
 fn mounted_ntfs(dir: &Path, name: &str) -> Option<(PathBuf, PathBuf)> {
+    mounted_ntfs_with(dir, name, 4096, "32M")
+}
+
+/// [`mounted_ntfs`] with clusters of `cluster` bytes, of `size`.
+fn mounted_ntfs_with(
+    dir: &Path,
+    name: &str,
+    cluster: u32,
+    size: &str,
+) -> Option<(PathBuf, PathBuf)> {
     let img = dir.join(name);
-    run(Command::new("truncate").arg("-s").arg("32M").arg(&img));
+    run(Command::new("truncate").arg("-s").arg(size).arg(&img));
     run(Command::new("mkntfs")
-        .args(["-q", "-F", "-Q", "-c", "4096"])
+        .args(["-q", "-F", "-Q", "-c", &cluster.to_string()])
         .arg(&img));
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -2411,6 +2421,46 @@ fn ntfs_compressed_files_read_as_ntfscat_reads_them() {
             .output()
             .unwrap();
         assert!(cat.stdout == *data, "{name}: ntfscat disagrees");
+    }
+}
+
+/// NTFS with clusters larger than its 4 KiB index records (64 KiB is the
+/// usual cluster for data volumes: SQL Server, Hyper-V), written by
+/// ntfs-3g: a directory large enough for index records below its root,
+/// nested directories and files, listed and read as the source. A
+/// subnode's number then counts 512-byte blocks, which the ntfs crate
+/// takes for clusters: every such volume's root was "corrupt" (its index
+/// record "past the boundaries of the filesystem").
+#[test]
+fn ntfs_with_large_clusters_matches_source() {
+    if !have_tools() {
+        return;
+    }
+    for cluster in [65536, 8192] {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((img, mnt)) = mounted_ntfs_with(dir.path(), "large.img", cluster, "160M") else {
+            return;
+        };
+        let src = dir.path().join("src");
+        for i in 0..2000 {
+            write(
+                &src.join(format!("many/a-rather-long-file-name-{i:05}.txt")),
+                format!("{i}\n").as_bytes(),
+            );
+        }
+        write(&src.join("deep/er/still/file.bin"), &noise(11, 300_000));
+        write(&src.join("big.bin"), &noise(12, 3 << 20));
+        copy_in(&src, &mnt);
+        run(Command::new("umount").arg(&mnt));
+        let src2 = src.clone();
+        let n = with_fs(&img, "raw", move |fs| {
+            compare_tree(fs, &src2, b"/", &Flavor::Fat)
+        });
+        assert_eq!(
+            n,
+            count_source(&src),
+            "{cluster}-byte clusters: entries compared"
+        );
     }
 }
 

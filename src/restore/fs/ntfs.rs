@@ -13,10 +13,13 @@
 //! runs map it to volume extents (sparse runs and the bytes past its valid
 //! data length as zeros), so its reads come from the chunk pool and its
 //! holes stay out of tar streams. The runs of a fragmented file are
-//! gathered from every file record its attribute list names.
+//! gathered from every file record its attribute list names. Directory
+//! index records smaller than a cluster are read here (`index_entries`):
+//! their numbers count 512-byte blocks, which the crate takes for clusters.
 //! Must never write.
 
 use std::collections::HashSet;
+use std::io::SeekFrom;
 use std::sync::Arc;
 
 use ntfs::attribute_value::NtfsAttributeValue;
@@ -28,11 +31,11 @@ use ntfs::structured_values::{
 use ntfs::types::Vcn;
 use ntfs::{
     Ntfs, NtfsAttribute, NtfsAttributeFlags, NtfsAttributeItem, NtfsAttributeType, NtfsError,
-    NtfsFile, NtfsIndexNodeEntries,
+    NtfsFile, NtfsIndexNodeEntries, NtfsReadSeek,
 };
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::le::{le16, le64};
+use crate::le::{le16, le32, le64};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
@@ -703,6 +706,7 @@ fn index_attribute<'n, 'f>(
 fn directory_names(
     file: &NtfsFile<'_>,
     cur: &mut DiskCursor,
+    cluster: u64,
     what: &str,
     charge: &mut Charge,
 ) -> Result<Vec<(String, u64)>> {
@@ -752,17 +756,132 @@ fn directory_names(
         )));
     }
     while let Some(vcn) = walk.pending.pop() {
-        let Some(allocation) = &allocation else {
+        let (Some(allocation), Some(attribute)) = (&allocation, &allocation_attribute) else {
             return Err(Error::corrupt(format!(
                 "{what}: corrupt NTFS filesystem: a subnode without an index allocation"
             )));
         };
+        if u64::from(record_size) < cluster {
+            let record = small_index_record(attribute, cur, vcn, record_size, what)?;
+            for entry in index_entries(&record, what)? {
+                walk.take(entry)?;
+            }
+            continue;
+        }
         let record = allocation
             .record_from_vcn(cur, record_size, vcn)
             .map_err(err)?;
         walk.node(record.entries().map_err(err)?)?;
     }
     Ok(walk.names)
+}
+
+/// Index record `vcn` of a directory's index allocation whose records are
+/// smaller than a cluster (volumes of 8 KiB clusters and more; 64 KiB is
+/// usual for data volumes): VCNs then count 512-byte blocks, as Windows,
+/// ntfs-3g and Linux read them, and the ntfs crate takes them for
+/// clusters, finding every subnode past the index's end. Read here,
+/// update sequence applied, its own VCN checked.
+fn small_index_record(
+    allocation: &NtfsAttribute<'_, '_>,
+    cur: &mut DiskCursor,
+    vcn: Vcn,
+    record_size: u32,
+    what: &str,
+) -> Result<Vec<u8>> {
+    let corrupt = |why: String| Error::corrupt(format!("{what}: corrupt NTFS filesystem: {why}"));
+    let mut value = allocation.value(cur).map_err(|e| map_err(what, e))?;
+    let size = u64::from(record_size);
+    let at = u64::try_from(vcn.value())
+        .ok()
+        .and_then(|v| v.checked_mul(512))
+        .filter(|at| at.checked_add(size).is_some_and(|end| end <= value.len()))
+        .ok_or_else(|| corrupt(format!("index record {} lies past its index", vcn.value())))?;
+    value
+        .seek(cur, SeekFrom::Start(at))
+        .map_err(|e| map_err(what, e))?;
+    let mut record = vec![0u8; size as usize];
+    value
+        .read_exact(cur, &mut record)
+        .map_err(|e| map_err(what, e))?;
+    if !record.starts_with(b"INDX") || !apply_fixups(&mut record) {
+        return Err(corrupt(format!("index record {} is damaged", vcn.value())));
+    }
+    if le64(&record, 0x10) != at / 512 {
+        return Err(corrupt(format!(
+            "index record {} says it is record {}",
+            vcn.value(),
+            le64(&record, 0x10)
+        )));
+    }
+    Ok(record)
+}
+
+/// One entry of a directory index record read by [`index_entries`].
+struct RawIndexEntry {
+    /// (name, its file record, whether it is a DOS 8.3 name); none for the
+    /// node's last entry
+    key: Option<(String, u64, bool)>,
+    subnode: Option<Vcn>,
+}
+
+/// The entries of a directory index record (its node header at byte
+/// 0x18), each checked to lie inside the node.
+fn index_entries(record: &[u8], what: &str) -> Result<Vec<RawIndexEntry>> {
+    let corrupt = || {
+        Error::corrupt(format!(
+            "{what}: corrupt NTFS filesystem: an index record's entries run past it"
+        ))
+    };
+    const NODE: usize = 0x18;
+    let first = NODE + le32(record, NODE) as usize;
+    let end = (NODE + le32(record, NODE + 4) as usize).min(record.len());
+    let mut out = Vec::new();
+    let mut at = first;
+    loop {
+        let header = record.get(at..at + 16).ok_or_else(corrupt)?;
+        let (len, key_len) = (usize::from(le16(header, 8)), usize::from(le16(header, 10)));
+        let flags = le16(header, 12);
+        if len < 16 || at + len > end {
+            return Err(corrupt());
+        }
+        let entry = &record[at..at + len];
+        let subnode = if flags & 1 != 0 {
+            let vcn = le64(
+                entry,
+                len.checked_sub(8)
+                    .filter(|&v| v >= 16)
+                    .ok_or_else(corrupt)?,
+            );
+            Some(Vcn::from(i64::try_from(vcn).map_err(|_| corrupt())?))
+        } else {
+            None
+        };
+        let last = flags & 2 != 0;
+        let key = if last {
+            None
+        } else {
+            // a $FILE_NAME: the name's length at 0x40, namespace at 0x41,
+            // UTF-16 from 0x42
+            let key = entry.get(16..16 + key_len).ok_or_else(corrupt)?;
+            let (chars, namespace) = match key.get(0x40..0x42) {
+                Some(&[chars, namespace]) => (usize::from(chars), namespace),
+                _ => return Err(corrupt()),
+            };
+            let name = key.get(0x42..0x42 + 2 * chars).ok_or_else(corrupt)?;
+            let units: Vec<u16> = name
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            let record = le64(entry, 0) & 0xFFFF_FFFF_FFFF;
+            Some((String::from_utf16_lossy(&units), record, namespace == 2))
+        };
+        out.push(RawIndexEntry { key, subnode });
+        if last {
+            return Ok(out);
+        }
+        at += len;
+    }
 }
 
 /// The state of reading one directory index.
@@ -784,37 +903,50 @@ impl IndexWalk<'_> {
     fn node(&mut self, entries: NtfsIndexNodeEntries<'_, NtfsFileNameIndex>) -> Result<()> {
         let what = self.what;
         for e in entries {
-            self.entries += 1;
-            if self.entries > MAX_DIR_ENTRIES {
+            let e = e.map_err(|e| map_err(what, e))?;
+            let subnode = e.subnode_vcn().transpose().map_err(|e| map_err(what, e))?;
+            let key = match e.key() {
+                None => None,
+                Some(key) => {
+                    let key = key.map_err(|e| map_err(what, e))?;
+                    let dos = key.namespace() == NtfsFileNamespace::Dos;
+                    let record = e.file_reference().file_record_number();
+                    Some((key.name().to_string_lossy(), record, dos))
+                }
+            };
+            self.take(RawIndexEntry { key, subnode })?;
+        }
+        Ok(())
+    }
+
+    /// Takes one entry's name (unless a DOS name or a metafile's) and
+    /// notes its subnode.
+    fn take(&mut self, entry: RawIndexEntry) -> Result<()> {
+        let what = self.what;
+        self.entries += 1;
+        if self.entries > MAX_DIR_ENTRIES {
+            return Err(Error::corrupt(format!(
+                "{what}: too many directory entries"
+            )));
+        }
+        if let Some(vcn) = entry.subnode {
+            if !self.seen.insert(vcn.value()) {
                 return Err(Error::corrupt(format!(
-                    "{what}: too many directory entries"
+                    "{what}: corrupt NTFS filesystem: index record {} is named twice",
+                    vcn.value()
                 )));
             }
-            let e = e.map_err(|e| map_err(what, e))?;
-            if let Some(vcn) = e.subnode_vcn() {
-                let vcn = vcn.map_err(|e| map_err(what, e))?;
-                if !self.seen.insert(vcn.value()) {
-                    return Err(Error::corrupt(format!(
-                        "{what}: corrupt NTFS filesystem: index record {} is named twice",
-                        vcn.value()
-                    )));
-                }
-                self.pending.push(vcn);
-            }
-            let Some(key) = e.key() else { continue };
-            let key = key.map_err(|e| map_err(what, e))?;
-            if key.namespace() == NtfsFileNamespace::Dos {
-                continue;
-            }
-            let record = e.file_reference().file_record_number();
-            let name = key.name().to_string_lossy();
-            if record < FIRST_USER_RECORD && (name.starts_with('$') || name == ".") {
-                continue;
-            }
-            self.charge
-                .add(std::mem::size_of::<(String, u64)>() + 2 * name.len() + 16)?;
-            self.names.push((name, record));
+            self.pending.push(vcn);
         }
+        let Some((name, record, dos)) = entry.key else {
+            return Ok(());
+        };
+        if dos || (record < FIRST_USER_RECORD && (name.starts_with('$') || name == ".")) {
+            return Ok(());
+        }
+        self.charge
+            .add(std::mem::size_of::<(String, u64)>() + 2 * name.len() + 16)?;
+        self.names.push((name, record));
         Ok(())
     }
 }
@@ -843,7 +975,8 @@ impl Backend for NtfsBackend {
         let what = String::from_utf8_lossy(path).into_owned();
         let cur = &mut self.cur;
         let file = self.ntfs.file(cur, *dir).map_err(|e| map_err(&what, e))?;
-        let names = directory_names(&file, cur, &what, charge)?;
+        let cluster = u64::from(self.ntfs.cluster_size());
+        let names = directory_names(&file, cur, cluster, &what, charge)?;
         let mut out = Vec::with_capacity(names.len());
         for (name, record) in names {
             // the path is put before it wherever the error is given
@@ -947,5 +1080,82 @@ impl Backend for NtfsBackend {
 
     fn what(&self) -> &str {
         "NTFS filesystem"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An index record's node of `names` (file records 100, 101, ...), the
+    /// first entry naming subnode 8, then the last entry.
+    fn record(names: &[&str]) -> Vec<u8> {
+        let mut r = vec![0u8; 4096];
+        r[..4].copy_from_slice(b"INDX");
+        let mut at = 0x40;
+        r[0x18..0x1C].copy_from_slice(&((at - 0x18) as u32).to_le_bytes());
+        for (i, name) in names.iter().enumerate() {
+            let units: Vec<u16> = name.encode_utf16().collect();
+            let key_len = 0x42 + 2 * units.len();
+            let sub = i == 0;
+            let len = (16 + key_len).div_ceil(8) * 8 + if sub { 8 } else { 0 };
+            r[at..at + 8].copy_from_slice(&(100 + i as u64).to_le_bytes());
+            r[at + 8..at + 10].copy_from_slice(&(len as u16).to_le_bytes());
+            r[at + 10..at + 12].copy_from_slice(&(key_len as u16).to_le_bytes());
+            r[at + 12] = u8::from(sub);
+            r[at + 16 + 0x40] = units.len() as u8;
+            r[at + 16 + 0x41] = 1;
+            for (k, u) in units.iter().enumerate() {
+                let o = at + 16 + 0x42 + 2 * k;
+                r[o..o + 2].copy_from_slice(&u.to_le_bytes());
+            }
+            if sub {
+                r[at + len - 8..at + len].copy_from_slice(&8u64.to_le_bytes());
+            }
+            at += len;
+        }
+        // the last entry
+        r[at + 8] = 16;
+        r[at + 12] = 2;
+        at += 16;
+        r[0x1C..0x20].copy_from_slice(&((at - 0x18) as u32).to_le_bytes());
+        r
+    }
+
+    #[test]
+    fn index_entries_are_read_and_garbage_is_refused_without_panic() {
+        let r = record(&["alpha", "beta.txt", "γάμμα"]);
+        let entries = index_entries(&r, "t").unwrap();
+        let keys: Vec<_> = entries.iter().map(|e| e.key.clone()).collect();
+        assert_eq!(
+            keys,
+            [
+                Some(("alpha".to_string(), 100, false)),
+                Some(("beta.txt".to_string(), 101, false)),
+                Some(("γάμμα".to_string(), 102, false)),
+                None
+            ]
+        );
+        assert_eq!(entries[0].subnode.map(|v| v.value()), Some(8));
+        assert!(entries[1..].iter().all(|e| e.subnode.is_none()));
+        // damaged copies: an error or entries, never a panic or a run
+        // past the node
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..5000 {
+            let mut bad = r.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % 0x140) as usize;
+                bad[at] = next() as u8;
+            }
+            if let Ok(entries) = index_entries(&bad, "t") {
+                assert!(entries.len() <= 4096 / 16);
+            }
+        }
     }
 }
