@@ -48,8 +48,44 @@ pub struct Probe {
     pub warning: Option<String>,
 }
 
-/// Bytes read from the start of a volume to recognise it.
-const HEAD_LEN: usize = 68 * 1024;
+/// Bytes read from the start of a volume to recognise it: up to a ZFS
+/// label's uberblocks.
+const HEAD_LEN: usize = 256 * 1024;
+
+/// What the agent recognises but does not read, so that a volume says
+/// what it holds: (offset, magic, what).
+const NOT_READ: &[(usize, &[u8], &str)] = &[
+    (0x10040, b"_BHRfS_M", "btrfs"),
+    (4086, b"SWAPSPACE2", "swap space"),
+    (4086, b"SWAP-SPACE", "swap space"),
+    (0, b"LUKS\xba\xbe", "LUKS encryption"),
+    (3, b"-FVE-FS-", "BitLocker encryption"),
+    (3, b"ReFS\0\0\0\0", "ReFS"),
+    (0x8001, b"CD001", "iso9660"),
+    (3, b"EXFAT   ", "exfat"),
+    // superblock 1.2 and 1.1 (0.90 and 1.0 lie at the end of the device)
+    (4096, &[0xfc, 0x4e, 0x2b, 0xa9], "a Linux MD RAID member"),
+    (0, &[0xfc, 0x4e, 0x2b, 0xa9], "a Linux MD RAID member"),
+    (
+        4096 + 24,
+        &[
+            0xc6, 0x85, 0x73, 0xf6, 0x4e, 0x1a, 0x45, 0xca, 0x82, 0x65, 0xf5, 0x7f, 0x48, 0xba,
+            0x6d, 0x81,
+        ],
+        "bcache",
+    ),
+    (0, b"hsqs", "squashfs"),
+    (1024, &[0x10, 0x20, 0xf5, 0xf2], "f2fs"),
+    (32768, b"JFS1", "JFS"),
+    (65536 + 52, b"ReIsErFs", "ReiserFS"),
+    (65536 + 52, b"ReIsEr2Fs", "ReiserFS"),
+    (65536 + 52, b"ReIsEr3Fs", "ReiserFS"),
+];
+
+/// Where a ZFS vdev label keeps its uberblocks (each at least 1 KiB), and
+/// their magic in either byte order.
+const ZFS_UBERBLOCKS: std::ops::Range<usize> = 128 * 1024..256 * 1024;
+const ZFS_MAGIC: u64 = 0x00ba_b10c;
 
 const EXT_MAGIC: u16 = 0xEF53;
 // ext compat / incompat / ro_compat bits that tell ext3 and ext4 apart
@@ -117,23 +153,22 @@ fn probe_head(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
     if has(head, 0, b"XFSB") {
         return crate::restore::fs::xfs::probe(disk.clone());
     }
-    if has(head, 0x10040, b"_BHRfS_M") {
-        return unknown("btrfs");
-    }
-    if has(head, 4086, b"SWAPSPACE2") || has(head, 4086, b"SWAP-SPACE") {
-        return unknown("swap space");
-    }
-    if has(head, 0, b"LUKS\xba\xbe") {
-        return unknown("LUKS encryption");
-    }
     if has(head, 512, b"LABELONE") && has(head, 512 + 24, b"LVM2 001") {
         return unknown("LVM2 physical volume");
     }
-    if has(head, 0x8001, b"CD001") {
-        return unknown("iso9660");
+    if let Some((_, _, what)) = NOT_READ.iter().find(|(at, magic, _)| has(head, *at, magic)) {
+        return unknown(what);
     }
-    if has(head, 3, b"EXFAT   ") {
-        return unknown("exfat");
+    let zfs = head
+        .get(ZFS_UBERBLOCKS)
+        .unwrap_or_default()
+        .chunks_exact(1024)
+        .any(|ub| {
+            let magic: [u8; 8] = ub[..8].try_into().unwrap_or_default();
+            u64::from_le_bytes(magic) == ZFS_MAGIC || u64::from_be_bytes(magic) == ZFS_MAGIC
+        });
+    if zfs {
+        return unknown("a ZFS pool member");
     }
     Probe {
         unsupported: Some(Error::unsupported("no known filesystem found")),
@@ -167,4 +202,41 @@ fn probe_ext(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
 /// The label of a FAT/NTFS-style fixed field, for the fs modules.
 pub(crate) fn fixed_label(bytes: &[u8]) -> Option<String> {
     label_of(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::restore::disk::MemDisk;
+
+    fn reason(head: Vec<u8>) -> String {
+        let disk: Arc<dyn Disk> = Arc::new(MemDisk(head));
+        let p = probe(&disk).unwrap();
+        assert!(p.fs.is_none());
+        p.unsupported.unwrap().message
+    }
+
+    /// What is not read says what it is (the tools that make most of these
+    /// are not installed here, so the signatures are laid by hand, at the
+    /// offsets blkid looks at).
+    #[test]
+    fn volumes_not_read_say_what_they_hold() {
+        for &(at, magic, what) in NOT_READ {
+            let mut head = vec![0u8; 1 << 20];
+            head[at..at + magic.len()].copy_from_slice(magic);
+            assert_eq!(reason(head), format!("{what} is not supported"));
+        }
+        for (slot, bytes) in [(0, ZFS_MAGIC.to_le_bytes()), (37, ZFS_MAGIC.to_be_bytes())] {
+            let mut head = vec![0u8; 1 << 20];
+            let at = ZFS_UBERBLOCKS.start + slot * 1024;
+            head[at..at + 8].copy_from_slice(&bytes);
+            assert_eq!(reason(head), "a ZFS pool member is not supported");
+        }
+        // the magic off a slot's start, and nothing at all
+        let mut head = vec![0u8; 1 << 20];
+        head[ZFS_UBERBLOCKS.start + 8..ZFS_UBERBLOCKS.start + 16]
+            .copy_from_slice(&ZFS_MAGIC.to_le_bytes());
+        assert_eq!(reason(head), "no known filesystem found");
+        assert_eq!(reason(vec![0u8; 100]), "no known filesystem found");
+    }
 }
