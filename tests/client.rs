@@ -2713,3 +2713,81 @@ fn extract_goes_on_past_what_cannot_be_read() {
         assert_eq!(fs::read(from_tar.join(name)).expect(name), name.as_bytes());
     }
 }
+
+/// A snapshot's blob archive (a VM's configuration, as Proxmox VE stores
+/// it beside the disks) is written to stdout whole by `blob`, also with
+/// `--output json` (the data is all of stdout, as with `cat`). A blob
+/// whose bytes no longer match the manifest is refused (1004), and so is
+/// an image archive (1005); the agent serves on.
+#[test]
+fn blob_writes_a_vms_configuration() {
+    use restore_agent::store::datastore::SnapshotPath;
+    use restore_agent::store::manifest::{FileEntry, Manifest, MANIFEST_BLOB_NAME};
+    use restore_agent::store::{blob, digest_hex, sha256};
+    let t = tmp();
+    let src = t.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    fs::write(src.join("f"), "f").expect("write");
+    let img = t.path().join("disk.img");
+    mkfs_ext4(&src, &img, 8);
+    let store = t.path().join("store");
+    run(Command::new(CLIENT_BIN).args(["store", "init"]).arg(&store));
+    run(Command::new(CLIENT_BIN)
+        .args(["store", "import-image", "--store"])
+        .arg(&store)
+        .args(["--snapshot", SNAPSHOT, "--archive", "drive-scsi0.img"])
+        .arg(&img));
+    let conf = b"boot: order=scsi0\ncores: 2\nmemory: 2048\nname: web\n\
+                 scsi0: local-lvm:vm-100-disk-0,size=8G\n"
+        .repeat(50);
+    let raw = blob::encode(&conf, true);
+    let dir = store.join(SnapshotPath::parse(SNAPSHOT).expect("name").rel_path());
+    let path = dir.join("qemu-server.conf.blob");
+    fs::write(&path, &raw).expect("blob");
+    let manifest = dir.join(MANIFEST_BLOB_NAME);
+    let mut m = Manifest::load(&manifest).expect("manifest");
+    m.set_file(FileEntry {
+        filename: "qemu-server.conf.blob".into(),
+        crypt_mode: "none".into(),
+        size: raw.len() as u64,
+        csum: digest_hex(&sha256(&raw)),
+    });
+    m.store(&manifest).expect("store manifest");
+    let agent = Agent::builder().datastore(&store).start();
+
+    let out = client(&agent, &["archives", SNAPSHOT]);
+    exits(&out, 0);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("qemu-server.conf.blob  blob"), "{text}");
+    for json in [false, true] {
+        let mut args = vec!["blob", SNAPSHOT, "qemu-server.conf.blob"];
+        if json {
+            args.splice(0..0, ["--output", "json"]);
+        }
+        let out = client(&agent, &args);
+        exits(&out, 0);
+        assert!(
+            out.stdout == conf,
+            "json {json}: {} bytes",
+            out.stdout.len()
+        );
+    }
+
+    let out = client(&agent, &["blob", SNAPSHOT, "drive-scsi0.img.fidx"]);
+    exits(&out, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1005") && err.contains("not a blob"), "{err}");
+
+    // one byte of the compressed data changed: the file's SHA-256 no
+    // longer matches the manifest's
+    let mut bad = raw.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    fs::write(&path, &bad).expect("damage");
+    let out = client(&agent, &["blob", SNAPSHOT, "qemu-server.conf.blob"]);
+    exits(&out, 1);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1004") && err.contains("checksum"), "{err}");
+    assert!(out.stdout.is_empty());
+    exits(&client(&agent, &["ping"]), 0);
+}

@@ -1,4 +1,4 @@
-//! Datastore methods: `snapshot.list` and `image.read`.
+//! Datastore methods: `snapshot.list`, `image.read` and `blob.read`.
 
 use jsonrpsee::types::{ErrorObjectOwned, Params};
 use jsonrpsee::RpcModule;
@@ -29,7 +29,32 @@ struct ReadParams {
     encoding: Encoding,
 }
 
+/// Largest blob `blob.read` returns, decoded: a VM's configuration or a
+/// backup's log is far smaller, and the answer is held whole (and as
+/// base64) in a VM of 128 MiB.
+const MAX_BLOB: usize = 4 << 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlobParams {
+    snapshot: String,
+    archive: String,
+}
+
 pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
+    must(
+        module.register_blocking_method("blob.read", |params, agent, _| {
+            let p: BlobParams = params.parse()?;
+            let data = agent
+                .backups
+                .read_blob(&p.snapshot, &p.archive, MAX_BLOB)
+                .map_err(app_error)?;
+            Ok::<_, ErrorObjectOwned>(serde_json::json!({
+                "size": data.len(),
+                "data": base64_simd::STANDARD.encode_to_string(&data),
+            }))
+        }),
+    );
     must(
         module.register_blocking_method("snapshot.list", |params, agent, _| {
             let p: ListParams = if params.as_str().is_some() {

@@ -206,6 +206,17 @@ impl Backups {
             .open_index(chunks.clone(), index, format!("{snapshot}/{archive}")))
     }
 
+    /// The decoded contents of a blob archive of a datastore snapshot (at
+    /// most `max` bytes); attached images have none.
+    pub fn read_blob(&self, snapshot: &str, archive: &str, max: usize) -> Result<Vec<u8>> {
+        match &self.datastore {
+            Some(ds) if snapshot != ATTACHED => ds.read_blob(snapshot, archive, max),
+            _ => Err(Error::not_found(format!(
+                "snapshot `{snapshot}` has no blob `{archive}`"
+            ))),
+        }
+    }
+
     /// An archive as a disk, with its own reader.
     pub fn disk(&self, snapshot: &str, archive: &str) -> Result<Arc<dyn Disk>> {
         Ok(Arc::new(ArchiveDisk(self.open_archive(snapshot, archive)?)))

@@ -3,6 +3,7 @@
 //! from manifests, and opening archives with their indexes checked against
 //! the manifest. It never creates, writes or locks anything.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -412,6 +413,23 @@ impl Datastore {
         Manifest::load(&dir.join(MANIFEST_BLOB_NAME))
     }
 
+    /// The decoded contents of blob archive `archive` of `snapshot` (a
+    /// VM's `qemu-server.conf.blob`, a backup's `client.log.blob`): see
+    /// [`read_blob_file`]; at most `max` bytes of file or of data.
+    pub fn read_blob(&self, snapshot: &str, archive: &str, max: usize) -> Result<Vec<u8>> {
+        let Archive::Blob(path) = self.open_archive(snapshot, archive)? else {
+            return Err(Error::unsupported(format!(
+                "{archive} is not a blob archive (read images with image.read)"
+            )));
+        };
+        let manifest = self.manifest(snapshot)?;
+        let csum = manifest
+            .file(archive)
+            .map(|f| f.csum.as_str())
+            .unwrap_or("");
+        read_blob_file(&path, csum, max)
+    }
+
     /// Opens `archive` (a file name listed in the manifest, e.g.
     /// `drive-scsi0.img.fidx`) of `snapshot`, checking the index against the
     /// manifest's size and checksum.
@@ -486,6 +504,32 @@ fn dir_names(dir: &Path) -> Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// Reads a blob archive's file whole (at most `max` bytes), checks its
+/// SHA-256 against `csum` (the manifest's; an empty one is not checked),
+/// and decodes it (magic, CRC, decompression to at most `max` bytes).
+pub fn read_blob_file(path: &Path, csum: &str, max: usize) -> Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    crate::store::file::open_regular(path)
+        .and_then(|f| f.take(max as u64 + 64).read_to_end(&mut raw))
+        .map_err(|e| Error::io(path.display(), &e))?;
+    if raw.len() > max + 12 {
+        return Err(Error::unsupported(format!(
+            "{}: a blob of more than {max} bytes is not read here",
+            path.display()
+        )));
+    }
+    if !csum.is_empty() {
+        let actual = digest_hex(&crate::store::sha256(&raw));
+        if !actual.eq_ignore_ascii_case(csum) {
+            return Err(Error::corrupt(format!(
+                "{}: checksum mismatch (manifest {csum}, file {actual})",
+                path.display()
+            )));
+        }
+    }
+    crate::store::blob::decode(&raw, None, max)
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@ use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::chunk_store::ChunkStore;
-use crate::store::datastore::{validate_archive_name, Archive, Datastore, SnapshotPath};
+use crate::store::datastore::{
+    read_blob_file, validate_archive_name, Archive, Datastore, SnapshotPath,
+};
 use crate::store::fidx::FixedIndex;
 use crate::store::index::{
     new_uuid, now_epoch, ChunkIndex, INDEX_HEADER_SIZE, MAX_INDEX_FILE_SIZE,
@@ -523,22 +525,7 @@ pub fn verify(
 }
 
 fn verify_blob_archive(path: &Path, csum: &str) -> Result<()> {
-    let mut raw = Vec::new();
-    super::file::open_regular(path)
-        .and_then(|f| {
-            f.take(MAX_BLOB_ARCHIVE_SIZE as u64 + 64)
-                .read_to_end(&mut raw)
-        })
-        .map_err(|e| Error::io(path.display(), &e))?;
-    if !csum.is_empty() {
-        let actual = digest_hex(&sha256(&raw));
-        if !actual.eq_ignore_ascii_case(csum) {
-            return Err(Error::corrupt(format!(
-                "checksum mismatch (manifest {csum}, file {actual})"
-            )));
-        }
-    }
-    blob::decode(&raw, None, MAX_BLOB_ARCHIVE_SIZE).map(|_| ())
+    read_blob_file(path, csum, MAX_BLOB_ARCHIVE_SIZE).map(|_| ())
 }
 
 #[cfg(test)]

@@ -117,6 +117,8 @@ pub(crate) enum Command {
     },
     /// Restore a file or directory tree into a directory, a tar or zip file, or stdout (`-`, tar)
     Extract(extract::ExtractArgs),
+    /// Write a blob archive of a snapshot to stdout (e.g. qemu-server.conf.blob, the VM's configuration)
+    Blob { snapshot: String, archive: String },
     /// Work on a local datastore directory
     #[command(subcommand)]
     Store(store::StoreCommand),

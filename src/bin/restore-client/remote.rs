@@ -163,6 +163,7 @@ pub async fn run(
         }
         Command::Stat { follow, file } => stat(session, &file.file_ref(), follow).await,
         Command::Cat { file } => cat(session, &file.file_ref()).await,
+        Command::Blob { snapshot, archive } => blob(session, &snapshot, &archive).await,
         Command::Extract(args) => crate::extract::run(session, args, global).await,
         Command::Store(_)
         | Command::Vm(_)
@@ -734,6 +735,29 @@ pub fn data_stdout() -> Result<std::fs::File, ClientError> {
         .try_clone_to_owned()
         .map(std::fs::File::from)
         .map_err(|e| ClientError::local(format!("standard output: {e}")))
+}
+
+/// `blob`: the decoded blob on stdout, as `cat` writes a file (all of
+/// stdout, also with `--output json`).
+async fn blob(session: &Session, snapshot: &str, archive: &str) -> Result<Outcome, ClientError> {
+    let v: Value = session
+        .call(
+            "blob.read",
+            json!({ "snapshot": snapshot, "archive": archive }),
+        )
+        .await?;
+    let data = base64_simd::STANDARD
+        .decode_to_vec(str_of(&v, "data").as_bytes())
+        .map_err(|e| ClientError::local(format!("blob.read: bad base64 from the agent: {e}")))?;
+    if Some(data.len() as u64) != v.get("size").and_then(Value::as_u64) {
+        return Err(ClientError::local(
+            "blob.read: the agent's size and data disagree",
+        ));
+    }
+    let mut out = data_stdout()?;
+    out.write_all(&data).map_err(crate::stdout_error)?;
+    out.flush().map_err(crate::stdout_error)?;
+    Ok(Outcome::new(Value::Null, ""))
 }
 
 async fn cat(session: &Session, file: &FileRef) -> Result<Outcome, ClientError> {
