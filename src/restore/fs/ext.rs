@@ -27,7 +27,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, Ext4Reader};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_journal::{self, Recovered};
-use crate::restore::fs::ext_raw::{ExtRaw, Inode};
+use crate::restore::fs::ext_raw::{ExtRaw, Inode, VIEW_MAX_GROUPS};
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::{EntryType, Extent, Meta};
 
@@ -67,7 +67,8 @@ const HEAD_ANNOUNCED: u64 = 1 << 20;
 /// ext4-view and for `ext_raw`. ext4-view is left out where it refuses a
 /// feature that only changes what `ext_raw` reads anyway (where group
 /// descriptors lie, directories past 2 GiB, extended attributes in inodes
-/// of their own, a multiple-mount protection block); it is then only
+/// of their own, a multiple-mount protection block), and for filesystems
+/// of more than [`VIEW_MAX_GROUPS`] groups (its memory); it is then only
 /// missed for the error an encrypted file gives.
 struct Loaded {
     fs: Option<Ext4>,
@@ -92,6 +93,14 @@ fn load(disk: Arc<dyn Disk>) -> Result<Loaded> {
         }
     };
     let read_anyway = raw.reads_what_ext4_view_refuses();
+    if raw.groups() > VIEW_MAX_GROUPS {
+        // past 8 TiB: ext4-view would hold more than this VM can spare
+        return Ok(Loaded {
+            fs: None,
+            raw,
+            recovered,
+        });
+    }
     match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {
         Ok(Ok(fs)) => Ok(Loaded {
             fs: Some(fs),

@@ -74,12 +74,15 @@ const BLOCK_CACHE_BYTES: u64 = 2 << 20;
 /// more pieces is mapped a window at a time, so that its map takes no more
 /// memory than this however fragmented the file is.
 const WINDOW_RUNS: usize = 1 << 16;
-/// Most block groups: 8 TiB in groups of 128 MiB (4 KiB blocks). What the
-/// descriptors say is held in memory, here (8 bytes a group) and in
-/// ext4-view (about 130 bytes a group while opening, 9 MiB at this bound),
-/// and a superblock with small groups can name a million of them for a 32
-/// MiB volume.
-const MAX_GROUPS: u64 = 1 << 16;
+/// Most block groups: 128 TiB in groups of 128 MiB (4 KiB blocks). Each
+/// group's inode table location is held in memory (8 bytes a group, 8 MiB
+/// at this bound); ext4-view, which holds about 130 bytes a group while
+/// opening, is not loaded past [`VIEW_MAX_GROUPS`]. The descriptors of a
+/// superblock with small groups must still fit the volume.
+const MAX_GROUPS: u64 = 1 << 20;
+/// Most block groups of a filesystem ext4-view is loaded for (8 TiB in
+/// groups of 128 MiB; 9 MiB of its memory while opening).
+pub const VIEW_MAX_GROUPS: usize = 1 << 16;
 /// Bytes of group descriptors read at a time.
 const GDT_PIECE_BYTES: u64 = 64 << 10;
 /// Largest directory read (bytes).
@@ -436,6 +439,11 @@ impl ExtRaw {
     /// refuses (meta_bg, MMP, EA in inodes, large directories).
     pub fn reads_what_ext4_view_refuses(&self) -> bool {
         self.beyond_ext4_view
+    }
+
+    /// How many block groups the filesystem has.
+    pub fn groups(&self) -> usize {
+        self.inode_tables.len()
     }
 
     fn block(&mut self, n: u64) -> Result<Rc<Vec<u8>>> {
