@@ -3749,15 +3749,16 @@ fn fill_variant(src: &Path, mnt: &Path) -> u64 {
 /// reserved descriptor blocks; 1 KiB blocks, so that files lie in groups
 /// whose descriptors are in later meta groups), and large_dir with
 /// ea_inode (an extended attribute of 6,000 bytes in an inode of its own)
-/// and mmp; and bigalloc (blocks allocated in clusters of 16), with 4 KiB
-/// and with 1 KiB blocks, which was taken for a corrupt filesystem. Each
-/// is listed and read as the source; all were refused.
+/// and mmp; bigalloc (blocks allocated in clusters of 16), with 4 KiB and
+/// with 1 KiB blocks, which was taken for a corrupt filesystem; and ext2
+/// without file types in its directory entries. Each is listed and read as
+/// the source; all were refused.
 #[test]
 fn ext4_variants_match_source() {
     if !have_tools() {
         return;
     }
-    let variants: [(&str, &[&str], u64); 4] = [
+    let variants: [(&str, &[&str], u64); 5] = [
         (
             "meta_bg",
             &["-q", "-F", "-b", "1024", "-O", "meta_bg,^resize_inode"],
@@ -3776,6 +3777,11 @@ fn ext4_variants_match_source() {
         (
             "bigalloc, 1 KiB blocks",
             &["-q", "-F", "-b", "1024", "-O", "bigalloc", "-C", "16384"],
+            320 << 20,
+        ),
+        (
+            "ext2 without file types",
+            &["-q", "-F", "-t", "ext2", "-O", "^filetype"],
             320 << 20,
         ),
     ];
@@ -3825,6 +3831,14 @@ fn ext4_variants_match_source() {
                 widest / per_group >= 16,
                 "inode {widest}, {per_group} a group"
             );
+        } else if what.starts_with("ext2") {
+            // directory entries without a type byte, as ext2 wrote them
+            // before 2.2 kernels (ext4-view refuses them)
+            let features = header
+                .lines()
+                .find(|l| l.starts_with("Filesystem features:"))
+                .unwrap_or_default();
+            assert!(!features.contains("filetype"), "{features}");
         } else if what.starts_with("bigalloc") {
             // a group's bitmap counts clusters of 16 blocks: the group
             // spans 16 times the blocks its bitmap has bits (this was taken

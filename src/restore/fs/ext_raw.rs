@@ -36,6 +36,11 @@ const INCOMPAT_META_BG: u32 = 0x10;
 /// multiple mount protection (a block of its own, nothing to read), EA in
 /// inodes, large directories.
 const INCOMPAT_BEYOND_EXT4_VIEW: u32 = 0x10 | 0x100 | 0x400 | 0x4000;
+/// Directory entries carry the file type. Without it (ext2 of the 1990s)
+/// ext4-view refuses the filesystem; here the type comes from the inode
+/// anyway, and the name length's high byte is 0 for every name of at most
+/// 255 bytes.
+const INCOMPAT_FILETYPE: u32 = 0x2;
 /// Incompatible features nothing here reads: compression, an external
 /// journal device's own superblock, Lustre's directory data, inline data.
 const INCOMPAT_UNREAD: u32 = 0x1 | 0x8 | 0x1000 | 0x8000;
@@ -421,7 +426,8 @@ impl ExtRaw {
             disk,
             csum_seed,
             needs_recovery: incompat & INCOMPAT_RECOVER != 0,
-            beyond_ext4_view: incompat & INCOMPAT_BEYOND_EXT4_VIEW != 0,
+            beyond_ext4_view: incompat & INCOMPAT_BEYOND_EXT4_VIEW != 0
+                || incompat & INCOMPAT_FILETYPE == 0,
             journal_inode: (compat & COMPAT_HAS_JOURNAL != 0)
                 .then(|| le32(&sb, 0xE0))
                 .filter(|&n| n != 0),
@@ -436,7 +442,8 @@ impl ExtRaw {
     }
 
     /// Whether the filesystem has features read here that ext4-view
-    /// refuses (meta_bg, MMP, EA in inodes, large directories).
+    /// refuses (meta_bg, MMP, EA in inodes, large directories), or lacks
+    /// one it requires (file types in directory entries).
     pub fn reads_what_ext4_view_refuses(&self) -> bool {
         self.beyond_ext4_view
     }
