@@ -2794,20 +2794,22 @@ fn superblocks_naming_too_many_block_groups_are_refused() {
         .args(["-q", "-F", "-t", "ext2", "-b", "1024"])
         .arg(&img)
         .arg("32M"));
-    // 200,000 groups of 1,024 blocks: 6.4 MB of descriptors fit the
-    // volume, and opening it held them twice over (72 MiB for a million)
+    // 1,100,000 groups of 512 blocks (550 GiB claimed, under the 1 TiB a
+    // small volume may claim): past the 2^20 whose inode table locations
+    // are held (8 bytes a group); opening such a superblock held every
+    // descriptor twice over (72 MiB for a million)
     let mut d = std::fs::read(&img).unwrap();
     let sb = 1024;
-    let groups: u32 = 200_000;
+    let groups: u32 = 1_100_000;
     let per_group = u32::from_le_bytes(d[sb + 0x28..sb + 0x2C].try_into().unwrap());
-    d[sb + 0x04..sb + 0x08].copy_from_slice(&(groups * 1024 + 1).to_le_bytes());
-    d[sb + 0x20..sb + 0x24].copy_from_slice(&1024u32.to_le_bytes());
+    d[sb + 0x04..sb + 0x08].copy_from_slice(&(groups * 512 + 1).to_le_bytes());
+    d[sb + 0x20..sb + 0x24].copy_from_slice(&512u32.to_le_bytes());
     d[sb..sb + 4].copy_from_slice(&groups.wrapping_mul(per_group).to_le_bytes());
     std::fs::write(&img, &d).unwrap();
     let v = list_volumes(disk(&img)).unwrap();
     assert!(!v[0].supported, "{v:?}");
     let why = v[0].reason.clone().unwrap_or_default();
-    assert!(why.contains("200000 block groups"), "{why}");
+    assert!(why.contains("1100000 block groups"), "{why}");
     let e = FsHandle::open(disk(&img), "raw").err().unwrap();
     assert_eq!(e.kind, ErrorKind::Unsupported, "{e:?}");
 }
