@@ -51,9 +51,13 @@ impl Error {
             member: None,
         }
     }
-    /// This error, as the failure of archive member `member`.
+    /// This error, as the failure of archive member `member`. An empty
+    /// path (the top of a walk of the volume's root) names no member to go
+    /// on after: the error stays the whole walk's.
     pub fn at_member(mut self, member: &[u8]) -> Self {
-        self.member = Some(member.to_vec());
+        if !member.is_empty() {
+            self.member = Some(member.to_vec());
+        }
         self
     }
     pub fn not_found(message: impl Into<String>) -> Self {

@@ -291,7 +291,7 @@ impl Backups {
         let index: Arc<dyn ChunkIndex> = match ds.open_archive(snapshot, archive)? {
             Archive::Fixed(i) => i,
             Archive::Dynamic(i) => i,
-            Archive::Blob(_) => {
+            Archive::Blob { .. } => {
                 return Err(Error::unsupported(format!(
                     "`{archive}` is a blob, not a chunked archive"
                 )))

@@ -246,8 +246,12 @@ pub struct ArchiveInfo {
 pub enum Archive {
     Fixed(Arc<FixedIndex>),
     Dynamic(Arc<DynamicIndex>),
-    /// A `.blob` archive: the path of its DataBlob file.
-    Blob(PathBuf),
+    /// A `.blob` archive: the path of its DataBlob file, and the SHA-256
+    /// (hex) the manifest gives for the file (empty when it gives none).
+    Blob {
+        path: PathBuf,
+        csum: String,
+    },
 }
 
 impl Archive {
@@ -256,7 +260,7 @@ impl Archive {
         match self {
             Archive::Fixed(i) => Some(i.clone()),
             Archive::Dynamic(i) => Some(i.clone()),
-            Archive::Blob(_) => None,
+            Archive::Blob { .. } => None,
         }
     }
 }
@@ -417,17 +421,12 @@ impl Datastore {
     /// VM's `qemu-server.conf.blob`, a backup's `client.log.blob`): see
     /// [`read_blob_file`]; at most `max` bytes of file or of data.
     pub fn read_blob(&self, snapshot: &str, archive: &str, max: usize) -> Result<Vec<u8>> {
-        let Archive::Blob(path) = self.open_archive(snapshot, archive)? else {
+        let Archive::Blob { path, csum } = self.open_archive(snapshot, archive)? else {
             return Err(Error::unsupported(format!(
                 "{archive} is not a blob archive (read images with image.read)"
             )));
         };
-        let manifest = self.manifest(snapshot)?;
-        let csum = manifest
-            .file(archive)
-            .map(|f| f.csum.as_str())
-            .unwrap_or("");
-        read_blob_file(&path, csum, max)
+        read_blob_file(&path, &csum, max)
     }
 
     /// Opens `archive` (a file name listed in the manifest, e.g.
@@ -480,7 +479,10 @@ impl Datastore {
                 if meta.len() != entry.size {
                     return Err(lies("size", entry.size.to_string(), meta.len().to_string()));
                 }
-                Ok(Archive::Blob(path))
+                Ok(Archive::Blob {
+                    path,
+                    csum: entry.csum.clone(),
+                })
             }
         }
     }
@@ -694,7 +696,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let a = ds.open_archive(snap, "qemu-server.conf.blob").unwrap();
-        assert!(matches!(a, Archive::Blob(_)));
+        assert!(matches!(a, Archive::Blob { .. }));
         assert!(a.index().is_none());
 
         let kind = |s: &str, a: &str| ds.open_archive(s, a).unwrap_err().kind;

@@ -442,8 +442,8 @@ pub fn verify(
         for file in &manifest.files {
             report.archives += 1;
             match ds.open_archive(snap, &file.filename) {
-                Ok(Archive::Blob(path)) => {
-                    if let Err(e) = verify_blob_archive(&path, &file.csum) {
+                Ok(Archive::Blob { path, csum }) => {
+                    if let Err(e) = verify_blob_archive(&path, &csum) {
                         report
                             .errors
                             .push(format!("{snap}/{}: {}", file.filename, e.message));

@@ -93,30 +93,22 @@ fn load(disk: Arc<dyn Disk>) -> Result<Loaded> {
         }
     };
     let read_anyway = raw.reads_what_ext4_view_refuses();
-    if raw.groups() > VIEW_MAX_GROUPS {
-        // past 8 TiB: ext4-view would hold more than this VM can spare
-        return Ok(Loaded {
-            fs: None,
-            raw,
-            recovered,
-        });
-    }
-    match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {
-        Ok(Ok(fs)) => Ok(Loaded {
-            fs: Some(fs),
-            raw,
-            recovered,
-        }),
-        Ok(Err(Ext4Error::Incompatible(_))) if read_anyway => Ok(Loaded {
-            fs: None,
-            raw,
-            recovered,
-        }),
-        Ok(Err(e)) => Err(map_err("ext filesystem", e)),
-        Err(_) => Err(Error::corrupt(
-            "ext filesystem: the reader failed on the superblock: corrupt filesystem",
-        )),
-    }
+    // past 8 TiB ext4-view would hold more than this VM can spare
+    let fs = if raw.groups() > VIEW_MAX_GROUPS {
+        None
+    } else {
+        match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {
+            Ok(Ok(fs)) => Some(fs),
+            Ok(Err(Ext4Error::Incompatible(_))) if read_anyway => None,
+            Ok(Err(e)) => return Err(map_err("ext filesystem", e)),
+            Err(_) => {
+                return Err(Error::corrupt(
+                    "ext filesystem: the reader failed on the superblock: corrupt filesystem",
+                ))
+            }
+        }
+    };
+    Ok(Loaded { fs, raw, recovered })
 }
 
 /// Ok when this agent can read the ext filesystem on `disk`, else why not.

@@ -755,14 +755,20 @@ fn directory_names(
              (at most {MAX_RECORD_SIZE} are read)"
         )));
     }
+    // records smaller than a cluster are read here, from the allocation's
+    // value (its data runs) made once
+    let small_records = match &allocation_attribute {
+        Some(a) if u64::from(record_size) < cluster => Some(a.value(cur).map_err(err)?),
+        _ => None,
+    };
     while let Some(vcn) = walk.pending.pop() {
-        let (Some(allocation), Some(attribute)) = (&allocation, &allocation_attribute) else {
+        let Some(allocation) = &allocation else {
             return Err(Error::corrupt(format!(
                 "{what}: corrupt NTFS filesystem: a subnode without an index allocation"
             )));
         };
-        if u64::from(record_size) < cluster {
-            let record = small_index_record(attribute, cur, vcn, record_size, what)?;
+        if let Some(value) = &small_records {
+            let record = small_index_record(value.clone(), cur, vcn, record_size, what)?;
             for entry in index_entries(&record, what)? {
                 walk.take(entry)?;
             }
@@ -776,21 +782,20 @@ fn directory_names(
     Ok(walk.names)
 }
 
-/// Index record `vcn` of a directory's index allocation whose records are
+/// Index record `vcn` of a directory's index allocation (`value`) whose records are
 /// smaller than a cluster (volumes of 8 KiB clusters and more; 64 KiB is
 /// usual for data volumes): VCNs then count 512-byte blocks, as Windows,
 /// ntfs-3g and Linux read them, and the ntfs crate takes them for
 /// clusters, finding every subnode past the index's end. Read here,
 /// update sequence applied, its own VCN checked.
 fn small_index_record(
-    allocation: &NtfsAttribute<'_, '_>,
+    mut value: NtfsAttributeValue<'_, '_>,
     cur: &mut DiskCursor,
     vcn: Vcn,
     record_size: u32,
     what: &str,
 ) -> Result<Vec<u8>> {
     let corrupt = |why: String| Error::corrupt(format!("{what}: corrupt NTFS filesystem: {why}"));
-    let mut value = allocation.value(cur).map_err(|e| map_err(what, e))?;
     let size = u64::from(record_size);
     let at = u64::try_from(vcn.value())
         .ok()

@@ -751,17 +751,8 @@ impl Walk<'_, '_, '_> {
                 }
             },
         };
-        // The walk's own top is no member to go on after: a failure there
-        // fails the whole walk.
-        let member = |e: Error| {
-            if rel.is_empty() {
-                e
-            } else {
-                e.at_member(rel)
-            }
-        };
         if let Some(e) = &node.damaged {
-            return Err(member(damaged_at(e, abs)));
+            return Err(damaged_at(e, abs).at_member(rel));
         }
         self.visited += 1;
         if self.visited > MAX_WALK_NODES {
@@ -814,7 +805,7 @@ impl Walk<'_, '_, '_> {
         }
         // What fails from here on fails this directory: the walk can go
         // on after it.
-        let at = member;
+        let at = |e: Error| e.at_member(rel);
         if depth >= MAX_WALK_DEPTH {
             return Err(at(Error::corrupt(format!(
                 "{}: directories nested too deep",
