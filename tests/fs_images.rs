@@ -1725,6 +1725,71 @@ fn small_fat16(dir: &Path, from: &Path) -> PathBuf {
     img
 }
 
+/// Short names hold bytes of an OEM code page: read as code page 437, as
+/// the Linux kernel reads them, each byte its own character. Before, every
+/// byte above 0x7F came out as U+FFFD: `Ü.TXT` and `Ö.TXT` were both
+/// `\u{FFFD}.TXT`, and neither could be read by its name.
+#[test]
+fn fat_short_names_and_labels_are_code_page_437() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    // short names only (upper case, 8.3), and one that needs a long name
+    let names = ["ÄPFEL.TXT", "Ü.TXT", "Ö.TXT", "ÅNGSTRÖM.DOC", "Ñandú.txt"];
+    for n in names {
+        write(&src.join(n), n.as_bytes());
+    }
+    let img = dir.path().join("fat.img");
+    run(Command::new("mkfs.vfat").arg("-C").arg(&img).arg("8192"));
+    // mtools converts names from the locale's character set into its code page
+    let rc = dir.path().join("mtoolsrc");
+    std::fs::write(&rc, "DEFAULT_CODEPAGE=437\n").unwrap();
+    let mtools = |tool: &str| {
+        let mut c = Command::new(tool);
+        c.env("MTOOLSRC", &rc)
+            .env("LC_ALL", "C.UTF-8")
+            .arg("-i")
+            .arg(&img);
+        c
+    };
+    run(mtools("mlabel").arg("::ÉTÉ"));
+    let mut mcopy = mtools("mcopy");
+    for n in names {
+        mcopy.arg(src.join(n));
+    }
+    run(mcopy.arg("::/"));
+    let raw = std::fs::read(&img).unwrap();
+    let has = |b: &[u8]| raw.windows(b.len()).any(|w| w == b);
+    assert!(
+        has(b"\x8EPFEL   TXT\x20"),
+        "mcopy wrote a long name for ÄPFEL.TXT"
+    );
+    assert!(
+        has(b"\x90T\x90        "),
+        "the label is not in code page 437"
+    );
+
+    let v = list_volumes(disk(&img)).unwrap();
+    assert_eq!(v[0].label.as_deref(), Some("ÉTÉ"));
+    with_fs(&img, "raw", move |fs| {
+        let mut got: Vec<String> = list_all(fs, b"/").into_iter().map(|e| e.name).collect();
+        got.sort();
+        let mut want: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        want.sort();
+        assert_eq!(got, want);
+        for n in names {
+            assert_eq!(read_all(fs, format!("/{n}").as_bytes()), n.as_bytes());
+        }
+        // and they match case-insensitively, as other names do
+        assert_eq!(
+            fs.stat("/äpfel.txt".as_bytes(), false).unwrap().name,
+            "ÄPFEL.TXT"
+        );
+    });
+}
+
 /// FAT names no inodes, so a directory that loops back (an entry naming
 /// its parent's cluster, or a cluster chain that returns to its start) is
 /// found by where its entries lie; it is 1004, never a walk down 1024

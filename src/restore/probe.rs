@@ -200,10 +200,6 @@ fn probe_ext(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
 }
 
 /// The label of a FAT/NTFS-style fixed field, for the fs modules.
-pub(crate) fn fixed_label(bytes: &[u8]) -> Option<String> {
-    label_of(bytes)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,8 @@
 //!
 //! FAT has no owners, modes, inodes or links: entries get uid/gid 0, mode
 //! 0755 (dirs) / 0644 (files) minus write bits for read-only ones, inode 0
-//! and nlink 1; timestamps are taken as UTC. Names match exactly first,
+//! and nlink 1; timestamps are taken as UTC. Short names (and labels) are
+//! decoded from code page 437 (see [`cp437`]). Names match exactly first,
 //! then case-insensitively, as on Windows. Must never write.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -17,9 +18,10 @@ use crate::calendar::days_from_civil;
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
+use crate::restore::fs::cp437::{self, CP437};
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
 use crate::restore::fs::{EntryType, Meta};
-use crate::restore::probe::{fixed_label, FsKind, Probe};
+use crate::restore::probe::{FsKind, Probe};
 
 type Fat = FileSystem<FatCursor>;
 type FatDir<'a> = fatfs::Dir<'a, FatCursor>;
@@ -129,7 +131,9 @@ fn io_err(what: &str, e: std::io::Error) -> Error {
 }
 
 fn open_fs(disk: Arc<dyn Disk>) -> Result<(Fat, Arc<Watch>)> {
-    let opts = FsOptions::new().update_accessed_date(false);
+    let opts = FsOptions::new()
+        .update_accessed_date(false)
+        .oem_cp_converter(&CP437);
     let watch = Arc::new(Watch {
         last_read: AtomicU64::new(NONE),
         scan_left: AtomicU64::new(NONE),
@@ -157,7 +161,7 @@ pub fn probe(disk: Arc<dyn Disk>, head: &[u8]) -> Probe {
         .unwrap_or(0);
     let mut probe = Probe {
         fs: Some(FsKind::Vfat),
-        label: head.get(label_at..label_at + 11).and_then(fixed_label),
+        label: head.get(label_at..label_at + 11).and_then(cp437::label),
         uuid: Some(format!("{:04X}-{:04X}", id >> 16, id & 0xFFFF)),
         ..Probe::default()
     };

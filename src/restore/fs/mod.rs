@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::error::Result;
 
 mod budget;
+mod cp437;
 pub mod ext;
 mod ext_journal;
 mod ext_raw;
