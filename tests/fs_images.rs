@@ -2328,7 +2328,10 @@ fn reparse_data(tag: u32, substitute: &str, print: &str, symlink_flags: Option<u
 /// resolve within the volume. A junction was an empty directory and a
 /// symbolic link an empty file, and an Interix link a file holding
 /// `IntxLNK`. Another reparse point (a deduplicated file) stays a file
-/// whose reads are refused. Needs ntfs-3g's FUSE mount; skipped without it.
+/// whose reads are refused. Links too long for their file record (data in
+/// an extension record or out of the records) are links too; they were
+/// files holding their link data. Needs ntfs-3g's FUSE mount; skipped
+/// without it.
 #[test]
 fn ntfs_links_are_symlinks() {
     if !have_tools() {
@@ -2338,6 +2341,7 @@ fn ntfs_links_are_symlinks() {
     let Some((img, mnt)) = mounted_ntfs(dir.path(), "links.img") else {
         return;
     };
+    let long_target = format!("/{}/{}", "x".repeat(200), "y".repeat(800));
     let made = (|| -> std::io::Result<()> {
         std::fs::create_dir_all(mnt.join("Users/Public"))?;
         std::fs::write(mnt.join("Users/Public/a.txt"), "hi\n")?;
@@ -2345,6 +2349,9 @@ fn ntfs_links_are_symlinks() {
         std::fs::write(mnt.join("link.txt"), "")?;
         std::fs::write(mnt.join("dedup.bin"), "data\n")?;
         std::os::unix::fs::symlink("Users/Public", mnt.join("interix"))?;
+        // too long to stay in the 1 KiB file record with the link's names
+        std::os::unix::fs::symlink(&long_target, mnt.join("long-interix"))?;
+        std::fs::write(mnt.join("long-link.txt"), "")?;
         Ok(())
     })();
     if made.is_ok() {
@@ -2361,6 +2368,11 @@ fn ntfs_links_are_symlinks() {
                 Some(1),
             ),
         );
+        let long = format!(r"Users\{}", "q".repeat(1000));
+        set_reparse_data(
+            &mnt.join("long-link.txt"),
+            &reparse_data(0xA000_000C, &long, &long, Some(1)),
+        );
         set_reparse_data(
             &mnt.join("dedup.bin"),
             &reparse_data(0x8000_0013, "x", "x", None),
@@ -2369,7 +2381,8 @@ fn ntfs_links_are_symlinks() {
     run(Command::new("umount").arg(&mnt));
     made.unwrap();
 
-    with_fs(&img, "raw", |fs| {
+    let long_unix = format!("Users/{}", "q".repeat(1000));
+    with_fs(&img, "raw", move |fs| {
         let (entries, _) = fs.list(b"/", None, 100).unwrap();
         let listed: Vec<_> = entries
             .iter()
@@ -2383,6 +2396,8 @@ fn ntfs_links_are_symlinks() {
                 ("dedup.bin", EntryType::File, None),
                 ("interix", EntryType::Symlink, Some("Users/Public")),
                 ("link.txt", EntryType::Symlink, Some("Users/Public/a.txt")),
+                ("long-interix", EntryType::Symlink, Some(&long_target[..])),
+                ("long-link.txt", EntryType::Symlink, Some(&long_unix[..])),
             ]
         );
         // paths through them resolve within the volume

@@ -645,36 +645,49 @@ fn link_of(
     attrs: NtfsFileAttributeFlags,
 ) -> Option<Vec<u8>> {
     if attrs.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
-        let data = resident_value(file, cur, NtfsAttributeType::ReparsePoint)?;
+        let data = link_data(file, cur, NtfsAttributeType::ReparsePoint)?;
         return ntfs_link::reparse_target(&data);
     }
     if attrs.contains(NtfsFileAttributeFlags::SYSTEM) && !file.is_directory() {
-        let data = resident_value(file, cur, NtfsAttributeType::Data)?;
+        let data = link_data(file, cur, NtfsAttributeType::Data)?;
         return ntfs_link::interix_target(&data);
     }
     None
 }
 
-/// The value of `file`'s unnamed attribute of type `ty` when its base
-/// record holds it (resident: a few hundred bytes).
-fn resident_value(
-    file: &NtfsFile<'_>,
-    cur: &mut DiskCursor,
-    ty: NtfsAttributeType,
-) -> Option<Vec<u8>> {
-    // stops at the first attribute that cannot be read (see
-    // `base_record_data_size`)
-    let attribute = file
-        .attributes_raw()
-        .map_while(std::result::Result::ok)
-        .find(|a| a.ty().ok() == Some(ty) && a.name_length() == 0)?;
-    if !attribute.is_resident() {
+/// Most bytes of a link's data that are read: a reparse point holds at most
+/// 16 KiB, and an Interix link a target of at most 4096 UTF-16 units.
+const MAX_LINK_DATA: u64 = 16 << 10;
+
+/// The value of `file`'s unnamed attribute of type `ty`, if it holds at
+/// most [`MAX_LINK_DATA`] bytes. ntfs-3g moves a long link's data out of a
+/// 1 KiB base record, into an extension record (named by the base's
+/// attribute list) or out of the records (non-resident).
+fn link_data(file: &NtfsFile<'_>, cur: &mut DiskCursor, ty: NtfsAttributeType) -> Option<Vec<u8>> {
+    let mut attributes = file.attributes();
+    let item = loop {
+        // the first attribute that cannot be read ends the search
+        let item = attributes.next(cur)?.ok()?;
+        let a = item.to_attribute().ok()?;
+        if a.ty().ok() == Some(ty) && a.name_length() == 0 {
+            break item;
+        }
+    };
+    let attribute = item.to_attribute().ok()?;
+    let len = attribute.value_length();
+    if len > MAX_LINK_DATA {
         return None;
     }
-    match attribute.value(cur).ok()? {
-        NtfsAttributeValue::Resident(value) => Some(value.data().to_vec()),
-        _ => None,
+    let mut value = attribute.value(cur).ok()?;
+    let mut data = vec![0; len as usize];
+    let mut done = 0;
+    while done < data.len() {
+        match value.read(cur, &mut data[done..]) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => done += n,
+        }
     }
+    Some(data)
 }
 
 /// The attribute of type `ty` of a directory's file name index, if any.
