@@ -1040,13 +1040,12 @@ fn unsupported_volumes_are_listed_with_a_reason() {
     let d = dir.path();
     let src = d.join("src");
     write(&src.join("tiny.txt"), b"tiny\n");
-    let inline = d.join("inline.img");
-    mkimg_ext(
-        &src,
-        &inline,
-        &["-t", "ext4", "-O", "inline_data", "-L", "inl"],
-        8,
-    );
+    // the external journal of another ext filesystem
+    let journal = d.join("journal.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-O", "journal_dev", "-L", "jdev"])
+        .arg(&journal)
+        .arg("8M"));
     let metabg = d.join("metabg.img");
     mkimg_ext(
         &src,
@@ -1078,7 +1077,7 @@ fn unsupported_volumes_are_listed_with_a_reason() {
     std::fs::write(&blank, vec![0u8; 1 << 20]).unwrap();
 
     let disk_img = d.join("odd.img");
-    let imgs = [&inline, &metabg, &swap, &ntfsc, &blank];
+    let imgs = [&journal, &metabg, &swap, &ntfsc, &blank];
     let mut start = 2048u64;
     let mut c = Command::new("sgdisk");
     let mut placed = vec![];
@@ -1102,7 +1101,7 @@ fn unsupported_volumes_are_listed_with_a_reason() {
     };
     let (fs, ok, why) = row("part/1");
     assert_eq!((fs, ok), (Some("ext4"), false), "{why}");
-    assert!(why.contains("features inline_data are not"), "{why}");
+    assert!(why.contains("external journal of another"), "{why}");
     // meta_bg is read (tests/fs_images.rs's kernel-written ones)
     let (fs, ok, why) = row("part/2");
     assert_eq!((fs, ok), (Some("ext4"), true), "{why}");
@@ -3832,15 +3831,17 @@ fn fill_variant(src: &Path, mnt: &Path) -> u64 {
 /// whose descriptors are in later meta groups), and large_dir with
 /// ea_inode (an extended attribute of 6,000 bytes in an inode of its own)
 /// and mmp; bigalloc (blocks allocated in clusters of 16), with 4 KiB and
-/// with 1 KiB blocks, which was taken for a corrupt filesystem; and ext2
-/// without file types in its directory entries. Each is listed and read as
-/// the source; all were refused.
+/// with 1 KiB blocks, which was taken for a corrupt filesystem; ext2
+/// without file types in its directory entries; and inline_data (small
+/// files and directories kept in their inodes, also past the
+/// inode's 60-byte block area in its `system.data` attribute). Each is
+/// listed and read as the source; all were refused.
 #[test]
 fn ext4_variants_match_source() {
     if !have_tools() {
         return;
     }
-    let variants: [(&str, &[&str], u64); 5] = [
+    let variants: [(&str, &[&str], u64); 6] = [
         (
             "meta_bg",
             &["-q", "-F", "-b", "1024", "-O", "meta_bg,^resize_inode"],
@@ -3866,6 +3867,11 @@ fn ext4_variants_match_source() {
             &["-q", "-F", "-t", "ext2", "-O", "^filetype"],
             320 << 20,
         ),
+        (
+            "inline_data",
+            &["-q", "-F", "-I", "512", "-O", "inline_data"],
+            320 << 20,
+        ),
     ];
     for (what, args, size) in variants {
         let dir = tempfile::tempdir().unwrap();
@@ -3874,6 +3880,16 @@ fn ext4_variants_match_source() {
         };
         let src = dir.path().join("src");
         let widest = fill_variant(&src, &m.mnt);
+        if what == "inline_data" {
+            // a file and a directory too large for the inode's block area
+            // alone
+            for root in [&src, &m.mnt] {
+                write(&root.join("inline/tail.txt"), &noise(61, 300));
+                for i in 0..6 {
+                    write(&root.join(format!("inline/dir/entry-{i}")), b"e\n");
+                }
+            }
+        }
         let big_xattr = {
             let path =
                 std::ffi::CString::new(m.mnt.join("hello.txt").as_os_str().as_bytes()).unwrap();
@@ -3921,6 +3937,21 @@ fn ext4_variants_match_source() {
                 .find(|l| l.starts_with("Filesystem features:"))
                 .unwrap_or_default();
             assert!(!features.contains("filetype"), "{features}");
+        } else if what == "inline_data" {
+            let stat = |path: &str| debugfs(&m.img, false, &format!("stat {path}\n"));
+            let inline_size = |path: &str| -> u64 {
+                let out = stat(path);
+                let size = out
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("Size of inline data:"));
+                size.unwrap_or_else(|| panic!("{path} is not inline: {out}"))
+                    .trim()
+                    .parse()
+                    .unwrap()
+            };
+            assert!(inline_size("/inline/tail.txt") >= 300);
+            assert!(inline_size("/inline/dir") > 60);
+            assert!(inline_size("/spread0") > 0);
         } else if what.starts_with("bigalloc") {
             // a group's bitmap counts clusters of 16 blocks: the group
             // spans 16 times the blocks its bitmap has bits (this was taken

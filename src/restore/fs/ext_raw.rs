@@ -6,7 +6,7 @@
 //! sparse file on a block-mapped (ext2/3) inode whose indirect pointer is a
 //! hole; this module lists whole directories (names, inodes, symlink
 //! targets), verifying the crc32c of directory blocks and inodes, and maps
-//! and reads file data.
+//! and reads file data, also data kept in the inode itself (inline_data).
 //! Owns: decoding those structures with every length and offset checked,
 //! and the list of incompatible features it reads (others are refused by
 //! name); group descriptors in place or in meta groups.
@@ -34,21 +34,38 @@ const INCOMPAT_64BIT: u32 = 0x80;
 const INCOMPAT_META_BG: u32 = 0x10;
 /// Incompatible features read here that ext4-view refuses: meta_bg,
 /// multiple mount protection (a block of its own, nothing to read), EA in
-/// inodes, large directories.
-const INCOMPAT_BEYOND_EXT4_VIEW: u32 = 0x10 | 0x100 | 0x400 | 0x4000;
+/// inodes, large directories, inline data.
+const INCOMPAT_BEYOND_EXT4_VIEW: u32 = 0x10 | 0x100 | 0x400 | 0x4000 | INCOMPAT_INLINE_DATA;
+/// Small files and directories may be kept in their inode: the 60 bytes of
+/// `i_block`, then the value of the inode's `system.data` attribute.
+const INCOMPAT_INLINE_DATA: u32 = 0x8000;
 /// Directory entries carry the file type. Without it (ext2 of the 1990s)
 /// ext4-view refuses the filesystem; here the type comes from the inode
 /// anyway, and the name length's high byte is 0 for every name of at most
 /// 255 bytes.
 const INCOMPAT_FILETYPE: u32 = 0x2;
 /// Incompatible features nothing here reads: compression, an external
-/// journal device's own superblock, Lustre's directory data, inline data.
-const INCOMPAT_UNREAD: u32 = 0x1 | 0x8 | 0x1000 | 0x8000;
+/// journal device's own superblock, Lustre's directory data.
+const INCOMPAT_UNREAD: u32 = 0x1 | INCOMPAT_JOURNAL_DEV | 0x1000;
+/// The volume is another filesystem's external journal, not a filesystem.
+const INCOMPAT_JOURNAL_DEV: u32 = 0x8;
 /// Incompatible features read here: filetype, needs recovery, meta_bg,
 /// extents, 64bit, MMP, flex_bg, EA in inodes, checksum seed, large
-/// directories, encryption (its files refused one by one), casefold.
-const INCOMPAT_READ: u32 =
-    0x2 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000 | 0x4000 | 0x10000 | 0x20000;
+/// directories, inline data, encryption (its files refused one by one),
+/// casefold.
+const INCOMPAT_READ: u32 = 0x2
+    | 0x4
+    | 0x10
+    | 0x40
+    | 0x80
+    | 0x100
+    | 0x200
+    | 0x400
+    | 0x2000
+    | 0x4000
+    | INCOMPAT_INLINE_DATA
+    | 0x10000
+    | 0x20000;
 /// Backup superblocks only in groups 0, 1 and powers of 3, 5 and 7.
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 /// Backup superblocks only in the two groups the superblock names.
@@ -63,6 +80,12 @@ const RO_COMPAT_BIGALLOC: u32 = 0x200;
 const EXT4_INDEX_FL: u32 = 0x1000;
 /// Size of the classic inode; larger inodes have an "extra" part.
 const GOOD_OLD_INODE_SIZE: usize = 128;
+/// Bytes of `i_block`, the first part of inline data.
+const INLINE_HEAD: u64 = 60;
+/// What the extended attributes kept in an inode's extra space start with.
+const XATTR_MAGIC: u32 = 0xEA02_0000;
+/// The attribute name index of `system.` names.
+const XATTR_INDEX_SYSTEM: u8 = 7;
 /// Longest symlink target read (PATH_MAX).
 const MAX_LINK_TARGET: u64 = 4096;
 /// Longest symlink target stored in the inode itself.
@@ -113,6 +136,24 @@ pub struct Inode {
     /// seconds since the epoch, with the extra epoch bits when present
     pub mtime: i64,
     pub generation: u32,
+    /// where the data is, when the inode keeps it itself (inline_data)
+    pub inline: Option<InlineData>,
+}
+
+/// Where an inode with inline data keeps it, as byte ranges of the volume:
+/// the 60 bytes of `i_block`, then the value of its `system.data` extended
+/// attribute (empty without one). A directory's starts with its parent's
+/// inode number (4 bytes), then entries, which go on in the tail.
+#[derive(Clone, Debug)]
+pub struct InlineData {
+    head: u64,
+    tail: Range<u64>,
+}
+
+impl InlineData {
+    fn len(&self) -> u64 {
+        INLINE_HEAD + (self.tail.end - self.tail.start)
+    }
 }
 
 impl Inode {
@@ -279,6 +320,12 @@ impl ExtRaw {
         }
         let block_size = 1024u64 << log;
         let incompat = le32(&sb, 0x60);
+        if incompat & INCOMPAT_JOURNAL_DEV != 0 {
+            return Err(Error::unsupported(
+                "ext journal device: the external journal of another ext filesystem, \
+                 which holds no files",
+            ));
+        }
         let unread = incompat & (INCOMPAT_UNREAD | !INCOMPAT_READ);
         if unread != 0 {
             let names: Vec<String> = (0..32)
@@ -288,7 +335,6 @@ impl ExtRaw {
                     0x1 => "compression".to_string(),
                     0x8 => "journal_dev".to_string(),
                     0x1000 => "dirdata".to_string(),
-                    0x8000 => "inline_data".to_string(),
                     _ => format!("{b:#x}"),
                 })
                 .collect();
@@ -442,8 +488,8 @@ impl ExtRaw {
     }
 
     /// Whether the filesystem has features read here that ext4-view
-    /// refuses (meta_bg, MMP, EA in inodes, large directories), or lacks
-    /// one it requires (file types in directory entries).
+    /// refuses (meta_bg, MMP, EA in inodes, large directories, inline
+    /// data), or lacks one it requires (file types in directory entries).
     pub fn reads_what_ext4_view_refuses(&self) -> bool {
         self.beyond_ext4_view
     }
@@ -524,17 +570,26 @@ impl ExtRaw {
         if extra >= 0x8C {
             mtime += i64::from(le32(raw, 0x88) & 3) << 32;
         }
+        let flags = le32(raw, 0x20);
+        let inline = (flags & EXT4_INLINE_DATA_FL != 0).then(|| {
+            let tail = inline_tail(raw, extra).unwrap_or(0..0);
+            InlineData {
+                head: byte + 0x28,
+                tail: byte + tail.start as u64..byte + tail.end as u64,
+            }
+        });
         Ok(Inode {
             number,
             size: u64::from(le32(raw, 0x04)) | (u64::from(le32(raw, 0x6C)) << 32),
             links: le16(raw, 0x1A),
-            flags: le32(raw, 0x20),
+            flags,
             block,
             mode: le16(raw, 0x00),
             uid: u32::from(le16(raw, 0x02)) | (u32::from(le16(raw, 0x78)) << 16),
             gid: u32::from(le16(raw, 0x18)) | (u32::from(le16(raw, 0x7A)) << 16),
             mtime,
             generation,
+            inline,
         })
     }
 
@@ -546,9 +601,10 @@ impl ExtRaw {
                 return Ok(w.clone());
             }
         }
-        if ino.flags & EXT4_INLINE_DATA_FL != 0 {
-            return Err(Error::unsupported(format!(
-                "inode {}: inline data is not supported",
+        if ino.inline.is_some() {
+            // its data has no blocks: `map` and `list_dir` read it apart
+            return Err(bad(format!(
+                "inode {}: inline data has no block map",
                 ino.number
             )));
         }
@@ -749,6 +805,9 @@ impl ExtRaw {
             return Ok(Vec::new());
         }
         let end = offset + len.min(ino.size - offset);
+        if let Some(inline) = &ino.inline {
+            return inline_extents(ino, inline, offset, end);
+        }
         let bs = self.block_size;
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
@@ -844,6 +903,45 @@ impl ExtRaw {
         if dir.size > MAX_DIR_SIZE {
             return Err(bad(format!("directory inode {} is too large", dir.number)));
         }
+        let mut names = Vec::new();
+        match dir.inline.clone() {
+            Some(inline) => self.inline_dir_names(&dir, &inline, charge, &mut names)?,
+            None => self.block_dir_names(&dir, charge, &mut names)?,
+        }
+        // inodes in table order: each inode table block is read once
+        let bs = self.block_size;
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        order.sort_unstable_by_key(|&i| names[i].1);
+        let mut tables: Vec<Range<u64>> = Vec::new();
+        for &i in &order {
+            let at = self.inode_location(names[i].1)?;
+            let blk = at / bs * bs;
+            match tables.last_mut() {
+                Some(last) if last.end >= blk => last.end = last.end.max(blk + bs),
+                _ => tables.push(blk..blk + bs),
+            }
+        }
+        self.disk.will_read(&tables);
+        for &i in &order {
+            let number = names[i].1;
+            let ino = self.read_inode(number, true);
+            each(
+                std::mem::take(&mut names[i].0),
+                number,
+                ino.as_ref().map_err(Error::clone),
+                charge,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Adds the names of directory `dir`'s blocks to `names`.
+    fn block_dir_names(
+        &mut self,
+        dir: &Inode,
+        charge: &mut Charge,
+        names: &mut Vec<(Vec<u8>, u32)>,
+    ) -> Result<()> {
         let bs = self.block_size;
         let nblocks = dir.size.div_ceil(bs);
         // the directory's runs within its size, window by window, each
@@ -851,7 +949,7 @@ impl ExtRaw {
         let mut runs: Vec<Run> = Vec::new();
         let mut from = 0;
         while from < nblocks {
-            let w = self.runs(&dir, from)?;
+            let w = self.runs(dir, from)?;
             for r in w.runs.iter().filter(|r| r.physical != 0) {
                 let start = r.logical.max(from);
                 let end = r.logical.saturating_add(r.len).min(nblocks);
@@ -880,7 +978,6 @@ impl ExtRaw {
                 at / bs
             )));
         }
-        let mut names = Vec::new();
         let mut block = vec![0u8; bs as usize];
         for r in &runs {
             for k in 0..r.len {
@@ -891,50 +988,37 @@ impl ExtRaw {
                     &mut block,
                     "ext directory block",
                 )?;
-                self.check_dir_block(&dir, logical, &block)?;
+                self.check_dir_block(dir, logical, &block)?;
                 parse_dir_block(&block, dir.number, logical, &mut |name, ino| {
-                    if name != b"." && name != b".." {
-                        if names.len() >= MAX_DIR_ENTRIES {
-                            return Err(bad(format!(
-                                "directory inode {}: too many entries",
-                                dir.number
-                            )));
-                        }
-                        // the name, its place in `names` and in `order`
-                        charge.add(
-                            std::mem::size_of::<(Vec<u8>, u32)>()
-                                + std::mem::size_of::<usize>()
-                                + name.len()
-                                + 16,
-                        )?;
-                        names.push((name.to_vec(), ino));
-                    }
-                    Ok(())
+                    add_name(names, dir.number, name, ino, charge)
                 })?;
             }
         }
-        // inodes in table order: each inode table block is read once
-        let mut order: Vec<usize> = (0..names.len()).collect();
-        order.sort_unstable_by_key(|&i| names[i].1);
-        let mut tables: Vec<Range<u64>> = Vec::new();
-        for &i in &order {
-            let at = self.inode_location(names[i].1)?;
-            let blk = at / bs * bs;
-            match tables.last_mut() {
-                Some(last) if last.end >= blk => last.end = last.end.max(blk + bs),
-                _ => tables.push(blk..blk + bs),
-            }
-        }
-        self.disk.will_read(&tables);
-        for &i in &order {
-            let number = names[i].1;
-            let ino = self.read_inode(number, true);
-            each(
-                std::mem::take(&mut names[i].0),
-                number,
-                ino.as_ref().map_err(Error::clone),
-                charge,
-            )?;
+        Ok(())
+    }
+
+    /// Adds the names of directory `dir`, kept in its inode, to `names`:
+    /// entries after the parent's inode number in `i_block`, then in the
+    /// attribute value that goes on from there. Neither part has a
+    /// checksum of its own; the inode's covers `i_block`.
+    fn inline_dir_names(
+        &mut self,
+        dir: &Inode,
+        inline: &InlineData,
+        charge: &mut Charge,
+        names: &mut Vec<(Vec<u8>, u32)>,
+    ) -> Result<()> {
+        let mut tail = vec![0u8; (inline.tail.end - inline.tail.start) as usize];
+        read_exact_at(
+            &*self.disk,
+            inline.tail.start,
+            &mut tail,
+            "ext inline directory",
+        )?;
+        for (part, region) in [(0, &dir.block[4..]), (1, &tail[..])] {
+            parse_dir_block(region, dir.number, part, &mut |name, ino| {
+                add_name(names, dir.number, name, ino, charge)
+            })?;
         }
         Ok(())
     }
@@ -1001,12 +1085,94 @@ impl ExtRaw {
     }
 }
 
+/// The value of the `system.data` attribute among those kept in the
+/// inode's extra space (which starts at `ibody`), as a byte range of `raw`;
+/// `None` when there is none or the attributes are malformed (the file's
+/// size then says whether data is missing).
+fn inline_tail(raw: &[u8], ibody: usize) -> Option<Range<usize>> {
+    if le32(raw.get(ibody..ibody + 4)?, 0) != XATTR_MAGIC {
+        return None;
+    }
+    // value offsets count from the first entry
+    let first = ibody + 4;
+    let mut at = first;
+    loop {
+        let head = raw.get(at..at + 16)?;
+        if le32(head, 0) == 0 {
+            return None;
+        }
+        let name_len = usize::from(head[0]);
+        let name = raw.get(at + 16..at + 16 + name_len)?;
+        if head[1] == XATTR_INDEX_SYSTEM && name == b"data" {
+            // a value in an inode of its own (ea_inode) is not inline data
+            if le32(head, 4) != 0 {
+                return None;
+            }
+            let start = first.checked_add(usize::from(le16(head, 2)))?;
+            let end = start.checked_add(le32(head, 8) as usize)?;
+            return (end <= raw.len()).then_some(start..end);
+        }
+        at += (16 + name_len + 3) & !3;
+    }
+}
+
+/// The extents of bytes `[offset, end)` of a file kept in its inode.
+fn inline_extents(ino: &Inode, inline: &InlineData, offset: u64, end: u64) -> Result<Vec<Extent>> {
+    if ino.size > inline.len() {
+        return Err(bad(format!(
+            "inode {}: size {} is more than its inline data ({} bytes)",
+            ino.number,
+            ino.size,
+            inline.len()
+        )));
+    }
+    let mut out = Vec::new();
+    if offset < INLINE_HEAD {
+        let len = end.min(INLINE_HEAD) - offset;
+        out.push(Extent::Disk {
+            offset: inline.head + offset,
+            len,
+        });
+    }
+    if end > INLINE_HEAD {
+        let from = offset.max(INLINE_HEAD) - INLINE_HEAD;
+        out.push(Extent::Disk {
+            offset: inline.tail.start + from,
+            len: end - INLINE_HEAD - from,
+        });
+    }
+    Ok(out)
+}
+
 /// Whether `n` is a power of `base` (1 counts: `base`^0).
 fn is_power_of(mut n: u64, base: u64) -> bool {
     while n > 1 && n.is_multiple_of(base) {
         n /= base;
     }
     n == 1
+}
+
+/// Adds a directory entry to `names`, leaving out `.` and `..`, counting it
+/// in `charge` and against [`MAX_DIR_ENTRIES`].
+fn add_name(
+    names: &mut Vec<(Vec<u8>, u32)>,
+    dir: u32,
+    name: &[u8],
+    ino: u32,
+    charge: &mut Charge,
+) -> Result<()> {
+    if name == b"." || name == b".." {
+        return Ok(());
+    }
+    if names.len() >= MAX_DIR_ENTRIES {
+        return Err(bad(format!("directory inode {dir}: too many entries")));
+    }
+    // the name, its place in `names` and in `order`
+    charge.add(
+        std::mem::size_of::<(Vec<u8>, u32)>() + std::mem::size_of::<usize>() + name.len() + 16,
+    )?;
+    names.push((name.to_vec(), ino));
+    Ok(())
 }
 
 /// Calls `each(name, inode)` for every used entry of one directory block;
@@ -1135,6 +1301,100 @@ pub fn crc32c(seed: u32, data: &[u8]) -> u32 {
 mod tests {
     use super::*;
     use crate::restore::disk::FileDisk;
+
+    /// A 256-byte inode whose extra space (after 32 extra bytes) holds
+    /// `user.x` = "ab" and `system.data` = `tail`, laid out as ext4 does:
+    /// entries from the front, values from the back.
+    fn inode_with_tail(tail: &[u8]) -> Vec<u8> {
+        let mut raw = vec![0u8; 256];
+        raw[0x80..0x82].copy_from_slice(&32u16.to_le_bytes());
+        let ibody = 128 + 32;
+        raw[ibody..ibody + 4].copy_from_slice(&XATTR_MAGIC.to_le_bytes());
+        let first = ibody + 4;
+        let values_end = raw.len() - first;
+        let entry =
+            |raw: &mut Vec<u8>, at: usize, index: u8, name: &[u8], offs: usize, len: usize| {
+                raw[at] = name.len() as u8;
+                raw[at + 1] = index;
+                raw[at + 2..at + 4].copy_from_slice(&(offs as u16).to_le_bytes());
+                raw[at + 8..at + 12].copy_from_slice(&(len as u32).to_le_bytes());
+                raw[at + 16..at + 16 + name.len()].copy_from_slice(name);
+            };
+        let x_offs = values_end - 4;
+        entry(&mut raw, first, 1, b"x", x_offs, 2);
+        raw[first + x_offs..first + x_offs + 2].copy_from_slice(b"ab");
+        let data_offs = x_offs - tail.len().next_multiple_of(4);
+        entry(
+            &mut raw,
+            first + 20,
+            XATTR_INDEX_SYSTEM,
+            b"data",
+            data_offs,
+            tail.len(),
+        );
+        raw[first + data_offs..first + data_offs + tail.len()].copy_from_slice(tail);
+        raw
+    }
+
+    #[test]
+    fn inline_data_tail_is_found_among_other_attributes() {
+        let raw = inode_with_tail(b"the rest of the file");
+        let r = inline_tail(&raw, 160).unwrap();
+        assert_eq!(&raw[r], b"the rest of the file");
+        // no attributes, or a value past the inode: no tail
+        assert_eq!(inline_tail(&vec![0u8; 256], 160), None);
+        let mut past = raw.clone();
+        past[164 + 20 + 8..164 + 20 + 12].copy_from_slice(&200u32.to_le_bytes());
+        assert_eq!(inline_tail(&past, 160), None);
+        // in an inode of its own (ea_inode): not inline data
+        let mut ea = raw.clone();
+        ea[164 + 20 + 4] = 9;
+        assert_eq!(inline_tail(&ea, 160), None);
+        // damage anywhere never reads outside the inode
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..5000 {
+            let mut d = raw.clone();
+            for _ in 0..3 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                d[160 + (rng as usize % 96)] = (rng >> 32) as u8;
+            }
+            if let Some(r) = inline_tail(&d, 160) {
+                assert!(r.start <= r.end && r.end <= d.len());
+            }
+        }
+    }
+
+    #[test]
+    fn inline_extents_cover_the_block_area_then_the_tail() {
+        let ino = |size: u64| Inode {
+            number: 12,
+            size,
+            links: 1,
+            flags: EXT4_INLINE_DATA_FL,
+            block: [0; 60],
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            generation: 0,
+            inline: None,
+        };
+        let inline = InlineData {
+            head: 1000,
+            tail: 5000..5100,
+        };
+        let disk = |offset, len| Extent::Disk { offset, len };
+        let got = inline_extents(&ino(150), &inline, 10, 150).unwrap();
+        assert_eq!(got, [disk(1010, 50), disk(5000, 90)]);
+        let got = inline_extents(&ino(150), &inline, 70, 80).unwrap();
+        assert_eq!(got, [disk(5010, 10)]);
+        let got = inline_extents(&ino(30), &inline, 0, 30).unwrap();
+        assert_eq!(got, [disk(1000, 30)]);
+        // a size past what the inode holds is corrupt, not zeros
+        assert!(inline_extents(&ino(161), &inline, 0, 161).is_err());
+    }
 
     #[test]
     fn cached_metadata_blocks_stay_within_their_bytes_whatever_the_block_size() {
