@@ -2791,3 +2791,103 @@ fn blob_writes_a_vms_configuration() {
     assert!(out.stdout.is_empty());
     exits(&client(&agent, &["ping"]), 0);
 }
+
+/// Device nodes keep their numbers: ext4's in both of the kernel's forms
+/// (8-bit major and minor, and the 32-bit one with a minor past 255), and
+/// XFS's (18-bit minor), are listed (`ls -l`, JSON `rdev`) and written into
+/// tars, which `tar` reads back. They were all 0, 0.
+#[test]
+fn device_numbers_are_listed_and_archived() {
+    let dir = tmp();
+    let ext = dir.path().join("ext.img");
+    fs::File::create(&ext)
+        .and_then(|f| f.set_len(32 << 20))
+        .expect("image");
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&ext));
+    // debugfs takes minors up to 255: the large one is set in i_block[1]
+    // directly, as Linux's new_encode_dev lays it out
+    let (major, minor) = (259u32, 300_000u32);
+    let encoded = (minor & 0xFF) | (major << 8) | ((minor & !0xFF) << 12);
+    let script = format!(
+        "mknod null c 1 3\nmknod tty c 300 5\nmknod disk b 259 0\n\
+         sif disk block[1] {encoded:#x}\n"
+    );
+    let mut debugfs = Command::new("debugfs")
+        .args(["-w", "-f", "-"])
+        .arg(&ext)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("debugfs");
+    debugfs
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("script");
+    assert!(debugfs.wait().expect("debugfs").success());
+
+    let xfs = dir.path().join("xfs.img");
+    fs::File::create(&xfs)
+        .and_then(|f| f.set_len(320 << 20))
+        .expect("image");
+    let proto = dir.path().join("proto");
+    fs::write(
+        &proto,
+        "/dev/null\n0 0\nd--755 0 0\nnull c--666 0 0 1 3\ntty c--620 0 5 300 5\n\
+         disk b--660 0 6 259 200000\n$\n",
+    )
+    .expect("proto");
+    run(Command::new("mkfs.xfs")
+        .args(["-q", "-p"])
+        .arg(&proto)
+        .arg(&xfs));
+
+    let agent = Agent::builder()
+        .image("ext", &ext)
+        .image("xfs", &xfs)
+        .start();
+    for (archive, disk) in [("ext", "259, 300000"), ("xfs", "259, 200000")] {
+        let listed = json(&ok(client(
+            &agent,
+            &["--output", "json", "ls", "attached", archive, "raw", "/"],
+        )));
+        let rdev = |name: &str| {
+            let entries = listed["entries"].as_array().expect("entries");
+            let e = entries.iter().find(|e| e["name"] == name).expect(name);
+            (e["rdev"]["major"].clone(), e["rdev"]["minor"].clone())
+        };
+        assert_eq!(rdev("null"), (1.into(), 3.into()), "{archive}");
+        assert_eq!(rdev("tty"), (300.into(), 5.into()), "{archive}");
+        let (major, minor) = disk.split_once(", ").expect("pair");
+        let (major, minor): (u32, u32) = (major.parse().unwrap(), minor.parse().unwrap());
+        assert_eq!(rdev("disk"), (major.into(), minor.into()), "{archive}");
+
+        let long = ok(client(
+            &agent,
+            &["ls", "-l", "attached", archive, "raw", "/"],
+        ));
+        let long = String::from_utf8_lossy(&long.stdout).into_owned();
+        assert!(long.contains(&format!(" {disk} ")), "{long}");
+
+        let tar = dir.path().join(format!("{archive}.tar"));
+        let dest = tar.to_str().expect("utf8");
+        ok(client(
+            &agent,
+            &["extract", "attached", archive, "raw", "/", "--tar", dest],
+        ));
+        let listing = ok(Command::new("tar")
+            .arg("-tvf")
+            .arg(&tar)
+            .output()
+            .expect("tar"));
+        let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+        for (name, numbers) in [("null", "1,3"), ("tty", "300,5")] {
+            let line = listing.lines().find(|l| l.ends_with(name)).expect(name);
+            assert!(line.contains(numbers), "{line}");
+        }
+        let line = listing.lines().find(|l| l.ends_with("disk")).expect("disk");
+        assert!(line.contains(&disk.replace(", ", ",")), "{line}");
+    }
+}

@@ -15,7 +15,9 @@ use crate::restore::archive::{
     byte_stream, new_stream_writer, ArchiveEntry, EntryKind, Format, StreamWriter,
 };
 use crate::restore::disk::Layout;
-use crate::restore::fs::{Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry};
+use crate::restore::fs::{
+    Device, Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry,
+};
 use crate::restore::volume::list_backup_volumes;
 use crate::rpc::codes::{app_error, internal, invalid_params};
 use crate::rpc::{Call, RawResult, Router};
@@ -515,8 +517,14 @@ fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
         (_, EntryType::Symlink) => EntryKind::Symlink {
             target: we.link_target.clone().unwrap_or_default(),
         },
-        (_, EntryType::Char) => EntryKind::Char { major: 0, minor: 0 },
-        (_, EntryType::Block) => EntryKind::Block { major: 0, minor: 0 },
+        (_, EntryType::Char) => {
+            let Device { major, minor } = e.rdev.unwrap_or_default();
+            EntryKind::Char { major, minor }
+        }
+        (_, EntryType::Block) => {
+            let Device { major, minor } = e.rdev.unwrap_or_default();
+            EntryKind::Block { major, minor }
+        }
         (_, EntryType::Fifo) => EntryKind::Fifo,
         (_, EntryType::Socket) => return None,
     };

@@ -81,6 +81,16 @@ pub struct Entry {
     pub inode: u64,
     #[serde(default)]
     pub nlink: u64,
+    /// a device's number
+    #[serde(default)]
+    pub rdev: Option<Device>,
+}
+
+/// A device number as entries give it.
+#[derive(Deserialize, Clone, Copy, Debug)]
+pub struct Device {
+    pub major: u32,
+    pub minor: u32,
 }
 
 impl Entry {
@@ -513,7 +523,11 @@ fn long_row(e: &Entry) -> Vec<String> {
         e.nlink.to_string(),
         e.uid.to_string(),
         e.gid.to_string(),
-        fmt::size(e.size),
+        // a device's number where its size would be, as `ls -l` shows it
+        match e.rdev {
+            Some(d) => format!("{}, {}", d.major, d.minor),
+            None => fmt::size(e.size),
+        },
         fmt::time(e.mtime_s()),
         name,
     ]
@@ -705,11 +719,17 @@ async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome
         vec!["gid".to_string(), e.gid.to_string()],
         vec!["links".to_string(), e.nlink.to_string()],
         vec!["inode".to_string(), e.inode.to_string()],
-        vec![
-            "modified".to_string(),
-            format!("{} UTC", fmt::time(e.mtime_s())),
-        ],
     ];
+    if let Some(d) = e.rdev {
+        rows.push(vec![
+            "device".to_string(),
+            format!("{}, {}", d.major, d.minor),
+        ]);
+    }
+    rows.extend([vec![
+        "modified".to_string(),
+        format!("{} UTC", fmt::time(e.mtime_s())),
+    ]]);
     if let Some(t) = &e.target {
         // its exact bytes, as `ls -l` shows them (the lossy text made `a\nb`
         // and `a<newline>b` look alike)

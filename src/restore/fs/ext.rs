@@ -29,7 +29,7 @@ use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_journal::{self, Recovered};
 use crate::restore::fs::ext_raw::{ExtRaw, Inode, VIEW_MAX_GROUPS};
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
-use crate::restore::fs::{EntryType, Extent, Meta};
+use crate::restore::fs::{Device, EntryType, Extent, Meta};
 
 const ROOT_INODE: u32 = 2;
 
@@ -126,6 +126,7 @@ struct Attrs {
     gid: u32,
     mtime: i64,
     nlink: u64,
+    rdev: Option<Device>,
 }
 
 /// The listing record of node `number` called `name`; `link` is a
@@ -144,6 +145,7 @@ fn ext_child(name: Vec<u8>, number: u32, a: Attrs, link: Option<Vec<u8>>) -> Chi
         mtime: a.mtime,
         inode: u64::from(number),
         nlink: a.nlink,
+        rdev: a.rdev,
     };
     Child {
         name,
@@ -190,6 +192,7 @@ impl ExtBackend {
             gid: ino.gid,
             mtime: ino.mtime,
             nlink: u64::from(ino.links),
+            rdev: matches!(kind, EntryType::Char | EntryType::Block).then(|| ino.device()),
         })
     }
 

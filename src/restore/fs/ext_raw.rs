@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::le::{le16, le32};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::budget::Charge;
-use crate::restore::fs::Extent;
+use crate::restore::fs::{Device, Extent};
 
 const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
@@ -162,6 +162,20 @@ impl Inode {
     }
     pub fn is_encrypted(&self) -> bool {
         self.flags & EXT4_ENCRYPT_FL != 0
+    }
+    /// A device inode's number: in `i_block`'s first word in the old
+    /// 8-bit major and minor form, else in its second in Linux's 32-bit
+    /// form (the kernel reads it so).
+    pub fn device(&self) -> Device {
+        let old = le32(&self.block, 0);
+        if old != 0 {
+            Device {
+                major: (old >> 8) & 0xFF,
+                minor: old & 0xFF,
+            }
+        } else {
+            Device::from_linux(le32(&self.block, 4))
+        }
     }
 }
 

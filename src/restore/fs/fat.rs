@@ -254,6 +254,7 @@ fn meta_of(e: &fatfs::DirEntry<'_, FatCursor>) -> Meta {
         mtime: unix_time(e.modified()),
         inode: 0,
         nlink: 1,
+        rdev: None,
     }
 }
 
@@ -273,6 +274,7 @@ impl<'a> Backend for FatBackend<'a> {
                 mtime: 0,
                 inode: 0,
                 nlink: 1,
+                rdev: None,
             },
             link: None,
             damaged: None,

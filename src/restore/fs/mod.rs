@@ -85,6 +85,9 @@ pub struct Entry {
     /// inode or file record number; 0 where the filesystem has none (FAT)
     pub inode: u64,
     pub nlink: u64,
+    /// a character or block device's number
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rdev: Option<Device>,
     /// Why this entry could not be read (its inode is damaged or lost):
     /// such an entry is listed apart, never as one with these fields.
     #[serde(skip)]
@@ -106,6 +109,26 @@ pub struct Meta {
     /// inode or file record number; 0 where the filesystem has none (FAT)
     pub inode: u64,
     pub nlink: u64,
+    /// a character or block device's number (`None` for other types)
+    pub rdev: Option<Device>,
+}
+
+/// A device number, as `makedev(major, minor)` takes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Device {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl Device {
+    /// A device number as Linux encodes it in 32 bits (`new_encode_dev`):
+    /// the minor's low byte, the major's 12 bits, the minor's upper 12.
+    pub fn from_linux(dev: u32) -> Device {
+        Device {
+            major: (dev & 0xF_FF00) >> 8,
+            minor: (dev & 0xFF) | ((dev >> 12) & 0xF_FF00),
+        }
+    }
 }
 
 impl Entry {
@@ -125,6 +148,7 @@ impl Entry {
             target_b64: None,
             inode: meta.inode,
             nlink: meta.nlink,
+            rdev: meta.rdev,
             error: None,
         };
         e.set_name(name);

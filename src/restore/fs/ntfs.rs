@@ -631,6 +631,7 @@ fn meta_of(
         mtime: unix_time(info.modification_time().nt_timestamp()),
         inode: record,
         nlink: u64::from(file.hard_link_count()).max(1),
+        rdev: None,
     };
     Ok((meta, link))
 }

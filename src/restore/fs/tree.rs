@@ -62,11 +62,11 @@ pub fn child_bytes<N>(name: usize, link: usize) -> usize {
     kept_bytes::<N>(name, link) + std::mem::size_of::<Child<N>>()
 }
 
-/// The most JSON bytes an entry of a `list` page takes: at most 256 for
-/// its fixed members (numbers at their longest), plus its name and symlink
-/// target as text.
+/// The most JSON bytes an entry of a `list` page takes: at most 320 for
+/// its fixed members (numbers at their longest, a device number included),
+/// plus its name and symlink target as text.
 fn page_bytes(name: &[u8], link: Option<&[u8]>) -> usize {
-    256 + json_text_bytes(name) + link.map_or(0, json_text_bytes)
+    320 + json_text_bytes(name) + link.map_or(0, json_text_bytes)
 }
 
 /// The most bytes `raw` takes as a JSON string member's value (see
@@ -180,6 +180,7 @@ impl<N> Child<N> {
                 mtime: 0,
                 inode,
                 nlink: 0,
+                rdev: None,
             },
             link: None,
             damaged: Some(Box::new(error)),
@@ -964,6 +965,7 @@ const MAP_WINDOW: u64 = 256 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::restore::fs::Device;
 
     /// The estimate bounds the real JSON, however the name and target are
     /// made, with every number at its longest.
@@ -978,6 +980,10 @@ mod tests {
             mtime: i64::MIN,
             inode: u64::MAX,
             nlink: u64::MAX,
+            rdev: Some(Device {
+                major: u32::MAX,
+                minor: u32::MAX,
+            }),
         };
         let texts: [&[u8]; 6] = [
             b"",

@@ -34,7 +34,7 @@ use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_raw::crc32c;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::xfs_log;
-use crate::restore::fs::{EntryType, Extent, Meta};
+use crate::restore::fs::{Device, EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
 const SB_MAGIC: &[u8; 4] = b"XFSB";
@@ -289,6 +289,17 @@ impl Inode {
         EntryType::from_unix_mode(u32::from(self.mode)).unwrap_or(EntryType::File)
     }
 
+    /// A device inode's number: the first word of its data fork, in the
+    /// System V form XFS keeps (14-bit major, 18-bit minor; Linux keeps 9
+    /// bits of the major).
+    fn device(&self) -> Device {
+        let dev = self.fork.get(..4).map_or(0, |b| be32(b, 0));
+        Device {
+            major: (dev >> 18) & 0x1FF,
+            minor: dev & 0x3_FFFF,
+        }
+    }
+
     fn meta(&self) -> Meta {
         let kind = self.kind();
         Meta {
@@ -304,6 +315,7 @@ impl Inode {
             mtime: self.mtime,
             inode: self.number,
             nlink: self.nlink,
+            rdev: matches!(kind, EntryType::Char | EntryType::Block).then(|| self.device()),
         }
     }
 }
