@@ -2321,6 +2321,55 @@ fn reparse_data(tag: u32, substitute: &str, print: &str, symlink_flags: Option<u
     out
 }
 
+/// Linux device nodes on NTFS, as ntfs-3g writes them (Interix system
+/// files holding `IntxCHR` or `IntxBLK` and the numbers), are devices with
+/// their numbers; they were regular files of 24 bytes of that record.
+/// Needs ntfs-3g's FUSE mount; skipped without it.
+#[test]
+fn ntfs_3g_device_nodes_are_devices() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some((img, mnt)) = mounted_ntfs(dir.path(), "devices.img") else {
+        return;
+    };
+    let made = (|| -> std::io::Result<()> {
+        for (name, kind, major, minor) in [("null", "c", "1", "3"), ("nvme", "b", "259", "7")] {
+            let status = Command::new("mknod")
+                .arg(mnt.join(name))
+                .args([kind, major, minor])
+                .status()?;
+            assert!(status.success(), "mknod {name}");
+        }
+        std::fs::write(mnt.join("plain"), "not a device\n")
+    })();
+    run(Command::new("umount").arg(&mnt));
+    made.unwrap();
+    with_fs(&img, "raw", |fs| {
+        let (entries, _) = fs.list(b"/", None, 100).unwrap();
+        let listed: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                (
+                    e.name.as_str(),
+                    e.kind,
+                    e.size,
+                    e.rdev.map(|d| (d.major, d.minor)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("null", EntryType::Char, 0, Some((1, 3))),
+                ("nvme", EntryType::Block, 0, Some((259, 7))),
+                ("plain", EntryType::File, 13, None),
+            ]
+        );
+    });
+}
+
 /// NTFS junctions and symbolic links (reparse points, as Windows makes
 /// them) and Interix symlinks (as ntfs-3g makes Linux ones) are listed
 /// and walked as symlinks with Unix targets, and paths through them

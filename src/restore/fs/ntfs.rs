@@ -40,7 +40,7 @@ use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
 use crate::restore::fs::{lznt1, ntfs_link};
-use crate::restore::fs::{EntryType, Extent, Meta};
+use crate::restore::fs::{Device, EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
 const ROOT_RECORD: u64 = 5;
@@ -596,11 +596,16 @@ fn meta_of(
 ) -> Result<(Meta, Option<Vec<u8>>)> {
     let info = file.info().map_err(|e| map_err(what, e))?;
     let attrs = info.file_attributes();
-    let link = link_of(file, cur, attrs);
+    let special = special_of(file, cur, attrs);
+    let (link, device) = match special {
+        Some(Special::Link(target)) => (Some(target), None),
+        Some(Special::Device(kind, number)) => (None, Some((kind, number))),
+        None => (None, None),
+    };
     let dir = file.is_directory() && link.is_none();
     let size = if let Some(target) = &link {
         target.len() as u64
-    } else if dir {
+    } else if dir || device.is_some() {
         0
     } else if let Some(size) = base_record_data_size(file) {
         size
@@ -614,10 +619,11 @@ fn meta_of(
             None => 0,
         }
     };
-    let (kind, mut mode) = match (&link, dir) {
-        (Some(_), _) => (EntryType::Symlink, 0o777),
-        (None, true) => (EntryType::Dir, 0o755),
-        (None, false) => (EntryType::File, 0o644),
+    let (kind, mut mode) = match (&link, device, dir) {
+        (Some(_), _, _) => (EntryType::Symlink, 0o777),
+        (None, Some((kind, _)), _) => (kind, 0o644),
+        (None, None, true) => (EntryType::Dir, 0o755),
+        (None, None, false) => (EntryType::File, 0o644),
     };
     if link.is_none() && attrs.contains(NtfsFileAttributeFlags::READ_ONLY) {
         mode &= !0o222;
@@ -631,27 +637,44 @@ fn meta_of(
         mtime: unix_time(info.modification_time().nt_timestamp()),
         inode: record,
         nlink: u64::from(file.hard_link_count()).max(1),
-        rdev: None,
+        rdev: device.map(|(_, number)| number),
     };
     Ok((meta, link))
 }
 
-/// The target of `file` when it is a symbolic link or junction, or an
-/// Interix symlink (a system file; ntfs-3g writes Linux symlinks so). Data
-/// that cannot be read or parsed leaves it what it is otherwise: a
-/// directory, or a file whose reads are refused as a reparse point's.
-fn link_of(
+/// What a file stands for besides its data, if anything (see
+/// [`special_of`]).
+enum Special {
+    /// a symbolic link or junction, or an Interix symlink: its target
+    Link(Vec<u8>),
+    /// an Interix device (as ntfs-3g writes Linux device nodes)
+    Device(EntryType, Device),
+}
+
+/// Whether `file` is a symbolic link or junction, or an Interix symlink or
+/// device (system files; ntfs-3g writes Linux symlinks and device nodes
+/// so). Data that cannot be read or parsed leaves it what it is otherwise:
+/// a directory, or a file whose reads are refused as a reparse point's.
+fn special_of(
     file: &NtfsFile<'_>,
     cur: &mut DiskCursor,
     attrs: NtfsFileAttributeFlags,
-) -> Option<Vec<u8>> {
+) -> Option<Special> {
     if attrs.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
         let data = link_data(file, cur, NtfsAttributeType::ReparsePoint)?;
-        return ntfs_link::reparse_target(&data);
+        return ntfs_link::reparse_target(&data).map(Special::Link);
     }
     if attrs.contains(NtfsFileAttributeFlags::SYSTEM) && !file.is_directory() {
         let data = link_data(file, cur, NtfsAttributeType::Data)?;
-        return ntfs_link::interix_target(&data);
+        if let Some((block, device)) = ntfs_link::interix_device(&data) {
+            let kind = if block {
+                EntryType::Block
+            } else {
+                EntryType::Char
+            };
+            return Some(Special::Device(kind, device));
+        }
+        return ntfs_link::interix_target(&data).map(Special::Link);
     }
     None
 }

@@ -8,7 +8,12 @@
 //! data is `IntxLNK\x01` and the target as UTF-16. This module turns both
 //! into the target a Unix symlink would hold; it only parses bytes handed
 //! to it and knows nothing of files or reads. Other reparse points
-//! (deduplicated, compressed by WOF, cloud files) are not links.
+//! (deduplicated, compressed by WOF, cloud files) are not links. ntfs-3g
+//! writes Linux device nodes as Interix system files too (`IntxCHR\0` or
+//! `IntxBLK\0`, then the major and minor as 64-bit numbers), which this
+//! module reads as well.
+
+use crate::restore::fs::Device;
 
 /// The reparse tag of a symbolic link.
 const TAG_SYMLINK: u32 = 0xA000_000C;
@@ -18,6 +23,12 @@ const TAG_MOUNT_POINT: u32 = 0xA000_0003;
 const SYMLINK_RELATIVE: u32 = 1;
 /// What an Interix symlink's data starts with.
 const INTERIX_LINK: &[u8] = b"IntxLNK\x01";
+/// What an Interix character device's data starts with.
+const INTERIX_CHAR: &[u8] = b"IntxCHR\0";
+/// What an Interix block device's data starts with.
+const INTERIX_BLOCK: &[u8] = b"IntxBLK\0";
+/// The length of an Interix device's data: its magic, major and minor.
+pub const INTERIX_DEVICE_LEN: u64 = 24;
 
 /// The target of a symbolic link or junction from its reparse data (the
 /// `$REPARSE_POINT` attribute's value); `None` for any other reparse point
@@ -64,6 +75,26 @@ pub fn reparse_target(data: &[u8]) -> Option<Vec<u8>> {
 pub fn interix_target(data: &[u8]) -> Option<Vec<u8>> {
     let target = utf16_lossy(data.strip_prefix(INTERIX_LINK)?);
     (!target.is_empty() && !target.contains('\0')).then(|| target.into_bytes())
+}
+
+/// The device an Interix device file's data names (as ntfs-3g writes
+/// Linux device nodes): whether it is a block device, and its number;
+/// `None` when the data is not one, or names a number Linux cannot hold.
+pub fn interix_device(data: &[u8]) -> Option<(bool, Device)> {
+    if data.len() as u64 != INTERIX_DEVICE_LEN {
+        return None;
+    }
+    let block = match &data[..8] {
+        m if m == INTERIX_CHAR => false,
+        m if m == INTERIX_BLOCK => true,
+        _ => return None,
+    };
+    let word = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap_or_default());
+    let device = Device {
+        major: u32::try_from(word(8)).ok()?,
+        minor: u32::try_from(word(16)).ok()?,
+    };
+    Some((block, device))
 }
 
 /// A Windows target as a Unix one (see [`reparse_target`]).
@@ -140,6 +171,29 @@ mod tests {
         assert_eq!(target(&short), None);
         assert_eq!(target(&reparse(TAG_SYMLINK, "", "", Some(1))), None);
         assert_eq!(target(&[]), None);
+    }
+
+    #[test]
+    fn interix_devices_are_read_as_ntfs_3g_writes_them() {
+        let device = |magic: &[u8], major: u64, minor: u64| {
+            let mut d = magic.to_vec();
+            d.extend_from_slice(&major.to_le_bytes());
+            d.extend_from_slice(&minor.to_le_bytes());
+            d
+        };
+        let number = |major, minor| Device { major, minor };
+        assert_eq!(
+            interix_device(&device(INTERIX_CHAR, 1, 3)),
+            Some((false, number(1, 3)))
+        );
+        assert_eq!(
+            interix_device(&device(INTERIX_BLOCK, 259, 70_000)),
+            Some((true, number(259, 70_000)))
+        );
+        // another magic, a length that is not a device's, a number past 32 bits
+        assert_eq!(interix_device(&device(b"IntxFOO\0", 1, 3)), None);
+        assert_eq!(interix_device(&device(INTERIX_CHAR, 1, 3)[..23]), None);
+        assert_eq!(interix_device(&device(INTERIX_CHAR, 1 << 32, 3)), None);
     }
 
     #[test]
