@@ -4029,6 +4029,42 @@ fn ext4_variants_match_source() {
     }
 }
 
+/// ext4 with casefolded names (`-O casefold`, as Samba shares and game
+/// libraries use it), one directory flagged to compare names without case:
+/// listed and read as the source, its names matched in any case. It was
+/// refused, ext4-view not knowing the feature.
+#[test]
+fn ext4_with_casefold_matches_source() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    make_plain(&src, false);
+    write(&src.join("folded/Report.TXT"), b"quarterly\n");
+    let img = dir.path().join("casefold.img");
+    mkimg_ext(
+        &src,
+        &img,
+        &["-t", "ext4", "-O", "casefold", "-E", "encoding=utf8"],
+        64,
+    );
+    // the kernel's casefold flag (with its extents flag), on a directory
+    // of one block (no hashes)
+    debugfs(&img, true, "set_inode_field /folded flags 0x40080000\n");
+    let flags = debugfs(&img, false, "stat /folded\n");
+    assert!(flags.contains("Flags: 0x40080000"), "{flags}");
+    let src2 = src.clone();
+    let n = with_fs(&img, "raw", move |fs| {
+        assert_eq!(read_all(fs, b"/folded/report.txt"), b"quarterly\n");
+        // the root is not flagged: its names match exactly only
+        let e = fs.stat(b"/FOLDED/Report.TXT", false).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound);
+        compare_tree(fs, &src2, b"/", &Flavor::Unix)
+    });
+    assert_eq!(n, count_source(&src));
+}
+
 /// An ext4 filesystem past 8 TiB (a file server's data disk): 73,728
 /// block groups. It was refused ("more than the 65536 read here"); the
 /// inode table locations (8 bytes a group) are now kept for up to 2^20

@@ -1,8 +1,8 @@
 //! ext2/3/4 backend: [`super::ext_raw`] decides which incompatible features
 //! are read and does the reading; ext4-view validates the superblock and
 //! group descriptors when the filesystem is opened, where it knows the
-//! features (it refuses meta_bg, mmp, ea_inode, large_dir and inline_data,
-//! which `ext_raw` reads, and is then left out).
+//! features (it refuses meta_bg, mmp, ea_inode, large_dir, inline_data and
+//! casefold, which `ext_raw` reads, and is then left out).
 //!
 //! A volume whose journal needs recovery is read through
 //! [`super::ext_journal::Recovered`], which shows it as recovery would
@@ -330,5 +330,9 @@ impl Backend for ExtBackend {
 
     fn what(&self) -> &str {
         "ext filesystem"
+    }
+
+    fn case_insensitive(&mut self, dir: &u32) -> bool {
+        self.raw.inode(*dir).is_ok_and(|ino| ino.is_casefolded())
     }
 }

@@ -28,14 +28,20 @@ use crate::restore::fs::{Device, Extent};
 const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
 const EXT4_ENCRYPT_FL: u32 = 0x800;
+const EXT4_CASEFOLD_FL: u32 = 0x4000_0000;
 const INCOMPAT_64BIT: u32 = 0x80;
 /// Group descriptors lie in "meta groups": the descriptor block of each
 /// run of groups it describes sits at the start of the run's first group.
 const INCOMPAT_META_BG: u32 = 0x10;
 /// Incompatible features read here that ext4-view refuses: meta_bg,
 /// multiple mount protection (a block of its own, nothing to read), EA in
-/// inodes, large directories, inline data.
-const INCOMPAT_BEYOND_EXT4_VIEW: u32 = 0x10 | 0x100 | 0x400 | 0x4000 | INCOMPAT_INLINE_DATA;
+/// inodes, large directories, inline data, casefolded names (they change
+/// only how the kernel hashes and compares names; directories are read
+/// whole here, and names match exactly first, then case-insensitively).
+const INCOMPAT_BEYOND_EXT4_VIEW: u32 =
+    0x10 | 0x100 | 0x400 | 0x4000 | INCOMPAT_INLINE_DATA | INCOMPAT_CASEFOLD;
+/// Directories may be flagged to compare names without case.
+const INCOMPAT_CASEFOLD: u32 = 0x20000;
 /// Small files and directories may be kept in their inode: the 60 bytes of
 /// `i_block`, then the value of the inode's `system.data` attribute.
 const INCOMPAT_INLINE_DATA: u32 = 0x8000;
@@ -65,7 +71,7 @@ const INCOMPAT_READ: u32 = 0x2
     | 0x4000
     | INCOMPAT_INLINE_DATA
     | 0x10000
-    | 0x20000;
+    | INCOMPAT_CASEFOLD;
 /// Backup superblocks only in groups 0, 1 and powers of 3, 5 and 7.
 const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 /// Backup superblocks only in the two groups the superblock names.
@@ -162,6 +168,10 @@ impl Inode {
     }
     pub fn is_encrypted(&self) -> bool {
         self.flags & EXT4_ENCRYPT_FL != 0
+    }
+    /// Whether this directory's names compare without case (casefold).
+    pub fn is_casefolded(&self) -> bool {
+        self.flags & EXT4_CASEFOLD_FL != 0
     }
     /// A device inode's number: in `i_block`'s first word in the old
     /// 8-bit major and minor form, else in its second in Linux's 32-bit
@@ -503,7 +513,8 @@ impl ExtRaw {
 
     /// Whether the filesystem has features read here that ext4-view
     /// refuses (meta_bg, MMP, EA in inodes, large directories, inline
-    /// data), or lacks one it requires (file types in directory entries).
+    /// data, casefold), or lacks one it requires (file types in directory
+    /// entries).
     pub fn reads_what_ext4_view_refuses(&self) -> bool {
         self.beyond_ext4_view
     }

@@ -384,7 +384,7 @@ impl<'a> Backend for FatBackend<'a> {
         Ok((at != NONE).then_some(at))
     }
 
-    fn case_insensitive(&self) -> bool {
+    fn case_insensitive(&mut self, _dir: &Self::Node) -> bool {
         true
     }
 

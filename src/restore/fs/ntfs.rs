@@ -1116,7 +1116,7 @@ impl Backend for NtfsBackend {
         extents_of(&data, offset, len, &format!("file record {node}")).map(Some)
     }
 
-    fn case_insensitive(&self) -> bool {
+    fn case_insensitive(&mut self, _dir: &Self::Node) -> bool {
         true
     }
 

@@ -156,9 +156,10 @@ pub trait Backend {
     }
     /// Names this filesystem in error messages.
     fn what(&self) -> &str;
-    /// Whether names match case-insensitively when no exact match exists
-    /// (FAT, NTFS as Windows sees them).
-    fn case_insensitive(&self) -> bool {
+    /// Whether names in directory `dir` match case-insensitively when no
+    /// exact match exists (FAT, NTFS as Windows sees them, ext directories
+    /// flagged casefold).
+    fn case_insensitive(&mut self, _dir: &Self::Node) -> bool {
         false
     }
 }
@@ -404,14 +405,14 @@ impl<B: Backend> Tree<B> {
             let listing = self.listing(&dir, &dir_path)?;
             let kids = &listing.kids;
             let exact = kids.binary_search_by(|c| c.name.as_slice().cmp(&comp)).ok();
-            let found = exact.or_else(|| {
-                if !self.backend.case_insensitive() {
-                    return None;
+            let found = match exact {
+                None if self.backend.case_insensitive(&dir.node) => {
+                    let want = String::from_utf8_lossy(&comp).to_lowercase();
+                    kids.iter()
+                        .position(|c| String::from_utf8_lossy(&c.name).to_lowercase() == want)
                 }
-                let want = String::from_utf8_lossy(&comp).to_lowercase();
-                kids.iter()
-                    .position(|c| String::from_utf8_lossy(&c.name).to_lowercase() == want)
-            });
+                found => found,
+            };
             let child = match found {
                 Some(i) => match &kids[i].damaged {
                     Some(e) => {
