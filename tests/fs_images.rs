@@ -2376,7 +2376,9 @@ fn ntfs_3g_device_nodes_are_devices() {
 /// resolve within the volume. A junction was an empty directory and a
 /// symbolic link an empty file, and an Interix link a file holding
 /// `IntxLNK`. Another reparse point (a deduplicated file) stays a file
-/// whose reads are refused. Links too long for their file record (data in
+/// whose reads are refused. WSL 1's symlinks (a reparse point of their own
+/// holding the Unix target) are symlinks too; they were files whose reads
+/// were refused. Links too long for their file record (data in
 /// an extension record or out of the records) are links too; they were
 /// files holding their link data. Needs ntfs-3g's FUSE mount; skipped
 /// without it.
@@ -2400,6 +2402,7 @@ fn ntfs_links_are_symlinks() {
         // too long to stay in the 1 KiB file record with the link's names
         std::os::unix::fs::symlink(&long_target, mnt.join("long-interix"))?;
         std::fs::write(mnt.join("long-link.txt"), "")?;
+        std::fs::write(mnt.join("wsl"), "")?;
         Ok(())
     })();
     if made.is_ok() {
@@ -2421,6 +2424,13 @@ fn ntfs_links_are_symlinks() {
             &mnt.join("long-link.txt"),
             &reparse_data(0xA000_000C, &long, &long, Some(1)),
         );
+        // a symlink made under WSL 1: a version word, the UTF-8 target
+        let mut wsl = 0xA000_001Du32.to_le_bytes().to_vec();
+        let target = b"../usr/lib/os-release";
+        wsl.extend_from_slice(&(4 + target.len() as u16).to_le_bytes());
+        wsl.extend_from_slice(&[0, 0, 2, 0, 0, 0]);
+        wsl.extend_from_slice(target);
+        set_reparse_data(&mnt.join("wsl"), &wsl);
         set_reparse_data(
             &mnt.join("dedup.bin"),
             &reparse_data(0x8000_0013, "x", "x", None),
@@ -2446,6 +2456,7 @@ fn ntfs_links_are_symlinks() {
                 ("link.txt", EntryType::Symlink, Some("Users/Public/a.txt")),
                 ("long-interix", EntryType::Symlink, Some(&long_target[..])),
                 ("long-link.txt", EntryType::Symlink, Some(&long_unix[..])),
+                ("wsl", EntryType::Symlink, Some("../usr/lib/os-release")),
             ]
         );
         // paths through them resolve within the volume

@@ -8,7 +8,8 @@
 //! data is `IntxLNK\x01` and the target as UTF-16. This module turns both
 //! into the target a Unix symlink would hold; it only parses bytes handed
 //! to it and knows nothing of files or reads. Other reparse points
-//! (deduplicated, compressed by WOF, cloud files) are not links. ntfs-3g
+//! (deduplicated, compressed by WOF, cloud files) are not links, except
+//! WSL 1's Linux symlinks, whose reparse data holds a Unix target. ntfs-3g
 //! writes Linux device nodes as Interix system files too (`IntxCHR\0` or
 //! `IntxBLK\0`, then the major and minor as 64-bit numbers), which this
 //! module reads as well.
@@ -19,6 +20,9 @@ use crate::restore::fs::Device;
 const TAG_SYMLINK: u32 = 0xA000_000C;
 /// The reparse tag of a junction (a mount point).
 const TAG_MOUNT_POINT: u32 = 0xA000_0003;
+/// The reparse tag of a symlink made by Linux programs under WSL 1: a
+/// version word (2), then the Unix target as UTF-8.
+const TAG_LX_SYMLINK: u32 = 0xA000_001D;
 /// A symbolic link's flag: its target is relative to its directory.
 const SYMLINK_RELATIVE: u32 = 1;
 /// What an Interix symlink's data starts with.
@@ -45,6 +49,7 @@ pub fn reparse_target(data: &[u8]) -> Option<Vec<u8>> {
         Some(usize::from(u16::from_le_bytes([b[0], b[1]])))
     };
     let (path_buffer, relative): (usize, bool) = match tag {
+        TAG_LX_SYMLINK => return lx_target(data),
         TAG_MOUNT_POINT => (16, false),
         TAG_SYMLINK => {
             let flags = u32::from_le_bytes(data.get(16..20)?.try_into().ok()?);
@@ -68,6 +73,18 @@ pub fn reparse_target(data: &[u8]) -> Option<Vec<u8>> {
         print
     };
     unix_target(&target, relative)
+}
+
+/// The Unix target of a WSL 1 symlink from its reparse data (see
+/// [`TAG_LX_SYMLINK`]): taken as it is, a Linux path.
+fn lx_target(data: &[u8]) -> Option<Vec<u8>> {
+    let len = usize::from(u16::from_le_bytes(data.get(4..6)?.try_into().ok()?));
+    let body = data.get(8..8usize.checked_add(len)?)?;
+    let (version, target) = body.split_at_checked(4)?;
+    if u32::from_le_bytes(version.try_into().ok()?) != 2 {
+        return None;
+    }
+    (!target.is_empty() && !target.contains(&0)).then(|| target.to_vec())
 }
 
 /// The target of an Interix symlink (as ntfs-3g writes Linux symlinks)
@@ -171,6 +188,30 @@ mod tests {
         assert_eq!(target(&short), None);
         assert_eq!(target(&reparse(TAG_SYMLINK, "", "", Some(1))), None);
         assert_eq!(target(&[]), None);
+    }
+
+    #[test]
+    fn wsl_symlinks_keep_their_unix_targets() {
+        let lx = |version: u32, target: &[u8]| {
+            let mut d = TAG_LX_SYMLINK.to_le_bytes().to_vec();
+            d.extend_from_slice(&(4 + target.len() as u16).to_le_bytes());
+            d.extend_from_slice(&[0, 0]);
+            d.extend_from_slice(&version.to_le_bytes());
+            d.extend_from_slice(target);
+            d
+        };
+        let t = b"../lib/x86_64-linux-gnu/libc.so.6";
+        assert_eq!(reparse_target(&lx(2, t)), Some(t.to_vec()));
+        assert_eq!(
+            reparse_target(&lx(2, b"/etc\\x")),
+            Some(b"/etc\\x".to_vec())
+        );
+        // another version, no target, a length past the data
+        assert_eq!(reparse_target(&lx(1, t)), None);
+        assert_eq!(reparse_target(&lx(2, b"")), None);
+        let mut short = lx(2, t);
+        short.truncate(short.len() - 1);
+        assert_eq!(reparse_target(&short), None);
     }
 
     #[test]
