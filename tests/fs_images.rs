@@ -4040,6 +4040,35 @@ fn ext4_variants_match_source() {
     }
 }
 
+/// A symlink whose target is kept in its inode past the 60-byte block
+/// area, as mke2fs -d writes it with inline_data (the kernel does not),
+/// reads whole.
+#[test]
+fn inline_data_symlinks_read_whole() {
+    if !have_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    write(&src.join("f"), b"hi\n");
+    let target = "t".repeat(100);
+    std::os::unix::fs::symlink(&target, src.join("link")).unwrap();
+    let img = dir.path().join("inline.img");
+    mkimg_ext(
+        &src,
+        &img,
+        &["-t", "ext4", "-I", "512", "-O", "inline_data"],
+        16,
+    );
+    let stat = debugfs(&img, false, "stat /link\n");
+    assert!(stat.contains("Flags: 0x10000000"), "not inline: {stat}");
+    let got = with_fs(&img, "raw", |fs| fs.stat(b"/link", false).unwrap());
+    assert_eq!(
+        (got.kind, got.target.as_deref()),
+        (EntryType::Symlink, Some(&target[..]))
+    );
+}
+
 /// ext4 with casefolded names (`-O casefold`, as Samba shares and game
 /// libraries use it), one directory flagged to compare names without case:
 /// listed and read as the source, its names matched in any case. It was
