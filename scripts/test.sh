@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 declare -A tools=(
   [socat]=socat [mkfs.ext4]=e2fsprogs [mkfs.vfat]=dosfstools [mcopy]=mtools
   [sgdisk]=gdisk [sfdisk]=fdisk [mkntfs]=ntfs-3g [zstd]=zstd [unzip]=unzip
+  # XPRESS-compressed chunks for Windows' system-compressed NTFS files
+  [wimlib-imagex]=wimtools
   [tar]=tar [node]=nodejs [npm]=npm [script]=bsdutils
   # LVM volume groups for tests/lvm.rs (written on a loop device), XFS
   [pvcreate]=lvm2 [losetup]=mount [mkfs.xfs]=xfsprogs [xfs_db]=xfsprogs

@@ -4,7 +4,7 @@
 //!
 //! Every test is skipped (with a printed reason) when a tool is missing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -2319,6 +2319,159 @@ fn reparse_data(tag: u32, substitute: &str, print: &str, symlink_flags: Option<u
     out.extend_from_slice(&[0, 0]);
     out.extend_from_slice(&body);
     out
+}
+
+/// The compressed resources of a WIM that `wimlib-imagex capture` makes of
+/// `src` with XPRESS in chunks of `chunk` bytes, by uncompressed size:
+/// (resource bytes, whether compressed). A compressed resource is laid out
+/// as a system-compressed file's `WofCompressedData` stream (a table of
+/// chunk offsets, then the chunks), the format Windows took over from WIM.
+fn wim_resources(src: &Path, wim: &Path, chunk: u32) -> HashMap<u64, (Vec<u8>, bool)> {
+    run(Command::new("wimlib-imagex")
+        .arg("capture")
+        .arg(src)
+        .arg(wim)
+        .args(["--compress=xpress", &format!("--chunk-size={chunk}")]));
+    let w = std::fs::read(wim).unwrap();
+    assert_eq!(&w[..8], b"MSWIM\0\0\0");
+    // a resource header: 7 bytes of stored size, flags, offset, size
+    let header = |b: &[u8]| {
+        let mut stored = [0u8; 8];
+        stored[..7].copy_from_slice(&b[..7]);
+        let le = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().unwrap());
+        (u64::from_le_bytes(stored), b[7], le(8..16), le(16..24))
+    };
+    // the blob table: 50-byte entries, each a resource header first
+    let (len, _, at, _) = header(&w[48..72]);
+    let table = &w[at as usize..(at + len) as usize];
+    let mut out = HashMap::new();
+    for e in table.chunks_exact(50) {
+        let (stored, flags, at, size) = header(e);
+        let bytes = w[at as usize..(at + stored) as usize].to_vec();
+        out.insert(size, (bytes, flags & 0x04 != 0));
+    }
+    out
+}
+
+/// Files compressed by Windows' system compression ("Compact OS": a WOF
+/// reparse point, a sparse unnamed stream, the data in `WofCompressedData`)
+/// with XPRESS in 4, 8 and 16 KiB chunks read as their source: text,
+/// zeros, noise stored uncompressed, and a file of one partial chunk. They
+/// were refused as unknown reparse points. LZX is refused by name. The
+/// chunks are wimlib's (its XPRESS is the format Windows uses); the files
+/// are laid out through ntfs-3g's streams and reparse data. Needs
+/// wimlib-imagex and ntfs-3g's FUSE mount; skipped without them.
+#[test]
+fn ntfs_system_compressed_files_read_as_their_source() {
+    if !have_tools() {
+        return;
+    }
+    if Command::new("wimlib-imagex")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: wimlib-imagex missing (Debian: wimtools)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let words: Vec<String> = (0..300u64)
+        .map(|i| {
+            format!(
+                "w{}",
+                noise(i, 3)
+                    .iter()
+                    .map(|b| b % 26 + b'a')
+                    .map(char::from)
+                    .collect::<String>()
+            )
+        })
+        .collect();
+    let text: String = noise(7, 40_000)
+        .iter()
+        .map(|b| words[usize::from(*b) % words.len()].as_str())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("text.txt", text.into_bytes()),
+        ("zeros.bin", vec![0u8; 70_001]),
+        ("noise.bin", noise(8, 50_000)),
+        ("tiny.txt", b"tiny tiny tiny tiny tiny\n".repeat(3)),
+    ];
+    for (name, data) in &files {
+        write(&src.join(name), data);
+    }
+    let Some((img, mnt)) = mounted_ntfs(dir.path(), "wof.img") else {
+        return;
+    };
+    run(Command::new("umount").arg(&mnt));
+    // streams as `file:stream` names
+    let mounted = Command::new("ntfs-3g")
+        .args(["-o", "streams_interface=windows"])
+        .arg(&img)
+        .arg(&mnt)
+        .status();
+    assert!(mounted.is_ok_and(|s| s.success()));
+    let made = (|| -> std::io::Result<()> {
+        for (format, chunk) in [(0u32, 4096u32), (2, 8192), (3, 16384)] {
+            let res = wim_resources(&src, &dir.path().join(format!("{chunk}.wim")), chunk);
+            let sub = mnt.join(format!("x{}k", chunk / 1024));
+            std::fs::create_dir(&sub)?;
+            for (name, data) in &files {
+                let (bytes, compressed) = &res[&(data.len() as u64)];
+                let stream = if *compressed {
+                    bytes.clone()
+                } else {
+                    // stored whole by wimlib: each chunk stored as it is,
+                    // after a table of their end offsets
+                    let n = data.len().div_ceil(chunk as usize) as u32;
+                    let mut s: Vec<u8> = (1..n).flat_map(|i| (i * chunk).to_le_bytes()).collect();
+                    s.extend_from_slice(bytes);
+                    s
+                };
+                let path = sub.join(name);
+                std::fs::File::create(&path)?.set_len(data.len() as u64)?;
+                std::fs::write(sub.join(format!("{name}:WofCompressedData")), &stream)?;
+                let mut reparse = 0x8000_0017u32.to_le_bytes().to_vec();
+                for w in [16u32, 1, 2, 1, format] {
+                    reparse.extend_from_slice(&w.to_le_bytes());
+                }
+                set_reparse_data(&path, &reparse);
+            }
+        }
+        // LZX: refused by name
+        std::fs::File::create(mnt.join("lzx.bin"))?.set_len(5)?;
+        std::fs::write(mnt.join("lzx.bin:WofCompressedData"), b"12345")?;
+        let mut reparse = 0x8000_0017u32.to_le_bytes().to_vec();
+        for w in [16u32, 1, 2, 1, 1] {
+            reparse.extend_from_slice(&w.to_le_bytes());
+        }
+        set_reparse_data(&mnt.join("lzx.bin"), &reparse);
+        Ok(())
+    })();
+    run(Command::new("umount").arg(&mnt));
+    made.unwrap();
+    with_fs(&img, "raw", move |fs| {
+        for sub in ["x4k", "x8k", "x16k"] {
+            for (name, data) in &files {
+                let path = format!("/{sub}/{name}");
+                let e = fs.stat(path.as_bytes(), false).unwrap();
+                assert_eq!(
+                    (e.kind, e.size),
+                    (EntryType::File, data.len() as u64),
+                    "{path}"
+                );
+                assert_eq!(sha(&read_all(fs, path.as_bytes())), sha(data), "{path}");
+                // and from the middle of a chunk on
+                let (part, _) = fs.read(path.as_bytes(), 5000, 10_000).unwrap();
+                let (from, to) = (data.len().min(5000), data.len().min(15_000));
+                assert_eq!(part, data[from..to], "{path} at 5000");
+            }
+        }
+        let e = fs.read(b"/lzx.bin", 0, 5).unwrap_err();
+        assert_error(&e, ErrorKind::Unsupported, "LZX");
+    });
 }
 
 /// Linux device nodes on NTFS, as ntfs-3g writes them (Interix system

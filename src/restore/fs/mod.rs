@@ -21,8 +21,10 @@ mod lznt1;
 pub mod ntfs;
 mod ntfs_link;
 mod tree;
+mod wof;
 pub mod xfs;
 mod xfs_log;
+mod xpress;
 
 pub(crate) use budget::Charge;
 pub use budget::{listing_limit, set_listing_limit};

@@ -4,7 +4,9 @@
 //! an error, so every read checks the $DATA attribute's flags: compressed
 //! data is decoded here (`lznt1`, unit by unit over the data runs),
 //! encrypted files are refused (1005), and so are reparse points other than
-//! links (deduplicated, compressed by Windows' WOF, cloud files). Symbolic
+//! links and system compression (deduplicated, cloud files); files that
+//! Windows' system compression keeps in XPRESS chunks are decoded (`wof`,
+//! `xpress`), those in LZX refused. Symbolic
 //! links and junctions are symlinks (`ntfs_link`). NTFS has no Unix owners
 //! or modes: uid/gid 0, mode 0755 (dirs) / 0644 (files, minus write bits
 //! when read-only) / 0777 (links); inode is the
@@ -39,7 +41,7 @@ use crate::le::{le16, le32, le64};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
-use crate::restore::fs::{lznt1, ntfs_link};
+use crate::restore::fs::{lznt1, ntfs_link, wof, xpress};
 use crate::restore::fs::{Device, EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
@@ -141,7 +143,9 @@ pub struct NtfsBackend {
     ntfs: Ntfs,
     cur: DiskCursor,
     disk: Arc<dyn Disk>,
-    /// the compression unit last decoded (record, unit number, its bytes)
+    /// the compression unit (LZNT1) or system-compression chunk (WOF)
+    /// last decoded: (record, unit or chunk number, its bytes); a file is
+    /// compressed one way or the other
     unit: Option<(u64, u64, Vec<u8>)>,
     /// the data runs of the file last read or mapped (record, runs; `None`
     /// when its data is not in runs), so that reading or mapping a file a
@@ -558,7 +562,7 @@ fn apply_fixups(record: &mut [u8]) -> bool {
 fn unreadable(file: NtfsFileAttributeFlags, data: NtfsAttributeFlags) -> Option<&'static str> {
     if file.contains(NtfsFileAttributeFlags::REPARSE_POINT) {
         return Some(
-            "reparse points other than links (deduplicated, compressed by Windows, cloud \
+            "reparse points other than links and system compression (deduplicated, cloud \
              files) are not supported",
         );
     }
@@ -679,6 +683,102 @@ fn special_of(
     None
 }
 
+/// A system-compressed file being read (see [`wof`]).
+struct Wof<'a> {
+    node: u64,
+    what: &'a str,
+    format: wof::Format,
+    /// the file's size (its sparse unnamed stream's)
+    size: u64,
+}
+
+impl Wof<'_> {
+    /// Reads the file at `offset` from its `WofCompressedData` stream, a
+    /// chunk at a time; `cache` keeps the chunk last decoded.
+    fn read(
+        &self,
+        file: &NtfsFile<'_>,
+        cur: &mut DiskCursor,
+        cache: &mut Option<(u64, u64, Vec<u8>)>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        let what = self.what;
+        let wof::Format::Xpress(chunk_size) = self.format else {
+            return Err(Error::unsupported(format!(
+                "{what}: files compressed by Windows with LZX are not supported"
+            )));
+        };
+        let chunk_size = u64::from(chunk_size);
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let item = named_attribute(file, cur, NtfsAttributeType::Data, WOF_STREAM)
+            .map_err(|e| map_err(what, e))?
+            .ok_or_else(|| Error::corrupt(format!("{what}: its compressed data is missing")))?;
+        let attr = item.to_attribute().map_err(|e| map_err(what, e))?;
+        let stored = attr.value_length();
+        let mut value = attr.value(cur).map_err(|e| map_err(what, e))?;
+        let mut read = |at: u64, b: &mut [u8]| -> Result<()> {
+            value
+                .seek(cur, SeekFrom::Start(at))
+                .map_err(|e| map_err(what, e))?;
+            let mut done = 0;
+            while done < b.len() {
+                match value
+                    .read(cur, &mut b[done..])
+                    .map_err(|e| map_err(what, e))?
+                {
+                    0 => {
+                        return Err(Error::corrupt(format!(
+                            "{what}: its compressed data ends early"
+                        )))
+                    }
+                    n => done += n,
+                }
+            }
+            Ok(())
+        };
+        let want = buf.len().min((self.size - offset) as usize);
+        let mut done = 0;
+        while done < want {
+            let at = offset + done as u64;
+            let index = at / chunk_size;
+            let cached = matches!(cache, Some((n, i, _)) if *n == self.node && *i == index);
+            if !cached {
+                let (start, len, decoded) =
+                    wof::chunk(self.format, self.size, stored, index, &mut read)
+                        .map_err(|e| Error::corrupt(format!("{what}: {}", e.message)))?;
+                let mut packed = vec![0u8; len as usize];
+                read(start, &mut packed)?;
+                let out = if len == decoded {
+                    packed
+                } else {
+                    let mut out = vec![0u8; decoded as usize];
+                    xpress::decompress(&packed, &mut out)
+                        .map_err(|why| Error::corrupt(format!("{what}: {why}")))?;
+                    out
+                };
+                *cache = Some((self.node, index, out));
+            }
+            let Some((_, _, chunk)) = cache.as_ref() else {
+                break;
+            };
+            let from = (at - index * chunk_size) as usize;
+            let n = chunk.len().saturating_sub(from).min(want - done);
+            if n == 0 {
+                break;
+            }
+            buf[done..done + n].copy_from_slice(&chunk[from..from + n]);
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+/// The stream holding a system-compressed file's data.
+const WOF_STREAM: &str = "WofCompressedData";
+
 /// Most bytes of a link's data that are read: a reparse point holds at most
 /// 16 KiB, and an Interix link a target of at most 4096 UTF-16 units.
 const MAX_LINK_DATA: u64 = 16 << 10;
@@ -720,11 +820,23 @@ fn index_attribute<'n, 'f>(
     cur: &mut DiskCursor,
     ty: NtfsAttributeType,
 ) -> std::result::Result<Option<NtfsAttributeItem<'n, 'f>>, NtfsError> {
+    named_attribute(file, cur, ty, DIR_INDEX)
+}
+
+/// The attribute of type `ty` named exactly `name`, if any. (The crate's
+/// own lookup of named streams compares names through the volume's upcase
+/// table, which is not loaded.)
+fn named_attribute<'n, 'f>(
+    file: &'f NtfsFile<'n>,
+    cur: &mut DiskCursor,
+    ty: NtfsAttributeType,
+    name: &str,
+) -> std::result::Result<Option<NtfsAttributeItem<'n, 'f>>, NtfsError> {
     let mut attributes = file.attributes();
     while let Some(item) = attributes.next(cur) {
         let item = item?;
         let attribute = item.to_attribute()?;
-        if attribute.ty()? == ty && attribute.name()? == DIR_INDEX {
+        if attribute.ty()? == ty && attribute.name()? == name {
             return Ok(Some(item));
         }
     }
@@ -1063,6 +1175,22 @@ impl Backend for NtfsBackend {
             None => return Ok(0),
         };
         let attr = item.to_attribute().map_err(|e| map_err(&what, e))?;
+        if info
+            .file_attributes()
+            .contains(NtfsFileAttributeFlags::REPARSE_POINT)
+        {
+            let reparse = link_data(&file, cur, NtfsAttributeType::ReparsePoint);
+            if let Some(format) = reparse.and_then(|d| wof::format_of(&d)) {
+                let size = base_record_data_size(&file).unwrap_or(attr.value_length());
+                let wof = Wof {
+                    node: *node,
+                    what: &what,
+                    format,
+                    size,
+                };
+                return wof.read(&file, cur, &mut self.unit, offset, buf);
+            }
+        }
         if let Some(why) = unreadable(info.file_attributes(), attr.flags()) {
             return Err(Error::unsupported(format!("{what}: {why}")));
         }
