@@ -2322,16 +2322,25 @@ fn reparse_data(tag: u32, substitute: &str, print: &str, symlink_flags: Option<u
 }
 
 /// The compressed resources of a WIM that `wimlib-imagex capture` makes of
-/// `src` with XPRESS in chunks of `chunk` bytes, by uncompressed size:
+/// `src` with `compress` (xpress or lzx) in chunks of `chunk` bytes, by
+/// uncompressed size:
 /// (resource bytes, whether compressed). A compressed resource is laid out
 /// as a system-compressed file's `WofCompressedData` stream (a table of
 /// chunk offsets, then the chunks), the format Windows took over from WIM.
-fn wim_resources(src: &Path, wim: &Path, chunk: u32) -> HashMap<u64, (Vec<u8>, bool)> {
+fn wim_resources(
+    src: &Path,
+    wim: &Path,
+    compress: &str,
+    chunk: u32,
+) -> HashMap<u64, (Vec<u8>, bool)> {
     run(Command::new("wimlib-imagex")
         .arg("capture")
         .arg(src)
         .arg(wim)
-        .args(["--compress=xpress", &format!("--chunk-size={chunk}")]));
+        .args([
+            &format!("--compress={compress}"),
+            &format!("--chunk-size={chunk}"),
+        ]));
     let w = std::fs::read(wim).unwrap();
     assert_eq!(&w[..8], b"MSWIM\0\0\0");
     // a resource header: 7 bytes of stored size, flags, offset, size
@@ -2355,10 +2364,11 @@ fn wim_resources(src: &Path, wim: &Path, chunk: u32) -> HashMap<u64, (Vec<u8>, b
 
 /// Files compressed by Windows' system compression ("Compact OS": a WOF
 /// reparse point, a sparse unnamed stream, the data in `WofCompressedData`)
-/// with XPRESS in 4, 8 and 16 KiB chunks read as their source: text,
-/// zeros, noise stored uncompressed, and a file of one partial chunk. They
-/// were refused as unknown reparse points. LZX is refused by name. The
-/// chunks are wimlib's (its XPRESS is the format Windows uses); the files
+/// with XPRESS in 4, 8 and 16 KiB chunks and LZX in 32 KiB chunks read as
+/// their source: text, zeros, noise stored uncompressed, x86 code (LZX's
+/// call translation) and a file of one partial chunk. They were refused as
+/// unknown reparse points. The chunks are wimlib's (its XPRESS and LZX are
+/// the formats Windows uses); the files
 /// are laid out through ntfs-3g's streams and reparse data. Needs
 /// wimlib-imagex and ntfs-3g's FUSE mount; skipped without them.
 #[test]
@@ -2398,6 +2408,12 @@ fn ntfs_system_compressed_files_read_as_their_source() {
         ("zeros.bin", vec![0u8; 70_001]),
         ("noise.bin", noise(8, 50_000)),
         ("tiny.txt", b"tiny tiny tiny tiny tiny\n".repeat(3)),
+        // x86 code: calls (0xE8) whose targets LZX makes absolute
+        ("code.bin", {
+            let mut exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+            exe.truncate(300_000);
+            exe
+        }),
     ];
     for (name, data) in &files {
         write(&src.join(name), data);
@@ -2414,8 +2430,15 @@ fn ntfs_system_compressed_files_read_as_their_source() {
         .status();
     assert!(mounted.is_ok_and(|s| s.success()));
     let made = (|| -> std::io::Result<()> {
-        for (format, chunk) in [(0u32, 4096u32), (2, 8192), (3, 16384)] {
-            let res = wim_resources(&src, &dir.path().join(format!("{chunk}.wim")), chunk);
+        let formats = [
+            (0u32, "xpress", 4096u32),
+            (2, "xpress", 8192),
+            (3, "xpress", 16384),
+            (1, "lzx", 32768),
+        ];
+        for (format, compress, chunk) in formats {
+            let wim = dir.path().join(format!("{chunk}.wim"));
+            let res = wim_resources(&src, &wim, compress, chunk);
             let sub = mnt.join(format!("x{}k", chunk / 1024));
             std::fs::create_dir(&sub)?;
             for (name, data) in &files {
@@ -2440,20 +2463,12 @@ fn ntfs_system_compressed_files_read_as_their_source() {
                 set_reparse_data(&path, &reparse);
             }
         }
-        // LZX: refused by name
-        std::fs::File::create(mnt.join("lzx.bin"))?.set_len(5)?;
-        std::fs::write(mnt.join("lzx.bin:WofCompressedData"), b"12345")?;
-        let mut reparse = 0x8000_0017u32.to_le_bytes().to_vec();
-        for w in [16u32, 1, 2, 1, 1] {
-            reparse.extend_from_slice(&w.to_le_bytes());
-        }
-        set_reparse_data(&mnt.join("lzx.bin"), &reparse);
         Ok(())
     })();
     run(Command::new("umount").arg(&mnt));
     made.unwrap();
     with_fs(&img, "raw", move |fs| {
-        for sub in ["x4k", "x8k", "x16k"] {
+        for sub in ["x4k", "x8k", "x16k", "x32k"] {
             for (name, data) in &files {
                 let path = format!("/{sub}/{name}");
                 let e = fs.stat(path.as_bytes(), false).unwrap();
@@ -2469,8 +2484,6 @@ fn ntfs_system_compressed_files_read_as_their_source() {
                 assert_eq!(part, data[from..to], "{path} at 5000");
             }
         }
-        let e = fs.read(b"/lzx.bin", 0, 5).unwrap_err();
-        assert_error(&e, ErrorKind::Unsupported, "LZX");
     });
 }
 

@@ -18,6 +18,7 @@ mod ext_raw;
 pub mod fat;
 mod handle;
 mod lznt1;
+mod lzx;
 pub mod ntfs;
 mod ntfs_link;
 mod tree;

@@ -5,8 +5,8 @@
 //! data is decoded here (`lznt1`, unit by unit over the data runs),
 //! encrypted files are refused (1005), and so are reparse points other than
 //! links and system compression (deduplicated, cloud files); files that
-//! Windows' system compression keeps in XPRESS chunks are decoded (`wof`,
-//! `xpress`), those in LZX refused. Symbolic
+//! Windows' system compression keeps in XPRESS or LZX chunks are decoded
+//! (`wof`, `xpress`, `lzx`). Symbolic
 //! links and junctions are symlinks (`ntfs_link`). NTFS has no Unix owners
 //! or modes: uid/gid 0, mode 0755 (dirs) / 0644 (files, minus write bits
 //! when read-only) / 0777 (links); inode is the
@@ -41,7 +41,7 @@ use crate::le::{le16, le32, le64};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::tree::{child_bytes, Backend, Child};
-use crate::restore::fs::{lznt1, ntfs_link, wof, xpress};
+use crate::restore::fs::{lznt1, lzx, ntfs_link, wof, xpress};
 use crate::restore::fs::{Device, EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
@@ -704,12 +704,11 @@ impl Wof<'_> {
         buf: &mut [u8],
     ) -> Result<usize> {
         let what = self.what;
-        let wof::Format::Xpress(chunk_size) = self.format else {
-            return Err(Error::unsupported(format!(
-                "{what}: files compressed by Windows with LZX are not supported"
-            )));
+        let chunk_size = self.format.chunk_size();
+        let decode = match self.format {
+            wof::Format::Xpress(_) => xpress::decompress,
+            wof::Format::Lzx => lzx::decompress,
         };
-        let chunk_size = u64::from(chunk_size);
         if offset >= self.size {
             return Ok(0);
         }
@@ -755,7 +754,7 @@ impl Wof<'_> {
                     packed
                 } else {
                     let mut out = vec![0u8; decoded as usize];
-                    xpress::decompress(&packed, &mut out)
+                    decode(&packed, &mut out)
                         .map_err(|why| Error::corrupt(format!("{what}: {why}")))?;
                     out
                 };

@@ -23,7 +23,7 @@ const PROVIDER_FILE: u32 = 2;
 pub enum Format {
     /// XPRESS Huffman in chunks of this many bytes (4, 8 or 16 KiB)
     Xpress(u32),
-    /// LZX in 32 KiB chunks (not decoded here)
+    /// LZX in 32 KiB chunks
     Lzx,
 }
 

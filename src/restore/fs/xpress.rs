@@ -19,20 +19,24 @@ const MAX_CODE_LEN: usize = 15;
 /// Shortest match.
 const MIN_MATCH: usize = 3;
 
-/// A canonical Huffman code: how many codes each length has, and the
-/// symbols in code order (by length, then by value).
-struct Code {
+/// A canonical Huffman code of at most 512 symbols (also LZX's): how many
+/// codes each length has, and the symbols in code order (by length, then
+/// by value).
+pub(super) struct Code {
     counts: [u16; MAX_CODE_LEN + 1],
     symbols: [u16; SYMBOLS],
 }
 
 impl Code {
     /// The code of `lens` (0: the symbol is not used); `None` when more
-    /// codes are given than lengths allow.
-    fn new(lens: &[u8; SYMBOLS]) -> Option<Code> {
+    /// codes are given than lengths allow, or lengths are out of range.
+    pub(super) fn new(lens: &[u8]) -> Option<Code> {
+        if lens.len() > SYMBOLS {
+            return None;
+        }
         let mut counts = [0u16; MAX_CODE_LEN + 1];
         for &l in lens {
-            counts[usize::from(l)] += 1;
+            *counts.get_mut(usize::from(l))? += 1;
         }
         let mut left: i32 = 1;
         for &count in &counts[1..] {
@@ -59,7 +63,7 @@ impl Code {
 
     /// The next symbol, bit by bit from the shortest codes on; `None` where
     /// the bits are no code of this (incomplete) code.
-    fn decode(&self, bits: &mut Bits<'_>) -> Option<usize> {
+    pub(super) fn decode(&self, bits: &mut Bits<'_>) -> Option<usize> {
         bits.ensure(MAX_CODE_LEN as u32);
         let (mut code, mut first, mut index) = (0i32, 0i32, 0i32);
         for len in 1..=MAX_CODE_LEN {
@@ -76,8 +80,9 @@ impl Code {
     }
 }
 
-/// The bit stream after the code lengths.
-struct Bits<'a> {
+/// A bit stream of 16-bit little-endian words read from the high bit
+/// down, with bytes of the input itself taken between them.
+pub(super) struct Bits<'a> {
     data: &'a [u8],
     next: usize,
     /// bits not yet taken, from bit 31 down
@@ -85,10 +90,19 @@ struct Bits<'a> {
     left: u32,
 }
 
-impl Bits<'_> {
+impl<'a> Bits<'a> {
+    pub(super) fn new(data: &'a [u8]) -> Bits<'a> {
+        Bits {
+            data,
+            next: 0,
+            buf: 0,
+            left: 0,
+        }
+    }
+
     /// Makes at least `n` (at most 16) bits available, taking one more
     /// 16-bit word when fewer are; past the input, zeros.
-    fn ensure(&mut self, n: u32) {
+    pub(super) fn ensure(&mut self, n: u32) {
         if self.left < n {
             if let Some(w) = self.data.get(self.next..self.next + 2) {
                 self.buf |= u32::from(u16::from_le_bytes([w[0], w[1]])) << (16 - self.left);
@@ -99,7 +113,7 @@ impl Bits<'_> {
     }
 
     /// Takes `n` bits made available by [`Bits::ensure`].
-    fn pop(&mut self, n: u32) -> u32 {
+    pub(super) fn pop(&mut self, n: u32) -> u32 {
         if n == 0 {
             return 0;
         }
@@ -118,6 +132,27 @@ impl Bits<'_> {
             }
             None => 0,
         }
+    }
+
+    /// Drops the bits held, after taking a whole word when none are (LZX's
+    /// stored blocks start on the next word, 1 to 16 bits on).
+    pub(super) fn align(&mut self) {
+        self.ensure(1);
+        self.buf = 0;
+        self.left = 0;
+    }
+
+    /// The next 32-bit little-endian number of the input itself.
+    pub(super) fn word32(&mut self) -> Option<u32> {
+        let b = self.bytes(4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// The next `n` bytes of the input itself.
+    pub(super) fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let b = self.data.get(self.next..self.next.checked_add(n)?)?;
+        self.next += n;
+        Some(b)
     }
 
     /// The next 16-bit little-endian number of the input itself.
@@ -143,12 +178,7 @@ pub fn decompress(input: &[u8], out: &mut [u8]) -> Result<(), &'static str> {
         lens[2 * i + 1] = b >> 4;
     }
     let code = Code::new(&lens).ok_or("an XPRESS chunk's code table is no prefix code")?;
-    let mut bits = Bits {
-        data: stream,
-        next: 0,
-        buf: 0,
-        left: 0,
-    };
+    let mut bits = Bits::new(stream);
     let mut pos = 0;
     while pos < out.len() {
         let symbol = code
