@@ -10,7 +10,7 @@
 //! reads or writes outside the buffers it is given. Input that runs short
 //! reads as zero bits, as Windows' decoder does; what cannot be decoded
 //! (a code that is not a prefix code, a match before the start) is an
-//! error.
+//! error. Its bit stream and canonical codes serve [`super::lzx`] too.
 
 /// Symbols: 256 literals, then 256 matches (4 bits of length, 4 of offset).
 const SYMBOLS: usize = 512;
