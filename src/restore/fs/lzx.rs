@@ -117,7 +117,7 @@ pub fn decompress(input: &[u8], out: &mut [u8]) -> Result<(), &'static str> {
                                 base + (high << 3) + low
                             }
                             _ => {
-                                bits.ensure(extra.min(16));
+                                bits.ensure(extra);
                                 base + bits.pop(extra) as usize
                             }
                         };

@@ -721,22 +721,8 @@ impl Wof<'_> {
         let mut read = |at: u64, b: &mut [u8]| -> Result<()> {
             value
                 .seek(cur, SeekFrom::Start(at))
-                .map_err(|e| map_err(what, e))?;
-            let mut done = 0;
-            while done < b.len() {
-                match value
-                    .read(cur, &mut b[done..])
-                    .map_err(|e| map_err(what, e))?
-                {
-                    0 => {
-                        return Err(Error::corrupt(format!(
-                            "{what}: its compressed data ends early"
-                        )))
-                    }
-                    n => done += n,
-                }
-            }
-            Ok(())
+                .and_then(|_| value.read_exact(cur, b))
+                .map_err(|e| map_err(what, e))
         };
         let want = buf.len().min((self.size - offset) as usize);
         let mut done = 0;
@@ -803,13 +789,7 @@ fn link_data(file: &NtfsFile<'_>, cur: &mut DiskCursor, ty: NtfsAttributeType) -
     }
     let mut value = attribute.value(cur).ok()?;
     let mut data = vec![0; len as usize];
-    let mut done = 0;
-    while done < data.len() {
-        match value.read(cur, &mut data[done..]) {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => done += n,
-        }
-    }
+    value.read_exact(cur, &mut data).ok()?;
     Some(data)
 }
 
