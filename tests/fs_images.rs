@@ -4401,17 +4401,99 @@ fn frozen_copy(m: &mut Mounted, to: &Path) -> PathBuf {
     to.to_path_buf()
 }
 
+/// Runs restore-client with `args` against `agent`.
+fn restore_client(agent: &common::Agent, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_restore-client"))
+        .arg("--connect")
+        .arg(format!("unix:{}", agent.sock.display()))
+        .arg("--ticket-file")
+        .arg(&agent.ticket_path)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// What the kernel makes of the XFS image `img` when it mounts it: a copy
+/// of it (the kernel replays the log into the image) mounted, its tree
+/// copied to `dir/recovered` with `cp -a`.
+fn kernel_recovered(img: &Path, dir: &Path) -> PathBuf {
+    let (k, mnt, out) = (dir.join("k.img"), dir.join("kmnt"), dir.join("recovered"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::copy(img, &k).unwrap();
+    run(Command::new("mount").args(["-o", "loop"]).arg(&k).arg(&mnt));
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&mnt)
+        .arg(&out)
+        .status()
+        .unwrap();
+    run(Command::new("umount").arg(&mnt));
+    assert!(copied.success());
+    out
+}
+
+/// Changes a mounted filesystem as a running system does shortly before a
+/// backup: files removed (whole directories, whose blocks and inode chunks
+/// are freed), renamed and made, a directory grown past one block, a file
+/// of many extents (a B+tree of them), a symlink past the inode, extended
+/// attributes; then the filesystem is synced.
+fn churn(mnt: &Path) {
+    use std::os::unix::fs::FileExt;
+    std::fs::remove_dir_all(mnt.join("a/b/c")).unwrap();
+    std::fs::rename(mnt.join("emptydir"), mnt.join("emptydir-moved")).unwrap();
+    let grown = mnt.join("grown");
+    std::fs::create_dir(&grown).unwrap();
+    for i in 0..400 {
+        std::fs::write(grown.join(format!("entry-{i:04}")), i.to_string()).unwrap();
+    }
+    for i in (0..400).step_by(3) {
+        std::fs::remove_file(grown.join(format!("entry-{i:04}"))).unwrap();
+    }
+    let f = std::fs::File::create(mnt.join("fragmented")).unwrap();
+    for i in 0..300u64 {
+        f.write_all_at(&[i as u8 | 1; 4096], i * 8192).unwrap();
+        f.sync_data().unwrap();
+    }
+    std::os::unix::fs::symlink("x".repeat(700), mnt.join("long-link")).unwrap();
+    let path = std::ffi::CString::new(mnt.join("hello.txt").as_os_str().as_bytes()).unwrap();
+    for i in 0..30 {
+        let name = std::ffi::CString::new(format!("user.note{i}")).unwrap();
+        let value = [b'v'; 100];
+        // SAFETY: both strings are NUL-terminated and live across the call
+        let r = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        };
+        assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+    }
+    // the files' data and the log on the disk, the metadata's home blocks
+    // written back by XFS only later
+    run(Command::new("sync").arg("-f").arg(mnt));
+}
+
 /// XFS copied while mounted and in use, as a backup of a running machine
 /// without a filesystem freeze takes it: its recent metadata changes are
-/// in the log, which is not replayed, so the volume carries a warning
-/// saying so; the same filesystem cleanly unmounted has none, and
-/// xfs_repair agrees on both. (The copy listed an empty root, without a
-/// word.) Copied while frozen, as a backup through a guest agent takes it,
-/// its log holds only the covering rewrites of the superblock: no
-/// warning (with 4 KiB sectors and a log stripe unit too), and it reads as
-/// the source.
+/// only in the log, which the agent replays in memory as mounting it
+/// would, so what it lists and reads is what the kernel shows of the same
+/// copy once it has recovered it (and there is no warning). The copy
+/// itself is left needing recovery (xfs_repair says so before and after).
+/// Also with a log small enough that the changes went around it several
+/// times (a 5 MiB log; the kernel's write-back of metadata moved its tail
+/// on). Both
+/// listed an empty root or the files as they were before the changes,
+/// with a warning. Copied while frozen, as a backup through a guest agent
+/// takes it, the log holds only the covering rewrites of the superblock:
+/// nothing to replay (with 4 KiB sectors and a log stripe unit too), and
+/// it reads as the source. A filesystem whose log is on another device
+/// carries a warning that restore-client's volume table and extraction
+/// show.
 #[test]
-fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
+fn xfs_copied_while_mounted_reads_as_the_kernel_recovers_it() {
     if !have_tools() {
         return;
     }
@@ -4422,24 +4504,10 @@ fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
     let src = dir.path().join("src");
     make_plain(&src, true);
     copy_in(&src, &m.mnt);
-    // the log on the disk: what is only in memory is not in any backup
-    std::fs::File::open(m.mnt.join("hello.txt"))
-        .unwrap()
-        .sync_all()
-        .unwrap();
+    churn(&m.mnt);
     let copy = dir.path().join("copy.img");
     std::fs::copy(&m.img, &copy).unwrap();
     let frozen = frozen_copy(&mut m, &dir.path().join("frozen.img"));
-    let warning = |img: &Path| list_volumes(disk(img)).unwrap()[0].warning.clone();
-    let w = warning(&copy).expect("a warning");
-    assert!(w.contains("log needs recovery"), "{w}");
-    assert_eq!(warning(&m.img), None);
-    assert_eq!(warning(&frozen), None, "a frozen filesystem's covered log");
-    let src2 = src.clone();
-    let n = with_fs(&frozen, "raw", move |fs| {
-        compare_tree(fs, &src2, b"/", &Flavor::Unix)
-    });
-    assert_eq!(n, count_source(&src), "entries compared");
     let clean = |img: &Path| {
         Command::new("xfs_repair")
             .arg("-n")
@@ -4449,34 +4517,146 @@ fn xfs_copied_while_mounted_warns_that_its_log_needs_recovery() {
             .status
             .success()
     };
-    assert!(!clean(&copy) && clean(&m.img));
-    // and restore-client's volume table shows it
+    assert!(!clean(&copy), "the copy's log needs recovery");
+    let warning = |img: &Path| list_volumes(disk(img)).unwrap()[0].warning.clone();
+    assert_eq!(warning(&copy), None);
+    assert_eq!(warning(&frozen), None, "a frozen filesystem's covered log");
+    let recovered = kernel_recovered(&copy, &dir.path().join("kernel"));
+    let want = count_source(&recovered);
+    assert!(
+        want > count_source(&src),
+        "the changes are in the kernel's view"
+    );
+    // (the frozen copy was taken after the changes)
+    for img in [&copy, &frozen] {
+        let recovered = recovered.clone();
+        let n = with_fs(img, "raw", move |fs| {
+            compare_tree(fs, &recovered, b"/", &Flavor::Unix)
+        });
+        assert_eq!(n, want, "entries compared");
+    }
+    assert!(!clean(&copy), "the agent wrote nothing");
+
+    // restore-client shows no warning and extracts the recovered tree
     let agent = common::Agent::builder().image("disk0", &copy).start();
-    let client = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_restore-client"))
-            .arg("--connect")
-            .arg(format!("unix:{}", agent.sock.display()))
-            .arg("--ticket-file")
-            .arg(&agent.ticket_path)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let client = |args: &[&str]| restore_client(&agent, args);
     let out = client(&["volumes", "attached", "disk0"]);
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains(" yes, but the XFS log needs recovery"),
-        "{table}"
-    );
-    // and so does an extraction from it, on stderr
+    assert!(table.contains(" xfs ") && !table.contains("log"), "{table}");
     let into = dir.path().join("out");
-    let into = into.to_str().unwrap();
-    let out = client(&["extract", "attached", "disk0", "raw", "/", "-o", into]);
+    let out = client(
+        &["extract", "attached", "disk0", "raw", "/fragmented", "-o"]
+            .into_iter()
+            .chain([into.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    let got = std::fs::read(into.join("fragmented")).unwrap();
+    assert_eq!(got.len(), 299 * 8192 + 4096);
+    assert!(got
+        .chunks(8192)
+        .enumerate()
+        .all(|(i, c)| c[..4096] == [i as u8 | 1; 4096] && c[4096..].iter().all(|&b| b == 0)));
+
+    // a log on another device, which a backup of the filesystem's disk
+    // does not hold: the table and the extraction say that it could not be
+    // recovered
+    let ext = dir.path().join("external.img");
+    let ext_log = dir.path().join("external-log.img");
+    std::fs::File::create(&ext)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    std::fs::File::create(&ext_log)
+        .unwrap()
+        .set_len(70 << 20)
+        .unwrap();
+    run(Command::new("mkfs.xfs")
+        .arg("-q")
+        .arg("-l")
+        .arg(format!("logdev={}", ext_log.display()))
+        .arg(&ext));
+    let agent = common::Agent::builder().image("disk0", &ext).start();
+    let client = |args: &[&str]| restore_client(&agent, args);
+    let out = client(&["volumes", "attached", "disk0"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    let said = "the XFS log is on another device, which the agent does not have";
+    assert!(table.contains(&format!(" yes, but {said}")), "{table}");
+    let into = dir.path().join("out-external");
+    let out = client(
+        &["extract", "attached", "disk0", "raw", "/", "-o"]
+            .into_iter()
+            .chain([into.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    );
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("restore-client: warning: volume raw: the XFS log needs recovery"),
+        err.contains(&format!("restore-client: warning: volume raw: {said}")),
         "{err}"
     );
+    drop(agent);
+
+    // a 5 MiB log (mkfs.xfs allows one below 64 MiB only for its own tests)
+    // wrapped around by synced rewrites
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small-log.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    run(Command::new("mkfs.xfs")
+        .args(["-q", "-l", "size=1368b"])
+        .arg(&img)
+        .env("TEST_DIR", "/tmp")
+        .env("TEST_DEV", "/dev/null")
+        .env("QA_CHECK_FS", "1"));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    let mut m = Mounted {
+        img,
+        mnt,
+        mounted: true,
+    };
+    copy_in(&src, &m.mnt);
+    let churned = m.mnt.join("churn");
+    std::fs::create_dir(&churned).unwrap();
+    for i in 0..3000 {
+        use std::io::Write;
+        let p = churned.join(format!("f{}", i % 500));
+        let _ = std::fs::remove_file(&p);
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(format!("{i}").as_bytes()).unwrap();
+        f.sync_all().unwrap();
+    }
+    let copy = dir.path().join("copy.img");
+    std::fs::copy(&m.img, &copy).unwrap();
+    m.umount();
+    let log = Command::new("xfs_logprint")
+        .arg("-t")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&log.stdout);
+    // its oldest record (the tail) was written in a later pass over it
+    let cycle: u64 = log
+        .split_whitespace()
+        .skip_while(|w| *w != "cycle")
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    assert!(cycle >= 2, "the log went around: {log:.400}");
+    let recovered = kernel_recovered(&copy, &dir.path().join("kernel"));
+    let want = count_source(&recovered);
+    let n = with_fs(&copy, "raw", move |fs| {
+        compare_tree(fs, &recovered, b"/", &Flavor::Unix)
+    });
+    assert_eq!(n, want, "entries compared");
+    assert_eq!(warning(&copy), None);
 
     // the covering records padded to a 4 KiB sector, or to a 64 KiB log
     // stripe unit (two header blocks)

@@ -205,7 +205,8 @@ pub async fn run(
 }
 
 /// Says on stderr what the agent warns of the volume (an XFS log that
-/// needs recovery, whose latest changes the extraction may not hold),
+/// needs recovery the agent could not do, so that the extraction may not
+/// hold the latest changes),
 /// before a transfer that could take long. An agent that lists no
 /// volumes, or none with a warning, says nothing.
 async fn warn_of_volume(session: &Session, file: &FileArgs) {

@@ -25,6 +25,7 @@ mod tree;
 mod wof;
 pub mod xfs;
 mod xfs_log;
+mod xfs_replay;
 mod xpress;
 
 pub(crate) use budget::Charge;

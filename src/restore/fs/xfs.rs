@@ -19,8 +19,11 @@
 //! or directory bytes (the listing budget is charged for what it builds).
 //! Not read (refused with 1005): realtime files and filesystems marked as
 //! needing repair. Whether the log needs recovery is checked
-//! ([`super::xfs_log`]) and said in the volume's warning; a
-//! log that needs recovery is not replayed: what the metadata says is read
+//! ([`super::xfs_log`]); a log that needs it (a backup of a running machine
+//! taken without a freeze) is replayed in memory ([`super::xfs_replay`]),
+//! and the filesystem read as the kernel would mount it. Where that cannot
+//! be done (an external log, a damaged log, one whose changes pass the
+//! replay's memory), the volume's warning says so and the metadata is read
 //! as it is (as `mount -o norecovery` would).
 
 use std::collections::HashSet;
@@ -33,7 +36,7 @@ use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_raw::crc32c;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
-use crate::restore::fs::xfs_log;
+use crate::restore::fs::{xfs_log, xfs_replay};
 use crate::restore::fs::{Device, EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
@@ -58,6 +61,7 @@ const SYMLINK_HEADER: u64 = 56;
 /// UUID, big timestamps, large extent counters.
 const INCOMPAT_KNOWN: u32 = 0x1 | 0x2 | 0x4 | 0x8 | INCOMPAT_NREXT64;
 const INCOMPAT_NEEDSREPAIR: u32 = 0x10;
+const INCOMPAT_META_UUID: u32 = 0x4;
 const INCOMPAT_NREXT64: u32 = 0x20;
 /// v4 `features2` bit: directory entries carry the file type.
 const FEATURES2_FTYPE: u32 = 0x200;
@@ -100,6 +104,27 @@ struct Geometry {
     /// the internal log: (byte offset, 512-byte blocks); `None` when it is
     /// on another device
     log: Option<(u64, u64)>,
+    /// the UUID v5 metadata is stamped with
+    meta_uuid: [u8; 16],
+    /// filesystem blocks of one inode cluster buffer
+    cluster_blocks: u64,
+}
+
+impl Geometry {
+    fn replay_facts(&self) -> xfs_replay::Facts {
+        xfs_replay::Facts {
+            v5: self.v5,
+            block: self.block,
+            agblocks: self.agblocks,
+            agblklog: self.agblklog,
+            agcount: self.agcount,
+            inopblog: self.inopblog,
+            inode_size: self.inode_size,
+            sectors: self.dblocks.saturating_mul(self.block / 512),
+            meta_uuid: self.meta_uuid,
+            cluster_blocks: self.cluster_blocks,
+        }
+    }
 }
 
 /// Reads and checks the superblock at the start of `disk`.
@@ -166,6 +191,19 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
         return Err(corrupt("its allocation groups do not add up"));
     }
     let features2 = be32(&sb, 200);
+    let mut meta_uuid = [0u8; 16];
+    let at = if incompat & INCOMPAT_META_UUID != 0 {
+        248
+    } else {
+        32
+    };
+    meta_uuid.copy_from_slice(&sb[at..at + 16]);
+    // The kernel's inode cluster: 8 KiB, scaled with the inode size on v5
+    // filesystems whose inode chunk alignment allows it.
+    let mut cluster = 8192u64;
+    if v5 && (cluster * (inode_size / 256)) >> blocklog <= u64::from(be32(&sb, 180)) {
+        cluster *= inode_size / 256;
+    }
     let log = match (be64(&sb, 48), u64::from(be32(&sb, 96))) {
         (0, _) => None,
         (start, blocks) => {
@@ -200,6 +238,8 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
         nrext64: incompat & INCOMPAT_NREXT64 != 0,
         dblocks,
         log,
+        meta_uuid,
+        cluster_blocks: (cluster >> blocklog).max(1),
     };
     let name = &sb[108..120];
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
@@ -216,24 +256,51 @@ fn geometry(disk: &dyn Disk) -> Result<(Geometry, Option<String>, Option<String>
     Ok((geo, label, Some(uuid)))
 }
 
-/// What a user must know of the log before trusting what is read: nothing
-/// when it was cleanly unmounted.
-fn log_warning(disk: &dyn Disk, geo: &Geometry) -> Option<String> {
-    const NOT_REPLAYED: &str = "which is not done (as with mount -o norecovery): \
-        what the system changed shortly before the backup may be missing or old";
+/// The volume as the reader should read it, with its geometry: with the
+/// log's changes replayed in memory when it needs recovery; and what a user
+/// must know before trusting what is read (nothing when the log was clean
+/// or replayed).
+fn recover(disk: Arc<dyn Disk>, geo: Geometry) -> (Arc<dyn Disk>, Geometry, Option<String>) {
+    const NOT_REPLAYED: &str = "what the system changed shortly before the backup may \
+        be missing or old (read as with mount -o norecovery)";
     let Some((start, blocks)) = geo.log else {
-        return Some(format!(
-            "the XFS log is on another device and was not checked; it may need recovery, {NOT_REPLAYED}"
-        ));
+        let w = format!(
+            "the XFS log is on another device, which the agent does not have: if it needs \
+            recovery, that is not done, and {NOT_REPLAYED}"
+        );
+        return (disk, geo, Some(w));
     };
-    match xfs_log::needs_recovery(disk, start, blocks) {
-        Ok(false) => None,
-        Ok(true) => Some(format!("the XFS log needs recovery, {NOT_REPLAYED}")),
-        Err(e) => Some(format!(
-            "the XFS log could not be checked ({}); it may need recovery, {NOT_REPLAYED}",
-            e.message
-        )),
-    }
+    let failed = match xfs_log::needs_recovery(&*disk, start, blocks) {
+        Ok(false) => return (disk, geo, None),
+        Err(e) => {
+            let w = format!(
+                "the XFS log could not be checked ({}): if it needs recovery, that is not \
+                done, and {NOT_REPLAYED}",
+                e.message
+            );
+            return (disk, geo, Some(w));
+        }
+        Ok(true) => match xfs_replay::replay(disk.clone(), (start, blocks), &geo.replay_facts()) {
+            Ok(r) => {
+                let transactions = r.transactions;
+                let replayed: Arc<dyn Disk> = Arc::new(r);
+                // growing the filesystem is logged too
+                match geometry(&*replayed) {
+                    Ok((new, _, _)) => {
+                        log::debug!("XFS log replayed: {transactions} transactions");
+                        return (replayed, new, None);
+                    }
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        },
+    };
+    let w = format!(
+        "the XFS log needs recovery, which failed here ({}): {NOT_REPLAYED}",
+        failed.message
+    );
+    (disk, geo, Some(w))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -248,7 +315,7 @@ pub fn probe(disk: Arc<dyn Disk>) -> Probe {
             label,
             uuid,
             unsupported: None,
-            warning: log_warning(&*disk, &geo),
+            warning: recover(disk, geo).2,
         },
         Err(e) => Probe {
             fs: Some(FsKind::Xfs),
@@ -332,6 +399,7 @@ pub struct XfsBackend {
 impl XfsBackend {
     pub fn open(disk: Arc<dyn Disk>) -> Result<XfsBackend> {
         let (geo, _, _) = geometry(&*disk)?;
+        let (disk, geo, warning) = recover(disk, geo);
         let block_bytes = geo.dblocks.saturating_mul(geo.block);
         if block_bytes > disk.size() {
             return Err(Error::corrupt(format!(
@@ -349,7 +417,7 @@ impl XfsBackend {
         if root.kind() != EntryType::Dir {
             return Err(b.corrupt("its root is not a directory"));
         }
-        if let Some(w) = log_warning(&*b.disk, &b.geo) {
+        if let Some(w) = warning {
             log::warn!("{w}");
         }
         Ok(b)

@@ -13,6 +13,7 @@
 use crate::error::{Error, Result};
 use crate::le::{be32, be64, le16, le32, le64};
 use crate::restore::disk::{read_exact_at, Disk};
+use crate::restore::fs::ext_raw::crc32c;
 
 /// A log record header's first word.
 const LOG_MAGIC: u32 = 0xFEED_BABE;
@@ -38,63 +39,191 @@ const CYCLE_WORDS: usize = 64;
 const LOG_TRANS_MAGIC: u32 = 0x5452_414e;
 const LOG_ITEM_BUF: u16 = 0x123c;
 
+/// The internal log: `blocks` 512-byte blocks from byte `start` of `disk`,
+/// a circular buffer of records.
+pub(super) struct Log<'a> {
+    pub disk: &'a dyn Disk,
+    pub start: u64,
+    pub blocks: u64,
+}
+
+/// Where the live part of a log lies.
+pub(super) struct Ends {
+    /// the first block the next record would take
+    pub head: u64,
+    /// the first block of the oldest record recovery would read
+    pub tail: u64,
+    /// the last record is a clean unmount ending at the head
+    pub unmounted: bool,
+}
+
+/// One log record, its data blocks' first words put back.
+pub(super) struct Record {
+    /// cycle << 32 | block, as its header says
+    pub lsn: u64,
+    /// operations in its data
+    pub ops: u32,
+    /// its data, `h_len` bytes
+    pub data: Vec<u8>,
+    /// the block after it
+    pub next: u64,
+    /// whether its CRC32c (of a version 5 filesystem's log) holds; `None`
+    /// when the header has none or it was not checked
+    pub crc_ok: Option<bool>,
+}
+
+impl Log<'_> {
+    fn block(&self, i: u64) -> Result<[u8; 512]> {
+        let mut b = [0u8; 512];
+        read_exact_at(
+            self.disk,
+            self.start + i % self.blocks * 512,
+            &mut b,
+            "XFS log",
+        )?;
+        Ok(b)
+    }
+
+    /// `out.len() / 512` blocks from block `at`, wrapping at the log's end.
+    fn blocks_at(&self, at: u64, out: &mut [u8]) -> Result<()> {
+        let at = at % self.blocks;
+        let first = (((self.blocks - at) * 512) as usize).min(out.len());
+        let (a, b) = out.split_at_mut(first);
+        read_exact_at(self.disk, self.start + at * 512, a, "XFS log")?;
+        if !b.is_empty() {
+            read_exact_at(self.disk, self.start, b, "XFS log")?;
+        }
+        Ok(())
+    }
+
+    /// Finds the head (where the cycle stamped in every block drops back
+    /// to the previous pass, or the log's start when every block is of one
+    /// pass), the last record before it and the tail that record names.
+    pub fn ends(&self) -> Result<Ends> {
+        let blocks = self.blocks;
+        let cycle = |b: &[u8; 512]| {
+            if be32(b, 0) == LOG_MAGIC {
+                be32(b, 4)
+            } else {
+                be32(b, 0)
+            }
+        };
+        let last = cycle(&self.block(blocks - 1)?);
+        let head = if cycle(&self.block(0)?) == last {
+            0
+        } else {
+            // block 0 is of the newer pass, the last block of the older one
+            let (mut lo, mut hi) = (0, blocks - 1);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                if cycle(&self.block(mid)?) == last {
+                    hi = mid;
+                } else {
+                    lo = mid;
+                }
+            }
+            hi
+        };
+        for back in 1..=LOG_SEARCH_BLOCKS.min(blocks) {
+            let at = (head + blocks - back) % blocks;
+            let b = self.block(at)?;
+            if be32(&b, 0) != LOG_MAGIC {
+                continue;
+            }
+            let ops = be32(&b, 40);
+            let (headers, data) = record_blocks(&b);
+            let end = (at + headers + data) % blocks;
+            let first_op = self.block(at + headers)?;
+            let unmount = ops == 1 && first_op[9] & LOG_UNMOUNT_TRANS != 0;
+            return Ok(Ends {
+                head,
+                tail: (be64(&b, 24) & 0xffff_ffff) % blocks,
+                unmounted: unmount && end == head,
+            });
+        }
+        Err(Error::corrupt("no log record before its head"))
+    }
+
+    /// The record whose header is at block `at`, of at most `max` bytes of
+    /// data, its CRC checked when `verify`; `None` when there is no record
+    /// header there or its lengths are not sane.
+    pub fn record(&self, at: u64, max: usize, verify: bool) -> Result<Option<Record>> {
+        let h = self.block(at)?;
+        let (len, ops, size) = (be32(&h, 12) as usize, be32(&h, 40), be32(&h, 320) as usize);
+        if be32(&h, 0) != LOG_MAGIC || len > max || size > max {
+            return Ok(None);
+        }
+        let (headers, data_blocks) = record_blocks(&h);
+        if headers + data_blocks > self.blocks {
+            return Ok(None);
+        }
+        let (headers, data_blocks) = (headers as usize, data_blocks as usize);
+        // Each data block's first word was stamped with the cycle; the
+        // header keeps it for the first 64 blocks, the extended headers
+        // (see `record_blocks`) for the rest.
+        let mut raw = vec![0u8; (headers + data_blocks) * 512];
+        self.blocks_at(at, &mut raw)?;
+        let (hdrs, data) = raw.split_at(headers * 512);
+        let crc_ok = (verify && le32(&h, 32) != 0).then(|| record_crc_ok(hdrs, data, len));
+        let mut out = data.to_vec();
+        for (i, block) in out.chunks_exact_mut(512).enumerate() {
+            let (k, j) = (i / CYCLE_WORDS, i % CYCLE_WORDS);
+            let Some(word) = hdrs.get(512 * k + if k == 0 { 44 } else { 4 } + 4 * j..) else {
+                return Ok(None);
+            };
+            block[..4].copy_from_slice(&word[..4]);
+        }
+        out.truncate(len);
+        Ok(Some(Record {
+            lsn: be64(&h, 16),
+            ops,
+            data: out,
+            next: (at + (headers + data_blocks) as u64) % self.blocks,
+            crc_ok,
+        }))
+    }
+}
+
+/// Whether a record's CRC32c holds, as 64-bit machines lay out its header
+/// (328 bytes) or as 32-bit ones do (324).
+fn record_crc_ok(headers: &[u8], data: &[u8], len: usize) -> bool {
+    let data = &data[..len.min(data.len())];
+    [328, 324]
+        .iter()
+        .any(|&n| record_crc(headers, data, n) == le32(headers, 32))
+}
+
+/// A record's CRC32c (stored little-endian): it covers the first `header`
+/// bytes of its header (the CRC field zeroed), each extended header's 260
+/// bytes and its data as written (stamped).
+pub(super) fn record_crc(headers: &[u8], data: &[u8], header: usize) -> u32 {
+    let c = crc32c(!0, &headers[..32]);
+    let c = crc32c(c, &[0; 4]);
+    let mut c = crc32c(c, &headers[36..header]);
+    for ext in headers.chunks_exact(512).skip(1) {
+        c = crc32c(c, &ext[..260]);
+    }
+    !crc32c(c, data)
+}
+
 /// Whether the log of `blocks` 512-byte blocks at byte `start` holds
 /// changes that recovery would replay: its last record is not an unmount
 /// record ending at the head, and the records from its tail are more than
-/// covering transactions. Every log block starts with the cycle (pass
-/// over the log) it was written in, a record header with its magic and
-/// then the cycle; the head is where the cycle drops back to the previous
-/// pass (or the log's start, when every block is of one pass).
+/// covering transactions.
 pub(super) fn needs_recovery(disk: &dyn Disk, start: u64, blocks: u64) -> Result<bool> {
-    let read = |i: u64| -> Result<[u8; 512]> {
-        let mut b = [0u8; 512];
-        read_exact_at(disk, start + i * 512, &mut b, "XFS log")?;
-        Ok(b)
+    let log = Log {
+        disk,
+        start,
+        blocks,
     };
-    let cycle = |b: &[u8; 512]| {
-        if be32(b, 0) == LOG_MAGIC {
-            be32(b, 4)
-        } else {
-            be32(b, 0)
-        }
-    };
-    let last = cycle(&read(blocks - 1)?);
-    let head = if cycle(&read(0)?) == last {
-        0
-    } else {
-        // block 0 is of the newer pass, the last block of the older one
-        let (mut lo, mut hi) = (0, blocks - 1);
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if cycle(&read(mid)?) == last {
-                hi = mid;
-            } else {
-                lo = mid;
-            }
-        }
-        hi
-    };
-    for back in 1..=LOG_SEARCH_BLOCKS.min(blocks) {
-        let at = (head + blocks - back) % blocks;
-        let b = read(at)?;
-        if be32(&b, 0) != LOG_MAGIC {
-            continue;
-        }
-        let ops = be32(&b, 40);
-        let (headers, data) = record_blocks(&b);
-        let end = (at + headers + data) % blocks;
-        let first_op = read((at + headers) % blocks)?;
-        let unmount = ops == 1 && first_op[9] & LOG_UNMOUNT_TRANS != 0;
-        if unmount && end == head {
-            return Ok(false);
-        }
-        // A log that was idle (or frozen, as a backup with a guest agent
-        // freezes it) is "covered": the records from its tail on hold only
-        // rewrites of the superblock, which recovery would leave as it is.
-        let tail = be64(&b, 24) & 0xffff_ffff;
-        return Ok(!covered(&read, tail % blocks, head, blocks)?);
+    let ends = log.ends()?;
+    if ends.unmounted {
+        return Ok(false);
     }
-    Err(Error::corrupt("no log record before its head"))
+    // A log that was idle (or frozen, as a backup with a guest agent
+    // freezes it) is "covered": the records from its tail on hold only
+    // rewrites of the superblock, which recovery would leave as it is.
+    Ok(!covered(&log, ends.tail, ends.head)?)
 }
 
 /// The header blocks and data blocks of the record whose header is `h`:
@@ -114,45 +243,20 @@ fn record_blocks(h: &[u8; 512]) -> (u64, u64) {
 /// Whether every record from block `tail` to `head` holds only whole
 /// transactions that rewrite the superblock (the log's covering
 /// transactions), and nothing else.
-fn covered(
-    read: &dyn Fn(u64) -> Result<[u8; 512]>,
-    tail: u64,
-    head: u64,
-    blocks: u64,
-) -> Result<bool> {
+fn covered(log: &Log, tail: u64, head: u64) -> Result<bool> {
     let mut at = tail;
     for _ in 0..LOG_COVER_RECORDS {
         if at == head {
             return Ok(true);
         }
-        let h = read(at)?;
-        let (len, ops, size) = (be32(&h, 12) as usize, be32(&h, 40), be32(&h, 320) as usize);
         // Covering records are small, but padded to the log's sector or
-        // stripe unit. Each data block's first word was stamped with the
-        // cycle; the header keeps it for the first 64 blocks, the extended
-        // headers (see `record_blocks`) for the rest.
-        if be32(&h, 0) != LOG_MAGIC || len > LOG_COVER_BYTES || size > LOG_COVER_BYTES {
+        // stripe unit.
+        let Some(rec) = log.record(at, LOG_COVER_BYTES, false)? else {
             return Ok(false);
-        }
-        let (headers, data_blocks) = record_blocks(&h);
-        let (headers, data_blocks) = (headers as usize, data_blocks as usize);
-        let mut words = h[44..44 + 4 * CYCLE_WORDS].to_vec();
-        for k in 1..headers {
-            let ext = read((at + k as u64) % blocks)?;
-            words.extend_from_slice(&ext[4..4 + 4 * CYCLE_WORDS]);
-        }
-        let mut data = Vec::with_capacity(data_blocks * 512);
-        for i in 0..data_blocks {
-            let mut b = read((at + (headers + i) as u64) % blocks)?;
-            let Some(word) = words.get(4 * i..4 * i + 4) else {
-                return Ok(false);
-            };
-            b[..4].copy_from_slice(word);
-            data.extend_from_slice(&b);
-        }
-        let data = &data[..len];
+        };
+        let data = &rec.data;
         let (mut pos, mut regions_left) = (0usize, 0u32);
-        for _ in 0..ops {
+        for _ in 0..rec.ops {
             let Some(op) = data.get(pos..pos + 12) else {
                 return Ok(false);
             };
@@ -183,7 +287,7 @@ fn covered(
                 return Ok(false);
             }
         }
-        at = (at + (headers + data_blocks) as u64) % blocks;
+        at = rec.next;
     }
     Ok(false)
 }
