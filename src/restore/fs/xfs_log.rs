@@ -53,6 +53,8 @@ pub(super) struct Ends {
     pub head: u64,
     /// the first block of the oldest record recovery would read
     pub tail: u64,
+    /// the cycle that record was written in
+    pub tail_cycle: u32,
     /// the last record is a clean unmount ending at the head
     pub unmounted: bool,
 }
@@ -138,6 +140,7 @@ impl Log<'_> {
             return Ok(Ends {
                 head,
                 tail: (be64(&b, 24) & 0xffff_ffff) % blocks,
+                tail_cycle: (be64(&b, 24) >> 32) as u32,
                 unmounted: unmount && end == head,
             });
         }

@@ -377,15 +377,13 @@ fn too_large() -> Error {
 pub(super) fn replay(disk: Arc<dyn Disk>, log: (u64, u64), fs: &Facts) -> Result<Replayed> {
     let corrupt = |what: String| Error::corrupt(format!("XFS log: {what}"));
     let (start, blocks) = log;
-    let (tail, head) = {
-        let log = Log {
-            disk: &*disk,
-            start,
-            blocks,
-        };
-        let ends = log.ends()?;
-        (ends.tail, ends.head)
-    };
+    let ends = Log {
+        disk: &*disk,
+        start,
+        blocks,
+    }
+    .ends()?;
+    let (tail, head) = ((ends.tail, ends.tail_cycle), ends.head);
     // pass 1: the cancelled buffers, with how many times each is cancelled
     let mut cancels: HashMap<(u64, u64), u32> = HashMap::new();
     walk(&*disk, start, blocks, tail, head, fs, &mut |t, _| {
@@ -453,13 +451,17 @@ pub(super) fn replay(disk: Arc<dyn Disk>, log: (u64, u64), fs: &Facts) -> Result
     Ok(r)
 }
 
-/// Walks the records from `tail` to `head`, handing each committed
-/// transaction to `commit` in the order of their commits.
+/// Walks the records from `tail` (block, cycle) to `head`, handing each
+/// committed transaction to `commit` in the order of their commits. The log
+/// ends early where a record is missing, is not the one its place and
+/// cycle say (blocks the copy caught before the kernel wrote them: its log
+/// writes may finish out of order), or fails its CRC (a write torn by the
+/// copy); the kernel puts the head there.
 fn walk(
     disk: &dyn Disk,
     start: u64,
     blocks: u64,
-    tail: u64,
+    tail: (u64, u32),
     head: u64,
     fs: &Facts,
     commit: &mut dyn FnMut(Trans, &mut Regions) -> Result<()>,
@@ -480,19 +482,24 @@ fn walk(
     };
     let mut open: HashMap<u32, Trans> = HashMap::new();
     let mut held = 0usize;
-    let mut at = tail;
+    let (mut at, mut cycle) = tail;
     let mut walked = 0u64;
     while at != head {
-        let rec = log
-            .record(at, MAX_RECORD, fs.v5)?
-            .ok_or_else(|| corrupt(format!("no record at block {at} before the head")))?;
+        let rec = match log.record(at, MAX_RECORD, fs.v5)? {
+            Some(r) if r.lsn == u64::from(cycle) << 32 | at => r,
+            _ => {
+                log::debug!(
+                    "XFS log: no record of cycle {cycle} at block {at}; the log ends there"
+                );
+                break;
+            }
+        };
         // blocks walked can only pass the log's size on a log that loops
         walked += 1 + rec.data.len().div_ceil(512) as u64;
         if walked > blocks {
             return Err(corrupt("its records run past its head".into()));
         }
         if fs.v5 && rec.crc_ok != Some(true) {
-            // a write torn by the copy: the log ends here
             log::debug!("XFS log: record at block {at} fails its checksum; the log ends there");
             break;
         }
@@ -558,6 +565,9 @@ fn walk(
             if held > memory_limit() {
                 return Err(too_large());
             }
+        }
+        if rec.next <= at {
+            cycle = cycle.wrapping_add(1);
         }
         at = rec.next;
     }
@@ -1228,6 +1238,37 @@ mod tests {
         v.record(&[(1, WAS_CONT_TRANS, b.to_vec()), commit]);
         let r = v.replay().unwrap();
         assert_eq!(read(&r, 64, 384), [vec![4; 200], vec![5; 184]].concat());
+    }
+
+    /// A record that is not the one its place says (one of an earlier
+    /// pass over the log, left where the kernel's write had not landed when
+    /// the copy was taken) ends the log: neither it nor what follows is
+    /// replayed.
+    #[test]
+    fn a_record_out_of_place_ends_the_log() {
+        let mut v = Volume::new(false);
+        v.record(&transaction(
+            1,
+            &[buffer(64, 8, 0, &[(0, vec![1; 128])])],
+            true,
+        ));
+        let stale = v.record(&transaction(
+            2,
+            &[buffer(72, 8, 0, &[(0, vec![2; 128])])],
+            true,
+        ));
+        v.record(&transaction(
+            3,
+            &[buffer(80, 8, 0, &[(0, vec![3; 128])])],
+            true,
+        ));
+        assert_eq!(v.replay().unwrap().transactions, 3);
+        // written in the pass before
+        v.bytes[stale.start + 16..stale.start + 20].copy_from_slice(&0u32.to_be_bytes());
+        let r = v.replay().unwrap();
+        assert_eq!(r.transactions, 1);
+        assert_eq!(read(&r, 72, 128), vec![0; 128]);
+        assert_eq!(read(&r, 80, 128), vec![0; 128]);
     }
 
     /// A buffer cancelled (freed) later in the log is not replayed before
