@@ -119,12 +119,29 @@ fn uuid_of(b: &[u8]) -> Option<String> {
     ))
 }
 
-/// Recognises the filesystem at the start of `disk`.
+/// Recognises the filesystem at the start of `disk`, with what a user must
+/// know before trusting what is read from it.
 pub fn probe(disk: &Arc<dyn Disk>) -> Result<Probe> {
+    probe_at(disk, true)
+}
+
+/// [`probe`] without the warning, and so without its work (an XFS log's
+/// recovery): for whoever only needs to know what the volume holds.
+pub fn probe_kind(disk: &Arc<dyn Disk>) -> Result<Probe> {
+    probe_at(disk, false)
+}
+
+/// Whether there is a filesystem at the start of `disk` (of any kind, read
+/// or not).
+pub fn has_filesystem(disk: &Arc<dyn Disk>) -> Result<bool> {
+    Ok(probe_kind(disk)?.fs.is_some())
+}
+
+fn probe_at(disk: &Arc<dyn Disk>, warn: bool) -> Result<Probe> {
     let len = (disk.size().min(HEAD_LEN as u64)) as usize;
     let mut head = vec![0u8; len];
     read_exact_at(&**disk, 0, &mut head, "volume start")?;
-    Ok(probe_head(disk, &head))
+    Ok(probe_head(disk, &head, warn))
 }
 
 fn unknown(what: &str) -> Probe {
@@ -134,7 +151,7 @@ fn unknown(what: &str) -> Probe {
     }
 }
 
-fn probe_head(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
+fn probe_head(disk: &Arc<dyn Disk>, head: &[u8], warn: bool) -> Probe {
     if le16(head, 1024 + 56) == EXT_MAGIC {
         return probe_ext(disk, head);
     }
@@ -151,7 +168,7 @@ fn probe_head(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
         return crate::restore::fs::fat::probe(disk.clone(), head);
     }
     if has(head, 0, b"XFSB") {
-        return crate::restore::fs::xfs::probe(disk.clone());
+        return crate::restore::fs::xfs::probe(disk.clone(), warn);
     }
     if has(head, 512, b"LABELONE") && has(head, 512 + 24, b"LVM2 001") {
         return unknown("LVM2 physical volume");

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::restore::disk::{read_exact_at, Disk, DiskCursor, Layout, Slice};
 use crate::restore::lvm;
-use crate::restore::probe::{probe, Probe};
+use crate::restore::probe::{has_filesystem, probe, Probe};
 
 /// One entry of `volume.list`.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -229,7 +229,7 @@ fn partitions(disk: &Arc<dyn Disk>) -> Result<Option<Vec<Partition>>> {
     }
     // A FAT or NTFS boot sector also ends in 55 AA: a filesystem at sector 0
     // means an unpartitioned disk, not an MBR.
-    if probe(disk)?.fs.is_some() {
+    if has_filesystem(disk)? {
         return Ok(None);
     }
     let mut sig = [0u8; 2];
@@ -639,7 +639,7 @@ pub fn volume_layout(disk: &Arc<dyn Disk>, volume: &str, siblings: Siblings) -> 
 /// partition table nor a filesystem, else its partitions that hold none.
 fn bare_windows(disk: &Arc<dyn Disk>) -> Result<Vec<(u64, u64)>> {
     Ok(match partitions(disk)? {
-        None if probe(disk)?.fs.is_none() => vec![(0, disk.size())],
+        None if !has_filesystem(disk)? => vec![(0, disk.size())],
         None => Vec::new(),
         Some(parts) => parts
             .iter()
@@ -647,7 +647,7 @@ fn bare_windows(disk: &Arc<dyn Disk>) -> Result<Vec<(u64, u64)>> {
                 let w = Slice::new(disk.clone(), p.start, p.size);
                 let at = (w.start(), w.size());
                 let w: Arc<dyn Disk> = Arc::new(w);
-                probe(&w).map_or(true, |pr| pr.fs.is_none()).then_some(at)
+                has_filesystem(&w).map_or(true, |fs| !fs).then_some(at)
             })
             .collect(),
     })

@@ -20,7 +20,7 @@ use crate::restore::fs::ntfs::NtfsBackend;
 use crate::restore::fs::tree::Tree;
 use crate::restore::fs::xfs::XfsBackend;
 use crate::restore::fs::Filesystem;
-use crate::restore::probe::{probe, FsKind};
+use crate::restore::probe::{probe_kind, FsKind};
 use crate::restore::volume::{volume_layout, Siblings};
 
 type Job = Box<dyn FnOnce(&mut dyn Filesystem) + Send>;
@@ -113,7 +113,8 @@ impl FsHandle {
         }
         let siblings: Arc<[String]> = names.into();
         let vol = layout.open(&disks);
-        let probed = probe(&vol)?;
+        // (the reader opened below recovers an XFS log itself)
+        let probed = probe_kind(&vol)?;
         let kind = match (probed.fs, probed.unsupported) {
             (Some(k), None) => k,
             (_, Some(why)) => {

@@ -307,15 +307,17 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// What the probe says of an XFS volume.
-pub fn probe(disk: Arc<dyn Disk>) -> Probe {
+/// What the probe says of an XFS volume; with its warning when `warn`
+/// (whether its log needs a recovery that cannot be done, which takes the
+/// recovery).
+pub fn probe(disk: Arc<dyn Disk>, warn: bool) -> Probe {
     match geometry(&*disk) {
         Ok((geo, label, uuid)) => Probe {
             fs: Some(FsKind::Xfs),
             label,
             uuid,
             unsupported: None,
-            warning: recover(disk, geo).2,
+            warning: if warn { recover(disk, geo).2 } else { None },
         },
         Err(e) => Probe {
             fs: Some(FsKind::Xfs),
