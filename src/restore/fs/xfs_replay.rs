@@ -195,7 +195,9 @@ impl Replayed {
     /// volume need not be read: a chunk cache smaller than the places a
     /// replay jumps between would read the same chunks again and again.
     fn replaced(&self, offset: u64, len: usize) -> bool {
-        let end = offset + len as u64;
+        let Some(end) = offset.checked_add(len as u64) else {
+            return false;
+        };
         if len == 0 || len > 64 << 10 || end.div_ceil(512) * 512 > self.inner.size() {
             return false;
         }
@@ -1448,6 +1450,35 @@ mod tests {
             assert_eq!(le32(d, 100), !crc32c(!0, &z));
         }
         assert_eq!(read(&r, 80, 512), vec![0x55; 512], "past the chunk");
+
+        // a new file's inode logged in the next transaction: its slot
+        // (inode 18, the third of the chunk, in the cluster at block 16)
+        // takes the core over the made inode
+        let mut item = inode_item(0, &[6; 16]);
+        item[0][40..48].copy_from_slice(&16u64.to_le_bytes());
+        item[0][48..52].copy_from_slice(&32u32.to_le_bytes());
+        item[0][52..56].copy_from_slice(&1024u32.to_le_bytes());
+        let core = &mut item[1];
+        core.resize(176, 0);
+        core[4] = 3;
+        core[152..160].copy_from_slice(&18u64.to_le_bytes());
+        core[160..176].copy_from_slice(&[7; 16]);
+        v.record(&transaction(2, &[item], true));
+        let r = v.replay().unwrap();
+        let d = read(&r, 18, 512);
+        assert_eq!((be16(&d, 2), d[4], be64(&d, 56)), (0o100644, 3, 5000));
+        assert_eq!(be64(&d, 152), 18);
+        assert_eq!(be64(&d, 112), 1 << 32 | 2, "the transaction's LSN");
+        assert_eq!(be32(&d, 96), u32::MAX, "the made inode's unlinked pointer");
+        assert_eq!(&d[176..192], &[6; 16]);
+        let mut z = d.clone();
+        z[100..104].fill(0);
+        assert_eq!(le32(&d, 100), !crc32c(!0, &z));
+        // reads across the slot's edges see the made inodes around it
+        let around = read(&r, 17, 3 * 512);
+        assert_eq!(be64(&around, 152), 17);
+        assert_eq!(&around[512..1024], &d[..]);
+        assert_eq!(be64(&around[1024..], 152), 19);
     }
 
     /// Logs of damaged records and items (bytes anywhere, lengths and
