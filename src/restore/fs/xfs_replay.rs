@@ -368,8 +368,7 @@ impl Regions<'_> {
 /// A replay that would take more than [`memory_limit`].
 fn too_large() -> Error {
     Error::unsupported(format!(
-        "its changes take more than the {} MiB a replay may hold (half of --listing-mb, \
-         at most 64 MiB)",
+        "its changes take more than the {} MiB a replay may hold, half of --listing-mb",
         memory_limit() >> 20
     ))
 }
