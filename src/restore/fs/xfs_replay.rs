@@ -14,9 +14,10 @@
 //! `*_item_recover.c` files), in its two passes: the first counts the
 //! cancellations of freed buffers; the second replays each committed
 //! transaction's items in the kernel's order (buffers and inode-chunk
-//! creations, then inodes; a buffer or inode whose buffer is cancelled
-//! later in the log is not replayed, nor a v5 buffer or inode whose own
-//! LSN is newer than the transaction). Buffer items copy their logged
+//! creations, then inodes; within each, by their place on disk, which
+//! changes nothing as a transaction names each block once; a buffer or
+//! inode whose buffer is cancelled later in the log is not replayed, nor a
+//! v5 buffer or inode whose own LSN is newer than the transaction). Buffer items copy their logged
 //! 128-byte chunks; inode items turn the logged core (in the writing
 //! machine's byte order: little-endian here) into the on-disk inode and
 //! copy its forks (a B+tree root converted to its on-disk form); inode
@@ -26,9 +27,11 @@
 //! the unlinked-list updates of inode buffers, quota items, and intents
 //! (freeing extents, reverse-map and reference-count updates; an
 //! unfinished remap of a file's extents is the one that would show, and
-//! is left as the log leaves it). A record whose CRC fails ends the log
-//! there (a write torn by the copy); its transaction and later ones are not
-//! replayed.
+//! is left as the log leaves it), and the owner changes of an extent swap
+//! (`xfs_fsr`). A record whose CRC fails (a write torn by the copy), or
+//! that is missing or not the one its place and cycle say (the copy caught
+//! a later log write but not an earlier one), ends the log there; its
+//! transaction and later ones are not replayed.
 //!
 //! Owns: XFS's log items and the bounds of a replay. Must never write to
 //! the volume, never hold more than `memory_limit()` bytes of item formats
