@@ -342,15 +342,8 @@ mod tests {
 
     /// Deterministic pseudo-random bytes (xorshift64).
     fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect()
+        let mut next = crate::testing::xorshift(seed | 1);
+        (0..len).map(|_| (next() >> 24) as u8).collect()
     }
 
     fn reference_encode(src: &[u8]) -> Vec<u8> {

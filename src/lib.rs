@@ -16,5 +16,7 @@ pub mod pool;
 pub mod restore;
 pub mod rpc;
 pub mod store;
+#[cfg(test)]
+mod testing;
 pub mod transport;
 pub mod vm;

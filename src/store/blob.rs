@@ -398,15 +398,8 @@ mod tests {
 
     #[test]
     fn incompressible_data_is_stored_plain() {
-        let mut x = 0x1234_5678_9abc_def0u64;
-        let data: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut next = crate::testing::xorshift(0x1234_5678_9abc_def0);
+        let data: Vec<u8> = (0..65536).map(|_| next() as u8).collect();
         let blob = encode(&data, true);
         assert_eq!(blob[..8], UNCOMPRESSED_BLOB_MAGIC);
         assert_eq!(decode(&blob, None, MAX_CHUNK_SIZE).unwrap(), data);

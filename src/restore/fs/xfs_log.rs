@@ -490,13 +490,7 @@ mod tests {
     /// or a read outside the log.
     #[test]
     fn random_logs_never_panic() {
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::testing::xorshift(0x9E37_79B9_7F4A_7C15u64);
         let mut seen = [0; 3];
         for _ in 0..3000 {
             let split = next() % BLOCKS;

@@ -1488,13 +1488,7 @@ mod tests {
     /// read or write outside the filesystem.
     #[test]
     fn damaged_logs_never_panic() {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::testing::xorshift(0x2545_F491_4F6C_DD1Du64);
         let mut base = Volume::new(false);
         v2_inode_slot(&mut base, 0);
         base.record(&transaction(

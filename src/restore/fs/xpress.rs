@@ -267,13 +267,7 @@ mod tests {
     /// never panic or write past the chunk.
     #[test]
     fn random_chunks_never_panic() {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = crate::testing::xorshift(0x2545_F491_4F6C_DD1Du64);
         let mut decoded = 0;
         for round in 0..3000 {
             // half of them with a valid code: the one of `chunk`
