@@ -27,8 +27,10 @@
 //! the unlinked-list updates of inode buffers, quota items, and intents
 //! (freeing extents, reverse-map and reference-count updates; an
 //! unfinished remap of a file's extents is the one that would show, and
-//! is left as the log leaves it), and the owner changes of an extent swap
-//! (`xfs_fsr`). A record whose CRC fails (a write torn by the copy), or
+//! is left as the log leaves it). An extent swap (`xfs_fsr`) that moved a
+//! B+tree of extents to another inode has its blocks' owner changed, as
+//! recovery does (the running kernel writes them unlogged). A record whose
+//! CRC fails (a write torn by the copy), or
 //! that is missing or not the one its place and cycle say (the copy caught
 //! a later log write but not an earlier one), ends the log there; its
 //! transaction and later ones are not replayed.
@@ -96,6 +98,12 @@ const ILOG_DEV: u32 = 0x010;
 const ILOG_ADATA: u32 = 0x040;
 const ILOG_AEXT: u32 = 0x080;
 const ILOG_ABROOT: u32 = 0x100;
+/// The data fork's extent B+tree changed hands (an extent swap).
+const ILOG_DOWNER: u32 = 0x200;
+/// Deepest extent B+tree.
+const MAX_LEVELS: u16 = 9;
+/// Most blocks of one swapped extent B+tree.
+const MAX_SWAPPED_BLOCKS: usize = 1 << 16;
 const ILOG_DFORK: u32 = ILOG_DDATA | ILOG_DEXT | ILOG_DBROOT;
 const ILOG_AFORK: u32 = ILOG_ADATA | ILOG_AEXT | ILOG_ABROOT;
 const DIFLAG2_BIGTIME: u64 = 0x8;
@@ -969,10 +977,64 @@ fn replay_inode(r: &mut Replayed, item: &Item, data: &[Vec<u8>], c: &Commit) -> 
         let size = dip.len().saturating_sub(core + forkoff);
         fork(dip, core + forkoff, size, src, fields & ILOG_ABROOT != 0)?;
     }
+    // an extent swap (xfs_fsr) gave the inode the other file's extent
+    // B+tree, whose blocks still name that file as their owner
+    let swapped = (fields & ILOG_DOWNER != 0 && fields & ILOG_DBROOT != 0 && be16(dip, 2) != 0)
+        .then(|| {
+            dip.get(core..core + dfork)
+                .map(|f| (f.to_vec(), be64(dip, 152)))
+        })
+        .flatten();
     if version >= 3 {
         set_crc(dip, 100);
     }
-    r.put(first, &old, &b)
+    r.put(first, &old, &b)?;
+    match swapped {
+        Some((root, owner)) if fs.v5 => change_owner(r, &root, owner, fs),
+        _ => Ok(()),
+    }
+}
+
+/// Makes `owner` the owner of every block of the extent B+tree whose
+/// on-disk root (in an inode's fork) is `root`, as recovery of an extent
+/// swap does; their CRCs made right.
+fn change_owner(r: &mut Replayed, root: &[u8], owner: u64, fs: &Facts) -> Result<()> {
+    let corrupt = |what: &str| Error::corrupt(format!("XFS log: an extent swap {what}"));
+    let (level, count) = (be16(root, 0), usize::from(be16(root, 2)));
+    let max = root.len().saturating_sub(4) / 16;
+    if level == 0 || level > MAX_LEVELS || count > max {
+        return Err(corrupt("names a bad B+tree root"));
+    }
+    let mut todo: Vec<(u64, u16)> = (0..count)
+        .map(|i| (be64(root, 4 + max * 8 + i * 8), level - 1))
+        .collect();
+    let per_block = fs.block / 512;
+    let mut seen = 0usize;
+    while let Some((fsb, level)) = todo.pop() {
+        seen += 1;
+        let (agno, agbno) = (fsb >> fs.agblklog, fsb & ((1 << fs.agblklog) - 1));
+        if seen > MAX_SWAPPED_BLOCKS || agno >= fs.agcount || agbno >= fs.agblocks {
+            return Err(corrupt("names blocks outside the filesystem"));
+        }
+        let daddr = (agno * fs.agblocks + agbno) * per_block;
+        check_buffer(fs, daddr, per_block)?;
+        let old = r.buffer(daddr, per_block)?;
+        if &old[..4] != b"BMA3" || be16(&old, 4) != level {
+            return Err(corrupt("names a block that is not of its B+tree"));
+        }
+        let mut b = old.clone();
+        b[56..64].copy_from_slice(&owner.to_be_bytes());
+        set_crc(&mut b, 64);
+        if level > 0 {
+            let (count, max) = (usize::from(be16(&b, 6)), (b.len() - 72) / 16);
+            if count > max {
+                return Err(corrupt("names a block of a bad record count"));
+            }
+            todo.extend((0..count).map(|i| (be64(&b, 72 + max * 8 + i * 8), level - 1)));
+        }
+        r.put(daddr, &old, &b)?;
+    }
+    Ok(())
 }
 
 /// The fields of the inode core that v2 and v3 inodes share, as (offset,
@@ -1481,6 +1543,58 @@ mod tests {
         assert_eq!(be64(&around, 152), 17);
         assert_eq!(&around[512..1024], &d[..]);
         assert_eq!(be64(&around[1024..], 152), 19);
+    }
+
+    /// An extent swap (xfs_fsr) logs the inode with its new B+tree root
+    /// and asks recovery to make it the owner of that tree's blocks, which
+    /// the reader checks: the block gets the inode as its owner and a right
+    /// CRC, and the root is laid out as on disk.
+    #[test]
+    fn an_extent_swap_gives_the_tree_its_new_owner() {
+        let mut v = Volume::new(true);
+        let leaf = &mut v.bytes[160 * 512..168 * 512];
+        leaf[..4].copy_from_slice(b"BMA3");
+        leaf[6..8].copy_from_slice(&1u16.to_be_bytes());
+        leaf[40..56].copy_from_slice(&[7; 16]);
+        leaf[56..64].copy_from_slice(&999u64.to_be_bytes());
+        set_crc(leaf, 64);
+        let slot = &mut v.bytes[32 * 512..33 * 512];
+        slot[..2].copy_from_slice(b"IN");
+        slot[4] = 3;
+        let mut item = inode_item(0, &[]);
+        let fields = 1 | ILOG_DBROOT | ILOG_DOWNER;
+        item[0][4..8].copy_from_slice(&fields.to_le_bytes());
+        item[0][10..12].copy_from_slice(&104u16.to_le_bytes());
+        let core = &mut item[1];
+        core.resize(176, 0);
+        core[4] = 3;
+        core[5] = 3;
+        core[152..160].copy_from_slice(&32u64.to_le_bytes());
+        // the root as the kernel keeps it in memory: a long block header,
+        // then room for two keys and two pointers
+        let mut root = vec![0u8; 104];
+        root[..4].copy_from_slice(b"BMA3");
+        root[4..6].copy_from_slice(&1u16.to_be_bytes());
+        root[6..8].copy_from_slice(&1u16.to_be_bytes());
+        root[88..96].copy_from_slice(&20u64.to_be_bytes());
+        item[2] = root;
+        v.record(&transaction(1, &[item], true));
+        let r = v.replay().unwrap();
+        let b = read(&r, 160, 4096);
+        assert_eq!(be64(&b, 56), 32, "the new owner");
+        let mut z = b.clone();
+        z[64..68].fill(0);
+        assert_eq!(le32(&b, 64), !crc32c(!0, &z));
+        let d = read(&r, 32, 512);
+        assert_eq!((be16(&d, 176), be16(&d, 178)), (1, 1));
+        assert_eq!(
+            be64(&d, 176 + 4 + 20 * 8),
+            20,
+            "the pointer, spaced for the fork"
+        );
+        // a swap naming a block that is not of the tree is a corrupt log
+        v.bytes[160 * 512] = b'X';
+        assert!(v.replay().is_err());
     }
 
     /// Logs of damaged records and items (bytes anywhere, lengths and
