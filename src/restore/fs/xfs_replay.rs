@@ -30,10 +30,10 @@
 //! is left as the log leaves it). An extent swap (`xfs_fsr`) that moved a
 //! B+tree of extents to another inode has its blocks' owner changed, as
 //! recovery does (the running kernel writes them unlogged). A record whose
-//! CRC fails (a write torn by the copy), or
-//! that is missing or not the one its place and cycle say (the copy caught
-//! a later log write but not an earlier one), ends the log there; its
-//! transaction and later ones are not replayed.
+//! CRC fails (a write torn by the copy), or that is missing or not the one
+//! its place and cycle say (the copy caught a later log write but not an
+//! earlier one), ends the log there; its transaction and later ones are not
+//! replayed.
 //!
 //! Owns: XFS's log items and the bounds of a replay. Must never write to
 //! the volume, never hold more than `memory_limit()` bytes of item formats
