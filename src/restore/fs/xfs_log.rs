@@ -17,13 +17,9 @@ use crate::restore::fs::ext_raw::crc32c;
 
 /// A log record header's first word.
 const LOG_MAGIC: u32 = 0xFEED_BABE;
-/// An operation header flag: the operation is an unmount record.
-const LOG_UNMOUNT_TRANS: u8 = 0x20;
 /// Most 512-byte log blocks searched back from the head for the last
 /// record's header: a record holds at most 256 KiB after its headers.
 const LOG_SEARCH_BLOCKS: u64 = 1024;
-/// Operation header flags of a region split over two records.
-const LOG_CONTINUE_TRANS: u8 = 0x04 | 0x08;
 /// Most records walked from the tail looking for more than the log's
 /// covering transactions (there are two of those).
 const LOG_COVER_RECORDS: u32 = 16;
@@ -32,12 +28,24 @@ const LOG_COVER_RECORDS: u32 = 16;
 const LOG_COVER_BYTES: usize = 256 << 10;
 /// Data blocks whose stamped first words one header block keeps.
 const CYCLE_WORDS: usize = 64;
+/// Operation header flags: a transaction's start and commit, a region
+/// continued in the next record and its rest in this one, a transaction's
+/// last operation, an unmount record.
+pub(super) const START_TRANS: u8 = 0x01;
+pub(super) const COMMIT_TRANS: u8 = 0x02;
+pub(super) const CONTINUE_TRANS: u8 = 0x04;
+pub(super) const WAS_CONT_TRANS: u8 = 0x08;
+pub(super) const END_TRANS: u8 = 0x10;
+pub(super) const UNMOUNT_TRANS: u8 = 0x20;
+/// Operation header client ids: transactions, and the log's own records.
+pub(super) const CLIENT_TRANSACTION: u8 = 0x69;
+pub(super) const CLIENT_LOG: u8 = 0xaa;
 /// A transaction header's magic ("TRAN"), and the type of a buffer's log
 /// item: the log's items are in the writing machine's byte order, little
 /// endian on the machines this reads (a big-endian guest's log is taken
 /// for one that needs recovery).
-const LOG_TRANS_MAGIC: u32 = 0x5452_414e;
-const LOG_ITEM_BUF: u16 = 0x123c;
+pub(super) const TRANS_MAGIC: u32 = 0x5452_414e;
+pub(super) const ITEM_BUF: u16 = 0x123c;
 
 /// The internal log: `blocks` 512-byte blocks from byte `start` of `disk`,
 /// a circular buffer of records.
@@ -72,6 +80,42 @@ pub(super) struct Record {
     /// whether its CRC32c (of a version 5 filesystem's log) holds; `None`
     /// when the header has none or it was not checked
     pub crc_ok: Option<bool>,
+}
+
+/// One operation of a record, as its 12-byte header says.
+pub(super) struct Op {
+    pub tid: u32,
+    pub client: u8,
+    pub flags: u8,
+    /// where its payload starts in the record's data
+    pub at: usize,
+}
+
+impl Record {
+    /// Its operations in order, each with its payload; `None` in place of
+    /// one whose header or payload runs past the data, and nothing after.
+    pub fn ops(&self) -> impl Iterator<Item = Option<(Op, &[u8])>> + '_ {
+        let (mut pos, mut broken) = (0usize, false);
+        (0..self.ops).map_while(move |_| {
+            if broken {
+                return None;
+            }
+            let op = self.data.get(pos..pos + 12).and_then(|h| {
+                let len = be32(h, 4) as usize;
+                let payload = self.data.get(pos + 12..pos + 12 + len)?;
+                let op = Op {
+                    tid: be32(h, 0),
+                    client: h[8],
+                    flags: h[9],
+                    at: pos + 12,
+                };
+                pos += 12 + len;
+                Some((op, payload))
+            });
+            broken = op.is_none();
+            Some(op)
+        })
+    }
 }
 
 impl Log<'_> {
@@ -136,7 +180,7 @@ impl Log<'_> {
             let (headers, data) = record_blocks(&b);
             let end = (at + headers + data) % blocks;
             let first_op = self.block(at + headers)?;
-            let unmount = ops == 1 && first_op[9] & LOG_UNMOUNT_TRANS != 0;
+            let unmount = ops == 1 && first_op[9] & UNMOUNT_TRANS != 0;
             return Ok(Ends {
                 head,
                 tail: (be64(&b, 24) & 0xffff_ffff) % blocks,
@@ -257,28 +301,23 @@ fn covered(log: &Log, tail: u64, head: u64) -> Result<bool> {
         let Some(rec) = log.record(at, LOG_COVER_BYTES, false)? else {
             return Ok(false);
         };
-        let data = &rec.data;
-        let (mut pos, mut regions_left) = (0usize, 0u32);
-        for _ in 0..rec.ops {
-            let Some(op) = data.get(pos..pos + 12) else {
+        let mut regions_left = 0u32;
+        for op in rec.ops() {
+            let Some((Op { flags, .. }, payload)) = op else {
                 return Ok(false);
             };
-            let (n, flags) = (be32(op, 4) as usize, op[9]);
-            let Some(payload) = data.get(pos + 12..pos + 12 + n) else {
-                return Ok(false);
-            };
-            pos += 12 + n;
-            if flags & LOG_CONTINUE_TRANS != 0 {
+            let n = payload.len();
+            if flags & (CONTINUE_TRANS | WAS_CONT_TRANS) != 0 {
                 return Ok(false);
             }
-            if n == 0 || flags & LOG_UNMOUNT_TRANS != 0 {
+            if n == 0 || flags & UNMOUNT_TRANS != 0 {
                 // a transaction's start or commit, an unmount record
             } else if regions_left > 0 {
                 regions_left -= 1;
-            } else if n == 16 && le32(payload, 0) == LOG_TRANS_MAGIC {
+            } else if n == 16 && le32(payload, 0) == TRANS_MAGIC {
                 // a transaction header
             } else if n >= 16
-                && le16(payload, 0) == LOG_ITEM_BUF
+                && le16(payload, 0) == ITEM_BUF
                 && le64(payload, 8) == 0
                 && (1..=64).contains(&le16(payload, 6))
             {
@@ -340,7 +379,7 @@ mod tests {
     fn a_log_is_clean_only_when_its_last_record_is_an_unmount_at_the_head() {
         // as mkfs leaves it: an unmount record, then blocks never written
         let mut l = log(|i| u32::from(i < 2));
-        record(&mut l, 0, 1, 1, 1, LOG_UNMOUNT_TRANS);
+        record(&mut l, 0, 1, 1, 1, UNMOUNT_TRANS);
         assert!(!dirty(l.clone()).unwrap());
         // a transaction after it (logging a directory block)
         ops_record(&mut l, 2, 1, 2, &buffer_transaction(64, 8));
@@ -349,11 +388,11 @@ mod tests {
         for i in 4..6 {
             l[i * 512..i * 512 + 4].copy_from_slice(&1u32.to_be_bytes());
         }
-        record(&mut l, 4, 1, 1, 1, LOG_UNMOUNT_TRANS);
+        record(&mut l, 4, 1, 1, 1, UNMOUNT_TRANS);
         assert!(!dirty(l.clone()).unwrap());
         // an unmount flag on a record of several operations is no unmount
         // (and the log's tail is before the transaction)
-        record(&mut l, 4, 1, 2, 1, LOG_UNMOUNT_TRANS);
+        record(&mut l, 4, 1, 2, 1, UNMOUNT_TRANS);
         assert!(dirty(l).unwrap());
     }
 
@@ -361,17 +400,17 @@ mod tests {
     fn the_head_is_found_where_the_cycle_drops_and_across_the_log_end() {
         // second pass up to block 40, the first pass's blocks after it
         let mut l = log(|i| if i < 40 { 2 } else { 1 });
-        record(&mut l, 38, 2, 1, 1, LOG_UNMOUNT_TRANS);
+        record(&mut l, 38, 2, 1, 1, UNMOUNT_TRANS);
         assert!(!dirty(l.clone()).unwrap());
         ops_record(&mut l, 38, 2, 38, &buffer_transaction(64, 8));
         assert!(dirty(l).unwrap(), "the unmount record is not the last");
         // every block of one pass: the head is block 0
         let mut l = log(|_| 3);
-        record(&mut l, BLOCKS - 2, 3, 1, 1, LOG_UNMOUNT_TRANS);
+        record(&mut l, BLOCKS - 2, 3, 1, 1, UNMOUNT_TRANS);
         assert!(!dirty(l).unwrap());
         // a record whose data wraps to the start, one cycle on
         let mut l = log(|i| if i < 1 { 4 } else { 3 });
-        record(&mut l, BLOCKS - 1, 3, 1, 1, LOG_UNMOUNT_TRANS);
+        record(&mut l, BLOCKS - 1, 3, 1, 1, UNMOUNT_TRANS);
         assert!(!dirty(l.clone()).unwrap());
         record(&mut l, BLOCKS - 1, 3, 5, 1, 0x01);
         assert!(dirty(l).unwrap());
@@ -424,9 +463,9 @@ mod tests {
     /// A transaction logging one buffer of `blocks` blocks at disk address
     /// `daddr`.
     fn buffer_transaction(daddr: u64, blocks: u16) -> Vec<(u8, Vec<u8>)> {
-        let mut trans = LOG_TRANS_MAGIC.to_le_bytes().to_vec();
+        let mut trans = TRANS_MAGIC.to_le_bytes().to_vec();
         trans.extend_from_slice(&[0; 12]);
-        let mut format = LOG_ITEM_BUF.to_le_bytes().to_vec();
+        let mut format = ITEM_BUF.to_le_bytes().to_vec();
         format.extend_from_slice(&2u16.to_le_bytes());
         format.extend_from_slice(&0u16.to_le_bytes());
         format.extend_from_slice(&blocks.to_le_bytes());

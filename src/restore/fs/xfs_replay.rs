@@ -48,7 +48,10 @@ use crate::error::{Error, Result};
 use crate::le::{be16, be32, be64, le16, le32, le64};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::ext_raw::crc32c;
-use crate::restore::fs::xfs_log::Log;
+use crate::restore::fs::xfs_log::{
+    Log, Op, CLIENT_LOG, CLIENT_TRANSACTION, COMMIT_TRANS, CONTINUE_TRANS, END_TRANS, ITEM_BUF,
+    START_TRANS, TRANS_MAGIC, UNMOUNT_TRANS, WAS_CONT_TRANS,
+};
 
 /// Largest record read (a version 2 log's largest buffer).
 const MAX_RECORD: usize = 256 << 10;
@@ -59,21 +62,8 @@ const MAX_BUFFER_BLOCKS: u64 = 128;
 /// chunks of the largest block, and its format).
 const MAX_REGIONS: u16 = (65536 / 128 / 2 + 1) as u16;
 
-/// Operation header flags and client ids.
-const START_TRANS: u8 = 0x01;
-const COMMIT_TRANS: u8 = 0x02;
-const CONTINUE_TRANS: u8 = 0x04;
-const WAS_CONT_TRANS: u8 = 0x08;
-const END_TRANS: u8 = 0x10;
-const UNMOUNT_TRANS: u8 = 0x20;
-const CLIENT_TRANSACTION: u8 = 0x69;
-const CLIENT_LOG: u8 = 0xaa;
-/// A transaction header's magic ("TRAN", in the writer's byte order).
-const TRANS_MAGIC: u32 = 0x5452_414e;
-
-/// Log item types.
+/// Log item types (besides buffers', which `xfs_log` names).
 const ITEM_INODE: u16 = 0x123b;
-const ITEM_BUF: u16 = 0x123c;
 const ITEM_ICREATE: u16 = 0x123f;
 /// Item types that change nothing this reader shows: extent-free intents
 /// and done items (0x1236-0x1238, with the unlinked-list item), quota
@@ -333,7 +323,7 @@ struct Trans {
 /// Reads items' regions back from the log, keeping the last record read: a
 /// transaction's regions are read in log order.
 struct Regions<'a> {
-    log: Log<'a>,
+    log: &'a Log<'a>,
     last: Option<(u64, Vec<u8>)>,
 }
 
@@ -389,16 +379,16 @@ fn too_large() -> Error {
 pub(super) fn replay(disk: Arc<dyn Disk>, log: (u64, u64), fs: &Facts) -> Result<Replayed> {
     let corrupt = |what: String| Error::corrupt(format!("XFS log: {what}"));
     let (start, blocks) = log;
-    let ends = Log {
+    let log = Log {
         disk: &*disk,
         start,
         blocks,
-    }
-    .ends()?;
+    };
+    let ends = log.ends()?;
     let (tail, head) = ((ends.tail, ends.tail_cycle), ends.head);
     // pass 1: the cancelled buffers, with how many times each is cancelled
     let mut cancels: HashMap<(u64, u64), u32> = HashMap::new();
-    walk(&*disk, start, blocks, tail, head, fs, &mut |t, _| {
+    walk(&log, tail, head, fs, &mut |t, _| {
         for item in &t.items {
             if let Some(b) = BufFormat::of(item) {
                 if b.flags & BLF_CANCEL != 0 {
@@ -417,7 +407,7 @@ pub(super) fn replay(disk: Arc<dyn Disk>, log: (u64, u64), fs: &Facts) -> Result
         meta_uuid: fs.meta_uuid,
         transactions: 0,
     };
-    walk(&*disk, start, blocks, tail, head, fs, &mut |t, regions| {
+    walk(&log, tail, head, fs, &mut |t, regions| {
         let is_cancel = |i: &Item| BufFormat::of(i).is_some_and(|b| b.flags & BLF_CANCEL != 0);
         let budget = memory_limit().saturating_sub(r.sectors.len() * SECTOR_COST);
         let loaded = regions.load(&t, budget)?;
@@ -470,28 +460,14 @@ pub(super) fn replay(disk: Arc<dyn Disk>, log: (u64, u64), fs: &Facts) -> Result
 /// writes may finish out of order), or fails its CRC (a write torn by the
 /// copy); the kernel puts the head there.
 fn walk(
-    disk: &dyn Disk,
-    start: u64,
-    blocks: u64,
+    log: &Log,
     tail: (u64, u32),
     head: u64,
     fs: &Facts,
     commit: &mut dyn FnMut(Trans, &mut Regions) -> Result<()>,
 ) -> Result<()> {
     let corrupt = |what: String| Error::corrupt(format!("XFS log: {what}"));
-    let log = Log {
-        disk,
-        start,
-        blocks,
-    };
-    let mut regions = Regions {
-        log: Log {
-            disk,
-            start,
-            blocks,
-        },
-        last: None,
-    };
+    let mut regions = Regions { log, last: None };
     let mut open: HashMap<u32, Trans> = HashMap::new();
     let mut held = 0usize;
     let (mut at, mut cycle) = tail;
@@ -508,29 +484,28 @@ fn walk(
         };
         // blocks walked can only pass the log's size on a log that loops
         walked += 1 + rec.data.len().div_ceil(512) as u64;
-        if walked > blocks {
+        if walked > log.blocks {
             return Err(corrupt("its records run past its head".into()));
         }
         if fs.v5 && rec.crc_ok != Some(true) {
             log::debug!("XFS log: record at block {at} fails its checksum; the log ends there");
             break;
         }
-        let data = &rec.data;
-        let mut pos = 0usize;
-        for _ in 0..rec.ops {
-            let op = data
-                .get(pos..pos + 12)
-                .ok_or_else(|| corrupt(format!("record at block {at} is cut short")))?;
-            let (tid, len, client, flags) = (be32(op, 0), be32(op, 4) as usize, op[8], op[9]);
-            let payload = data
-                .get(pos + 12..pos + 12 + len)
-                .ok_or_else(|| corrupt(format!("record at block {at} is cut short")))?;
+        for op in rec.ops() {
+            let (
+                Op {
+                    tid,
+                    client,
+                    flags,
+                    at: offset,
+                },
+                payload,
+            ) = op.ok_or_else(|| corrupt(format!("record at block {at} is cut short")))?;
             let span = Span {
                 record: at,
-                offset: (pos + 12) as u32,
-                len: len as u32,
+                offset: offset as u32,
+                len: payload.len() as u32,
             };
-            pos += 12 + len;
             if client != CLIENT_TRANSACTION && client != CLIENT_LOG {
                 return Err(corrupt(format!(
                     "an operation of unknown client {client:#x}"
