@@ -98,6 +98,10 @@ pub fn link_bytes(len: usize) -> usize {
     ALLOC_OVERHEAD + len
 }
 
+/// What identifies a node: (inode scope, inode number), see
+/// [`Backend::inode_scope`]; or (0, what [`Backend::dir_identity`] says).
+type Identity = (u64, u64);
+
 /// A node in a directory listing. It keeps no [`Entry`]: that one holds
 /// its name and target again, as text, and is made only when handed out.
 #[derive(Clone)]
@@ -153,6 +157,14 @@ pub trait Backend {
     /// whose entries carry no inode numbers (FAT); `None` when unknown.
     fn dir_identity(&mut self, _dir: &Self::Node, _path: &[u8]) -> Result<Option<u64>> {
         Ok(None)
+    }
+    /// Which numbering a node's inode number belongs to, for filesystems
+    /// that number the inodes of several trees from the same start
+    /// (btrfs subvolumes): two nodes are the same only when both agree.
+    /// `None` for a node whose number is shared by nodes that are not the
+    /// same (btrfs's placeholders for unlinked subvolumes, all number 2).
+    fn inode_scope(&self, _node: &Self::Node) -> Option<u64> {
+        Some(0)
     }
     /// Names this filesystem in error messages.
     fn what(&self) -> &str;
@@ -274,8 +286,8 @@ type CachedDir<N> = (Vec<u8>, Rc<Listing<N>>);
 /// path (the walk keeps one of each, cut back to these), its depth.
 struct WalkFrame<N> {
     kids: Rc<Listing<N>>,
-    /// the directory's identity, see [`Backend::dir_identity`]
-    identity: Option<u64>,
+    /// the directory's identity, see [`Tree::dir_identity`]
+    identity: Option<Identity>,
     next: usize,
     rel_len: usize,
     abs_len: usize,
@@ -492,14 +504,22 @@ impl<B: Backend> Tree<B> {
     }
 
     /// What identifies directory `dir` (at `path`) for loop detection: its
-    /// inode number, or what the backend knows of it.
-    fn dir_identity(&mut self, dir: &Child<B::Node>, path: &[u8]) -> Result<Option<u64>> {
-        if dir.meta.inode != 0 {
-            return Ok(Some(dir.meta.inode));
+    /// inode number in its scope, or what the backend knows of it.
+    fn dir_identity(&mut self, dir: &Child<B::Node>, path: &[u8]) -> Result<Option<Identity>> {
+        if let Some(id) = self.node_identity(dir) {
+            return Ok(Some(id));
         }
         let what = self.backend.what().to_string();
         let backend = &mut self.backend;
         guarded(&what, path, || backend.dir_identity(&dir.node, path))
+            .map(|id| id.map(|id| (0, id)))
+    }
+
+    /// A node's inode number in its scope ([`Backend::inode_scope`]), when
+    /// it has one.
+    fn node_identity(&self, node: &Child<B::Node>) -> Option<Identity> {
+        let scope = self.backend.inode_scope(&node.node)?;
+        (node.meta.inode != 0).then_some((scope, node.meta.inode))
     }
 
     /// The regular file at `path` (symlinks followed), its size and the
@@ -720,12 +740,12 @@ struct Walk<'p, 'v, 'w> {
     /// node past it is met
     after: Option<Vec<Vec<u8>>>,
     visit: &'v mut WalkVisitor<'w>,
-    /// inode of a file with several links -> where it was first met
-    hardlinks: HashMap<u64, Vec<u8>>,
+    /// identity of a file with several links -> where it was first met
+    hardlinks: HashMap<Identity, Vec<u8>>,
     /// bytes of the paths in `hardlinks`, at most [`HARDLINK_PATH_BYTES`]
     hardlink_bytes: usize,
     /// identities of the directories met, the first [`DIRS_SEEN_MAX`]
-    dirs_seen: HashSet<u64>,
+    dirs_seen: HashSet<Identity>,
     visited: usize,
 }
 
@@ -765,14 +785,17 @@ impl Walk<'_, '_, '_> {
         }
         let is_dir = node.meta.kind == EntryType::Dir;
         let mut hardlink_to = None;
-        if !is_dir && node.meta.nlink > 1 && node.meta.inode != 0 {
+        let identity = tree
+            .node_identity(node)
+            .filter(|_| !is_dir && node.meta.nlink > 1);
+        if let Some(identity) = identity {
             let cost = rel.len() + HARDLINK_ENTRY_BYTES;
-            match self.hardlinks.get(&node.meta.inode) {
+            match self.hardlinks.get(&identity) {
                 Some(first) => hardlink_to = Some(first.clone()),
                 // past the bound, further links come out as copies
                 None if self.hardlink_bytes + cost <= HARDLINK_PATH_BYTES => {
                     self.hardlink_bytes += cost;
-                    self.hardlinks.insert(node.meta.inode, rel.to_vec());
+                    self.hardlinks.insert(identity, rel.to_vec());
                 }
                 None => {}
             }
