@@ -15,6 +15,8 @@ declare -A tools=(
   [tar]=tar [node]=nodejs [npm]=npm [script]=bsdutils
   # LVM volume groups for tests/lvm.rs (written on a loop device), XFS
   [pvcreate]=lvm2 [losetup]=mount [mkfs.xfs]=xfsprogs [xfs_db]=xfsprogs
+  # btrfs images made from a tree and written by the kernel
+  [mkfs.btrfs]=btrfs-progs [btrfs]=btrfs-progs
   # the VM image and end-to-end VM tests, the Debian package test
   [qemu-system-x86_64]=qemu-system-x86 [musl-gcc]=musl-tools [xz]=xz-utils
   [cpio]=cpio [dh]=debhelper [dpkg-buildpackage]=dpkg-dev

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -285,6 +285,10 @@ fn compare_tree(fs: &mut dyn Filesystem, src: &Path, vpath: &[u8], flavor: &Flav
             EntryType::Dir
         } else if md.is_file() {
             EntryType::File
+        } else if md.file_type().is_char_device() {
+            EntryType::Char
+        } else if md.file_type().is_block_device() {
+            EntryType::Block
         } else {
             EntryType::Fifo
         };
@@ -297,7 +301,13 @@ fn compare_tree(fs: &mut dyn Filesystem, src: &Path, vpath: &[u8], flavor: &Flav
         if *flavor == Flavor::Unix {
             assert_eq!(e.mode, md.mode() & 0o7777, "mode of {show}");
             assert_eq!((e.uid, e.gid), (md.uid(), md.gid()), "owner of {show}");
-            assert_eq!(e.mtime, md.mtime(), "mtime of {show}");
+            // (btrfs shows a subvolume nested in a snapshot as an empty
+            // directory numbered 2, whose times are those of the kernel's
+            // first lookup of it)
+            let placeholder = kind == EntryType::Dir && md.ino() == 2 && e.inode == 2;
+            if !placeholder {
+                assert_eq!(e.mtime, md.mtime(), "mtime of {show}");
+            }
             if kind != EntryType::Dir {
                 assert_eq!(e.nlink, md.nlink(), "nlink of {show}");
             }
@@ -325,6 +335,19 @@ fn compare_tree(fs: &mut dyn Filesystem, src: &Path, vpath: &[u8], flavor: &Flav
                 assert_eq!(e.size, t.as_os_str().len() as u64);
             }
             EntryType::Dir => n += compare_tree(fs, sp, &vp, flavor),
+            EntryType::Char | EntryType::Block => {
+                // Linux's dev_t: the minor's low byte, 12 bits of major,
+                // the rest of the minor
+                let dev = md.rdev();
+                let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+                let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+                let rdev = e.rdev.expect("a device number");
+                assert_eq!(
+                    (u64::from(rdev.major), u64::from(rdev.minor)),
+                    (major, minor),
+                    "device number of {show}"
+                );
+            }
             _ => {}
         }
         n += 1;
@@ -3648,68 +3671,43 @@ fn damaged_ntfs_records_never_panic_or_hang() {
     .iter()
     .map(|n| ntfs_file_record(&clean, n))
     .collect();
-    // panics in the agent's NTFS code, wherever they are caught
-    let ours = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let seen = ours.clone();
-    let previous = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
-        if at.contains("restore/fs/ntfs") || at.contains("restore/fs/lznt1") {
-            seen.lock().unwrap().push(format!("{at}: {info}"));
-        }
-    }));
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = xorshift(0x2545_F491_4F6C_DD1D);
     let damaged_img = dir.path().join("damaged.img");
-    for round in 0..120 {
-        let mut d = clean.clone();
-        for _ in 0..1 + next() % 8 {
-            let record = records[(next() % records.len() as u64) as usize];
-            let at = record + (next() % 1024) as usize;
-            d[at] = next() as u8;
-        }
-        std::fs::write(&damaged_img, &d).unwrap();
-        let started = std::time::Instant::now();
-        let Ok(h) = FsHandle::open(disk(&damaged_img), "raw") else {
-            continue;
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let _ = rt.block_on(h.run(|fs| {
-            let _ = fs.list(b"/", None, 1000);
-            let _ = fs.list(b"/c", None, 1000);
-            let _ = fs.walk(b"/", None, &mut |_, data| {
-                if let Some(data) = data {
-                    let mut buf = vec![0u8; 1 << 16];
-                    while matches!(data.read(&mut buf), Ok(n) if n > 0) {}
-                }
-                Ok(())
-            });
-            for p in [
-                "/c/text.txt",
-                "/c/mixed.bin",
-                "/frag0.bin",
-                "/sparse.bin",
-                "/link",
-            ] {
-                let _ = fs.read(p.as_bytes(), 0, 1 << 20);
-                let _ = fs.map(p.as_bytes(), 0, 1 << 20);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let ours = panics_in(&["restore/fs/ntfs", "restore/fs/lznt1"], || {
+        for round in 0..120 {
+            let mut d = clean.clone();
+            for _ in 0..1 + next() % 8 {
+                let record = records[(next() % records.len() as u64) as usize];
+                let at = record + (next() % 1024) as usize;
+                d[at] = next() as u8;
             }
-        }));
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "round {round} took {:?}",
-            started.elapsed()
-        );
-    }
-    std::panic::set_hook(previous);
-    let ours = ours.lock().unwrap();
+            std::fs::write(&damaged_img, &d).unwrap();
+            let started = std::time::Instant::now();
+            let Ok(h) = FsHandle::open(disk(&damaged_img), "raw") else {
+                continue;
+            };
+            exercise(
+                &rt,
+                &h,
+                &["/", "/c"],
+                &[
+                    "/c/text.txt",
+                    "/c/mixed.bin",
+                    "/frag0.bin",
+                    "/sparse.bin",
+                    "/link",
+                ],
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "round {round} took {:?}",
+                started.elapsed()
+            );
+        }
+    });
     assert!(
         ours.is_empty(),
         "panics in the agent's NTFS code: {ours:#?}"
@@ -5025,4 +5023,404 @@ fn xfs_v5_damage_with_good_checksums_never_panics() {
             "/many/e1234",
         ],
     );
+}
+
+/// Whether btrfs-progs is here; without it the btrfs tests skip, unless
+/// RESTORE_AGENT_REQUIRE_XFS=1 (CI), which makes that a failure.
+fn have_btrfs_progs() -> bool {
+    let here = Command::new("mkfs.btrfs")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !here {
+        assert!(
+            std::env::var_os("RESTORE_AGENT_REQUIRE_XFS").is_none(),
+            "mkfs.btrfs is missing (Debian: btrfs-progs)"
+        );
+        eprintln!("SKIPPED: mkfs.btrfs is missing (Debian: btrfs-progs)");
+    }
+    here
+}
+
+/// A btrfs made by `mkfs.btrfs --rootdir` (no mount, no root needed) from
+/// the Unix tree reads as that tree, with every checksum btrfs-progs
+/// offers; one it cannot check is listed with the reason.
+#[test]
+fn btrfs_made_from_a_tree_matches_it() {
+    if !have_tools() || !have_btrfs_progs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    make_plain(&src, false);
+    make_unix(&src, true);
+    set_mtimes(&src);
+    let want = count_source(&src);
+    let img = dir.path().join("btrfs.img");
+    for args in [
+        &["-L", "tree"][..],
+        &["--csum", "xxhash", "-n", "65536"],
+        &["--csum", "sha256", "-m", "single"],
+        // mixed block groups: data and metadata share chunks, 4 KiB nodes
+        &["-M", "-n", "4096"],
+    ] {
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(400 << 20)
+            .unwrap();
+        run(Command::new("mkfs.btrfs")
+            .args(["-q", "-f", "--rootdir"])
+            .arg(&src)
+            .args(args)
+            .arg(&img));
+        let v = list_volumes(disk(&img)).unwrap();
+        assert_eq!(v[0].fs, Some("btrfs"), "{args:?}");
+        assert!(v[0].supported && v[0].warning.is_none(), "{args:?}: {v:?}");
+        let src = src.clone();
+        let n = with_fs(&img, "raw", move |fs| {
+            compare_tree(fs, &src, b"/", &Flavor::Unix)
+        });
+        assert_eq!(n, want, "{args:?}: entries compared");
+        if args[0] == "-L" {
+            assert_eq!(v[0].label.as_deref(), Some("tree"));
+        }
+    }
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(400 << 20)
+        .unwrap();
+    run(Command::new("mkfs.btrfs")
+        .args(["-q", "-f", "--csum", "blake2"])
+        .arg(&img));
+    let v = list_volumes(disk(&img)).unwrap();
+    assert_eq!(v[0].fs, Some("btrfs"));
+    assert!(!v[0].supported);
+    assert!(v[0].reason.as_deref().unwrap().contains("BLAKE2b"), "{v:?}");
+}
+
+/// A btrfs written by the kernel: subvolumes, a nested one, snapshots
+/// (one read-only, of the top), zstd, zlib and LZO compression (inline
+/// and in extents), a preallocated file, holes, a reflinked copy written
+/// over, device nodes. The agent's view of the top-level subvolume equals
+/// the kernel's (`mount -o subvolid=5`), subvolumes nested in a snapshot
+/// read as the kernel's empty placeholders, and an extraction keeps each
+/// subvolume's hard links to itself.
+#[test]
+fn btrfs_written_by_the_kernel_reads_as_the_kernel_shows_it() {
+    if !have_tools() || !have_btrfs_progs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut m) = mounted(dir.path(), "mkfs.btrfs", &["-q", "-f"], 512 << 20) else {
+        return;
+    };
+    let src = dir.path().join("src");
+    make_plain(&src, true);
+    make_unix(&src, false);
+    copy_in(&src, &m.mnt);
+    let script = r#"
+        set -e
+        for c in zstd zlib lzo; do
+            mkdir $c; btrfs property set $c compression $c
+            seq 1 150000 > $c/seq.txt
+            printf 'inline %s\n' $c > $c/tiny
+            head -c 3000 /dev/zero > $c/zeros
+            yes "$c" | head -c 2000000 > $c/yes.txt
+        done
+        btrfs -q subvolume create home
+        mkdir home/user; seq 1 1000 > home/user/a; ln home/user/a home/user/b
+        btrfs -q subvolume create home/nested; echo nested > home/nested/n
+        btrfs -q subvolume snapshot home snap-home
+        btrfs -q subvolume snapshot -r . snap-top
+        echo changed >> home/user/a
+        fallocate -l 3M prealloc
+        truncate -s 20M holey; echo mid | dd of=holey bs=1 seek=10000000 conv=notrunc status=none
+        cp --reflink=always mib3.bin reflinked
+        dd if=/dev/urandom of=reflinked bs=4096 seek=100 count=3 conv=notrunc status=none
+        mkdir devs; mknod devs/tty c 136 7; mknod devs/disk b 259 3
+        sync
+    "#;
+    run(Command::new("sh").arg("-c").arg(script).current_dir(&m.mnt));
+    m.umount();
+    run(Command::new("mount")
+        .args(["-o", "ro,loop,subvolid=5"])
+        .arg(&m.img)
+        .arg(&m.mnt));
+    m.mounted = true;
+
+    let (img, mnt) = (m.img.clone(), m.mnt.clone());
+    let want = count_source(&mnt);
+    let n = with_fs(&img, "raw", move |fs| {
+        let n = compare_tree(fs, &mnt, b"/", &Flavor::Unix);
+        let e = fs.stat(b"/devs/tty", false).unwrap();
+        assert_eq!(e.kind, EntryType::Char);
+        // the placeholder of a subvolume nested in a snapshot
+        let e = fs.stat(b"/snap-home/nested", false).unwrap();
+        assert_eq!((e.kind, e.mode, e.inode), (EntryType::Dir, 0o755, 2));
+        assert!(fs
+            .list(b"/snap-home/nested", None, 10)
+            .unwrap()
+            .0
+            .is_empty());
+        n
+    });
+    assert_eq!(n, want, "entries compared");
+    // the tree twice: the top, and its read-only snapshot
+    assert!(n > 2 * count_source(&src), "{n} entries");
+
+    // restore-client extracts the whole volume: subvolume roots (all
+    // inode 256) and placeholders (all inode 2) are no directory loop, and
+    // the snapshot's hard-linked pair is its own, not the live subvolume's
+    let agent = common::Agent::builder().image("disk0", &m.img).start();
+    let client = |args: &[&str]| restore_client(&agent, args);
+    let table = client(&["volumes", "attached", "disk0"]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains(" btrfs ") && table.contains("yes"),
+        "{table}"
+    );
+    let into = dir.path().join("out");
+    let out = client(&[
+        "extract",
+        "attached",
+        "disk0",
+        "raw",
+        "/",
+        "-o",
+        into.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let seq: String = (1..=1000).map(|i| format!("{i}\n")).collect();
+    let read = |p: &str| std::fs::read_to_string(into.join(p)).unwrap();
+    assert_eq!(read("snap-home/user/a"), seq);
+    assert_eq!(read("snap-home/user/b"), seq);
+    assert_eq!(read("home/user/a"), seq.clone() + "changed\n");
+    let ino = |p: &str| std::fs::metadata(into.join(p)).unwrap().ino();
+    assert_eq!(ino("snap-home/user/a"), ino("snap-home/user/b"));
+    assert_eq!(ino("home/user/a"), ino("home/user/b"));
+    assert_ne!(ino("home/user/a"), ino("snap-home/user/a"));
+    // subvolumes nested in the read-only snapshot of the top: placeholders
+    for p in ["snap-top/home", "snap-top/snap-home"] {
+        assert_eq!(std::fs::read_dir(into.join(p)).unwrap().count(), 0, "{p}");
+    }
+    assert_eq!(read("snap-top/zstd/tiny"), "inline zstd\n");
+}
+
+/// An image held in memory with some of its blocks replaced, for tests
+/// that damage it many times over.
+struct Patched {
+    base: Arc<Vec<u8>>,
+    /// (offset, bytes read there instead)
+    blocks: Vec<(usize, Vec<u8>)>,
+}
+
+impl Patched {
+    fn new(base: &Arc<Vec<u8>>) -> Patched {
+        Patched {
+            base: base.clone(),
+            blocks: Vec::new(),
+        }
+    }
+
+    /// The block of `len` bytes at `at`, to change.
+    fn block(&mut self, at: usize, len: usize) -> &mut Vec<u8> {
+        let i = match self.blocks.iter().position(|(a, _)| *a == at) {
+            Some(i) => i,
+            None => {
+                self.blocks.push((at, self.base[at..at + len].to_vec()));
+                self.blocks.len() - 1
+            }
+        };
+        &mut self.blocks[i].1
+    }
+}
+
+impl Disk for Patched {
+    fn size(&self) -> u64 {
+        self.base.len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> restore_agent::error::Result<usize> {
+        let start = offset as usize;
+        let data = self.base.get(start..).unwrap_or_default();
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        for (at, block) in &self.blocks {
+            let (from, to) = (start.max(*at), (start + n).min(at + block.len()));
+            if from < to {
+                buf[from - start..to - start].copy_from_slice(&block[from - at..to - at]);
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Damaged btrfs images: a node whose checksum fails is an error naming
+/// it; nodes damaged with their checksums made right again (what a buggy
+/// or hostile writer makes) give errors or data, never a panic, and the
+/// agent's reader stays quick. A damaged superblock is listed as such.
+#[test]
+fn btrfs_damaged_images_give_clear_errors() {
+    if !have_tools() || !have_btrfs_progs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    make_plain(&src, true);
+    make_unix(&src, false);
+    let img = dir.path().join("btrfs.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(160 << 20)
+        .unwrap();
+    run(Command::new("mkfs.btrfs")
+        .args(["-q", "-f", "-m", "single", "--rootdir"])
+        .arg(&src)
+        .arg(&img));
+    let clean = Arc::new(std::fs::read(&img).unwrap());
+    let fsid = clean[0x10020..0x10030].to_vec();
+    let node_size = u32::from_le_bytes(clean[0x10094..0x10098].try_into().unwrap()) as usize;
+    let sum = |b: &[u8]| !crc32c(!0, &b[32..]);
+    // every tree node: its filesystem's UUID, its own address, its checksum
+    let nodes: Vec<usize> = (0..clean.len() - node_size)
+        .step_by(4096)
+        .filter(|&at| {
+            let b = &clean[at..at + node_size];
+            b[32..48] == fsid[..] && u32::from_le_bytes(b[..4].try_into().unwrap()) == sum(b)
+        })
+        .collect();
+    assert!(nodes.len() > 10, "{} nodes", nodes.len());
+    let open = |d: Patched| FsHandle::open(Arc::new(d), "raw");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+
+    // the root directory's leaf, damaged without its checksum made right
+    let mut d = Patched::new(&clean);
+    for &at in &nodes {
+        d.block(at, node_size)[node_size - 1] ^= 0x55;
+    }
+    let e = open(d).err().expect("no tree can be read");
+    assert_error(&e, ErrorKind::Corrupt, "checksum mismatch");
+    let mut d = Patched::new(&clean);
+    d.block(0x10000, 4096)[300] ^= 1;
+    let v = list_volumes(Arc::new(d)).unwrap();
+    assert!(!v[0].supported, "{v:?}");
+    assert!(v[0]
+        .reason
+        .as_deref()
+        .unwrap()
+        .contains("superblock: checksum mismatch"));
+
+    let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
+    let (mut opened, mut listed) = (0, 0);
+    let ours = panics_in(&["restore/fs/btrfs", "restore/fs/lzo"], || {
+        for round in 0..300 {
+            let mut d = Patched::new(&clean);
+            for _ in 0..1 + next() % 4 {
+                let at = nodes[(next() % nodes.len() as u64) as usize];
+                let node = d.block(at, node_size);
+                // mostly the header and the item table, where the structure is
+                let spot = if next().is_multiple_of(4) {
+                    node_size - 32
+                } else {
+                    400
+                };
+                node[32 + (next() % spot as u64) as usize] = next() as u8;
+                let s = sum(node);
+                node[..4].copy_from_slice(&s.to_le_bytes());
+            }
+            let started = std::time::Instant::now();
+            let Ok(h) = open(d) else {
+                continue;
+            };
+            opened += 1;
+            exercise(
+                &rt,
+                &h,
+                &["/", "/many"],
+                &["/mib3.bin", "/sparse.img", "/link_long", "/many/f0299.dat"],
+            );
+            if rt
+                .block_on(h.run(|fs| fs.list(b"/", None, 1000)))
+                .is_ok_and(|l| l.is_ok())
+            {
+                listed += 1;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "round {round} took {:?}",
+                started.elapsed()
+            );
+        }
+    });
+    assert!(
+        ours.is_empty(),
+        "panics in the agent's btrfs code: {ours:#?}"
+    );
+    assert!(
+        opened > 20 && listed > 10,
+        "{opened} opened, {listed} listed"
+    );
+}
+
+/// A xorshift64 generator from `seed` (not 0): damage that is the same on
+/// every run, so that a failing round can be found again.
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// Runs `body` and returns the panics it raised in source files whose
+/// path holds one of `modules`, wherever they were caught (the agent
+/// catches a filesystem reader's panics and answers with an error).
+fn panics_in(modules: &'static [&'static str], body: impl FnOnce()) -> Vec<String> {
+    let ours = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = ours.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        if modules.iter().any(|m| at.contains(m)) {
+            seen.lock().unwrap().push(format!("{at}: {info}"));
+        }
+    }));
+    body();
+    std::panic::set_hook(previous);
+    let ours = ours.lock().unwrap();
+    ours.clone()
+}
+
+/// Everything a user can do with an open filesystem, results ignored:
+/// list `dirs`, walk the whole tree reading the first 16 MiB of every file
+/// (a damaged size can make a file of terabytes, which would read as the
+/// zeros of a sparse file: slow, but right), read and map `files`.
+fn exercise(rt: &tokio::runtime::Runtime, h: &FsHandle, dirs: &[&str], files: &[&str]) {
+    let (dirs, files): (Vec<String>, Vec<String>) = (
+        dirs.iter().map(|d| d.to_string()).collect(),
+        files.iter().map(|f| f.to_string()).collect(),
+    );
+    let _ = rt.block_on(h.run(move |fs| {
+        for d in &dirs {
+            let _ = fs.list(d.as_bytes(), None, 1000);
+        }
+        let _ = fs.walk(b"/", None, &mut |_, data| {
+            if let Some(data) = data {
+                let mut buf = vec![0u8; 1 << 16];
+                for _ in 0..256 {
+                    if !matches!(data.read(&mut buf), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        });
+        for p in &files {
+            let _ = fs.read(p.as_bytes(), 0, 1 << 20);
+            let _ = fs.map(p.as_bytes(), 0, 1 << 20);
+        }
+    }));
 }

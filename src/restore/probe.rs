@@ -19,6 +19,7 @@ pub enum FsKind {
     Vfat,
     Ntfs,
     Xfs,
+    Btrfs,
 }
 
 impl FsKind {
@@ -30,6 +31,7 @@ impl FsKind {
             FsKind::Vfat => "vfat",
             FsKind::Ntfs => "ntfs",
             FsKind::Xfs => "xfs",
+            FsKind::Btrfs => "btrfs",
         }
     }
 }
@@ -55,7 +57,6 @@ const HEAD_LEN: usize = 256 * 1024;
 /// What the agent recognises but does not read, so that a volume says
 /// what it holds: (offset, magic, what).
 const NOT_READ: &[(usize, &[u8], &str)] = &[
-    (0x10040, b"_BHRfS_M", "btrfs"),
     (4086, b"SWAPSPACE2", "swap space"),
     (4086, b"SWAP-SPACE", "swap space"),
     (0, b"LUKS\xba\xbe", "LUKS encryption"),
@@ -169,6 +170,9 @@ fn probe_head(disk: &Arc<dyn Disk>, head: &[u8], warn: bool) -> Probe {
     }
     if has(head, 0, b"XFSB") {
         return crate::restore::fs::xfs::probe(disk.clone(), warn);
+    }
+    if has(head, 0x10040, b"_BHRfS_M") {
+        return crate::restore::fs::btrfs::probe(disk.clone());
     }
     if has(head, 512, b"LABELONE") && has(head, 512 + 24, b"LVM2 001") {
         return unknown("LVM2 physical volume");

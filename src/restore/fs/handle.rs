@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::disk::{Disk, Layout};
+use crate::restore::fs::btrfs::BtrfsBackend;
 use crate::restore::fs::ext::ExtBackend;
 use crate::restore::fs::fat::{self, FatBackend};
 use crate::restore::fs::ntfs::NtfsBackend;
@@ -65,6 +66,13 @@ fn serve(
             }
         },
         FsKind::Xfs => match XfsBackend::open(disk) {
+            Ok(b) if report(Ok(())) => serve_jobs(&mut Tree::new(b), &queue),
+            Ok(_) => {}
+            Err(e) => {
+                report(Err(e));
+            }
+        },
+        FsKind::Btrfs => match BtrfsBackend::open(disk) {
             Ok(b) if report(Ok(())) => serve_jobs(&mut Tree::new(b), &queue),
             Ok(_) => {}
             Err(e) => {

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 
+pub mod btrfs;
 mod budget;
 mod cp437;
 pub mod ext;
@@ -18,6 +19,7 @@ mod ext_raw;
 pub mod fat;
 mod handle;
 mod lznt1;
+mod lzo;
 mod lzx;
 pub mod ntfs;
 mod ntfs_link;
