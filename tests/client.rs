@@ -2449,12 +2449,14 @@ fn ls_r_lists_around_a_damaged_directory() {
     let img = t.path().join("disk.img");
     mkfs_ext4(&src, &img, 8);
     overwrite(&img, bmap(&img, "/b", 0) * 4096, &noise(4096, 7));
-    // and the inode of /c/6: its checksum no longer matches
-    overwrite(
-        &img,
-        inode_offset(&img, "/c/6", 4096) as u64 + 0x10,
-        &[0xff],
-    );
+    // and the inode of /c/6: its checksum no longer matches (a byte of its
+    // mtime flipped: set to a fixed value, it was already that one second
+    // in 256)
+    let at = inode_offset(&img, "/c/6", 4096) as u64 + 0x10;
+    let mut byte = [0u8];
+    std::os::unix::fs::FileExt::read_exact_at(&fs::File::open(&img).expect("open"), &mut byte, at)
+        .expect("read the image");
+    overwrite(&img, at, &[!byte[0]]);
     let agent = Agent::builder().image("disk0", &img).start();
     let out = client(&agent, &["ls", "-R", "attached", "disk0", "raw", "/"]);
     exits(&out, 1);
