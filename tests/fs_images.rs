@@ -5061,6 +5061,7 @@ fn btrfs_made_from_a_tree_matches_it() {
         &["-L", "tree"][..],
         &["--csum", "xxhash", "-n", "65536"],
         &["--csum", "sha256", "-m", "single"],
+        &["--csum", "blake2", "-d", "dup"],
         // mixed block groups: data and metadata share chunks, 4 KiB nodes
         &["-M", "-n", "4096"],
     ] {
@@ -5085,17 +5086,19 @@ fn btrfs_made_from_a_tree_matches_it() {
             assert_eq!(v[0].label.as_deref(), Some("tree"));
         }
     }
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(400 << 20)
-        .unwrap();
-    run(Command::new("mkfs.btrfs")
-        .args(["-q", "-f", "--csum", "blake2"])
-        .arg(&img));
-    let v = list_volumes(disk(&img)).unwrap();
+    // a checksum type this reader does not know
+    let mut d = Patched::new(&Arc::new(std::fs::read(&img).unwrap()));
+    d.block(0x10000, 4096)[196] = 9;
+    let v = list_volumes(Arc::new(d)).unwrap();
     assert_eq!(v[0].fs, Some("btrfs"));
     assert!(!v[0].supported);
-    assert!(v[0].reason.as_deref().unwrap().contains("BLAKE2b"), "{v:?}");
+    assert!(
+        v[0].reason
+            .as_deref()
+            .unwrap()
+            .contains("unknown checksum type 9"),
+        "{v:?}"
+    );
 }
 
 /// A btrfs written by the kernel: subvolumes, a nested one, snapshots
@@ -5267,34 +5270,40 @@ fn btrfs_damaged_images_give_clear_errors() {
     let src = dir.path().join("src");
     make_plain(&src, true);
     make_unix(&src, false);
-    let img = dir.path().join("btrfs.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(160 << 20)
-        .unwrap();
-    run(Command::new("mkfs.btrfs")
-        .args(["-q", "-f", "-m", "single", "--rootdir"])
-        .arg(&src)
-        .arg(&img));
-    let clean = Arc::new(std::fs::read(&img).unwrap());
-    let fsid = clean[0x10020..0x10030].to_vec();
+    let made = |name: &str, metadata: &str| {
+        let img = dir.path().join(name);
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(160 << 20)
+            .unwrap();
+        run(Command::new("mkfs.btrfs")
+            .args(["-q", "-f", "-m", metadata, "--rootdir"])
+            .arg(&src)
+            .arg(&img));
+        Arc::new(std::fs::read(&img).unwrap())
+    };
+    let clean = made("single.img", "single");
     let node_size = u32::from_le_bytes(clean[0x10094..0x10098].try_into().unwrap()) as usize;
     let sum = |b: &[u8]| !crc32c(!0, &b[32..]);
-    // every tree node: its filesystem's UUID, its own address, its checksum
-    let nodes: Vec<usize> = (0..clean.len() - node_size)
-        .step_by(4096)
-        .filter(|&at| {
-            let b = &clean[at..at + node_size];
-            b[32..48] == fsid[..] && u32::from_le_bytes(b[..4].try_into().unwrap()) == sum(b)
-        })
-        .collect();
+    // every tree node: its filesystem's UUID, its checksum
+    let nodes_of = |img: &[u8]| -> Vec<usize> {
+        let fsid = &img[0x10020..0x10030];
+        (0..img.len() - node_size)
+            .step_by(4096)
+            .filter(|&at| {
+                let b = &img[at..at + node_size];
+                b[32..48] == *fsid && u32::from_le_bytes(b[..4].try_into().unwrap()) == sum(b)
+            })
+            .collect()
+    };
+    let nodes = nodes_of(&clean);
     assert!(nodes.len() > 10, "{} nodes", nodes.len());
     let open = |d: Patched| FsHandle::open(Arc::new(d), "raw");
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
 
-    // the root directory's leaf, damaged without its checksum made right
+    // every node damaged without its checksum made right
     let mut d = Patched::new(&clean);
     for &at in &nodes {
         d.block(at, node_size)[node_size - 1] ^= 0x55;
@@ -5310,6 +5319,34 @@ fn btrfs_damaged_images_give_clear_errors() {
         .as_deref()
         .unwrap()
         .contains("superblock: checksum mismatch"));
+
+    // with two copies of every node (DUP, mkfs.btrfs's default), one whose
+    // checksum fails gives way to the other, as in the kernel
+    let dup = made("dup.img", "dup");
+    let mut copies: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
+    for at in nodes_of(&dup) {
+        let address = u64::from_le_bytes(dup[at + 48..at + 56].try_into().unwrap());
+        copies.entry(address).or_default().push(at);
+    }
+    assert!(copies.values().all(|c| c.len() == 2), "{copies:?}");
+    let mut d = Patched::new(&dup);
+    for (i, c) in copies.values().enumerate() {
+        d.block(c[i % 2], node_size)[node_size - 1] ^= 0x55;
+    }
+    let h = open(d).unwrap();
+    let from = src.clone();
+    let n = rt
+        .block_on(h.run(move |fs| compare_tree(fs, &from, b"/", &Flavor::Unix)))
+        .unwrap();
+    assert_eq!(n, count_source(&src));
+    let mut d = Patched::new(&dup);
+    for c in copies.values() {
+        for &at in c {
+            d.block(at, node_size)[node_size - 1] ^= 0x55;
+        }
+    }
+    let e = open(d).err().expect("no tree can be read");
+    assert_error(&e, ErrorKind::Corrupt, "checksum mismatch");
 
     let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
     let (mut opened, mut listed) = (0, 0);

@@ -23,22 +23,19 @@
 //! is not what its parent says, and never hold more than a bounded cache
 //! of nodes (directories are charged to the listing budget as they are
 //! listed). Not read (refused with 1005): RAID5/6 chunks, extents on
-//! another device of a multi-device filesystem, encrypted extents,
-//! BLAKE2b checksums, the extent tree v2 and the raid
-//! stripe tree. A log tree (writes `fsync`ed after the last commit) is not
+//! another device of a multi-device filesystem, encrypted extents, the
+//! extent tree v2 and the raid stripe tree. A log tree (writes `fsync`ed after the last commit) is not
 //! replayed: the volume's warning says so.
 
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use sha2::Digest as _;
-
 use crate::error::{Error, Result};
 use crate::le::{le16, le32, le64};
 use crate::restore::disk::{read_exact_at, Disk};
+use crate::restore::fs::btrfs_csum::Csum;
 use crate::restore::fs::budget::Charge;
-use crate::restore::fs::ext_raw::crc32c;
 use crate::restore::fs::lzo;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::{Device, EntryType, Extent, Meta};
@@ -140,93 +137,6 @@ impl Key {
     }
 }
 
-/// How metadata blocks are checksummed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Csum {
-    Crc32c,
-    XxHash64,
-    Sha256,
-}
-
-impl Csum {
-    /// The checksum of `data` as btrfs stores it (at most 32 bytes).
-    fn of(self, data: &[u8]) -> Vec<u8> {
-        match self {
-            Csum::Crc32c => (!crc32c(!0, data)).to_le_bytes().to_vec(),
-            Csum::XxHash64 => xxh64(data).to_le_bytes().to_vec(),
-            Csum::Sha256 => sha2::Sha256::digest(data).to_vec(),
-        }
-    }
-
-    /// Whether the block `b` (a superblock or node) carries its checksum
-    /// in its first bytes, over everything after the first 32.
-    fn ok(self, b: &[u8]) -> bool {
-        let sum = self.of(b.get(32..).unwrap_or_default());
-        b.get(..sum.len()) == Some(&sum[..])
-    }
-}
-
-/// XXH64 with seed 0 (btrfs's `xxhash` checksum).
-fn xxh64(data: &[u8]) -> u64 {
-    const P1: u64 = 0x9E37_79B1_85EB_CA87;
-    const P2: u64 = 0xC2B2_AE3D_27D4_EB4F;
-    const P3: u64 = 0x1656_67B1_9E37_79F9;
-    const P4: u64 = 0x85EB_CA77_C2B2_AE63;
-    const P5: u64 = 0x27D4_EB2F_1656_67C5;
-    let round = |acc: u64, lane: u64| {
-        acc.wrapping_add(lane.wrapping_mul(P2))
-            .rotate_left(31)
-            .wrapping_mul(P1)
-    };
-    let merge = |acc: u64, v: u64| (acc ^ round(0, v)).wrapping_mul(P1).wrapping_add(P4);
-    let mut rest = data;
-    let mut h = if data.len() >= 32 {
-        let mut v = [P1.wrapping_add(P2), P2, 0, 0u64.wrapping_sub(P1)];
-        while rest.len() >= 32 {
-            for (i, lane) in v.iter_mut().enumerate() {
-                *lane = round(*lane, le64(rest, i * 8));
-            }
-            rest = &rest[32..];
-        }
-        let mut h = v[0]
-            .rotate_left(1)
-            .wrapping_add(v[1].rotate_left(7))
-            .wrapping_add(v[2].rotate_left(12))
-            .wrapping_add(v[3].rotate_left(18));
-        for lane in v {
-            h = merge(h, lane);
-        }
-        h
-    } else {
-        P5
-    };
-    h = h.wrapping_add(data.len() as u64);
-    while rest.len() >= 8 {
-        h = (h ^ round(0, le64(rest, 0)))
-            .rotate_left(27)
-            .wrapping_mul(P1)
-            .wrapping_add(P4);
-        rest = &rest[8..];
-    }
-    if rest.len() >= 4 {
-        h = (h ^ u64::from(le32(rest, 0)).wrapping_mul(P1))
-            .rotate_left(23)
-            .wrapping_mul(P2)
-            .wrapping_add(P3);
-        rest = &rest[4..];
-    }
-    for &byte in rest {
-        h = (h ^ u64::from(byte).wrapping_mul(P5))
-            .rotate_left(11)
-            .wrapping_mul(P1);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(P2);
-    h ^= h >> 29;
-    h = h.wrapping_mul(P3);
-    h ^ (h >> 32)
-}
-
 /// What the superblock says.
 #[derive(Debug)]
 struct Super {
@@ -256,17 +166,8 @@ fn superblock(disk: &dyn Disk) -> Result<Super> {
     if &b[64..72] != MAGIC {
         return Err(bad("no magic".into()));
     }
-    let csum = match le16(&b, 196) {
-        0 => Csum::Crc32c,
-        1 => Csum::XxHash64,
-        2 => Csum::Sha256,
-        3 => {
-            return Err(Error::unsupported(
-                "btrfs with BLAKE2b checksums is not supported",
-            ))
-        }
-        t => return Err(bad(format!("unknown checksum type {t}"))),
-    };
+    let csum = le16(&b, 196);
+    let csum = Csum::from_type(csum).ok_or_else(|| bad(format!("unknown checksum type {csum}")))?;
     if !csum.ok(&b) {
         return Err(bad("checksum mismatch".into()));
     }
@@ -600,6 +501,13 @@ impl BtrfsBackend {
     /// Where the `len` bytes at logical address `logical` lie on this
     /// volume, as (byte offset, length) pieces in order.
     fn physical(&self, logical: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        self.copy_at(logical, len, 0)
+    }
+
+    /// [`Self::physical`] for the `copy`th copy on this volume of mirrored
+    /// chunks (DUP keeps two copies on one device); past the last one, an
+    /// error.
+    fn copy_at(&self, logical: u64, len: u64, copy: usize) -> Result<Vec<(u64, u64)>> {
         let i = self.chunks.partition_point(|c| c.logical <= logical);
         let chunk = i
             .checked_sub(1)
@@ -630,7 +538,8 @@ impl BtrfsBackend {
                 let &(_, start) = chunk
                     .stripes
                     .iter()
-                    .find(|s| ours(s))
+                    .filter(|s| ours(s))
+                    .nth(copy)
                     .ok_or_else(elsewhere)?;
                 (start.checked_add(off), left)
             } else {
@@ -645,7 +554,11 @@ impl BtrfsBackend {
                     (nr % stripes, nr / stripes, 1)
                 };
                 let copies = &chunk.stripes[set as usize..(set + width) as usize];
-                let &(_, start) = copies.iter().find(|s| ours(s)).ok_or_else(elsewhere)?;
+                let &(_, start) = copies
+                    .iter()
+                    .filter(|s| ours(s))
+                    .nth(copy)
+                    .ok_or_else(elsewhere)?;
                 let at = row
                     .checked_mul(sl)
                     .and_then(|r| r.checked_add(within))
@@ -668,8 +581,14 @@ impl BtrfsBackend {
 
     /// Reads `buf.len()` bytes at logical address `logical`.
     fn read_logical(&self, logical: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_copy(logical, buf, 0)
+    }
+
+    /// Reads `buf.len()` bytes at logical address `logical` from its
+    /// `copy`th copy on this volume.
+    fn read_copy(&self, logical: u64, buf: &mut [u8], copy: usize) -> Result<()> {
         let mut done = 0usize;
-        for (at, n) in self.physical(logical, buf.len() as u64)? {
+        for (at, n) in self.copy_at(logical, buf.len() as u64, copy)? {
             let n = n as usize;
             read_exact_at(&*self.disk, at, &mut buf[done..done + n], &self.what)?;
             done += n;
@@ -685,16 +604,35 @@ impl BtrfsBackend {
             let n = n.clone();
             return self.check_node(logical, &n, level, generation).map(|()| n);
         }
-        let mut b = vec![0u8; self.sb.nodesize as usize];
-        self.read_logical(logical, &mut b)?;
-        if !self.sb.csum.ok(&b) {
-            return Err(self.corrupt(format!("tree node at {logical}: checksum mismatch")));
-        }
-        if le64(&b, 48) != logical || b[32..48] != self.sb.fsid {
-            return Err(self.corrupt(format!("tree node at {logical}: it belongs elsewhere")));
-        }
-        let n = Rc::new(b);
-        self.check_node(logical, &n, level, generation)?;
+        // a copy that fails its checks gives way to the next one (DUP and
+        // RAID1 metadata), as the kernel's reads do
+        let mut first_error = None;
+        let mut copy = 0;
+        let n = loop {
+            let mut b = vec![0u8; self.sb.nodesize as usize];
+            let read = match self.read_copy(logical, &mut b, copy) {
+                Err(e) if copy > 0 => return Err(first_error.unwrap_or(e)),
+                read => read,
+            };
+            let checked = read.and_then(|()| {
+                if !self.sb.csum.ok(&b) {
+                    return Err(self.corrupt(format!("tree node at {logical}: checksum mismatch")));
+                }
+                if le64(&b, 48) != logical || b[32..48] != self.sb.fsid {
+                    return Err(
+                        self.corrupt(format!("tree node at {logical}: it belongs elsewhere"))
+                    );
+                }
+                self.check_node(logical, &b, level, generation)
+            });
+            match checked {
+                Ok(()) => break Rc::new(b),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    copy += 1;
+                }
+            }
+        };
         let keep = (NODE_CACHE_BYTES / self.sb.nodesize as usize).max(8);
         while self.node_order.len() >= keep {
             if let Some(old) = self.node_order.pop_front() {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use crate::error::Result;
 
 pub mod btrfs;
+mod btrfs_csum;
 mod budget;
 mod cp437;
 pub mod ext;
