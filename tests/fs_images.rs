@@ -5141,9 +5141,14 @@ fn btrfs_written_by_the_kernel_reads_as_the_kernel_shows_it() {
         cp --reflink=always mib3.bin reflinked
         dd if=/dev/urandom of=reflinked bs=4096 seek=100 count=3 conv=notrunc status=none
         mkdir devs; mknod devs/tty c 136 7; mknod devs/disk b 259 3
+        touch nocow; chattr +C nocow
         sync
     "#;
     run(Command::new("sh").arg("-c").arg(script).current_dir(&m.mnt));
+    // data with checksums, and data without (chattr +C), to damage last
+    let (marked, nocow) = (noise(77, 300_000), noise(78, 300_000));
+    write(&m.mnt.join("marked"), &marked);
+    write(&m.mnt.join("nocow"), &nocow);
     m.umount();
     run(Command::new("mount")
         .args(["-o", "ro,loop,subvolid=5"])
@@ -5207,6 +5212,43 @@ fn btrfs_written_by_the_kernel_reads_as_the_kernel_shows_it() {
         assert_eq!(std::fs::read_dir(into.join(p)).unwrap().count(), 0, "{p}");
     }
     assert_eq!(read("snap-top/zstd/tiny"), "inline zstd\n");
+
+    // a byte flipped in each marked file's data: where the checksum fails
+    // the read is an error (the kernel's is EIO), never the damaged data;
+    // data without checksums reads as it is, as in the kernel
+    drop(agent);
+    m.umount();
+    let image = std::fs::read(&m.img).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&m.img)
+        .unwrap();
+    for data in [&marked, &nocow] {
+        let at = image
+            .windows(64)
+            .position(|w| w == &data[..64])
+            .expect("the file's data in the image");
+        let at = at + 5000;
+        std::os::unix::fs::FileExt::write_all_at(&file, &[!image[at]], at as u64).unwrap();
+    }
+    drop((file, image));
+    run(Command::new("mount")
+        .args(["-o", "ro,loop"])
+        .arg(&m.img)
+        .arg(&m.mnt));
+    m.mounted = true;
+    assert!(
+        std::fs::read(m.mnt.join("marked")).is_err(),
+        "the kernel's EIO"
+    );
+    let kernel_nocow = std::fs::read(m.mnt.join("nocow")).unwrap();
+    assert_ne!(kernel_nocow, nocow);
+    let (e, ours) = with_fs(&m.img, "raw", |fs| {
+        let e = fs.read(b"/marked", 0, 1 << 20).unwrap_err();
+        (e, read_all(fs, b"/nocow"))
+    });
+    assert_error(&e, ErrorKind::Corrupt, "fails its checksum");
+    assert_eq!(ours, kernel_nocow);
 }
 
 /// An image held in memory with some of its blocks replaced, for tests

@@ -18,9 +18,17 @@
 //! `mount -o subvolid=5` shows them; a subvolume nested in a snapshot reads
 //! as the empty directory the kernel shows there.
 //!
+//! File data is checked against the checksum tree as it is read, as the
+//! kernel does: a sector whose checksum fails makes the read an error (the
+//! kernel's EIO), never data; files without checksums (`chattr +C`) are
+//! read as they are. So such data is never mapped for the API to read
+//! straight from the volume ([`Backend::map_at`] says `None`), and only
+//! its holes are told ([`Backend::layout_at`]).
+//!
 //! Owns: mapping btrfs structures to the [`Backend`] interface. Must never
 //! write, never read a node whose checksum, address, level or generation
-//! is not what its parent says, and never hold more than a bounded cache
+//! is not what its parent says (a node that fails is read from its other
+//! copy where there is one), and never hold more than a bounded cache
 //! of nodes (directories are charged to the listing budget as they are
 //! listed). Not read (refused with 1005): RAID5/6 chunks, extents on
 //! another device of a multi-device filesystem, encrypted extents, the
@@ -61,6 +69,7 @@ const DIR_INDEX: u8 = 96;
 const EXTENT_DATA: u8 = 108;
 const ROOT_ITEM: u8 = 132;
 const ROOT_REF: u8 = 156;
+const EXTENT_CSUM: u8 = 128;
 const CHUNK_ITEM: u8 = 228;
 
 /// Object ids: the top-level subvolume, the chunk items' owner, every
@@ -70,6 +79,13 @@ const FS_TREE: u64 = 5;
 const FIRST_CHUNK_TREE: u64 = 256;
 const ROOT_DIR: u64 = 256;
 const EMPTY_SUBVOL_DIR: u64 = 2;
+/// The tree of data checksums, and the object id of its items (-10).
+const CSUM_TREE: u64 = 7;
+const EXTENT_CSUM_OBJECTID: u64 = 0u64.wrapping_sub(10);
+/// An inode flag: its data has no checksums (`chattr +C`, `nodatasum`).
+const INODE_NODATASUM: u64 = 1;
+/// Bytes of file data read and checked at a time.
+const VERIFY_WINDOW: usize = 1 << 20;
 
 // chunk profile bits
 const RAID0: u64 = 1 << 3;
@@ -333,6 +349,7 @@ struct Inode {
     gid: u32,
     mode: u32,
     rdev: u64,
+    flags: u64,
     mtime: i64,
 }
 
@@ -345,6 +362,7 @@ impl Inode {
             gid: le32(b, 48),
             mode: le32(b, 52),
             rdev: le64(b, 56),
+            flags: le64(b, 64),
             mtime: le64(b, 136) as i64,
         })
     }
@@ -797,6 +815,7 @@ impl BtrfsBackend {
                 gid: 0,
                 mode: 0o040755,
                 rdev: 0,
+                flags: 0,
                 mtime: 0,
             });
         }
@@ -963,8 +982,9 @@ impl BtrfsBackend {
         }
     }
 
-    /// Fills `buf` with the file's bytes from `offset` (within its size).
-    fn read_range(&mut self, node: Node, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Fills `buf` with the file's bytes from `offset` (within its size);
+    /// with `checked`, data whose checksums fail is an error, never data.
+    fn read_range(&mut self, node: Node, checked: bool, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset + buf.len() as u64;
         buf.fill(0);
         for (start, e) in self.extents(node, offset, end)? {
@@ -998,10 +1018,14 @@ impl BtrfsBackend {
                         let logical = disk
                             .checked_add(at)
                             .ok_or_else(|| self.corrupt("an extent past the address space"))?;
-                        self.read_logical(logical, dst)?;
+                        if checked {
+                            self.read_checked(logical, dst)?;
+                        } else {
+                            self.read_logical(logical, dst)?;
+                        }
                         continue;
                     }
-                    let data = self.decoded_extent(compression, disk, disk_len, ram)?;
+                    let data = self.decoded_extent(compression, disk, disk_len, ram, checked)?;
                     let src = data
                         .get(at as usize..at as usize + dst.len())
                         .ok_or_else(|| {
@@ -1025,6 +1049,7 @@ impl BtrfsBackend {
         disk: u64,
         disk_len: u64,
         ram: u64,
+        checked: bool,
     ) -> Result<Rc<Vec<u8>>> {
         if let Some((at, data)) = &self.decoded {
             if *at == disk {
@@ -1038,9 +1063,76 @@ impl BtrfsBackend {
         }
         let mut raw = vec![0u8; disk_len as usize];
         self.read_logical(disk, &mut raw)?;
+        if checked {
+            self.verify(disk, &raw)?;
+        }
         let data = Rc::new(self.decompress(compression, &raw, ram)?);
         self.decoded = Some((disk, data.clone()));
         Ok(data)
+    }
+
+    /// Reads `buf.len()` bytes of file data at logical address `logical`,
+    /// a window of whole sectors at a time, each checked against its
+    /// checksum.
+    fn read_checked(&mut self, logical: u64, buf: &mut [u8]) -> Result<()> {
+        let sector = self.sb.sectorsize;
+        let mut window = Vec::new();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = logical + done as u64;
+            let start = at - at % sector;
+            let n = (buf.len() - done).min(VERIFY_WINDOW);
+            let end = (at + n as u64).div_ceil(sector) * sector;
+            window.resize((end - start) as usize, 0);
+            self.read_logical(start, &mut window)?;
+            self.verify(start, &window)?;
+            let skip = (at - start) as usize;
+            buf[done..done + n].copy_from_slice(&window[skip..skip + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Checks the whole sectors `data` read at logical address `logical`
+    /// against the checksum tree, as the kernel's reads do. A sector the
+    /// tree has no checksum for is taken as it is.
+    fn verify(&mut self, logical: u64, data: &[u8]) -> Result<()> {
+        let (sector, size) = (self.sb.sectorsize, self.sb.csum.size());
+        let end = logical + data.len() as u64;
+        let root = self.tree(CSUM_TREE)?;
+        let csum = self.sb.csum;
+        let mut bad = None;
+        let lo = Key::new(EXTENT_CSUM_OBJECTID, EXTENT_CSUM, logical);
+        let hi = Key::new(EXTENT_CSUM_OBJECTID, EXTENT_CSUM, end - 1);
+        self.scan(root, lo, hi, true, &mut |k, sums| {
+            if k.objectid != EXTENT_CSUM_OBJECTID || k.kind != EXTENT_CSUM {
+                return Ok(true);
+            }
+            for (i, want) in sums.chunks_exact(size).enumerate() {
+                let Some(at) = (i as u64)
+                    .checked_mul(sector)
+                    .and_then(|o| o.checked_add(k.offset))
+                    .filter(|&at| at >= logical && at < end)
+                else {
+                    continue;
+                };
+                let from = (at - logical) as usize;
+                let Some(bytes) = data.get(from..from + sector as usize) else {
+                    continue;
+                };
+                if !csum.matches(bytes, want) {
+                    bad = Some(at);
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })?;
+        match bad {
+            Some(at) => {
+                Err(self.corrupt(format!("the data at logical byte {at} fails its checksum")))
+            }
+            None => Ok(()),
+        }
     }
 
     fn link_target(&mut self, node: Node, ino: &Inode) -> Result<Vec<u8>> {
@@ -1051,7 +1143,7 @@ impl BtrfsBackend {
             )));
         }
         let mut t = vec![0u8; ino.size as usize];
-        self.read_range(node, 0, &mut t)?;
+        self.read_range(node, false, 0, &mut t)?;
         Ok(t)
     }
 }
@@ -1134,13 +1226,22 @@ impl Backend for BtrfsBackend {
     }
 
     fn read_at(&mut self, node: &Node, _path: &[u8], offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let size = self.inode(*node)?.size;
-        let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
-        self.read_range(*node, offset, &mut buf[..n])?;
+        let ino = self.inode(*node)?;
+        let n = ino.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let checked = ino.flags & INODE_NODATASUM == 0;
+        self.read_range(*node, checked, offset, &mut buf[..n])?;
         Ok(n)
     }
 
     fn map_at(&mut self, node: &Node, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
+        // data with checksums is read through `read_at`, which checks them
+        let checked = self.inode(*node)?.flags & INODE_NODATASUM == 0;
+        let map = self.layout_at(node, offset, len)?;
+        let data = |m: &Vec<Extent>| m.iter().any(|e| matches!(e, Extent::Disk { .. }));
+        Ok(map.filter(|m| !(checked && data(m))))
+    }
+
+    fn layout_at(&mut self, node: &Node, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
         let end = offset.saturating_add(len);
         let mut out = Vec::new();
         let mut pos = offset;

@@ -41,6 +41,24 @@ impl Csum {
         }
     }
 
+    /// Bytes of one checksum.
+    pub fn size(self) -> usize {
+        match self {
+            Csum::Crc32c => 4,
+            Csum::XxHash64 => 8,
+            Csum::Sha256 | Csum::Blake2b => 32,
+        }
+    }
+
+    /// Whether `data` has the checksum `want` (as stored, [`Self::size`]
+    /// bytes).
+    pub fn matches(self, data: &[u8], want: &[u8]) -> bool {
+        match self {
+            Csum::Crc32c => want == (!crc32c(!0, data)).to_le_bytes(),
+            _ => want == self.of(data),
+        }
+    }
+
     /// Whether the block `b` (a superblock or node) carries its checksum
     /// in its first bytes, over everything after the first 32.
     pub fn ok(self, b: &[u8]) -> bool {

@@ -153,6 +153,18 @@ pub trait Backend {
     ) -> Result<Option<Vec<Extent>>> {
         Ok(None)
     }
+    /// Which parts of `[offset, offset + len)` of a file hold data and
+    /// which are holes, as [`Backend::map_at`] gives them but also where
+    /// the data must be read through [`Backend::read_at`] (to be checked,
+    /// or decoded): only `Extent::Disk` against `Extent::Zero` counts.
+    fn layout_at(
+        &mut self,
+        node: &Self::Node,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Vec<Extent>>> {
+        self.map_at(node, offset, len)
+    }
     /// What identifies a directory for loop detection, for backends
     /// whose entries carry no inode numbers (FAT); `None` when unknown.
     fn dir_identity(&mut self, _dir: &Self::Node, _path: &[u8]) -> Result<Option<u64>> {
@@ -940,7 +952,8 @@ impl<B: Backend> FileData for WalkData<'_, B> {
         // take more memory than the holes save.
         while pos < self.size {
             let len = MAP_WINDOW.min(self.size - pos);
-            let Some(extents) = guarded(&what, self.abs, || backend.map_at(&last.node, pos, len))?
+            let Some(extents) =
+                guarded(&what, self.abs, || backend.layout_at(&last.node, pos, len))?
             else {
                 return Ok(None);
             };
