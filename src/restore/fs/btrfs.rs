@@ -84,6 +84,10 @@ const CSUM_TREE: u64 = 7;
 const EXTENT_CSUM_OBJECTID: u64 = 0u64.wrapping_sub(10);
 /// An inode flag: its data has no checksums (`chattr +C`, `nodatasum`).
 const INODE_NODATASUM: u64 = 1;
+/// Most extents one range of a file may have: a range is at most 256 MiB
+/// (the tree's map window), 65,536 extents of 4 KiB sectors; more is a
+/// corrupt tree (and would hold megabytes of memory).
+const MAX_RANGE_EXTENTS: usize = 1 << 17;
 /// Bytes of file data read and checked at a time.
 const VERIFY_WINDOW: usize = 1 << 20;
 
@@ -944,8 +948,12 @@ impl BtrfsBackend {
                     return Ok(false);
                 }
             };
+            if out.len() == MAX_RANGE_EXTENTS {
+                bad = Some("more extents in one range than its sectors");
+                return Ok(false);
+            }
             out.push((k.offset, e));
-            Ok(out.len() < 1 << 16)
+            Ok(true)
         })?;
         if let Some(why) = bad {
             let e = self.corrupt(format!("subvolume {} inode {}: {why}", node.tree, node.ino));
