@@ -12,6 +12,7 @@ use crate::error::Result;
 
 pub mod btrfs;
 mod btrfs_csum;
+mod btrfs_tree;
 mod budget;
 mod cp437;
 pub mod ext;
