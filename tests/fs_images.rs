@@ -5393,7 +5393,7 @@ fn btrfs_damaged_images_give_clear_errors() {
     let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
     let (mut opened, mut listed) = (0, 0);
     let ours = panics_in(&["restore/fs/btrfs", "restore/fs/lzo"], || {
-        for round in 0..300 {
+        for round in 0..200 {
             let mut d = Patched::new(&clean);
             for _ in 0..1 + next() % 4 {
                 let at = nodes[(next() % nodes.len() as u64) as usize];
@@ -5474,7 +5474,7 @@ fn panics_in(modules: &'static [&'static str], body: impl FnOnce()) -> Vec<Strin
 }
 
 /// Everything a user can do with an open filesystem, results ignored:
-/// list `dirs`, walk the whole tree reading the first 16 MiB of every file
+/// list `dirs`, walk the whole tree reading the first MiB of every file
 /// (a damaged size can make a file of terabytes, which would read as the
 /// zeros of a sparse file: slow, but right), read and map `files`.
 fn exercise(rt: &tokio::runtime::Runtime, h: &FsHandle, dirs: &[&str], files: &[&str]) {
@@ -5489,7 +5489,7 @@ fn exercise(rt: &tokio::runtime::Runtime, h: &FsHandle, dirs: &[&str], files: &[
         let _ = fs.walk(b"/", None, &mut |_, data| {
             if let Some(data) = data {
                 let mut buf = vec![0u8; 1 << 16];
-                for _ in 0..256 {
+                for _ in 0..16 {
                     if !matches!(data.read(&mut buf), Ok(n) if n > 0) {
                         break;
                     }
