@@ -11,7 +11,8 @@
 //! snapshot reads as the empty directory the kernel shows there.
 //!
 //! File data is checked against the checksum tree as it is read, as the
-//! kernel does: a sector whose checksum fails makes the read an error (the
+//! kernel does: a sector whose checksum fails is read from its next copy
+//! (DUP or RAID1 data), and where none passes the read is an error (the
 //! kernel's EIO), never data; files without checksums (`chattr +C`) are
 //! read as they are. So such data is never mapped for the API to read
 //! straight from the volume ([`Backend::map_at`] says `None`), and only
@@ -489,9 +490,10 @@ impl BtrfsBackend {
             )));
         }
         let mut raw = vec![0u8; disk_len as usize];
-        self.trees.read_logical(disk, &mut raw)?;
         if checked {
-            self.verify(disk, &raw)?;
+            self.read_verified(disk, &mut raw)?;
+        } else {
+            self.trees.read_logical(disk, &mut raw)?;
         }
         let data = Rc::new(self.decompress(compression, &raw, ram)?);
         self.decoded = Some((disk, data.clone()));
@@ -511,13 +513,31 @@ impl BtrfsBackend {
             let n = (buf.len() - done).min(VERIFY_WINDOW);
             let end = (at + n as u64).div_ceil(sector) * sector;
             window.resize((end - start) as usize, 0);
-            self.trees.read_logical(start, &mut window)?;
-            self.verify(start, &window)?;
+            self.read_verified(start, &mut window)?;
             let skip = (at - start) as usize;
             buf[done..done + n].copy_from_slice(&window[skip..skip + n]);
             done += n;
         }
         Ok(())
+    }
+
+    /// Reads the whole sectors at logical address `logical` into `buf`,
+    /// checked against their checksums; where they fail, from the next copy
+    /// that passes (DUP or RAID1 data), as the kernel's reads do.
+    fn read_verified(&mut self, logical: u64, buf: &mut [u8]) -> Result<()> {
+        self.trees.read_logical(logical, buf)?;
+        let Err(failed) = self.verify(logical, buf) else {
+            return Ok(());
+        };
+        for copy in 1.. {
+            if self.trees.read_copy(logical, buf, copy).is_err() {
+                break;
+            }
+            if self.verify(logical, buf).is_ok() {
+                return Ok(());
+            }
+        }
+        Err(failed)
     }
 
     /// Checks the whole sectors `data` read at logical address `logical`

@@ -430,7 +430,7 @@ impl Trees {
 
     /// Reads `buf.len()` bytes at logical address `logical` from its
     /// `copy`th copy on this volume.
-    fn read_copy(&self, logical: u64, buf: &mut [u8], copy: usize) -> Result<()> {
+    pub fn read_copy(&self, logical: u64, buf: &mut [u8], copy: usize) -> Result<()> {
         let mut done = 0usize;
         for (at, n) in self.copy_at(logical, buf.len() as u64, copy)? {
             let n = n as usize;
