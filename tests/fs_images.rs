@@ -5086,6 +5086,26 @@ fn btrfs_made_from_a_tree_matches_it() {
             assert_eq!(v[0].label.as_deref(), Some("tree"));
         }
     }
+    // two devices: with RAID1 each holds a copy of everything; with RAID0
+    // data, part of it lies only on the other, which the warning says
+    let other = dir.path().join("other.img");
+    for (data, warned) in [("raid1", false), ("raid0", true)] {
+        for p in [&img, &other] {
+            std::fs::File::create(p)
+                .unwrap()
+                .set_len(300 << 20)
+                .unwrap();
+        }
+        run(Command::new("mkfs.btrfs")
+            .args(["-q", "-f", "-m", "raid1", "-d", data])
+            .arg(&img)
+            .arg(&other));
+        let v = list_volumes(disk(&img)).unwrap();
+        assert!(v[0].supported, "{v:?}");
+        let says = v[0].warning.as_deref().unwrap_or_default();
+        assert_eq!(says.contains("spans 2 devices"), warned, "{data}: {v:?}");
+    }
+
     // a checksum type this reader does not know
     let mut d = Patched::new(&Arc::new(std::fs::read(&img).unwrap()));
     d.block(0x10000, 4096)[196] = 9;

@@ -73,12 +73,14 @@ const MAX_RAM_BYTES: u64 = 128 << 10;
 const MAX_LINK: u64 = 4095;
 /// What the volume's listing must say of this filesystem besides what it
 /// holds.
-fn warning(sb: &Super) -> Option<String> {
+/// `whole` says whether every chunk has a copy of all its bytes on this
+/// volume's device.
+fn warning(sb: &Super, whole: bool) -> Option<String> {
     let mut w = Vec::new();
-    if sb.num_devices > 1 {
+    if !whole {
         w.push(format!(
-            "this btrfs spans {} devices and this volume is one of them: what lies on the \
-             others cannot be read",
+            "this btrfs spans {} devices and this volume is one of them: files whose data \
+             lies only on the others cannot be read",
             sb.num_devices
         ));
     }
@@ -98,7 +100,12 @@ pub fn probe(disk: Arc<dyn Disk>) -> Probe {
     match superblock(&*disk) {
         Ok(sb) => Probe {
             fs: Some(FsKind::Btrfs),
-            warning: warning(&sb),
+            // (RAID1 keeps a whole copy on each device: then nothing is
+            // missing)
+            warning: warning(
+                &sb,
+                sb.num_devices <= 1 || Trees::open(disk).is_ok_and(|t| t.whole_here()),
+            ),
             label: sb.label,
             uuid: sb.uuid,
             unsupported: None,
@@ -217,7 +224,7 @@ impl BtrfsBackend {
         if top.kind() != EntryType::Dir {
             return Err(b.corrupt("its root is not a directory"));
         }
-        if let Some(w) = warning(&b.trees.sb) {
+        if let Some(w) = warning(&b.trees.sb, b.trees.whole_here()) {
             log::warn!("{w}");
         }
         Ok(b)

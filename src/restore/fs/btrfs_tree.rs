@@ -286,6 +286,26 @@ impl Trees {
         Error::corrupt(format!("{}: corrupt: {what}", self.what))
     }
 
+    /// Whether every chunk has all of its bytes on this device (for
+    /// mirrored chunks, one whole copy): whether a filesystem of several
+    /// devices can be read whole from this one.
+    pub fn whole_here(&self) -> bool {
+        let ours = |s: &(u64, u64)| s.0 == self.sb.devid;
+        self.chunks.iter().all(|c| {
+            if c.profile & (RAID5 | RAID6) != 0 {
+                false
+            } else if c.profile & RAID10 != 0 {
+                c.stripes
+                    .chunks(c.sub_stripes.max(1) as usize)
+                    .all(|set| set.iter().any(ours))
+            } else if c.profile & RAID0 != 0 {
+                c.stripes.iter().all(ours)
+            } else {
+                c.stripes.iter().any(ours)
+            }
+        })
+    }
+
     /// The root tree's root (where the subvolumes' roots are found).
     pub fn root_tree(&self) -> Root {
         (self.sb.root, self.sb.root_level, Some(self.sb.generation))
