@@ -154,9 +154,9 @@ pub trait Backend {
         Ok(None)
     }
     /// Which parts of `[offset, offset + len)` of a file hold data and
-    /// which are holes, as [`Backend::map_at`] gives them but also where
-    /// the data must be read through [`Backend::read_at`] (to be checked,
-    /// or decoded): only `Extent::Disk` against `Extent::Zero` counts.
+    /// which are holes (only `Extent::Disk` against `Extent::Zero` counts,
+    /// not where), also for data that [`Backend::map_at`] does not map
+    /// because it must go through [`Backend::read_at`] to be checked.
     fn layout_at(
         &mut self,
         node: &Self::Node,
