@@ -105,7 +105,8 @@ fn label_of(bytes: &[u8]) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-fn uuid_of(b: &[u8]) -> Option<String> {
+/// A UUID's 16 bytes in their usual text form; `None` when all zero.
+pub(crate) fn uuid_of(b: &[u8]) -> Option<String> {
     if b.len() != 16 || b.iter().all(|&x| x == 0) {
         return None;
     }
@@ -220,7 +221,6 @@ fn probe_ext(disk: &Arc<dyn Disk>, head: &[u8]) -> Probe {
     }
 }
 
-/// The label of a FAT/NTFS-style fixed field, for the fs modules.
 #[cfg(test)]
 mod tests {
     use super::*;

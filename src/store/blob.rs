@@ -152,7 +152,7 @@ fn decode_checked(
     max_size: usize,
 ) -> Result<Vec<u8>> {
     let data = if header.compressed {
-        decompress(&payload, max_size).map_err(|e| {
+        decompress_zstd(&payload, max_size).map_err(|e| {
             Error::corrupt(format!("{}: zstd payload: {}", what(expected), e.message))
         })?
     } else {
@@ -180,7 +180,9 @@ fn decode_checked(
 
 /// Bounded zstd decode into one allocation: the frame's content size when
 /// it records one (and it fits), else `max_size` capacity shrunk afterwards.
-fn decompress(payload: &[u8], max_size: usize) -> Result<Vec<u8>> {
+/// Uses this thread's decompression context, so that a decode of a small
+/// payload (a blob, a btrfs extent) costs no context of its own.
+pub fn decompress_zstd(payload: &[u8], max_size: usize) -> Result<Vec<u8>> {
     let capacity = match zstd::zstd_safe::get_frame_content_size(payload) {
         Ok(Some(n)) => {
             if n > max_size as u64 {

@@ -39,6 +39,7 @@ use crate::restore::fs::lzo;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::{Device, EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
+use crate::store::blob;
 
 // item types
 const INODE_ITEM: u8 = 1;
@@ -403,11 +404,7 @@ impl BtrfsBackend {
                 // the frame is followed by the zeros that pad it to a sector
                 let len = zstd::zstd_safe::find_frame_compressed_size(data)
                     .map_err(|c| bad(zstd::zstd_safe::get_error_name(c).to_string()))?;
-                let mut out = Vec::with_capacity(ram);
-                zstd::bulk::Decompressor::new()
-                    .and_then(|mut d| d.decompress_to_buffer(&data[..len], &mut out))
-                    .map_err(|e| bad(e.to_string()))?;
-                Ok(out)
+                blob::decompress_zstd(&data[..len], ram).map_err(|e| bad(e.message))
             }
             COMPRESS_ZLIB => miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(data, ram)
                 .map_err(|e| bad(format!("{:?}", e.status))),

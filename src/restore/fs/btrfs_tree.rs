@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::le::{le16, le32, le64};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::btrfs_csum::Csum;
+use crate::restore::probe::uuid_of;
 
 /// Where the (primary) superblock lies, and its size.
 const SUPER_AT: u64 = 64 << 10;
@@ -178,17 +179,7 @@ pub(super) fn superblock(disk: &dyn Disk) -> Result<Super> {
         let s = String::from_utf8_lossy(&raw[..end]).into_owned();
         (!s.is_empty()).then_some(s)
     };
-    let uuid = {
-        let h: String = b[32..48].iter().map(|x| format!("{x:02x}")).collect();
-        Some(format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        ))
-    };
+    let uuid = uuid_of(&b[32..48]);
     Ok(Super {
         csum,
         fsid,
