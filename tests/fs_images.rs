@@ -4852,13 +4852,7 @@ fn damage_xfs(img: &Path, places: &[(u64, u64, Option<usize>)], paths: &[&str]) 
         .write(true)
         .open(img)
         .unwrap();
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
     let mut failures = Vec::new();
     let mut errors = 0;
     for round in 0..200 {
@@ -5479,18 +5473,6 @@ fn btrfs_damaged_images_give_clear_errors() {
         opened > 20 && listed > 10,
         "{opened} opened, {listed} listed"
     );
-}
-
-/// A xorshift64 generator from `seed` (not 0): damage that is the same on
-/// every run, so that a failing round can be found again.
-fn xorshift(seed: u64) -> impl FnMut() -> u64 {
-    let mut x = seed;
-    move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    }
 }
 
 /// Runs `body` and returns the panics it raised in source files whose

@@ -587,13 +587,8 @@ fn damaged_metadata_with_good_checksums_never_panics() {
     let mda = 2048 * 512 + 4 * MIB as usize + 4096;
     let le = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap()) as usize;
     let (text, len) = (mda + le(mda + 40), le(mda + 48));
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |n: usize| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x % n as u64) as usize
-    };
+    let mut draw = xorshift(0x2545_f491_4f6c_dd1d);
+    let mut next = move |n: usize| (draw() % n as u64) as usize;
     const BYTES: &[u8] = b"{}[]=\",#-0123456789 \nabcz\\\0";
     let (mut parsed, mut refused) = (0, 0);
     let (text_copy, head_copy) = (
