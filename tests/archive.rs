@@ -136,6 +136,7 @@ fn walk_inner(
         gid: md.gid(),
         mtime: md.mtime(),
         sparse: None,
+        xattrs: Vec::new(),
     };
     if let EntryKind::File { .. } = kind {
         let mut f = std::fs::File::open(path)?;
@@ -571,6 +572,7 @@ fn meta(path: &[u8], kind: EntryKind) -> ArchiveEntry {
         gid: 0,
         mtime: 1_700_000_000,
         sparse: None,
+        xattrs: Vec::new(),
     }
 }
 

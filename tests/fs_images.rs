@@ -775,6 +775,7 @@ fn walk_finds_every_node_and_hardlinks() {
         fs.walk(
             b"/",
             None,
+            false,
             &mut |we: &WalkEntry, data: Option<&mut dyn FileData>| {
                 if let Some(d) = data {
                     let mut h = Sha256::new();
@@ -829,12 +830,12 @@ fn walk_finds_every_node_and_hardlinks() {
     // a single file walks as itself; a subdir with its name as prefix
     let items = with_fs(&im.gpt, "part/1", |fs| {
         let mut v = vec![];
-        fs.walk(b"/a/b/../b", None, &mut |we: &WalkEntry, _| {
+        fs.walk(b"/a/b/../b", None, false, &mut |we: &WalkEntry, _| {
             v.push(String::from_utf8_lossy(&we.path).into_owned());
             Ok(())
         })
         .unwrap();
-        fs.walk(b"/hello.txt", None, &mut |we: &WalkEntry, _| {
+        fs.walk(b"/hello.txt", None, false, &mut |we: &WalkEntry, _| {
             v.push(String::from_utf8_lossy(&we.path).into_owned());
             Ok(())
         })
@@ -861,7 +862,7 @@ fn walk_finds_every_node_and_hardlinks() {
             |p: &[u8], top: &[u8]| p == top || (p.starts_with(top) && p[top.len()] == b'/');
         for (i, after) in order.iter().enumerate() {
             let mut got = vec![];
-            fs.walk(b"/", Some(after), &mut |we: &WalkEntry, _| {
+            fs.walk(b"/", Some(after), false, &mut |we: &WalkEntry, _| {
                 got.push(we.path.clone());
                 Ok(())
             })
@@ -875,7 +876,7 @@ fn walk_finds_every_node_and_hardlinks() {
         }
         // after a name that is not there: from where it would be
         let mut got = vec![];
-        fs.walk(b"/a/b", Some(b"b/c0"), &mut |we: &WalkEntry, _| {
+        fs.walk(b"/a/b", Some(b"b/c0"), false, &mut |we: &WalkEntry, _| {
             got.push(String::from_utf8_lossy(&we.path).into_owned());
             Ok(())
         })
@@ -932,10 +933,10 @@ fn hostile_images_give_clear_errors() {
         assert_eq!(read_all(fs, b"/hello.txt"), b"hello, world\n");
         // a walk fails at the directory, naming it; resumed after it, the
         // walk goes on with what follows it
-        let e = fs.walk(b"/", None, &mut |_, _| Ok(())).unwrap_err();
+        let e = fs.walk(b"/", None, false, &mut |_, _| Ok(())).unwrap_err();
         assert_eq!(e.member.as_deref(), Some(b"a/b".as_slice()), "{e:?}");
         let mut after = vec![];
-        fs.walk(b"/", Some(b"a/b"), &mut |we: &WalkEntry, _| {
+        fs.walk(b"/", Some(b"a/b"), false, &mut |we: &WalkEntry, _| {
             after.push(we.path.clone());
             Ok(())
         })
@@ -962,17 +963,22 @@ fn hostile_images_give_clear_errors() {
         assert!(entries.iter().any(|e| e.name == "c" && e.error.is_none()));
         let e = fs.stat(b"/a/b/mid.txt", false).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
-        let e = fs.walk(b"/", None, &mut |_, _| Ok(())).unwrap_err();
+        let e = fs.walk(b"/", None, false, &mut |_, _| Ok(())).unwrap_err();
         assert_eq!(
             e.member.as_deref(),
             Some(b"a/b/mid.txt".as_slice()),
             "{e:?}"
         );
         let mut after = vec![];
-        fs.walk(b"/", e.member.as_deref(), &mut |we: &WalkEntry, _| {
-            after.push(we.path.clone());
-            Ok(())
-        })
+        fs.walk(
+            b"/",
+            e.member.as_deref(),
+            false,
+            &mut |we: &WalkEntry, _| {
+                after.push(we.path.clone());
+                Ok(())
+            },
+        )
         .unwrap();
         assert!(after.contains(&b"hello.txt".to_vec()), "{after:?}");
     });
@@ -1040,7 +1046,7 @@ fn hostile_images_give_clear_errors() {
             let r = rt.block_on(h.run(|fs| {
                 let _ = fs.list(b"/", None, 100);
                 let _ = fs.read(b"/hello.txt", 0, 100);
-                let _ = fs.walk(b"/", None, &mut |_, d| {
+                let _ = fs.walk(b"/", None, false, &mut |_, d| {
                     if let Some(d) = d {
                         let mut b = [0u8; 4096];
                         let _ = d.read(&mut b);
@@ -1860,7 +1866,7 @@ fn fat_directory_loops_are_corrupt() {
 
     let (walked, listed, looped) = with_fs(&parent_loop_img, "raw", |fs| {
         let mut n = 0;
-        let walked = fs.walk(b"/", None, &mut |_, _| {
+        let walked = fs.walk(b"/", None, false, &mut |_, _| {
             n += 1;
             Ok(())
         });
@@ -1877,7 +1883,7 @@ fn fat_directory_loops_are_corrupt() {
 
     let (listed, walked) = with_fs(&chain_loop_img, "raw", |fs| {
         let listed = fs.list(b"/D", None, 100).map(|l| l.0.len());
-        (listed, fs.walk(b"/", None, &mut |_, _| Ok(())))
+        (listed, fs.walk(b"/", None, false, &mut |_, _| Ok(())))
     });
     for e in [listed.expect_err("listed"), walked.expect_err("walked")] {
         assert_error(&e, ErrorKind::Corrupt, "more than 65536 directory entries");
@@ -1886,7 +1892,7 @@ fn fat_directory_loops_are_corrupt() {
     let (listed, walked) = within(Duration::from_secs(60), move || {
         with_fs(&deleted_loop_img, "raw", |fs| {
             let listed = fs.list(b"/D", None, 100).map(|l| l.0.len());
-            (listed, fs.walk(b"/", None, &mut |_, _| Ok(())))
+            (listed, fs.walk(b"/", None, false, &mut |_, _| Ok(())))
         })
     });
     for e in [listed.expect_err("listed"), walked.expect_err("walked")] {
@@ -2267,7 +2273,7 @@ fn ntfs_sparse_runs_map_as_holes() {
     let (map, regions, read) = with_fs(&img, "raw", move |fs| {
         let map = fs.map(b"/s.bin", 0, 4 << 20).unwrap().expect("a map");
         let mut regions = None;
-        fs.walk(b"/s.bin", None, &mut |_, data| {
+        fs.walk(b"/s.bin", None, false, &mut |_, data| {
             regions = data.expect("file data").data_regions(1 << 20, 16)?;
             Ok(())
         })
@@ -2665,7 +2671,7 @@ fn ntfs_links_are_symlinks() {
         assert_error(&e, ErrorKind::Unsupported, "reparse points");
         // a walk gives them as symlinks, not as what they point at
         let mut walked = Vec::new();
-        fs.walk(b"/", None, &mut |w: &WalkEntry, _| {
+        fs.walk(b"/", None, false, &mut |w: &WalkEntry, _| {
             walked.push((w.path.clone(), w.link_target.clone()));
             Ok(())
         })
@@ -3286,7 +3292,7 @@ fn sizes_past_the_block_map_are_corrupt() {
             assert_eq!(e.kind, ErrorKind::Corrupt, "{e:?}");
             let want = format!("size {size} is more than its block map can address ({most} bytes)");
             assert!(e.message.contains(&want), "{}", e.message);
-            let walked = fs.walk(b"/d", None, &mut |_, data| {
+            let walked = fs.walk(b"/d", None, false, &mut |_, data| {
                 if let Some(data) = data {
                     let mut buf = vec![0u8; 1 << 16];
                     while data.read(&mut buf)? > 0 {}
@@ -3438,7 +3444,7 @@ fn zero_length_extents_are_corrupt_and_names_with_nul_are_left_out() {
             .map(|e| e.name)
             .collect();
         let mut walked = Vec::new();
-        let done = fs.walk(b"/d", None, &mut |e, _| {
+        let done = fs.walk(b"/d", None, false, &mut |e, _| {
             walked.push(String::from_utf8_lossy(&e.path).into_owned());
             Ok(())
         });
@@ -4889,7 +4895,7 @@ fn damage_xfs(img: &Path, places: &[(u64, u64, Option<usize>)], paths: &[&str]) 
                     }
                     // (damage can make a size of exabytes: a legal sparse
                     // file, read here only to its first MiB)
-                    let walked = fs.walk(b"/", None, &mut |_, data| {
+                    let walked = fs.walk(b"/", None, false, &mut |_, data| {
                         if let Some(data) = data {
                             let mut buf = vec![0u8; 1 << 16];
                             for _ in 0..16 {
@@ -5507,7 +5513,7 @@ fn exercise(rt: &tokio::runtime::Runtime, h: &FsHandle, dirs: &[&str], files: &[
         for d in &dirs {
             let _ = fs.list(d.as_bytes(), None, 1000);
         }
-        let _ = fs.walk(b"/", None, &mut |_, data| {
+        let _ = fs.walk(b"/", None, false, &mut |_, data| {
             if let Some(data) = data {
                 let mut buf = vec![0u8; 1 << 16];
                 for _ in 0..16 {

@@ -16,7 +16,7 @@ use crate::restore::archive::{
 };
 use crate::restore::disk::Layout;
 use crate::restore::fs::{
-    Device, Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry,
+    Device, Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry, Xattr,
 };
 use crate::restore::volume::list_backup_volumes;
 use crate::rpc::codes::{app_error, internal, invalid_params};
@@ -121,6 +121,49 @@ struct ListExtra {
 struct StatExtra {
     #[serde(default)]
     follow: bool,
+    /// whether the answer lists the node's extended attributes
+    #[serde(default)]
+    xattrs: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `fs.stat`'s answer: the entry, and its extended attributes when asked.
+#[derive(Clone, Serialize)]
+struct StatAnswer {
+    #[serde(flatten)]
+    entry: Entry,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    xattrs: Option<Vec<XattrJson>>,
+}
+
+/// One extended attribute in JSON: its name as text (and as base64 when it
+/// is not UTF-8), its value as base64.
+#[derive(Clone, Serialize)]
+struct XattrJson {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name_b64: Option<String>,
+    value: String,
+}
+
+impl XattrJson {
+    fn new(x: &Xattr) -> XattrJson {
+        let (name, name_b64) = match std::str::from_utf8(&x.name) {
+            Ok(s) => (s.to_string(), None),
+            Err(_) => (
+                String::from_utf8_lossy(&x.name).into_owned(),
+                Some(base64_simd::STANDARD.encode_to_string(&x.name)),
+            ),
+        };
+        XattrJson {
+            name,
+            name_b64,
+            value: base64_simd::STANDARD.encode_to_string(&x.value),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -136,6 +179,9 @@ struct ExtractExtra {
     format: String,
     #[serde(default)]
     zstd: bool,
+    /// whether tar members carry their extended attributes
+    #[serde(default = "yes")]
+    xattrs: bool,
     /// the `resume` token of a failed stream's error: only the members
     /// after the one that failed
     #[serde(default)]
@@ -179,10 +225,23 @@ pub(super) fn register(module: &mut RpcModule<Arc<Agent>>) {
     );
     must(
         module.register_async_method("fs.stat", |params, agent, _| async move {
-            let (t, x): (Target, StatExtra) = parse(&params, &["follow"])?;
+            let (t, x): (Target, StatExtra) = parse(&params, &["follow", "xattrs"])?;
             let path = t.path()?;
             let fs = t.filesystem(&agent).await?;
-            on_fs(&fs, move |fs| fs.stat(&path, x.follow)).await
+            on_fs(&fs, move |fs| {
+                let entry = fs.stat(&path, x.follow)?;
+                let xattrs = match x.xattrs {
+                    true => Some(
+                        fs.xattrs(&path, x.follow)?
+                            .iter()
+                            .map(XattrJson::new)
+                            .collect(),
+                    ),
+                    false => None,
+                };
+                Ok(StatAnswer { entry, xattrs })
+            })
+            .await
         }),
     );
     must(
@@ -375,7 +434,7 @@ async fn fs_extract(
     params: Params<'static>,
     conn: ConnectionId,
 ) -> Result<RawResult, ErrorObjectOwned> {
-    let (t, x): (Target, ExtractExtra) = parse(&params, &["format", "zstd", "resume"])?;
+    let (t, x): (Target, ExtractExtra) = parse(&params, &["format", "zstd", "xattrs", "resume"])?;
     let after = match &x.resume {
         None => None,
         Some(token) => Some(
@@ -416,7 +475,10 @@ async fn fs_extract(
         .insert(conn, reader, agent.shared.hold_watchdog(), producer.clone())?;
     tokio::spawn(async move {
         let _ = fs
-            .run(move |fs| produce(fs, &path, after.as_deref(), format, x.zstd, writer))
+            .run(move |fs| {
+                let xattrs = x.xattrs && format == Format::Tar;
+                produce(fs, &path, after.as_deref(), format, x.zstd, xattrs, writer)
+            })
             .await;
         // the filesystem's thread ends once its last handle is gone
         drop(fs);
@@ -459,12 +521,13 @@ fn produce(
     after: Option<&[u8]>,
     format: Format,
     zstd: bool,
+    xattrs: bool,
     out: StreamWriter,
 ) {
     let closer = out.closer();
     let result = (|| {
         let mut archive = new_stream_writer(format, zstd, out)?;
-        fs.walk(path, after, &mut |we, data| {
+        fs.walk(path, after, xattrs, &mut |we, data| {
             let Some(mut entry) = archive_entry(we, format) else {
                 return Ok(());
             };
@@ -508,6 +571,7 @@ fn produce(
 /// hold (sockets).
 fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
     let e = &we.entry;
+    let kind_is_link = we.hardlink_to.is_some() && format.supports_hardlinks();
     let kind = match (&we.hardlink_to, e.kind) {
         (Some(first), _) if format.supports_hardlinks() => EntryKind::Hardlink {
             target: first.clone(),
@@ -536,6 +600,15 @@ fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
         gid: e.gid,
         mtime: e.mtime,
         sparse: None,
+        // a hard link's inode got them with its first name
+        xattrs: match kind_is_link {
+            true => Vec::new(),
+            false => we
+                .xattrs
+                .iter()
+                .map(|x| (x.name.clone(), x.value.clone()))
+                .collect(),
+        },
     })
 }
 

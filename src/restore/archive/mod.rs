@@ -46,6 +46,10 @@ pub struct ArchiveEntry {
     /// length)` in order, the rest being holes; `data` then yields the
     /// regions' bytes one after another.
     pub sparse: Option<Vec<(u64, u64)>>,
+    /// Extended attributes `(name, value)` as Linux names them (tar only,
+    /// as pax `SCHILY.xattr.NAME` records, the form GNU tar and bsdtar
+    /// read); zip has no place for them.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

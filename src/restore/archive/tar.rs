@@ -71,6 +71,7 @@ impl TarWriter {
                 size: map.len() as u64 + stored,
             },
             sparse: None,
+            xattrs: Vec::new(),
             ..entry.clone()
         };
         let (header, mut pax) = build_header(&condensed);
@@ -184,7 +185,8 @@ fn put_number(
 
 /// Appends one pax record "LEN KEY=VALUE\n"; LEN counts the whole record,
 /// its own digits included.
-fn pax_record(pax: &mut Vec<u8>, key: &str, value: &[u8]) {
+fn pax_record(pax: &mut Vec<u8>, key: impl AsRef<[u8]>, value: &[u8]) {
+    let key = key.as_ref();
     let rest = 1 + key.len() + 1 + value.len() + 1;
     let mut len = rest + 1;
     while len.to_string().len() + rest != len {
@@ -192,7 +194,7 @@ fn pax_record(pax: &mut Vec<u8>, key: &str, value: &[u8]) {
     }
     pax.extend_from_slice(len.to_string().as_bytes());
     pax.push(b' ');
-    pax.extend_from_slice(key.as_bytes());
+    pax.extend_from_slice(key);
     pax.push(b'=');
     pax.extend_from_slice(value);
     pax.push(b'\n');
@@ -276,10 +278,21 @@ fn build_header(entry: &ArchiveEntry) -> ([u8; BLOCK], Vec<u8>) {
             }
         }
     }
+    for (name, value) in &entry.xattrs {
+        // A pax key ends at its '=': a name holding one cannot be written
+        // so that any reader takes it back whole.
+        if !name.is_empty() && !name.contains(&b'=') && !name.contains(&0) {
+            pax_record(&mut pax, &[XATTR_KEY, name].concat(), value);
+        }
+    }
     put(&mut block, field::MAGIC, b"ustar\x0000");
     set_checksum(&mut block);
     (block, pax)
 }
+
+/// The pax key prefix of extended attributes (star's, which GNU tar and
+/// bsdtar read).
+const XATTR_KEY: &[u8] = b"SCHILY.xattr.";
 
 /// The 'x' header announcing `len` bytes of pax records for member `path`.
 fn pax_header_block(path: &[u8], len: u64) -> [u8; BLOCK] {
@@ -331,6 +344,7 @@ mod tests {
             gid: 1000,
             mtime: 1_700_000_000,
             sparse: None,
+            xattrs: Vec::new(),
         }
     }
 

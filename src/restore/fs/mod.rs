@@ -27,6 +27,7 @@ pub mod ntfs;
 mod ntfs_link;
 mod tree;
 mod wof;
+mod xattr;
 pub mod xfs;
 mod xfs_log;
 mod xfs_replay;
@@ -35,6 +36,7 @@ mod xpress;
 pub(crate) use budget::Charge;
 pub use budget::{listing_limit, set_listing_limit};
 pub use handle::FsHandle;
+pub use xattr::Xattr;
 
 /// The type of a directory entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -207,6 +209,9 @@ pub struct WalkEntry {
     /// For a non-directory whose inode was already met in this walk: the
     /// relative path it was first met at (emit a hardlink to it).
     pub hardlink_to: Option<Vec<u8>>,
+    /// Its extended attributes, sorted by name, when the walk was asked for
+    /// them (empty otherwise).
+    pub xattrs: Vec<Xattr>,
 }
 
 /// Sequential reader of one file's data during a walk.
@@ -270,6 +275,9 @@ pub trait Filesystem {
     ) -> Result<(Vec<Entry>, Option<String>)>;
     /// The entry at `path`; a final symlink is followed when `follow`.
     fn stat(&mut self, path: &[u8], follow: bool) -> Result<Entry>;
+    /// The extended attributes of the node at `path`, sorted by name (see
+    /// [`Xattr`]); empty where the filesystem has none.
+    fn xattrs(&mut self, path: &[u8], follow: bool) -> Result<Vec<Xattr>>;
     /// Up to `len` bytes of the file at `path` from `offset`, and whether
     /// the end of the file was reached.
     fn read(&mut self, path: &[u8], offset: u64, len: usize) -> Result<(Vec<u8>, bool)>;
@@ -283,12 +291,14 @@ pub trait Filesystem {
     /// extraction; see [`WalkEntry`] and [`WalkVisitor`]. With `after` (a
     /// [`WalkEntry::path`]) only the nodes that come after that one and
     /// its subtree are visited: a walk that failed at a node goes on past
-    /// it. A node that fails (its listing, a loop) fails the walk with an
-    /// error naming it as its [`Error::member`](crate::error::Error).
+    /// it. With `xattrs`, each node comes with its extended attributes. A
+    /// node that fails (its listing, its attributes, a loop) fails the walk
+    /// with an error naming it as its [`Error::member`](crate::error::Error).
     fn walk(
         &mut self,
         path: &[u8],
         after: Option<&[u8]>,
+        xattrs: bool,
         visit: &mut WalkVisitor<'_>,
     ) -> Result<()>;
 }

@@ -17,7 +17,7 @@ use std::rc::Rc;
 use crate::error::{Error, ErrorKind, Result};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::{
-    Entry, EntryType, Extent, FileData, FileMap, Filesystem, Meta, WalkEntry, WalkVisitor,
+    Entry, EntryType, Extent, FileData, FileMap, Filesystem, Meta, WalkEntry, WalkVisitor, Xattr,
 };
 
 /// Most symlinks followed while resolving one path.
@@ -177,6 +177,12 @@ pub trait Backend {
     /// same (btrfs's placeholders for unlinked subvolumes, all number 2).
     fn inode_scope(&self, _node: &Self::Node) -> Option<u64> {
         Some(0)
+    }
+    /// The extended attributes of a node, in any order, as Linux names
+    /// them (see [`Xattr`]), collected within the bounds of
+    /// [`XattrList`](crate::restore::fs::xattr::XattrList); none by default.
+    fn xattrs(&mut self, _node: &Self::Node, _path: &[u8]) -> Result<Vec<Xattr>> {
+        Ok(Vec::new())
     }
     /// Names this filesystem in error messages.
     fn what(&self) -> &str;
@@ -554,6 +560,16 @@ impl<B: Backend> Tree<B> {
         Ok(Some((r, size, want)))
     }
 
+    /// A node's extended attributes, sorted by name, each name once.
+    fn node_xattrs(&mut self, node: &Child<B::Node>, path: &[u8]) -> Result<Vec<Xattr>> {
+        let what = self.backend.what().to_string();
+        let backend = &mut self.backend;
+        let mut list = guarded(&what, path, || backend.xattrs(&node.node, path))?;
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list.dedup_by(|a, b| a.name == b.name);
+        Ok(list)
+    }
+
     fn read_node(&mut self, r: &Resolved<B::Node>, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let what = self.backend.what().to_string();
         let path = r.path();
@@ -637,6 +653,11 @@ impl<B: Backend> Filesystem for Tree<B> {
         Ok(self.resolve(path, follow)?.last().entry())
     }
 
+    fn xattrs(&mut self, path: &[u8], follow: bool) -> Result<Vec<Xattr>> {
+        let r = self.resolve(path, follow)?;
+        self.node_xattrs(r.last(), &r.path())
+    }
+
     fn read(&mut self, path: &[u8], offset: u64, len: usize) -> Result<(Vec<u8>, bool)> {
         let Some((r, size, want)) = self.file_range(path, offset, len)? else {
             return Ok((Vec::new(), true));
@@ -694,6 +715,7 @@ impl<B: Backend> Filesystem for Tree<B> {
         &mut self,
         path: &[u8],
         after: Option<&[u8]>,
+        xattrs: bool,
         visit: &mut WalkVisitor<'_>,
     ) -> Result<()> {
         let r = self.resolve(path, false)?;
@@ -701,6 +723,7 @@ impl<B: Backend> Filesystem for Tree<B> {
         let mut walk = Walk {
             path,
             after: after.map(|a| a.split(|&b| b == b'/').map(<[u8]>::to_vec).collect()),
+            xattrs,
             visit,
             hardlinks: HashMap::new(),
             hardlink_bytes: 0,
@@ -751,6 +774,8 @@ struct Walk<'p, 'v, 'w> {
     /// the components of the node a resumed walk goes on after, until a
     /// node past it is met
     after: Option<Vec<Vec<u8>>>,
+    /// whether nodes come with their extended attributes
+    xattrs: bool,
     visit: &'v mut WalkVisitor<'w>,
     /// identity of a file with several links -> where it was first met
     hardlinks: HashMap<Identity, Vec<u8>>,
@@ -813,11 +838,16 @@ impl Walk<'_, '_, '_> {
             }
         }
         if emit && !rel.is_empty() {
+            let xattrs = match self.xattrs {
+                true => tree.node_xattrs(node, abs).map_err(|e| e.at_member(rel))?,
+                false => Vec::new(),
+            };
             let we = WalkEntry {
                 path: rel.to_vec(),
                 entry: node.entry(),
                 link_target: node.link.clone(),
                 hardlink_to,
+                xattrs,
             };
             // Hardlinks get their data too: formats without hardlinks
             // (zip) store the file again.
