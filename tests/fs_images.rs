@@ -5025,6 +5025,210 @@ fn xfs_v5_damage_with_good_checksums_never_panics() {
     );
 }
 
+/// The extended attributes of `path` (symlinks not followed), as the
+/// kernel lists them: (name, value), sorted by name.
+fn kernel_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 1 << 16];
+    // SAFETY: `c` is NUL-terminated and `names` is valid for its length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "llistxattr {}", path.display());
+    names.truncate(n as usize);
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = std::ffi::CString::new(name).unwrap();
+        let mut value = vec![0u8; 1 << 16];
+        // SAFETY: both strings are NUL-terminated, `value` is valid for its length.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert!(n >= 0, "lgetxattr {} {cname:?}", path.display());
+        value.truncate(n as usize);
+        out.push((name.to_vec(), value));
+    }
+    out.sort();
+    out
+}
+
+/// A tree whose nodes carry the extended attributes a system has: user
+/// ones (text, binary, empty), trusted and security ones (a file
+/// capability), POSIX ACLs (a file's, a directory's access and default
+/// ones), and more than an inode holds. Returns the paths to compare.
+fn make_xattr_tree(root: &Path) -> Vec<&'static str> {
+    for d in ["d", "d/sub", "many"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for f in ["plain", "f", "acl", "d/sub/cap", "many/f", "nothing"] {
+        write(&root.join(f), f.as_bytes());
+    }
+    std::os::unix::fs::symlink("f", root.join("link")).unwrap();
+    let f = root.join("f");
+    set_xattr(&f, c"user.comment", b"hello").unwrap();
+    set_xattr(&f, c"user.binary", &[0, 1, 2, 255, b'=', b'\n']).unwrap();
+    set_xattr(&f, c"user.empty", b"").unwrap();
+    set_xattr(&f, c"trusted.note", b"t").unwrap();
+    // a v2 file capability: cap_net_raw permitted and effective
+    let cap = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    set_xattr(&root.join("d/sub/cap"), c"security.capability", &cap).unwrap();
+    run(Command::new("setfacl")
+        .args(["-m", "u:1000:r,g:50:rw"])
+        .arg(root.join("acl")));
+    run(Command::new("setfacl")
+        .args(["-m", "u:1000:rwx", "-d", "-m", "g:50:rx"])
+        .arg(root.join("d")));
+    for i in 0..40 {
+        let name = std::ffi::CString::new(format!("user.attribute-{i:02}")).unwrap();
+        set_xattr(&root.join("many/f"), &name, &[b'a' + i as u8; 60]).unwrap();
+    }
+    vec![
+        "/plain",
+        "/f",
+        "/acl",
+        "/d",
+        "/d/sub",
+        "/d/sub/cap",
+        "/many",
+        "/many/f",
+        "/nothing",
+        "/link",
+    ]
+}
+
+/// Checks that the volume's attributes of every path are what the kernel
+/// listed for the same path under `kernel`.
+fn compare_xattrs(img: &Path, kernel: &Path, paths: &[&str], what: &str) {
+    let want: Vec<_> = paths
+        .iter()
+        .map(|p| kernel_xattrs(&kernel.join(&p[1..])))
+        .collect();
+    assert!(
+        want.iter().any(|w| w.len() > 30),
+        "{what}: a node with many"
+    );
+    let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+    let got = with_fs(img, "raw", move |fs| {
+        paths
+            .iter()
+            .map(|p| {
+                let x = fs
+                    .xattrs(p.as_bytes(), false)
+                    .unwrap_or_else(|e| panic!("{p}: {e}"));
+                x.into_iter().map(|x| (x.name, x.value)).collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+    });
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "{what}: node {i}");
+    }
+}
+
+/// ext4 and btrfs keep extended attributes in the inode, in an attribute
+/// block or item, in an inode of their own (ext4's ea_inode), with ACLs in
+/// ext4's own form: each reads as the kernel lists it, whether the image
+/// was made by `mkfs -d`/`--rootdir` or written by the kernel. A damaged
+/// attribute block is an error, not attributes.
+#[test]
+fn extended_attributes_read_as_the_kernel_lists_them() {
+    if !have_tools() || !have_btrfs_progs() {
+        return;
+    }
+    let dir = common::shm_tempdir();
+    let src = dir.path().join("src");
+    let paths = make_xattr_tree(&src);
+    // made from the tree by the tools, no mount
+    let img = dir.path().join("made.img");
+    mkimg_ext(&src, &img, &["-t", "ext4", "-I", "256", "-b", "4096"], 32);
+    compare_xattrs(&img, &src, &paths, "mke2fs -d");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(200 << 20)
+        .unwrap();
+    run(Command::new("mkfs.btrfs")
+        .args(["-q", "-f", "--rootdir"])
+        .arg(&src)
+        .arg(&img));
+    compare_xattrs(&img, &src, &paths, "mkfs.btrfs --rootdir");
+
+    // written by the kernel, with a value of 60 KiB where ext4 can hold one
+    for (mkfs, args, big) in [
+        (
+            "mkfs.ext4",
+            &["-q", "-b", "4096", "-O", "ea_inode"][..],
+            60 << 10,
+        ),
+        // 1 KiB blocks, no room in 128-byte inodes: all in the block
+        (
+            "mkfs.ext4",
+            &["-q", "-O", "^metadata_csum", "-I", "128"][..],
+            700,
+        ),
+        ("mkfs.btrfs", &["-q"][..], 3000),
+    ] {
+        let sub = tempfile::tempdir_in(dir.path()).unwrap();
+        let Some(mut m) = mounted(sub.path(), mkfs, args, 128 << 20) else {
+            return;
+        };
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", src.display()))
+            .arg(&m.mnt));
+        set_xattr(&m.mnt.join("plain"), c"user.big", &noise(7, big)).unwrap();
+        let mut paths = paths.clone();
+        paths.push("/");
+        let kernel_view: Vec<_> = paths
+            .iter()
+            .map(|p| kernel_xattrs(&m.mnt.join(&p[1..])))
+            .collect();
+        assert!(kernel_view[0].iter().any(|(_, v)| v.len() == big));
+        // the kernel's view, taken while mounted, is what the image must show
+        m.umount();
+        let what = format!("{mkfs} {args:?}, kernel");
+        let names: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let img = m.img.clone();
+        let got = with_fs(&img, "raw", move |fs| {
+            names
+                .iter()
+                .map(|p| {
+                    let x = fs.xattrs(p.as_bytes(), false).unwrap();
+                    x.into_iter().map(|x| (x.name, x.value)).collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(got, kernel_view, "{what}");
+    }
+
+    // a flipped byte in the attribute block of /many/f (ext4 keeps its
+    // crc32c): an error naming the inode, never other attributes
+    let img = dir.path().join("made.img");
+    mkimg_ext(&src, &img, &["-t", "ext4", "-I", "256", "-b", "4096"], 32);
+    let out = debugfs(&img, false, "stat /many/f");
+    let acl_block: u64 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("File ACL: "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no attribute block in {out}"));
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[(acl_block * 4096 + 200) as usize] ^= 0x40;
+    std::fs::write(&img, &bytes).unwrap();
+    let e = with_fs(&img, "raw", |fs| fs.xattrs(b"/many/f", false).unwrap_err());
+    assert_error(
+        &e,
+        ErrorKind::Corrupt,
+        "checksum mismatch in attribute block",
+    );
+    // the rest of the volume reads on
+    let ok = with_fs(&img, "raw", |fs| fs.xattrs(b"/f", false).map(|x| x.len()));
+    assert_eq!(ok.unwrap(), 4);
+}
+
 /// Whether btrfs-progs is here; without it the btrfs tests skip, unless
 /// RESTORE_AGENT_REQUIRE_XFS=1 (CI), which makes that a failure.
 fn have_btrfs_progs() -> bool {

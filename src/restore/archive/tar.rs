@@ -282,7 +282,7 @@ fn build_header(entry: &ArchiveEntry) -> ([u8; BLOCK], Vec<u8>) {
         // A pax key ends at its '=': a name holding one cannot be written
         // so that any reader takes it back whole.
         if !name.is_empty() && !name.contains(&b'=') && !name.contains(&0) {
-            pax_record(&mut pax, &[XATTR_KEY, name].concat(), value);
+            pax_record(&mut pax, [XATTR_KEY, name].concat(), value);
         }
     }
     put(&mut block, field::MAGIC, b"ustar\x0000");

@@ -37,13 +37,20 @@ use crate::restore::fs::btrfs_tree::{superblock, Key, Super, Trees, ROOT_ITEM};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::lzo;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
-use crate::restore::fs::{Device, EntryType, Extent, Meta};
+use crate::restore::fs::xattr::XattrList;
+use crate::restore::fs::{Device, EntryType, Extent, Meta, Xattr};
 use crate::restore::probe::{FsKind, Probe};
 use crate::store::blob;
 
 // item types
 const INODE_ITEM: u8 = 1;
 const DIR_INDEX: u8 = 96;
+/// An inode's extended attributes, keyed by the hash of their names; names
+/// whose hashes collide share one item.
+const XATTR_ITEM: u8 = 24;
+/// Bytes of a directory or attribute item before its name: location key,
+/// transid, data and name lengths, type.
+const DIR_ITEM_HEAD: usize = 30;
 const EXTENT_DATA: u8 = 108;
 const ROOT_REF: u8 = 156;
 const EXTENT_CSUM: u8 = 128;
@@ -738,6 +745,52 @@ impl Backend for BtrfsBackend {
 
     fn inode_scope(&self, node: &Node) -> Option<u64> {
         (node.ino != EMPTY_SUBVOL_DIR).then_some(node.tree)
+    }
+
+    /// The `XATTR_ITEM`s of the inode. btrfs stores names as Linux shows
+    /// them and ACLs in the kernel's form already.
+    fn xattrs(&mut self, node: &Node, _path: &[u8]) -> Result<Vec<Xattr>> {
+        if node.ino == EMPTY_SUBVOL_DIR {
+            return Ok(Vec::new());
+        }
+        let root = self.trees.tree(node.tree)?;
+        let mut list = XattrList::new(format!(
+            "{}: subvolume {} inode {}",
+            self.trees.what, node.tree, node.ino
+        ));
+        let mut bad = false;
+        let lo = Key::new(node.ino, XATTR_ITEM, 0);
+        let hi = Key::new(node.ino, XATTR_ITEM, u64::MAX);
+        self.trees.scan(root, lo, hi, false, &mut |_, d| {
+            let mut at = 0;
+            while at < d.len() {
+                let Some(head) = d.get(at..at + DIR_ITEM_HEAD) else {
+                    bad = true;
+                    return Ok(false);
+                };
+                let value_len = usize::from(le16(head, 25));
+                let name_len = usize::from(le16(head, 27));
+                let name_at = at + DIR_ITEM_HEAD;
+                let value_at = name_at + name_len;
+                let (Some(name), Some(value)) = (
+                    d.get(name_at..value_at).filter(|n| !n.is_empty()),
+                    d.get(value_at..value_at + value_len),
+                ) else {
+                    bad = true;
+                    return Ok(false);
+                };
+                list.push(name.to_vec(), value.to_vec())?;
+                at = value_at + value_len;
+            }
+            Ok(true)
+        })?;
+        if bad {
+            return Err(self.corrupt(format!(
+                "subvolume {}: inode {}: a bad attribute item",
+                node.tree, node.ino
+            )));
+        }
+        Ok(list.finish())
     }
 
     fn what(&self) -> &str {

@@ -29,7 +29,7 @@ use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_journal::{self, Recovered};
 use crate::restore::fs::ext_raw::{ExtRaw, Inode, VIEW_MAX_GROUPS};
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
-use crate::restore::fs::{Device, EntryType, Extent, Meta};
+use crate::restore::fs::{Device, EntryType, Extent, Meta, Xattr};
 
 const ROOT_INODE: u32 = 2;
 
@@ -326,6 +326,10 @@ impl Backend for ExtBackend {
             return Ok(None);
         }
         Ok(Some(extents))
+    }
+
+    fn xattrs(&mut self, node: &u32, _path: &[u8]) -> Result<Vec<Xattr>> {
+        self.raw.xattrs(*node)
     }
 
     fn what(&self) -> &str {

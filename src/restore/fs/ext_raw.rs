@@ -23,12 +23,16 @@ use crate::error::{Error, Result};
 use crate::le::{le16, le32};
 use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::budget::Charge;
-use crate::restore::fs::{Device, Extent};
+use crate::restore::fs::ext_xattr;
+use crate::restore::fs::xattr::XattrList;
+use crate::restore::fs::{Device, Extent, Xattr};
 
 const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
 const EXT4_ENCRYPT_FL: u32 = 0x800;
 const EXT4_CASEFOLD_FL: u32 = 0x4000_0000;
+/// The inode holds the value of an extended attribute (ea_inode).
+const EXT4_EA_INODE_FL: u32 = 0x20_0000;
 const INCOMPAT_64BIT: u32 = 0x80;
 /// Group descriptors lie in "meta groups": the descriptor block of each
 /// run of groups it describes sits at the start of the run's first group.
@@ -313,6 +317,8 @@ pub struct ExtRaw {
     beyond_ext4_view: bool,
     /// the inode holding the journal, if it is in this filesystem
     journal_inode: Option<u32>,
+    /// the attribute block's number has 48 bits (the 64bit feature)
+    wide_file_acl: bool,
     block_size: u64,
     blocks_count: u64,
     inodes_per_group: u32,
@@ -501,6 +507,7 @@ impl ExtRaw {
             journal_inode: (compat & COMPAT_HAS_JOURNAL != 0)
                 .then(|| le32(&sb, 0xE0))
                 .filter(|&n| n != 0),
+            wide_file_acl: incompat & INCOMPAT_64BIT != 0,
             block_size,
             blocks_count,
             inodes_per_group,
@@ -1082,6 +1089,97 @@ impl ExtRaw {
                 "directory inode {}: checksum mismatch in block {logical}",
                 dir.number
             )));
+        }
+        Ok(())
+    }
+
+    /// The extended attributes of inode `number` as Linux lists them: those
+    /// in its extra space, then those in its attribute block (checked for
+    /// its magic, its single block and, with metadata checksums, its
+    /// crc32c), values kept in inodes of their own read from there.
+    pub fn xattrs(&mut self, number: u32) -> Result<Vec<Xattr>> {
+        let what = || format!("inode {number}");
+        let mut list = XattrList::new(format!("ext filesystem: inode {number}"));
+        let byte = self.inode_location(number)?;
+        let blk = self.block(byte / self.block_size)?;
+        let off = (byte % self.block_size) as usize;
+        let raw = blk
+            .get(off..off + self.inode_size as usize)
+            .ok_or_else(|| bad(format!("inode {number} crosses a block")))?;
+        let mut file_acl = u64::from(le32(raw, 0x68));
+        if self.wide_file_acl {
+            file_acl |= u64::from(le16(raw, 0x76)) << 32;
+        }
+        if raw.len() > GOOD_OLD_INODE_SIZE {
+            let ibody = GOOD_OLD_INODE_SIZE + usize::from(le16(raw, 0x80));
+            if raw
+                .get(ibody..ibody + 4)
+                .is_some_and(|m| le32(m, 0) == XATTR_MAGIC)
+            {
+                let table = &raw[ibody + 4..];
+                let found = ext_xattr::entries(table, 0, 0, &what)?;
+                self.take_xattrs(found, &mut list, &what)?;
+            }
+        }
+        if file_acl != 0 {
+            let block = self.block(file_acl)?;
+            let header_ok = le32(&block, 0) == ext_xattr::MAGIC && le32(&block, 8) == 1;
+            if !header_ok {
+                return Err(bad(format!(
+                    "inode {number}: attribute block {file_acl} has no attribute header"
+                )));
+            }
+            if let Some(seed) = self.csum_seed {
+                let at = ext_xattr::BLOCK_CSUM_AT;
+                let mut c = crc32c(seed, &file_acl.to_le_bytes());
+                c = crc32c(c, &block[..at]);
+                c = crc32c(c, &[0; 4]);
+                c = crc32c(c, &block[at + 4..]);
+                if c != le32(&block, at) {
+                    return Err(bad(format!(
+                        "inode {number}: checksum mismatch in attribute block {file_acl}"
+                    )));
+                }
+            }
+            let found = ext_xattr::entries(&block, ext_xattr::BLOCK_HEADER, 0, &what)?;
+            self.take_xattrs(found, &mut list, &what)?;
+        }
+        Ok(list.finish())
+    }
+
+    /// Adds the entries of one attribute table to `list`.
+    fn take_xattrs(
+        &mut self,
+        found: Vec<ext_xattr::RawEntry<'_>>,
+        list: &mut XattrList,
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
+        for e in found {
+            let raw = match e.value {
+                ext_xattr::Value::Here(v) => v.to_vec(),
+                ext_xattr::Value::Inode { number, size } => {
+                    list.reserve(e.name.len() + size as usize)?;
+                    let ino = self.checked_inode(number)?;
+                    if ino.flags & EXT4_EA_INODE_FL == 0 || ino.size != u64::from(size) {
+                        return Err(bad(format!(
+                            "{}: the value of {} is not attribute inode {number}",
+                            what(),
+                            String::from_utf8_lossy(&e.name)
+                        )));
+                    }
+                    let mut v = vec![0; size as usize];
+                    let n = self.read(&ino, 0, &mut v)?;
+                    if n != v.len() {
+                        return Err(bad(format!(
+                            "{}: attribute inode {number} ends early",
+                            what()
+                        )));
+                    }
+                    v
+                }
+            };
+            let value = ext_xattr::linux_value(&e, raw, what)?;
+            list.push(e.name, value)?;
         }
         Ok(())
     }

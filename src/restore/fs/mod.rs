@@ -18,6 +18,7 @@ mod cp437;
 pub mod ext;
 mod ext_journal;
 mod ext_raw;
+mod ext_xattr;
 pub mod fat;
 mod handle;
 mod lznt1;
