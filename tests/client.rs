@@ -20,6 +20,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::debugfs::{bmap, inode_offset};
+#[path = "common/trees.rs"]
+mod trees;
 use common::{Agent, AGENT_BIN, TICKET};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -2429,6 +2431,118 @@ fn extract_attached(agent: &Agent, out_dir: &Path) -> Output {
         agent,
         &["extract", "attached", "disk0", "raw", "/", "-o", dest],
     )
+}
+
+/// Extended attributes (user ones, trusted and security ones such as a
+/// file capability, ACLs with a directory's default one, a symlink's own)
+/// come back with `extract -o`, of a tree and of one file, and go into a tar
+/// that GNU tar restores them from; `--no-xattrs` leaves them out.
+#[test]
+fn extract_restores_extended_attributes() {
+    let t = common::shm_tempdir();
+    let src = t.path().join("src");
+    let paths = trees::make_xattr_tree(&src);
+    let img = t.path().join("disk.img");
+    mkfs_ext4(&src, &img, 16);
+    let agent = Agent::builder().image("disk0", &img).start();
+    let same_as_source = |root: &Path, what: &str| {
+        for p in &paths {
+            assert_eq!(
+                trees::kernel_xattrs(&root.join(&p[1..])),
+                trees::kernel_xattrs(&src.join(&p[1..])),
+                "{what}: {p}"
+            );
+        }
+    };
+    let all: usize = paths
+        .iter()
+        .map(|p| trees::kernel_xattrs(&src.join(&p[1..])).len())
+        .sum();
+
+    let out = t.path().join("tree");
+    let done = ok(client(
+        &agent,
+        &[
+            "--output",
+            "json",
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/",
+            "-o",
+            out.to_str().expect("utf8"),
+        ],
+    ));
+    let j = json(&done);
+    assert_eq!(
+        (j["xattrs"].as_u64(), j["xattrs_failed"].as_u64()),
+        (Some(all as u64), Some(0))
+    );
+    same_as_source(&out, "extract -o");
+    // the default ACL was set after the directory's files were made: they
+    // have only their own ACLs, not ones inherited from it
+    assert!(trees::kernel_xattrs(&out.join("d/sub/cap"))
+        .iter()
+        .all(|(n, _)| !n.starts_with(b"system.posix_acl")));
+
+    let one = t.path().join("one");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/f",
+            "-o",
+            one.to_str().expect("utf8"),
+        ],
+    ));
+    assert_eq!(
+        trees::kernel_xattrs(&one.join("f")),
+        trees::kernel_xattrs(&src.join("f"))
+    );
+
+    let bare = t.path().join("bare");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/",
+            "--no-xattrs",
+            "-o",
+            bare.to_str().expect("utf8"),
+        ],
+    ));
+    for p in &paths {
+        assert_eq!(trees::kernel_xattrs(&bare.join(&p[1..])), vec![], "{p}");
+    }
+
+    let tar = t.path().join("x.tar");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/",
+            "--tar",
+            tar.to_str().expect("utf8"),
+        ],
+    ));
+    let untarred = t.path().join("untarred");
+    fs::create_dir(&untarred).expect("mkdir");
+    run(Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "--acls", "-xpf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&untarred));
+    same_as_source(&untarred, "GNU tar -x");
 }
 
 /// `ls -R` of an ext4 volume with one damaged directory (its block

@@ -342,3 +342,112 @@ pub fn remove_at_exit(dir: &Path) {
     }
     dirs.push(dir.to_path_buf());
 }
+
+/// Sets extended attribute `name` of `path` (following symlinks).
+pub fn set_xattr(path: &Path, name: &std::ffi::CStr, value: &[u8]) -> std::io::Result<()> {
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: both strings are NUL-terminated and `value` is valid for its length.
+    let rc = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The extended attributes of `path` (symlinks not followed), as the
+/// kernel lists them: (name, value), sorted by name.
+pub fn kernel_xattrs(path: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut names = vec![0u8; 1 << 16];
+    // SAFETY: `c` is NUL-terminated and `names` is valid for its length.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    assert!(n >= 0, "llistxattr {}", path.display());
+    names.truncate(n as usize);
+    let mut out = Vec::new();
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let cname = std::ffi::CString::new(name).unwrap();
+        let mut value = vec![0u8; 1 << 16];
+        // SAFETY: both strings are NUL-terminated, `value` is valid for its length.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
+        assert!(n >= 0, "lgetxattr {} {cname:?}", path.display());
+        value.truncate(n as usize);
+        out.push((name.to_vec(), value));
+    }
+    out.sort();
+    out
+}
+
+/// A tree whose nodes carry the extended attributes a system has: user
+/// ones (text, binary, empty), trusted and security ones (a file
+/// capability), POSIX ACLs (a file's, a directory's access and default
+/// ones), and more than an inode holds. Returns the paths to compare.
+pub fn make_xattr_tree(root: &Path) -> Vec<&'static str> {
+    for d in ["d", "d/sub", "many"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for f in ["plain", "f", "acl", "d/sub/cap", "many/f", "nothing"] {
+        write(&root.join(f), f.as_bytes());
+    }
+    std::os::unix::fs::symlink("f", root.join("link")).unwrap();
+    // a symlink's own attribute (user ones are for files and directories)
+    let link = std::ffi::CString::new(root.join("link").as_os_str().as_bytes()).unwrap();
+    // SAFETY: the strings are NUL-terminated, the value valid for its length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            link.as_ptr(),
+            c"trusted.link".as_ptr(),
+            b"l".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    assert_eq!(rc, 0, "lsetxattr {}", std::io::Error::last_os_error());
+    let f = root.join("f");
+    set_xattr(&f, c"user.comment", b"hello").unwrap();
+    set_xattr(&f, c"user.binary", &[0, 1, 2, 255, b'=', b'\n']).unwrap();
+    set_xattr(&f, c"user.empty", b"").unwrap();
+    set_xattr(&f, c"trusted.note", b"t").unwrap();
+    // a v2 file capability: cap_net_raw permitted and effective
+    let cap = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    set_xattr(&root.join("d/sub/cap"), c"security.capability", &cap).unwrap();
+    run(Command::new("setfacl")
+        .args(["-m", "u:1000:r,g:50:rw"])
+        .arg(root.join("acl")));
+    run(Command::new("setfacl")
+        .args(["-m", "u:1000:rwx", "-d", "-m", "g:50:rx"])
+        .arg(root.join("d")));
+    for i in 0..40 {
+        let name = std::ffi::CString::new(format!("user.attribute-{i:02}")).unwrap();
+        set_xattr(&root.join("many/f"), &name, &[b'a' + i as u8; 60]).unwrap();
+    }
+    vec![
+        "/plain",
+        "/f",
+        "/acl",
+        "/d",
+        "/d/sub",
+        "/d/sub/cap",
+        "/many",
+        "/many/f",
+        "/nothing",
+        "/link",
+    ]
+}

@@ -31,9 +31,10 @@ use serde_json::{json, Value};
 use crate::archive_check::ArchiveCheck;
 use crate::fmt;
 use crate::newfile::{place_node, NewFile};
-use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
+use crate::remote::{data_stdout, stat_entry, stat_with_xattrs, Entry, FileArgs};
 use crate::sparse::SparseFile;
 use crate::untar::{Top, Unpacker};
+use crate::xattrs::{self, Attrs, XattrStats};
 use crate::{Global, Outcome};
 
 #[derive(Args, Debug)]
@@ -58,6 +59,11 @@ pub struct ExtractArgs {
     /// Replace existing files
     #[arg(long)]
     force: bool,
+    /// Leave out extended attributes (SELinux labels, file capabilities,
+    /// ACLs, user attributes), which are otherwise restored (-o) or
+    /// written into the tar archive
+    #[arg(long)]
+    no_xattrs: bool,
 }
 
 /// Files being written right now, all removed if the command fails or is
@@ -169,7 +175,16 @@ pub async fn run(
     let partial = Partial::default();
     let work = async {
         if let Some(dir) = &args.dir {
-            to_dir(session, &args.file.file_ref(), dir, args.force, &partial).await
+            let xattrs = !args.no_xattrs;
+            to_dir(
+                session,
+                &args.file.file_ref(),
+                dir,
+                args.force,
+                xattrs,
+                &partial,
+            )
+            .await
         } else {
             let (format, dest) = match (&args.tar, &args.zip) {
                 (Some(t), _) => ("tar", Some(t.as_path())),
@@ -181,6 +196,7 @@ pub async fn run(
                 &args.file.file_ref(),
                 format,
                 args.zstd,
+                !args.no_xattrs,
                 dest,
                 args.force,
                 &partial,
@@ -259,11 +275,13 @@ fn progress(total: Option<u64>) -> Option<ProgressBar> {
     Some(bar)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn to_archive(
     session: &Session,
     file: &FileRef,
     format: &str,
     zstd: bool,
+    xattrs: bool,
     dest: Option<&Path>,
     force: bool,
     partial: &Partial,
@@ -314,7 +332,10 @@ async fn to_archive(
     let mut resume: Option<String> = None;
     let mut stats = Stats::default();
     let result = loop {
-        let params = json!({ "format": format, "zstd": zstd });
+        let mut params = json!({ "format": format, "zstd": zstd });
+        if !xattrs {
+            params["xattrs"] = false.into();
+        }
         let stream = match open_extract(session, file, params, resume.as_deref()).await {
             Ok(stream) => stream,
             Err(e) => break Err(e),
@@ -453,6 +474,7 @@ pub(crate) struct Stats {
     pub(crate) failed: Vec<(i32, String)>,
     /// how many could not be read in all
     pub(crate) failed_count: u64,
+    pub(crate) xattrs: XattrStats,
 }
 
 /// Special files skipped that are named in the report (a hostile stream of
@@ -489,9 +511,13 @@ async fn to_dir(
     root: &FileRef,
     dir: &Path,
     force: bool,
+    xattrs: bool,
     partial: &Partial,
 ) -> Result<Outcome, ClientError> {
-    let root_value = stat_entry(session, root, false).await?;
+    let root_value = match xattrs {
+        true => stat_with_xattrs(session, root).await?,
+        false => stat_entry(session, root, false).await?,
+    };
     let root_entry = Entry::from_value(&root_value)?;
     // The name the agent resolved the path to: what the tar stream's members
     // start with. The path's last component may differ (`/d/.`, `/d/..`, or
@@ -525,11 +551,13 @@ async fn to_dir(
             dir,
             top,
             force,
+            xattrs,
             partial,
             bar.clone(),
         )
         .await
     } else {
+        let attrs = xattrs::of_stat(&root_value)?;
         let one = single(
             session,
             root,
@@ -537,6 +565,7 @@ async fn to_dir(
             dir,
             &top,
             &root_entry,
+            &attrs,
             force,
             partial,
             bar.clone(),
@@ -554,9 +583,11 @@ async fn to_dir(
     }
     // After a failure too, as tar does: the directories made so far get
     // their modes and mtimes, not the 0700 they were made with.
-    let finished = finish_dirs(dir, &finish);
-    let stats = result?;
+    let mut dir_xattrs = XattrStats::default();
+    let finished = finish_dirs(dir, &finish, &mut dir_xattrs);
+    let mut stats = result?;
     finished?;
+    stats.xattrs.merge(dir_xattrs);
     let s = &stats;
     let mut outcome = Outcome::new(
         json!({
@@ -571,6 +602,8 @@ async fn to_dir(
             "skipped_count": s.skipped_count,
             "failed": failed_json(s),
             "failed_count": s.failed_count,
+            "xattrs": s.xattrs.set,
+            "xattrs_failed": s.xattrs.failed,
         }),
         format!(
             "extracted {} files, {} directories, {} symlinks, {} hard links{} ({} bytes) into {}",
@@ -601,18 +634,38 @@ async fn to_dir(
             .text
             .push_str(&format!(", {} special files skipped", s.skipped_count));
     }
+    if let Some(w) = s.xattrs.warning() {
+        eprintln!(
+            "{}",
+            crate::fmt::printable(&crate::fmt::shortened(&w, 4096))
+        );
+    }
     report_failed(s, &mut outcome.text, &mut outcome.problems);
     Ok(outcome)
 }
 
-/// Directories to give their mode and mtime at the end (after their
-/// contents, which would change the mtime and may need write permission).
-pub(crate) type Finish = Vec<(PathBuf, u32, i64)>;
+/// Directories to give their extended attributes, mode and mtime at the
+/// end (after their contents, which would change the mtime, may need write
+/// permission, and would inherit a default ACL).
+pub(crate) type Finish = Vec<FinishDir>;
+
+pub(crate) struct FinishDir {
+    pub(crate) path: PathBuf,
+    pub(crate) mode: u32,
+    pub(crate) mtime: i64,
+    pub(crate) xattrs: Attrs,
+}
 
 /// Gives the directories of `finish` (made under `dir`, in walk order) their
-/// modes and mtimes, deepest last made first.
-fn finish_dirs(dir: &Path, finish: &Finish) -> Result<(), ClientError> {
-    for (path, mode, mtime) in finish.iter().rev() {
+/// extended attributes, modes and mtimes, deepest last made first.
+fn finish_dirs(dir: &Path, finish: &Finish, stats: &mut XattrStats) -> Result<(), ClientError> {
+    for FinishDir {
+        path,
+        mode,
+        mtime,
+        xattrs,
+    } in finish.iter().rev()
+    {
         let fd = open_dir(path)
             .or_else(|e| match (e.raw_os_error(), path.strip_prefix(dir)) {
                 // deeper than PATH_MAX: one component at a time from DIR
@@ -620,6 +673,7 @@ fn finish_dirs(dir: &Path, finish: &Finish) -> Result<(), ClientError> {
                 _ => Err(e),
             })
             .map_err(|e| ClientError::local(format!("cannot open {}: {e}", path.display())))?;
+        xattrs::set_fd(&fd, xattrs, path, stats);
         set_mode_fd(&fd, *mode).map_err(|e| local_io(path, e))?;
         set_mtime_fd(&fd, *mtime).map_err(|e| local_io(path, e))?;
     }
@@ -643,6 +697,7 @@ async fn unpack_tree(
     dir: &Path,
     top: OwnedFd,
     force: bool,
+    xattrs: bool,
     partial: &Partial,
     bar: Option<ProgressBar>,
 ) -> (Result<Stats, ClientError>, Finish) {
@@ -652,6 +707,7 @@ async fn unpack_tree(
         extracted,
         root.display(),
         force,
+        xattrs,
         partial.clone(),
         bar,
     );
@@ -701,7 +757,10 @@ async fn unpack_tree(
     let mut resume: Option<String> = None;
     let mut failures = 0usize;
     let streamed = loop {
-        let params = json!({ "format": "tar" });
+        let mut params = json!({ "format": "tar" });
+        if !xattrs {
+            params["xattrs"] = false.into();
+        }
         let stream = match open_extract(session, root, params, resume.as_deref()).await {
             Ok(stream) => stream,
             Err(e) => break Err(e),
@@ -818,6 +877,7 @@ async fn single(
     dir: &Path,
     top: &OwnedFd,
     e: &Entry,
+    attrs: &Attrs,
     force: bool,
     partial: &Partial,
     bar: Option<ProgressBar>,
@@ -835,6 +895,7 @@ async fn single(
                 ))
             })?;
             place_node(top, &name, &local, force, |n| symlinkat(&target, top, n))?;
+            xattrs::set_at(top, &name, attrs, &local, &mut stats.xattrs);
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
             stats.symlinks += 1;
             return Ok(stats);
@@ -843,6 +904,7 @@ async fn single(
             place_node(top, &name, &local, force, |n| {
                 mkfifoat(top, n, e.mode & 0o7777)
             })?;
+            xattrs::set_at(top, &name, attrs, &local, &mut stats.xattrs);
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
             stats.fifos = 1;
             return Ok(stats);
@@ -865,6 +927,7 @@ async fn single(
     };
     let result = result.and_then(|written| {
         let file = file.finish().map_err(|err| local_io(&local, err))?;
+        xattrs::set_fd(&file, attrs, &local, &mut stats.xattrs);
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
             e.mode & 0o7777,
         ))

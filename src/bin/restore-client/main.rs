@@ -17,6 +17,7 @@ mod sparsemap;
 mod store;
 mod tarframe;
 mod untar;
+mod xattrs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -501,6 +501,14 @@ pub async fn stat_entry(
         .await
 }
 
+/// `fs.stat` of `file` (a final symlink not followed) with its extended
+/// attributes (see `xattrs::of_stat`).
+pub async fn stat_with_xattrs(session: &Session, file: &FileRef) -> Result<Value, ClientError> {
+    session
+        .call("fs.stat", file.params_with(json!({ "xattrs": true })))
+        .await
+}
+
 /// An entry's name for people (its exact bytes, non-UTF-8 ones escaped).
 fn shown_name(e: &Entry) -> String {
     e.raw_name()

@@ -32,6 +32,8 @@ pub(crate) struct Member {
     /// A GNU sparse 1.0 file of this real size: its data is the map of its
     /// data regions, then their bytes (see `untar`).
     pub sparse: Option<u64>,
+    /// extended attributes (pax `SCHILY.xattr.NAME`): (name, value)
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// What a tar stream's members go to.
@@ -70,6 +72,7 @@ struct Pax {
     sparse_version: (Option<Vec<u8>>, Option<Vec<u8>>),
     sparse_name: Option<Vec<u8>>,
     sparse_realsize: Option<u64>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 enum State {
@@ -332,7 +335,14 @@ impl TarFrames {
                         .ok_or_else(bad)?;
                     pax.mtime = Some(secs);
                 }
-                _ => {}
+                _ => {
+                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                        if name.is_empty() {
+                            return Err(bad());
+                        }
+                        pax.xattrs.push((name.to_vec(), value.to_vec()));
+                    }
+                }
             }
         }
         Ok(pax)
@@ -415,6 +425,7 @@ impl TarFrames {
             mode,
             mtime,
             sparse,
+            xattrs: pax.xattrs,
         };
         let wanted = members.member(member)?;
         if wanted && size > 0 {

@@ -22,12 +22,13 @@ use restore_agent::client::ClientError;
 
 use crate::extract::{
     local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name, set_mtime_at,
-    set_mtime_fd, symlinkat, FailedMember, Finish, Partial, Stats,
+    set_mtime_fd, symlinkat, FailedMember, Finish, FinishDir, Partial, Stats,
 };
 use crate::newfile::{place_node, NewFile};
 use crate::sparse::SparseFile;
 use crate::sparsemap::SparseMember;
 use crate::tarframe::{Member, Members, TarFrames};
+use crate::xattrs::{self, Attrs};
 
 /// The file being written.
 struct Open {
@@ -42,11 +43,16 @@ struct Open {
     size: u64,
     mode: u32,
     mtime: i64,
+    xattrs: Attrs,
 }
 
 /// Parent directories kept open at most (a deeper member's further parents
 /// are opened for it alone).
 const MAX_OPEN_PARENTS: usize = 64;
+/// Bytes of directories' extended attributes kept until the directories
+/// are finished (a default ACL set at once would be inherited by the
+/// files made in them, which had their own); past it they are set at once.
+const MAX_DEFERRED_XATTRS: usize = 64 << 20;
 
 /// What was extracted, as the stream's members name it.
 pub(crate) enum Top {
@@ -72,6 +78,10 @@ struct Output {
     /// The extracted path on the agent's side, for messages.
     remote: String,
     force: bool,
+    /// whether members' extended attributes are set
+    xattrs: bool,
+    /// bytes of them kept in `finish`
+    deferred_xattrs: usize,
     partial: Partial,
     bar: Option<ProgressBar>,
     open: Option<Open>,
@@ -89,12 +99,14 @@ struct Output {
 }
 
 impl Unpacker {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         dir: &Path,
         top: OwnedFd,
         strip: Top,
         remote: String,
         force: bool,
+        xattrs: bool,
         partial: Partial,
         bar: Option<ProgressBar>,
     ) -> Self {
@@ -106,6 +118,8 @@ impl Unpacker {
                 strip,
                 remote,
                 force,
+                xattrs,
+                deferred_xattrs: 0,
                 partial,
                 bar,
                 open: None,
@@ -149,22 +163,26 @@ impl Unpacker {
 }
 
 impl Members for Output {
-    fn member(&mut self, m: Member) -> Result<bool, ClientError> {
+    fn member(&mut self, mut m: Member) -> Result<bool, ClientError> {
         let Some(rel) = self.member_path(&m.name)? else {
             // The extracted directory itself: DIR stands for it.
             return Ok(false);
         };
+        if !self.xattrs {
+            m.xattrs.clear();
+        }
         match m.typeflag {
             b'0' | 0 | b'7' => {
-                self.file(&rel, m.size, m.mode, m.mtime, m.sparse)?;
+                self.file(&rel, &m)?;
                 return Ok(true);
             }
-            b'5' => self.dir_member(&rel, m.mode, m.mtime)?,
-            b'2' => self.symlink(&rel, &m.link, m.mtime)?,
+            b'5' => self.dir_member(&rel, m.mode, m.mtime, m.xattrs)?,
+            b'2' => self.symlink(&rel, &m.link, m.mtime, &m.xattrs)?,
             b'1' => self.hardlink(&rel, &m.link)?,
             b'6' => {
                 let (fd, name, local) = self.parent_of(&rel)?;
                 place_node(&fd, &name, &local, self.force, |n| mkfifoat(&fd, n, m.mode))?;
+                xattrs::set_at(&fd, &name, &m.xattrs, &local, &mut self.stats.xattrs);
                 set_mtime_at(&fd, &name, m.mtime).map_err(|e| local_io(&local, e))?;
                 self.stats.fifos += 1;
             }
@@ -231,9 +249,14 @@ impl Members for Output {
             size,
             mode,
             mtime,
+            xattrs,
             ..
         } = open;
+        let stats = &mut self.stats.xattrs;
         let done = file.finish().and_then(|file| {
+            // after the data (writing drops a file capability), before the
+            // mode (an ACL sets the group bits, the mode then the mask)
+            xattrs::set_fd(&file, &xattrs, &local, stats);
             file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
             set_mtime_fd(&file, mtime)
         });
@@ -324,15 +347,10 @@ impl Output {
         Ok((fd, name, local))
     }
 
-    /// A file member; `sparse`: a GNU sparse one of that real size.
-    fn file(
-        &mut self,
-        rel: &[u8],
-        size: u64,
-        mode: u32,
-        mtime: i64,
-        sparse: Option<u64>,
-    ) -> Result<(), ClientError> {
+    /// A file member (a GNU sparse one when `m.sparse` gives its real
+    /// size).
+    fn file(&mut self, rel: &[u8], m: &Member) -> Result<(), ClientError> {
+        let sparse = m.sparse;
         let (fd, name, local) = self.parent_of(rel)?;
         let (file, new) = NewFile::create(&self.partial, &fd, &name, &local, self.force)?;
         self.open = Some(Open {
@@ -342,14 +360,21 @@ impl Output {
             dir: fd,
             name,
             local,
-            size: sparse.unwrap_or(size),
-            mode,
-            mtime,
+            size: sparse.unwrap_or(m.size),
+            mode: m.mode,
+            mtime: m.mtime,
+            xattrs: m.xattrs.clone(),
         });
         Ok(())
     }
 
-    fn dir_member(&mut self, rel: &[u8], mode: u32, mtime: i64) -> Result<(), ClientError> {
+    fn dir_member(
+        &mut self,
+        rel: &[u8],
+        mode: u32,
+        mtime: i64,
+        mut xattrs: Attrs,
+    ) -> Result<(), ClientError> {
         let (fd, name, local) = self.parent_of(rel)?;
         let mut made = match mkdirat(&fd, &name) {
             Ok(()) => true,
@@ -376,22 +401,41 @@ impl Output {
         };
         // Its members come next: keep it open as their parent, if its own
         // parents are the ones kept open.
+        let dir = Arc::new(dir);
         let depth = rel.iter().filter(|&&b| b == b'/').count();
         if self.parents.len() == depth && depth < MAX_OPEN_PARENTS {
-            self.parents.push((name.to_bytes().to_vec(), Arc::new(dir)));
+            self.parents.push((name.to_bytes().to_vec(), dir.clone()));
         }
         // A directory that was there keeps its mode and mtime without
         // --force (as GNU tar's --no-overwrite-dir; a member could otherwise
         // open up or lock the user's ~/.ssh); with --force it gets them
         // once, however often the stream names it.
         if made || (self.force && self.forced_dirs.insert(local.clone())) {
-            self.finish.push((local, mode, mtime));
+            let bytes: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
+            if self.deferred_xattrs + bytes > MAX_DEFERRED_XATTRS {
+                xattrs::set_fd(&*dir, &xattrs, &local, &mut self.stats.xattrs);
+                xattrs.clear();
+            } else {
+                self.deferred_xattrs += bytes;
+            }
+            self.finish.push(FinishDir {
+                path: local,
+                mode,
+                mtime,
+                xattrs,
+            });
         }
         self.stats.dirs += 1;
         Ok(())
     }
 
-    fn symlink(&mut self, rel: &[u8], target: &[u8], mtime: i64) -> Result<(), ClientError> {
+    fn symlink(
+        &mut self,
+        rel: &[u8],
+        target: &[u8],
+        mtime: i64,
+        attrs: &Attrs,
+    ) -> Result<(), ClientError> {
         let (fd, name, local) = self.parent_of(rel)?;
         if target.is_empty() {
             // symlinkat would say ENOENT, which reads as a local problem
@@ -406,6 +450,7 @@ impl Output {
         place_node(&fd, &name, &local, self.force, |n| {
             symlinkat(&target, &fd, n)
         })?;
+        xattrs::set_at(&fd, &name, attrs, &local, &mut self.stats.xattrs);
         set_mtime_at(&fd, &name, mtime).map_err(|e| local_io(&local, e))?;
         self.stats.symlinks += 1;
         Ok(())
@@ -470,6 +515,7 @@ mod tests {
             Top::Dir(strip.as_bytes().to_vec()),
             "/x".into(),
             false,
+            true,
             Partial::default(),
             None,
         );
