@@ -710,6 +710,12 @@ fn data_methods_answer_as_documented() {
     link["follow"] = json!(true);
     let stat = check.call_ok(&mut c, "fs.stat", Some(link));
     assert_eq!(stat["type"], "file", "{stat}");
+    let mut with_xattrs = arch.clone();
+    with_xattrs["volume"] = json!("part/1");
+    with_xattrs["path"] = json!("/etc/motd");
+    with_xattrs["xattrs"] = json!(true);
+    let stat = check.call_ok(&mut c, "fs.stat", Some(with_xattrs));
+    assert!(stat["xattrs"].is_array(), "{stat}");
 
     let mut extract = arch.clone();
     extract["volume"] = json!("part/1");
