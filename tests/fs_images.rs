@@ -5132,6 +5132,61 @@ fn extended_attributes_read_as_the_kernel_lists_them() {
     // the rest of the volume reads on
     let ok = with_fs(&img, "raw", |fs| fs.xattrs(b"/f", false).map(|x| x.len()));
     assert_eq!(ok.unwrap(), 4);
+
+    // without checksums to catch it, damage reaches the tables themselves:
+    // attributes or an error, never a panic
+    mkimg_ext(
+        &src,
+        &img,
+        &[
+            "-t",
+            "ext4",
+            "-I",
+            "256",
+            "-b",
+            "4096",
+            "-O",
+            "^metadata_csum",
+        ],
+        32,
+    );
+    let inode = inode_offset(&img, "/many/f", 4096);
+    let out = debugfs(&img, false, "stat /many/f");
+    let block = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("File ACL: "))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no attribute block in {out}"))
+        * 4096;
+    let clean = Arc::new(std::fs::read(&img).unwrap());
+    let mut rng = xorshift(0x5eed_a77);
+    let ours = panics_in(&["restore/fs/ext", "restore/fs/xattr"], || {
+        for _ in 0..300 {
+            let mut d = Patched::new(&clean);
+            for _ in 0..1 + rng() % 6 {
+                let (at, len) = match rng() % 2 {
+                    0 => (inode, 256),
+                    _ => (block, 4096),
+                };
+                let b = d.block(at, len);
+                let i = rng() as usize % len;
+                b[i] ^= 1 << (rng() % 8);
+            }
+            let Ok(h) = FsHandle::open(Arc::new(d), "raw") else {
+                continue;
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let _ = rt.block_on(h.run(|fs| {
+                for p in ["/many/f", "/f", "/many"] {
+                    let _ = fs.xattrs(p.as_bytes(), false);
+                }
+            }));
+        }
+    });
+    assert!(ours.is_empty(), "panics: {ours:?}");
 }
 
 /// Whether btrfs-progs is here; without it the btrfs tests skip, unless
@@ -5610,7 +5665,8 @@ fn panics_in(modules: &'static [&'static str], body: impl FnOnce()) -> Vec<Strin
 }
 
 /// Everything a user can do with an open filesystem, results ignored:
-/// list `dirs`, walk the whole tree reading the first MiB of every file
+/// list `dirs`, walk the whole tree with extended attributes reading the
+/// first MiB of every file
 /// (a damaged size can make a file of terabytes, which would read as the
 /// zeros of a sparse file: slow, but right), read and map `files`.
 fn exercise(rt: &tokio::runtime::Runtime, h: &FsHandle, dirs: &[&str], files: &[&str]) {
@@ -5622,7 +5678,7 @@ fn exercise(rt: &tokio::runtime::Runtime, h: &FsHandle, dirs: &[&str], files: &[
         for d in &dirs {
             let _ = fs.list(d.as_bytes(), None, 1000);
         }
-        let _ = fs.walk(b"/", None, false, &mut |_, data| {
+        let _ = fs.walk(b"/", None, true, &mut |_, data| {
             if let Some(data) = data {
                 let mut buf = vec![0u8; 1 << 16];
                 for _ in 0..16 {
