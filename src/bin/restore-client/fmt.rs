@@ -202,6 +202,23 @@ pub fn table(header: Option<&[&str]>, align: &[Align], rows: &[Vec<String>]) -> 
     out
 }
 
+/// An extended attribute's value as getfattr shows it: printable text in
+/// quotes, anything else as 0x hex.
+pub fn xattr_value(v: &[u8]) -> String {
+    let text = std::str::from_utf8(v)
+        .ok()
+        .map(|t| t.strip_suffix('\0').unwrap_or(t))
+        .filter(|t| !t.is_empty() && t.chars().all(|c| !c.is_control()));
+    match text {
+        Some(t) => format!("{t:?}"),
+        None if v.is_empty() => "\"\"".to_string(),
+        None => {
+            let hex: String = v.iter().map(|b| format!("{b:02x}")).collect();
+            format!("0x{hex}")
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

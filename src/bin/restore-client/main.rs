@@ -108,6 +108,10 @@ pub(crate) enum Command {
         /// Follow symlinks (within the volume)
         #[arg(short = 'L', long)]
         follow: bool,
+        /// Also show extended attributes (as getfattr: text in quotes,
+        /// other values as 0x hex)
+        #[arg(short = 'x', long)]
+        xattrs: bool,
         #[command(flatten)]
         file: remote::FileArgs,
     },

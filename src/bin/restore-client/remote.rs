@@ -171,7 +171,11 @@ pub async fn run(
             let json_out = global.output == crate::OutputFormat::Json;
             ls(session, &file.file_ref(), long, recursive, json_out).await
         }
-        Command::Stat { follow, file } => stat(session, &file.file_ref(), follow).await,
+        Command::Stat {
+            follow,
+            xattrs,
+            file,
+        } => stat(session, &file.file_ref(), follow, xattrs).await,
         Command::Cat { file } => cat(session, &file.file_ref()).await,
         Command::Blob { snapshot, archive } => blob(session, &snapshot, &archive).await,
         Command::Extract(args) => crate::extract::run(session, args, global).await,
@@ -709,8 +713,17 @@ fn set_path(v: &mut Value, file: &FileRef) {
     }
 }
 
-async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome, ClientError> {
-    let v = stat_entry(session, file, follow).await?;
+async fn stat(
+    session: &Session,
+    file: &FileRef,
+    follow: bool,
+    xattrs: bool,
+) -> Result<Outcome, ClientError> {
+    let mut params = json!({ "follow": follow });
+    if xattrs {
+        params["xattrs"] = true.into();
+    }
+    let v: Value = session.call("fs.stat", file.params_with(params)).await?;
     let e = Entry::from_value(&v)?;
     let mut rows = vec![
         vec!["path".to_string(), fmt::printable_bytes(&file.path)],
@@ -746,6 +759,16 @@ async fn stat(session: &Session, file: &FileRef, follow: bool) -> Result<Outcome
             Err(_) => fmt::printable(t).into_owned(),
         };
         rows.push(vec!["target".to_string(), shown]);
+    }
+    for (name, value) in crate::xattrs::of_stat(&v)? {
+        rows.push(vec![
+            "xattr".to_string(),
+            format!(
+                "{}={}",
+                fmt::printable_bytes(&name),
+                fmt::xattr_value(&value)
+            ),
+        ]);
     }
     let text = fmt::table(None, &[Align::Left, Align::Left], &rows);
     let mut v = v;
