@@ -30,6 +30,7 @@ mod tree;
 mod wof;
 mod xattr;
 pub mod xfs;
+mod xfs_attr;
 mod xfs_log;
 mod xfs_replay;
 mod xpress;

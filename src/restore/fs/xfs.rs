@@ -13,6 +13,9 @@
 //! (54), block (52), length (21). v5 metadata blocks carry a CRC32c (stored
 //! little-endian, computed with the field zeroed) and their owner.
 //!
+//! Extended attributes (the attribute fork) are decoded in
+//! [`super::xfs_attr`]; this module hands it the fork and its blocks.
+//!
 //! Owns: mapping XFS structures to the [`Backend`] interface. Must never
 //! write, never follow a block number it has not checked against the
 //! filesystem's size, and never hold more than a bounded number of extents
@@ -36,7 +39,8 @@ use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_raw::crc32c;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
-use crate::restore::fs::{xfs_log, xfs_replay};
+use crate::restore::fs::xattr::{Xattr, XattrList};
+use crate::restore::fs::{xfs_attr, xfs_log, xfs_replay};
 use crate::restore::fs::{Device, EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
@@ -75,7 +79,7 @@ const BIGTIME_EPOCH_OFFSET: i64 = 1 << 31;
 
 /// Whether a v5 metadata buffer's CRC32c (little-endian at `at`, computed
 /// over the buffer with that field zeroed) is right.
-fn crc_ok(buf: &[u8], at: usize) -> bool {
+pub(super) fn crc_ok(buf: &[u8], at: usize) -> bool {
     let Some(stored) = buf.get(at..at + 4) else {
         return false;
     };
@@ -351,6 +355,11 @@ struct Inode {
     flags: u16,
     /// the data fork's bytes
     fork: Vec<u8>,
+    /// the attribute fork's format (1 local, 2 extents, 3 B+tree), its
+    /// extent count and its bytes (empty when the inode has none)
+    aformat: u8,
+    anextents: u64,
+    afork: Vec<u8>,
 }
 
 impl Inode {
@@ -498,10 +507,12 @@ impl XfsBackend {
         } else {
             i64::from(be32(&b, 40) as i32)
         };
-        let nextents = if flags2 & DIFLAG2_NREXT64 == 0 {
-            u64::from(be32(&b, 76))
+        // (with large extent counters, the attribute fork's count takes the
+        // 32 bits at 76 the data fork's leaves)
+        let (nextents, anextents) = if flags2 & DIFLAG2_NREXT64 == 0 {
+            (u64::from(be32(&b, 76)), u64::from(be16(&b, 80)))
         } else if self.geo.nrext64 {
-            be64(&b, 24)
+            (be64(&b, 24), u64::from(be32(&b, 76)))
         } else {
             return Err(bad("large extent counters on a filesystem without them"));
         };
@@ -521,35 +532,49 @@ impl XfsBackend {
             nextents,
             flags: be16(&b, 90),
             fork: b[core..end].to_vec(),
+            aformat: b[83],
+            anextents,
+            afork: if forkoff == 0 {
+                Vec::new()
+            } else {
+                b[end..].to_vec()
+            },
         })
     }
 
     /// The extents of `ino`'s data fork, in file order.
     fn runs(&self, ino: &Inode) -> Result<Vec<Run>> {
-        let bad = |why: &str| self.corrupt(format!("inode {}: {why}", ino.number));
+        self.fork_runs(ino.number, ino.format, ino.nextents, &ino.fork)
+    }
+
+    /// The extents of a fork of inode `number` (its `format`, extent
+    /// count and bytes), in file order: the data fork's or the attribute
+    /// fork's, which are kept alike.
+    fn fork_runs(&self, number: u64, format: u8, nextents: u64, fork: &[u8]) -> Result<Vec<Run>> {
+        let bad = |why: &str| self.corrupt(format!("inode {number}: {why}"));
         let mut runs = Vec::new();
-        match ino.format {
+        match format {
             2 => {
-                let n = ino.nextents as usize;
-                if n.saturating_mul(16) > ino.fork.len() {
+                let n = usize::try_from(nextents).unwrap_or(usize::MAX);
+                if n.saturating_mul(16) > fork.len() {
                     return Err(bad("more extents than its fork holds"));
                 }
-                for rec in ino.fork.chunks_exact(16).take(n) {
+                for rec in fork.chunks_exact(16).take(n) {
                     runs.push(self.run(rec)?);
                 }
             }
             3 => {
                 // the root: level, record count, keys, then pointers from
                 // the middle of the fork on
-                let (level, count) = (be16(&ino.fork, 0), usize::from(be16(&ino.fork, 2)));
-                let max = (ino.fork.len().saturating_sub(4)) / 16;
+                let (level, count) = (be16(fork, 0), usize::from(be16(fork, 2)));
+                let max = (fork.len().saturating_sub(4)) / 16;
                 if level == 0 || level > MAX_BTREE_LEVELS || count == 0 || count > max {
                     return Err(bad("its extent tree's root is not valid"));
                 }
                 let mut seen = HashSet::new();
                 for i in 0..count {
-                    let ptr = be64(&ino.fork, 4 + max * 8 + i * 8);
-                    self.btree(ptr, level - 1, ino.number, &mut seen, &mut runs)?;
+                    let ptr = be64(fork, 4 + max * 8 + i * 8);
+                    self.btree(ptr, level - 1, number, &mut seen, &mut runs)?;
                 }
             }
             _ => return Err(bad("its data is not in extents")),
@@ -629,6 +654,19 @@ impl XfsBackend {
             }
         }
         Ok(())
+    }
+
+    /// Block `dablk` of an attribute fork mapped by `runs`, and its disk
+    /// address in 512-byte sectors (which v5 blocks record); `None` in a
+    /// hole.
+    fn attr_block(&self, runs: &[Run], dablk: u64) -> Result<Option<(Vec<u8>, u64)>> {
+        let i = runs.partition_point(|r| r.off + r.count <= dablk);
+        let Some(run) = runs.get(i).filter(|r| r.off <= dablk && !r.unwritten) else {
+            return Ok(None);
+        };
+        let fsb = run.start + (dablk - run.off);
+        let daddr = self.block_at(fsb, 1)? / 512;
+        Ok(Some((self.read_block(fsb, self.geo.block)?, daddr)))
     }
 
     /// A file's inode and extents, from the last read when it is the same.
@@ -936,6 +974,35 @@ impl Backend for XfsBackend {
     fn map_at(&mut self, node: &u64, offset: u64, len: u64) -> Result<Option<Vec<Extent>>> {
         let (ino, runs) = self.file(*node)?;
         self.extents_of(&ino, &runs, offset, len).map(Some)
+    }
+
+    fn xattrs(&mut self, node: &u64, _path: &[u8]) -> Result<Vec<Xattr>> {
+        let ino = self.inode(*node)?;
+        let mut list = XattrList::new(format!("{}: inode {}", self.what, ino.number));
+        let fork = xfs_attr::Fork {
+            what: &self.what,
+            inode: ino.number,
+            v5: self.geo.v5,
+            block: self.geo.block,
+        };
+        match ino.aformat {
+            _ if ino.afork.is_empty() => {}
+            1 => fork.shortform(&ino.afork, &mut list)?,
+            2 | 3 => {
+                let runs = self.fork_runs(ino.number, ino.aformat, ino.anextents, &ino.afork)?;
+                // (no extents: every attribute was removed)
+                if !runs.is_empty() {
+                    fork.blocks(&mut |dablk| self.attr_block(&runs, dablk), &mut list)?;
+                }
+            }
+            f => {
+                return Err(self.corrupt(format!(
+                    "inode {}: an attribute fork of format {f}",
+                    ino.number
+                )))
+            }
+        }
+        Ok(list.finish())
     }
 
     fn what(&self) -> &str {
