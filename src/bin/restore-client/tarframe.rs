@@ -12,8 +12,10 @@
 use restore_agent::client::ClientError;
 
 pub(crate) const BLOCK: usize = 512;
-/// Largest pax extended header accepted.
-const MAX_PAX: u64 = 1 << 20;
+/// Largest pax extended header accepted: a member's path (up to 1,024
+/// levels of 255-byte names) and its extended attributes (up to 1 MiB of
+/// names and values, ACLs again as text) with room to spare.
+const MAX_PAX: u64 = 4 << 20;
 /// Most bytes accepted after the two zero blocks (a tar is padded to
 /// its record size, 10 KiB for GNU tar): an agent that goes on sending
 /// there is broken, and was read from for as long as it sent.
