@@ -2486,6 +2486,18 @@ fn extract_restores_extended_attributes() {
         .iter()
         .all(|(n, _)| !n.starts_with(b"system.posix_acl")));
 
+    let shown = ok(client(
+        &agent,
+        &["stat", "-x", "attached", "disk0", "raw", "/f"],
+    ));
+    let text = String::from_utf8_lossy(&shown.stdout);
+    for line in [
+        "xattr     user.binary=0x000102ff3d0a",
+        "xattr     user.comment=\"hello\"",
+        "xattr     user.empty=\"\"",
+    ] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
     let one = t.path().join("one");
     ok(client(
         &agent,
