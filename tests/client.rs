@@ -2557,6 +2557,110 @@ fn extract_restores_extended_attributes() {
     same_as_source(&untarred, "GNU tar -x");
 }
 
+/// As root, `extract -o` gives what it makes the owners of the backup
+/// (numeric, as tar does for root), a setuid file keeping its bit and its
+/// capability through the change of owner; `--no-same-owner` leaves them
+/// to the user running it.
+#[test]
+fn extract_as_root_restores_owners() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: owners are restored as root only");
+        return;
+    }
+    let t = common::shm_tempdir();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d")).expect("mkdir");
+    fs::write(src.join("a"), "a").expect("write");
+    fs::write(src.join("d/s"), "s").expect("write");
+    std::os::unix::fs::symlink("a", src.join("l")).expect("symlink");
+    run(Command::new("mkfifo").arg(src.join("p")));
+    let owners = [
+        ("a", 1000, 50),
+        ("d", 1001, 51),
+        ("d/s", 1002, 52),
+        ("l", 1003, 53),
+        ("p", 1004, 54),
+    ];
+    for (p, uid, gid) in owners {
+        std::os::unix::fs::lchown(src.join(p), Some(uid), Some(gid)).expect("chown");
+    }
+    fs::set_permissions(src.join("d/s"), fs::Permissions::from_mode(0o4755)).expect("chmod");
+    let cap = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    trees::set_xattr(&src.join("d/s"), c"security.capability", &cap).expect("setcap");
+    let img = t.path().join("disk.img");
+    mkfs_ext4(&src, &img, 8);
+    let agent = Agent::builder().image("disk0", &img).start();
+
+    let out = t.path().join("out");
+    let done = ok(client(
+        &agent,
+        &[
+            "--output",
+            "json",
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/",
+            "-o",
+            out.to_str().expect("utf8"),
+        ],
+    ));
+    assert_eq!(json(&done)["owners_failed"].as_u64(), Some(0));
+    for (p, uid, gid) in owners {
+        let m = fs::symlink_metadata(out.join(p)).expect("stat");
+        assert_eq!((m.uid(), m.gid()), (uid, gid), "{p}");
+    }
+    let s = fs::metadata(out.join("d/s")).expect("stat");
+    assert_eq!(
+        s.mode() & 0o7777,
+        0o4755,
+        "the setuid bit outlives the chown"
+    );
+    assert_eq!(
+        trees::kernel_xattrs(&out.join("d/s")),
+        vec![(b"security.capability".to_vec(), cap.to_vec())],
+        "so does the capability"
+    );
+    let one = t.path().join("one");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/a",
+            "-o",
+            one.to_str().expect("utf8"),
+        ],
+    ));
+    let m = fs::metadata(one.join("a")).expect("stat");
+    assert_eq!((m.uid(), m.gid()), (1000, 50));
+
+    let mine = t.path().join("mine");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/",
+            "--no-same-owner",
+            "-o",
+            mine.to_str().expect("utf8"),
+        ],
+    ));
+    for (p, _, _) in owners {
+        let m = fs::symlink_metadata(mine.join(p)).expect("stat");
+        assert_eq!((m.uid(), m.gid()), (0, 0), "{p}");
+    }
+}
+
 /// `ls -R` of an ext4 volume with one damaged directory (its block
 /// overwritten with noise): the rest of the tree is listed, the damaged
 /// one is named on stderr (and under `errors` in JSON), and the exit

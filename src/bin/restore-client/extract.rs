@@ -30,11 +30,11 @@ use serde_json::{json, Value};
 
 use crate::archive_check::ArchiveCheck;
 use crate::fmt;
+use crate::meta::{self, Attrs, MetaStats, Owner};
 use crate::newfile::{place_node, NewFile};
 use crate::remote::{data_stdout, stat_entry, stat_with_xattrs, Entry, FileArgs};
 use crate::sparse::SparseFile;
 use crate::untar::{Top, Unpacker};
-use crate::xattrs::{self, Attrs, XattrStats};
 use crate::{Global, Outcome};
 
 #[derive(Args, Debug)]
@@ -64,6 +64,11 @@ pub struct ExtractArgs {
     /// written into the tar archive
     #[arg(long)]
     no_xattrs: bool,
+    /// Leave files owned by the user running the command; as root they
+    /// otherwise get their owners from the backup (numeric uid and gid),
+    /// as with tar
+    #[arg(long)]
+    no_same_owner: bool,
 }
 
 /// Files being written right now, all removed if the command fails or is
@@ -175,13 +180,18 @@ pub async fn run(
     let partial = Partial::default();
     let work = async {
         if let Some(dir) = &args.dir {
-            let xattrs = !args.no_xattrs;
+            // SAFETY: geteuid has no preconditions.
+            let root = unsafe { libc::geteuid() } == 0;
+            let keep = Keep {
+                xattrs: !args.no_xattrs,
+                owners: root && !args.no_same_owner,
+            };
             to_dir(
                 session,
                 &args.file.file_ref(),
                 dir,
                 args.force,
-                xattrs,
+                keep,
                 &partial,
             )
             .await
@@ -474,7 +484,17 @@ pub(crate) struct Stats {
     pub(crate) failed: Vec<(i32, String)>,
     /// how many could not be read in all
     pub(crate) failed_count: u64,
-    pub(crate) xattrs: XattrStats,
+    /// owners and extended attributes
+    pub(crate) meta: MetaStats,
+}
+
+/// What `extract -o` gives its files besides modes and mtimes.
+#[derive(Clone, Copy)]
+pub(crate) struct Keep {
+    /// extended attributes
+    pub(crate) xattrs: bool,
+    /// owners (as root)
+    pub(crate) owners: bool,
 }
 
 /// Special files skipped that are named in the report (a hostile stream of
@@ -511,10 +531,10 @@ async fn to_dir(
     root: &FileRef,
     dir: &Path,
     force: bool,
-    xattrs: bool,
+    keep: Keep,
     partial: &Partial,
 ) -> Result<Outcome, ClientError> {
-    let root_value = match xattrs {
+    let root_value = match keep.xattrs {
         true => stat_with_xattrs(session, root).await?,
         false => stat_entry(session, root, false).await?,
     };
@@ -551,13 +571,21 @@ async fn to_dir(
             dir,
             top,
             force,
-            xattrs,
+            keep,
             partial,
             bar.clone(),
         )
         .await
     } else {
-        let attrs = xattrs::of_stat(&root_value)?;
+        let attrs = meta::of_stat(&root_value)?;
+        let owner = keep
+            .owners
+            .then(|| {
+                u32::try_from(root_entry.uid)
+                    .ok()
+                    .zip(u32::try_from(root_entry.gid).ok())
+            })
+            .flatten();
         let one = single(
             session,
             root,
@@ -565,7 +593,7 @@ async fn to_dir(
             dir,
             &top,
             &root_entry,
-            &attrs,
+            (owner, &attrs),
             force,
             partial,
             bar.clone(),
@@ -583,11 +611,11 @@ async fn to_dir(
     }
     // After a failure too, as tar does: the directories made so far get
     // their modes and mtimes, not the 0700 they were made with.
-    let mut dir_xattrs = XattrStats::default();
-    let finished = finish_dirs(dir, &finish, &mut dir_xattrs);
+    let mut dir_meta = MetaStats::default();
+    let finished = finish_dirs(dir, &finish, &mut dir_meta);
     let mut stats = result?;
     finished?;
-    stats.xattrs.merge(dir_xattrs);
+    stats.meta.merge(dir_meta);
     let s = &stats;
     let mut outcome = Outcome::new(
         json!({
@@ -602,8 +630,9 @@ async fn to_dir(
             "skipped_count": s.skipped_count,
             "failed": failed_json(s),
             "failed_count": s.failed_count,
-            "xattrs": s.xattrs.set,
-            "xattrs_failed": s.xattrs.failed,
+            "xattrs": s.meta.xattrs_set,
+            "xattrs_failed": s.meta.xattrs_failed,
+            "owners_failed": s.meta.owners_failed,
         }),
         format!(
             "extracted {} files, {} directories, {} symlinks, {} hard links{} ({} bytes) into {}",
@@ -634,7 +663,7 @@ async fn to_dir(
             .text
             .push_str(&format!(", {} special files skipped", s.skipped_count));
     }
-    if let Some(w) = s.xattrs.warning() {
+    if let Some(w) = s.meta.warning() {
         eprintln!(
             "{}",
             crate::fmt::printable(&crate::fmt::shortened(&w, 4096))
@@ -653,16 +682,18 @@ pub(crate) struct FinishDir {
     pub(crate) path: PathBuf,
     pub(crate) mode: u32,
     pub(crate) mtime: i64,
+    pub(crate) owner: Owner,
     pub(crate) xattrs: Attrs,
 }
 
 /// Gives the directories of `finish` (made under `dir`, in walk order) their
 /// extended attributes, modes and mtimes, deepest last made first.
-fn finish_dirs(dir: &Path, finish: &Finish, stats: &mut XattrStats) -> Result<(), ClientError> {
+fn finish_dirs(dir: &Path, finish: &Finish, stats: &mut MetaStats) -> Result<(), ClientError> {
     for FinishDir {
         path,
         mode,
         mtime,
+        owner,
         xattrs,
     } in finish.iter().rev()
     {
@@ -673,7 +704,7 @@ fn finish_dirs(dir: &Path, finish: &Finish, stats: &mut XattrStats) -> Result<()
                 _ => Err(e),
             })
             .map_err(|e| ClientError::local(format!("cannot open {}: {e}", path.display())))?;
-        xattrs::set_fd(&fd, xattrs, path, stats);
+        meta::apply_fd(&fd, *owner, xattrs, path, stats);
         set_mode_fd(&fd, *mode).map_err(|e| local_io(path, e))?;
         set_mtime_fd(&fd, *mtime).map_err(|e| local_io(path, e))?;
     }
@@ -697,7 +728,7 @@ async fn unpack_tree(
     dir: &Path,
     top: OwnedFd,
     force: bool,
-    xattrs: bool,
+    keep: Keep,
     partial: &Partial,
     bar: Option<ProgressBar>,
 ) -> (Result<Stats, ClientError>, Finish) {
@@ -707,7 +738,7 @@ async fn unpack_tree(
         extracted,
         root.display(),
         force,
-        xattrs,
+        (keep.xattrs, keep.owners),
         partial.clone(),
         bar,
     );
@@ -758,7 +789,7 @@ async fn unpack_tree(
     let mut failures = 0usize;
     let streamed = loop {
         let mut params = json!({ "format": "tar" });
-        if !xattrs {
+        if !keep.xattrs {
             params["xattrs"] = false.into();
         }
         let stream = match open_extract(session, root, params, resume.as_deref()).await {
@@ -877,7 +908,7 @@ async fn single(
     dir: &Path,
     top: &OwnedFd,
     e: &Entry,
-    attrs: &Attrs,
+    (owner, attrs): (Owner, &Attrs),
     force: bool,
     partial: &Partial,
     bar: Option<ProgressBar>,
@@ -895,7 +926,7 @@ async fn single(
                 ))
             })?;
             place_node(top, &name, &local, force, |n| symlinkat(&target, top, n))?;
-            xattrs::set_at(top, &name, attrs, &local, &mut stats.xattrs);
+            meta::apply_at(top, &name, owner, attrs, &local, &mut stats.meta);
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
             stats.symlinks += 1;
             return Ok(stats);
@@ -904,7 +935,7 @@ async fn single(
             place_node(top, &name, &local, force, |n| {
                 mkfifoat(top, n, e.mode & 0o7777)
             })?;
-            xattrs::set_at(top, &name, attrs, &local, &mut stats.xattrs);
+            meta::apply_at(top, &name, owner, attrs, &local, &mut stats.meta);
             set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
             stats.fifos = 1;
             return Ok(stats);
@@ -927,7 +958,7 @@ async fn single(
     };
     let result = result.and_then(|written| {
         let file = file.finish().map_err(|err| local_io(&local, err))?;
-        xattrs::set_fd(&file, attrs, &local, &mut stats.xattrs);
+        meta::apply_fd(&file, owner, attrs, &local, &mut stats.meta);
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
             e.mode & 0o7777,
         ))

@@ -10,6 +10,7 @@
 mod archive_check;
 mod extract;
 mod fmt;
+mod meta;
 mod newfile;
 mod remote;
 mod sparse;
@@ -17,7 +18,6 @@ mod sparsemap;
 mod store;
 mod tarframe;
 mod untar;
-mod xattrs;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

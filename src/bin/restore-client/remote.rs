@@ -760,7 +760,7 @@ async fn stat(
         };
         rows.push(vec!["target".to_string(), shown]);
     }
-    for (name, value) in crate::xattrs::of_stat(&v)? {
+    for (name, value) in crate::meta::of_stat(&v)? {
         rows.push(vec![
             "xattr".to_string(),
             format!(

@@ -30,6 +30,8 @@ pub(crate) struct Member {
     pub size: u64,
     /// permission bits (`& 0o7777`)
     pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
     pub mtime: i64,
     /// A GNU sparse 1.0 file of this real size: its data is the map of its
     /// data regions, then their bytes (see `untar`).
@@ -70,6 +72,8 @@ struct Pax {
     linkpath: Option<Vec<u8>>,
     size: Option<u64>,
     mtime: Option<i64>,
+    uid: Option<u32>,
+    gid: Option<u32>,
     /// GNU.sparse.major and .minor, as given
     sparse_version: (Option<Vec<u8>>, Option<Vec<u8>>),
     sparse_name: Option<Vec<u8>>,
@@ -324,6 +328,8 @@ impl TarFrames {
                 b"path" => pax.path = Some(value.to_vec()),
                 b"linkpath" => pax.linkpath = Some(value.to_vec()),
                 b"size" => pax.size = Some(text().and_then(|t| t.parse().ok()).ok_or_else(bad)?),
+                b"uid" => pax.uid = Some(text().and_then(|t| t.parse().ok()).ok_or_else(bad)?),
+                b"gid" => pax.gid = Some(text().and_then(|t| t.parse().ok()).ok_or_else(bad)?),
                 b"GNU.sparse.major" => pax.sparse_version.0 = Some(value.to_vec()),
                 b"GNU.sparse.minor" => pax.sparse_version.1 = Some(value.to_vec()),
                 b"GNU.sparse.name" => pax.sparse_name = Some(value.to_vec()),
@@ -416,6 +422,14 @@ impl TarFrames {
             .and_then(|m| u32::try_from(m).ok())
             .ok_or_else(|| self.corrupt("bad mode field"))?
             & 0o7777;
+        let id = |pax: Option<u32>, off: usize, what: &str| match pax {
+            Some(id) => Ok(id),
+            None => number(block, off, 8)
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| self.corrupt(what)),
+        };
+        let uid = id(pax.uid, 108, "bad uid field")?;
+        let gid = id(pax.gid, 116, "bad gid field")?;
         let link = pax
             .linkpath
             .unwrap_or_else(|| field(block, 157, 100).to_vec());
@@ -425,6 +439,8 @@ impl TarFrames {
             link,
             size,
             mode,
+            uid,
+            gid,
             mtime,
             sparse,
             xattrs: pax.xattrs,

@@ -24,11 +24,11 @@ use crate::extract::{
     local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name, set_mtime_at,
     set_mtime_fd, symlinkat, FailedMember, Finish, FinishDir, Partial, Stats,
 };
+use crate::meta::{self, Attrs, Owner};
 use crate::newfile::{place_node, NewFile};
 use crate::sparse::SparseFile;
 use crate::sparsemap::SparseMember;
 use crate::tarframe::{Member, Members, TarFrames};
-use crate::xattrs::{self, Attrs};
 
 /// The file being written.
 struct Open {
@@ -43,6 +43,7 @@ struct Open {
     size: u64,
     mode: u32,
     mtime: i64,
+    owner: Owner,
     xattrs: Attrs,
 }
 
@@ -80,6 +81,8 @@ struct Output {
     force: bool,
     /// whether members' extended attributes are set
     xattrs: bool,
+    /// whether members get their owners
+    owners: bool,
     /// bytes of them kept in `finish`
     deferred_xattrs: usize,
     partial: Partial,
@@ -106,7 +109,7 @@ impl Unpacker {
         strip: Top,
         remote: String,
         force: bool,
-        xattrs: bool,
+        (xattrs, owners): (bool, bool),
         partial: Partial,
         bar: Option<ProgressBar>,
     ) -> Self {
@@ -119,6 +122,7 @@ impl Unpacker {
                 remote,
                 force,
                 xattrs,
+                owners,
                 deferred_xattrs: 0,
                 partial,
                 bar,
@@ -171,18 +175,19 @@ impl Members for Output {
         if !self.xattrs {
             m.xattrs.clear();
         }
+        let owner = self.owners.then_some((m.uid, m.gid));
         match m.typeflag {
             b'0' | 0 | b'7' => {
                 self.file(&rel, &m)?;
                 return Ok(true);
             }
-            b'5' => self.dir_member(&rel, m.mode, m.mtime, m.xattrs)?,
-            b'2' => self.symlink(&rel, &m.link, m.mtime, &m.xattrs)?,
+            b'5' => self.dir_member(&rel, m.mode, m.mtime, owner, m.xattrs)?,
+            b'2' => self.symlink(&rel, &m.link, m.mtime, owner, &m.xattrs)?,
             b'1' => self.hardlink(&rel, &m.link)?,
             b'6' => {
                 let (fd, name, local) = self.parent_of(&rel)?;
                 place_node(&fd, &name, &local, self.force, |n| mkfifoat(&fd, n, m.mode))?;
-                xattrs::set_at(&fd, &name, &m.xattrs, &local, &mut self.stats.xattrs);
+                meta::apply_at(&fd, &name, owner, &m.xattrs, &local, &mut self.stats.meta);
                 set_mtime_at(&fd, &name, m.mtime).map_err(|e| local_io(&local, e))?;
                 self.stats.fifos += 1;
             }
@@ -249,14 +254,16 @@ impl Members for Output {
             size,
             mode,
             mtime,
+            owner,
             xattrs,
             ..
         } = open;
-        let stats = &mut self.stats.xattrs;
+        let stats = &mut self.stats.meta;
         let done = file.finish().and_then(|file| {
             // after the data (writing drops a file capability), before the
-            // mode (an ACL sets the group bits, the mode then the mask)
-            xattrs::set_fd(&file, &xattrs, &local, stats);
+            // mode (a new owner drops setuid bits, an ACL sets the group
+            // bits, the mode then the mask)
+            meta::apply_fd(&file, owner, &xattrs, &local, stats);
             file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
             set_mtime_fd(&file, mtime)
         });
@@ -363,6 +370,7 @@ impl Output {
             size: sparse.unwrap_or(m.size),
             mode: m.mode,
             mtime: m.mtime,
+            owner: self.owners.then_some((m.uid, m.gid)),
             xattrs: m.xattrs.clone(),
         });
         Ok(())
@@ -373,6 +381,7 @@ impl Output {
         rel: &[u8],
         mode: u32,
         mtime: i64,
+        owner: Owner,
         mut xattrs: Attrs,
     ) -> Result<(), ClientError> {
         let (fd, name, local) = self.parent_of(rel)?;
@@ -413,7 +422,7 @@ impl Output {
         if made || (self.force && self.forced_dirs.insert(local.clone())) {
             let bytes: usize = xattrs.iter().map(|(n, v)| n.len() + v.len()).sum();
             if self.deferred_xattrs + bytes > MAX_DEFERRED_XATTRS {
-                xattrs::set_fd(&*dir, &xattrs, &local, &mut self.stats.xattrs);
+                meta::apply_fd(&*dir, None, &xattrs, &local, &mut self.stats.meta);
                 xattrs.clear();
             } else {
                 self.deferred_xattrs += bytes;
@@ -422,6 +431,7 @@ impl Output {
                 path: local,
                 mode,
                 mtime,
+                owner,
                 xattrs,
             });
         }
@@ -434,6 +444,7 @@ impl Output {
         rel: &[u8],
         target: &[u8],
         mtime: i64,
+        owner: Owner,
         attrs: &Attrs,
     ) -> Result<(), ClientError> {
         let (fd, name, local) = self.parent_of(rel)?;
@@ -450,7 +461,7 @@ impl Output {
         place_node(&fd, &name, &local, self.force, |n| {
             symlinkat(&target, &fd, n)
         })?;
-        xattrs::set_at(&fd, &name, attrs, &local, &mut self.stats.xattrs);
+        meta::apply_at(&fd, &name, owner, attrs, &local, &mut self.stats.meta);
         set_mtime_at(&fd, &name, mtime).map_err(|e| local_io(&local, e))?;
         self.stats.symlinks += 1;
         Ok(())
@@ -515,7 +526,7 @@ mod tests {
             Top::Dir(strip.as_bytes().to_vec()),
             "/x".into(),
             false,
-            true,
+            (true, false),
             Partial::default(),
             None,
         );

@@ -1,11 +1,14 @@
-//! Sets the extended attributes the agent sends (SELinux labels, file
-//! capabilities, POSIX ACLs, user attributes) on what `extract -o` makes.
+//! Gives what `extract -o` makes the owners and the extended attributes
+//! (SELinux labels, file capabilities, POSIX ACLs, user attributes) the
+//! agent sends; modes and mtimes come after these (a change of owner drops
+//! setuid bits and capabilities, an ACL sets the group bits).
 //!
-//! An attribute that cannot be set (`trusted.*` and `security.*` need root,
-//! the local filesystem may not take them) is counted and the first failure
-//! kept for the report: the file itself is restored, as GNU tar warns and
-//! goes on. Never follows a symlink: a symlink's or FIFO's attributes are
-//! set through an `O_PATH` descriptor of the node itself.
+//! An owner or attribute that cannot be set (`trusted.*` and `security.*`
+//! need root, the local filesystem may not take it) is counted and the
+//! first failure kept for the report: the file itself is restored, as GNU
+//! tar warns and goes on. Never follows a symlink: a symlink's or FIFO's
+//! owner is set with `AT_SYMLINK_NOFOLLOW`, its attributes through an
+//! `O_PATH` descriptor of the node itself.
 
 use std::ffi::{CStr, CString};
 use std::io;
@@ -17,28 +20,34 @@ use restore_agent::client::ClientError;
 /// Extended attributes of one member: (name, value).
 pub(crate) type Attrs = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// What became of the attributes of an extraction.
+/// What became of the owners and attributes of an extraction.
 #[derive(Default)]
-pub(crate) struct XattrStats {
+pub(crate) struct MetaStats {
     /// attributes set
-    pub(crate) set: u64,
+    pub(crate) xattrs_set: u64,
     /// attributes that could not be set
-    pub(crate) failed: u64,
-    /// the first failure: path, name and why
+    pub(crate) xattrs_failed: u64,
+    /// nodes whose owner could not be set
+    pub(crate) owners_failed: u64,
+    /// the first failure: path, what and why
     pub(crate) first_failure: Option<String>,
 }
 
-impl XattrStats {
-    fn note(&mut self, local: &Path, name: &[u8], result: io::Result<()>) {
-        match result {
-            Ok(()) => self.set += 1,
-            Err(e) => {
-                self.failed += 1;
+impl MetaStats {
+    fn note(&mut self, local: &Path, what: &[u8], result: io::Result<()>, xattr: bool) {
+        match (result, xattr) {
+            (Ok(()), true) => self.xattrs_set += 1,
+            (Ok(()), false) => {}
+            (Err(e), _) => {
+                match xattr {
+                    true => self.xattrs_failed += 1,
+                    false => self.owners_failed += 1,
+                }
                 if self.first_failure.is_none() {
                     self.first_failure = Some(format!(
                         "{}: {}: {e}",
                         local.display(),
-                        crate::fmt::printable_bytes(name)
+                        crate::fmt::printable_bytes(what)
                     ));
                 }
             }
@@ -46,9 +55,10 @@ impl XattrStats {
     }
 
     /// Adds what `other` counted.
-    pub(crate) fn merge(&mut self, other: XattrStats) {
-        self.set += other.set;
-        self.failed += other.failed;
+    pub(crate) fn merge(&mut self, other: MetaStats) {
+        self.xattrs_set += other.xattrs_set;
+        self.xattrs_failed += other.xattrs_failed;
+        self.owners_failed += other.owners_failed;
         if self.first_failure.is_none() {
             self.first_failure = other.first_failure;
         }
@@ -57,16 +67,74 @@ impl XattrStats {
     /// The report line for stderr, when some could not be set.
     pub(crate) fn warning(&self) -> Option<String> {
         let first = self.first_failure.as_deref()?;
+        let mut what = Vec::new();
+        if self.owners_failed > 0 {
+            what.push(format!("{} owners", self.owners_failed));
+        }
+        if self.xattrs_failed > 0 {
+            what.push(format!(
+                "{} extended attributes ({} were)",
+                self.xattrs_failed, self.xattrs_set
+            ));
+        }
         Some(format!(
-            "restore-client: {} extended attributes could not be set ({} were), the first: {first}",
-            self.failed, self.set
+            "restore-client: {} could not be set, the first: {first}",
+            what.join(" and ")
         ))
     }
 }
 
+/// An owner to give: (uid, gid).
+pub(crate) type Owner = Option<(u32, u32)>;
+
+/// Gives the open file or directory `fd` (at `local`) its owner, if any,
+/// then its attributes.
+pub(crate) fn apply_fd(
+    fd: &impl AsRawFd,
+    owner: Owner,
+    attrs: &Attrs,
+    local: &Path,
+    stats: &mut MetaStats,
+) {
+    if let Some((uid, gid)) = owner {
+        // SAFETY: `fd` is an open descriptor.
+        let rc = unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) };
+        let what = format!("owner {uid}:{gid}");
+        stats.note(local, what.as_bytes(), check(rc), false);
+    }
+    set_fd(fd, attrs, local, stats);
+}
+
+/// Gives the node `name` in directory `dir` (a symlink or a FIFO) its
+/// owner, if any, then its attributes, never following it.
+pub(crate) fn apply_at(
+    dir: &impl AsRawFd,
+    name: &CStr,
+    owner: Owner,
+    attrs: &Attrs,
+    local: &Path,
+    stats: &mut MetaStats,
+) {
+    if let Some((uid, gid)) = owner {
+        // SAFETY: `name` is NUL-terminated and `dir` is an open directory.
+        let rc = unsafe {
+            libc::fchownat(
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                uid,
+                gid,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        let what = format!("owner {uid}:{gid}");
+        stats.note(local, what.as_bytes(), check(rc), false);
+    }
+    set_at(dir, name, attrs, local, stats);
+}
+
 /// Sets `attrs` on the open file or directory `fd` (at `local`, for the
 /// report).
-pub(crate) fn set_fd(fd: &impl AsRawFd, attrs: &Attrs, local: &Path, stats: &mut XattrStats) {
+fn set_fd(fd: &impl AsRawFd, attrs: &Attrs, local: &Path, stats: &mut MetaStats) {
     for (name, value) in attrs {
         let result = c_name(name).and_then(|n| {
             // SAFETY: `n` is NUL-terminated, `value` is valid for its length,
@@ -82,19 +150,13 @@ pub(crate) fn set_fd(fd: &impl AsRawFd, attrs: &Attrs, local: &Path, stats: &mut
             };
             check(rc)
         });
-        stats.note(local, name, result);
+        stats.note(local, name, result, true);
     }
 }
 
 /// Sets `attrs` on the node `name` in directory `dir` (a symlink or a
 /// FIFO), never following it.
-pub(crate) fn set_at(
-    dir: &impl AsRawFd,
-    name: &CStr,
-    attrs: &Attrs,
-    local: &Path,
-    stats: &mut XattrStats,
-) {
+fn set_at(dir: &impl AsRawFd, name: &CStr, attrs: &Attrs, local: &Path, stats: &mut MetaStats) {
     if attrs.is_empty() {
         return;
     }
@@ -113,7 +175,7 @@ pub(crate) fn set_at(
             let errno = io::Error::last_os_error().raw_os_error();
             for (n, _) in attrs {
                 let e = io::Error::from_raw_os_error(errno.unwrap_or(libc::EIO));
-                stats.note(local, n, Err(e));
+                stats.note(local, n, Err(e), true);
             }
             return;
         }
@@ -137,7 +199,7 @@ pub(crate) fn set_at(
             };
             check(rc)
         });
-        stats.note(local, n, result);
+        stats.note(local, n, result, true);
     }
 }
 
