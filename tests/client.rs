@@ -2424,6 +2424,18 @@ fn overwrite(img: &Path, offset: u64, bytes: &[u8]) {
         .expect("damage the image");
 }
 
+/// `restore-client --output json extract attached disk0 raw PATH EXTRA...
+/// -o DEST`, which must succeed; its JSON answer.
+fn extract_attached_json(agent: &Agent, path: &str, dest: &Path, extra: &[&str]) -> Value {
+    let dest = dest.to_str().expect("utf8");
+    let mut args = vec![
+        "--output", "json", "extract", "attached", "disk0", "raw", path,
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-o", dest]);
+    json(&ok(client(agent, &args)))
+}
+
 /// `restore-client extract attached disk0 raw / -o out_dir`.
 fn extract_attached(agent: &Agent, out_dir: &Path) -> Output {
     let dest = out_dir.to_str().expect("utf8");
@@ -2460,23 +2472,9 @@ fn extract_restores_extended_attributes() {
         .sum();
 
     let out = t.path().join("tree");
-    let done = ok(client(
-        &agent,
-        &[
-            "--output",
-            "json",
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/",
-            "-o",
-            out.to_str().expect("utf8"),
-        ],
-    ));
-    let j = json(&done);
+    let done = extract_attached_json(&agent, "/", &out, &[]);
     assert_eq!(
-        (j["xattrs"].as_u64(), j["xattrs_failed"].as_u64()),
+        (done["xattrs"].as_u64(), done["xattrs_failed"].as_u64()),
         (Some(all as u64), Some(0))
     );
     same_as_source(&out, "extract -o");
@@ -2499,37 +2497,14 @@ fn extract_restores_extended_attributes() {
         assert!(text.contains(line), "{line:?} in\n{text}");
     }
     let one = t.path().join("one");
-    ok(client(
-        &agent,
-        &[
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/f",
-            "-o",
-            one.to_str().expect("utf8"),
-        ],
-    ));
+    extract_attached_json(&agent, "/f", &one, &[]);
     assert_eq!(
         trees::kernel_xattrs(&one.join("f")),
         trees::kernel_xattrs(&src.join("f"))
     );
 
     let bare = t.path().join("bare");
-    ok(client(
-        &agent,
-        &[
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/",
-            "--no-xattrs",
-            "-o",
-            bare.to_str().expect("utf8"),
-        ],
-    ));
+    extract_attached_json(&agent, "/", &bare, &["--no-xattrs"]);
     for p in &paths {
         assert_eq!(trees::kernel_xattrs(&bare.join(&p[1..])), vec![], "{p}");
     }
@@ -2595,21 +2570,8 @@ fn extract_as_root_restores_owners() {
     let agent = Agent::builder().image("disk0", &img).start();
 
     let out = t.path().join("out");
-    let done = ok(client(
-        &agent,
-        &[
-            "--output",
-            "json",
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/",
-            "-o",
-            out.to_str().expect("utf8"),
-        ],
-    ));
-    assert_eq!(json(&done)["owners_failed"].as_u64(), Some(0));
+    let done = extract_attached_json(&agent, "/", &out, &[]);
+    assert_eq!(done["owners_failed"].as_u64(), Some(0));
     for (p, uid, gid) in owners {
         let m = fs::symlink_metadata(out.join(p)).expect("stat");
         assert_eq!((m.uid(), m.gid()), (uid, gid), "{p}");
@@ -2626,35 +2588,12 @@ fn extract_as_root_restores_owners() {
         "so does the capability"
     );
     let one = t.path().join("one");
-    ok(client(
-        &agent,
-        &[
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/a",
-            "-o",
-            one.to_str().expect("utf8"),
-        ],
-    ));
+    extract_attached_json(&agent, "/a", &one, &[]);
     let m = fs::metadata(one.join("a")).expect("stat");
     assert_eq!((m.uid(), m.gid()), (1000, 50));
 
     let mine = t.path().join("mine");
-    ok(client(
-        &agent,
-        &[
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/",
-            "--no-same-owner",
-            "-o",
-            mine.to_str().expect("utf8"),
-        ],
-    ));
+    extract_attached_json(&agent, "/", &mine, &["--no-same-owner"]);
     for (p, _, _) in owners {
         let m = fs::symlink_metadata(mine.join(p)).expect("stat");
         assert_eq!((m.uid(), m.gid()), (0, 0), "{p}");

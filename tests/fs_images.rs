@@ -3780,16 +3780,17 @@ fn xfs_db_lines(img: &Path, commands: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// The data extents of an inode of an unmounted XFS image with 4 KiB
-/// blocks, as xfs_db's `bmap` prints them: (byte offset, bytes, unwritten).
-fn xfs_bmap(img: &Path, inode: u64) -> Vec<(u64, u64, bool)> {
+/// The extents of a fork of an inode of an unmounted XFS image with 4 KiB
+/// blocks, as xfs_db's `bmap` (`bmap -a`: the attribute fork) prints them:
+/// (fork block, byte offset on the image, blocks, unwritten).
+fn xfs_fork_bmap(img: &Path, inode: u64, command: &str) -> Vec<(u64, u64, u64, bool)> {
     let agblocks: u64 = xfs_db_lines(img, &["sb 0", "print agblocks"])[0]
         .rsplit(' ')
         .next()
         .unwrap()
         .parse()
         .unwrap();
-    xfs_db_lines(img, &[&format!("inode {inode}"), "bmap"])
+    xfs_db_lines(img, &[&format!("inode {inode}"), command])
         .iter()
         .map(|l| {
             // "data offset 0 startblock 2072 (0/2072) count 256 flag 1"
@@ -3797,8 +3798,17 @@ fn xfs_bmap(img: &Path, inode: u64) -> Vec<(u64, u64, bool)> {
             let (ag, bno) = w[5].trim_matches(['(', ')']).split_once('/').unwrap();
             let block = ag.parse::<u64>().unwrap() * agblocks + bno.parse::<u64>().unwrap();
             let count: u64 = w[7].parse().unwrap();
-            (block * 4096, count * 4096, w[9] == "1")
+            (w[2].parse().unwrap(), block * 4096, count, w[9] == "1")
         })
+        .collect()
+}
+
+/// The data extents of an inode of an unmounted XFS image with 4 KiB
+/// blocks: (byte offset, bytes, unwritten).
+fn xfs_bmap(img: &Path, inode: u64) -> Vec<(u64, u64, bool)> {
+    xfs_fork_bmap(img, inode, "bmap")
+        .into_iter()
+        .map(|(_, at, count, unwritten)| (at, count * 4096, unwritten))
         .collect()
 }
 
@@ -5219,24 +5229,11 @@ fn getfattr(path: &Path) -> Attrs {
 }
 
 /// The attribute fork of an inode of an unmounted XFS image with 4 KiB
-/// blocks, as xfs_db's `bmap -a` prints it: (fork block, byte offset on the
-/// image, blocks).
+/// blocks: (fork block, byte offset on the image, blocks).
 fn xfs_attr_bmap(img: &Path, inode: u64) -> Vec<(u64, u64, u64)> {
-    let agblocks: u64 = xfs_db_lines(img, &["sb 0", "print agblocks"])[0]
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    xfs_db_lines(img, &[&format!("inode {inode}"), "bmap -a"])
-        .iter()
-        .map(|l| {
-            // "attr offset 0 startblock 15 (0/15) count 1 flag 0"
-            let w: Vec<&str> = l.split_whitespace().collect();
-            let (ag, bno) = w[5].trim_matches(['(', ')']).split_once('/').unwrap();
-            let block = ag.parse::<u64>().unwrap() * agblocks + bno.parse::<u64>().unwrap();
-            (w[2].parse().unwrap(), block * 4096, w[7].parse().unwrap())
-        })
+    xfs_fork_bmap(img, inode, "bmap -a")
+        .into_iter()
+        .map(|(block, at, count, _)| (block, at, count))
         .collect()
 }
 

@@ -135,21 +135,30 @@ pub(crate) fn apply_at(
 /// Sets `attrs` on the open file or directory `fd` (at `local`, for the
 /// report).
 fn set_fd(fd: &impl AsRawFd, attrs: &Attrs, local: &Path, stats: &mut MetaStats) {
+    set_each(attrs, local, stats, |name, value| {
+        // SAFETY: `name` is NUL-terminated, `value` is valid for its length,
+        // and `fd` is an open descriptor.
+        unsafe {
+            libc::fsetxattr(
+                fd.as_raw_fd(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        }
+    });
+}
+
+/// Sets each of `attrs` with `set` (a setxattr call), noting how it went.
+fn set_each(
+    attrs: &Attrs,
+    local: &Path,
+    stats: &mut MetaStats,
+    set: impl Fn(&CStr, &[u8]) -> libc::c_int,
+) {
     for (name, value) in attrs {
-        let result = c_name(name).and_then(|n| {
-            // SAFETY: `n` is NUL-terminated, `value` is valid for its length,
-            // and `fd` is an open descriptor.
-            let rc = unsafe {
-                libc::fsetxattr(
-                    fd.as_raw_fd(),
-                    n.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            };
-            check(rc)
-        });
+        let result = c_name(name).and_then(|n| check(set(&n, value)));
         stats.note(local, name, result, true);
     }
 }
@@ -184,23 +193,19 @@ fn set_at(dir: &impl AsRawFd, name: &CStr, attrs: &Attrs, local: &Path, stats: &
     // node itself (the link is not followed again).
     let proc = CString::new(format!("/proc/self/fd/{}", node.as_raw_fd()))
         .unwrap_or_else(|_| CString::from(c"/proc/self/fd/-1"));
-    for (n, value) in attrs {
-        let result = c_name(n).and_then(|c| {
-            // SAFETY: both strings are NUL-terminated, `value` is valid for its
-            // length.
-            let rc = unsafe {
-                libc::setxattr(
-                    proc.as_ptr(),
-                    c.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            };
-            check(rc)
-        });
-        stats.note(local, n, result, true);
-    }
+    set_each(attrs, local, stats, |name, value| {
+        // SAFETY: both strings are NUL-terminated, `value` is valid for its
+        // length.
+        unsafe {
+            libc::setxattr(
+                proc.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
+        }
+    });
 }
 
 /// The extended attributes of an `fs.stat` answer asked with `"xattrs":

@@ -567,6 +567,19 @@ impl ExtRaw {
             .ok_or_else(|| bad(format!("inode {number}: inode table location out of range")))
     }
 
+    /// Where inode `number` is: its byte in the volume, the block holding
+    /// it and its range there.
+    fn inode_bytes(&mut self, number: u32) -> Result<(u64, Rc<Vec<u8>>, Range<usize>)> {
+        let byte = self.inode_location(number)?;
+        let blk = self.block(byte / self.block_size)?;
+        let off = (byte % self.block_size) as usize;
+        let at = off..off + self.inode_size as usize;
+        if blk.get(at.clone()).is_none() {
+            return Err(bad(format!("inode {number} crosses a block")));
+        }
+        Ok((byte, blk, at))
+    }
+
     pub fn inode(&mut self, number: u32) -> Result<Inode> {
         self.read_inode(number, false)
     }
@@ -580,12 +593,8 @@ impl ExtRaw {
     /// Reads and decodes inode `number`; with `verify`, checks its crc32c
     /// when the filesystem has metadata checksums.
     fn read_inode(&mut self, number: u32, verify: bool) -> Result<Inode> {
-        let byte = self.inode_location(number)?;
-        let blk = self.block(byte / self.block_size)?;
-        let off = (byte % self.block_size) as usize;
-        let raw = blk
-            .get(off..off + self.inode_size as usize)
-            .ok_or_else(|| bad(format!("inode {number} crosses a block")))?;
+        let (byte, blk, at) = self.inode_bytes(number)?;
+        let raw = &blk[at];
         let generation = le32(raw, 0x64);
         if let (true, Some(seed)) = (verify, self.csum_seed) {
             check_inode_csum(raw, number, generation, seed)?;
@@ -1100,12 +1109,8 @@ impl ExtRaw {
     pub fn xattrs(&mut self, number: u32) -> Result<Vec<Xattr>> {
         let what = || format!("inode {number}");
         let mut list = XattrList::new(format!("ext filesystem: inode {number}"));
-        let byte = self.inode_location(number)?;
-        let blk = self.block(byte / self.block_size)?;
-        let off = (byte % self.block_size) as usize;
-        let raw = blk
-            .get(off..off + self.inode_size as usize)
-            .ok_or_else(|| bad(format!("inode {number} crosses a block")))?;
+        let (_, blk, at) = self.inode_bytes(number)?;
+        let raw = &blk[at];
         let mut file_acl = u64::from(le32(raw, 0x68));
         if self.wide_file_acl {
             file_acl |= u64::from(le16(raw, 0x76)) << 32;
