@@ -136,6 +136,7 @@ fn walk_inner(
         gid: md.gid(),
         mtime: md.mtime(),
         sparse: None,
+        mtime_ns: 0,
         xattrs: Vec::new(),
     };
     if let EntryKind::File { .. } = kind {
@@ -572,6 +573,7 @@ fn meta(path: &[u8], kind: EntryKind) -> ArchiveEntry {
         gid: 0,
         mtime: 1_700_000_000,
         sparse: None,
+        mtime_ns: 0,
         xattrs: Vec::new(),
     }
 }

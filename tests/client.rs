@@ -2532,6 +2532,62 @@ fn extract_restores_extended_attributes() {
     same_as_source(&untarred, "GNU tar -x");
 }
 
+/// Modification times come back to the nanosecond: of files, directories
+/// and symlinks with `extract -o`, of one file, and through a `--tar` that
+/// GNU tar extracts.
+#[test]
+fn extract_keeps_nanosecond_mtimes() {
+    let t = common::shm_tempdir();
+    let src = t.path().join("src");
+    fs::create_dir_all(src.join("d")).expect("mkdir");
+    fs::write(src.join("d/f"), "f").expect("write");
+    std::os::unix::fs::symlink("d/f", src.join("l")).expect("symlink");
+    let img = t.path().join("disk.img");
+    mkfs_ext4(&src, &img, 8);
+    // mke2fs -d keeps whole seconds: the nanoseconds go in with debugfs
+    let nanos = [("/d", 1u32), ("/d/f", 123_456_789), ("/l", 999_999_999)];
+    for (p, ns) in nanos {
+        run(Command::new("debugfs")
+            .args(["-w", "-R", &format!("sif {p} mtime_extra {}", ns << 2)])
+            .arg(&img));
+    }
+    let agent = Agent::builder().image("disk0", &img).start();
+    let check = |root: &Path, what: &str| {
+        for (p, ns) in nanos {
+            let m = fs::symlink_metadata(root.join(&p[1..])).expect("stat");
+            assert_eq!(m.mtime_nsec(), i64::from(ns), "{what}: {p}");
+        }
+    };
+    let out = t.path().join("out");
+    extract_attached_json(&agent, "/", &out, &[]);
+    check(&out, "extract -o");
+    let one = t.path().join("one");
+    extract_attached_json(&agent, "/d/f", &one, &[]);
+    let m = fs::metadata(one.join("f")).expect("stat");
+    assert_eq!(m.mtime_nsec(), 123_456_789);
+    let tar = t.path().join("x.tar");
+    ok(client(
+        &agent,
+        &[
+            "extract",
+            "attached",
+            "disk0",
+            "raw",
+            "/",
+            "--tar",
+            tar.to_str().expect("utf8"),
+        ],
+    ));
+    let untarred = t.path().join("untarred");
+    fs::create_dir(&untarred).expect("mkdir");
+    run(Command::new("tar")
+        .arg("-xf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&untarred));
+    check(&untarred, "GNU tar -x");
+}
+
 /// As root, `extract -o` gives what it makes the owners of the backup
 /// (numeric, as tar does for root), a setuid file keeping its bit and its
 /// capability through the change of owner; `--no-same-owner` leaves them

@@ -5104,22 +5104,40 @@ fn extended_attributes_read_as_the_kernel_lists_them() {
             .iter()
             .map(|p| kernel_xattrs(&m.mnt.join(&p[1..])))
             .collect();
+        let kernel_times: Vec<(i64, u32)> = paths
+            .iter()
+            .map(|p| std::fs::symlink_metadata(m.mnt.join(&p[1..])).unwrap())
+            .map(|st| (st.mtime(), st.mtime_nsec() as u32))
+            .collect();
         assert!(kernel_view[0].iter().any(|(_, v)| v.len() == big));
         // the kernel's view, taken while mounted, is what the image must show
         m.umount();
         let what = format!("{mkfs} {args:?}, kernel");
         let names: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
         let img = m.img.clone();
-        let got = with_fs(&img, "raw", move |fs| {
-            names
+        let (got, times) = with_fs(&img, "raw", move |fs| {
+            let times: Vec<(i64, u32)> = names
+                .iter()
+                .map(|p| fs.stat(p.as_bytes(), false).unwrap())
+                .map(|e| (e.mtime, e.mtime_ns))
+                .collect();
+            let attrs = names
                 .iter()
                 .map(|p| {
                     let x = fs.xattrs(p.as_bytes(), false).unwrap();
                     x.into_iter().map(|x| (x.name, x.value)).collect::<Vec<_>>()
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (attrs, times)
         });
         assert_eq!(got, kernel_view, "{what}");
+        // modification times to the nanosecond (none in 128-byte inodes)
+        assert_eq!(times, kernel_times, "{what}");
+        assert_eq!(
+            times.iter().any(|t| t.1 != 0),
+            !args.contains(&"128"),
+            "{what}"
+        );
     }
 
     // a flipped byte in the attribute block of /many/f (ext4 keeps its
@@ -5327,6 +5345,7 @@ fn xfs_extended_attributes_read_as_the_kernel_shows_them() {
     ];
     let mut kernel = Vec::new();
     let mut inodes = HashMap::new();
+    let mut mtimes = Vec::new();
     for name in paths {
         let mut attrs = getfattr(&p(name));
         // XFS's own ACL form, which the kernel lists to root too
@@ -5338,7 +5357,9 @@ fn xfs_extended_attributes_read_as_the_kernel_shows_them() {
             assert_eq!(raw.is_some(), attrs.contains_key(system.as_bytes()));
         }
         kernel.push((format!("/{name}"), attrs));
-        inodes.insert(name, std::fs::symlink_metadata(p(name)).unwrap().ino());
+        let st = std::fs::symlink_metadata(p(name)).unwrap();
+        inodes.insert(name, st.ino());
+        mtimes.push((st.mtime(), st.mtime_nsec() as u32));
     }
     let count = |name: &str| {
         kernel[paths.iter().position(|n| *n == name).unwrap()]
@@ -5365,13 +5386,22 @@ fn xfs_extended_attributes_read_as_the_kernel_shows_them() {
 
     let started = std::time::Instant::now();
     let kernel_paths: Vec<String> = kernel.iter().map(|(p, _)| p.clone()).collect();
-    let ours = with_fs(&img, "raw", move |fs| {
-        kernel_paths
+    let (ours, times) = with_fs(&img, "raw", move |fs| {
+        let times: Vec<_> = kernel_paths
+            .iter()
+            .map(|path| fs.stat(path.as_bytes(), false).unwrap())
+            .map(|e| (e.mtime, e.mtime_ns))
+            .collect();
+        let attrs = kernel_paths
             .iter()
             .map(|path| fs.xattrs(path.as_bytes(), false))
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        (attrs, times)
     });
     eprintln!("read in {:?}", started.elapsed());
+    // modification times to the nanosecond, as the kernel keeps them
+    assert_eq!(times, mtimes);
+    assert!(mtimes.iter().any(|t| t.1 != 0));
     for ((path, want), got) in kernel.iter().zip(ours) {
         let got = got.unwrap_or_else(|e| panic!("{path}: {e}"));
         assert_attrs(path, got, want);

@@ -599,6 +599,7 @@ fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
         uid: e.uid,
         gid: e.gid,
         mtime: e.mtime,
+        mtime_ns: e.mtime_ns,
         sparse: None,
         // a hard link's inode got them with its first name
         xattrs: match kind_is_link {

@@ -681,7 +681,7 @@ pub(crate) type Finish = Vec<FinishDir>;
 pub(crate) struct FinishDir {
     pub(crate) path: PathBuf,
     pub(crate) mode: u32,
-    pub(crate) mtime: i64,
+    pub(crate) mtime: Mtime,
     pub(crate) owner: Owner,
     pub(crate) xattrs: Attrs,
 }
@@ -927,7 +927,7 @@ async fn single(
             })?;
             place_node(top, &name, &local, force, |n| symlinkat(&target, top, n))?;
             meta::apply_at(top, &name, owner, attrs, &local, &mut stats.meta);
-            set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
+            set_mtime_at(top, &name, e.mtime()).map_err(|err| local_io(&local, err))?;
             stats.symlinks += 1;
             return Ok(stats);
         }
@@ -936,7 +936,7 @@ async fn single(
                 mkfifoat(top, n, e.mode & 0o7777)
             })?;
             meta::apply_at(top, &name, owner, attrs, &local, &mut stats.meta);
-            set_mtime_at(top, &name, e.mtime_s()).map_err(|err| local_io(&local, err))?;
+            set_mtime_at(top, &name, e.mtime()).map_err(|err| local_io(&local, err))?;
             stats.fifos = 1;
             return Ok(stats);
         }
@@ -962,7 +962,7 @@ async fn single(
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
             e.mode & 0o7777,
         ))
-        .and_then(|()| set_mtime_fd(&file, e.mtime_s()))
+        .and_then(|()| set_mtime_fd(&file, e.mtime()))
         .map_err(|err| local_io(&local, err))?;
         Ok(written)
     });
@@ -1109,21 +1109,24 @@ pub(crate) fn set_mode_fd(fd: &impl AsRawFd, mode: u32) -> io::Result<()> {
     cvt(unsafe { libc::fchmod(fd.as_raw_fd(), (mode & 0o7777) as libc::mode_t) }).map(drop)
 }
 
-fn times(mtime: i64) -> [libc::timespec; 2] {
+/// A modification time: seconds since the epoch, nanoseconds past them.
+pub(crate) type Mtime = (i64, u32);
+
+fn times((secs, nanos): Mtime) -> [libc::timespec; 2] {
     let ts = libc::timespec {
-        tv_sec: mtime as libc::time_t,
-        tv_nsec: 0,
+        tv_sec: secs as libc::time_t,
+        tv_nsec: libc::c_long::from(nanos),
     };
     [ts, ts]
 }
 
-pub(crate) fn set_mtime_fd(fd: &impl AsRawFd, mtime: i64) -> io::Result<()> {
+pub(crate) fn set_mtime_fd(fd: &impl AsRawFd, mtime: Mtime) -> io::Result<()> {
     let t = times(mtime);
     // SAFETY: valid fd and a two-element timespec array.
     cvt(unsafe { libc::futimens(fd.as_raw_fd(), t.as_ptr()) }).map(drop)
 }
 
-pub(crate) fn set_mtime_at(dir: &OwnedFd, name: &CStr, mtime: i64) -> io::Result<()> {
+pub(crate) fn set_mtime_at(dir: &OwnedFd, name: &CStr, mtime: Mtime) -> io::Result<()> {
     let t = times(mtime);
     // SAFETY: valid dir fd, NUL-terminated name and a two-element array.
     cvt(unsafe {

@@ -74,6 +74,8 @@ pub struct Entry {
     #[serde(default)]
     pub mtime: Option<serde_json::Number>,
     #[serde(default)]
+    pub mtime_ns: u32,
+    #[serde(default)]
     pub target: Option<String>,
     #[serde(default)]
     pub target_b64: Option<String>,
@@ -125,6 +127,17 @@ impl Entry {
                 .unwrap_or(0),
             None => 0,
         }
+    }
+
+    /// Modification time: seconds, and nanoseconds past them (below 10^9;
+    /// more from an agent is no time).
+    pub fn mtime(&self) -> (i64, u32) {
+        (
+            self.mtime_s(),
+            Some(self.mtime_ns)
+                .filter(|&ns| ns < 1_000_000_000)
+                .unwrap_or(0),
+        )
     }
 }
 

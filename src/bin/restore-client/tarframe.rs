@@ -33,6 +33,8 @@ pub(crate) struct Member {
     pub uid: u32,
     pub gid: u32,
     pub mtime: i64,
+    /// nanoseconds past `mtime` (a pax `mtime` with a fraction)
+    pub mtime_ns: u32,
     /// A GNU sparse 1.0 file of this real size: its data is the map of its
     /// data regions, then their bytes (see `untar`).
     pub sparse: Option<u64>,
@@ -71,7 +73,8 @@ struct Pax {
     path: Option<Vec<u8>>,
     linkpath: Option<Vec<u8>>,
     size: Option<u64>,
-    mtime: Option<i64>,
+    /// seconds and nanoseconds
+    mtime: Option<(i64, u32)>,
     uid: Option<u32>,
     gid: Option<u32>,
     /// GNU.sparse.major and .minor, as given
@@ -154,6 +157,31 @@ fn number(block: &[u8], off: usize, len: usize) -> Option<i64> {
         return Some(0);
     }
     i64::from_str_radix(text, 8).ok()
+}
+
+/// A pax time ("1700000000", "1700000000.5", "-1.25": 1.25 s before the
+/// epoch) as seconds and the nanoseconds past them (digits past the ninth
+/// dropped).
+fn pax_time(text: &str) -> Option<(i64, u32)> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let ok = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !ok(whole) || !ok(fraction) {
+        return None;
+    }
+    let secs: i64 = whole.parse().ok()?;
+    let mut ns = 0u32;
+    for (i, d) in fraction.bytes().take(9).enumerate() {
+        ns += u32::from(d - b'0') * 10u32.pow(8 - i as u32);
+    }
+    Some(match (negative, ns) {
+        (false, _) => (secs, ns),
+        (true, 0) => (-secs, 0),
+        (true, _) => (-secs - 1, 1_000_000_000 - ns),
+    })
 }
 
 fn checksum_ok(block: &[u8]) -> bool {
@@ -336,13 +364,7 @@ impl TarFrames {
                 b"GNU.sparse.realsize" => {
                     pax.sparse_realsize = Some(text().and_then(|t| t.parse().ok()).ok_or_else(bad)?)
                 }
-                b"mtime" => {
-                    let secs = text()
-                        .and_then(|t| t.split('.').next())
-                        .and_then(|t| t.parse().ok())
-                        .ok_or_else(bad)?;
-                    pax.mtime = Some(secs);
-                }
+                b"mtime" => pax.mtime = Some(text().and_then(pax_time).ok_or_else(bad)?),
                 _ => {
                     if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
                         if name.is_empty() {
@@ -414,9 +436,12 @@ impl TarFrames {
                 }
             }
         };
-        let mtime = match pax.mtime {
+        let (mtime, mtime_ns) = match pax.mtime {
             Some(t) => t,
-            None => number(block, 136, 12).ok_or_else(|| self.corrupt("bad mtime field"))?,
+            None => (
+                number(block, 136, 12).ok_or_else(|| self.corrupt("bad mtime field"))?,
+                0,
+            ),
         };
         let mode = number(block, 100, 8)
             .and_then(|m| u32::try_from(m).ok())
@@ -442,6 +467,7 @@ impl TarFrames {
             uid,
             gid,
             mtime,
+            mtime_ns,
             sparse,
             xattrs: pax.xattrs,
         };
@@ -464,6 +490,22 @@ impl TarFrames {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn pax_times_keep_their_nanoseconds() {
+        assert_eq!(pax_time("1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(
+            pax_time("1700000000.123456789"),
+            Some((1_700_000_000, 123_456_789))
+        );
+        assert_eq!(pax_time("5.5"), Some((5, 500_000_000)));
+        assert_eq!(pax_time("5.1234567891"), Some((5, 123_456_789)));
+        assert_eq!(pax_time("-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(pax_time("-3"), Some((-3, 0)));
+        for bad in ["", ".5", "1.x", "1e3", "--1", "1.-5"] {
+            assert_eq!(pax_time(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn numbers_octal_and_base256() {

@@ -22,7 +22,7 @@ use restore_agent::client::ClientError;
 
 use crate::extract::{
     local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name, set_mtime_at,
-    set_mtime_fd, symlinkat, FailedMember, Finish, FinishDir, Partial, Stats,
+    set_mtime_fd, symlinkat, FailedMember, Finish, FinishDir, Mtime, Partial, Stats,
 };
 use crate::meta::{self, Attrs, Owner};
 use crate::newfile::{place_node, NewFile};
@@ -42,7 +42,7 @@ struct Open {
     local: PathBuf,
     size: u64,
     mode: u32,
-    mtime: i64,
+    mtime: Mtime,
     owner: Owner,
     xattrs: Attrs,
 }
@@ -176,19 +176,20 @@ impl Members for Output {
             m.xattrs.clear();
         }
         let owner = self.owners.then_some((m.uid, m.gid));
+        let mtime = (m.mtime, m.mtime_ns);
         match m.typeflag {
             b'0' | 0 | b'7' => {
                 self.file(&rel, &m)?;
                 return Ok(true);
             }
-            b'5' => self.dir_member(&rel, m.mode, m.mtime, owner, m.xattrs)?,
-            b'2' => self.symlink(&rel, &m.link, m.mtime, owner, &m.xattrs)?,
+            b'5' => self.dir_member(&rel, m.mode, mtime, owner, m.xattrs)?,
+            b'2' => self.symlink(&rel, &m.link, mtime, owner, &m.xattrs)?,
             b'1' => self.hardlink(&rel, &m.link)?,
             b'6' => {
                 let (fd, name, local) = self.parent_of(&rel)?;
                 place_node(&fd, &name, &local, self.force, |n| mkfifoat(&fd, n, m.mode))?;
                 meta::apply_at(&fd, &name, owner, &m.xattrs, &local, &mut self.stats.meta);
-                set_mtime_at(&fd, &name, m.mtime).map_err(|e| local_io(&local, e))?;
+                set_mtime_at(&fd, &name, mtime).map_err(|e| local_io(&local, e))?;
                 self.stats.fifos += 1;
             }
             b'3' | b'4' => {
@@ -369,7 +370,7 @@ impl Output {
             local,
             size: sparse.unwrap_or(m.size),
             mode: m.mode,
-            mtime: m.mtime,
+            mtime: (m.mtime, m.mtime_ns),
             owner: self.owners.then_some((m.uid, m.gid)),
             xattrs: m.xattrs.clone(),
         });
@@ -380,7 +381,7 @@ impl Output {
         &mut self,
         rel: &[u8],
         mode: u32,
-        mtime: i64,
+        mtime: Mtime,
         owner: Owner,
         mut xattrs: Attrs,
     ) -> Result<(), ClientError> {
@@ -443,7 +444,7 @@ impl Output {
         &mut self,
         rel: &[u8],
         target: &[u8],
-        mtime: i64,
+        mtime: Mtime,
         owner: Owner,
         attrs: &Attrs,
     ) -> Result<(), ClientError> {

@@ -42,6 +42,9 @@ pub struct ArchiveEntry {
     pub gid: u32,
     /// Seconds since the Unix epoch (may be negative).
     pub mtime: i64,
+    /// Nanoseconds past `mtime` (tar only, as a pax `mtime` with a
+    /// fraction; below 10^9).
+    pub mtime_ns: u32,
     /// For a `File` with holes (tar only): its data regions, `(offset,
     /// length)` in order, the rest being holes; `data` then yields the
     /// regions' bytes one after another.

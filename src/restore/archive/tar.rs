@@ -71,6 +71,7 @@ impl TarWriter {
                 size: map.len() as u64 + stored,
             },
             sparse: None,
+            mtime_ns: 0,
             xattrs: Vec::new(),
             ..entry.clone()
         };
@@ -176,10 +177,28 @@ fn put_number(
     key: &str,
     value: i64,
 ) {
+    if !put_field(block, field, value) {
+        pax_record(pax, key, value.to_string().as_bytes());
+    }
+}
+
+/// Puts `value` into a numeric field, in octal if it fits (returns true),
+/// else in GNU base-256.
+fn put_field(block: &mut [u8; BLOCK], field: (usize, usize), value: i64) -> bool {
     let fits = u64::try_from(value).is_ok_and(|v| put_octal(block, field, v));
     if !fits {
         put_base256(block, field, value);
-        pax_record(pax, key, value.to_string().as_bytes());
+    }
+    fits
+}
+
+/// A time as pax writes it: seconds, a point, nine digits of fraction;
+/// before 1970 the whole value is negative (-1.25 is 1.25 s before).
+fn pax_time(secs: i64, nanos: u32) -> String {
+    if secs < 0 && nanos > 0 {
+        format!("-{}.{:09}", -(secs + 1), 1_000_000_000 - nanos)
+    } else {
+        format!("{secs}.{nanos:09}")
     }
 }
 
@@ -269,7 +288,14 @@ fn build_header(entry: &ArchiveEntry) -> ([u8; BLOCK], Vec<u8>) {
     // Sizes above i64::MAX cannot occur for real files; clamp rather than wrap.
     let size = i64::try_from(size).unwrap_or(i64::MAX);
     put_number(&mut block, &mut pax, field::SIZE, "size", size);
-    put_number(&mut block, &mut pax, field::MTIME, "mtime", entry.mtime);
+    if entry.mtime_ns == 0 {
+        put_number(&mut block, &mut pax, field::MTIME, "mtime", entry.mtime);
+    } else {
+        // the seconds for readers without pax, the exact time in pax
+        put_field(&mut block, field::MTIME, entry.mtime);
+        let exact = pax_time(entry.mtime, entry.mtime_ns);
+        pax_record(&mut pax, "mtime", exact.as_bytes());
+    }
     if let EntryKind::Char { major, minor } | EntryKind::Block { major, minor } = entry.kind {
         // No pax keyword exists for device numbers; base-256 covers any u32.
         for (f, v) in [(field::DEVMAJOR, major), (field::DEVMINOR, minor)] {
@@ -388,6 +414,7 @@ mod tests {
             gid: 1000,
             mtime: 1_700_000_000,
             sparse: None,
+            mtime_ns: 0,
             xattrs: Vec::new(),
         }
     }
@@ -407,6 +434,27 @@ mod tests {
                 "value length {vlen}"
             );
         }
+    }
+
+    #[test]
+    fn nanoseconds_go_into_a_pax_mtime() {
+        let mut e = entry(b"f", EntryKind::File { size: 0 });
+        e.mtime = 1_700_000_000;
+        e.mtime_ns = 5;
+        let (block, pax) = build_header(&e);
+        assert_eq!(
+            String::from_utf8_lossy(&pax),
+            "30 mtime=1700000000.000000005\n"
+        );
+        assert_eq!(
+            &block[136..148],
+            b"14524770400\0",
+            "the seconds in ustar too"
+        );
+        assert_eq!(pax_time(-2, 750_000_000), "-1.250000000");
+        assert_eq!(pax_time(-2, 0), "-2.000000000");
+        e.mtime_ns = 0;
+        assert!(build_header(&e).1.is_empty(), "whole seconds need no pax");
     }
 
     #[test]

@@ -432,6 +432,7 @@ mod tests {
                 gid: 0,
                 mtime: 0,
                 sparse: None,
+                mtime_ns: 0,
                 xattrs: Vec::new(),
             };
             match w.append(&entry, None) {

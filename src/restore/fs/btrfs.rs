@@ -144,6 +144,7 @@ struct Inode {
     rdev: u64,
     flags: u64,
     mtime: i64,
+    mtime_ns: u32,
 }
 
 impl Inode {
@@ -157,6 +158,9 @@ impl Inode {
             rdev: le64(b, 56),
             flags: le64(b, 64),
             mtime: le64(b, 136) as i64,
+            mtime_ns: Some(le32(b, 144))
+                .filter(|&ns| ns < 1_000_000_000)
+                .unwrap_or(0),
         })
     }
 
@@ -177,6 +181,7 @@ impl Inode {
             uid: self.uid,
             gid: self.gid,
             mtime: self.mtime,
+            mtime_ns: self.mtime_ns,
             inode: ino,
             nlink: u64::from(self.nlink),
             // the kernel's own dev_t: 12-bit major above a 20-bit minor
@@ -253,6 +258,7 @@ impl BtrfsBackend {
                 rdev: 0,
                 flags: 0,
                 mtime: 0,
+                mtime_ns: 0,
             });
         }
         let (_, item) = self
@@ -651,6 +657,7 @@ impl Backend for BtrfsBackend {
             let ino = match self.inode(node) {
                 Ok(ino) if node.ino == EMPTY_SUBVOL_DIR => Inode {
                     mtime: this.mtime,
+                    mtime_ns: this.mtime_ns,
                     ..ino
                 },
                 Ok(ino) => ino,

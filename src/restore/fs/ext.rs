@@ -125,6 +125,7 @@ struct Attrs {
     uid: u32,
     gid: u32,
     mtime: i64,
+    mtime_ns: u32,
     nlink: u64,
     rdev: Option<Device>,
 }
@@ -143,6 +144,7 @@ fn ext_child(name: Vec<u8>, number: u32, a: Attrs, link: Option<Vec<u8>>) -> Chi
         uid: a.uid,
         gid: a.gid,
         mtime: a.mtime,
+        mtime_ns: a.mtime_ns,
         inode: u64::from(number),
         nlink: a.nlink,
         rdev: a.rdev,
@@ -191,6 +193,7 @@ impl ExtBackend {
             uid: ino.uid,
             gid: ino.gid,
             mtime: ino.mtime,
+            mtime_ns: ino.mtime_ns,
             nlink: u64::from(ino.links),
             rdev: matches!(kind, EntryType::Char | EntryType::Block).then(|| ino.device()),
         })

@@ -31,6 +31,8 @@ const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
 const EXT4_ENCRYPT_FL: u32 = 0x800;
 const EXT4_CASEFOLD_FL: u32 = 0x4000_0000;
+/// Nanoseconds in a second.
+const NANOS: u32 = 1_000_000_000;
 /// The inode holds the value of an extended attribute (ea_inode).
 const EXT4_EA_INODE_FL: u32 = 0x20_0000;
 const INCOMPAT_64BIT: u32 = 0x80;
@@ -145,6 +147,8 @@ pub struct Inode {
     pub gid: u32,
     /// seconds since the epoch, with the extra epoch bits when present
     pub mtime: i64,
+    /// nanoseconds past `mtime`, from the extra field when present
+    pub mtime_ns: u32,
     pub generation: u32,
     /// where the data is, when the inode keeps it itself (inline_data)
     pub inline: Option<InlineData>,
@@ -608,8 +612,12 @@ impl ExtRaw {
             GOOD_OLD_INODE_SIZE
         };
         let mut mtime = i64::from(le32(raw, 0x10) as i32);
+        let mut mtime_ns = 0;
         if extra >= 0x8C {
-            mtime += i64::from(le32(raw, 0x88) & 3) << 32;
+            let extra_time = le32(raw, 0x88);
+            mtime += i64::from(extra_time & 3) << 32;
+            // 30 bits hold more than a second: past it the field is damage
+            mtime_ns = Some(extra_time >> 2).filter(|&ns| ns < NANOS).unwrap_or(0);
         }
         let flags = le32(raw, 0x20);
         let inline = (flags & EXT4_INLINE_DATA_FL != 0).then(|| {
@@ -629,6 +637,7 @@ impl ExtRaw {
             uid: u32::from(le16(raw, 0x02)) | (u32::from(le16(raw, 0x78)) << 16),
             gid: u32::from(le16(raw, 0x18)) | (u32::from(le16(raw, 0x7A)) << 16),
             mtime,
+            mtime_ns,
             generation,
             inline,
         })
@@ -1506,6 +1515,7 @@ mod tests {
             uid: 0,
             gid: 0,
             mtime: 0,
+            mtime_ns: 0,
             generation: 0,
             inline: None,
         };

@@ -252,6 +252,8 @@ fn meta_of(e: &fatfs::DirEntry<'_, FatCursor>) -> Meta {
         uid: 0,
         gid: 0,
         mtime: unix_time(e.modified()),
+        // FAT keeps modification times to 2 seconds
+        mtime_ns: 0,
         inode: 0,
         nlink: 1,
         rdev: None,
@@ -272,6 +274,7 @@ impl<'a> Backend for FatBackend<'a> {
                 uid: 0,
                 gid: 0,
                 mtime: 0,
+                mtime_ns: 0,
                 inode: 0,
                 nlink: 1,
                 rdev: None,

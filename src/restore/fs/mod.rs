@@ -87,6 +87,8 @@ pub struct Entry {
     pub gid: u32,
     /// seconds since the Unix epoch
     pub mtime: i64,
+    /// nanoseconds past `mtime` (0 where the filesystem keeps none)
+    pub mtime_ns: u32,
     /// symlink target, lossy UTF-8
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
@@ -118,6 +120,9 @@ pub struct Meta {
     pub gid: u32,
     /// seconds since the Unix epoch
     pub mtime: i64,
+    /// nanoseconds past `mtime`, below 10^9 (0 where the filesystem keeps
+    /// none)
+    pub mtime_ns: u32,
     /// inode or file record number; 0 where the filesystem has none (FAT)
     pub inode: u64,
     pub nlink: u64,
@@ -156,6 +161,7 @@ impl Entry {
             uid: meta.uid,
             gid: meta.gid,
             mtime: meta.mtime,
+            mtime_ns: meta.mtime_ns,
             target: None,
             target_b64: None,
             inode: meta.inode,

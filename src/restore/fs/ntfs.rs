@@ -139,6 +139,11 @@ fn unix_time(nt: u64) -> i64 {
     (nt / 10_000_000) as i64 - NT_TO_UNIX
 }
 
+/// The nanoseconds past [`unix_time`] of an NT time (100 ns units).
+fn nanos(nt: u64) -> u32 {
+    (nt % 10_000_000) as u32 * 100
+}
+
 pub struct NtfsBackend {
     ntfs: Ntfs,
     cur: DiskCursor,
@@ -639,6 +644,7 @@ fn meta_of(
         uid: 0,
         gid: 0,
         mtime: unix_time(info.modification_time().nt_timestamp()),
+        mtime_ns: nanos(info.modification_time().nt_timestamp()),
         inode: record,
         nlink: u64::from(file.hard_link_count()).max(1),
         rdev: device.map(|(_, number)| number),

@@ -209,6 +209,7 @@ impl<N> Child<N> {
                 uid: 0,
                 gid: 0,
                 mtime: 0,
+                mtime_ns: 0,
                 inode,
                 nlink: 0,
                 rdev: None,
@@ -1045,6 +1046,7 @@ mod tests {
             uid: u32::MAX,
             gid: u32::MAX,
             mtime: i64::MIN,
+            mtime_ns: u32::MAX,
             inode: u64::MAX,
             nlink: u64::MAX,
             rdev: Some(Device {

@@ -350,6 +350,7 @@ struct Inode {
     gid: u32,
     nlink: u64,
     mtime: i64,
+    mtime_ns: u32,
     size: u64,
     nextents: u64,
     flags: u16,
@@ -391,6 +392,7 @@ impl Inode {
             uid: self.uid,
             gid: self.gid,
             mtime: self.mtime,
+            mtime_ns: self.mtime_ns,
             inode: self.number,
             nlink: self.nlink,
             rdev: matches!(kind, EntryType::Char | EntryType::Block).then(|| self.device()),
@@ -502,10 +504,18 @@ impl XfsBackend {
             return Err(bad("its attribute fork starts past its end"));
         }
         let flags2 = if version == 3 { be64(&b, 120) } else { 0 };
-        let mtime = if flags2 & DIFLAG2_BIGTIME != 0 {
-            (be64(&b, 40) / 1_000_000_000) as i64 - BIGTIME_EPOCH_OFFSET
+        let (mtime, mtime_ns) = if flags2 & DIFLAG2_BIGTIME != 0 {
+            let ns = be64(&b, 40);
+            (
+                (ns / 1_000_000_000) as i64 - BIGTIME_EPOCH_OFFSET,
+                (ns % 1_000_000_000) as u32,
+            )
         } else {
-            i64::from(be32(&b, 40) as i32)
+            let ns = be32(&b, 44);
+            (
+                i64::from(be32(&b, 40) as i32),
+                if ns < 1_000_000_000 { ns } else { 0 },
+            )
         };
         // (with large extent counters, the attribute fork's count takes the
         // 32 bits at 76 the data fork's leaves)
@@ -528,6 +538,7 @@ impl XfsBackend {
                 u64::from(be32(&b, 16))
             },
             mtime,
+            mtime_ns,
             size: be64(&b, 56),
             nextents,
             flags: be16(&b, 90),
