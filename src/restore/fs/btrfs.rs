@@ -38,7 +38,7 @@ use crate::restore::fs::budget::Charge;
 use crate::restore::fs::lzo;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::xattr::XattrList;
-use crate::restore::fs::{Device, EntryType, Extent, Meta, Xattr};
+use crate::restore::fs::{epoch_nanos, Device, EntryType, Extent, Meta, Xattr};
 use crate::restore::probe::{FsKind, Probe};
 use crate::store::blob;
 
@@ -145,6 +145,8 @@ struct Inode {
     flags: u64,
     mtime: i64,
     mtime_ns: u32,
+    /// otime, in nanoseconds since the epoch
+    born: u64,
 }
 
 impl Inode {
@@ -161,6 +163,7 @@ impl Inode {
             mtime_ns: Some(le32(b, 144))
                 .filter(|&ns| ns < 1_000_000_000)
                 .unwrap_or(0),
+            born: epoch_nanos(le64(b, 148) as i64, le32(b, 156).min(999_999_999)),
         })
     }
 
@@ -182,6 +185,7 @@ impl Inode {
             gid: self.gid,
             mtime: self.mtime,
             mtime_ns: self.mtime_ns,
+            born: self.born,
             inode: ino,
             nlink: u64::from(self.nlink),
             // the kernel's own dev_t: 12-bit major above a 20-bit minor
@@ -259,6 +263,7 @@ impl BtrfsBackend {
                 flags: 0,
                 mtime: 0,
                 mtime_ns: 0,
+                born: 0,
             });
         }
         let (_, item) = self

@@ -126,6 +126,7 @@ struct Attrs {
     gid: u32,
     mtime: i64,
     mtime_ns: u32,
+    born: u64,
     nlink: u64,
     rdev: Option<Device>,
 }
@@ -145,6 +146,7 @@ fn ext_child(name: Vec<u8>, number: u32, a: Attrs, link: Option<Vec<u8>>) -> Chi
         gid: a.gid,
         mtime: a.mtime,
         mtime_ns: a.mtime_ns,
+        born: a.born,
         inode: u64::from(number),
         nlink: a.nlink,
         rdev: a.rdev,
@@ -194,6 +196,7 @@ impl ExtBackend {
             gid: ino.gid,
             mtime: ino.mtime,
             mtime_ns: ino.mtime_ns,
+            born: ino.born,
             nlink: u64::from(ino.links),
             rdev: matches!(kind, EntryType::Char | EntryType::Block).then(|| ino.device()),
         })

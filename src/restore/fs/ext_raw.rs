@@ -25,7 +25,7 @@ use crate::restore::disk::{read_exact_at, Disk};
 use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_xattr;
 use crate::restore::fs::xattr::XattrList;
-use crate::restore::fs::{Device, Extent, Xattr};
+use crate::restore::fs::{epoch_nanos, Device, Extent, Xattr};
 
 const EXT4_EXTENTS_FL: u32 = 0x80000;
 const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
@@ -149,6 +149,8 @@ pub struct Inode {
     pub mtime: i64,
     /// nanoseconds past `mtime`, from the extra field when present
     pub mtime_ns: u32,
+    /// creation time (nanoseconds since the epoch; 0 in small inodes)
+    pub born: u64,
     pub generation: u32,
     /// where the data is, when the inode keeps it itself (inline_data)
     pub inline: Option<InlineData>,
@@ -619,6 +621,14 @@ impl ExtRaw {
             // 30 bits hold more than a second: past it the field is damage
             mtime_ns = Some(extra_time >> 2).filter(|&ns| ns < NANOS).unwrap_or(0);
         }
+        // i_crtime and its extra word, when the extra part reaches them
+        let born = if extra >= 0x98 {
+            let extra_time = le32(raw, 0x94);
+            let secs = i64::from(le32(raw, 0x90) as i32) + (i64::from(extra_time & 3) << 32);
+            epoch_nanos(secs, (extra_time >> 2).min(NANOS - 1))
+        } else {
+            0
+        };
         let flags = le32(raw, 0x20);
         let inline = (flags & EXT4_INLINE_DATA_FL != 0).then(|| {
             let tail = inline_tail(raw, extra).unwrap_or(0..0);
@@ -638,6 +648,7 @@ impl ExtRaw {
             gid: u32::from(le16(raw, 0x18)) | (u32::from(le16(raw, 0x7A)) << 16),
             mtime,
             mtime_ns,
+            born,
             generation,
             inline,
         })
@@ -1516,6 +1527,7 @@ mod tests {
             gid: 0,
             mtime: 0,
             mtime_ns: 0,
+            born: 0,
             generation: 0,
             inline: None,
         };

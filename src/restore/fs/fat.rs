@@ -254,6 +254,8 @@ fn meta_of(e: &fatfs::DirEntry<'_, FatCursor>) -> Meta {
         mtime: unix_time(e.modified()),
         // FAT keeps modification times to 2 seconds
         mtime_ns: 0,
+        // clusters are taken in order: names order the walk well enough
+        born: 0,
         inode: 0,
         nlink: 1,
         rdev: None,
@@ -275,6 +277,7 @@ impl<'a> Backend for FatBackend<'a> {
                 gid: 0,
                 mtime: 0,
                 mtime_ns: 0,
+                born: 0,
                 inode: 0,
                 nlink: 1,
                 rdev: None,

@@ -123,11 +123,24 @@ pub struct Meta {
     /// nanoseconds past `mtime`, below 10^9 (0 where the filesystem keeps
     /// none)
     pub mtime_ns: u32,
+    /// when the node was made, in nanoseconds since the epoch (0 where the
+    /// filesystem does not say): walks visit siblings in this order, which
+    /// is mostly the order in which their data was written, and lies
+    pub born: u64,
     /// inode or file record number; 0 where the filesystem has none (FAT)
     pub inode: u64,
     pub nlink: u64,
     /// a character or block device's number (`None` for other types)
     pub rdev: Option<Device>,
+}
+
+/// A time as nanoseconds since the epoch, for ordering: 0 before it.
+pub fn epoch_nanos(secs: i64, nanos: u32) -> u64 {
+    u64::try_from(secs)
+        .ok()
+        .and_then(|s| s.checked_mul(1_000_000_000))
+        .and_then(|n| n.checked_add(u64::from(nanos)))
+        .unwrap_or(if secs < 0 { 0 } else { u64::MAX })
 }
 
 /// A device number, as `makedev(major, minor)` takes it.
@@ -238,7 +251,8 @@ pub trait FileData {
 }
 
 /// The callback of [`Filesystem::walk`]: called for each node in pre-order
-/// (a directory before its children, siblings by name bytes). `data` is
+/// (a directory before its children, siblings by inode number, then name:
+/// the order in which their data mostly lies). `data` is
 /// `Some` for regular files, hardlinks to an earlier entry included.
 /// Returning an error stops the walk with that error.
 pub type WalkVisitor<'a> = dyn FnMut(&WalkEntry, Option<&mut dyn FileData>) -> Result<()> + 'a;

@@ -645,6 +645,11 @@ fn meta_of(
         gid: 0,
         mtime: unix_time(info.modification_time().nt_timestamp()),
         mtime_ns: nanos(info.modification_time().nt_timestamp()),
+        born: info
+            .creation_time()
+            .nt_timestamp()
+            .saturating_sub(NT_TO_UNIX as u64 * 10_000_000)
+            .saturating_mul(100),
         inode: record,
         nlink: u64::from(file.hard_link_count()).max(1),
         rdev: device.map(|(_, number)| number),

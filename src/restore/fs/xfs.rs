@@ -40,8 +40,8 @@ use crate::restore::fs::budget::Charge;
 use crate::restore::fs::ext_raw::crc32c;
 use crate::restore::fs::tree::{child_bytes, link_bytes, Backend, Child};
 use crate::restore::fs::xattr::{Xattr, XattrList};
+use crate::restore::fs::{epoch_nanos, Device, EntryType, Extent, Meta};
 use crate::restore::fs::{xfs_attr, xfs_log, xfs_replay};
-use crate::restore::fs::{Device, EntryType, Extent, Meta};
 use crate::restore::probe::{FsKind, Probe};
 
 const SB_MAGIC: &[u8; 4] = b"XFSB";
@@ -351,6 +351,8 @@ struct Inode {
     nlink: u64,
     mtime: i64,
     mtime_ns: u32,
+    /// di_crtime of v3 inodes, in nanoseconds since the epoch (0 in v2)
+    born: u64,
     size: u64,
     nextents: u64,
     flags: u16,
@@ -393,6 +395,7 @@ impl Inode {
             gid: self.gid,
             mtime: self.mtime,
             mtime_ns: self.mtime_ns,
+            born: self.born,
             inode: self.number,
             nlink: self.nlink,
             rdev: matches!(kind, EntryType::Char | EntryType::Block).then(|| self.device()),
@@ -517,6 +520,20 @@ impl XfsBackend {
                 if ns < 1_000_000_000 { ns } else { 0 },
             )
         };
+        let born = match version {
+            3 if flags2 & DIFLAG2_BIGTIME != 0 => {
+                let ns = be64(&b, 144);
+                epoch_nanos(
+                    (ns / 1_000_000_000) as i64 - BIGTIME_EPOCH_OFFSET,
+                    (ns % 1_000_000_000) as u32,
+                )
+            }
+            3 => epoch_nanos(
+                i64::from(be32(&b, 144) as i32),
+                be32(&b, 148).min(999_999_999),
+            ),
+            _ => 0,
+        };
         // (with large extent counters, the attribute fork's count takes the
         // 32 bits at 76 the data fork's leaves)
         let (nextents, anextents) = if flags2 & DIFLAG2_NREXT64 == 0 {
@@ -539,6 +556,7 @@ impl XfsBackend {
             },
             mtime,
             mtime_ns,
+            born,
             size: be64(&b, 56),
             nextents,
             flags: be16(&b, 90),
