@@ -251,8 +251,8 @@ pub trait FileData {
 }
 
 /// The callback of [`Filesystem::walk`]: called for each node in pre-order
-/// (a directory before its children, siblings by inode number, then name:
-/// the order in which their data mostly lies). `data` is
+/// (a directory before its children, siblings by creation time, inode
+/// number, then name: the order in which their data mostly lies). `data` is
 /// `Some` for regular files, hardlinks to an earlier entry included.
 /// Returning an error stops the walk with that error.
 pub type WalkVisitor<'a> = dyn FnMut(&WalkEntry, Option<&mut dyn FileData>) -> Result<()> + 'a;
