@@ -2424,6 +2424,25 @@ fn overwrite(img: &Path, offset: u64, bytes: &[u8]) {
         .expect("damage the image");
 }
 
+/// `restore-client extract attached disk0 raw / --tar DIR/x.tar`, then
+/// GNU `tar ARGS DIR/x.tar -C DIR/untarred`; returns DIR/untarred.
+fn through_gnu_tar(agent: &Agent, dir: &Path, tar_args: &[&str]) -> PathBuf {
+    let tar = dir.join("x.tar");
+    let dest = tar.to_str().expect("utf8");
+    ok(client(
+        agent,
+        &["extract", "attached", "disk0", "raw", "/", "--tar", dest],
+    ));
+    let untarred = dir.join("untarred");
+    fs::create_dir(&untarred).expect("mkdir");
+    run(Command::new("tar")
+        .args(tar_args)
+        .arg(&tar)
+        .arg("-C")
+        .arg(&untarred));
+    untarred
+}
+
 /// `restore-client --output json extract attached disk0 raw PATH EXTRA...
 /// -o DEST`, which must succeed; its JSON answer.
 fn extract_attached_json(agent: &Agent, path: &str, dest: &Path, extra: &[&str]) -> Value {
@@ -2509,26 +2528,11 @@ fn extract_restores_extended_attributes() {
         assert_eq!(trees::kernel_xattrs(&bare.join(&p[1..])), vec![], "{p}");
     }
 
-    let tar = t.path().join("x.tar");
-    ok(client(
+    let untarred = through_gnu_tar(
         &agent,
-        &[
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/",
-            "--tar",
-            tar.to_str().expect("utf8"),
-        ],
-    ));
-    let untarred = t.path().join("untarred");
-    fs::create_dir(&untarred).expect("mkdir");
-    run(Command::new("tar")
-        .args(["--xattrs", "--xattrs-include=*", "--acls", "-xpf"])
-        .arg(&tar)
-        .arg("-C")
-        .arg(&untarred));
+        t.path(),
+        &["--xattrs", "--xattrs-include=*", "--acls", "-xpf"],
+    );
     same_as_source(&untarred, "GNU tar -x");
 }
 
@@ -2565,26 +2569,7 @@ fn extract_keeps_nanosecond_mtimes() {
     extract_attached_json(&agent, "/d/f", &one, &[]);
     let m = fs::metadata(one.join("f")).expect("stat");
     assert_eq!(m.mtime_nsec(), 123_456_789);
-    let tar = t.path().join("x.tar");
-    ok(client(
-        &agent,
-        &[
-            "extract",
-            "attached",
-            "disk0",
-            "raw",
-            "/",
-            "--tar",
-            tar.to_str().expect("utf8"),
-        ],
-    ));
-    let untarred = t.path().join("untarred");
-    fs::create_dir(&untarred).expect("mkdir");
-    run(Command::new("tar")
-        .arg("-xf")
-        .arg(&tar)
-        .arg("-C")
-        .arg(&untarred));
+    let untarred = through_gnu_tar(&agent, t.path(), &["-xf"]);
     check(&untarred, "GNU tar -x");
 }
 
