@@ -3666,44 +3666,30 @@ fn damaged_ntfs_records_never_panic_or_hang() {
     .collect();
     let mut next = xorshift(0x2545_F491_4F6C_DD1D);
     let damaged_img = dir.path().join("damaged.img");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let ours = panics_in(&["restore/fs/ntfs", "restore/fs/lznt1"], || {
-        for round in 0..120 {
-            let mut d = clean.clone();
-            for _ in 0..1 + next() % 8 {
-                let record = records[(next() % records.len() as u64) as usize];
-                let at = record + (next() % 1024) as usize;
-                d[at] = next() as u8;
-            }
-            std::fs::write(&damaged_img, &d).unwrap();
-            let started = std::time::Instant::now();
-            let Ok(h) = FsHandle::open(disk(&damaged_img), "raw") else {
-                continue;
-            };
-            exercise(
-                &rt,
-                &h,
-                &["/", "/c"],
-                &[
-                    "/c/text.txt",
-                    "/c/mixed.bin",
-                    "/frag0.bin",
-                    "/sparse.bin",
-                    "/link",
-                ],
-            );
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "round {round} took {:?}",
-                started.elapsed()
-            );
+    let damage = || {
+        let mut d = clean.clone();
+        for _ in 0..1 + next() % 8 {
+            let record = records[(next() % records.len() as u64) as usize];
+            let at = record + (next() % 1024) as usize;
+            d[at] = next() as u8;
         }
-    });
-    assert!(
-        ours.is_empty(),
-        "panics in the agent's NTFS code: {ours:#?}"
+        std::fs::write(&damaged_img, &d).unwrap();
+        disk(&damaged_img)
+    };
+    damage_rounds(
+        120,
+        &["restore/fs/ntfs", "restore/fs/lznt1"],
+        damage,
+        |rt, h| {
+            let files = [
+                "/c/text.txt",
+                "/c/mixed.bin",
+                "/frag0.bin",
+                "/sparse.bin",
+                "/link",
+            ];
+            exercise(rt, h, &["/", "/c"], &files);
+        },
     );
 }
 
@@ -6055,40 +6041,68 @@ fn btrfs_damaged_images_give_clear_errors() {
     assert_error(&e, ErrorKind::Corrupt, "fails its checksum");
 
     let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
-    let (mut opened, mut listed) = (0, 0);
-    let ours = panics_in(&["restore/fs/btrfs", "restore/fs/lzo"], || {
-        for round in 0..200 {
-            let mut d = Patched::new(&clean);
-            for _ in 0..1 + next() % 4 {
-                let at = nodes[(next() % nodes.len() as u64) as usize];
-                let node = d.block(at, node_size);
-                // mostly the header and the item table, where the structure is
-                let spot = if next().is_multiple_of(4) {
-                    node_size - 32
-                } else {
-                    400
-                };
-                node[32 + (next() % spot as u64) as usize] = next() as u8;
-                let s = sum(node);
-                node[..4].copy_from_slice(&s.to_le_bytes());
-            }
-            let started = std::time::Instant::now();
-            let Ok(h) = open(d) else {
-                continue;
+    let damage = || {
+        let mut d = Patched::new(&clean);
+        for _ in 0..1 + next() % 4 {
+            let at = nodes[(next() % nodes.len() as u64) as usize];
+            let node = d.block(at, node_size);
+            // mostly the header and the item table, where the structure is
+            let spot = if next().is_multiple_of(4) {
+                node_size - 32
+            } else {
+                400
             };
-            opened += 1;
-            exercise(
-                &rt,
-                &h,
-                &["/", "/many"],
-                &["/mib3.bin", "/sparse.img", "/link_long", "/many/f0299.dat"],
-            );
+            node[32 + (next() % spot as u64) as usize] = next() as u8;
+            let s = sum(node);
+            node[..4].copy_from_slice(&s.to_le_bytes());
+        }
+        Arc::new(d) as Arc<dyn Disk>
+    };
+    let mut listed = 0;
+    let opened = damage_rounds(
+        200,
+        &["restore/fs/btrfs", "restore/fs/lzo"],
+        damage,
+        |rt, h| {
+            let files = ["/mib3.bin", "/sparse.img", "/link_long", "/many/f0299.dat"];
+            exercise(rt, h, &["/", "/many"], &files);
             if rt
                 .block_on(h.run(|fs| fs.list(b"/", None, 1000)))
                 .is_ok_and(|l| l.is_ok())
             {
                 listed += 1;
             }
+        },
+    );
+    assert!(
+        opened > 20 && listed > 10,
+        "{opened} opened, {listed} listed"
+    );
+}
+
+/// Rounds of damage: each round `damage` makes a damaged disk; its raw
+/// volume, when it opens, is handed to `use_fs`, and the round must take
+/// less than 20 s. A panic in the agent's `modules` fails the test.
+/// Returns how many rounds opened their volume.
+fn damage_rounds(
+    rounds: usize,
+    modules: &'static [&'static str],
+    mut damage: impl FnMut() -> Arc<dyn Disk>,
+    mut use_fs: impl FnMut(&tokio::runtime::Runtime, &FsHandle),
+) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut opened = 0;
+    let ours = panics_in(modules, || {
+        for round in 0..rounds {
+            let d = damage();
+            let started = std::time::Instant::now();
+            let Ok(h) = FsHandle::open(d, "raw") else {
+                continue;
+            };
+            opened += 1;
+            use_fs(&rt, &h);
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "round {round} took {:?}",
@@ -6098,12 +6112,9 @@ fn btrfs_damaged_images_give_clear_errors() {
     });
     assert!(
         ours.is_empty(),
-        "panics in the agent's btrfs code: {ours:#?}"
+        "panics in the agent's {modules:?}: {ours:#?}"
     );
-    assert!(
-        opened > 20 && listed > 10,
-        "{opened} opened, {listed} listed"
-    );
+    opened
 }
 
 /// Runs `body` and returns the panics it raised in source files whose
