@@ -4,6 +4,7 @@
 //!
 //! Must never import `api`, `rpc` or `transport`, and never write to a disk.
 
+pub mod acl;
 pub mod archive;
 pub mod backups;
 pub mod disk;

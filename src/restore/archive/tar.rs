@@ -11,6 +11,7 @@
 use std::io::{self, Read};
 
 use super::{check_entry, copy_data, invalid, ArchiveEntry, ArchiveWriter, EntryKind, FinishWrite};
+use crate::restore::acl;
 
 const BLOCK: usize = 512;
 
@@ -313,11 +314,11 @@ fn build_header(entry: &ArchiveEntry) -> ([u8; BLOCK], Vec<u8>) {
         // GNU tar restores ACLs (`--acls`) from star's text records only,
         // never from their attributes
         let acl_key = match name.as_slice() {
-            b"system.posix_acl_access" => "SCHILY.acl.access",
-            b"system.posix_acl_default" => "SCHILY.acl.default",
+            acl::ACCESS => "SCHILY.acl.access",
+            acl::DEFAULT => "SCHILY.acl.default",
             _ => continue,
         };
-        if let Some(text) = acl_text(value) {
+        if let Some(text) = acl::text(value) {
             pax_record(&mut pax, acl_key, text.as_bytes());
         }
     }
@@ -329,40 +330,6 @@ fn build_header(entry: &ArchiveEntry) -> ([u8; BLOCK], Vec<u8>) {
 /// The pax key prefix of extended attributes (star's, which GNU tar and
 /// bsdtar read).
 const XATTR_KEY: &[u8] = b"SCHILY.xattr.";
-
-/// An ACL in the kernel's attribute form (version 2, then 8-byte entries
-/// of tag, permissions, id) as the short text `acl_from_text` takes
-/// (`user::rw-,user:1000:r--,group::r--,mask::r--,other::---`, ids
-/// numeric); `None` if malformed.
-fn acl_text(value: &[u8]) -> Option<String> {
-    let (version, entries) = value.split_first_chunk::<4>()?;
-    if u32::from_le_bytes(*version) != 2 || entries.is_empty() || entries.len() % 8 != 0 {
-        return None;
-    }
-    let mut parts = Vec::with_capacity(entries.len() / 8);
-    for e in entries.chunks_exact(8) {
-        let tag = u16::from_le_bytes([e[0], e[1]]);
-        let perm = u16::from_le_bytes([e[2], e[3]]);
-        let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
-        let who = match tag {
-            0x01 => "user:".to_string(),
-            0x02 => format!("user:{id}"),
-            0x04 => "group:".to_string(),
-            0x08 => format!("group:{id}"),
-            0x10 => "mask:".to_string(),
-            0x20 => "other:".to_string(),
-            _ => return None,
-        };
-        let bit = |b: u16, c: char| if perm & b != 0 { c } else { '-' };
-        parts.push(format!(
-            "{who}:{}{}{}",
-            bit(4, 'r'),
-            bit(2, 'w'),
-            bit(1, 'x')
-        ));
-    }
-    Some(parts.join(","))
-}
 
 /// The 'x' header announcing `len` bytes of pax records for member `path`.
 fn pax_header_block(path: &[u8], len: u64) -> [u8; BLOCK] {
@@ -473,10 +440,10 @@ mod tests {
             acl.extend_from_slice(&id.to_le_bytes());
         }
         assert_eq!(
-            acl_text(&acl).unwrap(),
+            acl::text(&acl).unwrap(),
             "user::rw-,user:1000:r--,group::r-x,group:50:rwx,mask::rw-,other::---"
         );
-        assert_eq!(acl_text(&acl[..acl.len() - 1]), None);
+        assert_eq!(acl::text(&acl[..acl.len() - 1]), None);
         let mut e = entry(b"f", EntryKind::File { size: 0 });
         e.xattrs = vec![
             (b"system.posix_acl_access".to_vec(), acl),

@@ -16,7 +16,8 @@
 
 use crate::error::{Error, Result};
 use crate::le::{le16, le32};
-use crate::restore::fs::xattr::{acl_from_ext4, ACL_ACCESS, ACL_DEFAULT};
+use crate::restore::acl;
+use crate::restore::fs::xattr::acl_from_ext4;
 
 /// What an attribute table and an attribute block start with.
 pub const MAGIC: u32 = 0xEA02_0000;
@@ -49,8 +50,8 @@ pub enum Value<'a> {
 fn linux_name(index: u8, name: &[u8]) -> Option<(Vec<u8>, bool)> {
     let prefix: &[u8] = match index {
         1 => b"user.",
-        2 => return name.is_empty().then(|| (ACL_ACCESS.to_vec(), true)),
-        3 => return name.is_empty().then(|| (ACL_DEFAULT.to_vec(), true)),
+        2 => return name.is_empty().then(|| (acl::ACCESS.to_vec(), true)),
+        3 => return name.is_empty().then(|| (acl::DEFAULT.to_vec(), true)),
         4 => b"trusted.",
         6 => b"security.",
         10 => b"gnu.",

@@ -10,6 +10,7 @@
 //! it bytes.
 
 use crate::error::{Error, Result};
+use crate::restore::acl;
 
 /// One extended attribute: its full name ("user.comment") and raw value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,11 +26,6 @@ pub struct Xattr {
 pub const MAX_XATTR_BYTES: usize = 1 << 20;
 /// Largest single value Linux accepts (XATTR_SIZE_MAX).
 pub const MAX_VALUE: usize = 64 * 1024;
-
-/// The name of the kernel's access ACL attribute.
-pub const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
-/// The name of the kernel's default ACL attribute (directories).
-pub const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 
 /// Collects one node's attributes within [`MAX_XATTR_BYTES`].
 pub struct XattrList {
@@ -81,44 +77,6 @@ impl XattrList {
     }
 }
 
-/// The kernel's xattr form of an ACL: version 2, then 8-byte entries of tag,
-/// permissions and id (little-endian).
-const KERNEL_ACL_VERSION: u32 = 2;
-const ACL_USER_OBJ: u16 = 0x01;
-const ACL_USER: u16 = 0x02;
-const ACL_GROUP_OBJ: u16 = 0x04;
-const ACL_GROUP: u16 = 0x08;
-const ACL_MASK: u16 = 0x10;
-const ACL_OTHER: u16 = 0x20;
-/// The id of entries that have none.
-const ACL_UNDEFINED_ID: u32 = u32::MAX;
-/// More entries than any ACL the kernel accepts (it caps them at 32 by
-/// default for ext4 and about 8,000 for XFS).
-const MAX_ACL_ENTRIES: usize = 8192;
-
-fn kernel_acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + 8 * entries.len());
-    out.extend_from_slice(&KERNEL_ACL_VERSION.to_le_bytes());
-    for &(tag, perm, id) in entries {
-        out.extend_from_slice(&tag.to_le_bytes());
-        out.extend_from_slice(&perm.to_le_bytes());
-        out.extend_from_slice(&id.to_le_bytes());
-    }
-    out
-}
-
-/// Checks the tags and permissions of decoded ACL entries.
-fn check_acl(entries: &[(u16, u16, u32)]) -> Option<()> {
-    for &(tag, perm, _) in entries {
-        let known = matches!(
-            tag,
-            ACL_USER_OBJ | ACL_USER | ACL_GROUP_OBJ | ACL_GROUP | ACL_MASK | ACL_OTHER
-        );
-        (known && perm & !7 == 0).then_some(())?;
-    }
-    (entries.len() <= MAX_ACL_ENTRIES).then_some(())
-}
-
 /// ext4's on-disk ACL (version 1; entries without an id take 4 bytes, the
 /// named user and group ones 8) in the kernel's form; `None` if malformed.
 pub fn acl_from_ext4(raw: &[u8]) -> Option<Vec<u8>> {
@@ -132,25 +90,24 @@ pub fn acl_from_ext4(raw: &[u8]) -> Option<Vec<u8>> {
         let head = raw.get(at..at + 4)?;
         let tag = u16::from_le_bytes([head[0], head[1]]);
         let perm = u16::from_le_bytes([head[2], head[3]]);
-        let id = if tag == ACL_USER || tag == ACL_GROUP {
+        let id = if tag == acl::USER || tag == acl::GROUP {
             let id = u32::from_le_bytes(raw.get(at + 4..at + 8)?.try_into().ok()?);
             at += 8;
             id
         } else {
             at += 4;
-            ACL_UNDEFINED_ID
+            acl::UNDEFINED_ID
         };
         entries.push((tag, perm, id));
     }
-    check_acl(&entries)?;
-    Some(kernel_acl(&entries))
+    acl::encode(&entries)
 }
 
 /// XFS's on-disk ACL (a big-endian count, then 12-byte entries of tag, id,
 /// permissions and padding) in the kernel's form; `None` if malformed.
 pub fn acl_from_xfs(raw: &[u8]) -> Option<Vec<u8>> {
     let count = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?) as usize;
-    if count > MAX_ACL_ENTRIES || raw.len() != 4 + 12 * count {
+    if count > acl::MAX_ENTRIES || raw.len() != 4 + 12 * count {
         return None;
     }
     let entries: Vec<(u16, u16, u32)> = raw[4..]
@@ -159,16 +116,15 @@ pub fn acl_from_xfs(raw: &[u8]) -> Option<Vec<u8>> {
             let tag = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
             let id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
             let perm = u16::from_be_bytes([e[8], e[9]]);
-            let id = if tag == u32::from(ACL_USER) || tag == u32::from(ACL_GROUP) {
+            let id = if tag == u32::from(acl::USER) || tag == u32::from(acl::GROUP) {
                 id
             } else {
-                ACL_UNDEFINED_ID
+                acl::UNDEFINED_ID
             };
             (u16::try_from(tag).unwrap_or(0), perm, id)
         })
         .collect();
-    check_acl(&entries)?;
-    Some(kernel_acl(&entries))
+    acl::encode(&entries)
 }
 
 #[cfg(test)]

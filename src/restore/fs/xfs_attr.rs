@@ -29,7 +29,8 @@ use std::fmt::Display;
 
 use crate::error::{Error, Result};
 use crate::le::{be16, be32, be64};
-use crate::restore::fs::xattr::{acl_from_xfs, XattrList, ACL_ACCESS, ACL_DEFAULT};
+use crate::restore::acl;
+use crate::restore::fs::xattr::{acl_from_xfs, XattrList};
 use crate::restore::fs::xfs::crc_ok;
 
 const ATTR_LOCAL: u8 = 0x1;
@@ -246,8 +247,8 @@ impl Fork<'_> {
             ATTR_SECURE => (b"security.", name, value),
             ATTR_ROOT => {
                 let acl = match name {
-                    b"SGI_ACL_FILE" => Some(ACL_ACCESS),
-                    b"SGI_ACL_DEFAULT" => Some(ACL_DEFAULT),
+                    b"SGI_ACL_FILE" => Some(acl::ACCESS),
+                    b"SGI_ACL_DEFAULT" => Some(acl::DEFAULT),
                     _ => None,
                 };
                 match acl {
@@ -341,7 +342,7 @@ mod tests {
             got,
             [
                 (b"security.selinux".to_vec(), b"label\0".to_vec()),
-                (ACL_ACCESS.to_vec(), kernel),
+                (acl::ACCESS.to_vec(), kernel),
                 (b"trusted.overlay".to_vec(), Vec::new()),
                 (b"user.comment".to_vec(), b"hi".to_vec()),
             ]
