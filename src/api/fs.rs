@@ -16,7 +16,8 @@ use crate::restore::archive::{
 };
 use crate::restore::disk::Layout;
 use crate::restore::fs::{
-    Device, Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry, Xattr,
+    text_and_b64, Device, Entry, EntryType, Extent, FileData, Filesystem, FsHandle, WalkEntry,
+    Xattr,
 };
 use crate::restore::volume::list_backup_volumes;
 use crate::rpc::codes::{app_error, internal, invalid_params};
@@ -151,13 +152,7 @@ struct XattrJson {
 
 impl XattrJson {
     fn new(x: &Xattr) -> XattrJson {
-        let (name, name_b64) = match std::str::from_utf8(&x.name) {
-            Ok(s) => (s.to_string(), None),
-            Err(_) => (
-                String::from_utf8_lossy(&x.name).into_owned(),
-                Some(base64_simd::STANDARD.encode_to_string(&x.name)),
-            ),
-        };
+        let (name, name_b64) = text_and_b64(&x.name);
         XattrJson {
             name,
             name_b64,

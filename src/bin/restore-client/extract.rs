@@ -32,7 +32,7 @@ use crate::archive_check::ArchiveCheck;
 use crate::fmt;
 use crate::meta::{self, Attrs, MetaStats, Owner};
 use crate::newfile::{place_node, NewFile};
-use crate::remote::{data_stdout, stat_entry, stat_with_xattrs, Entry, FileArgs};
+use crate::remote::{data_stdout, stat_entry, Entry, FileArgs};
 use crate::sparse::SparseFile;
 use crate::untar::{Top, Unpacker};
 use crate::{Global, Outcome};
@@ -534,10 +534,7 @@ async fn to_dir(
     keep: Keep,
     partial: &Partial,
 ) -> Result<Outcome, ClientError> {
-    let root_value = match keep.xattrs {
-        true => stat_with_xattrs(session, root).await?,
-        false => stat_entry(session, root, false).await?,
-    };
+    let root_value = stat_entry(session, root, false, keep.xattrs).await?;
     let root_entry = Entry::from_value(&root_value)?;
     // The name the agent resolved the path to: what the tar stream's members
     // start with. The path's last component may differ (`/d/.`, `/d/..`, or

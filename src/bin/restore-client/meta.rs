@@ -17,6 +17,8 @@ use std::path::Path;
 
 use restore_agent::client::ClientError;
 
+use crate::remote::decode_b64_or;
+
 /// Extended attributes of one member: (name, value).
 pub(crate) type Attrs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -208,28 +210,28 @@ fn set_at(dir: &impl AsRawFd, name: &CStr, attrs: &Attrs, local: &Path, stats: &
     });
 }
 
+/// One extended attribute as `fs.stat` gives it.
+#[derive(serde::Deserialize)]
+struct XattrJson {
+    name: String,
+    #[serde(default)]
+    name_b64: Option<String>,
+    value: String,
+}
+
 /// The extended attributes of an `fs.stat` answer asked with `"xattrs":
 /// true` (none when it has no such member).
 pub(crate) fn of_stat(v: &serde_json::Value) -> Result<Attrs, ClientError> {
-    let Some(list) = v.get("xattrs").and_then(serde_json::Value::as_array) else {
+    let Some(list) = v.get("xattrs").filter(|l| l.is_array()) else {
         return Ok(Vec::new());
     };
     let bad = || ClientError::local("fs.stat: a malformed extended attribute from the agent");
-    let b64 = |m: &serde_json::Value| {
-        m.as_str()
-            .and_then(|t| base64_simd::STANDARD.decode_to_vec(t).ok())
-    };
-    list.iter()
+    let list: Vec<XattrJson> = serde_json::from_value(list.clone()).map_err(|_| bad())?;
+    list.into_iter()
         .map(|x| {
-            let name = match x.get("name_b64") {
-                Some(n) => b64(n),
-                None => x
-                    .get("name")
-                    .and_then(serde_json::Value::as_str)
-                    .map(|n| n.as_bytes().to_vec()),
-            };
-            let value = x.get("value").and_then(b64);
-            name.zip(value).ok_or_else(bad)
+            let name = decode_b64_or(&x.name_b64, &x.name)?;
+            let value = decode_b64_or(&Some(x.value), "").map_err(|_| bad())?;
+            Ok((name, value))
         })
         .collect()
 }

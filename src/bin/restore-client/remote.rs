@@ -141,7 +141,7 @@ impl Entry {
     }
 }
 
-fn decode_b64_or(b64: &Option<String>, plain: &str) -> Result<Vec<u8>, ClientError> {
+pub(crate) fn decode_b64_or(b64: &Option<String>, plain: &str) -> Result<Vec<u8>, ClientError> {
     match b64 {
         Some(b) => base64_simd::STANDARD
             .decode_to_vec(b.as_bytes())
@@ -508,22 +508,19 @@ async fn list_dir(
     }
 }
 
+/// `fs.stat` of `file`, a final symlink followed when `follow`, with its
+/// extended attributes when `xattrs` (see `meta::of_stat`).
 pub async fn stat_entry(
     session: &Session,
     file: &FileRef,
     follow: bool,
+    xattrs: bool,
 ) -> Result<Value, ClientError> {
-    session
-        .call("fs.stat", file.params_with(json!({ "follow": follow })))
-        .await
-}
-
-/// `fs.stat` of `file` (a final symlink not followed) with its extended
-/// attributes (see `xattrs::of_stat`).
-pub async fn stat_with_xattrs(session: &Session, file: &FileRef) -> Result<Value, ClientError> {
-    session
-        .call("fs.stat", file.params_with(json!({ "xattrs": true })))
-        .await
+    let mut params = json!({ "follow": follow });
+    if xattrs {
+        params["xattrs"] = true.into();
+    }
+    session.call("fs.stat", file.params_with(params)).await
 }
 
 /// An entry's name for people (its exact bytes, non-UTF-8 ones escaped).
@@ -602,7 +599,7 @@ async fn ls(
         Ok(entries) => entries,
         Err(ClientError::Agent { code, .. }) if code == NOT_A_DIRECTORY => {
             // Like ls: a file argument lists itself.
-            let mut v = stat_entry(session, root, false).await?;
+            let mut v = stat_entry(session, root, false, false).await?;
             let e = Entry::from_value(&v)?;
             set_path(&mut v, root);
             let text = if long {
@@ -732,11 +729,7 @@ async fn stat(
     follow: bool,
     xattrs: bool,
 ) -> Result<Outcome, ClientError> {
-    let mut params = json!({ "follow": follow });
-    if xattrs {
-        params["xattrs"] = true.into();
-    }
-    let v: Value = session.call("fs.stat", file.params_with(params)).await?;
+    let v = stat_entry(session, file, follow, xattrs).await?;
     let e = Entry::from_value(&v)?;
     let mut rows = vec![
         vec!["path".to_string(), fmt::printable_bytes(&file.path)],
@@ -825,7 +818,7 @@ async fn blob(session: &Session, snapshot: &str, archive: &str) -> Result<Outcom
 }
 
 async fn cat(session: &Session, file: &FileRef) -> Result<Outcome, ClientError> {
-    let v = stat_entry(session, file, true).await?;
+    let v = stat_entry(session, file, true, false).await?;
     let e = Entry::from_value(&v)?;
     if e.kind == "dir" {
         // Let the agent say it, with its code (1003).

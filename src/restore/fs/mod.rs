@@ -204,7 +204,7 @@ impl Entry {
 
 /// Bytes as JSON can carry them: lossy UTF-8, plus standard base64 of the
 /// exact bytes when they are not UTF-8.
-fn text_and_b64(raw: &[u8]) -> (String, Option<String>) {
+pub fn text_and_b64(raw: &[u8]) -> (String, Option<String>) {
     match std::str::from_utf8(raw) {
         Ok(s) => (s.to_string(), None),
         Err(_) => {
