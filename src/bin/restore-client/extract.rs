@@ -735,7 +735,7 @@ async fn unpack_tree(
         extracted,
         root.display(),
         force,
-        (keep.xattrs, keep.owners),
+        keep,
         partial.clone(),
         bar,
     );

@@ -22,7 +22,7 @@ use restore_agent::client::ClientError;
 
 use crate::extract::{
     local_io, mkdirat, mkfifoat, openat_dir, replace_if_forced, safe_name, set_mtime_at,
-    set_mtime_fd, symlinkat, FailedMember, Finish, FinishDir, Mtime, Partial, Stats,
+    set_mtime_fd, symlinkat, FailedMember, Finish, FinishDir, Keep, Mtime, Partial, Stats,
 };
 use crate::meta::{self, Attrs, Owner};
 use crate::newfile::{place_node, NewFile};
@@ -79,10 +79,8 @@ struct Output {
     /// The extracted path on the agent's side, for messages.
     remote: String,
     force: bool,
-    /// whether members' extended attributes are set
-    xattrs: bool,
-    /// whether members get their owners
-    owners: bool,
+    /// what members get besides modes and mtimes
+    keep: Keep,
     /// bytes of them kept in `finish`
     deferred_xattrs: usize,
     partial: Partial,
@@ -109,7 +107,7 @@ impl Unpacker {
         strip: Top,
         remote: String,
         force: bool,
-        (xattrs, owners): (bool, bool),
+        keep: Keep,
         partial: Partial,
         bar: Option<ProgressBar>,
     ) -> Self {
@@ -121,8 +119,7 @@ impl Unpacker {
                 strip,
                 remote,
                 force,
-                xattrs,
-                owners,
+                keep,
                 deferred_xattrs: 0,
                 partial,
                 bar,
@@ -172,14 +169,14 @@ impl Members for Output {
             // The extracted directory itself: DIR stands for it.
             return Ok(false);
         };
-        if !self.xattrs {
+        if !self.keep.xattrs {
             m.xattrs.clear();
         }
-        let owner = self.owners.then_some((m.uid, m.gid));
+        let owner = self.keep.owners.then_some((m.uid, m.gid));
         let mtime = (m.mtime, m.mtime_ns);
         match m.typeflag {
             b'0' | 0 | b'7' => {
-                self.file(&rel, &m)?;
+                self.file(&rel, m, owner)?;
                 return Ok(true);
             }
             b'5' => self.dir_member(&rel, m.mode, mtime, owner, m.xattrs)?,
@@ -357,7 +354,7 @@ impl Output {
 
     /// A file member (a GNU sparse one when `m.sparse` gives its real
     /// size).
-    fn file(&mut self, rel: &[u8], m: &Member) -> Result<(), ClientError> {
+    fn file(&mut self, rel: &[u8], m: Member, owner: Owner) -> Result<(), ClientError> {
         let sparse = m.sparse;
         let (fd, name, local) = self.parent_of(rel)?;
         let (file, new) = NewFile::create(&self.partial, &fd, &name, &local, self.force)?;
@@ -371,8 +368,8 @@ impl Output {
             size: sparse.unwrap_or(m.size),
             mode: m.mode,
             mtime: (m.mtime, m.mtime_ns),
-            owner: self.owners.then_some((m.uid, m.gid)),
-            xattrs: m.xattrs.clone(),
+            owner,
+            xattrs: m.xattrs,
         });
         Ok(())
     }
@@ -527,7 +524,10 @@ mod tests {
             Top::Dir(strip.as_bytes().to_vec()),
             "/x".into(),
             false,
-            (true, false),
+            Keep {
+                xattrs: true,
+                owners: false,
+            },
             Partial::default(),
             None,
         );

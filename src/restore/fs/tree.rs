@@ -178,9 +178,10 @@ pub trait Backend {
     fn inode_scope(&self, _node: &Self::Node) -> Option<u64> {
         Some(0)
     }
-    /// The extended attributes of a node, in any order, as Linux names
-    /// them (see [`Xattr`]), collected within the bounds of
-    /// [`XattrList`](crate::restore::fs::xattr::XattrList); none by default.
+    /// The extended attributes of a node as Linux names them (see
+    /// [`Xattr`]), collected within the bounds of
+    /// [`XattrList`](crate::restore::fs::xattr::XattrList) and sorted by
+    /// its `finish`; none by default.
     fn xattrs(&mut self, _node: &Self::Node, _path: &[u8]) -> Result<Vec<Xattr>> {
         Ok(Vec::new())
     }
@@ -569,10 +570,7 @@ impl<B: Backend> Tree<B> {
     fn node_xattrs(&mut self, node: &Child<B::Node>, path: &[u8]) -> Result<Vec<Xattr>> {
         let what = self.backend.what().to_string();
         let backend = &mut self.backend;
-        let mut list = guarded(&what, path, || backend.xattrs(&node.node, path))?;
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        list.dedup_by(|a, b| a.name == b.name);
-        Ok(list)
+        guarded(&what, path, || backend.xattrs(&node.node, path))
     }
 
     fn read_node(&mut self, r: &Resolved<B::Node>, offset: u64, buf: &mut [u8]) -> Result<usize> {
