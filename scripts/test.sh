@@ -17,6 +17,8 @@ declare -A tools=(
   [pvcreate]=lvm2 [losetup]=mount [mkfs.xfs]=xfsprogs [xfs_db]=xfsprogs
   # btrfs images made from a tree and written by the kernel
   [mkfs.btrfs]=btrfs-progs [btrfs]=btrfs-progs
+  # extended attributes and ACLs set on source trees, read back after extraction
+  [setfacl]=acl [setfattr]=attr [getfattr]=attr
   # the VM image and end-to-end VM tests, the Debian package test
   [qemu-system-x86_64]=qemu-system-x86 [musl-gcc]=musl-tools [xz]=xz-utils
   [cpio]=cpio [dh]=debhelper [dpkg-buildpackage]=dpkg-dev
