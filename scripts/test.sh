@@ -19,6 +19,8 @@ declare -A tools=(
   [mkfs.btrfs]=btrfs-progs [btrfs]=btrfs-progs
   # extended attributes and ACLs set on source trees, read back after extraction
   [setfacl]=acl [setfattr]=attr [getfattr]=attr
+  # zip listings checked by Python's zipfile; a C shim built for a fault test
+  [python3]=python3 [cc]=gcc
   # the VM image and end-to-end VM tests, the Debian package test
   [qemu-system-x86_64]=qemu-system-x86 [musl-gcc]=musl-tools [xz]=xz-utils
   [cpio]=cpio [dh]=debhelper [dpkg-buildpackage]=dpkg-dev
@@ -29,6 +31,8 @@ for cmd in "${!tools[@]}"; do
     || missing+=("${tools[$cmd]}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
+  # several tools come from one package
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "installing: ${missing[*]}" >&2
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
