@@ -1348,6 +1348,11 @@ fn open_streams(c: &mut Conn) -> u64 {
     status(c)["streams"]["open"].as_u64().unwrap()
 }
 
+/// Shares of `--max-streams` taken (open streams and producers still running).
+fn streams_in_use(c: &mut Conn) -> u64 {
+    status(c)["streams"]["in_use"].as_u64().unwrap()
+}
+
 #[test]
 fn pipelined_stream_reads_are_served_in_offset_order() {
     let Some(f) = fixture() else { return };
@@ -1521,10 +1526,18 @@ fn stream_limits_and_lifetimes() {
     let (code, msg) = open_stream(&mut c2, EXT3).unwrap_err();
     assert_eq!(code, -32003, "{msg}");
     assert_eq!(open_streams(&mut c2), 32);
+    assert_eq!(streams_in_use(&mut c2), 32);
     drop(conns);
+    // the streams close with their connections at once; each share comes
+    // back once its producer stopped too (status shows both)
     assert!(common::wait_until(Duration::from_secs(5), || open_streams(
         &mut c2
     ) == 0));
+    assert!(
+        common::wait_until(Duration::from_secs(20), || streams_in_use(&mut c2) == 0),
+        "producers of closed streams keep running: {}",
+        status(&mut c2)
+    );
     open_stream(&mut c2, EXT3).unwrap();
     let r = rss(&mut c2);
     assert!(r < RSS_LIMIT, "agent RSS {r} with 33 streams opened");

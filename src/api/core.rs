@@ -68,7 +68,11 @@ fn status(agent: &Agent) -> serde_json::Value {
         "rss_bytes": rss_bytes(),
         "cache": pool.cache,
         "pool": { "workers": pool.workers, "queued": pool.queued, "reads": pool.reads, "zero_reads": pool.zero_reads },
-        "streams": { "open": agent.streams.open_count(), "max": agent.streams.max() },
+        "streams": {
+            "open": agent.streams.open_count(),
+            "in_use": agent.streams.in_use(),
+            "max": agent.streams.max(),
+        },
     })
 }
 

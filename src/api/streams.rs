@@ -244,6 +244,15 @@ impl Streams {
         self.lock().len()
     }
 
+    /// Shares of `--max-streams` taken: open streams, and closed ones whose
+    /// producer has not stopped yet (it stops at its next write, which may
+    /// come only once its filesystem is open). A new stream is refused while
+    /// this is at [`max`](Self::max).
+    pub fn in_use(&self) -> usize {
+        self.total
+            .saturating_sub(self.producers.available_permits())
+    }
+
     pub fn connection_closed(&self, conn: ConnectionId) {
         self.lock().retain(|_, s| {
             let keep = s.conn != conn.0;
