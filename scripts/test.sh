@@ -18,7 +18,7 @@ declare -A tools=(
   # btrfs images made from a tree and written by the kernel
   [mkfs.btrfs]=btrfs-progs [btrfs]=btrfs-progs
   # extended attributes and ACLs set on source trees, read back after extraction
-  [setfacl]=acl [setfattr]=attr [getfattr]=attr
+  [setfacl]=acl [setfattr]=attr
   # zip listings checked by Python's zipfile; a C shim built for a fault test
   [python3]=python3 [cc]=gcc
   # the VM image and end-to-end VM tests, the Debian package test

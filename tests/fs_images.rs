@@ -4103,22 +4103,7 @@ fn ext4_variants_match_source() {
                 }
             }
         }
-        let big_xattr = {
-            let path =
-                std::ffi::CString::new(m.mnt.join("hello.txt").as_os_str().as_bytes()).unwrap();
-            let value = vec![b'v'; 6000];
-            // SAFETY: a NUL-terminated path and name, and a buffer of the
-            // length given
-            unsafe {
-                libc::setxattr(
-                    path.as_ptr(),
-                    c"user.big".as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            }
-        };
+        let big_xattr = set_xattr(&m.mnt.join("hello.txt"), c"user.big", &[b'v'; 6000]);
         m.umount();
         let header = Command::new("dumpe2fs")
             .arg("-h")
@@ -4183,7 +4168,7 @@ fn ext4_variants_match_source() {
             for feature in ["large_dir", "ea_inode", "mmp"] {
                 assert!(header.contains(feature), "{feature}: {header}");
             }
-            assert_eq!(big_xattr, 0, "a 6,000-byte attribute");
+            assert!(big_xattr.is_ok(), "a 6,000-byte attribute: {big_xattr:?}");
         }
         let src2 = src.clone();
         let n = with_fs(&m.img, "raw", move |fs| {
@@ -4442,21 +4427,10 @@ fn churn(mnt: &Path) {
         f.sync_data().unwrap();
     }
     std::os::unix::fs::symlink("x".repeat(700), mnt.join("long-link")).unwrap();
-    let path = std::ffi::CString::new(mnt.join("hello.txt").as_os_str().as_bytes()).unwrap();
     for i in 0..30 {
         let name = std::ffi::CString::new(format!("user.note{i}")).unwrap();
-        let value = [b'v'; 100];
-        // SAFETY: both strings are NUL-terminated and live across the call
-        let r = unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                0,
-            )
-        };
-        assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+        set_xattr(&mnt.join("hello.txt"), &name, &[b'v'; 100])
+            .unwrap_or_else(|e| panic!("setxattr: {e}"));
     }
     // the files' data and the log on the disk, the metadata's home blocks
     // written back by XFS only later
@@ -5212,32 +5186,6 @@ fn extended_attributes_read_as_the_kernel_lists_them() {
     assert!(ours.is_empty(), "panics: {ours:?}");
 }
 
-/// What `getfattr -d -m - -e hex` prints for `path` (a symlink itself, not
-/// followed), by name.
-fn getfattr(path: &Path) -> Attrs {
-    let out = Command::new("getfattr")
-        .args(["--absolute-names", "-h", "-d", "-m", "-", "-e", "hex"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "getfattr {path:?}: {out:?}");
-    let mut attrs = BTreeMap::new();
-    for l in String::from_utf8(out.stdout).unwrap().lines() {
-        if l.is_empty() || l.starts_with("# file: ") {
-            continue;
-        }
-        // "user.x=0x6869"; an empty value is "user.e=0x" (or no "=")
-        let (name, hex) = l.split_once('=').unwrap_or((l, "0x"));
-        let hex = hex.strip_prefix("0x").unwrap_or_else(|| panic!("{l}"));
-        let value = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
-        attrs.insert(name.as_bytes().to_vec(), value);
-    }
-    attrs
-}
-
 /// The attribute fork of an inode of an unmounted XFS image with 4 KiB
 /// blocks: (fork block, byte offset on the image, blocks).
 fn xfs_attr_bmap(img: &Path, inode: u64) -> Vec<(u64, u64, u64)> {
@@ -5262,7 +5210,7 @@ fn attr_block_byte(map: &[(u64, u64, u64)], dablk: u64) -> u64 {
 /// (short form in the inode, a single leaf block with holes left by
 /// removals, a dabtree of node and leaf blocks, mapped by an extent B+tree
 /// when the kernel makes one) and remote values (5,000 bytes; 60 KiB over
-/// 16 blocks). Each path's attributes read as getfattr showed them mounted,
+/// 16 blocks). Each path's attributes read as the kernel lists them mounted,
 /// but for `trusted.SGI_ACL_*`, XFS's own form of the ACLs, which the kernel
 /// lists to root besides `system.posix_acl_*`: restoring both would set
 /// each ACL twice. Then a byte of a leaf block and one of a remote value
@@ -5339,7 +5287,7 @@ fn xfs_extended_attributes_read_as_the_kernel_shows_them() {
     let mut inodes = HashMap::new();
     let mut mtimes = Vec::new();
     for name in paths {
-        let mut attrs = getfattr(&p(name));
+        let mut attrs: Attrs = kernel_xattrs(&p(name)).into_iter().collect();
         // XFS's own ACL form, which the kernel lists to root too
         for (raw, system) in [
             ("trusted.SGI_ACL_FILE", "system.posix_acl_access"),

@@ -566,7 +566,6 @@ fn produce(
 /// hold (sockets).
 fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
     let e = &we.entry;
-    let kind_is_link = we.hardlink_to.is_some() && format.supports_hardlinks();
     let kind = match (&we.hardlink_to, e.kind) {
         (Some(first), _) if format.supports_hardlinks() => EntryKind::Hardlink {
             target: first.clone(),
@@ -587,6 +586,15 @@ fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
         (_, EntryType::Fifo) => EntryKind::Fifo,
         (_, EntryType::Socket) => return None,
     };
+    // a hard link's inode got them with its first name
+    let xattrs = match kind {
+        EntryKind::Hardlink { .. } => Vec::new(),
+        _ => we
+            .xattrs
+            .iter()
+            .map(|x| (x.name.clone(), x.value.clone()))
+            .collect(),
+    };
     Some(ArchiveEntry {
         path: we.path.clone(),
         kind,
@@ -596,15 +604,7 @@ fn archive_entry(we: &WalkEntry, format: Format) -> Option<ArchiveEntry> {
         mtime: e.mtime,
         mtime_ns: e.mtime_ns,
         sparse: None,
-        // a hard link's inode got them with its first name
-        xattrs: match kind_is_link {
-            true => Vec::new(),
-            false => we
-                .xattrs
-                .iter()
-                .map(|x| (x.name.clone(), x.value.clone()))
-                .collect(),
-        },
+        xattrs,
     })
 }
 

@@ -56,6 +56,15 @@ impl MetaStats {
         }
     }
 
+    /// Notes how setting owner `uid:gid` went (its name is made only for a
+    /// failure: this runs for every node).
+    fn note_owner(&mut self, local: &Path, (uid, gid): (u32, u32), result: io::Result<()>) {
+        if result.is_err() {
+            let what = format!("owner {uid}:{gid}");
+            self.note(local, what.as_bytes(), result, false);
+        }
+    }
+
     /// Adds what `other` counted.
     pub(crate) fn merge(&mut self, other: MetaStats) {
         self.xattrs_set += other.xattrs_set;
@@ -101,8 +110,7 @@ pub(crate) fn apply_fd(
     if let Some((uid, gid)) = owner {
         // SAFETY: `fd` is an open descriptor.
         let rc = unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) };
-        let what = format!("owner {uid}:{gid}");
-        stats.note(local, what.as_bytes(), check(rc), false);
+        stats.note_owner(local, (uid, gid), check(rc));
     }
     set_fd(fd, attrs, local, stats);
 }
@@ -128,8 +136,7 @@ pub(crate) fn apply_at(
                 libc::AT_SYMLINK_NOFOLLOW,
             )
         };
-        let what = format!("owner {uid}:{gid}");
-        stats.note(local, what.as_bytes(), check(rc), false);
+        stats.note_owner(local, (uid, gid), check(rc));
     }
     set_at(dir, name, attrs, local, stats);
 }

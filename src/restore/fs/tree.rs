@@ -893,12 +893,11 @@ impl Walk<'_, '_, '_> {
             }
         }
         let kids = tree.listing(node, abs).map_err(at)?;
+        // the same key a resumed walk places nodes by (`resumed_place`)
         let mut order: Vec<usize> = (0..kids.kids.len()).collect();
-        // stable: names order the children without inode numbers
-        order.sort_by_key(|&i| {
-            kids.kids
-                .get(i)
-                .map_or((0, 0), |c| (c.meta.born, c.meta.inode))
+        order.sort_by(|&a, &b| match (kids.kids.get(a), kids.kids.get(b)) {
+            (Some(a), Some(b)) => walk_key(a).cmp(&walk_key(b)),
+            _ => a.cmp(&b),
         });
         Ok(Some(WalkFrame {
             kids,
