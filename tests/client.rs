@@ -677,9 +677,9 @@ fn extract_to_a_directory_matches_the_source_tree() {
     let _ = fs::remove_dir_all(dest.join("lost+found"));
     assert_eq!(describe(&dest, true, true), describe(&fx.src, true, true));
 
-    // One file lands under its own name.
+    // One file lands under its own name, and the summary counts it as one.
     let single = out_dir.path().join("single");
-    ok(client(
+    let out = ok(client(
         &agent,
         &[
             "extract",
@@ -691,6 +691,11 @@ fn extract_to_a_directory_matches_the_source_tree() {
             single.to_str().expect("utf8"),
         ],
     ));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("extracted 1 file, 0 directories, 0 symlinks, 0 hard links ("),
+        "{said}"
+    );
     assert_eq!(
         sha256(&single.join("big.bin")),
         sha256(&fx.src.join("a/b/big.bin"))

@@ -403,7 +403,11 @@ async fn to_archive(
         partial.done(path);
     }
     let mut text = match dest {
-        Some(p) => format!("wrote {} ({} bytes, {format})", p.display(), bytes),
+        Some(p) => format!(
+            "wrote {} ({}, {format})",
+            p.display(),
+            fmt::count(bytes, "byte", "bytes")
+        ),
         None => String::new(),
     };
     let json = match dest {
@@ -632,16 +636,16 @@ async fn to_dir(
             "owners_failed": s.meta.owners_failed,
         }),
         format!(
-            "extracted {} files, {} directories, {} symlinks, {} hard links{} ({} bytes) into {}",
-            s.files,
-            s.dirs,
-            s.symlinks,
-            s.hardlinks,
+            "extracted {}, {}, {}, {}{} ({}) into {}",
+            fmt::count(s.files, "file", "files"),
+            fmt::count(s.dirs, "directory", "directories"),
+            fmt::count(s.symlinks, "symlink", "symlinks"),
+            fmt::count(s.hardlinks, "hard link", "hard links"),
             match s.fifos {
                 0 => String::new(),
-                n => format!(", {n} fifos"),
+                n => format!(", {}", fmt::count(n, "fifo", "fifos")),
             },
-            s.bytes,
+            fmt::count(s.bytes, "byte", "bytes"),
             dir.display()
         ),
     );
@@ -652,13 +656,14 @@ async fn to_dir(
         };
         let names = s.skipped.join(", ");
         eprintln!(
-            "restore-client: skipped {} special files (devices, sockets): {}{more}",
-            s.skipped_count,
+            "restore-client: skipped {} (devices, sockets): {}{more}",
+            fmt::count(s.skipped_count, "special file", "special files"),
             crate::fmt::printable(&crate::fmt::shortened(&names, 4096))
         );
-        outcome
-            .text
-            .push_str(&format!(", {} special files skipped", s.skipped_count));
+        outcome.text.push_str(&format!(
+            ", {} skipped",
+            fmt::count(s.skipped_count, "special file", "special files")
+        ));
     }
     if let Some(w) = s.meta.warning() {
         eprintln!(

@@ -103,6 +103,11 @@ pub fn size(bytes: u64) -> String {
     }
 }
 
+/// `n` and the noun: `1 file`, `2 files`, `0 files`.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM` (UTC).
 pub fn time(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -231,6 +236,13 @@ mod tests {
             shortened(&"x".repeat(10_000), 4),
             "xxxx... (10000 bytes in all)"
         );
+    }
+
+    #[test]
+    fn counts_take_the_singular_only_for_one() {
+        assert_eq!(count(0, "file", "files"), "0 files");
+        assert_eq!(count(1, "hard link", "hard links"), "1 hard link");
+        assert_eq!(count(48_000, "file", "files"), "48000 files");
     }
 
     #[test]

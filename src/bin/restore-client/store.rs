@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use restore_agent::error::Error;
 use restore_agent::store::import;
 
-use crate::Outcome;
+use crate::{fmt, Outcome};
 
 #[derive(Subcommand, Debug)]
 pub enum StoreCommand {
@@ -65,16 +65,15 @@ pub fn run_store(cmd: StoreCommand) -> Result<Outcome, Error> {
             finish(bar);
             let r = report?;
             let text = format!(
-                "imported {} as {}/{}: {} bytes in {} chunks ({} new, {} reused), \
-                 {} bytes stored, {:.1} s",
+                "imported {} as {}/{}: {} in {} ({} new, {} reused), {} stored, {:.1} s",
                 image.display(),
                 r.snapshot,
                 r.archive,
-                r.size,
-                r.chunks,
+                fmt::count(r.size, "byte", "bytes"),
+                fmt::count(r.chunks as u64, "chunk", "chunks"),
                 r.new_chunks,
                 r.reused_chunks,
-                r.stored_bytes,
+                fmt::count(r.stored_bytes, "byte", "bytes"),
                 r.seconds
             );
             Ok(Outcome {
@@ -89,14 +88,19 @@ pub fn run_store(cmd: StoreCommand) -> Result<Outcome, Error> {
             finish(bar);
             let r = report?;
             let summary = format!(
-                "verified {} snapshots, {} archives, {} chunks ({} bytes)",
-                r.snapshots, r.archives, r.chunks, r.bytes
+                "verified {}, {}, {} ({})",
+                fmt::count(r.snapshots as u64, "snapshot", "snapshots"),
+                fmt::count(r.archives as u64, "archive", "archives"),
+                fmt::count(r.chunks as u64, "chunk", "chunks"),
+                fmt::count(r.bytes, "byte", "bytes"),
             );
             let mut problems = r.errors.clone();
             if !problems.is_empty() {
-                let n = r.errors.len();
-                let noun = if n == 1 { "problem" } else { "problems" };
-                problems.push(format!("verify failed: {n} {noun}"));
+                let n = r.errors.len() as u64;
+                problems.push(format!(
+                    "verify failed: {}",
+                    fmt::count(n, "problem", "problems")
+                ));
             }
             Ok(Outcome {
                 json: to_json(&r),
