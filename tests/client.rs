@@ -459,6 +459,20 @@ fn snapshots_archives_volumes_as_json_and_tables() {
 
     let v = json(&ok(client(&agent, &["--output", "json", "status"])));
     assert_eq!(v["protocol"], 1);
+    // For people: sizes readable, seconds with their unit, nothing as `-`.
+    let out = ok(client(&agent, &["status"]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let row = |key: &str| {
+        said.lines()
+            .find_map(|l| l.strip_prefix(key).filter(|r| r.starts_with(' ')))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no {key} in {said}"))
+            .to_string()
+    };
+    assert_eq!(row("cache.capacity"), "48M (50331648)");
+    assert!(row("uptime_s").ends_with(" s"), "{said}");
+    assert!(row("rss_bytes").ends_with(')'), "{said}");
+    assert_eq!(row("protocol"), "1");
     assert_eq!(
         json(&ok(client(&agent, &["--output", "json", "ping"]))),
         "pong"

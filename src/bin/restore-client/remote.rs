@@ -246,8 +246,27 @@ fn flatten(prefix: &str, v: &Value, rows: &mut Vec<Vec<String>>) {
                 flatten(&key, v, rows);
             }
         }
-        Value::String(s) => rows.push(vec![prefix.to_string(), s.clone()]),
-        other => rows.push(vec![prefix.to_string(), other.to_string()]),
+        leaf => rows.push(vec![prefix.to_string(), status_value(prefix, leaf)]),
+    }
+}
+
+/// One `status` value for people: byte counts (`*bytes`, `*capacity`) also
+/// as sizes, seconds (`*_s`) with their unit, and none (`null`) as `-`.
+fn status_value(key: &str, v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) if key.ends_with("bytes") || key.ends_with("capacity") => {
+            match n.as_u64() {
+                Some(b) if b >= 1024 => format!("{} ({b})", fmt::size(b)),
+                _ => n.to_string(),
+            }
+        }
+        Value::Number(n) if key.ends_with("_s") => match n.as_f64() {
+            Some(s) if n.is_f64() => format!("{s:.1} s"),
+            _ => format!("{n} s"),
+        },
+        other => other.to_string(),
     }
 }
 
