@@ -722,6 +722,62 @@ fn an_unreadable_extended_boot_record_is_an_error() {
     assert_eq!(conn.call_ok("ping", None), json!("pong"));
 }
 
+/// A partition whose first chunk cannot be read is listed with that reason,
+/// not as an LVM physical volume: its unreadable sectors say nothing of an
+/// LVM label (it was named one, found by fuzzing).
+#[test]
+fn a_partition_in_a_corrupt_chunk_is_not_an_lvm_volume() {
+    let dir = scratch();
+    let store = init_store(dir.path());
+    // 16 MiB: the table in the first chunk, part 1 (no filesystem, random
+    // bytes) in the second and third
+    let img = dir.path().join("mbr.img");
+    random_image(&img, 7, 16 * MIB);
+    let mut sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&img)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sfdisk");
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\n8192,16384,83\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let snap = format!("vm/1/{T1}");
+    import(&store, &snap, "drive-scsi0.img", &img);
+    let target = json!({"snapshot": snap, "archive": DISK});
+    let part1 = |conn: &mut Conn| {
+        let listed = conn.call_ok("volume.list", Some(target.clone()));
+        let v = listed["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["volume"] == "part/1")
+            .cloned();
+        v.unwrap_or_else(|| panic!("no part/1 in {listed}"))
+    };
+    let agent = Agent::builder().datastore(&store).start();
+    let v = part1(&mut agent.connect_authed());
+    assert_eq!(v["supported"], false, "{v}");
+    assert!(v["reason"].is_string(), "{v}");
+    assert!(v.get("vg").is_none_or(Value::is_null), "{v}");
+    drop(agent);
+
+    let chunk = chunk_path(&store, &fidx_digests(&store, &snap)[1]);
+    overwrite(&chunk, b"not a chunk");
+    let agent = Agent::builder().datastore(&store).start();
+    let v = part1(&mut agent.connect_authed());
+    let reason = v["reason"].as_str().unwrap_or_default();
+    assert_eq!(v["supported"], false, "{v}");
+    assert!(
+        reason.contains("cannot read the partition") && !reason.contains("LVM"),
+        "{v}"
+    );
+}
+
 #[test]
 fn bad_input_gives_the_pinned_errors_and_the_agent_serves_on() {
     let dir = scratch();

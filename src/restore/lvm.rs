@@ -75,11 +75,17 @@ pub struct Label {
     pub metadata_areas: Vec<(u64, u64)>,
 }
 
-/// The LVM2 label of `disk`, if it has one.
-pub fn read_label(disk: &dyn Disk) -> Result<Option<Label>> {
+/// The first sectors of `disk`, where an LVM2 label would be (see
+/// [`find_label`]).
+pub fn label_sectors(disk: &dyn Disk) -> Result<Vec<u8>> {
     let len = disk.size().min(4 * SECTOR);
     let mut head = vec![0u8; len as usize];
     read_exact_at(disk, 0, &mut head, "LVM label")?;
+    Ok(head)
+}
+
+/// The LVM2 label in `head`, a disk's [`label_sectors`], if it has one.
+pub fn find_label(head: &[u8]) -> Result<Option<Label>> {
     for (n, sector) in head.chunks_exact(SECTOR as usize).enumerate() {
         if sector.get(..8) != Some(&LABEL_ID[..]) {
             continue;

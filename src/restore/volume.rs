@@ -535,7 +535,11 @@ fn physical_volume(
     size: u64,
 ) -> Option<(Option<String>, Result<lvm::VolumeGroup>)> {
     let slice = Slice::new(disk.clone(), start, size);
-    let label = match lvm::read_label(&slice) {
+    // Sectors that cannot be read say nothing of a label: the volume stays
+    // listed with the probe's own reason (it could not read them either),
+    // not as a physical volume.
+    let head = lvm::label_sectors(&slice).ok()?;
+    let label = match lvm::find_label(&head) {
         Ok(Some(label)) => label,
         Ok(None) => return None,
         Err(e) => return Some((None, Err(e))),
