@@ -595,6 +595,23 @@ fn ext2_and_ext3_block_mapped_trees_match_source() {
     assert_eq!(&data[100..], &noise(8, 5000)[..]);
 }
 
+/// A high half of the block count without the 64bit feature is ignored,
+/// as the kernel ignores it: the tree reads as before. (ext4-view took it,
+/// set out to hold the descriptors of 2^31 groups and the agent aborted on
+/// the allocation; found by fuzzing.)
+#[test]
+fn a_stray_high_block_count_without_64bit_is_ignored() {
+    let Some(im) = images() else { return };
+    let (_d, img) = damaged(&im.raw_ext, |d| {
+        d[1024 + 0x150..1024 + 0x154].copy_from_slice(&0x1000u32.to_le_bytes())
+    });
+    let src = im.src_ext.clone();
+    let n = with_fs(&img, "raw", move |fs| {
+        compare_tree(fs, &src, b"/", &Flavor::Unix)
+    });
+    assert_eq!(n, count_source(&im.src_ext));
+}
+
 #[test]
 fn fat32_and_fat16_trees_match_source() {
     let Some(im) = images() else { return };

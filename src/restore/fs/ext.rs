@@ -67,9 +67,10 @@ const HEAD_ANNOUNCED: u64 = 1 << 20;
 /// ext4-view and for `ext_raw`. ext4-view is left out where it refuses a
 /// feature that only changes what `ext_raw` reads anyway (where group
 /// descriptors lie, directories past 2 GiB, extended attributes in inodes
-/// of their own, a multiple-mount protection block), and for filesystems
-/// of more than [`VIEW_MAX_GROUPS`] groups (its memory); it is then only
-/// missed for the error an encrypted file gives.
+/// of their own, a multiple-mount protection block), for filesystems of
+/// more than [`VIEW_MAX_GROUPS`] groups (its memory), and where it would
+/// take the filesystem for another size than the kernel does; it is then
+/// only missed for the error an encrypted file gives.
 struct Loaded {
     fs: Option<Ext4>,
     raw: ExtRaw,
@@ -94,7 +95,7 @@ fn load(disk: Arc<dyn Disk>) -> Result<Loaded> {
     };
     let read_anyway = raw.reads_what_ext4_view_refuses();
     // past 8 TiB ext4-view would hold more than this VM can spare
-    let fs = if raw.groups() > VIEW_MAX_GROUPS {
+    let fs = if raw.groups() > VIEW_MAX_GROUPS || raw.ext4_view_misreads() {
         None
     } else {
         match catch_unwind(AssertUnwindSafe(|| Ext4::load(Box::new(Ext4Reader(disk))))) {

@@ -321,6 +321,10 @@ pub struct ExtRaw {
     needs_recovery: bool,
     /// the filesystem has features this reads and ext4-view refuses
     beyond_ext4_view: bool,
+    /// ext4-view would see another size: the superblock has a high half of
+    /// the block count without the 64bit feature, which the kernel (and
+    /// this reader) ignores and ext4-view does not
+    ext4_view_misreads: bool,
     /// the inode holding the journal, if it is in this filesystem
     journal_inode: Option<u32>,
     /// the attribute block's number has 48 bits (the 64bit feature)
@@ -510,6 +514,7 @@ impl ExtRaw {
             needs_recovery: incompat & INCOMPAT_RECOVER != 0,
             beyond_ext4_view: incompat & INCOMPAT_BEYOND_EXT4_VIEW != 0
                 || incompat & INCOMPAT_FILETYPE == 0,
+            ext4_view_misreads: !is64 && le32(&sb, 0x150) != 0,
             journal_inode: (compat & COMPAT_HAS_JOURNAL != 0)
                 .then(|| le32(&sb, 0xE0))
                 .filter(|&n| n != 0),
@@ -530,6 +535,13 @@ impl ExtRaw {
     /// entries).
     pub fn reads_what_ext4_view_refuses(&self) -> bool {
         self.beyond_ext4_view
+    }
+
+    /// Whether ext4-view would take the filesystem for another size than
+    /// the kernel does (and, from a damaged block count, set out to hold
+    /// descriptors for billions of groups: tens of GiB).
+    pub fn ext4_view_misreads(&self) -> bool {
+        self.ext4_view_misreads
     }
 
     /// How many block groups the filesystem has.
