@@ -372,7 +372,7 @@ impl Datastore {
     /// being written has none); corrupt manifests are logged.
     fn snapshot_info(&self, snap: &SnapshotPath) -> Option<SnapshotInfo> {
         let path = self.dir.join(snap.rel_path()).join(MANIFEST_BLOB_NAME);
-        let manifest = match Manifest::load(&path) {
+        let manifest = match load_manifest(&path, snap) {
             Ok(m) => m,
             Err(e) => {
                 if e.kind != ErrorKind::NotFound {
@@ -414,7 +414,7 @@ impl Datastore {
         if !dir.is_dir() {
             return Err(Error::not_found(format!("snapshot {snap} not found")));
         }
-        Manifest::load(&dir.join(MANIFEST_BLOB_NAME))
+        load_manifest(&dir.join(MANIFEST_BLOB_NAME), &snap)
     }
 
     /// The decoded contents of blob archive `archive` of `snapshot` (a
@@ -479,6 +479,15 @@ impl Datastore {
                 if meta.len() != entry.size {
                     return Err(lies("size", entry.size.to_string(), meta.len().to_string()));
                 }
+                // Proxmox Backup always writes one; without it nothing
+                // would tell a rewritten blob from the one backed up
+                if entry.csum.len() != 64 {
+                    return Err(Error::corrupt(format!(
+                        "{}: the manifest has no SHA-256 for it (checksum {:?})",
+                        path.display(),
+                        entry.csum
+                    )));
+                }
                 Ok(Archive::Blob {
                     path,
                     csum: entry.csum.clone(),
@@ -486,6 +495,26 @@ impl Datastore {
             }
         }
     }
+}
+
+/// Loads the manifest at `path`, which must name `snap` (its type, ID and
+/// time): one copied or moved from another snapshot's directory, with its
+/// indexes, would serve that snapshot's data as this one's.
+pub(crate) fn load_manifest(path: &Path, snap: &SnapshotPath) -> Result<Manifest> {
+    let m = Manifest::load(path)?;
+    if m.backup_type != snap.backup_type
+        || m.backup_id != snap.backup_id
+        || m.backup_time != snap.backup_time()
+    {
+        return Err(Error::corrupt(format!(
+            "{}: manifest is for {}/{} at {}, not {snap}",
+            path.display(),
+            m.backup_type,
+            m.backup_id,
+            m.backup_time
+        )));
+    }
+    Ok(m)
 }
 
 /// Names of the subdirectories of `dir`, sorted; a missing `dir` has none.
@@ -509,8 +538,8 @@ fn dir_names(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Reads a blob archive's file whole (at most `max` bytes), checks its
-/// SHA-256 against `csum` (the manifest's; an empty one is not checked),
-/// and decodes it (magic, CRC, decompression to at most `max` bytes).
+/// SHA-256 against `csum` (the manifest's), and decodes it (magic, CRC,
+/// decompression to at most `max` bytes).
 pub fn read_blob_file(path: &Path, csum: &str, max: usize) -> Result<Vec<u8>> {
     let mut raw = Vec::new();
     crate::store::file::open_regular(path)
@@ -522,14 +551,12 @@ pub fn read_blob_file(path: &Path, csum: &str, max: usize) -> Result<Vec<u8>> {
             path.display()
         )));
     }
-    if !csum.is_empty() {
-        let actual = digest_hex(&crate::store::sha256(&raw));
-        if !actual.eq_ignore_ascii_case(csum) {
-            return Err(Error::corrupt(format!(
-                "{}: checksum mismatch (manifest {csum}, file {actual})",
-                path.display()
-            )));
-        }
+    let actual = digest_hex(&crate::store::sha256(&raw));
+    if !actual.eq_ignore_ascii_case(csum) {
+        return Err(Error::corrupt(format!(
+            "{}: checksum mismatch (manifest {csum}, file {actual})",
+            path.display()
+        )));
     }
     crate::store::blob::decode(&raw, None, max)
 }
@@ -602,11 +629,8 @@ mod tests {
             )
             .unwrap();
             idx.write(&sdir.join("drive-scsi0.img.fidx")).unwrap();
-            std::fs::write(
-                sdir.join("qemu-server.conf.blob"),
-                blob::encode(b"cfg", false),
-            )
-            .unwrap();
+            let conf = blob::encode(b"cfg", false);
+            std::fs::write(sdir.join("qemu-server.conf.blob"), &conf).unwrap();
             let mut m = Manifest::new(&snap.backup_type, &snap.backup_id, snap.backup_time());
             m.set_file(FileEntry {
                 filename: "drive-scsi0.img.fidx".into(),
@@ -617,8 +641,8 @@ mod tests {
             m.set_file(FileEntry {
                 filename: "qemu-server.conf.blob".into(),
                 crypt_mode: "none".into(),
-                size: 15,
-                csum: String::new(),
+                size: conf.len() as u64,
+                csum: digest_hex(&sha256(&conf)),
             });
             m.store(&sdir.join(MANIFEST_BLOB_NAME)).unwrap();
             idxs.push(idx);
@@ -748,6 +772,26 @@ mod tests {
         m.files[0].crypt_mode = "encrypt".into();
         m.store(&mpath).unwrap();
         assert_eq!(kind(snap, "drive-scsi0.img.fidx"), ErrorKind::Unsupported);
+        // A blob the manifest gives no checksum for.
+        let mut m = good.clone();
+        m.files[1].csum = String::new();
+        m.store(&mpath).unwrap();
+        let err = ds.open_archive(snap, "qemu-server.conf.blob").unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Corrupt);
+        assert!(err.message.contains("no SHA-256"), "{}", err.message);
+        // The manifest of another snapshot (copied here with its indexes):
+        // nothing of this one is served, and it is not listed.
+        let mut m = good.clone();
+        m.backup_id = "101".into();
+        m.store(&mpath).unwrap();
+        let err = ds.open_archive(snap, "drive-scsi0.img.fidx").unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Corrupt);
+        assert!(
+            err.message.contains("manifest is for vm/101"),
+            "{}",
+            err.message
+        );
+        assert!(ds.list_snapshots(None).unwrap().is_empty());
         // A truncated index file.
         good.store(&mpath).unwrap();
         let ipath = sdir.join("drive-scsi0.img.fidx");

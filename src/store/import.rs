@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::chunk_store::ChunkStore;
 use crate::store::datastore::{
-    read_blob_file, validate_archive_name, Archive, Datastore, SnapshotPath,
+    load_manifest, read_blob_file, validate_archive_name, Archive, Datastore, SnapshotPath,
 };
 use crate::store::fidx::FixedIndex;
 use crate::store::index::{
@@ -212,22 +212,8 @@ fn lock_dir(dir: &Path) -> Result<File> {
 }
 
 fn load_or_new_manifest(path: &Path, snap: &SnapshotPath) -> Result<Manifest> {
-    match Manifest::load(path) {
-        Ok(m) => {
-            if m.backup_type != snap.backup_type
-                || m.backup_id != snap.backup_id
-                || m.backup_time != snap.backup_time()
-            {
-                return Err(Error::corrupt(format!(
-                    "{}: manifest is for {}/{}/{}, not {snap}",
-                    path.display(),
-                    m.backup_type,
-                    m.backup_id,
-                    m.backup_time
-                )));
-            }
-            Ok(m)
-        }
+    match load_manifest(path, snap) {
+        Ok(m) => Ok(m),
         Err(e) if e.kind == ErrorKind::NotFound => Ok(Manifest::new(
             &snap.backup_type,
             &snap.backup_id,

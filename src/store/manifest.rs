@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
 use crate::store::{atomic_file, blob};
@@ -13,8 +14,10 @@ use crate::store::{atomic_file, blob};
 /// Manifest file name inside a snapshot directory.
 pub const MANIFEST_BLOB_NAME: &str = "index.json.blob";
 
-/// Largest manifest file we read (real ones are a few KiB).
-pub const MAX_MANIFEST_SIZE: usize = 16 << 20;
+/// Largest manifest we read, as a file and as decoded JSON (real ones are
+/// a few KiB). It is parsed whole: a list of files this long takes a few
+/// MiB of memory, and a 16 MiB one took over 100 MiB.
+pub const MAX_MANIFEST_SIZE: usize = 1 << 20;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -25,8 +28,8 @@ pub struct Manifest {
     #[serde(default)]
     pub files: Vec<FileEntry>,
     /// Kept as found so an update does not drop notes or verify state.
-    #[serde(default = "empty_object")]
-    pub unprotected: serde_json::Value,
+    #[serde(default)]
+    pub unprotected: Unprotected,
     #[serde(default)]
     pub signature: Option<String>,
 }
@@ -44,8 +47,31 @@ pub struct FileEntry {
     pub csum: String,
 }
 
-fn empty_object() -> serde_json::Value {
-    serde_json::Value::Object(Default::default())
+/// The manifest's `unprotected` section (notes, verify state) as its JSON
+/// text: nothing here looks inside it, and parsed into a tree a hostile
+/// one (an array of millions of zeros) took 16 times its size in memory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Unprotected(Box<RawValue>);
+
+impl Unprotected {
+    /// The section's JSON text, as found.
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Default for Unprotected {
+    /// An empty object.
+    fn default() -> Self {
+        Unprotected(serde_json::value::to_raw_value(&serde_json::Map::new()).unwrap_or_default())
+    }
+}
+
+impl PartialEq for Unprotected {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json()
+    }
 }
 
 fn crypt_mode_none() -> String {
@@ -59,7 +85,7 @@ impl Manifest {
             backup_id: backup_id.to_string(),
             backup_time,
             files: Vec::new(),
-            unprotected: empty_object(),
+            unprotected: Unprotected::default(),
             signature: None,
         }
     }
@@ -133,7 +159,8 @@ mod tests {
         assert_eq!(m.files.len(), 2);
         assert_eq!(m.file("drive-scsi0.img.fidx").unwrap().size, 34_359_738_368);
         assert_eq!(m.file("qemu-server.conf.blob").unwrap().crypt_mode, "none");
-        assert_eq!(m.unprotected["notes"], "hi");
+        let unprotected: serde_json::Value = serde_json::from_str(m.unprotected.json()).unwrap();
+        assert_eq!(unprotected["notes"], "hi");
         // Round trip through our writer keeps everything we know about.
         let back = Manifest::from_blob(&m.to_blob(), "x").unwrap();
         assert_eq!(back, m);
@@ -176,6 +203,14 @@ mod tests {
         let err = Manifest::from_blob(&blob::encode(br#"{"backup-type":"vm"}"#, true), "m.blob")
             .unwrap_err();
         assert_eq!(err.kind, ErrorKind::Corrupt);
+        // over 1 MiB of JSON, however small its blob
+        let mut big =
+            br#"{"backup-type":"vm","backup-id":"1","backup-time":0,"unprotected":["#.to_vec();
+        big.extend(b"0,".repeat(MAX_MANIFEST_SIZE / 2));
+        big.extend(b"0]}");
+        let err = Manifest::from_blob(&blob::encode(&big, true), "m.blob").unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Corrupt);
+        assert!(err.message.contains("m.blob"));
         let err = Manifest::load(Path::new("/nonexistent/index.json.blob")).unwrap_err();
         assert_eq!(err.kind, ErrorKind::NotFound);
     }
