@@ -1363,6 +1363,26 @@ fn hostile_indexes_manifests_and_chunk_files_are_refused() {
         fs::write(d.join(MANIFEST_BLOB_NAME), bytes).unwrap();
         hostile.push((id, DISK, "bad manifest"));
     }
+    // Another snapshot's manifest, copied with its index; and a right one
+    // but for 2 MiB of notes, in a blob of a few KiB.
+    let manifest = Manifest::load(&snapshot_dir(&store, &good).join(MANIFEST_BLOB_NAME)).unwrap();
+    let mut padded = serde_json::to_value(&manifest).unwrap();
+    padded["backup-id"] = json!("34");
+    padded["unprotected"] = json!({ "notes": "x".repeat(2 * MIB as usize) });
+    for (id, bytes, what) in [
+        (33, manifest.to_blob(), "the manifest of another snapshot"),
+        (
+            34,
+            blob::encode(&serde_json::to_vec(&padded).unwrap(), true),
+            "a manifest of 2 MiB",
+        ),
+    ] {
+        let d = snapshot_dir(&store, &snap(id));
+        fs::create_dir_all(&d).unwrap();
+        fs::copy(snapshot_dir(&store, &good).join(DISK), d.join(DISK)).unwrap();
+        fs::write(d.join(MANIFEST_BLOB_NAME), bytes).unwrap();
+        hostile.push((id, DISK, what));
+    }
     // Chunk files: a 20 MiB (sparse) file and a directory.
     let d2 = fidx_digests(&store, &snap(2));
     let f = File::options()
@@ -1442,7 +1462,7 @@ fn hostile_indexes_manifests_and_chunk_files_are_refused() {
         .map(|s| s["snapshot"].as_str().unwrap())
         .collect();
     assert!(names.contains(good.as_str()), "{l}");
-    for bad in [30, 31, 32] {
+    for bad in [30, 31, 32, 33, 34] {
         assert!(!names.contains(snap(bad).as_str()), "{l}");
     }
     assert!(conn.call_ok("status", None)["rss_bytes"].as_u64().unwrap() < 512 * MIB);
