@@ -126,26 +126,24 @@ fn check_ebr_chain(disk: &Arc<dyn Disk>, ext: u64) -> Result<()> {
     ))
 }
 
-/// Refuses a GPT header at byte `at` (if one is there) whose entry count
-/// or size would make the table parser read and allocate without bound.
-fn check_gpt_header(disk: &Arc<dyn Disk>, at: u64) -> Result<()> {
+/// Whether a GPT header at byte `at` (if one is there) has an entry count
+/// and size the table parser can be given: others would make it read and
+/// allocate without bound.
+fn gpt_header_is_sane(disk: &Arc<dyn Disk>, at: u64) -> bool {
     let mut h = [0u8; 92];
     if at.saturating_add(92) > disk.size()
         || read_exact_at(&**disk, at, &mut h, "GPT header").is_err()
+        || &h[..8] != b"EFI PART"
     {
-        return Ok(());
-    }
-    if &h[..8] != b"EFI PART" {
-        return Ok(());
+        return true;
     }
     let entries = u32::from_le_bytes([h[80], h[81], h[82], h[83]]);
     let entry_size = u32::from_le_bytes([h[84], h[85], h[86], h[87]]);
-    if entries > MAX_GPT_ENTRIES || !(128..=4096).contains(&entry_size) {
-        return Err(Error::corrupt(format!(
-            "GPT header at byte {at}: {entries} entries of {entry_size} bytes is not a sane partition table"
-        )));
+    let sane = entries <= MAX_GPT_ENTRIES && (128..=4096).contains(&entry_size);
+    if !sane {
+        log::warn!("GPT header at byte {at}: {entries} entries of {entry_size} bytes, not used");
     }
-    Ok(())
+    sane
 }
 
 /// What one copy (primary or backup) of a GPT gave.
@@ -157,9 +155,13 @@ enum GptCopy {
     Bad,
 }
 
-/// Reads the GPT copy whose header is at byte `at`, for `sector_size`.
+/// Reads the GPT copy whose header is at byte `at`, for `sector_size`; a
+/// header of absurd geometry is a bad copy (as the kernel takes it, so that
+/// the other copy is used), never handed to the parser.
 fn read_gpt_copy(disk: &Arc<dyn Disk>, at: u64, sector_size: u64) -> Result<GptCopy> {
-    check_gpt_header(disk, at)?;
+    if !gpt_header_is_sane(disk, at) {
+        return Ok(GptCopy::Bad);
+    }
     let mut cur = DiskCursor::new(disk.clone());
     let read = catch(|| {
         cur.seek(SeekFrom::Start(at))?;
@@ -177,7 +179,7 @@ fn read_gpt_copy(disk: &Arc<dyn Disk>, at: u64, sector_size: u64) -> Result<GptC
 /// gptman's `GPT::find_from` finds it: the primary header, the backup
 /// header at the end of the disk only when the primary is unusable, with
 /// 512-byte sectors and then 4096-byte ones when neither copy has a
-/// signature. Each header is checked by [`check_gpt_header`] before the
+/// signature. Each header is checked by [`gpt_header_is_sane`] before the
 /// parser reads it. Reading the backup only when needed matters: it lies
 /// in the disk's last chunk, which every volume open would otherwise load.
 fn read_gpt(disk: &Arc<dyn Disk>) -> Result<Option<(u64, Vec<gptman::GPTPartitionEntry>)>> {
