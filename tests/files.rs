@@ -1387,6 +1387,17 @@ fn pipelined_stream_reads_are_served_in_offset_order() {
     }
     let mut out: Vec<u8> = got.concat();
     assert_eq!(out.len(), 4 * PIECE);
+    // a read inside a batch is refused before it takes anything (its
+    // answer could be dropped for want of batch room, and its bytes with it)
+    c.send_line(&format!(
+        r#"[{{"jsonrpc":"2.0","id":"b","method":"stream.read","params":{{"stream":{id},"offset":{},"length":100}}}}]"#,
+        4 * PIECE
+    ));
+    let Recv::Line(line) = c.recv_line_within(BULK_DEADLINE) else {
+        panic!("no answer to a batched stream.read");
+    };
+    let v: Value = serde_json::from_slice(&line).unwrap();
+    assert_eq!(v[0]["error"]["code"], -32602, "{v}");
     // an offset already read is refused
     let e = bulk(
         &mut c,

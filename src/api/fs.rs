@@ -489,7 +489,16 @@ async fn stream_read(
 ) -> Result<RawResult, ErrorObjectOwned> {
     let conn = call.conn;
     let p: StreamReadParams = params.parse()?;
-    bulk::refuse_raw_in_batch(call, p.encoding)?;
+    // A batch's answer that finds no room among the batch answers is
+    // replaced by -32003 after its items ran: a stream read would have
+    // taken its bytes for good, and the next read's offset would be past
+    // them.
+    if call.in_batch {
+        return Err(invalid_params(
+            "stream.read cannot be part of a batch (its bytes could be lost); \
+             send it on its own",
+        ));
+    }
     let length = p.length.unwrap_or(STREAM_READ_DEFAULT);
     if length == 0 || length > MAX_READ {
         return Err(invalid_params(format!("length must be 1..={MAX_READ}")));
