@@ -113,7 +113,15 @@ fn main() -> ExitCode {
         // The console is a serial port: no colour codes in the VM's log.
         std::env::set_var("RUST_LOG_STYLE", "never");
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // The FAT reader warns for every open of some volumes and for every
+    // damaged long name: a client could flood the VM's serial console. Its
+    // errors reach the log as the agent's own; `RUST_LOG` naming it wins.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("fatfs")) {
+        logger.filter_module("fatfs", log::LevelFilter::Error);
+    }
+    logger.init();
     return_big_buffers_to_the_system();
     let init = args.init || as_init;
     let result = if init { run_init(args) } else { run(args) };
