@@ -8,6 +8,8 @@
 //! Datastores live under /dev/shm when present (init makes 65,536 dirs).
 
 mod common;
+#[path = "common/trees.rs"]
+mod trees;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -677,23 +679,6 @@ fn snapshot_list_shows_every_namespace_or_one() {
 /// An extended boot record that cannot be read (its chunk is corrupt) is
 /// an error, not an empty extended partition: `volume.list` answered
 /// without the logical partitions, as if they did not exist.
-/// Writes the partition table `script` describes (sfdisk's input) to `img`.
-fn sfdisk(img: &Path, script: &str) {
-    let mut sfdisk = Command::new("sfdisk")
-        .arg("-q")
-        .arg(img)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("sfdisk");
-    sfdisk
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    assert!(sfdisk.wait().unwrap().success());
-}
-
 #[test]
 fn an_unreadable_extended_boot_record_is_an_error() {
     let dir = scratch();
@@ -702,7 +687,7 @@ fn an_unreadable_extended_boot_record_is_an_error() {
     // EBR at 6 MiB) in the second
     let img = dir.path().join("mbr.img");
     File::create(&img).unwrap().set_len(16 * MIB).unwrap();
-    sfdisk(&img, "label: dos\n2048,4096,83\n12288,,5\n14336,2048,83\n");
+    trees::sfdisk(&img, "label: dos\n2048,4096,83\n12288,,5\n14336,2048,83\n");
     let snap = format!("vm/1/{T1}");
     import(&store, &snap, "drive-scsi0.img", &img);
     let agent = Agent::builder().datastore(&store).start();
@@ -738,7 +723,7 @@ fn a_partition_in_a_corrupt_chunk_is_not_an_lvm_volume() {
     // bytes) in the second and third
     let img = dir.path().join("mbr.img");
     random_image(&img, 7, 16 * MIB);
-    sfdisk(&img, "label: dos\n8192,16384,83\n");
+    trees::sfdisk(&img, "label: dos\n8192,16384,83\n");
     let snap = format!("vm/1/{T1}");
     import(&store, &snap, "drive-scsi0.img", &img);
     let target = json!({"snapshot": snap, "archive": DISK});

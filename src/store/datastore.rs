@@ -724,6 +724,14 @@ mod tests {
         assert!(a.index().is_none());
 
         let kind = |s: &str, a: &str| ds.open_archive(s, a).unwrap_err().kind;
+        // `archive` of `snap` is refused as corrupt, saying each of `words`
+        let corrupt = |archive: &str, words: &[&str]| {
+            let err = ds.open_archive(snap, archive).unwrap_err();
+            assert_eq!(err.kind, ErrorKind::Corrupt);
+            for w in words {
+                assert!(err.message.contains(w), "{}", err.message);
+            }
+        };
         assert_eq!(kind(snap, "missing.img.fidx"), ErrorKind::NotFound);
         assert_eq!(
             kind("vm/101/2026-01-01T00:00:00Z", "drive-scsi0.img.fidx"),
@@ -746,17 +754,9 @@ mod tests {
         let good = m.clone();
         m.files[0].size += 1;
         m.store(&mpath).unwrap();
-        let err = ds.open_archive(snap, "drive-scsi0.img.fidx").unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Corrupt);
-        assert!(
-            err.message.contains("manifest says size"),
-            "{}",
-            err.message
-        );
-        assert!(
-            err.message.contains("drive-scsi0.img.fidx"),
-            "{}",
-            err.message
+        corrupt(
+            "drive-scsi0.img.fidx",
+            &["manifest says size", "drive-scsi0.img.fidx"],
         );
         m.files[0].size -= 1;
         m.files[1].size = 99;
@@ -776,34 +776,20 @@ mod tests {
         let mut m = good.clone();
         m.files[1].csum = String::new();
         m.store(&mpath).unwrap();
-        let err = ds.open_archive(snap, "qemu-server.conf.blob").unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Corrupt);
-        assert!(err.message.contains("no SHA-256"), "{}", err.message);
+        corrupt("qemu-server.conf.blob", &["no SHA-256"]);
         // The manifest of another snapshot (copied here with its indexes):
         // nothing of this one is served, and it is not listed.
         let mut m = good.clone();
         m.backup_id = "101".into();
         m.store(&mpath).unwrap();
-        let err = ds.open_archive(snap, "drive-scsi0.img.fidx").unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Corrupt);
-        assert!(
-            err.message.contains("manifest is for vm/101"),
-            "{}",
-            err.message
-        );
+        corrupt("drive-scsi0.img.fidx", &["manifest is for vm/101"]);
         assert!(ds.list_snapshots(None).unwrap().is_empty());
         // A truncated index file.
         good.store(&mpath).unwrap();
         let ipath = sdir.join("drive-scsi0.img.fidx");
         let bytes = std::fs::read(&ipath).unwrap();
         std::fs::write(&ipath, &bytes[..bytes.len() - 3]).unwrap();
-        let err = ds.open_archive(snap, "drive-scsi0.img.fidx").unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Corrupt);
-        assert!(
-            err.message.contains("drive-scsi0.img.fidx"),
-            "{}",
-            err.message
-        );
+        corrupt("drive-scsi0.img.fidx", &["drive-scsi0.img.fidx"]);
     }
 
     #[test]

@@ -895,10 +895,7 @@ impl Walk<'_, '_, '_> {
         let kids = tree.listing(node, abs).map_err(at)?;
         // the same key a resumed walk places nodes by (`resumed_place`)
         let mut order: Vec<usize> = (0..kids.kids.len()).collect();
-        order.sort_by(|&a, &b| match (kids.kids.get(a), kids.kids.get(b)) {
-            (Some(a), Some(b)) => walk_key(a).cmp(&walk_key(b)),
-            _ => a.cmp(&b),
-        });
+        order.sort_by_key(|&i| kids.kids.get(i).map(walk_key));
         Ok(Some(WalkFrame {
             kids,
             identity,
